@@ -1,0 +1,3 @@
+//! The `hatch` CLI.
+
+#![forbid(unsafe_code)]

@@ -1,0 +1,95 @@
+//! JSON bodies of the control-plane API (DESIGN.md "Control plane"), shared by the relay, the
+//! CLI, the agent and the load test so that all of them agree on field names.
+
+use serde::{Deserialize, Serialize};
+
+/// Session mode: an interactive login shell or one command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The run-as user's login shell in a PTY.
+    Shell,
+    /// One command in a PTY.
+    Exec,
+}
+
+impl Mode {
+    /// The name used in JSON and in policy conditions (`hatch:Mode`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Shell => "shell",
+            Mode::Exec => "exec",
+        }
+    }
+}
+
+/// `POST /v1/sessions` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartSessionRequest {
+    /// Target instance, `i-` followed by 16 hex digits.
+    pub instance_id: String,
+    /// Shell or exec.
+    pub mode: Mode,
+    /// The command and its arguments, for `exec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// The user to run as on the instance; the agent's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
+    /// The client's `TERM`, passed to the PTY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<String>,
+}
+
+/// `POST /v1/sessions` answer (201).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartSessionResponse {
+    /// Session id, `s-` followed by 16 hex digits.
+    pub session_id: String,
+    /// `wss://host:port/v1/stream/{sid}?role=client`.
+    pub stream_url: String,
+    /// Bearer token for the client leg, valid until `expires_at`.
+    pub token: String,
+    /// Token expiry, RFC 3339 UTC.
+    pub expires_at: String,
+}
+
+/// Every API error body: `{code, message, request_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One of the stable codes in [`codes`].
+    pub code: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// The id of the request, for support and logs (absent on data-plane refusals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// Stable error codes a script can branch on.
+pub mod codes {
+    /// The caller's policy does not allow the action (403).
+    pub const ACCESS_DENIED: &str = "AccessDenied";
+    /// Session management is switched off for the account (403).
+    pub const SESSION_MANAGER_DISABLED: &str = "SessionManagerDisabled";
+    /// No such instance visible to the caller (404).
+    pub const INSTANCE_NOT_FOUND: &str = "InstanceNotFound";
+    /// No such session visible to the caller (404).
+    pub const SESSION_NOT_FOUND: &str = "SessionNotFound";
+    /// The instance's agent is not connected (409).
+    pub const TARGET_NOT_CONNECTED: &str = "TargetNotConnected";
+    /// The token or access key is missing, malformed or not valid here (401).
+    pub const INVALID_TOKEN: &str = "InvalidToken";
+    /// The token has expired (401).
+    pub const TOKEN_EXPIRED: &str = "TokenExpired";
+    /// The token was already used (409).
+    pub const TOKEN_ALREADY_USED: &str = "TokenAlreadyUsed";
+    /// A concurrency or rate limit was hit (429).
+    pub const THROTTLED: &str = "Throttled";
+    /// The request was malformed (400).
+    pub const INVALID_REQUEST: &str = "InvalidRequest";
+    /// No such path (404).
+    pub const NOT_FOUND: &str = "NotFound";
+    /// An unexpected failure on the server (500).
+    pub const INTERNAL_ERROR: &str = "InternalError";
+}

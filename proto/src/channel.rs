@@ -1,0 +1,182 @@
+//! The `hatch.v1` channel: one message per binary WebSocket message, end to end between the
+//! client and the agent. The relay never parses these.
+//!
+//! ```text
+//! +------+----------------------------+
+//! | type | body                       |
+//! | u8   | depends on type            |
+//! +------+----------------------------+
+//! 0x01 DATA    bytes
+//! 0x02 RESIZE  u16 cols, u16 rows      (big-endian)
+//! 0x03 EXIT    i32 status              (signal n as 128+n)
+//! 0x04 ACK     u64 cumulative DATA bytes received
+//! 0x05 ERROR   u16 code, UTF-8 message
+//! ```
+//!
+//! Decoding borrows from the input (no copy); unknown types decode to [`Message::Unknown`] so
+//! that newer peers can add messages without breaking older ones.
+
+use thiserror::Error;
+
+/// Type byte of DATA.
+pub const TYPE_DATA: u8 = 0x01;
+/// Type byte of RESIZE.
+pub const TYPE_RESIZE: u8 = 0x02;
+/// Type byte of EXIT.
+pub const TYPE_EXIT: u8 = 0x03;
+/// Type byte of ACK.
+pub const TYPE_ACK: u8 = 0x04;
+/// Type byte of ERROR.
+pub const TYPE_ERROR: u8 = 0x05;
+
+/// ERROR code: the requested run-as user does not exist or the agent cannot switch to it.
+pub const ERROR_RUN_AS: u16 = 0x0001;
+/// ERROR code: the shell or command could not be started.
+pub const ERROR_SPAWN: u16 = 0x0002;
+/// ERROR code: the peer sent a message that could not be decoded.
+pub const ERROR_BAD_MESSAGE: u16 = 0x0003;
+/// ERROR code: an internal failure on the sending side.
+pub const ERROR_INTERNAL: u16 = 0x0004;
+
+/// One `hatch.v1` channel message, borrowing its payload from the decoded buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// Terminal bytes: stdin from the client, output from the agent.
+    Data(&'a [u8]),
+    /// The client's terminal size.
+    Resize {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
+    },
+    /// The remote process ended with this status (a signal `n` as `128 + n`).
+    Exit(i32),
+    /// Cumulative count of DATA payload bytes received so far.
+    Ack(u64),
+    /// A failure the peer reports in words.
+    Error {
+        /// One of the `ERROR_*` codes.
+        code: u16,
+        /// What went wrong, for a person.
+        message: &'a str,
+    },
+    /// A type this version does not know; ignore it.
+    Unknown {
+        /// The type byte.
+        kind: u8,
+        /// The body after the type byte.
+        body: &'a [u8],
+    },
+}
+
+/// Why a channel message could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// The message had no type byte.
+    #[error("empty channel message")]
+    Empty,
+    /// A fixed-size body had the wrong length.
+    #[error("{kind} body is {got} bytes, expected {expected}")]
+    BadLength {
+        /// Name of the message type.
+        kind: &'static str,
+        /// Length of the body received.
+        got: usize,
+        /// Length the type requires (for ERROR: the minimum).
+        expected: usize,
+    },
+    /// An ERROR message's text was not valid UTF-8.
+    #[error("error message is not valid utf-8")]
+    InvalidUtf8,
+}
+
+impl<'a> Message<'a> {
+    /// Decodes one channel message from the payload of one binary WebSocket message.
+    pub fn decode(buf: &'a [u8]) -> Result<Self, ChannelError> {
+        let (&kind, body) = buf.split_first().ok_or(ChannelError::Empty)?;
+        match kind {
+            TYPE_DATA => Ok(Message::Data(body)),
+            TYPE_RESIZE => {
+                let b: [u8; 4] = fixed(body, "resize")?;
+                Ok(Message::Resize {
+                    cols: u16::from_be_bytes([b[0], b[1]]),
+                    rows: u16::from_be_bytes([b[2], b[3]]),
+                })
+            }
+            TYPE_EXIT => Ok(Message::Exit(i32::from_be_bytes(fixed(body, "exit")?))),
+            TYPE_ACK => Ok(Message::Ack(u64::from_be_bytes(fixed(body, "ack")?))),
+            TYPE_ERROR => {
+                if body.len() < 2 {
+                    return Err(ChannelError::BadLength {
+                        kind: "error",
+                        got: body.len(),
+                        expected: 2,
+                    });
+                }
+                let code = u16::from_be_bytes([body[0], body[1]]);
+                let message =
+                    std::str::from_utf8(&body[2..]).map_err(|_| ChannelError::InvalidUtf8)?;
+                Ok(Message::Error { code, message })
+            }
+            kind => Ok(Message::Unknown { kind, body }),
+        }
+    }
+
+    /// Length of the encoded message in bytes.
+    pub fn encoded_len(&self) -> usize {
+        1 + match self {
+            Message::Data(b) => b.len(),
+            Message::Resize { .. } => 4,
+            Message::Exit(_) => 4,
+            Message::Ack(_) => 8,
+            Message::Error { message, .. } => 2 + message.len(),
+            Message::Unknown { body, .. } => body.len(),
+        }
+    }
+
+    /// Appends the encoded message to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        match *self {
+            Message::Data(b) => {
+                out.push(TYPE_DATA);
+                out.extend_from_slice(b);
+            }
+            Message::Resize { cols, rows } => {
+                out.push(TYPE_RESIZE);
+                out.extend_from_slice(&cols.to_be_bytes());
+                out.extend_from_slice(&rows.to_be_bytes());
+            }
+            Message::Exit(status) => {
+                out.push(TYPE_EXIT);
+                out.extend_from_slice(&status.to_be_bytes());
+            }
+            Message::Ack(n) => {
+                out.push(TYPE_ACK);
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            Message::Error { code, message } => {
+                out.push(TYPE_ERROR);
+                out.extend_from_slice(&code.to_be_bytes());
+                out.extend_from_slice(message.as_bytes());
+            }
+            Message::Unknown { kind, body } => {
+                out.push(kind);
+                out.extend_from_slice(body);
+            }
+        }
+    }
+
+    /// Encodes the message into a new vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode(&mut out);
+        out
+    }
+}
+
+fn fixed<const N: usize>(body: &[u8], kind: &'static str) -> Result<[u8; N], ChannelError> {
+    body.try_into().map_err(|_| ChannelError::BadLength { kind, got: body.len(), expected: N })
+}

@@ -1,0 +1,112 @@
+//! Messages on the agent's control channel (`GET /v1/agent/connect`), one JSON object per
+//! WebSocket text message, tagged by `type`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::Mode;
+
+/// Relay → agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ToAgent {
+    /// Open a session: dial `stream_url` with `token` (role agent) and start the PTY.
+    #[serde(rename = "session.open")]
+    SessionOpen {
+        /// Session id.
+        session_id: String,
+        /// `wss://.../v1/stream/{sid}?role=agent`.
+        stream_url: String,
+        /// Bearer token for the agent leg.
+        token: String,
+        /// Shell or exec.
+        mode: Mode,
+        /// The command for exec.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        command: Option<Vec<String>>,
+        /// The user to run as; the agent's default when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_as: Option<String>,
+        /// `TERM` for the PTY; `xterm-256color` when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        term: Option<String>,
+    },
+    /// Close a session if it is still running.
+    #[serde(rename = "session.close")]
+    SessionClose {
+        /// Session id.
+        session_id: String,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Liveness probe; answer with [`FromAgent::Heartbeat`] carrying the same `seq`.
+    #[serde(rename = "heartbeat")]
+    Heartbeat {
+        /// Sequence number.
+        seq: u64,
+    },
+}
+
+/// Agent → relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum FromAgent {
+    /// Liveness: an answer to a probe, or the agent's own.
+    #[serde(rename = "heartbeat")]
+    Heartbeat {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// The agent could not start a session (it also says so on the data leg when it can).
+    #[serde(rename = "session.failed")]
+    SessionFailed {
+        /// Session id.
+        session_id: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// `POST /v1/agent/register` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// Activation id.
+    pub activation_id: String,
+    /// Activation code (secret).
+    pub activation_code: String,
+    /// The instance's host name, for people reading instance lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// `POST /v1/agent/register` answer (201).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// The new instance id, `i-` followed by 16 hex digits.
+    pub instance_id: String,
+    /// The instance secret: the bearer credential of the control channel. Shown once.
+    pub instance_secret: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_open_json_shape() {
+        let m = ToAgent::SessionOpen {
+            session_id: "s-0123456789abcdef".into(),
+            stream_url: "wss://r/v1/stream/s-0123456789abcdef?role=agent".into(),
+            token: "t".into(),
+            mode: Mode::Exec,
+            command: Some(vec!["true".into()]),
+            run_as: None,
+            term: None,
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"session.open","session_id":"s-0123456789abcdef","stream_url":"wss://r/v1/stream/s-0123456789abcdef?role=agent","token":"t","mode":"exec","command":["true"]}"#
+        );
+        assert_eq!(serde_json::from_str::<ToAgent>(&s).unwrap(), m);
+    }
+}

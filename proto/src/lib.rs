@@ -1,0 +1,28 @@
+//! The sans-IO core of Hatch, shared by the relay, the agent, the CLI and the load test.
+//!
+//! It does **not** do any I/O: no sockets, no clock (time is a parameter), no async runtime.
+//! Callers feed it bytes and act on what it returns.
+//!
+//! ```text
+//!  bytes from a socket ──▶ frame::FrameHeader::parse ──▶ header (opcode, len, mask)
+//!                                                       │
+//!          payload in place ◀── frame::unmask ◀─────────┘
+//!                 │
+//!                 ├──▶ (relay) re-frame with frame::encode_header_before, forward unchanged
+//!                 └──▶ (client, agent) channel::Message::decode ──▶ DATA / RESIZE / EXIT / ...
+//! ```
+//!
+//! - [`frame`]: WebSocket frame headers (RFC 6455 §5), in-place unmasking, close payloads.
+//! - [`channel`]: the end-to-end `hatch.v1` messages between client and agent.
+//! - [`close`]: the close codes and their meaning.
+//! - [`token`]: stream-token claims.
+//! - [`api`], [`control`]: JSON bodies of the control-plane API and the agent control channel.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod channel;
+pub mod close;
+pub mod control;
+pub mod frame;
+pub mod token;

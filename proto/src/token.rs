@@ -1,0 +1,63 @@
+//! Claims of the stream tokens: what a signed token says. Signing and verification live in the
+//! relay (the control plane signs with its Ed25519 key, the data plane verifies with the public
+//! key); this module is only the shape, and the pure checks that take time as a parameter.
+
+use serde::{Deserialize, Serialize};
+
+/// Tokens live this long after issue (DESIGN.md: ten minutes).
+pub const TOKEN_LIFETIME_SECS: u64 = 600;
+
+/// Which leg of a session a token opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The person's side (`hatch`).
+    Client,
+    /// The instance's side (`hatch-agent`).
+    Agent,
+}
+
+impl Role {
+    /// The name used in URLs (`?role=`) and claims.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Agent => "agent",
+        }
+    }
+
+    /// Parses the `role` query value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "client" => Some(Role::Client),
+            "agent" => Some(Role::Agent),
+            _ => None,
+        }
+    }
+}
+
+/// The claims of a stream token (JWT registered names where one fits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Session id (`sub`).
+    pub sub: String,
+    /// The leg this token opens.
+    pub role: Role,
+    /// Target instance id.
+    pub instance: String,
+    /// Account id.
+    pub account: String,
+    /// Issued at, seconds since the Unix epoch.
+    pub iat: u64,
+    /// Expiry, seconds since the Unix epoch (`iat + 600`).
+    pub exp: u64,
+    /// Unique token id, for single use.
+    pub jti: String,
+}
+
+impl Claims {
+    /// Whether the token has expired at `now` (seconds since the Unix epoch).
+    pub fn is_expired(&self, now: u64) -> bool {
+        now >= self.exp
+    }
+}

@@ -1,0 +1,109 @@
+//! The narrow interface between the data plane (shards) and the control plane.
+//!
+//! ```text
+//!   control plane ── DataCommand (terminate, ...) ──▶ data plane shards
+//!   control plane ◀── DataEvent (connected, ended) ── data plane shards
+//! ```
+//!
+//! Both directions are tokio mpsc channels, which work from the plain-tokio control runtime and
+//! from every shard runtime (tokio-uring runs on a current-thread tokio runtime).
+
+use std::time::{Duration, SystemTime};
+
+/// Why a session ended, as recorded in the store (DESIGN.md "Session states").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The remote process exited (the agent sent EXIT and closed with 1000).
+    Exit,
+    /// The client leg closed or dropped first.
+    ClientClosed,
+    /// The agent leg closed or dropped first.
+    AgentClosed,
+    /// Terminated through the API or the account switch.
+    Terminated,
+    /// No client→agent data for the idle timeout.
+    IdleTimeout,
+    /// Reached the maximum session duration.
+    MaxDuration,
+    /// The other leg never arrived.
+    PairTimeout,
+    /// The relay shut down.
+    RelayShutdown,
+    /// A protocol violation or internal failure.
+    Error,
+}
+
+impl CloseReason {
+    /// The name stored and shown by the API (`close_reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Exit => "exit",
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::AgentClosed => "agent_closed",
+            CloseReason::Terminated => "terminated",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::MaxDuration => "max_duration",
+            CloseReason::PairTimeout => "pair_timeout",
+            CloseReason::RelayShutdown => "relay_shutdown",
+            CloseReason::Error => "error",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "exit" => CloseReason::Exit,
+            "client_closed" => CloseReason::ClientClosed,
+            "agent_closed" => CloseReason::AgentClosed,
+            "terminated" => CloseReason::Terminated,
+            "idle_timeout" => CloseReason::IdleTimeout,
+            "max_duration" => CloseReason::MaxDuration,
+            "pair_timeout" => CloseReason::PairTimeout,
+            "relay_shutdown" => CloseReason::RelayShutdown,
+            "error" => CloseReason::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// The end of one session, reported once by the shard that owned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// Session id.
+    pub session_id: String,
+    /// Why it ended.
+    pub reason: CloseReason,
+    /// DATA-carrying payload bytes forwarded client → agent.
+    pub bytes_client_to_agent: u64,
+    /// Payload bytes forwarded agent → client.
+    pub bytes_agent_to_client: u64,
+    /// From pairing (or the first leg's arrival, when never paired) to the end.
+    pub duration: Duration,
+}
+
+/// Data plane → control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataEvent {
+    /// Both legs of the session are paired.
+    Connected {
+        /// Session id.
+        session_id: String,
+        /// When the second leg arrived.
+        at: SystemTime,
+    },
+    /// The session ended (sent exactly once per session that had at least one leg).
+    Ended(SessionEnd),
+}
+
+/// Control plane → data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataCommand {
+    /// Close both legs of a session with `code` (4006 terminate, 4010 account switch), and
+    /// refuse any leg of it that arrives later.
+    Terminate {
+        /// Session id.
+        session_id: String,
+        /// Close code sent on both legs.
+        code: u16,
+    },
+}
