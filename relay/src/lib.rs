@@ -2,5 +2,6 @@
 
 #![deny(unsafe_code)]
 
+pub mod certs;
 pub mod plane;
 pub mod token;
