@@ -70,6 +70,8 @@ pub struct Step {
     pub frames: u32,
     /// Why the step stopped early, if it did.
     pub event: Option<Event>,
+    /// After a violation: the other leg was left inside a frame (send it no close frame).
+    pub peer_mid_frame: bool,
 }
 
 /// Longest unconsumed tail a step can leave: a complete control-frame header plus all but one
@@ -91,6 +93,9 @@ pub fn step(
     let mut payload = 0u64;
     let mut frames = 0u32;
     let mut event = None;
+    // Where the current frame's header went out, when that happened in this step.
+    let mut hdr_at: Option<usize> = None;
+    let mut peer_mid_frame = false;
     loop {
         if let Some(mut p) = st.partial {
             let avail = ((end - r) as u64).min(p.remaining) as usize;
@@ -100,6 +105,12 @@ pub fn step(
             frame::unmask(&mut buf[r..r + avail], p.mask, p.offset);
             if st.text && !check_utf8(st, &buf[r..r + avail], p.remaining == avail as u64 && p.fin)
             {
+                // Hold back the bad frame: drop its header if it has not gone out yet;
+                // otherwise the peer is left inside a frame (and gets no close frame).
+                match hdr_at {
+                    Some(h) => w = h,
+                    None => peer_mid_frame = true,
+                }
                 event = Some(Event::BadUtf8);
                 break;
             }
@@ -117,6 +128,7 @@ pub fn step(
             p.offset += avail;
             if p.remaining == 0 {
                 st.partial = None;
+                hdr_at = None;
                 frames += 1;
             } else {
                 st.partial = Some(p);
@@ -177,6 +189,7 @@ pub fn step(
             w = r + 4;
             out_start = Some(w);
         }
+        hdr_at = Some(w);
         let mut tmp = [0u8; frame::MAX_HEADER_LEN];
         let n = frame::encode_header(h.fin, h.opcode, h.payload_len, None, &mut tmp);
         debug_assert_eq!(n, nh);
@@ -188,12 +201,15 @@ pub fn step(
             st.partial = None;
             frames += 1;
             if st.text && h.fin && st.utf8_carry_len != 0 {
+                w = hdr_at.unwrap_or(w);
                 event = Some(Event::BadUtf8);
                 break;
             }
+            hdr_at = None;
         }
     }
-    Step { out: out_start.map_or(start..start, |s| s..w), consumed: r, payload, frames, event }
+    let out = out_start.map_or(start..start, |s| s..w.max(s));
+    Step { out, consumed: r, payload, frames, event, peer_mid_frame }
 }
 
 /// Checks a chunk of a text message as UTF-8, carrying an incomplete sequence at its end over

@@ -234,15 +234,22 @@ async fn forward_loop<S: Stream>(
                 }
                 Event::Violation(code, err) => {
                     warn!(session = %s.sid, leg = from, %err, "protocol violation");
-                    return violation(shard, s, from, code, buf);
+                    return violation(shard, s, from, code, buf, step.peer_mid_frame);
                 }
                 Event::BadUtf8 => {
                     warn!(session = %s.sid, leg = from, "text frame with invalid utf-8");
-                    return violation(shard, s, from, close::INVALID_PAYLOAD, buf);
+                    return violation(
+                        shard,
+                        s,
+                        from,
+                        close::INVALID_PAYLOAD,
+                        buf,
+                        step.peer_mid_frame,
+                    );
                 }
                 Event::BadFragment => {
                     warn!(session = %s.sid, leg = from, "bad fragmentation");
-                    return violation(shard, s, from, close::PROTOCOL_ERROR, buf);
+                    return violation(shard, s, from, close::PROTOCOL_ERROR, buf, false);
                 }
             }
         }
@@ -258,9 +265,13 @@ fn violation<S: Stream>(
     from: usize,
     code: u16,
     buf: Vec<u8>,
+    peer_mid_frame: bool,
 ) {
     shard.pool.give(buf);
     let mut codes = [Some(close::PEER_GONE), Some(close::PEER_GONE)];
     codes[from] = Some(code);
+    if peer_mid_frame {
+        codes[1 - from] = None;
+    }
     shard.end(s, CloseReason::Error, codes);
 }

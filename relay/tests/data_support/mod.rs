@@ -198,3 +198,154 @@ macro_rules! both_backends {
         )*
     };
 }
+
+/// A raw TLS (or plain) byte stream to the relay, for hand-made requests and frames.
+pub enum Raw {
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Plain(TcpStream),
+}
+
+impl Raw {
+    pub async fn connect(relay: &Relay) -> Raw {
+        let tcp = TcpStream::connect(relay.addr).await.unwrap();
+        if !relay.tls {
+            return Raw::Plain(tcp);
+        }
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let c = tokio_rustls::TlsConnector::from(relay.client_tls.clone());
+        Raw::Tls(Box::new(tokio::time::timeout(WAIT, c.connect(name, tcp)).await.unwrap().unwrap()))
+    }
+
+    pub async fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            Raw::Tls(s) => {
+                s.write_all(b).await?;
+                s.flush().await
+            }
+            Raw::Plain(s) => s.write_all(b).await,
+        }
+    }
+
+    pub async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        let f = async {
+            match self {
+                Raw::Tls(s) => s.read(buf).await,
+                Raw::Plain(s) => s.read(buf).await,
+            }
+        };
+        tokio::time::timeout(WAIT, f).await.expect("raw read timed out")
+    }
+
+    /// Reads until the end of the HTTP head; returns (status, head + body bytes read so far).
+    pub async fn read_response(&mut self) -> (u16, Vec<u8>) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = self.read(&mut buf).await.unwrap_or(0);
+            assert!(n > 0, "connection closed before a response head: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let status = std::str::from_utf8(&got[9..12]).unwrap().parse().unwrap();
+        (status, got)
+    }
+
+    /// Reads until the end of the stream (or an error); returns what arrived.
+    pub async fn read_to_end(&mut self) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    /// Upgrades as a leg of `sid` and returns the stream after the 101 head.
+    pub async fn upgrade(relay: &Relay, sid: &str, role: Role) -> Raw {
+        let mut raw = Raw::connect(relay).await;
+        let t = relay.token(sid, role);
+        raw.write(
+            upgrade_request(sid, role.as_str(), &format!("Authorization: Bearer {t}\r\n"))
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let (status, got) = raw.read_response().await;
+        assert_eq!(status, 101, "{}", String::from_utf8_lossy(&got));
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(end, got.len(), "bytes after the 101 head");
+        raw
+    }
+
+    /// Reads one server frame: (opcode, payload).
+    pub async fn read_frame(&mut self) -> (u8, Vec<u8>) {
+        let mut h = [0u8; 2];
+        self.read_exact(&mut h).await;
+        let mut len = u64::from(h[1] & 0x7F);
+        if len == 126 {
+            let mut b = [0u8; 2];
+            self.read_exact(&mut b).await;
+            len = u64::from(u16::from_be_bytes(b));
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            self.read_exact(&mut b).await;
+            len = u64::from_be_bytes(b);
+        }
+        let mut p = vec![0u8; len as usize];
+        self.read_exact(&mut p).await;
+        (h[0] & 0x0F, p)
+    }
+
+    pub async fn read_exact(&mut self, out: &mut [u8]) {
+        let mut pos = 0;
+        while pos < out.len() {
+            let n = self.read(&mut out[pos..]).await.unwrap();
+            assert!(n > 0, "eof inside a frame");
+            pos += n;
+        }
+    }
+
+    /// Reads frames until a close; returns its code.
+    pub async fn read_close(&mut self) -> u16 {
+        loop {
+            let (op, p) = self.read_frame().await;
+            if op == 0x8 {
+                return u16::from_be_bytes([p[0], p[1]]);
+            }
+        }
+    }
+}
+
+/// A masked client frame.
+pub fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0x11, 0x22, 0x33, 0x44];
+    let mut h = [0u8; 14];
+    let op = hatch_proto::frame::OpCode::Binary;
+    let n = hatch_proto::frame::encode_header(true, op, payload.len() as u64, Some(key), &mut h);
+    h[0] = first;
+    let mut v = h[..n].to_vec();
+    let mut p = payload.to_vec();
+    hatch_proto::frame::unmask(&mut p, key, 0);
+    v.extend_from_slice(&p);
+    v
+}
+
+/// An upgrade request head with `extra` header lines.
+pub fn upgrade_request(sid: &str, role: &str, extra: &str) -> String {
+    format!(
+        "GET /v1/stream/{sid}?role={role} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+}
+
+/// Resident set size of this process, in bytes.
+pub fn rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
