@@ -13,11 +13,9 @@ use serde::Serialize;
 
 use crate::control::store::{SqliteStore, StateFilter, Store};
 use crate::control::{ControlConfig, admin, sessions::Limits, signing};
+use crate::data::DataArgs;
 use crate::dev::{DevOptions, DevRelay};
 use crate::server::{Server, ServerConfig, store_path};
-
-/// How long live sessions may go on after SIGTERM before they are closed with 4009.
-const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
 
 /// Exit code for usage errors (BSD sysexits EX_USAGE), as the CLI uses.
 const EXIT_USAGE: u8 = 64;
@@ -90,15 +88,16 @@ struct ServeArgs {
     /// Private key (PEM).
     #[arg(long, required_unless_present = "danger_plaintext")]
     key: Option<PathBuf>,
-    /// Serve without TLS. Benchmarks on loopback only.
-    #[arg(long)]
-    danger_plaintext: bool,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 #[derive(Debug, Args)]
 struct DevArgs {
     #[command(flatten)]
     relay: RelayArgs,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 #[derive(Debug, Args)]
@@ -336,22 +335,32 @@ fn wait_for_signals(server: &Server) -> anyhow::Result<()> {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let tls = match (a.danger_plaintext, a.cert, a.key) {
+    let tls = match (a.data.danger_plaintext, a.cert, a.key) {
         (true, _, _) => None,
         (false, Some(c), Some(k)) => Some((c, k)),
         _ => anyhow::bail!("--cert and --key are required (or --danger-plaintext)"),
     };
+    let mut control = a.relay.control();
+    control.pending_timeout = pending_timeout(&a.data);
+    let drain = Duration::from_secs(a.data.drain);
     let server = Server::start(ServerConfig {
         data_dir: a.relay.data_dir.clone(),
         api_listen: a.relay.api_listen,
         data_listen: a.relay.data_listen,
         tls,
-        control: a.relay.control(),
+        control,
+        data: a.data,
     })?;
     eprintln!("hatch-relay: API on {}, data plane on {}", server.api_addr(), server.data_addr());
     wait_for_signals(&server)?;
-    server.shutdown(DEFAULT_DRAIN);
+    server.shutdown(drain);
     Ok(())
+}
+
+/// A pending session the data plane never reported on can be closed once its tokens expired
+/// and a leg that came at the last moment would have given up waiting.
+fn pending_timeout(data: &DataArgs) -> Duration {
+    Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS + data.pair_timeout.max(1))
 }
 
 fn dev(a: DevArgs) -> anyhow::Result<()> {
@@ -362,6 +371,8 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         data_listen: a.relay.data_listen,
         region: control.region.clone(),
         limits: control.limits,
+        pending_timeout: pending_timeout(&a.data),
+        data: Some(a.data.clone()),
         ..DevOptions::default()
     })?;
     let i = &relay.info;
@@ -385,7 +396,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         key = i.access_key,
     );
     wait_for_signals(relay.server())?;
-    relay.shutdown(DEFAULT_DRAIN);
+    relay.shutdown(Duration::from_secs(a.data.drain));
     Ok(())
 }
 

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::store::{SqliteStore, Store};
 use crate::control::{ControlConfig, admin, sessions::Limits};
+use crate::data::DataArgs;
 use crate::server::{Server, ServerConfig, store_path};
 
 /// What a development relay is, as written to `dev.json`.
@@ -61,6 +62,21 @@ pub struct DevOptions {
     pub pending_timeout: Duration,
     /// Extra data-plane flags, as on the command line (`["--shards", "2", "--io", "epoll"]`).
     pub data_args: Vec<String>,
+    /// Data-plane options already parsed (wins over `data_args`).
+    pub data: Option<DataArgs>,
+}
+
+/// Parses data-plane flags given as strings.
+fn parse_data_args(args: &[String]) -> anyhow::Result<DataArgs> {
+    #[derive(clap::Parser)]
+    struct Only {
+        #[command(flatten)]
+        data: DataArgs,
+    }
+    let argv = std::iter::once("data-plane".to_owned()).chain(args.iter().cloned());
+    Ok(<Only as clap::Parser>::try_parse_from(argv)
+        .map_err(|e| anyhow::anyhow!("data-plane options {args:?}: {e}"))?
+        .data)
 }
 
 impl Default for DevOptions {
@@ -76,6 +92,7 @@ impl Default for DevOptions {
             heartbeat_interval: c.heartbeat_interval,
             pending_timeout: c.pending_timeout,
             data_args: Vec::new(),
+            data: None,
         }
     }
 }
@@ -120,12 +137,18 @@ impl DevRelay {
             pending_timeout: opts.pending_timeout,
             ..ControlConfig::default()
         };
+        let data = match &opts.data {
+            Some(d) => d.clone(),
+            None => parse_data_args(&opts.data_args)?,
+        };
+        anyhow::ensure!(!data.danger_plaintext, "the development relay always serves TLS");
         let server = Server::start(ServerConfig {
             data_dir: data_dir.clone(),
             api_listen: opts.api_listen,
             data_listen: opts.data_listen,
             tls: Some((pki.cert_file.clone(), pki.key_file.clone())),
             control,
+            data,
         })?;
         let info = DevInfo {
             api_url: format!(

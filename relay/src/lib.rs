@@ -16,6 +16,7 @@
 //! - [`plane`]: the channel types between the data plane and the control plane.
 //! - [`token`]: stream tokens (EdDSA JWT) signed by the control plane, verified by the data
 //!   plane.
+//! - [`data`]: the data plane (shards, TLS, upgrade, pairing, forwarding).
 //! - [`certs`]: PEM loading into rustls (ring provider) and the development PKI.
 
 #![deny(unsafe_code)]
@@ -23,6 +24,7 @@
 pub mod certs;
 pub mod cli;
 pub mod control;
+pub mod data;
 pub mod dev;
 pub mod plane;
 pub mod server;

@@ -20,7 +20,9 @@ use tracing::{info, warn};
 
 use crate::control::http::TlsSlot;
 use crate::control::store::{SqliteStore, Store};
-use crate::control::{ControlConfig, ControlPlane, DataLink, NoDataPlane, signing};
+use crate::control::{ControlConfig, ControlPlane, DataLink, signing};
+use crate::data::{DataArgs, DataPlane};
+use crate::plane::DataCommand;
 
 /// ALPN of the API: HTTP/1.1 only (WebSocket upgrades need it).
 const API_ALPN: &[&[u8]] = &[b"http/1.1"];
@@ -38,6 +40,30 @@ pub struct ServerConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Control-plane settings (the data port is filled in once the data plane is bound).
     pub control: ControlConfig,
+    /// Data-plane settings (`--danger-plaintext` in them turns TLS off for both planes).
+    pub data: DataArgs,
+}
+
+/// The control plane's handle on the data plane; taken out at shutdown.
+struct PlaneLink(std::sync::Mutex<Option<DataPlane>>);
+
+impl PlaneLink {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<DataPlane>> {
+        // Holds only the handle; a panic elsewhere leaves it usable.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl DataLink for PlaneLink {
+    fn command(&self, cmd: DataCommand) {
+        if let Some(p) = self.lock().as_ref() {
+            p.command(cmd);
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.lock().as_ref().map(DataPlane::metrics).unwrap_or_default()
+    }
 }
 
 /// A running relay. Shuts down on [`Server::shutdown`] or on drop (with no drain).
@@ -49,6 +75,7 @@ pub struct Server {
     stop: Option<tokio::sync::oneshot::Sender<Duration>>,
     thread: Option<std::thread::JoinHandle<()>>,
     control: ControlPlane,
+    plane: Arc<PlaneLink>,
 }
 
 /// The store file inside a data directory.
@@ -75,12 +102,16 @@ impl Server {
     pub fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         ensure_data_dir(&cfg.data_dir)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&store_path(&cfg.data_dir))?);
-        let (signer, _verifier) = signing::load_or_create(&cfg.data_dir)?;
-        let api_tls = match &cfg.tls {
-            Some((cert, key)) => TlsSlot::tls(crate::certs::server_config(cert, key, API_ALPN)?),
+        let (signer, verifier) = signing::load_or_create(&cfg.data_dir)?;
+        let tls = if cfg.data.danger_plaintext { None } else { cfg.tls.clone() };
+        let (api_tls, data_tls) = match &tls {
+            Some((cert, key)) => {
+                let c = crate::certs::server_config(cert, key, API_ALPN)?;
+                (TlsSlot::tls(c.clone()), Some(c))
+            }
             None => {
                 warn!("serving the API and the data plane WITHOUT TLS (--danger-plaintext)");
-                TlsSlot::danger_plaintext()
+                (TlsSlot::danger_plaintext(), None)
             }
         };
 
@@ -90,21 +121,23 @@ impl Server {
         let api_addr = api_std.local_addr()?;
 
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        // The data plane is plugged in here once it exists (`data::DataPlane::start` with the
-        // verifier and `events_tx`); until then only the API runs.
-        drop(events_tx);
-        let data_addr = cfg.data_listen;
-        let data: Arc<dyn DataLink> = Arc::new(NoDataPlane);
+        let plane =
+            DataPlane::start(cfg.data.to_config(cfg.data_listen, data_tls), verifier, events_tx)
+                .context("starting the data plane")?;
+        let data_addr = plane.local_addr();
+        let plane = Arc::new(PlaneLink(std::sync::Mutex::new(Some(plane))));
+        let data: Arc<dyn DataLink> = plane.clone();
 
         let mut control_cfg = cfg.control.clone();
         control_cfg.data_port = data_addr.port();
-        control_cfg.data_scheme = if cfg.tls.is_some() { "wss" } else { "ws" };
+        control_cfg.data_scheme = if tls.is_some() { "wss" } else { "ws" };
         let control = ControlPlane::new(control_cfg, store, signer, data)?;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let thread_control = control.clone();
         let thread_tls = api_tls.clone();
+        let thread_plane = plane.clone();
         let thread = std::thread::Builder::new()
             .name("hatch-control".into())
             .spawn(move || {
@@ -141,7 +174,12 @@ impl Server {
                     stop_api.cancel();
                     let _ = api.await;
                     info!(drain_s = drain.as_secs_f64(), "relay shutting down");
-                    // Data plane shutdown goes here (blocking join of the shards, with drain).
+                    let taken = thread_plane.lock().take();
+                    if let Some(p) = taken {
+                        // Joins the shard threads: blocking, so off the executor.
+                        let _ = tokio::task::spawn_blocking(move || p.shutdown(drain)).await;
+                    }
+                    // Every event sender died with the shards: record what they reported.
                     let _ = tokio::time::timeout(Duration::from_secs(30), events_done).await;
                     thread_control.shutdown().await;
                 });
@@ -163,11 +201,12 @@ impl Server {
         Ok(Server {
             api_addr,
             data_addr,
-            tls_files: cfg.tls.clone(),
+            tls_files: tls,
             api_tls,
             stop: Some(stop_tx),
             thread: Some(thread),
             control,
+            plane,
         })
     }
 
@@ -190,7 +229,10 @@ impl Server {
     pub fn reload_tls(&self) -> anyhow::Result<()> {
         let Some((cert, key)) = &self.tls_files else { return Ok(()) };
         let cfg = crate::certs::server_config(cert, key, API_ALPN)?;
-        self.api_tls.replace(cfg);
+        self.api_tls.replace(cfg.clone());
+        if let Some(p) = self.plane.lock().as_ref() {
+            p.reload_tls(cfg);
+        }
         info!(cert = %cert.display(), "certificate reloaded");
         Ok(())
     }

@@ -253,3 +253,53 @@ pub async fn wait_until(mut f: impl FnMut() -> bool) {
 pub fn start_body(instance: &str) -> String {
     format!(r#"{{"instance_id":"{instance}","mode":"shell"}}"#)
 }
+
+/// Dials a stream URL with a bearer token and `hatch.v1`; on refusal, the HTTP status and the
+/// error code of the JSON body.
+pub async fn dial_stream(tr: &TestRelay, url: &str, token: &str) -> Result<Ws, (u16, String)> {
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.headers_mut().insert("sec-websocket-protocol", "hatch.v1".parse().unwrap());
+    let fut = tokio_tungstenite::connect_async_tls_with_config(
+        req,
+        None,
+        false,
+        Some(tokio_tungstenite::Connector::Rustls(tr.tls.clone())),
+    );
+    match tokio::time::timeout(DEADLINE, fut).await.expect("dial timed out") {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp.body().clone().unwrap_or_default();
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            Err((status, v["code"].as_str().unwrap_or("").to_owned()))
+        }
+        Err(e) => panic!("stream dial: {e}"),
+    }
+}
+
+/// Reads until the close frame; returns its code (None when the connection just ended).
+pub async fn close_code(ws: &mut Ws) -> Option<u16> {
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next()).await.expect("no close before the deadline")
+        {
+            Some(Ok(tungstenite::Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+/// Starts a session as the owner on `agent`, dials both legs; returns (sid, client, agent leg).
+pub async fn open_session(tr: &TestRelay, agent: &mut Agent) -> (String, Ws, Ws) {
+    let r =
+        tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let s: hatch_proto::api::StartSessionResponse = serde_json::from_str(&r.text).unwrap();
+    let Some(ToAgent::SessionOpen { stream_url, token, .. }) = agent.next().await else {
+        panic!("expected session.open");
+    };
+    let a = dial_stream(tr, &stream_url, &token).await.expect("agent leg refused");
+    let c = dial_stream(tr, &s.stream_url, &s.token).await.expect("client leg refused");
+    (s.session_id, c, a)
+}
