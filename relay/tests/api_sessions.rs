@@ -267,3 +267,47 @@ async fn pending_session_without_legs_is_closed_as_pair_timeout() {
     })
     .await;
 }
+
+/// Measurement, not a check: session setups per second through the API (8 concurrent callers,
+/// one connection per request). `cargo test -p hatch-relay --test api_sessions -- --ignored
+/// --nocapture setup_rate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn setup_rate() {
+    let tr = std::sync::Arc::new(TestRelay::start_with(|o| o.limits.per_instance = 100_000));
+    let agent = tr.agent().await;
+    let body = start_body(&agent.id);
+    let n_tasks = 8;
+    let per_task = 250;
+    let t0 = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..n_tasks {
+        let tr = tr.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for _ in 0..per_task {
+                let t = std::time::Instant::now();
+                let r = tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&body)).await;
+                assert_eq!(r.status, 201, "{}", r.text);
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    all.sort();
+    let p = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    println!(
+        "{} sessions in {secs:.2} s: {:.0}/s, p50 {:?}, p99 {:?} (each request a new TCP+TLS connection)",
+        all.len(),
+        all.len() as f64 / secs,
+        p(0.5),
+        p(0.99)
+    );
+    drop(agent);
+}

@@ -291,7 +291,8 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -372,7 +373,12 @@ CREATE TABLE sessions (
 );
 CREATE INDEX sessions_account_seq ON sessions (account_id, seq);
 CREATE INDEX sessions_open ON sessions (state) WHERE state != 'closed';
-"#];
+"#,
+    // New sessions take MAX(seq) + 1: without this index that is a scan of every session.
+    r#"
+CREATE INDEX sessions_seq ON sessions (seq);
+"#,
+];
 
 /// The embedded SQLite store: one file, WAL journal, one connection behind a mutex.
 pub struct SqliteStore {
