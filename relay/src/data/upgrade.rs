@@ -132,7 +132,8 @@ pub fn parse(head: &[u8]) -> Result<Request, Refusal> {
         }
     }
     let role = role.ok_or(Refusal::NotFound)?;
-    if req.method != Some("GET") {
+    // RFC 6455 §4.1: a GET of HTTP/1.1 or later (httparse: 1 = HTTP/1.1).
+    if req.method != Some("GET") || req.version != Some(1) {
         return Err(Refusal::BadRequest);
     }
 
