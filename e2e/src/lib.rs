@@ -1,0 +1,660 @@
+//! Shared fixtures of the end-to-end suite (`e2e/tests/*.rs`): the real `hatch-relay`,
+//! `hatch-agent` and `hatch` binaries run as processes on loopback, an HTTPS API client, an
+//! agent control-channel client, WebSocket legs, and a raw TLS client that can send any bytes.
+//!
+//! Every wait has a deadline ([`DEADLINE`]); every process is killed when its handle drops.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hatch_proto::control::{FromAgent, ToAgent};
+use hatch_relay::dev::DevInfo;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+
+/// Every wait on a peer in these tests ends within this.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A WebSocket leg or control channel.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The `target/<profile>` directory the test executable was built into.
+fn profile_dir() -> PathBuf {
+    // target/debug/deps/<test>-<hash> → target/debug
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_owned()
+}
+
+static BUILT: Mutex<bool> = Mutex::new(false);
+
+/// Path of a workspace binary (`hatch-relay`, `hatch-agent`, `hatch`), built on first use.
+///
+/// `cargo test --workspace` has already built them next to the test executable; `cargo test -p
+/// hatch-e2e` alone may not have, so the first call runs `cargo build --bins` for the three
+/// packages (quick when they are fresh).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = profile_dir();
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !*built && std::env::var_os("HATCH_E2E_NO_BUILD").is_none() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bins", "--manifest-path"]).arg(&manifest);
+        for p in ["hatch-relay", "hatch-agent", "hatch-client"] {
+            cmd.args(["-p", p]);
+        }
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        // target/<profile> → target
+        cmd.arg("--target-dir").arg(dir.parent().expect("target dir"));
+        let st = cmd.status().expect("running cargo build");
+        assert!(st.success(), "cargo build --bins failed: {st:?}");
+        *built = true;
+    }
+    let p = dir.join(name);
+    assert!(p.exists(), "{} missing", p.display());
+    p
+}
+
+/// Raises this process's soft open-file limit to the hard limit (children inherit it).
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    }
+    hard
+}
+
+/// Polls `f` every 10 ms until it holds; panics with `what` after `limit`.
+pub async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < end, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Proc {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        cmd.stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        Proc { child, log: log.to_owned() }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).unwrap();
+    }
+
+    /// Waits for the exit status, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < end, "process {} still running after {limit:?}", self.pid());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything it wrote so far.
+    pub fn output(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Resident set size in KiB (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = s.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `hatch-relay dev` process in a temporary data directory.
+pub struct Relay {
+    /// The process.
+    pub proc: Proc,
+    /// What `dev.json` says.
+    pub info: DevInfo,
+    /// TLS client configuration trusting the relay's CA.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Extra flags it was started with (kept for [`Relay::restart`]).
+    extra: Vec<String>,
+    /// Keeps the directory alive.
+    pub tmp: Arc<tempfile::TempDir>,
+}
+
+impl Relay {
+    /// Starts `hatch-relay dev --shards 1` on loopback port 0 with `extra` flags.
+    pub fn start(extra: &[&str]) -> Relay {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let data_dir = tmp.path().join("relay");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::launch(tmp, data_dir, "127.0.0.1:0", "127.0.0.1:0", extra)
+    }
+
+    fn launch(
+        tmp: Arc<tempfile::TempDir>,
+        data_dir: PathBuf,
+        api: &str,
+        data: &str,
+        extra: Vec<String>,
+    ) -> Relay {
+        let dev_json = data_dir.join("dev.json");
+        let _ = std::fs::remove_file(&dev_json);
+        let mut cmd = Command::new(bin("hatch-relay"));
+        cmd.args(["dev", "--data-dir"]).arg(&data_dir);
+        cmd.args(["--api-listen", api, "--data-listen", data, "--shards", "1"]);
+        cmd.args(&extra);
+        cmd.env("HATCH_LOG", "info");
+        let mut proc = Proc::spawn(cmd, &tmp.path().join("relay.log"));
+        let end = Instant::now() + DEADLINE;
+        let info: DevInfo = loop {
+            if let Some(st) = proc.child.try_wait().unwrap() {
+                panic!("relay exited ({st}) before starting:\n{}", proc.output());
+            }
+            // dev.json is written whole once the listeners are bound; retry a partial read.
+            if let Ok(text) = std::fs::read_to_string(&dev_json)
+                && let Ok(info) = serde_json::from_str(&text)
+            {
+                break info;
+            }
+            assert!(Instant::now() < end, "relay did not start:\n{}", proc.output());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let tls = hatch_relay::certs::client_config_with_ca(Path::new(&info.ca_file)).unwrap();
+        Relay { proc, info, tls, data_dir, extra, tmp }
+    }
+
+    /// Starts the relay again on the same data directory and the same ports (after it died).
+    pub fn restart(self) -> Relay {
+        let Relay { mut proc, info, data_dir, extra, tmp, .. } = self;
+        let _ = proc.child.kill();
+        let _ = proc.child.wait();
+        let api = info.api_url.trim_start_matches("https://").to_owned();
+        let data = info.data_url.trim_start_matches("wss://").to_owned();
+        Self::launch(tmp, data_dir, &api, &data, extra)
+    }
+
+    /// The API address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.info.api_url.trim_start_matches("https://").parse().unwrap()
+    }
+
+    /// The data-plane address.
+    pub fn data_addr(&self) -> SocketAddr {
+        self.info.data_url.trim_start_matches("wss://").parse().unwrap()
+    }
+
+    /// One HTTPS request to the API with the owner's key (`key = None`: no credentials).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> Resp {
+        tokio::time::timeout(DEADLINE, https(self, method, path, key, body))
+            .await
+            .expect("API request timed out")
+    }
+
+    /// The session record `GET /v1/sessions/{id}`.
+    pub async fn session(&self, sid: &str) -> Value {
+        let r = self
+            .call("GET", &format!("/v1/sessions/{sid}"), Some(&self.info.access_key), None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json()
+    }
+
+    /// Polls the session record until it is closed; returns it.
+    pub async fn closed_session(&self, sid: &str) -> Value {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let s = self.session(sid).await;
+            if s["state"] == "closed" {
+                return s;
+            }
+            assert!(Instant::now() < end, "session {sid} not closed: {s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Registers an agent with the demo activation and opens its control channel.
+    pub async fn agent(&self) -> ControlAgent {
+        let body = format!(
+            r#"{{"activation_id":"{}","activation_code":"{}","hostname":"e2e"}}"#,
+            self.info.activation_id, self.info.activation_code
+        );
+        let r = self.call("POST", "/v1/agent/register", None, Some(&body)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        let v = r.json();
+        let id = v["instance_id"].as_str().unwrap().to_owned();
+        let secret = v["instance_secret"].as_str().unwrap().to_owned();
+        let url = format!("wss://localhost:{}/v1/agent/connect", self.api_addr().port());
+        let ws = dial(self, &url, &[("authorization", &format!("Bearer {secret}"))])
+            .await
+            .expect("control channel refused");
+        let agent = ControlAgent { id, ws };
+        // Online once the relay registered the channel.
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let r = self.call("GET", "/v1/instances", Some(&self.info.access_key), None).await;
+            let online = r.json()["instances"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|i| i["instance_id"] == agent.id.as_str() && i["online"] == true);
+            if online {
+                break;
+            }
+            assert!(Instant::now() < end, "agent never online: {}", r.text);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        agent
+    }
+
+    /// Starts a session on `agent` and reads the agent's `session.open`.
+    pub async fn start_session(&self, agent: &mut ControlAgent) -> Session {
+        let body = format!(r#"{{"instance_id":"{}","mode":"shell"}}"#, agent.id);
+        let r = self.call("POST", "/v1/sessions", Some(&self.info.access_key), Some(&body)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        let v = r.json();
+        let Some(ToAgent::SessionOpen { stream_url, token, session_id, .. }) = agent.next().await
+        else {
+            panic!("expected session.open");
+        };
+        assert_eq!(session_id, v["session_id"].as_str().unwrap());
+        Session {
+            id: session_id,
+            client_url: v["stream_url"].as_str().unwrap().to_owned(),
+            client_token: v["token"].as_str().unwrap().to_owned(),
+            agent_url: stream_url,
+            agent_token: token,
+        }
+    }
+
+    /// Starts a session and dials both legs: (session, client leg, agent leg).
+    pub async fn open(&self, agent: &mut ControlAgent) -> (Session, Ws, Ws) {
+        let s = self.start_session(agent).await;
+        let a = leg(self, &s.agent_url, &s.agent_token).await.expect("agent leg refused");
+        let c = leg(self, &s.client_url, &s.client_token).await.expect("client leg refused");
+        (s, c, a)
+    }
+
+    /// A fresh session pairs, carries bytes both ways, and is recorded `client_closed` with
+    /// its byte counts: the relay still serves correctly.
+    pub async fn still_serves(&self, agent: &mut ControlAgent) {
+        let (s, mut c, mut a) = self.open(agent).await;
+        send_bin(&mut c, b"\x01still?").await;
+        assert_eq!(recv_bin(&mut a).await, b"\x01still?");
+        send_bin(&mut a, b"\x01yes\n").await;
+        assert_eq!(recv_bin(&mut c).await, b"\x01yes\n");
+        c.close(None).await.unwrap();
+        let rec = self.closed_session(&s.id).await;
+        assert_eq!(rec["close_reason"], "client_closed", "{rec}");
+        assert_eq!(rec["bytes_client_to_agent"], 7, "{rec}");
+        assert_eq!(rec["bytes_agent_to_client"], 5, "{rec}");
+    }
+}
+
+/// The two legs' URLs and tokens of one session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Session id.
+    pub id: String,
+    /// Client leg URL.
+    pub client_url: String,
+    /// Client token.
+    pub client_token: String,
+    /// Agent leg URL.
+    pub agent_url: String,
+    /// Agent token.
+    pub agent_token: String,
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Resp {
+    /// Status code.
+    pub status: u16,
+    /// Body.
+    pub text: String,
+}
+
+impl Resp {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+}
+
+async fn https(
+    relay: &Relay,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> Resp {
+    let tcp = TcpStream::connect(relay.api_addr()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s =
+        tokio_rustls::TlsConnector::from(relay.tls.clone()).connect(name, tcp).await.unwrap();
+    let body = body.unwrap_or("");
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    // A peer that ends TLS without close_notify is still a complete answer here.
+    let _ = s.read_to_end(&mut got).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head: {text}"));
+    let status = head[9..12].parse().unwrap();
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Resp { status, text: body }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// An agent's control channel, as the real agent speaks it.
+pub struct ControlAgent {
+    /// Instance id.
+    pub id: String,
+    /// The channel.
+    pub ws: Ws,
+}
+
+impl ControlAgent {
+    /// The next message other than a heartbeat (heartbeats are answered).
+    pub async fn next(&mut self) -> Option<ToAgent> {
+        loop {
+            let m = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("control read timed out");
+            match m {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+                Some(Ok(Message::Text(t))) => {
+                    let msg: ToAgent = serde_json::from_str(&t).unwrap();
+                    if let ToAgent::Heartbeat { seq } = msg {
+                        let reply = serde_json::to_string(&FromAgent::Heartbeat { seq }).unwrap();
+                        self.ws.send(Message::Text(reply.into())).await.unwrap();
+                        continue;
+                    }
+                    return Some(msg);
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+}
+
+/// Dials a WebSocket URL of the relay with extra headers; on refusal, the HTTP status and the
+/// `code` of the JSON body.
+pub async fn dial(relay: &Relay, url: &str, headers: &[(&str, &str)]) -> Result<Ws, (u16, String)> {
+    let mut req = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        let name = tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        req.headers_mut().insert(name, v.parse().unwrap());
+    }
+    let fut = tokio_tungstenite::connect_async_tls_with_config(
+        req,
+        None,
+        false,
+        Some(tokio_tungstenite::Connector::Rustls(relay.tls.clone())),
+    );
+    match tokio::time::timeout(DEADLINE, fut).await.expect("dial timed out") {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp.body().clone().unwrap_or_default();
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            Err((status, v["code"].as_str().unwrap_or("").to_owned()))
+        }
+        Err(e) => Err((0, format!("{e}"))),
+    }
+}
+
+/// Dials a leg with a bearer token and the `hatch.v1` subprotocol.
+pub async fn leg(relay: &Relay, url: &str, token: &str) -> Result<Ws, (u16, String)> {
+    let auth = format!("Bearer {token}");
+    dial(relay, url, &[("authorization", &auth), ("sec-websocket-protocol", "hatch.v1")]).await
+}
+
+/// Receives the next binary message, skipping pings and pongs.
+pub async fn recv_bin(ws: &mut Ws) -> Vec<u8> {
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next()).await.expect("recv timed out") {
+            Some(Ok(Message::Binary(b))) => return b.to_vec(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a binary message, got {other:?}"),
+        }
+    }
+}
+
+/// Sends one binary message.
+pub async fn send_bin(ws: &mut Ws, b: &[u8]) {
+    ws.send(Message::binary(b.to_vec())).await.unwrap();
+}
+
+/// Reads until the close frame; its code (None when the connection just ended).
+pub async fn close_code(ws: &mut Ws) -> Option<u16> {
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next()).await.expect("no close before the deadline")
+        {
+            Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+/// A raw TLS byte stream to the data plane, for hand-made requests and frames.
+pub struct Raw(pub tokio_rustls::client::TlsStream<TcpStream>);
+
+impl Raw {
+    /// TLS to the data port, nothing sent yet.
+    pub async fn connect(relay: &Relay) -> Raw {
+        let tcp = TcpStream::connect(relay.data_addr()).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let c = tokio_rustls::TlsConnector::from(relay.tls.clone());
+        Raw(tokio::time::timeout(DEADLINE, c.connect(name, tcp)).await.unwrap().unwrap())
+    }
+
+    /// Writes all of `b`.
+    pub async fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(b).await?;
+        self.0.flush().await
+    }
+
+    /// One read, bounded by [`DEADLINE`].
+    pub async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        tokio::time::timeout(DEADLINE, self.0.read(buf)).await.expect("raw read timed out")
+    }
+
+    /// Reads until the stream ends (or fails); returns what arrived.
+    pub async fn read_to_end(&mut self) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    /// Sends a request head and reads the answer to the end: (status, JSON `code`).
+    pub async fn refused(relay: &Relay, head: &[u8]) -> (u16, String) {
+        let mut r = Raw::connect(relay).await;
+        // The relay may answer and close before the whole head is in (431).
+        let _ = r.write(head).await;
+        parse_refusal(&r.read_to_end().await)
+    }
+
+    /// Upgrades with `token` and returns the stream after the 101 head.
+    pub async fn upgrade(relay: &Relay, url: &str, token: &str) -> Raw {
+        let mut raw = Raw::connect(relay).await;
+        let (path, _) = url_path(url);
+        raw.write(upgrade_head(&path, &format!("Authorization: Bearer {token}\r\n")).as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1];
+        // Byte by byte so nothing after the head is consumed here.
+        while !got.ends_with(b"\r\n\r\n") {
+            let n = raw.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the 101: {}", String::from_utf8_lossy(&got));
+            got.push(buf[0]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+        raw
+    }
+
+    /// Reads exactly `out.len()` bytes.
+    pub async fn read_exact(&mut self, out: &mut [u8]) -> std::io::Result<()> {
+        tokio::time::timeout(DEADLINE, self.0.read_exact(out)).await.expect("read timed out")?;
+        Ok(())
+    }
+
+    /// Reads one server frame: (first byte, payload).
+    pub async fn read_frame(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
+        let mut h = [0u8; 2];
+        self.read_exact(&mut h).await?;
+        assert_eq!(h[1] & 0x80, 0, "server frames are never masked");
+        let mut len = u64::from(h[1] & 0x7F);
+        if len == 126 {
+            let mut b = [0u8; 2];
+            self.read_exact(&mut b).await?;
+            len = u64::from(u16::from_be_bytes(b));
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            self.read_exact(&mut b).await?;
+            len = u64::from_be_bytes(b);
+        }
+        let mut p = vec![0u8; len as usize];
+        self.read_exact(&mut p).await?;
+        Ok((h[0], p))
+    }
+
+    /// Reads frames until a close; its code (payload-less close: 1005).
+    pub async fn read_close(&mut self) -> u16 {
+        loop {
+            let (b0, p) = self.read_frame().await.expect("connection ended before a close frame");
+            if b0 & 0x0F == 0x8 {
+                return if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 };
+            }
+        }
+    }
+}
+
+/// The path and query of a `wss://host:port/path?query` URL, and the host.
+pub fn url_path(url: &str) -> (String, String) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    (format!("/{path}"), host.to_owned())
+}
+
+/// A well-formed upgrade request head for `path` with `extra` header lines.
+pub fn upgrade_head(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: hatch.v1\r\n{extra}\r\n"
+    )
+}
+
+/// The status and JSON `code` of an HTTP refusal read to the end.
+pub fn parse_refusal(got: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(got);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return (0, format!("no HTTP answer: {text:?}"));
+    };
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    (status, v["code"].as_str().unwrap_or("").to_owned())
+}
+
+/// A masked client frame whose first byte is `first` (FIN, RSV and opcode bits as given).
+pub fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0x37, 0xfa, 0x21, 0x3d];
+    let mut h = [0u8; 14];
+    let op = hatch_proto::frame::OpCode::Binary;
+    let n = hatch_proto::frame::encode_header(true, op, payload.len() as u64, Some(key), &mut h);
+    h[0] = first;
+    let mut v = h[..n].to_vec();
+    let mut p = payload.to_vec();
+    hatch_proto::frame::unmask(&mut p, key, 0);
+    v.extend_from_slice(&p);
+    v
+}
+
+/// The bytes of a real TLS ClientHello for `localhost` (to send and then go silent).
+pub fn client_hello(tls: &Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut c = rustls::ClientConnection::new(tls.clone(), name).unwrap();
+    let mut out = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut out).unwrap();
+    }
+    out
+}
