@@ -6,11 +6,11 @@
 
 mod data_support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use data_support::*;
+use futures_util::SinkExt;
 use hatch_proto::token::Role;
 use hatch_relay::data::{DataConfig, DataPlane, IoBackend};
 use hatch_relay::token::{TokenSigner, TokenVerifier};
@@ -39,7 +39,8 @@ fn relay_child() {
     cfg.shards = 1;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let plane = DataPlane::start(cfg, TokenVerifier::for_signer(&signer), tx).unwrap();
-    println!("ADDR {}", plane.local_addr());
+    std::fs::write(dir.join("addr.tmp"), plane.local_addr().to_string()).unwrap();
+    std::fs::rename(dir.join("addr.tmp"), dir.join("addr")).unwrap();
     std::thread::spawn(move || while rx.blocking_recv().is_some() {});
     // Run until the parent closes our stdin.
     let mut line = String::new();
@@ -66,17 +67,16 @@ async fn idle_rss_per_session() {
         .env("HATCH_MEM_CHILD", dir.path())
         .env("HATCH_MEM_KEY", hex::encode(&pkcs8))
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "relay child exited");
-        if let Some(a) = line.trim().strip_prefix("ADDR ") {
+    let deadline = std::time::Instant::now() + WAIT;
+    let addr: std::net::SocketAddr = loop {
+        if let Ok(a) = std::fs::read_to_string(dir.path().join("addr")) {
             break a.parse().unwrap();
         }
+        assert!(std::time::Instant::now() < deadline, "relay child did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let (tx, events) = tokio::sync::mpsc::unbounded_channel();
     drop(tx);
@@ -101,11 +101,16 @@ async fn idle_rss_per_session() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_of(pid);
+    let mut unpaired = Vec::new();
     for i in 0..n {
         let sid = format!("idle-{i}");
-        let c = relay.dial(&sid, Role::Client, &relay.token(&sid, Role::Client)).await.unwrap();
+        let mut c = relay.dial(&sid, Role::Client, &relay.token(&sid, Role::Client)).await.unwrap();
+        if std::env::var("HATCH_MEM_UNPAIRED").is_ok() {
+            c.flush().await.unwrap();
+            unpaired.push(c);
+            continue;
+        }
         let mut a = relay.dial(&sid, Role::Agent, &relay.token(&sid, Role::Agent)).await.unwrap();
-        let mut c = c;
         send_bin(&mut c, b"hello").await;
         assert_eq!(recv_bin(&mut a).await, b"hello");
         legs.push((c, a));

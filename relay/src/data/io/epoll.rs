@@ -18,17 +18,9 @@ impl super::Stream for EpollStream {
     }
 
     async fn read(&self, mut buf: Vec<u8>, off: usize) -> (io::Result<usize>, Vec<u8>) {
-        loop {
-            match self.0.try_read(&mut buf[off..]) {
-                Ok(n) => return (Ok(n), buf),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = self.0.readable().await {
-                        return (Err(e), buf);
-                    }
-                }
-                Err(e) => return (Err(e), buf),
-            }
-        }
+        // A stale readiness ends in WouldBlock: returned to the caller, which gives the buffer
+        // back before waiting again (waiting here would pin it for as long as the leg idles).
+        (self.0.try_read(&mut buf[off..]), buf)
     }
 
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>) {

@@ -22,7 +22,8 @@ pub mod uring;
 pub trait Stream: Sized + 'static {
     /// Waits until the socket is readable, without pinning a buffer.
     async fn readable(&self) -> io::Result<()>;
-    /// Reads into `buf[off..]`; `Ok(0)` is end of stream.
+    /// Reads into `buf[off..]`; `Ok(0)` is end of stream. May fail with `WouldBlock` after a
+    /// stale readiness (the caller then waits for [`Stream::readable`] again).
     async fn read(&self, buf: Vec<u8>, off: usize) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf[range]`.
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>);
