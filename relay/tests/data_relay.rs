@@ -26,6 +26,7 @@ both_backends!(
     idle_timeout_closes_with_4007,
     max_duration_closes_with_4008,
     plaintext_relay_forwards_too,
+    reload_tls_serves_the_new_certificate_and_keeps_live_sessions,
 );
 
 async fn legs_exchange_bytes_and_agent_exit_closes_both(io: IoBackend) {
@@ -232,4 +233,40 @@ async fn plaintext_relay_forwards_too(io: IoBackend) {
     let end = relay.next_end().await;
     assert_eq!((end.reason, end.bytes_client_to_agent), (CloseReason::Exit, 200));
     let _ = c.next().await;
+}
+
+async fn reload_tls_serves_the_new_certificate_and_keeps_live_sessions(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let (mut c, mut a) = relay.pair("s-live").await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = hatch_relay::certs::ensure_dev_pki(dir.path(), &[]).unwrap();
+    let server =
+        hatch_relay::certs::server_config(&pki.cert_file, &pki.key_file, &[b"http/1.1"]).unwrap();
+    let old_ca = relay.client_tls.clone();
+    relay.plane().reload_tls(server);
+    relay.client_tls = hatch_relay::certs::client_config_with_ca(&pki.ca_file).unwrap();
+    // The reload reaches the shard through its channel: retry until the new CA is accepted.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut n = 0;
+    let (mut c2, mut a2) = loop {
+        n += 1;
+        let sid = format!("s-new-{n}");
+        let r = relay.dial(&sid, Role::Client, &relay.token(&sid, Role::Client)).await;
+        if let Ok(c2) = r {
+            let a2 = relay.dial(&sid, Role::Agent, &relay.token(&sid, Role::Agent)).await.unwrap();
+            break (c2, a2);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "new certificate never served");
+        tokio::task::yield_now().await;
+    };
+    send_bin(&mut c2, b"new").await;
+    assert_eq!(recv_bin(&mut a2).await, b"new");
+    // Clients trusting only the old CA are now refused at the TLS handshake.
+    relay.client_tls = old_ca;
+    assert!(relay.dial("s-old", Role::Client, &relay.token("s-old", Role::Client)).await.is_err());
+    // The session opened before the reload still forwards.
+    send_bin(&mut c, b"still here").await;
+    assert_eq!(recv_bin(&mut a).await, b"still here");
+    close_with(&mut a, 1000).await;
+    assert_eq!(recv_close(&mut c).await, 1000);
 }
