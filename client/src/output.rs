@@ -38,7 +38,7 @@ pub const SESSION_COLUMNS: &[Column] = &[
     Column { title: "STATE", keys: &["state"], kind: Kind::Text },
     Column { title: "MODE", keys: &["mode"], kind: Kind::Text },
     Column { title: "RUN AS", keys: &["run_as"], kind: Kind::Text },
-    Column { title: "OWNER", keys: &["user_id", "user", "owner"], kind: Kind::Text },
+    Column { title: "OWNER", keys: &["principal", "user_id", "user"], kind: Kind::Text },
     Column { title: "STARTED", keys: &["created_at", "started_at"], kind: Kind::Ago },
     Column { title: "REASON", keys: &["close_reason", "reason"], kind: Kind::Text },
 ];
