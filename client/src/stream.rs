@@ -142,6 +142,11 @@ pub async fn run(ws: Ws, opts: &StreamOptions) -> Result<u8, CliError> {
         None
     };
     let (status, end) = pump(ws, opts).await;
+    if guard.is_some() && (status.is_none() || matches!(end, End::Error(_))) {
+        // The failure line follows on stderr: start it on a line of its own, not after the
+        // remote prompt.
+        eprint!("\r\n");
+    }
     drop(guard);
     if let Some(status) = status {
         // The remote side said how it ended; a close after that does not change it.
