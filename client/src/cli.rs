@@ -102,6 +102,12 @@ pub struct SessionsArgs {
     /// Print the relay's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Sessions per page asked of the relay (1 to 1000; the relay's default is 100).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+    /// Follow every page instead of showing only the newest one.
+    #[arg(long)]
+    pub all: bool,
     /// `show ID`.
     #[command(subcommand)]
     pub show: Option<SessionsCommand>,

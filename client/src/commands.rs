@@ -18,6 +18,10 @@ use crate::output;
 use crate::stream::{self, StreamOptions};
 use crate::terminal;
 
+/// Most pages `hatch sessions --all` follows (a relay that always answers with a next page
+/// must not keep the command running forever).
+const MAX_PAGES: usize = 1000;
+
 /// How long the best-effort "last seen" look-up after TargetNotConnected may take.
 const LAST_SEEN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -165,18 +169,48 @@ async fn sessions(client: &Client, args: SessionsArgs) -> Result<u8, CliError> {
         }
         return Ok(0);
     }
-    let path = match (args.active, args.closed) {
-        (true, _) => "/v1/sessions?state=active",
-        (_, true) => "/v1/sessions?state=closed",
-        _ => "/v1/sessions",
-    };
+    let mut query = Vec::new();
+    match (args.active, args.closed) {
+        (true, _) => query.push("state=active".to_owned()),
+        (_, true) => query.push("state=closed".to_owned()),
+        _ => {}
+    }
+    if let Some(limit) = args.limit {
+        query.push(format!("limit={limit}"));
+    }
     let subject = Subject { action: "hatch:DescribeSessions", ..Subject::default() };
-    let answer: Value = client.get(path, &subject).await?;
+    let mut sessions = Vec::new();
+    let mut next: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let mut q = query.clone();
+        if let Some(token) = &next {
+            checked_id(token, "page token")?;
+            q.push(format!("next_token={token}"));
+        }
+        let path = if q.is_empty() {
+            "/v1/sessions".to_owned()
+        } else {
+            format!("/v1/sessions?{}", q.join("&"))
+        };
+        let answer: Value = client.get(&path, &subject).await?;
+        sessions.extend(output::items(&answer, "sessions").into_iter().cloned());
+        next = answer.get("next_token").and_then(Value::as_str).map(str::to_owned);
+        if next.is_none() || !args.all {
+            break;
+        }
+    }
     if args.json {
+        let mut answer = serde_json::json!({ "sessions": sessions });
+        if let Some(token) = &next {
+            answer["next_token"] = Value::from(token.clone());
+        }
         print_json(&answer)?;
     } else {
-        let rows = output::items(&answer, "sessions");
+        let rows: Vec<&Value> = sessions.iter().collect();
         print(&output::table(&rows, output::SESSION_COLUMNS, output::now()))?;
+        if next.is_some() {
+            eprintln!("hatch: more sessions than shown; run with --all to list every page");
+        }
     }
     Ok(0)
 }

@@ -286,3 +286,46 @@ fn lists_print_tables_and_json() {
     let out = go(&["sessions", "show", "../v1/instances"]);
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[test]
+fn sessions_all_follows_every_page() {
+    let home = tempfile::tempdir().unwrap();
+    let row = |id: &str| json!({"session_id": id, "instance_id": INSTANCE, "state": "closed"});
+    let api = TestApi::start(Arc::new(move |_, path| match path {
+        "/v1/sessions?state=closed&limit=1" => (
+            200,
+            json!({"sessions": [row("s-0000000000000003")], "next_token": "s-0000000000000003"}),
+        ),
+        "/v1/sessions?state=closed&limit=1&next_token=s-0000000000000003" => (
+            200,
+            json!({"sessions": [row("s-0000000000000002")], "next_token": "s-0000000000000002"}),
+        ),
+        "/v1/sessions?state=closed&limit=1&next_token=s-0000000000000002" => {
+            (200, json!({"sessions": [row("s-0000000000000001")]}))
+        }
+        _ => (400, json!({"code": "InvalidRequest", "message": path})),
+    }));
+    let go = |args: &[&str]| {
+        let mut cmd = hatch(home.path());
+        cmd.env("HATCH_API", &api.url)
+            .env("HATCH_ACCESS_KEY", "k")
+            .env("HATCH_CA", &api.ca_file)
+            .args(args);
+        run(cmd)
+    };
+    let out = go(&["sessions", "--closed", "--limit", "1", "--all", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["s-0000000000000003", "s-0000000000000002", "s-0000000000000001"]);
+
+    // Without --all: the first page and a hint.
+    let out = go(&["sessions", "--closed", "--limit", "1"]);
+    assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+    assert!(stderr(&out).contains("run with --all"), "{}", stderr(&out));
+}
