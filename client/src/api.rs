@@ -206,7 +206,14 @@ impl Client {
                 if body.request_id.is_none() {
                     body.request_id = answer.request_id;
                 }
-                CliError::api(answer.status.as_u16(), body, subject.clone(), Some(answer.summary))
+                let mut subject = subject.clone();
+                // TargetNotConnected adds `last_seen` (RFC 3339) to the body when known.
+                if let Ok(raw) = serde_json::from_slice::<serde_json::Value>(&answer.body)
+                    && let Some(seen) = raw.get("last_seen").filter(|v| !v.is_null())
+                {
+                    subject.last_seen = crate::output::ago(seen, crate::output::now());
+                }
+                CliError::api(answer.status.as_u16(), body, subject, Some(answer.summary))
             }
             Err(_) => CliError::BadResponse {
                 url: format!("{}{path}", self.base),

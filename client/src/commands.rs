@@ -123,7 +123,9 @@ async fn session(client: &Client, req: StartSessionRequest) -> Result<u8, CliErr
     let started: StartSessionResponse = match client.post("/v1/sessions", &req, &subject).await {
         Ok(s) => s,
         Err(CliError::Api(mut failure)) if failure.body.code == codes::TARGET_NOT_CONNECTED => {
-            failure.subject.last_seen = last_seen(client, &instance).await;
+            if failure.subject.last_seen.is_none() {
+                failure.subject.last_seen = last_seen(client, &instance).await;
+            }
             return Err(CliError::Api(failure));
         }
         Err(e) => return Err(e),

@@ -22,7 +22,13 @@ fn error(code: &str, status: u16) -> support::Handler {
                 "tags": {}, "online": false, "last_seen": seen}]}),
             );
         }
-        (status, json!({"code": code, "message": "relay words", "request_id": "req-42"}))
+        let mut body = json!({"code": code, "message": "relay words", "request_id": "req-42"});
+        if code == "TargetNotConnected" {
+            let seen = time::OffsetDateTime::now_utc() - time::Duration::seconds(605);
+            body["last_seen"] =
+                seen.format(&time::format_description::well_known::Rfc3339).unwrap().into();
+        }
+        (status, body)
     })
 }
 
@@ -53,7 +59,7 @@ fn every_start_session_error_code_gives_its_exit_code_and_message() {
             "TargetNotConnected",
             409,
             69,
-            "hatch: TargetNotConnected: agent on i-0123456789abcdef last seen 3 min ago; is \
+            "hatch: TargetNotConnected: agent on i-0123456789abcdef last seen 10 min ago; is \
              hatch-agent running and can it reach the relay?\n",
         ),
         ("InvalidToken", 401, 77, "did not accept the access key"),
@@ -328,4 +334,24 @@ fn sessions_all_follows_every_page() {
     let out = go(&["sessions", "--closed", "--limit", "1"]);
     assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
     assert!(stderr(&out).contains("run with --all"), "{}", stderr(&out));
+}
+
+#[test]
+fn target_not_connected_without_last_seen_asks_the_instance_list() {
+    let home = tempfile::tempdir().unwrap();
+    let instances = error("AccessDenied", 403);
+    let api = TestApi::start(Arc::new(move |method, path| {
+        if method == "POST" {
+            return (409, json!({"code": "TargetNotConnected", "message": "offline"}));
+        }
+        instances(method, path)
+    }));
+    let out = exec(&api, home.path(), false);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(
+        stderr(&out).contains("agent on i-0123456789abcdef last seen 3 min ago"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(api.seen()[1].path, "/v1/instances");
 }
