@@ -87,9 +87,15 @@ struct World {
 
 impl World {
     fn start() -> World {
+        Self::start_with(&[])
+    }
+
+    /// A world whose data plane gets these extra flags (`--idle-timeout 1`, ...).
+    fn start_with(data_args: &[&str]) -> World {
         let home = tempfile::tempdir().unwrap();
         let relay = DevRelay::start(DevOptions {
             data_dir: home.path().join("relay"),
+            data_args: data_args.iter().map(|a| a.to_string()).collect(),
             ..DevOptions::default()
         })
         .unwrap();
@@ -474,4 +480,54 @@ fn session_works_when_stdin_is_not_a_terminal() {
     let out = waiter.join().unwrap();
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stdout(&out).contains("piped-42"), "{}", stdout(&out));
+}
+
+/// Runs `hatch exec` (stdin null) to its end within the deadline.
+fn exec_output(world: &World, command: &[&str]) -> std::process::Output {
+    let mut cmd = world.hatch();
+    cmd.args(["exec", "--instance", world.instance(), "--"]).args(command);
+    run(cmd)
+}
+
+#[test]
+fn idle_timeout_is_reported_in_words_with_75() {
+    let world = World::start_with(&["--idle-timeout", "1"]);
+    let out = exec_output(&world, &["sleep", "20"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains(
+            "hatch: IdleTimeout (close 4007): the session was closed after being idle too long"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn max_duration_is_reported_in_words_with_75() {
+    let world = World::start_with(&["--max-duration", "1"]);
+    let out = exec_output(&world, &["sleep", "20"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("hatch: MaxDuration (close 4008)"), "{err}");
+}
+
+#[test]
+fn relay_going_away_mid_session_exits_255_in_words() {
+    let world = World::start();
+    let (tmux, status) = interactive(&world, 80, 24);
+    tmux.wait_for("the start line", |s| s.contains("Starting session s-"));
+    tmux.type_text("echo live-$((3+4))");
+    tmux.send(&["Enter"]);
+    tmux.wait_for("the shell", |s| has_line(s, "live-7"));
+    let World { agent, relay, home } = world;
+    drop(relay);
+    assert_eq!(wait_file(&status), "255");
+    assert_terminal_restored(&status);
+    let screen = tmux.wait_for("the reason", |s| s.contains("hatch: "));
+    assert!(
+        screen.contains("RelayShutdown (close 4009)") || screen.contains("ConnectionLost"),
+        "{screen}"
+    );
+    drop((agent, home));
 }
