@@ -55,6 +55,7 @@ impl Agent {
                     session: hatch_agent::session::SessionConfig {
                         tls: tls.clone(),
                         default_user: None,
+                        allow_plaintext: false,
                         timing: session_timing,
                     },
                     state,
@@ -530,4 +531,26 @@ fn relay_going_away_mid_session_exits_255_in_words() {
         "{screen}"
     );
     drop((agent, home));
+}
+
+#[test]
+fn sigterm_mid_session_restores_the_terminal_and_exits_143() {
+    let world = World::start();
+    let (tmux, status) = interactive(&world, 80, 24);
+    tmux.wait_for("the start line", |s| s.contains("Starting session s-"));
+    tmux.type_text("echo term-$((5+5))");
+    tmux.send(&["Enter"]);
+    tmux.wait_for("the shell", |s| has_line(s, "term-10"));
+
+    // The pane runs `sh -c '...'`; hatch is its only child.
+    let out = tmux.cmd().args(["list-panes", "-t", "t", "-F", "#{pane_pid}"]).output().unwrap();
+    let sh = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children")).unwrap();
+    let hatch: i32 = children.split_whitespace().next().expect("hatch is running").parse().unwrap();
+    let killed = Command::new("kill").args(["-TERM", &hatch.to_string()]).status().unwrap();
+    assert!(killed.success());
+
+    assert_eq!(wait_file(&status), "143");
+    assert_terminal_restored(&status);
+    tmux.wait_for("the message", |s| s.contains("hatch: Signal: SIGTERM received"));
 }
