@@ -554,3 +554,36 @@ fn sigterm_mid_session_restores_the_terminal_and_exits_143() {
     assert_terminal_restored(&status);
     tmux.wait_for("the message", |s| s.contains("hatch: Signal: SIGTERM received"));
 }
+
+#[test]
+fn policy_and_account_switch_refusals_from_the_real_relay() {
+    use hatch_relay::control::admin;
+    use hatch_relay::control::store::{SqliteStore, Store};
+    let world = World::start();
+    let store =
+        SqliteStore::open(&hatch_relay::server::store_path(&world.home.path().join("relay")))
+            .unwrap();
+    let account = world.relay.info.account_id.clone();
+    let user = admin::create_user(&store, &account, "alice").unwrap();
+    let (_, key) = admin::create_access_key(&store, &account, Some(&user.id)).unwrap();
+
+    // A user without a policy.
+    let mut cmd = world.hatch();
+    cmd.env("HATCH_ACCESS_KEY", &key).args(["exec", "--instance", world.instance(), "--", "true"]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "hatch: AccessDenied: your policy does not allow hatch:StartSession on {}; ask an \
+             administrator\n",
+            world.instance()
+        )
+    );
+
+    // The account switch off.
+    assert!(store.set_session_manager(&account, false).unwrap());
+    let out = exec_output(&world, &["true"]);
+    assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
+    assert!(stderr(&out).contains("SessionManagerDisabled: session management is switched off"));
+}
