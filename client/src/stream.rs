@@ -37,6 +37,8 @@ use crate::terminal::{self, RawGuard};
 pub const SUBPROTOCOL: &str = "hatch.v1";
 /// Silence from the relay after which the client sends a ping (the relay pings every 30 s).
 pub const PING_AFTER: Duration = Duration::from_secs(15);
+/// Interval of the pings sent while the relay is silent.
+pub const PING_EVERY: Duration = Duration::from_secs(5);
 /// Silence from the relay after which the connection is declared lost (the relay's own dead-leg
 /// limit is 90 s; pings answered by the relay itself keep a healthy connection well inside).
 pub const DEAD_AFTER: Duration = Duration::from_secs(45);
@@ -44,6 +46,9 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(45);
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the close after EXIT arrived before exiting anyway.
 pub const CLOSE_AFTER_EXIT: Duration = Duration::from_secs(5);
+/// Largest message accepted from the relay (bytes): the agent sends output in chunks far below
+/// this; a peer sending more is cut off rather than allowed to grow the client's memory.
+pub const MAX_MESSAGE: usize = 4 << 20;
 /// Bytes read from stdin at once (one DATA message at most this big).
 const STDIN_CHUNK: usize = 32 * 1024;
 /// Stdin chunks queued ahead of the WebSocket (bounded: 8 × 32 KiB).
@@ -77,9 +82,12 @@ pub async fn connect(
     })?;
     req.headers_mut().insert(AUTHORIZATION, bearer);
     req.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    let limits = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
     let dial = tokio_tungstenite::connect_async_tls_with_config(
         req,
-        None,
+        Some(limits),
         true,
         Some(tokio_tungstenite::Connector::Rustls(tls)),
     );
@@ -206,6 +214,7 @@ async fn pump(ws: Ws, opts: &StreamOptions) -> (Option<i32>, End) {
     let mut escape = opts.interactive.then(Escape::new);
 
     let mut last_rx = Instant::now();
+    let mut last_ping = Instant::now();
     let mut exit_deadline: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -316,10 +325,12 @@ async fn pump(ws: Ws, opts: &StreamOptions) -> (Option<i32>, End) {
                 if silent >= DEAD_AFTER {
                     break End::Lost(format!("no answer from the relay for {} s", silent.as_secs()));
                 }
-                if silent >= PING_AFTER
-                    && let Err(end) = send_msg(&mut sink, Message::Ping(Default::default())).await
-                {
-                    break end;
+                // One probe every PING_EVERY while silent, not one per tick.
+                if silent >= PING_AFTER && last_ping.elapsed() >= PING_EVERY {
+                    last_ping = Instant::now();
+                    if let Err(end) = send_msg(&mut sink, Message::Ping(Default::default())).await {
+                        break end;
+                    }
                 }
             }
         }
