@@ -587,3 +587,39 @@ fn policy_and_account_switch_refusals_from_the_real_relay() {
     assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
     assert!(stderr(&out).contains("SessionManagerDisabled: session management is switched off"));
 }
+
+#[test]
+fn exec_streams_ten_mebibytes_of_output_in_order() {
+    let world = World::start();
+    // No newline in the stream: the remote PTY's output processing (onlcr) leaves it unchanged.
+    let script = "yes 0123456789abcdefghijklmnopqrstuvwxyz | tr -d '\\n' | head -c 10485760";
+    let started = Instant::now();
+    let out = exec_output(&world, &["sh", "-c", script]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let unit = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let want: Vec<u8> = unit.iter().copied().cycle().take(10 << 20).collect();
+    assert_eq!(out.stdout.len(), want.len());
+    assert!(out.stdout == want, "output differs from what the command wrote");
+    eprintln!("10 MiB of output through relay and agent in {took:?}");
+}
+
+/// Measurement, not a check: how long `hatch exec -- true` takes end to end (process start,
+/// HTTPS start, WSS dial, pairing, spawn, EXIT). Run with `--ignored --nocapture`.
+#[test]
+#[ignore = "measurement"]
+fn measure_exec_round_trip() {
+    let world = World::start();
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let out = exec_output(&world, &["true"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        times.push(started.elapsed());
+    }
+    times.sort();
+    eprintln!(
+        "hatch exec -- true, 20 runs: min {:?} median {:?} max {:?}",
+        times[0], times[10], times[19]
+    );
+}

@@ -155,22 +155,24 @@ pub fn hatch(home: &Path) -> Command {
     cmd
 }
 
-/// Runs with a deadline: a hang fails the test instead of blocking it.
+/// Runs with a deadline: a hang fails the test instead of blocking it. Output is collected
+/// while the command runs (a full pipe must not stall it).
 pub fn run(mut cmd: Command) -> Output {
     use std::time::{Duration, Instant};
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !waiter.is_finished() {
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("hatch did not exit in 30 s; stderr: {}", String::from_utf8_lossy(&out.stderr));
+            // Kill exactly the child this test started, by its id.
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let out = waiter.join().unwrap();
+            panic!("hatch did not exit in 60 s; stderr: {}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    waiter.join().unwrap()
 }
 
 pub fn stderr(out: &Output) -> String {
