@@ -311,3 +311,70 @@ async fn setup_rate() {
     );
     drop(agent);
 }
+
+#[tokio::test]
+async fn silent_agent_is_dropped_after_the_heartbeat_deadline() {
+    let tr = TestRelay::start_with(|o| o.heartbeat_interval = std::time::Duration::from_millis(50));
+    let agent = tr.agent().await;
+    // The test agent reads nothing and so answers no heartbeat: offline after 3 intervals.
+    wait_until(|| !tr.relay.server().control().agent_online(&agent.id)).await;
+    tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&agent.id)))
+        .await
+        .assert_error(409, "TargetNotConnected");
+}
+
+#[tokio::test]
+async fn session_failed_from_the_agent_closes_the_session_as_error() {
+    use futures_util::SinkExt;
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let r =
+        tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+    let Some(ToAgent::SessionOpen { session_id, .. }) = agent.next().await else { panic!() };
+    assert_eq!(session_id, sid);
+    let failed = serde_json::to_string(&hatch_proto::control::FromAgent::SessionFailed {
+        session_id: sid.clone(),
+        message: "no such user".into(),
+    })
+    .unwrap();
+    agent
+        .ws
+        .as_mut()
+        .unwrap()
+        .send(tokio_tungstenite::tungstenite::Message::Text(failed.into()))
+        .await
+        .unwrap();
+    wait_until(|| {
+        tr.store().session(None, &sid).unwrap().unwrap().close_reason.as_deref() == Some("error")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn session_list_pages_with_next_token() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let key = Some(tr.owner_key());
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
+        ids.push(r.json()["session_id"].as_str().unwrap().to_owned());
+        let _ = agent.next().await;
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut path = "/v1/sessions?limit=2".to_owned();
+    loop {
+        let v = tr.call("GET", &path, key, None).await.json();
+        for s in v["sessions"].as_array().unwrap() {
+            seen.push(s["session_id"].as_str().unwrap().to_owned());
+        }
+        match v["next_token"].as_str() {
+            Some(t) => path = format!("/v1/sessions?limit=2&next_token={t}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+}
