@@ -378,3 +378,30 @@ async fn session_list_pages_with_next_token() {
     }
     assert_eq!(seen, ids);
 }
+
+#[tokio::test]
+async fn agent_stream_url_comes_from_the_agents_own_view_not_the_clients_host() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let r = api_support::request_with_host(
+        tr.tls.clone(),
+        tr.api_addr(),
+        "127.0.0.1".parse().unwrap(),
+        "evil.example:1",
+        "POST",
+        "/v1/sessions",
+        Some(tr.owner_key()),
+        Some(start_body(&agent.id).into_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let port = tr.relay.server().data_addr().port();
+    assert!(
+        r.json()["stream_url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("wss://evil.example:{port}/"))
+    );
+    let Some(ToAgent::SessionOpen { stream_url, .. }) = agent.next().await else { panic!() };
+    assert!(stream_url.starts_with(&format!("wss://localhost:{port}/")), "{stream_url}");
+}

@@ -552,9 +552,10 @@ async fn start_session(
     }
     shared.metrics.session_started();
     let base = data_base(&shared, &headers);
+    let agent_base = shared.agents.data_base(&inst.id).unwrap_or_else(|| base.clone());
     let open = ToAgent::SessionOpen {
         session_id: sid.clone(),
-        stream_url: format!("{base}/v1/stream/{sid}?role=agent"),
+        stream_url: format!("{agent_base}/v1/stream/{sid}?role=agent"),
         token: agent_token,
         mode: req.mode,
         command: req.command.clone(),
@@ -888,10 +889,11 @@ async fn agent_connect(
         ApiError::invalid(format!("expected a WebSocket upgrade: {}", e.body_text()))
     })?;
     let id = inst.id.clone();
+    let base = data_base(&shared, &headers);
     Ok(ws
         .max_message_size(super::agents::MAX_AGENT_MESSAGE)
         .max_frame_size(super::agents::MAX_AGENT_MESSAGE)
-        .on_upgrade(move |socket| super::agents::run_channel(shared, id, socket)))
+        .on_upgrade(move |socket| super::agents::run_channel(shared, id, base, socket)))
 }
 
 #[cfg(test)]
