@@ -30,7 +30,7 @@ use tracing::{info, warn};
 use super::policy::{self, Context, Policy};
 use super::sessions::LimitHit;
 use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
-use super::{CLOSE_DISABLED, CLOSE_TERMINATED, Shared, credentials, unix_now};
+use super::{CLOSE_TERMINATED, Shared, credentials, unix_now};
 
 /// An API failure: status, stable code, message for a person.
 #[derive(Debug, Clone)]
@@ -781,35 +781,6 @@ async fn put_settings(
         shared.disable_account(&caller.account.id).await;
     }
     Ok(json(StatusCode::OK, &settings))
-}
-
-impl Shared {
-    /// Ends every open session of an account with 4010 (the switch was turned off).
-    pub(crate) async fn disable_account(&self, account: &str) {
-        let ids = self.live.of_account(account);
-        let ids_for_store = ids.clone();
-        let instances: Vec<(String, String)> = match self
-            .blocking(move |s| {
-                let mut out = Vec::new();
-                for id in &ids_for_store {
-                    if let Some(r) = s.session(None, id)? {
-                        out.push((r.id, r.instance_id));
-                    }
-                }
-                Ok(out)
-            })
-            .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(err = %e, "listing sessions to end failed");
-                ids.into_iter().map(|i| (i, String::new())).collect()
-            }
-        };
-        for (id, inst) in instances {
-            self.end_session(&id, &inst, CLOSE_DISABLED, "session manager disabled").await;
-        }
-    }
 }
 
 async fn register(

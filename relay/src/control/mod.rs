@@ -178,7 +178,7 @@ impl ControlPlane {
         api::router(self.shared.clone())
     }
 
-    /// Swaps the data link (the server builds the control plane first, then the data plane).
+    /// The store (for in-process tools and tests).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
     }
@@ -362,6 +362,33 @@ impl Shared {
             }
         }
         now
+    }
+
+    /// Ends every open session of an account with 4010 (the switch was turned off).
+    async fn disable_account(&self, account: &str) {
+        let ids = self.live.of_account(account);
+        let ids_for_store = ids.clone();
+        let instances: Vec<(String, String)> = match self
+            .blocking(move |s| {
+                let mut out = Vec::new();
+                for id in &ids_for_store {
+                    if let Some(r) = s.session(None, id)? {
+                        out.push((r.id, r.instance_id));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(err = %e, "listing sessions to end failed");
+                ids.into_iter().map(|i| (i, String::new())).collect()
+            }
+        };
+        for (id, inst) in instances {
+            self.end_session(&id, &inst, CLOSE_DISABLED, "session manager disabled").await;
+        }
     }
 
     /// Ends an open session now: data plane legs closed with `code`, store record closed.
