@@ -405,3 +405,40 @@ async fn agent_stream_url_comes_from_the_agents_own_view_not_the_clients_host() 
     let Some(ToAgent::SessionOpen { stream_url, .. }) = agent.next().await else { panic!() };
     assert!(stream_url.starts_with(&format!("wss://localhost:{port}/")), "{stream_url}");
 }
+
+#[tokio::test]
+async fn per_account_limit_throttles_across_instances() {
+    let tr = TestRelay::start_with(|o| o.limits.per_account = 2);
+    let a = tr.agent().await;
+    let b = tr.agent().await;
+    let key = Some(tr.owner_key());
+    for id in [&a.id, &b.id] {
+        let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(id))).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let v = tr
+        .call("POST", "/v1/sessions", key, Some(&start_body(&b.id)))
+        .await
+        .assert_error(429, "Throttled");
+    assert!(v["message"].as_str().unwrap().contains("account"), "{v}");
+}
+
+#[test]
+fn dev_relay_restart_keeps_its_demo_account_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts =
+        || hatch_relay::dev::DevOptions { data_dir: dir.path().join("d"), ..Default::default() };
+    let first = hatch_relay::dev::DevRelay::start(opts()).unwrap().info.clone();
+    let second = hatch_relay::dev::DevRelay::start(opts()).unwrap();
+    assert_eq!(second.info.account_id, first.account_id);
+    assert_eq!(second.info.access_key, first.access_key);
+    let written: hatch_relay::dev::DevInfo =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("d/dev.json")).unwrap())
+            .unwrap();
+    assert_eq!(written, second.info);
+    let port = second.server().api_addr().port();
+    assert_eq!(written.api_url, format!("https://127.0.0.1:{port}"));
+    let port = second.server().data_addr().port();
+    assert_ne!(port, 0);
+    assert_eq!(written.data_url, format!("wss://127.0.0.1:{port}"));
+}
