@@ -141,8 +141,8 @@ async fn track(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> R
             let code = info.code;
             (Response::from_parts(parts, Body::from(error_json(&info, &rid))), code)
         }
-        (None, Some(body)) => (Response::from_parts(parts, body), ""),
-        (None, None) => (Response::from_parts(parts, Body::empty()), ""),
+        (None, Some(body)) => (Response::from_parts(parts, body), "OK"),
+        (None, None) => (Response::from_parts(parts, Body::empty()), "OK"),
     };
     let mut resp = resp;
     shared.metrics.request(resp.status().as_u16(), code);
