@@ -192,6 +192,34 @@ pub fn signal_group(pid: u32, signal: Signal) -> io::Result<()> {
     }
 }
 
+/// Sends `signal` to every process of the session led by `sid` (what a terminal hang-up does,
+/// extended to background jobs, whose shell may exit on the PTY's EOF before it forwards the
+/// hang-up to them). Processes that started their own session (daemons) are not touched;
+/// `nohup`'d ones ignore SIGHUP. Returns how many processes were signalled.
+pub fn signal_session(sid: u32, signal: Signal) -> usize {
+    let Ok(sid) = i32::try_from(sid) else { return 0 };
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let mut n = 0;
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if session_of(pid) == Some(sid)
+            && nix::sys::signal::kill(Pid::from_raw(pid), signal).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The session id of `pid` from `/proc/<pid>/stat`, `None` when it is gone or unreadable.
+fn session_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces; fields follow the last ')':
+    // state ppid pgrp session ...
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
 impl AsFd for Pty {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.master.get_ref().as_fd()

@@ -214,9 +214,9 @@ pub async fn run(
         Outcome::Exited(status) => {
             let code = exit_code(status);
             drop(pty);
-            // Background jobs of the session's group that outlive the leader get the hang-up
-            // a terminal would give them (nohup'd ones survive, as with ssh).
-            let _ = pty::signal_group(pid, Signal::SIGHUP);
+            // Background jobs that outlive the leader get the hang-up a terminal would give
+            // them (nohup'd ones survive, as with ssh).
+            hang_up_session(pid);
             let exit = Message::Exit(code).to_vec();
             let sent =
                 timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(exit.into()))).await;
@@ -538,21 +538,29 @@ async fn pump_in(pty: &Pty, stream: &mut Stream, dead_after: Duration) -> InEnd 
 /// Hangs up the session: SIGHUP (and SIGCONT, as the kernel does for a terminal hang-up) to its
 /// process group, close the PTY, then reap, with SIGKILL after the grace period.
 async fn hang_up(pty: Pty, child: &mut tokio::process::Child, pid: u32, timing: &SessionTiming) {
-    if let Ok(Some(_)) = child.try_wait() {
-        drop(pty);
-        let _ = pty::signal_group(pid, Signal::SIGHUP);
-        return;
-    }
-    let _ = pty::signal_group(pid, Signal::SIGHUP);
-    let _ = pty::signal_group(pid, Signal::SIGCONT);
+    // Signals first, then the PTY: a shell that saw EOF on its terminal before the SIGHUP
+    // would exit without forwarding the hang-up to its jobs.
+    hang_up_session(pid);
     drop(pty);
     if timeout(timing.hangup_grace, child.wait()).await.is_err() {
-        warn!(pid, "session ignored the hang-up; killing it");
+        warn!(pid, "session leader ignored the hang-up; killing its process group");
         let _ = pty::signal_group(pid, Signal::SIGKILL);
         if let Err(e) = child.wait().await {
             warn!(pid, ?e, "reaping the child failed");
         }
     }
+    // Jobs started after the first scan (a shell forking while it hangs up) get theirs too.
+    hang_up_session(pid);
+}
+
+/// SIGHUP then SIGCONT (as the kernel does on a hang-up, so stopped jobs see it) to every
+/// process of the session.
+fn hang_up_session(pid: u32) {
+    let _ = pty::signal_group(pid, Signal::SIGHUP);
+    let n = pty::signal_session(pid, Signal::SIGHUP);
+    let _ = pty::signal_group(pid, Signal::SIGCONT);
+    pty::signal_session(pid, Signal::SIGCONT);
+    debug!(pid, processes = n, "session hung up");
 }
 
 /// Sends a close frame and waits (bounded) for the peer's answer.
