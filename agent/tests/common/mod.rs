@@ -32,6 +32,8 @@ pub struct LegServer {
     pub base: String,
     /// Client TLS config trusting the dev CA.
     pub cfg: SessionConfig,
+    /// The dev CA's PEM.
+    pub ca_pem: String,
     _dir: tempfile::TempDir,
 }
 
@@ -50,6 +52,7 @@ impl LegServer {
             acceptor: TlsAcceptor::from(server),
             base: format!("wss://127.0.0.1:{port}"),
             cfg: SessionConfig { tls, default_user: None, timing },
+            ca_pem: ca,
             _dir: dir,
         }
     }
