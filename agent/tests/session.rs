@@ -177,3 +177,47 @@ async fn text_message_is_refused_with_protocol_error() {
     assert_eq!(done.close.map(|c| c.0), Some(close::PROTOCOL_ERROR));
     assert!(matches!(task.await.unwrap(), SessionEnd::Lost(_)));
 }
+
+/// State letter and bytes written of `pid`, from /proc.
+fn state_and_wchar(pid: i32) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_owned();
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let wchar = io.lines().find_map(|l| l.strip_prefix("wchar: "))?.trim().parse().ok()?;
+    Some((state, wchar))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_stalls_the_producer_and_ctrl_c_still_gets_through() {
+    let srv = LegServer::start().await;
+    let cmd = ["sh", "-c", "echo pid=$$ e''nd; exec yes hatch-flood"];
+    let (task, _cancel) = spawn_session(srv.spec("s-flood", Mode::Exec, Some(&cmd)), &srv.cfg);
+    let (_, mut client) = srv.accept().await;
+    client.wait_for(" end\r\n").await;
+    let text = client.text();
+    let pid: i32 = text[text.find("pid=").unwrap() + 4..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    // The client reads nothing more: `yes` ends up asleep in write(2) (it never sleeps
+    // otherwise), with a bounded amount written; the agent buffers nothing without limit.
+    let mut last = 0;
+    eventually("producer blocked by backpressure", || match state_and_wchar(pid) {
+        Some((state, wchar)) => {
+            let stalled = state == "S" && wchar == last;
+            last = wchar;
+            stalled
+        }
+        None => false,
+    })
+    .await;
+    assert!(last < 64 << 20, "{last} bytes written before the stall");
+    // Input still flows while output is stalled: Ctrl-C reaches the PTY and kills `yes`.
+    client.send(Message::Data(b"\x03")).await;
+    let done = client.finish().await;
+    assert_eq!(done.exit, Some(130), "close {:?}", done.close);
+    assert!(done.output.contains("hatch-flood\r\n"));
+    assert_eq!(task.await.unwrap(), SessionEnd::Exited(130));
+}
