@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// then impersonate the relay and run commands on this machine.
     #[arg(long)]
     pub danger_accept_invalid_certs: bool,
+    /// Accept plaintext `ws://` data legs from a relay run with `--danger-plaintext`
+    /// (benchmarks on loopback only: session bytes and tokens travel unencrypted).
+    #[arg(long)]
+    pub danger_allow_plaintext: bool,
     /// Run-as user for sessions that name none (default: the agent's own user).
     #[arg(long)]
     pub default_user: Option<String>,
@@ -191,6 +195,7 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         session: SessionConfig {
             tls: cfg.clone(),
             default_user: args.default_user,
+            allow_plaintext: args.danger_allow_plaintext,
             timing: SessionTiming::default(),
         },
         state,

@@ -98,6 +98,8 @@ pub struct SessionConfig {
     pub tls: Arc<rustls::ClientConfig>,
     /// The run-as user when `session.open` names none; the agent's own user when `None`.
     pub default_user: Option<String>,
+    /// Accept `ws://` stream URLs (plaintext data legs: benchmarks on loopback only).
+    pub allow_plaintext: bool,
     /// Timers.
     pub timing: SessionTiming,
 }
@@ -167,6 +169,13 @@ pub async fn run(
     cancel: oneshot::Receiver<Cancel>,
 ) -> SessionEnd {
     let sid = spec.session_id.clone();
+    if !spec.stream_url.starts_with("wss://") && !cfg.allow_plaintext {
+        return SessionEnd::Failed(format!(
+            "refusing to dial {:?}: data legs must be wss:// (plaintext needs \
+             --danger-allow-plaintext)",
+            spec.stream_url
+        ));
+    }
     let ws = match timeout(cfg.timing.dial_timeout, dial(&spec, &cfg.tls)).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => return SessionEnd::Failed(format!("dialing the data leg: {e}")),
@@ -313,7 +322,12 @@ async fn prepare(spec: &SessionSpec, default_user: Option<&str>) -> Result<Launc
     } else {
         "/usr/local/bin:/usr/bin:/bin:/usr/games"
     };
-    let term = spec.term.as_deref().filter(|t| !t.is_empty() && t.len() <= 64);
+    // TERM names a terminfo file: only plain names, never a path or control characters.
+    let term = spec.term.as_deref().filter(|t| {
+        !t.is_empty()
+            && t.len() <= 64
+            && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
+    });
     let env = vec![
         ("HOME".to_owned(), home.clone()),
         ("USER".to_owned(), user.name.clone()),

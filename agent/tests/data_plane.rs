@@ -58,7 +58,12 @@ impl Relay {
             _plane: plane,
             signer,
             events,
-            cfg: SessionConfig { tls: tls.clone(), default_user: None, timing },
+            cfg: SessionConfig {
+                tls: tls.clone(),
+                default_user: None,
+                allow_plaintext: false,
+                timing,
+            },
             tls,
             _dir: dir,
         }

@@ -83,12 +83,20 @@ async fn environment_defaults_term_lang_and_home() {
     assert_eq!(done.output, format!("[xterm-256color][C.UTF-8][{home}][{home}][{}]\r\n", me.name));
     assert_eq!(task.await.unwrap(), SessionEnd::Exited(0));
 
-    let mut spec = srv.spec("s-term", Mode::Exec, Some(&["sh", "-c", "echo $TERM"]));
-    spec.term = Some("vt100".into());
+    for (term, seen) in [("vt100", "vt100"), ("../../tmp/evil", "xterm-256color")] {
+        let mut spec = srv.spec("s-term", Mode::Exec, Some(&["sh", "-c", "echo $TERM"]));
+        spec.term = Some(term.into());
+        let (task, _cancel) = spawn_session(spec, &srv.cfg);
+        let (_, client) = srv.accept().await;
+        assert_eq!(client.finish().await.output, format!("{seen}\r\n"));
+        assert_eq!(task.await.unwrap(), SessionEnd::Exited(0));
+    }
+
+    // A plaintext stream URL is refused without dialing.
+    let mut spec = srv.spec("s-plain", Mode::Exec, Some(&["true"]));
+    spec.stream_url = spec.stream_url.replace("wss://", "ws://");
     let (task, _cancel) = spawn_session(spec, &srv.cfg);
-    let (_, client) = srv.accept().await;
-    assert_eq!(client.finish().await.output, "vt100\r\n");
-    assert_eq!(task.await.unwrap(), SessionEnd::Exited(0));
+    assert!(matches!(task.await.unwrap(), SessionEnd::Failed(m) if m.contains("wss://")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
