@@ -55,6 +55,10 @@ const MAX_INBOUND_MESSAGE: usize = 1 << 20;
 
 /// `TERM` when the client sends none.
 pub const DEFAULT_TERM: &str = "xterm-256color";
+/// Window size before the client's first RESIZE: the classic terminal's 80 columns.
+pub const DEFAULT_COLS: u16 = 80;
+/// Window size before the client's first RESIZE: the classic terminal's 24 rows.
+pub const DEFAULT_ROWS: u16 = 24;
 /// `LANG` of every session.
 pub const DEFAULT_LANG: &str = "C.UTF-8";
 
@@ -193,6 +197,10 @@ pub async fn run(
         let launch = prepare(&spec, cfg.default_user.as_deref()).await?;
         let (pty, slave) = Pty::open()
             .map_err(|e| (channel::ERROR_SPAWN, format!("cannot open a pseudo-terminal: {e}")))?;
+        // 80x24 until the client's first RESIZE (a new PTY is 0x0, which confuses programs
+        // that start before it arrives).
+        pty.resize(DEFAULT_COLS, DEFAULT_ROWS)
+            .map_err(|e| (channel::ERROR_SPAWN, format!("cannot size the pseudo-terminal: {e}")))?;
         let child = pty::spawn(&launch, slave)
             .map_err(|e| (channel::ERROR_SPAWN, format!("cannot start {}: {e}", launch.program)))?;
         Ok::<_, (u16, String)>((pty, child, launch))

@@ -53,6 +53,8 @@ async fn resize_is_seen_by_stty_size_and_sigwinch() {
     let srv = LegServer::start().await;
     let (task, _cancel) = spawn_session(srv.spec("s-size", Mode::Shell, None), &srv.cfg);
     let (_, mut client) = srv.accept().await;
+    client.type_line("stty size\n").await;
+    client.wait_for("24 80\r\n").await;
     client.send(Message::Resize { cols: 100, rows: 40 }).await;
     client.type_line("stty size\n").await;
     client.wait_for("40 100\r\n").await;
