@@ -20,6 +20,7 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -69,7 +70,8 @@ pub struct SessionTiming {
     pub dial_timeout: Duration,
     /// How often the agent pings the data leg (its replies prove the leg alive).
     pub ping_interval: Duration,
-    /// A leg that delivers nothing (not even a pong) for this long is dead.
+    /// A leg that delivers nothing (not even a pong) for this long, while no send to it is
+    /// pending, is dead. A pending send is a slow reader (a paused pager), not a dead leg.
     pub dead_after: Duration,
     /// After the child exits, how long to wait for the rest of its output (a background job
     /// that keeps the PTY open must not hold the session forever).
@@ -78,6 +80,8 @@ pub struct SessionTiming {
     pub hangup_grace: Duration,
     /// How long to wait for the peer's answer to our close frame.
     pub close_timeout: Duration,
+    /// How long EXIT may wait behind output a slow client has not read yet.
+    pub exit_timeout: Duration,
 }
 
 impl Default for SessionTiming {
@@ -91,6 +95,9 @@ impl Default for SessionTiming {
             drain_timeout: Duration::from_secs(2),
             hangup_grace: Duration::from_secs(5),
             close_timeout: Duration::from_secs(5),
+            // A client paging through the last screens of output (`| less`) still gets the
+            // exit status; a leg that cannot take 17 bytes in 10 minutes is abandoned.
+            exit_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -236,7 +243,7 @@ pub async fn run(
             hang_up_session(pid);
             let exit = Message::Exit(code).to_vec();
             let sent =
-                timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(exit.into()))).await;
+                timeout(cfg.timing.exit_timeout, sink.send(WsMessage::Binary(exit.into()))).await;
             if matches!(sent, Ok(Ok(()))) {
                 close_leg(&mut sink, &mut stream, close::NORMAL, "exited", &cfg.timing).await;
             }
@@ -446,8 +453,9 @@ async fn pump(
     mut cancel: oneshot::Receiver<Cancel>,
     timing: &SessionTiming,
 ) -> Outcome {
-    let out = pump_out(pty, sink, timing.ping_interval);
-    let inp = pump_in(pty, stream, timing.dead_after);
+    let sending = AtomicBool::new(false);
+    let out = pump_out(pty, sink, timing.ping_interval, &sending);
+    let inp = pump_in(pty, stream, timing.dead_after, &sending);
     tokio::pin!(out, inp);
     let mut out_done = false;
     let mut status: Option<ExitStatus> = None;
@@ -493,7 +501,12 @@ async fn pump(
 }
 
 /// PTY → leg. Ends with `Ok` when the PTY hangs up (no process holds it any more).
-async fn pump_out(pty: &Pty, sink: &mut Sink, ping_interval: Duration) -> Result<(), String> {
+async fn pump_out(
+    pty: &Pty,
+    sink: &mut Sink,
+    ping_interval: Duration,
+    sending: &AtomicBool,
+) -> Result<(), String> {
     let mut buf = vec![0u8; 1 + MAX_DATA];
     buf[0] = channel::TYPE_DATA;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
@@ -506,21 +519,33 @@ async fn pump_out(pty: &Pty, sink: &mut Sink, ping_interval: Duration) -> Result
                     Err(e) => return Err(format!("reading the terminal: {e}")),
                 };
                 let msg = WsMessage::Binary(Bytes::copy_from_slice(&buf[..1 + n]));
-                sink.send(msg).await.map_err(|e| format!("sending output: {e}"))?;
+                sending.store(true, Ordering::Relaxed);
+                let sent = sink.send(msg).await;
+                sending.store(false, Ordering::Relaxed);
+                sent.map_err(|e| format!("sending output: {e}"))?;
             }
             _ = ping.tick() => {
-                sink.send(WsMessage::Ping(Bytes::new())).await
-                    .map_err(|e| format!("sending a ping: {e}"))?;
+                sending.store(true, Ordering::Relaxed);
+                let sent = sink.send(WsMessage::Ping(Bytes::new())).await;
+                sending.store(false, Ordering::Relaxed);
+                sent.map_err(|e| format!("sending a ping: {e}"))?;
             }
         }
     }
 }
 
 /// Leg → PTY.
-async fn pump_in(pty: &Pty, stream: &mut Stream, dead_after: Duration) -> InEnd {
+async fn pump_in(
+    pty: &Pty,
+    stream: &mut Stream,
+    dead_after: Duration,
+    sending: &AtomicBool,
+) -> InEnd {
     let mut pty_open = true;
     loop {
         let msg = match timeout(dead_after, stream.next()).await {
+            // Output waiting for a slow reader: the leg is flow-controlled, not dead.
+            Err(_) if sending.load(Ordering::Relaxed) => continue,
             Err(_) => return InEnd::Gone(format!("leg silent for {dead_after:?}")),
             Ok(None) => return InEnd::Gone("leg connection ended".into()),
             Ok(Some(Err(e))) => return InEnd::Gone(format!("leg failed: {e}")),

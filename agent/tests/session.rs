@@ -231,3 +231,24 @@ async fn slow_client_stalls_the_producer_and_ctrl_c_still_gets_through() {
     assert!(done.output.contains("hatch-flood\r\n"));
     assert_eq!(task.await.unwrap(), SessionEnd::Exited(130));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_client_is_flow_control_not_a_dead_leg() {
+    let mut srv = LegServer::start().await;
+    // The client sends nothing at all, for many times the dead-leg deadline, while output waits
+    // for it: the session must survive and deliver every byte, then EXIT.
+    srv.cfg.timing.dead_after = std::time::Duration::from_millis(300);
+    srv.cfg.timing.ping_interval = std::time::Duration::from_millis(100);
+    const BYTES: usize = 20 << 20;
+    let cmd = ["sh", "-c", "head -c 20971520 /dev/zero | tr '\\0' x; exit 5"];
+    let (task, _cancel) = spawn_session(srv.spec("s-pause", Mode::Exec, Some(&cmd)), &srv.cfg);
+    let (_, mut client) = srv.accept().await;
+    client.wait_for("x").await;
+    // The pause is the scenario (a user reading a pager), not a wait for an event.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let done = client.finish().await;
+    assert_eq!(done.output.len(), BYTES);
+    assert!(done.output.bytes().all(|b| b == b'x'));
+    assert_eq!(done.exit, Some(5), "close {:?}", done.close);
+    assert_eq!(task.await.unwrap(), SessionEnd::Exited(5));
+}
