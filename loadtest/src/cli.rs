@@ -42,9 +42,9 @@ pub struct RunArgs {
     /// What the agents run and what the clients measure.
     #[arg(long, value_enum, default_value_t = Mode::Echo)]
     pub mode: Mode,
-    /// I/O backend of the relay (`--io` of hatch-relay).
-    #[arg(long, value_enum, default_value_t = Io::Uring)]
-    pub io: Io,
+    /// I/O backend of the relay (`--io` of hatch-relay; default: the relay's own default).
+    #[arg(long, value_enum)]
+    pub io: Option<Io>,
     /// Run the relay with both I/O backends back to back and report them side by side.
     #[arg(long)]
     pub compare_io: bool,

@@ -186,10 +186,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         r.errors_by_kind = floor_errors;
         return Ok(r);
     }
-    let ios: Vec<Io> = if args.compare_io {
-        vec![args.io, if args.io == Io::Uring { Io::Epoll } else { Io::Uring }]
-    } else {
-        vec![args.io]
+    let ios: Vec<Option<Io>> = match (args.compare_io, args.io) {
+        (true, Some(Io::Epoll)) => vec![Some(Io::Epoll), Some(Io::Uring)],
+        (true, _) => vec![Some(Io::Uring), Some(Io::Epoll)],
+        (false, io) => vec![io],
     };
     let mut reports = Vec::new();
     for io in ios {
@@ -293,7 +293,7 @@ impl Plan<'_> {
         Ok(m)
     }
 
-    fn relay_phase(&self, io: Io, mut report: Report) -> anyhow::Result<Report> {
+    fn relay_phase(&self, io: Option<Io>, mut report: Report) -> anyhow::Result<Report> {
         let exe = std::env::current_exe().context("locating this executable")?;
         let mut relay = None;
         let info = match &self.args.api {
@@ -318,7 +318,7 @@ impl Plan<'_> {
                 }
             }
             None => {
-                report.io = io.as_str().into();
+                report.io = io.map_or("default", Io::as_str).into();
                 let (child, info) = self.start_relay(&exe, io)?;
                 relay = Some(child);
                 info
@@ -425,11 +425,12 @@ impl Plan<'_> {
         Ok(report)
     }
 
-    fn start_relay(&self, exe: &Path, io: Io) -> anyhow::Result<(Child, DevInfo)> {
-        let dir = self.work.join(format!("relay-{}", io.as_str()));
+    fn start_relay(&self, exe: &Path, io: Option<Io>) -> anyhow::Result<(Child, DevInfo)> {
+        let name = io.map_or("default", Io::as_str);
+        let dir = self.work.join(format!("relay-{name}"));
         let _ = std::fs::remove_file(dir.join("dev.json"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let log_path = self.work.join(format!("relay-{}.log", io.as_str()));
+        let log_path = self.work.join(format!("relay-{name}.log"));
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
         let mut child = Command::new(exe)
@@ -470,8 +471,8 @@ impl Plan<'_> {
 }
 
 /// Arguments of the relay process: `dev` on loopback port 0 with this backend and shard count.
-fn relay_args(dir: &Path, io: Io, shards: usize) -> Vec<String> {
-    vec![
+fn relay_args(dir: &Path, io: Option<Io>, shards: usize) -> Vec<String> {
+    let mut args: Vec<String> = vec![
         "dev".into(),
         "--data-dir".into(),
         dir.display().to_string(),
@@ -479,11 +480,13 @@ fn relay_args(dir: &Path, io: Io, shards: usize) -> Vec<String> {
         "127.0.0.1:0".into(),
         "--data-listen".into(),
         "127.0.0.1:0".into(),
-        "--io".into(),
-        io.as_str().into(),
         "--shards".into(),
         shards.to_string(),
-    ]
+    ];
+    if let Some(io) = io {
+        args.extend(["--io".into(), io.as_str().into()]);
+    }
+    args
 }
 
 fn tail(path: &Path) -> String {
