@@ -112,7 +112,12 @@ pub async fn serve(listener: std::net::TcpListener, tls: Arc<rustls::ServerConfi
 async fn echo(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream) -> anyhow::Result<()> {
     let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let tls = acceptor.accept(tcp).await?;
-        let ws = tokio_tungstenite::accept_hdr_async(tls, answer_hatch_v1).await?;
+        let ws = tokio_tungstenite::accept_hdr_async_with_config(
+            tls,
+            answer_hatch_v1,
+            Some(crate::net::ws_config()),
+        )
+        .await?;
         anyhow::Ok(ws)
     })
     .await

@@ -14,6 +14,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// A client-side WebSocket over TLS over TCP.
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
@@ -21,6 +22,18 @@ pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
 /// Largest API response body read: 64 KiB (session and register answers are a few hundred
 /// bytes; anything larger is a fault of the relay under test).
 const MAX_API_BODY: usize = 64 * 1024;
+
+/// WebSocket settings of every simulated peer and of the floor: a 4 KiB read buffer instead of
+/// tungstenite's 128 KiB (which would cost 128 KiB × sessions of RAM per process), messages
+/// written at once (keystrokes must not wait for a buffer to fill), and the relay's 1 MiB
+/// frame limit.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(2 << 20))
+        .max_frame_size(Some(1 << 20))
+}
 
 /// A failure with the kind it is counted under in the report.
 #[derive(Debug)]
@@ -100,16 +113,18 @@ impl Dialer {
         }
         let uri = req.uri().clone();
         let tls = self.tls(&uri, n).await?;
-        let (ws, _resp) = tokio_tungstenite::client_async(req, tls).await.map_err(|e| {
-            use tokio_tungstenite::tungstenite::Error;
-            match e {
-                Error::Http(resp) => Failure::new(
-                    format!("ws_upgrade_{}", resp.status().as_u16()),
-                    String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()),
-                ),
-                e => Failure::new("ws_upgrade", e),
-            }
-        })?;
+        let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, tls, Some(ws_config()))
+            .await
+            .map_err(|e| {
+                use tokio_tungstenite::tungstenite::Error;
+                match e {
+                    Error::Http(resp) => Failure::new(
+                        format!("ws_upgrade_{}", resp.status().as_u16()),
+                        String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()),
+                    ),
+                    e => Failure::new("ws_upgrade", e),
+                }
+            })?;
         Ok(ws)
     }
 

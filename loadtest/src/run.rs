@@ -495,12 +495,12 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// Stops a server process: SIGTERM, then SIGKILL if it is still there after 3 s. Either way the
+/// Stops a server process: SIGTERM, then SIGKILL if it is still there after 1 s. Either way the
 /// server closes its connections first.
 fn stop_process(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(1);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return;
