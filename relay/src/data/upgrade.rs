@@ -1,0 +1,237 @@
+//! The WebSocket upgrade request of a leg: parsed from our own buffer (httparse), checked, and
+//! answered with `101` or a refusal (`{code, message}` JSON and a closed connection).
+//!
+//! Never logged: the raw request line (it may carry the token in a query), the token itself.
+
+use hatch_proto::token::Role;
+
+/// Longest request head accepted.
+pub const MAX_HEAD: usize = 8 * 1024;
+
+/// The subprotocol Hatch speaks.
+pub const PROTOCOL: &str = "hatch.v1";
+
+/// A well-formed upgrade request, not yet authorized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Session id from the path.
+    pub session_id: String,
+    /// Role from the query.
+    pub role: Role,
+    /// The bearer token (header or subprotocol).
+    pub token: String,
+    /// `Sec-WebSocket-Accept` value to answer with.
+    pub accept: String,
+    /// The client offered `hatch.v1`.
+    pub hatch_v1: bool,
+}
+
+/// Why a leg is refused before it becomes a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Missing, malformed, badly signed or mismatched token (401).
+    InvalidToken,
+    /// Expired token (401).
+    TokenExpired,
+    /// Token already used, or the role's leg already present (409).
+    TokenAlreadyUsed,
+    /// Not a valid WebSocket upgrade (400).
+    BadRequest,
+    /// Request head over 8 KiB (431).
+    HeadTooLarge,
+    /// Not `/v1/stream/{sid}?role=client|agent` (404).
+    NotFound,
+    /// The relay is shutting down or its shard is overloaded (503).
+    Unavailable,
+}
+
+impl Refusal {
+    /// HTTP status, API error code, message.
+    pub fn parts(self) -> (u16, &'static str, &'static str, &'static str) {
+        match self {
+            Refusal::InvalidToken => {
+                (401, "Unauthorized", "InvalidToken", "missing or invalid stream token")
+            }
+            Refusal::TokenExpired => (401, "Unauthorized", "TokenExpired", "stream token expired"),
+            Refusal::TokenAlreadyUsed => {
+                (409, "Conflict", "TokenAlreadyUsed", "stream token already used")
+            }
+            Refusal::BadRequest => {
+                (400, "Bad Request", "InvalidRequest", "not a valid WebSocket upgrade request")
+            }
+            Refusal::HeadTooLarge => (
+                431,
+                "Request Header Fields Too Large",
+                "InvalidRequest",
+                "request head exceeds 8 KiB",
+            ),
+            Refusal::NotFound => (
+                404,
+                "Not Found",
+                "NotFound",
+                "unknown path; expected /v1/stream/{session_id}?role=client|agent",
+            ),
+            Refusal::Unavailable => {
+                (503, "Service Unavailable", "Unavailable", "relay unavailable; retry")
+            }
+        }
+    }
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::InvalidToken => "invalid_token",
+            Refusal::TokenExpired => "token_expired",
+            Refusal::TokenAlreadyUsed => "token_already_used",
+            Refusal::BadRequest => "bad_request",
+            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::NotFound => "not_found",
+            Refusal::Unavailable => "unavailable",
+        }
+    }
+
+    /// The full HTTP response.
+    pub fn response(self) -> Vec<u8> {
+        let (status, text, code, message) = self.parts();
+        let body = serde_json::json!({ "code": code, "message": message }).to_string();
+        format!(
+            "HTTP/1.1 {status} {text}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+/// Index of the end of the head (just past `\r\n\r\n`) in `buf`, if complete.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// Parses and checks a complete request head.
+pub fn parse(head: &[u8]) -> Result<Request, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(Refusal::BadRequest),
+    }
+    let path = req.path.ok_or(Refusal::BadRequest)?;
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let sid = path.strip_prefix("/v1/stream/").ok_or(Refusal::NotFound)?;
+    if sid.is_empty()
+        || sid.len() > 128
+        || !sid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Refusal::NotFound);
+    }
+    let mut role = None;
+    for pair in query.split('&') {
+        if let Some(v) = pair.strip_prefix("role=") {
+            role = Role::parse(v);
+        }
+    }
+    let role = role.ok_or(Refusal::NotFound)?;
+    if req.method != Some("GET") {
+        return Err(Refusal::BadRequest);
+    }
+
+    let mut upgrade = false;
+    let mut connection = false;
+    let mut version = false;
+    let mut key = None;
+    let mut token = None;
+    let mut hatch_v1 = false;
+    for h in req.headers.iter() {
+        let v = std::str::from_utf8(h.value).map_err(|_| Refusal::BadRequest)?;
+        if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade |= v.trim().eq_ignore_ascii_case("websocket");
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            connection |= v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        } else if h.name.eq_ignore_ascii_case("sec-websocket-version") {
+            version |= v.trim() == "13";
+        } else if h.name.eq_ignore_ascii_case("sec-websocket-key") {
+            key = Some(v.trim());
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            let v = v.trim();
+            if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+                token = Some(v[7..].trim().to_owned());
+            }
+        } else if h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            for p in v.split(',').map(str::trim) {
+                if p == PROTOCOL {
+                    hatch_v1 = true;
+                } else if let Some(t) = p.strip_prefix("bearer.")
+                    && token.is_none()
+                {
+                    token = Some(t.to_owned());
+                }
+            }
+        }
+    }
+    let key = key.ok_or(Refusal::BadRequest)?;
+    // A key is 16 random bytes in base64: 24 characters.
+    if !(upgrade && connection && version) || key.len() != 24 {
+        return Err(Refusal::BadRequest);
+    }
+    let token = token.filter(|t| !t.is_empty()).ok_or(Refusal::InvalidToken)?;
+    Ok(Request {
+        session_id: sid.to_owned(),
+        role,
+        token,
+        accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        hatch_v1,
+    })
+}
+
+/// The `101 Switching Protocols` answer.
+pub fn switching(accept: &str, hatch_v1: bool) -> Vec<u8> {
+    let proto = if hatch_v1 { "Sec-WebSocket-Protocol: hatch.v1\r\n" } else { "" };
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n{proto}\r\n"
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(extra: &str, path: &str) -> String {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+        )
+    }
+
+    #[test]
+    fn token_from_header_or_subprotocol() {
+        let r = parse(req("Authorization: Bearer abc\r\n", "/v1/stream/s1?role=client").as_bytes())
+            .unwrap();
+        assert_eq!((r.session_id.as_str(), r.role, r.token.as_str()), ("s1", Role::Client, "abc"));
+        assert_eq!(r.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let r = parse(
+            req("Sec-WebSocket-Protocol: hatch.v1, bearer.xyz\r\n", "/v1/stream/s1?role=agent")
+                .as_bytes(),
+        )
+        .unwrap();
+        assert!(r.hatch_v1);
+        assert_eq!((r.role, r.token.as_str()), (Role::Agent, "xyz"));
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(
+            parse(req("", "/v1/stream/s1?role=client").as_bytes()),
+            Err(Refusal::InvalidToken)
+        );
+        assert_eq!(parse(req("", "/other").as_bytes()), Err(Refusal::NotFound));
+        assert_eq!(parse(req("", "/v1/stream/s1?role=x").as_bytes()), Err(Refusal::NotFound));
+        assert_eq!(
+            parse(b"GET /v1/stream/s?role=client HTTP/1.1\r\n\r\n"),
+            Err(Refusal::BadRequest)
+        );
+        assert_eq!(parse(b"\x16\x03\x01garbage\r\n\r\n"), Err(Refusal::BadRequest));
+    }
+}

@@ -1,0 +1,235 @@
+//! Data plane over real TLS on loopback, against both I/O backends: pairing, forwarding both
+//! ways, close codes, refusals, timeouts, cross-shard handoff, terminate and shutdown.
+
+mod data_support;
+
+use std::time::Duration;
+
+use data_support::*;
+use futures_util::{SinkExt, StreamExt};
+use hatch_proto::token::Role;
+use hatch_relay::data::IoBackend;
+use hatch_relay::plane::{CloseReason, DataCommand, DataEvent};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+both_backends!(
+    legs_exchange_bytes_and_agent_exit_closes_both,
+    client_close_is_forwarded_to_the_agent,
+    agent_drop_closes_client_with_peer_gone,
+    refusals_have_status_and_code,
+    token_single_use_survives_the_session,
+    pair_timeout_closes_with_4004,
+    legs_on_different_shards_pair,
+    terminate_closes_both_and_refuses_later_legs,
+    shutdown_closes_live_legs_with_4009,
+    idle_timeout_closes_with_4007,
+    max_duration_closes_with_4008,
+    plaintext_relay_forwards_too,
+);
+
+async fn legs_exchange_bytes_and_agent_exit_closes_both(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let (mut c, mut a) = relay.pair("s-bytes").await;
+    match tokio::time::timeout(WAIT, relay.events.recv()).await.unwrap().unwrap() {
+        DataEvent::Connected { session_id, .. } => assert_eq!(session_id, "s-bytes"),
+        other => panic!("{other:?}"),
+    }
+    send_bin(&mut c, b"\x02\x00\x50\x00\x18").await;
+    send_bin(&mut c, b"\x01ls\n").await;
+    assert_eq!(recv_bin(&mut a).await, b"\x02\x00\x50\x00\x18");
+    assert_eq!(recv_bin(&mut a).await, b"\x01ls\n");
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    send_bin(&mut a, &big).await;
+    send_bin(&mut a, b"\x03\x00\x00\x00\x00").await;
+    assert_eq!(recv_bin(&mut c).await, big);
+    assert_eq!(recv_bin(&mut c).await, b"\x03\x00\x00\x00\x00");
+    close_with(&mut a, 1000).await;
+    assert_eq!(recv_close(&mut c).await, 1000);
+    assert_eq!(recv_close(&mut a).await, 1000);
+    let end = relay.next_end().await;
+    assert_eq!(end.session_id, "s-bytes");
+    assert_eq!(end.reason, CloseReason::Exit);
+    assert_eq!(end.bytes_client_to_agent, 5 + 4);
+    assert_eq!(end.bytes_agent_to_client, 300_000 + 5);
+}
+
+async fn client_close_is_forwarded_to_the_agent(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let (mut c, mut a) = relay.pair("s-cclose").await;
+    send_bin(&mut c, b"x").await;
+    assert_eq!(recv_bin(&mut a).await, b"x");
+    close_with(&mut c, 4321).await;
+    assert_eq!(recv_close(&mut a).await, 4321);
+    let end = relay.next_end().await;
+    assert_eq!(end.reason, CloseReason::ClientClosed);
+    assert_eq!(end.bytes_client_to_agent, 1);
+}
+
+async fn agent_drop_closes_client_with_peer_gone(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let (mut c, a) = relay.pair("s-adrop").await;
+    drop(a);
+    assert_eq!(recv_close(&mut c).await, 4005);
+    assert_eq!(relay.next_end().await.reason, CloseReason::AgentClosed);
+}
+
+async fn refusals_have_status_and_code(io: IoBackend) {
+    let relay = Relay::start(io, |_| {});
+    let sid = "s-refuse";
+    // No token at all.
+    let req = relay.url(sid, Role::Client).into_client_request().unwrap();
+    assert_eq!(refusal(relay.dial_req(req).await.unwrap_err()), (401, "InvalidToken".into()));
+    // Garbage token.
+    let e = relay.dial(sid, Role::Client, "not.a.jwt").await.unwrap_err();
+    assert_eq!(refusal(e), (401, "InvalidToken".into()));
+    // A token of another key.
+    let (other, _) = hatch_relay::token::TokenSigner::generate("k1").unwrap();
+    let t = other.issue(sid, Role::Client, "i", "a", now()).unwrap().0;
+    assert_eq!(
+        refusal(relay.dial(sid, Role::Client, &t).await.unwrap_err()),
+        (401, "InvalidToken".into())
+    );
+    // The other role's token, and another session's token.
+    let t = relay.token(sid, Role::Agent);
+    assert_eq!(
+        refusal(relay.dial(sid, Role::Client, &t).await.unwrap_err()),
+        (401, "InvalidToken".into())
+    );
+    let t = relay.token("s-other", Role::Client);
+    assert_eq!(
+        refusal(relay.dial(sid, Role::Client, &t).await.unwrap_err()),
+        (401, "InvalidToken".into())
+    );
+    // Expired.
+    let t = relay.signer.issue(sid, Role::Client, "i", "a", now() - 601).unwrap().0;
+    assert_eq!(
+        refusal(relay.dial(sid, Role::Client, &t).await.unwrap_err()),
+        (401, "TokenExpired".into())
+    );
+    // Unknown path.
+    let url = format!("wss://localhost:{}/v1/other", relay.addr.port());
+    let req = url.into_client_request().unwrap();
+    assert_eq!(refusal(relay.dial_req(req).await.unwrap_err()), (404, "NotFound".into()));
+    // Token as a subprotocol works.
+    let t = relay.token(sid, Role::Client);
+    let mut req = relay.url(sid, Role::Client).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", format!("hatch.v1, bearer.{t}").parse().unwrap());
+    let ws = relay.dial_req(req).await;
+    assert!(ws.is_ok(), "{ws:?}");
+    assert!(relay.metric("hatch_data_refusals_total") >= 7);
+}
+
+async fn token_single_use_survives_the_session(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let sid = "s-once";
+    let ct = relay.token(sid, Role::Client);
+    let at = relay.token(sid, Role::Agent);
+    let mut c = relay.dial(sid, Role::Client, &ct).await.unwrap();
+    let e = relay.dial(sid, Role::Client, &ct).await.unwrap_err();
+    assert_eq!(refusal(e), (409, "TokenAlreadyUsed".into()));
+    let mut a = relay.dial(sid, Role::Agent, &at).await.unwrap();
+    close_with(&mut a, 1000).await;
+    assert_eq!(recv_close(&mut c).await, 1000);
+    relay.next_end().await;
+    let e = relay.dial(sid, Role::Agent, &at).await.unwrap_err();
+    assert_eq!(refusal(e), (409, "TokenAlreadyUsed".into()));
+}
+
+async fn pair_timeout_closes_with_4004(io: IoBackend) {
+    let mut relay = Relay::start(io, |c| c.pair_timeout = Duration::from_millis(300));
+    let mut c =
+        relay.dial("s-alone", Role::Client, &relay.token("s-alone", Role::Client)).await.unwrap();
+    assert_eq!(recv_close(&mut c).await, 4004);
+    let end = relay.next_end().await;
+    assert_eq!((end.session_id.as_str(), end.reason), ("s-alone", CloseReason::PairTimeout));
+}
+
+async fn legs_on_different_shards_pair(io: IoBackend) {
+    let mut relay = Relay::start(io, |c| c.shards = 3);
+    let n = 24;
+    let mut legs = Vec::new();
+    for i in 0..n {
+        let sid = format!("s-shard-{i}");
+        legs.push((sid.clone(), relay.pair(&sid).await));
+    }
+    for (sid, (c, a)) in &mut legs {
+        send_bin(c, sid.as_bytes()).await;
+        assert_eq!(recv_bin(a).await, sid.as_bytes());
+        send_bin(a, b"back").await;
+        assert_eq!(recv_bin(c).await, b"back");
+    }
+    for (_, (_, a)) in &mut legs {
+        close_with(a, 1000).await;
+    }
+    for _ in 0..n {
+        assert_eq!(relay.next_end().await.reason, CloseReason::Exit);
+    }
+    let out = relay.metric("hatch_data_handoffs_out_total");
+    let inn = relay.metric("hatch_data_handoffs_in_total");
+    eprintln!("handoffs: out {out} in {inn} of {} legs", 2 * n);
+    assert_eq!(out, inn);
+    assert!(out > 0, "48 legs over 3 shards and no handoff");
+}
+
+async fn terminate_closes_both_and_refuses_later_legs(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let (mut c, mut a) = relay.pair("s-term").await;
+    send_bin(&mut c, b"x").await;
+    assert_eq!(recv_bin(&mut a).await, b"x");
+    relay.plane().command(DataCommand::Terminate { session_id: "s-term".into(), code: 4006 });
+    assert_eq!(recv_close(&mut c).await, 4006);
+    assert_eq!(recv_close(&mut a).await, 4006);
+    assert_eq!(relay.next_end().await.reason, CloseReason::Terminated);
+    let mut late =
+        relay.dial("s-term", Role::Client, &relay.token("s-term", Role::Client)).await.unwrap();
+    assert_eq!(recv_close(&mut late).await, 4006);
+}
+
+async fn shutdown_closes_live_legs_with_4009(io: IoBackend) {
+    let mut relay = Relay::start(io, |c| c.shards = 2);
+    let (mut c, mut a) = relay.pair("s-down").await;
+    let plane = relay.plane.take().unwrap();
+    let stop = tokio::task::spawn_blocking(move || plane.shutdown(Duration::from_millis(100)));
+    assert_eq!(recv_close(&mut c).await, 4009);
+    assert_eq!(recv_close(&mut a).await, 4009);
+    stop.await.unwrap();
+    assert_eq!(relay.next_end().await.reason, CloseReason::RelayShutdown);
+}
+
+async fn idle_timeout_closes_with_4007(io: IoBackend) {
+    let mut relay = Relay::start(io, |c| c.idle_timeout = Some(Duration::from_millis(300)));
+    let (mut c, mut a) = relay.pair("s-idle").await;
+    // Agent output does not count as activity.
+    send_bin(&mut a, b"out").await;
+    assert_eq!(recv_bin(&mut c).await, b"out");
+    assert_eq!(recv_close(&mut c).await, 4007);
+    assert_eq!(recv_close(&mut a).await, 4007);
+    assert_eq!(relay.next_end().await.reason, CloseReason::IdleTimeout);
+}
+
+async fn max_duration_closes_with_4008(io: IoBackend) {
+    let mut relay = Relay::start(io, |c| c.max_duration = Some(Duration::from_millis(300)));
+    let (mut c, mut a) = relay.pair("s-max").await;
+    assert_eq!(recv_close(&mut c).await, 4008);
+    assert_eq!(recv_close(&mut a).await, 4008);
+    assert_eq!(relay.next_end().await.reason, CloseReason::MaxDuration);
+}
+
+async fn plaintext_relay_forwards_too(io: IoBackend) {
+    let mut relay = Relay::start(io, |c| c.tls = None);
+    let (mut c, mut a) = relay.pair("s-plain").await;
+    for i in 0..50u32 {
+        c.feed(Message::binary(i.to_be_bytes().to_vec())).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    for i in 0..50u32 {
+        assert_eq!(recv_bin(&mut a).await, i.to_be_bytes());
+    }
+    close_with(&mut a, 1000).await;
+    assert_eq!(recv_close(&mut c).await, 1000);
+    let end = relay.next_end().await;
+    assert_eq!((end.reason, end.bytes_client_to_agent), (CloseReason::Exit, 200));
+    let _ = c.next().await;
+}
