@@ -54,6 +54,89 @@ pub struct StartSessionResponse {
     pub expires_at: String,
 }
 
+/// One session as the API describes it (`GET /v1/sessions/{id}`, lists, terminate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Session id.
+    pub session_id: String,
+    /// Target instance.
+    pub instance_id: String,
+    /// Who started it: `owner` or a user id.
+    pub principal: String,
+    /// The caller's address as the API saw it.
+    pub source_ip: String,
+    /// Shell or exec.
+    pub mode: Mode,
+    /// The command of an exec session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Run-as user, when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
+    /// `pending` (token issued), `connected` (both legs paired) or `closed`.
+    pub state: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// RFC 3339 UTC, once both legs paired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_at: Option<String>,
+    /// RFC 3339 UTC, once closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<String>,
+    /// Why it closed: `exit`, `client_closed`, `agent_closed`, `terminated`, `idle_timeout`,
+    /// `max_duration`, `pair_timeout`, `relay_shutdown`, `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_reason: Option<String>,
+    /// Payload bytes client → agent.
+    pub bytes_client_to_agent: u64,
+    /// Payload bytes agent → client.
+    pub bytes_agent_to_client: u64,
+}
+
+/// `GET /v1/sessions` answer: newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionList {
+    /// One page of sessions.
+    pub sessions: Vec<SessionInfo>,
+    /// Pass as `?next_token=` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
+}
+
+/// One instance as `GET /v1/instances` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// `i-` followed by 16 hex digits.
+    pub instance_id: String,
+    /// Region.
+    pub region: String,
+    /// Host name reported at registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Tags.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Whether its agent's control channel is up now.
+    pub online: bool,
+    /// RFC 3339 UTC: when its control channel was last seen up (now, when online).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
+/// `GET /v1/instances` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceList {
+    /// Instances the caller may see.
+    pub instances: Vec<InstanceInfo>,
+}
+
+/// `GET|PUT /v1/account/settings` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountSettings {
+    /// The account-wide switch: when false, no session can start and turning it off ends the
+    /// live ones (close code 4010).
+    pub session_manager_enabled: bool,
+}
+
 /// Every API error body: `{code, message, request_id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

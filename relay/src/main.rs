@@ -1,4 +1,4 @@
-//! `hatch-relay`: the relay binary.
+//! `hatch-relay`: the relay binary. Everything is in the library ([`hatch_relay::cli::run`]).
 
 use std::process::ExitCode;
 
@@ -6,6 +6,5 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    eprintln!("hatch-relay: not yet implemented");
-    ExitCode::FAILURE
+    hatch_relay::cli::run(std::env::args_os())
 }

@@ -1,0 +1,691 @@
+//! The `hatch-relay` command line: `serve`, `dev`, `admin ...`. [`run`] is the whole program,
+//! so that `main.rs` stays thin and the load test can run a relay by re-executing itself.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::control::store::{SqliteStore, StateFilter, Store};
+use crate::control::{ControlConfig, admin, sessions::Limits, signing};
+use crate::data::DataArgs;
+use crate::dev::{DevOptions, DevRelay};
+use crate::server::{Server, ServerConfig, store_path};
+
+/// Exit code for usage errors (BSD sysexits EX_USAGE), as the CLI uses.
+const EXIT_USAGE: u8 = 64;
+
+/// hatch-relay: the Hatch relay (data plane + control plane) and its administration.
+#[derive(Debug, Parser)]
+#[command(name = "hatch-relay", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay with a certificate from PEM files.
+    Serve(ServeArgs),
+    /// Run a development relay: generated CA and certificate, demo account, printed next steps.
+    Dev(DevArgs),
+    /// Manage accounts, users, keys, policies, activations, instances and sessions in the store.
+    Admin(AdminArgs),
+}
+
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// Data directory: store file, signing keys.
+    #[arg(long, env = "HATCH_DATA_DIR")]
+    data_dir: PathBuf,
+    /// API address (port 0 picks a free one).
+    #[arg(long, default_value = "0.0.0.0:7444")]
+    api_listen: SocketAddr,
+    /// Data-plane address (port 0 picks a free one).
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    data_listen: SocketAddr,
+    /// Region of this relay.
+    #[arg(long, default_value = "local")]
+    region: String,
+    /// Public base URL of the data plane in stream URLs (e.g. wss://relay.example.com:7443);
+    /// by default the host the caller used for the API, with the data port.
+    #[arg(long)]
+    public_data_url: Option<String>,
+    /// Most open sessions per instance (beyond: Throttled).
+    #[arg(long, default_value_t = 1000)]
+    max_sessions_per_instance: usize,
+    /// Most open sessions per account (beyond: Throttled).
+    #[arg(long, default_value_t = 20_000)]
+    max_sessions_per_account: usize,
+}
+
+impl RelayArgs {
+    fn control(&self) -> ControlConfig {
+        ControlConfig {
+            region: self.region.clone(),
+            public_data_url: self.public_data_url.clone(),
+            limits: Limits {
+                per_instance: self.max_sessions_per_instance,
+                per_account: self.max_sessions_per_account,
+            },
+            ..ControlConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    relay: RelayArgs,
+    /// Certificate chain (PEM), for the API and the data plane; re-read on SIGHUP.
+    #[arg(long, required_unless_present = "danger_plaintext")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM).
+    #[arg(long, required_unless_present = "danger_plaintext")]
+    key: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Debug, Args)]
+struct DevArgs {
+    #[command(flatten)]
+    relay: RelayArgs,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// Data directory of the relay (its store file is `hatch.db` in it).
+    #[arg(long, env = "HATCH_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    what: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Accounts and their session-manager switch.
+    #[command(subcommand)]
+    Accounts(AccountsCmd),
+    /// Users inside an account.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Access keys (owner or user).
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Policy documents and their attachment to users.
+    #[command(subcommand)]
+    Policies(PoliciesCmd),
+    /// Activations agents register with.
+    #[command(subcommand)]
+    Activations(ActivationsCmd),
+    /// Registered instances.
+    #[command(subcommand)]
+    Instances(InstancesCmd),
+    /// Sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    /// Token signing keys.
+    #[command(subcommand)]
+    SigningKeys(SigningCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountsCmd {
+    /// Create an account (session management on).
+    Create { name: String },
+    /// List accounts.
+    List,
+    /// Turn session management on for an account.
+    Enable { account: String },
+    /// Turn session management off: new sessions are refused (SessionManagerDisabled). Live
+    /// sessions are ended by the running relay only when switched through the API.
+    Disable { account: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCmd {
+    /// Create a user.
+    Create {
+        #[arg(long)]
+        account: String,
+        name: String,
+    },
+    /// List users of an account.
+    List {
+        #[arg(long)]
+        account: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Create an access key (printed once): the owner's, or a user's with --user.
+    Create {
+        #[arg(long)]
+        account: String,
+        /// User id or name; omit for an owner key.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// List keys of an account.
+    List {
+        #[arg(long)]
+        account: String,
+    },
+    /// Revoke a key by id (`ak-...`).
+    Revoke { key_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum PoliciesCmd {
+    /// Create or replace a policy from a JSON file (validated first).
+    Put {
+        #[arg(long)]
+        account: String,
+        name: String,
+        file: PathBuf,
+    },
+    /// List policies of an account.
+    List {
+        #[arg(long)]
+        account: String,
+    },
+    /// Attach a policy to a user.
+    Attach {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        user: String,
+        name: String,
+    },
+    /// Detach a policy from a user.
+    Detach {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        user: String,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ActivationsCmd {
+    /// Create an activation (code printed once).
+    Create {
+        #[arg(long)]
+        account: String,
+        #[arg(long, default_value = "local")]
+        region: String,
+        /// Tag for each instance, key=value (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// How many instances may register with it.
+        #[arg(long, default_value_t = 1)]
+        max_registrations: u32,
+        /// Hours until it expires.
+        #[arg(long, default_value_t = 24)]
+        expires_in_hours: u64,
+    },
+    /// List activations.
+    List {
+        #[arg(long)]
+        account: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InstancesCmd {
+    /// List instances.
+    List {
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Replace an instance's tags (key=value ...; none clears them).
+    Tag { instance: String, tags: Vec<String> },
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsCmd {
+    /// List sessions, newest first.
+    List {
+        #[arg(long)]
+        account: Option<String>,
+        /// active, closed or all.
+        #[arg(long, default_value = "all")]
+        state: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Record a session as terminated in the store. A running relay ends its legs only when
+    /// terminated through the API (`DELETE /v1/sessions/{id}`).
+    Terminate { session_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum SigningCmd {
+    /// Add a new signing key; the relay signs with it after its next start.
+    Rotate,
+}
+
+/// Runs `hatch-relay` with `args` (the first is the program name) and returns its exit code.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_tracing();
+    let res = match cli.command {
+        Command::Serve(a) => serve(a),
+        Command::Dev(a) => dev(a),
+        Command::Admin(a) => admin_cmd(a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hatch-relay: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HATCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second call (the load test running several relays in one process) keeps the first.
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Waits for SIGTERM or SIGINT; reloads the certificate on SIGHUP.
+fn wait_for_signals(server: &Server) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    if let Err(e) = server.reload_tls() {
+                        tracing::error!(err = %format!("{e:#}"), "certificate reload failed; keeping the old one");
+                    }
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let tls = match (a.data.danger_plaintext, a.cert, a.key) {
+        (true, _, _) => None,
+        (false, Some(c), Some(k)) => Some((c, k)),
+        _ => anyhow::bail!("--cert and --key are required (or --danger-plaintext)"),
+    };
+    let mut control = a.relay.control();
+    control.pending_timeout = pending_timeout(&a.data);
+    let drain = Duration::from_secs(a.data.drain);
+    let server = Server::start(ServerConfig {
+        data_dir: a.relay.data_dir.clone(),
+        api_listen: a.relay.api_listen,
+        data_listen: a.relay.data_listen,
+        tls,
+        control,
+        data: a.data,
+    })?;
+    eprintln!("hatch-relay: API on {}, data plane on {}", server.api_addr(), server.data_addr());
+    wait_for_signals(&server)?;
+    server.shutdown(drain);
+    Ok(())
+}
+
+/// A pending session the data plane never reported on can be closed once its tokens expired
+/// and a leg that came at the last moment would have given up waiting.
+fn pending_timeout(data: &DataArgs) -> Duration {
+    Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS + data.pair_timeout.max(1))
+}
+
+fn dev(a: DevArgs) -> anyhow::Result<()> {
+    let control = a.relay.control();
+    let relay = DevRelay::start(DevOptions {
+        data_dir: a.relay.data_dir.clone(),
+        api_listen: a.relay.api_listen,
+        data_listen: a.relay.data_listen,
+        region: control.region.clone(),
+        limits: control.limits,
+        pending_timeout: pending_timeout(&a.data),
+        data: Some(a.data.clone()),
+        ..DevOptions::default()
+    })?;
+    let i = &relay.info;
+    let dir = relay.data_dir().display().to_string();
+    println!(
+        "Hatch development relay\n  API:        {api}\n  data plane: {data}\n  CA:         {ca}\n  \
+         details:    {dir}/dev.json\n\n\
+         Register an agent (in another terminal):\n  \
+         hatch-agent register --api {api} --ca {ca} --activation-id {aid} --activation-code {acode} --state {dir}/agent.json\n  \
+         hatch-agent run --state {dir}/agent.json\n\n\
+         Open a session:\n  \
+         export HATCH_API={api} HATCH_CA={ca} HATCH_ACCESS_KEY={key}\n  \
+         hatch instances\n  \
+         hatch session --instance <instance id from above>\n\n\
+         Ctrl-C stops the relay.",
+        api = i.api_url,
+        data = i.data_url,
+        ca = i.ca_file,
+        aid = i.activation_id,
+        acode = i.activation_code,
+        key = i.access_key,
+    );
+    wait_for_signals(relay.server())?;
+    relay.shutdown(Duration::from_secs(a.data.drain));
+    Ok(())
+}
+
+fn open_store(data_dir: &Path) -> anyhow::Result<SqliteStore> {
+    let path = store_path(data_dir);
+    anyhow::ensure!(
+        path.exists(),
+        "no store at {} (start the relay once, or check --data-dir)",
+        path.display()
+    );
+    SqliteStore::open(&path)
+}
+
+fn print<T: Serialize>(json: bool, v: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        println!("{}", text());
+    }
+    Ok(())
+}
+
+fn ts(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
+    let json = a.json;
+    if let AdminCommand::SigningKeys(SigningCmd::Rotate) = a.what {
+        let kid = signing::create_key(&a.data_dir)?;
+        return print(json, &serde_json::json!({ "kid": kid }), || {
+            format!("new signing key {kid}; restart the relay to sign with it")
+        });
+    }
+    let store = open_store(&a.data_dir)?;
+    let s: &dyn Store = &store;
+    match a.what {
+        AdminCommand::Accounts(c) => match c {
+            AccountsCmd::Create { name } => {
+                let acc = admin::create_account(s, &name)?;
+                print(json, &acc, || format!("created account {} ({})", acc.id, acc.name))
+            }
+            AccountsCmd::List => {
+                let all = s.accounts()?;
+                print(json, &all, || {
+                    all.iter()
+                        .map(|a| {
+                            format!(
+                                "{}\t{}\tsession manager {}",
+                                a.id,
+                                a.name,
+                                if a.session_manager_enabled { "on" } else { "off" }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
+            AccountsCmd::Enable { account } => switch(s, json, &account, true),
+            AccountsCmd::Disable { account } => switch(s, json, &account, false),
+        },
+        AdminCommand::Users(c) => match c {
+            UsersCmd::Create { account, name } => {
+                let u = admin::create_user(s, &account, &name)?;
+                print(json, &u, || format!("created user {} ({})", u.id, u.name))
+            }
+            UsersCmd::List { account } => {
+                let all = s.users(&account)?;
+                print(json, &all, || {
+                    all.iter()
+                        .map(|u| format!("{}\t{}", u.id, u.name))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
+        },
+        AdminCommand::Keys(c) => match c {
+            KeysCmd::Create { account, user } => {
+                let user_id = match &user {
+                    Some(u) => Some(admin::user(s, &account, u)?.id),
+                    None => None,
+                };
+                let (k, secret) = admin::create_access_key(s, &account, user_id.as_deref())?;
+                let v = serde_json::json!({
+                    "key_id": k.id, "account_id": k.account_id, "user_id": k.user_id,
+                    "access_key": secret,
+                });
+                print(json, &v, || {
+                    format!(
+                        "access key {} for {} (shown once, store it now):\n{secret}",
+                        k.id,
+                        k.user_id.as_deref().unwrap_or("the account owner")
+                    )
+                })
+            }
+            KeysCmd::List { account } => {
+                let all = s.access_keys(&account)?;
+                print(json, &all, || {
+                    all.iter()
+                        .map(|k| {
+                            format!(
+                                "{}\t{}\t{}",
+                                k.id,
+                                k.user_id.as_deref().unwrap_or("owner"),
+                                k.revoked_at
+                                    .map(|t| format!("revoked {}", ts(t)))
+                                    .unwrap_or("active".into())
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
+            KeysCmd::Revoke { key_id } => {
+                anyhow::ensure!(
+                    s.revoke_access_key(&key_id, crate::control::unix_now())?,
+                    "no active key {key_id}"
+                );
+                print(json, &serde_json::json!({ "revoked": key_id }), || {
+                    format!("revoked {key_id}")
+                })
+            }
+        },
+        AdminCommand::Policies(c) => match c {
+            PoliciesCmd::Put { account, name, file } => {
+                let doc = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let p = admin::put_policy(s, &account, &name, &doc)?;
+                print(json, &p, || format!("stored policy {}", p.name))
+            }
+            PoliciesCmd::List { account } => {
+                let all = s.policies(&account)?;
+                print(json, &all, || {
+                    all.iter()
+                        .map(|p| format!("{}\n{}\n", p.name, p.document))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
+            PoliciesCmd::Attach { account, user, name } => {
+                let u = admin::user(s, &account, &user)?;
+                admin::attach_policy(s, &account, &u.id, &name)?;
+                print(json, &serde_json::json!({"attached": name, "user_id": u.id}), || {
+                    format!("attached {name} to {} ({})", u.id, u.name)
+                })
+            }
+            PoliciesCmd::Detach { account, user, name } => {
+                let u = admin::user(s, &account, &user)?;
+                anyhow::ensure!(
+                    s.detach_policy(&account, &u.id, &name)?,
+                    "policy {name} is not attached to {}",
+                    u.name
+                );
+                print(json, &serde_json::json!({"detached": name, "user_id": u.id}), || {
+                    format!("detached {name} from {} ({})", u.id, u.name)
+                })
+            }
+        },
+        AdminCommand::Activations(c) => match c {
+            ActivationsCmd::Create {
+                account,
+                region,
+                tags,
+                max_registrations,
+                expires_in_hours,
+            } => {
+                let tags = admin::parse_tags(&tags)?;
+                let (act, code) = admin::create_activation(
+                    s,
+                    &account,
+                    &region,
+                    tags,
+                    max_registrations,
+                    Duration::from_secs(expires_in_hours.saturating_mul(3600)),
+                )?;
+                let v = serde_json::json!({
+                    "activation_id": act.id, "activation_code": code, "account_id": act.account_id,
+                    "region": act.region, "tags": act.tags, "max_registrations": act.max_registrations,
+                    "expires_at": ts(act.expires_at),
+                });
+                print(json, &v, || {
+                    format!(
+                        "activation {} (code shown once):\n  --activation-id {} --activation-code {code}",
+                        act.id, act.id
+                    )
+                })
+            }
+            ActivationsCmd::List { account } => {
+                let all = s.activations(account.as_deref())?;
+                print(json, &all, || {
+                    all.iter()
+                        .map(|a| {
+                            format!(
+                                "{}\t{}\t{}\t{}/{} registered\texpires {}",
+                                a.id,
+                                a.account_id,
+                                a.region,
+                                a.registrations,
+                                a.max_registrations,
+                                ts(a.expires_at)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
+        },
+        AdminCommand::Instances(c) => match c {
+            InstancesCmd::List { account } => {
+                let all = s.instances(account.as_deref())?;
+                print(json, &all, || {
+                    all.iter()
+                        .map(|i| {
+                            format!(
+                                "{}\t{}\t{}\t{}\tlast seen {}",
+                                i.id,
+                                i.account_id,
+                                i.region,
+                                i.tags
+                                    .iter()
+                                    .map(|(k, v)| format!("{k}={v}"))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                i.last_seen.map(ts).unwrap_or_else(|| "never".into())
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
+            InstancesCmd::Tag { instance, tags } => {
+                let tags = admin::parse_tags(&tags)?;
+                anyhow::ensure!(s.set_instance_tags(&instance, &tags)?, "no instance {instance}");
+                print(json, &serde_json::json!({"instance_id": instance, "tags": tags}), || {
+                    format!("tagged {instance}")
+                })
+            }
+        },
+        AdminCommand::Sessions(c) => match c {
+            SessionsCmd::List { account, state, limit } => {
+                let filter = match state.as_str() {
+                    "all" => StateFilter::All,
+                    "active" => StateFilter::Active,
+                    "closed" => StateFilter::Closed,
+                    other => anyhow::bail!("--state {other:?} is not active, closed or all"),
+                };
+                let all = s.sessions(account.as_deref(), filter, limit, None)?;
+                print(json, &all, || {
+                    all.iter()
+                        .map(|x| {
+                            format!(
+                                "{}\t{}\t{}\t{}\t{}\t{}",
+                                x.id,
+                                x.instance_id,
+                                x.principal,
+                                x.state,
+                                x.close_reason.as_deref().unwrap_or("-"),
+                                ts(x.created_at)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            }
+            SessionsCmd::Terminate { session_id } => {
+                let done = s.close_session(
+                    &session_id,
+                    crate::plane::CloseReason::Terminated.as_str(),
+                    0,
+                    0,
+                    crate::control::unix_now(),
+                )?;
+                anyhow::ensure!(done, "no open session {session_id}");
+                print(json, &serde_json::json!({"terminated": session_id}), || {
+                    format!("recorded {session_id} as terminated")
+                })
+            }
+        },
+        // Handled before the store is opened.
+        AdminCommand::SigningKeys(SigningCmd::Rotate) => Ok(()),
+    }
+}
+
+fn switch(s: &dyn Store, json: bool, account: &str, on: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(s.set_session_manager(account, on)?, "no account {account}");
+    print(json, &serde_json::json!({"account_id": account, "session_manager_enabled": on}), || {
+        format!("session manager {} for {account}", if on { "on" } else { "off" })
+    })
+}

@@ -1,0 +1,205 @@
+//! Agent control channels: which instance is online, and the WebSocket task of each.
+//!
+//! An instance is online while its control channel is up. A second channel from the same
+//! instance replaces the first (the old one is closed with reason "replaced"). The relay sends
+//! a `heartbeat` every `heartbeat_interval`; any message from the agent (its heartbeats, its
+//! answers, WebSocket pings) counts as liveness, and a channel silent for `heartbeat_timeout` is
+//! closed. The relay never answers an agent's heartbeat with one of its own (that would loop);
+//! the agent learns the relay is alive from the relay's periodic heartbeats.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use hatch_proto::control::{FromAgent, ToAgent};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use crate::plane::CloseReason;
+
+/// Messages queued for one agent before a send is refused (the agent is not reading).
+const AGENT_QUEUE: usize = 1024;
+/// How long one write to an agent may take before the channel is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest message accepted from an agent: its messages are small JSON objects.
+pub const MAX_AGENT_MESSAGE: usize = 64 * 1024;
+
+struct Conn {
+    id: u64,
+    tx: mpsc::Sender<ToAgent>,
+    kick: Option<oneshot::Sender<()>>,
+}
+
+/// The connected agents.
+#[derive(Default)]
+pub struct Hub {
+    conns: Mutex<HashMap<String, Conn>>,
+    next: AtomicU64,
+}
+
+/// Why a message could not be handed to an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// No control channel is up.
+    Offline,
+    /// The channel's queue is full (the agent is not reading).
+    Backlogged,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Conn>> {
+        // Only inserts and removes happen under this lock; poisoning leaves it consistent.
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new channel for `instance`, replacing (and kicking) any previous one.
+    fn attach(&self, instance: &str) -> (u64, mpsc::Receiver<ToAgent>, oneshot::Receiver<()>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(AGENT_QUEUE);
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let old = self.lock().insert(instance.to_owned(), Conn { id, tx, kick: Some(kick_tx) });
+        if let Some(mut old) = old
+            && let Some(k) = old.kick.take()
+        {
+            let _ = k.send(());
+        }
+        (id, rx, kick_rx)
+    }
+
+    /// Removes the channel `id` of `instance` unless a newer one replaced it; true if removed.
+    fn detach(&self, instance: &str, id: u64) -> bool {
+        let mut g = self.lock();
+        if g.get(instance).is_some_and(|c| c.id == id) {
+            g.remove(instance);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Queues a message for an instance's agent.
+    pub fn send(&self, instance: &str, msg: ToAgent) -> Result<(), SendError> {
+        let g = self.lock();
+        let conn = g.get(instance).ok_or(SendError::Offline)?;
+        conn.tx.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::Backlogged,
+            mpsc::error::TrySendError::Closed(_) => SendError::Offline,
+        })
+    }
+
+    /// Whether an instance's control channel is up.
+    pub fn is_online(&self, instance: &str) -> bool {
+        self.lock().contains_key(instance)
+    }
+
+    /// How many agents are online.
+    pub fn online(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Runs one agent's control channel until it closes, is replaced, goes silent or the relay
+/// shuts down.
+pub(super) async fn run_channel(shared: std::sync::Arc<Shared>, instance: String, ws: WebSocket) {
+    let (conn_id, mut rx, mut kicked) = shared.agents.attach(&instance);
+    info!(instance = %instance, conn = conn_id, "agent control channel up");
+    shared.touch_instance(&instance).await;
+    let (mut sink, mut stream) = ws.split();
+    let cfg = &shared.cfg;
+    let mut beat = tokio::time::interval(cfg.heartbeat_interval);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let deadline = tokio::time::sleep(cfg.heartbeat_timeout);
+    tokio::pin!(deadline);
+    let mut last_touch = tokio::time::Instant::now();
+    let close: Option<(u16, &'static str)> = loop {
+        tokio::select! {
+            _ = &mut kicked => break Some((1000, "replaced by a newer control channel")),
+            _ = shared.shutdown.cancelled() => break Some((1001, "relay shutting down")),
+            _ = &mut deadline => {
+                warn!(instance = %instance, "agent silent past the heartbeat deadline; closing");
+                break Some((1001, "heartbeat deadline passed"));
+            }
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break None };
+                if !send(&mut sink, &msg).await {
+                    warn!(instance = %instance, "writing to agent failed or timed out");
+                    break None;
+                }
+            }
+            _ = beat.tick() => {
+                seq += 1;
+                if !send(&mut sink, &ToAgent::Heartbeat { seq }).await {
+                    warn!(instance = %instance, "writing heartbeat to agent failed");
+                    break None;
+                }
+            }
+            m = stream.next() => {
+                let m = match m {
+                    None => break None,
+                    Some(Err(e)) => {
+                        debug!(instance = %instance, err = %e, "agent channel read failed");
+                        break None;
+                    }
+                    Some(Ok(m)) => m,
+                };
+                deadline.as_mut().reset(tokio::time::Instant::now() + cfg.heartbeat_timeout);
+                match m {
+                    Message::Text(t) => match serde_json::from_str::<FromAgent>(t.as_str()) {
+                        Ok(FromAgent::Heartbeat { .. }) => {
+                            // Record liveness in the store at most once a minute.
+                            if last_touch.elapsed() >= Duration::from_secs(60) {
+                                last_touch = tokio::time::Instant::now();
+                                shared.touch_instance(&instance).await;
+                            }
+                        }
+                        Ok(FromAgent::SessionFailed { session_id, message }) => {
+                            warn!(instance = %instance, session = %session_id, %message,
+                                "agent could not start session");
+                            shared.agent_failed(&instance, &session_id).await;
+                        }
+                        Err(e) => {
+                            warn!(instance = %instance, err = %e, "unreadable agent message ignored");
+                        }
+                    },
+                    Message::Binary(_) => {
+                        warn!(instance = %instance, "binary message on control channel ignored");
+                    }
+                    Message::Close(_) => break None,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+        }
+    };
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame { code, reason: reason.into() };
+        let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+    }
+    if shared.agents.detach(&instance, conn_id) {
+        info!(instance = %instance, conn = conn_id, "agent control channel down");
+    } else {
+        info!(instance = %instance, conn = conn_id, "agent control channel replaced");
+    }
+    shared.touch_instance(&instance).await;
+}
+
+async fn send(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    msg: &ToAgent,
+) -> bool {
+    let text = match serde_json::to_string(msg) {
+        Ok(t) => t,
+        Err(_) => return false,
+    };
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into()))).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The close reason recorded when an agent reports it could not start a session.
+pub(super) const AGENT_FAILED: CloseReason = CloseReason::Error;

@@ -1,0 +1,917 @@
+//! HTTP routes of the control plane and its error answers.
+//!
+//! Every failure, including the framework's own rejections (unknown path, wrong method, bad or
+//! oversized body), leaves as `{code, message, request_id}` with a stable code: handlers return
+//! [`ApiError`], and the [`track`] middleware rewrites any other error response into that shape,
+//! adds the request id and counts the answer for `/metrics`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hatch_proto::api::{
+    AccountSettings, InstanceInfo, InstanceList, Mode, SessionInfo, SessionList,
+    StartSessionRequest, StartSessionResponse, codes,
+};
+use hatch_proto::control::{RegisterRequest, RegisterResponse, ToAgent};
+use hatch_proto::token::Role;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use super::policy::{self, Context, Policy};
+use super::sessions::LimitHit;
+use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
+use super::{CLOSE_DISABLED, CLOSE_TERMINATED, Shared, credentials, unix_now};
+
+/// An API failure: status, stable code, message for a person.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    last_seen: Option<String>,
+}
+
+/// Marker left on an error response for [`track`] to finish (request id, metrics).
+#[derive(Debug, Clone)]
+struct ErrorInfo {
+    code: &'static str,
+    message: String,
+    last_seen: Option<String>,
+}
+
+impl ApiError {
+    /// An error with a status, a code of [`codes`] and a message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), last_seen: None }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, codes::INVALID_REQUEST, message)
+    }
+
+    fn denied(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, codes::ACCESS_DENIED, message)
+    }
+
+    fn instance_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            codes::INSTANCE_NOT_FOUND,
+            format!("instance {id} not found"),
+        )
+    }
+
+    fn session_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            codes::SESSION_NOT_FOUND,
+            format!("session {id} not found"),
+        )
+    }
+
+    fn internal(err: anyhow::Error) -> Self {
+        warn!(err = %format!("{err:#}"), "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL_ERROR, "internal error")
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = self.status.into_response();
+        resp.extensions_mut().insert(ErrorInfo {
+            code: self.code,
+            message: self.message,
+            last_seen: self.last_seen,
+        });
+        resp
+    }
+}
+
+fn error_json(info: &ErrorInfo, request_id: &str) -> String {
+    let mut v = serde_json::json!({
+        "code": info.code,
+        "message": info.message,
+        "request_id": request_id,
+    });
+    if let Some(ls) = &info.last_seen {
+        v["last_seen"] = serde_json::Value::String(ls.clone());
+    }
+    v.to_string()
+}
+
+/// Adds the request id, turns every error response into the JSON error shape, counts answers.
+async fn track(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let rid = format!("req-{}", hex::encode(credentials::random_bytes::<8>()));
+    let resp = next.run(req).await;
+    let (mut parts, body) = resp.into_parts();
+    let (info, body) = match parts.extensions.remove::<ErrorInfo>() {
+        Some(info) => (Some(info), None),
+        None if parts.status.is_client_error() || parts.status.is_server_error() => {
+            // A rejection of the framework: keep its text as the message.
+            let text = match axum::body::to_bytes(body, 4096).await {
+                Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+                Err(_) => String::new(),
+            };
+            (Some(framework_error(parts.status, text)), None)
+        }
+        None => (None, Some(body)),
+    };
+    let (resp, code) = match (info, body) {
+        (Some(info), _) => {
+            parts
+                .headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let code = info.code;
+            (Response::from_parts(parts, Body::from(error_json(&info, &rid))), code)
+        }
+        (None, Some(body)) => (Response::from_parts(parts, body), ""),
+        (None, None) => (Response::from_parts(parts, Body::empty()), ""),
+    };
+    let mut resp = resp;
+    shared.metrics.request(resp.status().as_u16(), code);
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn framework_error(status: StatusCode, text: String) -> ErrorInfo {
+    let (code, default) = match status {
+        StatusCode::NOT_FOUND => (codes::NOT_FOUND, "no such path"),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            (codes::INVALID_REQUEST, "method not allowed on this path")
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => (codes::INVALID_REQUEST, "request body too large"),
+        StatusCode::UNAUTHORIZED => (codes::INVALID_TOKEN, "not authenticated"),
+        StatusCode::FORBIDDEN => (codes::ACCESS_DENIED, "access denied"),
+        StatusCode::TOO_MANY_REQUESTS => (codes::THROTTLED, "too many requests"),
+        s if s.is_client_error() => (codes::INVALID_REQUEST, "bad request"),
+        _ => (codes::INTERNAL_ERROR, "internal error"),
+    };
+    ErrorInfo {
+        code,
+        message: if text.is_empty() { default.into() } else { text },
+        last_seen: None,
+    }
+}
+
+/// A JSON body, with every failure (size, syntax, shape) answered as `InvalidRequest`.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    codes::INVALID_REQUEST,
+                    "request body too large",
+                )
+            } else {
+                ApiError::invalid(format!("reading request body: {e}"))
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::invalid(format!("request body: {e}")))
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(b) => (status, [(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(e) => ApiError::internal(e.into()).into_response(),
+    }
+}
+
+/// The routes of the control plane.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let limit = shared.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/sessions", post(start_session).get(list_sessions))
+        .route("/v1/sessions/{id}", get(describe_session).delete(terminate_session))
+        .route("/v1/instances", get(list_instances))
+        .route("/v1/account/settings", get(get_settings).put(put_settings))
+        .route("/v1/agent/register", post(register))
+        .route("/v1/agent/connect", get(agent_connect))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(shared.clone(), track))
+        .with_state(shared)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such path")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        codes::INVALID_REQUEST,
+        "method not allowed on this path",
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let (open, pending) = shared.live.counts();
+    let mut text = shared.metrics.render(open, pending, shared.agents.online());
+    text.push_str(&shared.data.metrics());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+struct Caller {
+    account: Account,
+    user_id: Option<String>,
+    key_id: String,
+    policies: Vec<Policy>,
+    source_ip: IpAddr,
+}
+
+impl Caller {
+    fn principal(&self) -> &str {
+        self.user_id.as_deref().unwrap_or("owner")
+    }
+
+    fn is_owner(&self) -> bool {
+        self.user_id.is_none()
+    }
+
+    /// Whether `action` on `inst` is allowed in `ctx` (the owner may do everything in the
+    /// account).
+    fn may(&self, action: &str, region: &str, inst: &Instance, ctx: &Context) -> bool {
+        if self.is_owner() {
+            return true;
+        }
+        let hrn = policy::instance_hrn(region, &self.account.id, &inst.id);
+        policy::evaluate(&self.policies, action, &hrn, ctx).allowed()
+    }
+
+    fn context(&self, inst: &Instance) -> Context {
+        Context {
+            source_ip: Some(self.source_ip),
+            region: Some(inst.region.clone()),
+            instance_id: Some(inst.id.clone()),
+            run_as: None,
+            mode: None,
+            tags: inst.tags.clone(),
+        }
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+/// IPv4-mapped IPv6 addresses (dual-stack listeners) are policy-checked as IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+async fn authenticate(
+    shared: &Shared,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Caller, ApiError> {
+    let Some(key) = bearer(headers) else {
+        shared.metrics.auth_failed("missing");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::INVALID_TOKEN,
+            "missing Authorization: Bearer <access key>",
+        ));
+    };
+    let hash = credentials::hash(key);
+    let found = shared
+        .blocking(move |s| {
+            let Some(owner) = s.access_key_owner(&hash)? else { return Ok(None) };
+            let Some(account) = s.account(&owner.account_id)? else { return Ok(None) };
+            let docs = match &owner.user_id {
+                Some(u) => s.user_policies(u)?,
+                None => Vec::new(),
+            };
+            Ok(Some((owner, account, docs)))
+        })
+        .await?;
+    let Some((owner, account, docs)) = found else {
+        shared.metrics.auth_failed("unknown_key");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::INVALID_TOKEN,
+            "access key not recognised (never issued or revoked)",
+        ));
+    };
+    let mut policies = Vec::with_capacity(docs.len());
+    for d in docs {
+        // Documents are validated before they are stored; one that no longer parses (an older
+        // relay's) grants nothing rather than failing every request.
+        match Policy::parse(&d.document) {
+            Ok(p) => policies.push(p),
+            Err(e) => warn!(policy = %d.name, err = %e, "stored policy does not parse; ignored"),
+        }
+    }
+    Ok(Caller {
+        account,
+        user_id: owner.user_id,
+        key_id: owner.key_id,
+        policies,
+        source_ip: canonical_ip(peer.ip()),
+    })
+}
+
+fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+fn valid_id(id: &str, prefix: &str) -> bool {
+    id.len() == prefix.len() + 16
+        && id.starts_with(prefix)
+        && id[prefix.len()..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// `wss://host:port` for a caller who reached the API with `host_header`.
+fn data_base(shared: &Shared, headers: &HeaderMap) -> String {
+    if let Some(u) = &shared.cfg.public_data_url {
+        return u.trim_end_matches('/').to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| {
+            if let Some(rest) = h.strip_prefix('[') {
+                // [v6]:port
+                rest.split(']').next().map(|v6| format!("[{v6}]")).unwrap_or_default()
+            } else {
+                h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h).to_owned()
+            }
+        })
+        .filter(|h| {
+            !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{}://{host}:{}", shared.cfg.data_scheme, shared.cfg.data_port)
+}
+
+fn session_info(s: &SessionRecord) -> SessionInfo {
+    SessionInfo {
+        session_id: s.id.clone(),
+        instance_id: s.instance_id.clone(),
+        principal: s.principal.clone(),
+        source_ip: s.source_ip.clone(),
+        mode: if s.mode == "exec" { Mode::Exec } else { Mode::Shell },
+        command: s.command.clone(),
+        run_as: s.run_as.clone(),
+        state: s.state.clone(),
+        created_at: rfc3339(s.created_at),
+        connected_at: s.connected_at.map(rfc3339),
+        closed_at: s.closed_at.map(rfc3339),
+        close_reason: s.close_reason.clone(),
+        bytes_client_to_agent: s.bytes_client_to_agent,
+        bytes_agent_to_client: s.bytes_agent_to_client,
+    }
+}
+
+/// Largest exec command: arguments and total bytes.
+const MAX_COMMAND_ARGS: usize = 256;
+const MAX_COMMAND_BYTES: usize = 16 * 1024;
+
+fn validate_start(req: &StartSessionRequest) -> Result<(), ApiError> {
+    if !valid_id(&req.instance_id, "i-") {
+        return Err(ApiError::invalid(format!(
+            "instance_id {:?} is not i- followed by 16 lowercase hex digits",
+            req.instance_id
+        )));
+    }
+    match (&req.mode, &req.command) {
+        (Mode::Exec, None) => return Err(ApiError::invalid("mode exec needs a command")),
+        (Mode::Exec, Some(c)) if c.is_empty() => {
+            return Err(ApiError::invalid("command must not be empty"));
+        }
+        (Mode::Shell, Some(_)) => {
+            return Err(ApiError::invalid("command is only allowed with mode exec"));
+        }
+        _ => {}
+    }
+    if let Some(c) = &req.command
+        && (c.len() > MAX_COMMAND_ARGS
+            || c.iter().map(|a| a.len()).sum::<usize>() > MAX_COMMAND_BYTES)
+    {
+        return Err(ApiError::invalid(format!(
+            "command longer than {MAX_COMMAND_ARGS} arguments or {MAX_COMMAND_BYTES} bytes"
+        )));
+    }
+    if let Some(u) = &req.run_as
+        && (u.is_empty()
+            || u.len() > 64
+            || !u.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            || u.starts_with('-'))
+    {
+        return Err(ApiError::invalid(format!("run_as {u:?} is not a valid user name")));
+    }
+    if let Some(t) = &req.term
+        && (t.is_empty() || t.len() > 64 || !t.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(ApiError::invalid("term must be 1-64 printable ASCII characters"));
+    }
+    Ok(())
+}
+
+async fn start_session(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<ApiJson<StartSessionRequest>, ApiError>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&shared, &headers, peer).await?;
+    let ApiJson(req) = body?;
+    validate_start(&req)?;
+    if !caller.account.session_manager_enabled {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            codes::SESSION_MANAGER_DISABLED,
+            format!("session management is switched off for account {}", caller.account.id),
+        ));
+    }
+    let account_id = caller.account.id.clone();
+    let iid = req.instance_id.clone();
+    let inst = shared
+        .blocking(move |s| s.instance(&account_id, &iid))
+        .await?
+        .ok_or_else(|| ApiError::instance_not_found(&req.instance_id))?;
+    let mut ctx = caller.context(&inst);
+    ctx.run_as = req.run_as.clone();
+    ctx.mode = Some(req.mode.as_str().to_owned());
+    if !caller.may(policy::START_SESSION, &inst.region, &inst, &ctx) {
+        info!(user = caller.principal(), instance = %inst.id, "start session denied by policy");
+        return Err(ApiError::denied(format!(
+            "your policy does not allow hatch:StartSession on {}",
+            policy::instance_hrn(&inst.region, &inst.account_id, &inst.id)
+        )));
+    }
+    if !shared.agents.is_online(&inst.id) {
+        let mut e = ApiError::new(
+            StatusCode::CONFLICT,
+            codes::TARGET_NOT_CONNECTED,
+            match inst.last_seen {
+                Some(t) => format!(
+                    "the agent of {} is not connected; last seen {} ({} s ago)",
+                    inst.id,
+                    rfc3339(t),
+                    (unix_now() - t).max(0)
+                ),
+                None => format!("the agent of {} has never connected", inst.id),
+            },
+        );
+        e.last_seen = inst.last_seen.map(rfc3339);
+        return Err(e);
+    }
+
+    let sid = credentials::new_id("s-");
+    let deadline = std::time::Instant::now() + shared.cfg.pending_timeout;
+    shared.live.admit(&sid, &inst.account_id, &inst.id, shared.cfg.limits, deadline).map_err(
+        |hit| {
+            let msg = match hit {
+                LimitHit::Instance(n) => format!("{} already has {n} open sessions", inst.id),
+                LimitHit::Account(n) => format!("account already has {n} open sessions"),
+            };
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, codes::THROTTLED, msg)
+        },
+    )?;
+
+    let now = unix_now();
+    let issued = (|| {
+        let now = u64::try_from(now).unwrap_or(0);
+        let c = shared.signer.issue(&sid, Role::Client, &inst.id, &inst.account_id, now)?;
+        let a = shared.signer.issue(&sid, Role::Agent, &inst.id, &inst.account_id, now)?;
+        anyhow::Ok((c, a))
+    })();
+    let ((client_token, claims), (agent_token, _)) = match issued {
+        Ok(t) => t,
+        Err(e) => {
+            shared.live.remove(&sid);
+            return Err(ApiError::internal(e));
+        }
+    };
+    let rec = SessionRecord {
+        id: sid.clone(),
+        account_id: inst.account_id.clone(),
+        principal: caller.principal().to_owned(),
+        access_key_id: caller.key_id.clone(),
+        source_ip: caller.source_ip.to_string(),
+        instance_id: inst.id.clone(),
+        mode: req.mode.as_str().to_owned(),
+        command: req.command.clone(),
+        run_as: req.run_as.clone(),
+        state: "pending".into(),
+        created_at: now,
+        expires_at: claims.exp as i64,
+        connected_at: None,
+        closed_at: None,
+        close_reason: None,
+        bytes_client_to_agent: 0,
+        bytes_agent_to_client: 0,
+    };
+    if let Err(e) = shared.blocking(move |s| s.insert_session(&rec)).await {
+        shared.live.remove(&sid);
+        return Err(ApiError::internal(e));
+    }
+    shared.metrics.session_started();
+    let base = data_base(&shared, &headers);
+    let open = ToAgent::SessionOpen {
+        session_id: sid.clone(),
+        stream_url: format!("{base}/v1/stream/{sid}?role=agent"),
+        token: agent_token,
+        mode: req.mode,
+        command: req.command.clone(),
+        run_as: req.run_as.clone(),
+        term: req.term.clone(),
+    };
+    if let Err(e) = shared.agents.send(&inst.id, open) {
+        shared.close(&sid, crate::plane::CloseReason::Error, 0, 0).await;
+        let msg = match e {
+            super::agents::SendError::Offline => {
+                format!("the agent of {} just disconnected", inst.id)
+            }
+            super::agents::SendError::Backlogged => {
+                format!("the agent of {} is not reading its control channel", inst.id)
+            }
+        };
+        return Err(ApiError::new(StatusCode::CONFLICT, codes::TARGET_NOT_CONNECTED, msg));
+    }
+    info!(session = %sid, instance = %inst.id, user = caller.principal(), "session started");
+    Ok(json(
+        StatusCode::CREATED,
+        &StartSessionResponse {
+            session_id: sid.clone(),
+            stream_url: format!("{base}/v1/stream/{sid}?role=client"),
+            token: client_token,
+            expires_at: rfc3339(claims.exp as i64),
+        },
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<u32>,
+    next_token: Option<String>,
+}
+
+/// Most sessions in one page.
+const MAX_PAGE: u32 = 1000;
+/// Page size when none is asked for.
+const DEFAULT_PAGE: u32 = 100;
+
+async fn list_sessions(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&shared, &headers, peer).await?;
+    let Query(q) = query.map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))?;
+    let filter = match q.state.as_deref() {
+        None | Some("all") => StateFilter::All,
+        Some("active") => StateFilter::Active,
+        Some("closed") => StateFilter::Closed,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "state {other:?} is not one of active, closed, all"
+            )));
+        }
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit must be 1 to {MAX_PAGE}")));
+    }
+    if let Some(t) = &q.next_token
+        && !valid_id(t, "s-")
+    {
+        return Err(ApiError::invalid("next_token is not one this API gave out"));
+    }
+    let account = caller.account.id.clone();
+    let before = q.next_token.clone();
+    let need_instances = !caller.is_owner();
+    let (rows, instances) = shared
+        .blocking(move |s| {
+            let rows = s.sessions(Some(&account), filter, limit, before.as_deref())?;
+            let inst = if need_instances { s.instances(Some(&account))? } else { Vec::new() };
+            Ok((rows, inst))
+        })
+        .await?;
+    let next_token = (rows.len() == limit as usize).then(|| rows[rows.len() - 1].id.clone());
+    let sessions = rows
+        .iter()
+        .filter(|s| visible(&caller, s, &instances, policy::DESCRIBE_SESSIONS))
+        .map(session_info)
+        .collect();
+    Ok(json(StatusCode::OK, &SessionList { sessions, next_token }))
+}
+
+/// Whether a user may see (or act on) a session: their own, or allowed by policy on its
+/// instance.
+fn visible(caller: &Caller, s: &SessionRecord, instances: &[Instance], action: &str) -> bool {
+    if caller.is_owner() || caller.user_id.as_deref() == Some(s.principal.as_str()) {
+        return true;
+    }
+    instances.iter().find(|i| i.id == s.instance_id).is_some_and(|i| {
+        let ctx = caller.context(i);
+        caller.may(action, &i.region, i, &ctx)
+    })
+}
+
+async fn load_session(
+    shared: &Shared,
+    caller: &Caller,
+    id: Result<Path<String>, PathRejection>,
+    action: &str,
+) -> Result<SessionRecord, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if !valid_id(&id, "s-") {
+        return Err(ApiError::session_not_found(&id));
+    }
+    let account = caller.account.id.clone();
+    let sid = id.clone();
+    let (rec, inst) = shared
+        .blocking(move |s| {
+            let Some(rec) = s.session(Some(&account), &sid)? else { return Ok((None, None)) };
+            let inst = s.instance(&account, &rec.instance_id)?;
+            Ok((Some(rec), inst))
+        })
+        .await?;
+    let rec = rec.ok_or_else(|| ApiError::session_not_found(&id))?;
+    let instances: Vec<Instance> = inst.into_iter().collect();
+    if !visible(caller, &rec, &instances, action) {
+        // Sessions a user may not describe are not shown to exist.
+        if action == policy::DESCRIBE_SESSIONS {
+            return Err(ApiError::session_not_found(&id));
+        }
+        return Err(ApiError::denied(format!("your policy does not allow {action} on {id}")));
+    }
+    Ok(rec)
+}
+
+async fn describe_session(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&shared, &headers, peer).await?;
+    let rec = load_session(&shared, &caller, id, policy::DESCRIBE_SESSIONS).await?;
+    Ok(json(StatusCode::OK, &session_info(&rec)))
+}
+
+async fn terminate_session(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&shared, &headers, peer).await?;
+    let rec = load_session(&shared, &caller, id, policy::TERMINATE_SESSION).await?;
+    if rec.state != "closed" {
+        info!(session = %rec.id, user = caller.principal(), "session terminated");
+        shared.end_session(&rec.id, &rec.instance_id, CLOSE_TERMINATED, "terminated").await;
+    }
+    let id = rec.id.clone();
+    let account = caller.account.id.clone();
+    let rec = shared.blocking(move |s| s.session(Some(&account), &id)).await?.unwrap_or(rec);
+    Ok(json(StatusCode::OK, &session_info(&rec)))
+}
+
+async fn list_instances(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&shared, &headers, peer).await?;
+    let account = caller.account.id.clone();
+    let all = shared.blocking(move |s| s.instances(Some(&account))).await?;
+    let now = unix_now();
+    let instances = all
+        .iter()
+        .filter(|i| caller.may(policy::DESCRIBE_INSTANCES, &i.region, i, &caller.context(i)))
+        .map(|i| {
+            let online = shared.agents.is_online(&i.id);
+            InstanceInfo {
+                instance_id: i.id.clone(),
+                region: i.region.clone(),
+                hostname: i.hostname.clone(),
+                tags: i.tags.clone(),
+                online,
+                last_seen: if online { Some(rfc3339(now)) } else { i.last_seen.map(rfc3339) },
+            }
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &InstanceList { instances }))
+}
+
+fn owner_only(caller: &Caller) -> Result<(), ApiError> {
+    if caller.is_owner() {
+        Ok(())
+    } else {
+        Err(ApiError::denied("only the account owner may read or change account settings"))
+    }
+}
+
+async fn get_settings(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&shared, &headers, peer).await?;
+    owner_only(&caller)?;
+    Ok(json(
+        StatusCode::OK,
+        &AccountSettings { session_manager_enabled: caller.account.session_manager_enabled },
+    ))
+}
+
+async fn put_settings(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<ApiJson<AccountSettings>, ApiError>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&shared, &headers, peer).await?;
+    owner_only(&caller)?;
+    let ApiJson(settings) = body?;
+    let enabled = settings.session_manager_enabled;
+    let account = caller.account.id.clone();
+    shared.blocking(move |s| s.set_session_manager(&account, enabled)).await?;
+    info!(account = %caller.account.id, enabled, "session manager switch set");
+    if !enabled {
+        shared.disable_account(&caller.account.id).await;
+    }
+    Ok(json(StatusCode::OK, &settings))
+}
+
+impl Shared {
+    /// Ends every open session of an account with 4010 (the switch was turned off).
+    pub(crate) async fn disable_account(&self, account: &str) {
+        let ids = self.live.of_account(account);
+        let ids_for_store = ids.clone();
+        let instances: Vec<(String, String)> = match self
+            .blocking(move |s| {
+                let mut out = Vec::new();
+                for id in &ids_for_store {
+                    if let Some(r) = s.session(None, id)? {
+                        out.push((r.id, r.instance_id));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(err = %e, "listing sessions to end failed");
+                ids.into_iter().map(|i| (i, String::new())).collect()
+            }
+        };
+        for (id, inst) in instances {
+            self.end_session(&id, &inst, CLOSE_DISABLED, "session manager disabled").await;
+        }
+    }
+}
+
+async fn register(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<ApiJson<RegisterRequest>, ApiError>,
+) -> Result<Response, ApiError> {
+    let ApiJson(req) = body?;
+    if req.activation_id.len() > 64 || req.activation_code.len() > 256 {
+        return Err(ApiError::invalid("activation id or code too long"));
+    }
+    if let Some(h) = &req.hostname
+        && (h.len() > 255 || h.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid("hostname must be at most 255 printable characters"));
+    }
+    let code_hash = credentials::hash(&req.activation_code);
+    let instance_id = credentials::new_id("i-");
+    let secret = credentials::new_secret(credentials::INSTANCE_SECRET_PREFIX);
+    let secret_hash = credentials::hash(&secret);
+    let now = unix_now();
+    let iid = instance_id.clone();
+    let store = shared.store.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        store.register_instance(
+            &req.activation_id,
+            &code_hash,
+            &iid,
+            &secret_hash,
+            req.hostname.as_deref(),
+            now,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::internal(anyhow::anyhow!("register task: {e}")))?;
+    match res {
+        Ok(inst) => {
+            info!(instance = %inst.id, account = %inst.account_id, %peer, "instance registered");
+            Ok(json(
+                StatusCode::CREATED,
+                &RegisterResponse { instance_id: inst.id, instance_secret: secret },
+            ))
+        }
+        Err(RegisterError::Store(e)) => Err(ApiError::internal(anyhow::anyhow!(e))),
+        Err(e) => {
+            warn!(%peer, err = %e, "registration refused");
+            Err(ApiError::new(StatusCode::FORBIDDEN, codes::ACCESS_DENIED, e.to_string()))
+        }
+    }
+}
+
+async fn agent_connect(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let Some(secret) = bearer(&headers) else {
+        shared.metrics.auth_failed("missing");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::INVALID_TOKEN,
+            "missing Authorization: Bearer <instance secret>",
+        ));
+    };
+    let hash = credentials::hash(secret);
+    let Some(inst) = shared.blocking(move |s| s.instance_by_secret(&hash)).await? else {
+        shared.metrics.auth_failed("unknown_instance_secret");
+        warn!(%peer, "control channel with an unknown instance secret refused");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::INVALID_TOKEN,
+            "instance secret not recognised; register the agent again",
+        ));
+    };
+    let ws = ws.map_err(|e| {
+        ApiError::invalid(format!("expected a WebSocket upgrade: {}", e.body_text()))
+    })?;
+    let id = inst.id.clone();
+    Ok(ws
+        .max_message_size(super::agents::MAX_AGENT_MESSAGE)
+        .max_frame_size(super::agents::MAX_AGENT_MESSAGE)
+        .on_upgrade(move |socket| super::agents::run_channel(shared, id, socket)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_bearer() {
+        assert!(valid_id("i-0123456789abcdef", "i-"));
+        assert!(!valid_id("i-0123456789ABCDEF", "i-"));
+        assert!(!valid_id("i-0123456789abcde", "i-"));
+        assert!(!valid_id("s-0123456789abcdef", "i-"));
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer  abc "));
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+        assert_eq!(
+            canonical_ip("::ffff:10.1.2.3".parse().unwrap()),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,90 @@
+//! Control-plane counters, rendered as Prometheus text at `GET /metrics` next to the data
+//! plane's own lines.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of the control plane. Cheap to bump from any task.
+#[derive(Default)]
+pub struct Metrics {
+    sessions_started: AtomicU64,
+    closed: Mutex<BTreeMap<&'static str, u64>>,
+    requests: Mutex<BTreeMap<(u16, String), u64>>,
+    token_failures: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    /// A session was created (token issued).
+    pub fn session_started(&self) {
+        self.sessions_started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A session closed with `reason` (`CloseReason::as_str`).
+    pub fn session_closed(&self, reason: &'static str) {
+        *lock(&self.closed).entry(reason).or_default() += 1;
+    }
+
+    /// An API request answered with `status`, and the error `code` when it failed.
+    pub fn request(&self, status: u16, code: &str) {
+        *lock(&self.requests).entry((status, code.to_owned())).or_default() += 1;
+    }
+
+    /// A bearer credential (access key, instance secret) refused, by reason.
+    pub fn auth_failed(&self, reason: &str) {
+        *lock(&self.token_failures).entry(reason.to_owned()).or_default() += 1;
+    }
+
+    /// Sessions started so far.
+    pub fn started(&self) -> u64 {
+        self.sessions_started.load(Ordering::Relaxed)
+    }
+
+    /// Renders the Prometheus text exposition of these counters plus the gauges given.
+    pub fn render(&self, active: usize, pending: usize, agents_online: usize) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "# HELP hatch_sessions_active Sessions not yet closed, by state.");
+        let _ = writeln!(out, "# TYPE hatch_sessions_active gauge");
+        let _ = writeln!(out, "hatch_sessions_active{{state=\"pending\"}} {pending}");
+        let _ = writeln!(
+            out,
+            "hatch_sessions_active{{state=\"connected\"}} {}",
+            active.saturating_sub(pending)
+        );
+        let _ = writeln!(out, "# HELP hatch_sessions_started_total Sessions created.");
+        let _ = writeln!(out, "# TYPE hatch_sessions_started_total counter");
+        let _ = writeln!(out, "hatch_sessions_started_total {}", self.started());
+        let _ = writeln!(out, "# HELP hatch_sessions_closed_total Sessions closed, by reason.");
+        let _ = writeln!(out, "# TYPE hatch_sessions_closed_total counter");
+        for (reason, n) in lock(&self.closed).iter() {
+            let _ = writeln!(out, "hatch_sessions_closed_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP hatch_api_requests_total API requests, by status and code.");
+        let _ = writeln!(out, "# TYPE hatch_api_requests_total counter");
+        for ((status, code), n) in lock(&self.requests).iter() {
+            let _ = writeln!(
+                out,
+                "hatch_api_requests_total{{status=\"{status}\",code=\"{code}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# HELP hatch_agents_online Agents with a control channel up.");
+        let _ = writeln!(out, "# TYPE hatch_agents_online gauge");
+        let _ = writeln!(out, "hatch_agents_online {agents_online}");
+        let _ = writeln!(
+            out,
+            "# HELP hatch_api_auth_failures_total Bearer credentials refused by the API, by reason."
+        );
+        let _ = writeln!(out, "# TYPE hatch_api_auth_failures_total counter");
+        for (reason, n) in lock(&self.token_failures).iter() {
+            let _ = writeln!(out, "hatch_api_auth_failures_total{{reason=\"{reason}\"}} {n}");
+        }
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Counters stay meaningful after a panic elsewhere; ignore poisoning.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,352 @@
+//! The control plane: HTTPS API, policy, store, agent control channels, session lifecycle.
+//!
+//! ```text
+//!  client ── POST /v1/sessions ──▶ api ── store (spawn_blocking) ── policy ── sessions (limits)
+//!                                   │                                           │
+//!                                   └─▶ TokenSigner ─▶ agents::Hub ── session.open ──▶ agent
+//!  data plane ── DataEvent (channel) ──▶ on_event ──▶ store + sessions
+//!  terminate / account switch ──▶ DataLink::command(DataCommand::Terminate) ──▶ data plane
+//! ```
+//!
+//! - [`store`]: the persistent record behind the narrow [`store::Store`] trait (SQLite here).
+//! - [`credentials`]: secret generation and hashing.
+//! - [`policy`]: the policy language and its evaluation.
+//! - [`api`]: the HTTP routes and the `{code, message, request_id}` errors.
+//! - [`agents`]: which agents are online, their control channels.
+//! - [`sessions`]: open sessions in memory (limits, switch, pending sweep).
+//! - [`metrics`]: counters for `/metrics`.
+//! - [`http`]: serving the router over TLS (tokio-rustls + hyper) with the peer address.
+//! - [`signing`]: the token signing keys in the data directory (rotation by key id).
+//! - [`admin`]: the store operations behind `hatch-relay admin`.
+
+pub mod admin;
+pub mod agents;
+pub mod api;
+pub mod credentials;
+pub mod http;
+pub mod metrics;
+pub mod policy;
+pub mod sessions;
+pub mod signing;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hatch_proto::control::ToAgent;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::plane::{CloseReason, DataCommand, DataEvent};
+use crate::token::TokenSigner;
+use store::Store;
+
+/// Close code for a session terminated through the API (DESIGN.md close codes).
+pub const CLOSE_TERMINATED: u16 = 4006;
+/// Close code for sessions ended by the account switch.
+pub const CLOSE_DISABLED: u16 = 4010;
+/// Close code when the agent could not start the session (the peer is gone).
+pub const CLOSE_PEER_GONE: u16 = 4005;
+/// Close code sent for a pending session closed by the sweep (its peer never came).
+pub const CLOSE_PAIR_TIMEOUT: u16 = 4004;
+
+/// How the control plane reaches the data plane. The server implements it over
+/// `data::DataPlane`; before the data plane is started (or in tests of the API alone) the
+/// commands go nowhere.
+pub trait DataLink: Send + Sync + 'static {
+    /// Sends a command to the shards.
+    fn command(&self, cmd: DataCommand);
+    /// The data plane's Prometheus text lines.
+    fn metrics(&self) -> String {
+        String::new()
+    }
+}
+
+/// A data link that drops every command (no data plane in this process).
+pub struct NoDataPlane;
+
+impl DataLink for NoDataPlane {
+    fn command(&self, cmd: DataCommand) {
+        debug!(?cmd, "no data plane; command dropped");
+    }
+}
+
+/// Settings of the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Region of this relay (used in resource names of instances without one).
+    pub region: String,
+    /// The data plane's public base URL (`wss://relay.example.com:7443`). When `None`, the host
+    /// the caller used to reach the API and `data_port` are used.
+    pub public_data_url: Option<String>,
+    /// The data plane's port, for URLs derived from the `Host` header.
+    pub data_port: u16,
+    /// `wss` (TLS) or `ws` (`--danger-plaintext`).
+    pub data_scheme: &'static str,
+    /// Limits on open sessions.
+    pub limits: sessions::Limits,
+    /// How often the relay sends a heartbeat on each agent control channel.
+    pub heartbeat_interval: Duration,
+    /// A control channel silent this long is closed.
+    pub heartbeat_timeout: Duration,
+    /// A pending session the data plane never reported on is closed as `pair_timeout` this long
+    /// after its creation (token lifetime + the data plane's pair timeout: no leg can still be
+    /// waiting by then).
+    pub pending_timeout: Duration,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            region: "local".into(),
+            public_data_url: None,
+            data_port: 7443,
+            data_scheme: "wss",
+            limits: sessions::Limits { per_instance: 1000, per_account: 20_000 },
+            heartbeat_interval: Duration::from_secs(15),
+            heartbeat_timeout: Duration::from_secs(45),
+            pending_timeout: Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS + 60),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// State shared by every request handler and task of the control plane.
+pub(crate) struct Shared {
+    cfg: ControlConfig,
+    store: Arc<dyn Store>,
+    signer: TokenSigner,
+    data: Arc<dyn DataLink>,
+    agents: agents::Hub,
+    live: sessions::LiveSessions,
+    metrics: metrics::Metrics,
+    shutdown: CancellationToken,
+}
+
+/// The control plane of one relay process.
+#[derive(Clone)]
+pub struct ControlPlane {
+    shared: Arc<Shared>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn unix_of(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl ControlPlane {
+    /// Builds the control plane. Sessions a previous run left open are closed as
+    /// `relay_shutdown` (their legs died with that process).
+    pub fn new(
+        cfg: ControlConfig,
+        store: Arc<dyn Store>,
+        signer: TokenSigner,
+        data: Arc<dyn DataLink>,
+    ) -> anyhow::Result<Self> {
+        let n = store.close_all_open(CloseReason::RelayShutdown.as_str(), unix_now())?;
+        if n > 0 {
+            info!(sessions = n, "closed sessions left open by a previous run");
+        }
+        Ok(ControlPlane {
+            shared: Arc::new(Shared {
+                cfg,
+                store,
+                signer,
+                data,
+                agents: agents::Hub::default(),
+                live: sessions::LiveSessions::default(),
+                metrics: metrics::Metrics::default(),
+                shutdown: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// The HTTP routes.
+    pub fn router(&self) -> axum::Router {
+        api::router(self.shared.clone())
+    }
+
+    /// Swaps the data link (the server builds the control plane first, then the data plane).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Starts the background tasks: the data-event consumer (ends when every sender of
+    /// `events` is dropped, after recording everything received) and the pending sweep. Must
+    /// be called inside a tokio runtime.
+    pub fn spawn_tasks(
+        &self,
+        mut events: mpsc::UnboundedReceiver<DataEvent>,
+    ) -> tokio::task::JoinHandle<()> {
+        let sweep = self.shared.clone();
+        tokio::spawn(async move {
+            let period = (sweep.cfg.pending_timeout / 4)
+                .clamp(Duration::from_millis(20), Duration::from_secs(5));
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = sweep.shutdown.cancelled() => break,
+                    _ = tick.tick() => sweep.sweep().await,
+                }
+            }
+        });
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                shared.on_event(ev).await;
+            }
+        })
+    }
+
+    /// Stops the agent channels and background tasks, and records every session still open
+    /// as `relay_shutdown`. Call after the data plane has shut down and its events were
+    /// consumed.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        let s = self.shared.clone();
+        let now = unix_now();
+        let ids = s.live.all();
+        for id in &ids {
+            s.live.remove(id);
+            s.metrics.session_closed(CloseReason::RelayShutdown.as_str());
+        }
+        let store = s.store.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            store.close_all_open(CloseReason::RelayShutdown.as_str(), now)
+        })
+        .await;
+        match res {
+            Ok(Ok(n)) => info!(sessions = n, "recorded open sessions as relay_shutdown"),
+            Ok(Err(e)) => warn!(err = %e, "recording sessions at shutdown failed"),
+            Err(e) => warn!(err = %e, "recording sessions at shutdown panicked"),
+        }
+    }
+
+    /// Whether an instance's agent is connected now.
+    pub fn agent_online(&self, instance: &str) -> bool {
+        self.shared.agents.is_online(instance)
+    }
+}
+
+impl Shared {
+    /// Runs a store call off the async executor.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> anyhow::Result<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| anyhow::anyhow!("store task failed: {e}"))?
+    }
+
+    async fn touch_instance(&self, id: &str) {
+        let id = id.to_owned();
+        let now = unix_now();
+        if let Err(e) = self.blocking(move |s| s.touch_instance(&id, now)).await {
+            warn!(err = %e, "recording instance last-seen failed");
+        }
+    }
+
+    /// Closes an open session in the store and the live map; true when it was open.
+    async fn close(&self, id: &str, reason: CloseReason, c2a: u64, a2c: u64) -> bool {
+        self.live.remove(id);
+        let sid = id.to_owned();
+        let now = unix_now();
+        match self.blocking(move |s| s.close_session(&sid, reason.as_str(), c2a, a2c, now)).await {
+            Ok(true) => {
+                self.metrics.session_closed(reason.as_str());
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                warn!(session = %id, err = %e, "recording session close failed");
+                false
+            }
+        }
+    }
+
+    async fn on_event(&self, ev: DataEvent) {
+        match ev {
+            DataEvent::Connected { session_id, at } => {
+                if self.live.connected(&session_id) {
+                    let at = unix_of(at);
+                    let sid = session_id.clone();
+                    if let Err(e) = self.blocking(move |s| s.mark_connected(&sid, at)).await {
+                        warn!(session = %session_id, err = %e, "recording connect failed");
+                    }
+                }
+            }
+            DataEvent::Ended(end) => {
+                debug!(session = %end.session_id, reason = end.reason.as_str(), "session ended");
+                self.close(
+                    &end.session_id,
+                    end.reason,
+                    end.bytes_client_to_agent,
+                    end.bytes_agent_to_client,
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn sweep(&self) {
+        for id in self.live.overdue(Instant::now()) {
+            info!(session = %id, "no leg arrived before the token expired; closing");
+            self.data.command(DataCommand::Terminate {
+                session_id: id.clone(),
+                code: CLOSE_PAIR_TIMEOUT,
+            });
+            if self.close(&id, CloseReason::PairTimeout, 0, 0).await {
+                self.tell_agent_close(&id, None, "pair timeout").await;
+            }
+        }
+    }
+
+    /// Ends an open session now: data plane legs closed with `code`, store record closed.
+    async fn end_session(&self, id: &str, instance: &str, code: u16, why: &str) {
+        self.data.command(DataCommand::Terminate { session_id: id.to_owned(), code });
+        self.close(id, CloseReason::Terminated, 0, 0).await;
+        self.tell_agent_close(id, Some(instance), why).await;
+    }
+
+    async fn tell_agent_close(&self, id: &str, instance: Option<&str>, why: &str) {
+        let instance = match instance {
+            Some(i) => i.to_owned(),
+            None => {
+                let sid = id.to_owned();
+                match self.blocking(move |s| s.session(None, &sid)).await {
+                    Ok(Some(s)) => s.instance_id,
+                    _ => return,
+                }
+            }
+        };
+        let _ = self.agents.send(
+            &instance,
+            ToAgent::SessionClose { session_id: id.to_owned(), reason: why.to_owned() },
+        );
+    }
+
+    /// The agent said it could not start `id`.
+    async fn agent_failed(&self, instance: &str, id: &str) {
+        let sid = id.to_owned();
+        let inst = instance.to_owned();
+        let ok = matches!(
+            self.blocking(move |s| s.session(None, &sid)).await,
+            Ok(Some(s)) if s.instance_id == inst
+        );
+        if !ok {
+            return;
+        }
+        self.data
+            .command(DataCommand::Terminate { session_id: id.to_owned(), code: CLOSE_PEER_GONE });
+        self.close(id, agents::AGENT_FAILED, 0, 0).await;
+    }
+}

@@ -1,0 +1,654 @@
+//! The policy language (RAM/IAM-shaped JSON, see `docs/POLICY.md`) and its evaluation.
+//!
+//! A document is parsed and validated once, when it is put or attached, into a [`Policy`];
+//! a bad document is refused with a [`PolicyError`] naming the field
+//! (`Statement[1].Condition.IpAddress.hatch:SourceIp`). Evaluation is pure and allocation-light:
+//! statements whose action, resource and every condition match apply; any matching `Deny` wins;
+//! otherwise any matching `Allow` allows; otherwise the request is denied by default.
+//!
+//! Conditions follow IAM semantics: several values of one key are ORed; several keys, and
+//! several operators, are ANDed. A key absent from the request makes a condition false, except
+//! for the negated operators (`StringNotEquals`, `NotIpAddress`), which are then true.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde_json::Value;
+
+/// Largest document accepted, in bytes of JSON.
+pub const MAX_DOCUMENT_BYTES: usize = 32 * 1024;
+
+/// Actions the API checks. Patterns in `Action` must match at least one of them.
+pub const ACTIONS: &[&str] = &[
+    "hatch:StartSession",
+    "hatch:DescribeSessions",
+    "hatch:TerminateSession",
+    "hatch:DescribeInstances",
+];
+
+/// Start a session on an instance.
+pub const START_SESSION: &str = "hatch:StartSession";
+/// See sessions on an instance.
+pub const DESCRIBE_SESSIONS: &str = "hatch:DescribeSessions";
+/// Terminate sessions on an instance.
+pub const TERMINATE_SESSION: &str = "hatch:TerminateSession";
+/// See an instance in `GET /v1/instances`.
+pub const DESCRIBE_INSTANCES: &str = "hatch:DescribeInstances";
+
+/// A refused document: the path of the bad field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct PolicyError {
+    /// JSON path of the bad field, e.g. `Statement[0].Effect`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
+    PolicyError { field: field.into(), message: message.into() }
+}
+
+/// Allow or Deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Allows when it matches and nothing denies.
+    Allow,
+    /// Denies when it matches, whatever allows.
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    StringEquals,
+    StringNotEquals,
+    StringLike,
+    IpAddress,
+    NotIpAddress,
+    Bool,
+}
+
+impl Op {
+    fn parse(s: &str) -> Option<Op> {
+        Some(match s {
+            "StringEquals" => Op::StringEquals,
+            "StringNotEquals" => Op::StringNotEquals,
+            "StringLike" => Op::StringLike,
+            "IpAddress" => Op::IpAddress,
+            "NotIpAddress" => Op::NotIpAddress,
+            "Bool" => Op::Bool,
+            _ => return None,
+        })
+    }
+}
+
+/// A condition key of the request context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    SourceIp,
+    Region,
+    InstanceId,
+    RunAs,
+    Mode,
+    Tag(String),
+}
+
+impl Key {
+    fn parse(s: &str) -> Option<Key> {
+        if let Some(tag) = s.strip_prefix("hatch:tag/") {
+            return (!tag.is_empty()).then(|| Key::Tag(tag.to_owned()));
+        }
+        Some(match s.to_ascii_lowercase().as_str() {
+            "hatch:sourceip" => Key::SourceIp,
+            "hatch:region" => Key::Region,
+            "hatch:instanceid" => Key::InstanceId,
+            "hatch:runas" => Key::RunAs,
+            "hatch:mode" => Key::Mode,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Values {
+    Strings(Vec<String>),
+    Nets(Vec<IpNet>),
+    Bool(bool),
+}
+
+#[derive(Debug, Clone)]
+struct Condition {
+    op: Op,
+    key: Key,
+    values: Values,
+}
+
+#[derive(Debug, Clone)]
+struct Statement {
+    effect: Effect,
+    /// Lower-cased patterns (actions compare case-insensitively, as in IAM).
+    actions: Vec<String>,
+    resources: Vec<String>,
+    conditions: Vec<Condition>,
+}
+
+/// A validated policy document.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    statements: Vec<Statement>,
+}
+
+/// The request context conditions are evaluated against.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// The caller's address (IPv4-mapped IPv6 addresses are given as IPv4).
+    pub source_ip: Option<IpAddr>,
+    /// The instance's region.
+    pub region: Option<String>,
+    /// The instance id.
+    pub instance_id: Option<String>,
+    /// The run-as user asked for (absent when the agent's default is used).
+    pub run_as: Option<String>,
+    /// `shell` or `exec` (absent for actions other than StartSession).
+    pub mode: Option<String>,
+    /// The instance's tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The outcome of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// An Allow matched and no Deny did.
+    Allow,
+    /// A Deny matched.
+    ExplicitDeny,
+    /// Nothing matched.
+    ImplicitDeny,
+}
+
+impl Decision {
+    /// Whether the request may proceed.
+    pub fn allowed(self) -> bool {
+        self == Decision::Allow
+    }
+}
+
+/// The resource name of an instance: `hrn:hatch:{region}:{account}:instance/{id}`.
+pub fn instance_hrn(region: &str, account: &str, instance: &str) -> String {
+    format!("hrn:hatch:{region}:{account}:instance/{instance}")
+}
+
+impl Policy {
+    /// Parses and validates a document.
+    pub fn parse(doc: &str) -> Result<Policy, PolicyError> {
+        if doc.len() > MAX_DOCUMENT_BYTES {
+            return Err(err("(document)", format!("larger than {MAX_DOCUMENT_BYTES} bytes")));
+        }
+        let v: Value = serde_json::from_str(doc)
+            .map_err(|e| err("(document)", format!("not valid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| err("(document)", "must be a JSON object"))?;
+        for k in obj.keys() {
+            if k != "Version" && k != "Statement" {
+                return Err(err(k.as_str(), "unknown field (expected Version, Statement)"));
+            }
+        }
+        if let Some(ver) = obj.get("Version")
+            && ver.as_str() != Some("1")
+        {
+            return Err(err("Version", "must be \"1\""));
+        }
+        let stmts = match obj.get("Statement") {
+            Some(Value::Array(a)) => a.iter().collect::<Vec<_>>(),
+            Some(o @ Value::Object(_)) => vec![o],
+            Some(_) => return Err(err("Statement", "must be an object or an array of objects")),
+            None => return Err(err("Statement", "is required")),
+        };
+        if stmts.is_empty() {
+            return Err(err("Statement", "must not be empty"));
+        }
+        let statements = stmts
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| parse_statement(&format!("Statement[{i}]"), s))
+            .collect::<Result<_, _>>()?;
+        Ok(Policy { statements })
+    }
+}
+
+fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
+    let obj = v.as_object().ok_or_else(|| err(at, "must be an object"))?;
+    for k in obj.keys() {
+        if !matches!(k.as_str(), "Sid" | "Effect" | "Action" | "Resource" | "Condition") {
+            return Err(err(
+                format!("{at}.{k}"),
+                "unknown field (expected Sid, Effect, Action, Resource, Condition)",
+            ));
+        }
+    }
+    if let Some(sid) = obj.get("Sid")
+        && !sid.is_string()
+    {
+        return Err(err(format!("{at}.Sid"), "must be a string"));
+    }
+    let effect = match obj.get("Effect").and_then(Value::as_str) {
+        Some("Allow") => Effect::Allow,
+        Some("Deny") => Effect::Deny,
+        Some(other) => {
+            return Err(err(
+                format!("{at}.Effect"),
+                format!("must be Allow or Deny, not {other:?}"),
+            ));
+        }
+        None => return Err(err(format!("{at}.Effect"), "is required (Allow or Deny)")),
+    };
+    let actions = strings(&format!("{at}.Action"), obj.get("Action"), true)?;
+    for (i, a) in actions.iter().enumerate() {
+        let field = format!("{at}.Action[{i}]");
+        if a != "*" && !a.to_ascii_lowercase().starts_with("hatch:") {
+            return Err(err(field, format!("{a:?} must be \"*\" or start with \"hatch:\"")));
+        }
+        let lower = a.to_ascii_lowercase();
+        if !ACTIONS.iter().any(|known| glob(&lower, &known.to_ascii_lowercase())) {
+            return Err(err(
+                field,
+                format!("{a:?} matches no action (known: {})", ACTIONS.join(", ")),
+            ));
+        }
+    }
+    let resources = strings(&format!("{at}.Resource"), obj.get("Resource"), true)?;
+    for (i, r) in resources.iter().enumerate() {
+        let field = format!("{at}.Resource[{i}]");
+        if r == "*" {
+            continue;
+        }
+        if !r.starts_with("hrn:hatch:") {
+            return Err(err(field, format!("{r:?} must be \"*\" or start with \"hrn:hatch:\"")));
+        }
+        if !r.contains('*') {
+            let parts: Vec<&str> = r.split(':').collect();
+            if parts.len() != 5 || !parts[4].starts_with("instance/") {
+                return Err(err(
+                    field,
+                    format!("{r:?} is not hrn:hatch:{{region}}:{{account}}:instance/{{id}}"),
+                ));
+            }
+        }
+    }
+    let mut conditions = Vec::new();
+    if let Some(c) = obj.get("Condition") {
+        let at = format!("{at}.Condition");
+        let ops = c.as_object().ok_or_else(|| err(&at, "must be an object"))?;
+        for (op_name, keys) in ops {
+            let at = format!("{at}.{op_name}");
+            let op = Op::parse(op_name).ok_or_else(|| {
+                err(
+                    &at,
+                    "unknown operator (expected StringEquals, StringNotEquals, StringLike, \
+                     IpAddress, NotIpAddress, Bool)",
+                )
+            })?;
+            let keys = keys.as_object().ok_or_else(|| err(&at, "must be an object"))?;
+            if keys.is_empty() {
+                return Err(err(&at, "must name at least one key"));
+            }
+            for (key_name, vals) in keys {
+                let at = format!("{at}.{key_name}");
+                let key = Key::parse(key_name).ok_or_else(|| {
+                    err(
+                        &at,
+                        "unknown condition key (expected hatch:SourceIp, hatch:Region, \
+                         hatch:InstanceId, hatch:RunAs, hatch:Mode, hatch:tag/<key>)",
+                    )
+                })?;
+                let values = match op {
+                    Op::IpAddress | Op::NotIpAddress => {
+                        if key != Key::SourceIp {
+                            return Err(err(
+                                &at,
+                                format!("{op_name} applies only to hatch:SourceIp"),
+                            ));
+                        }
+                        let raw = strings(&at, Some(vals), false)?;
+                        Values::Nets(
+                            raw.iter()
+                                .map(|s| {
+                                    parse_net(s).ok_or_else(|| {
+                                        err(&at, format!("{s:?} is not an IP address or CIDR"))
+                                    })
+                                })
+                                .collect::<Result<_, _>>()?,
+                        )
+                    }
+                    Op::Bool => {
+                        let b = match vals {
+                            Value::Bool(b) => *b,
+                            Value::String(s) if s.eq_ignore_ascii_case("true") => true,
+                            Value::String(s) if s.eq_ignore_ascii_case("false") => false,
+                            _ => return Err(err(&at, "must be true or false")),
+                        };
+                        Values::Bool(b)
+                    }
+                    _ => {
+                        if key == Key::SourceIp {
+                            return Err(err(&at, "hatch:SourceIp takes IpAddress or NotIpAddress"));
+                        }
+                        Values::Strings(strings(&at, Some(vals), false)?)
+                    }
+                };
+                conditions.push(Condition { op, key, values });
+            }
+        }
+    }
+    Ok(Statement {
+        effect,
+        actions: actions.iter().map(|a| a.to_ascii_lowercase()).collect(),
+        resources,
+        conditions,
+    })
+}
+
+/// A string or a non-empty array of strings.
+fn strings(at: &str, v: Option<&Value>, required: bool) -> Result<Vec<String>, PolicyError> {
+    match v {
+        None if required => Err(err(at, "is required")),
+        None => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                x.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| err(format!("{at}[{i}]"), "must be a string"))
+            })
+            .collect(),
+        Some(Value::Array(_)) => Err(err(at, "must not be empty")),
+        Some(_) => Err(err(at, "must be a string or an array of strings")),
+    }
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// Glob match: `*` any run (also empty), `?` one character; everything else literal.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == t[ti])) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+impl Condition {
+    fn matches(&self, ctx: &Context) -> bool {
+        let value: Option<&str> = match &self.key {
+            Key::SourceIp => None,
+            Key::Region => ctx.region.as_deref(),
+            Key::InstanceId => ctx.instance_id.as_deref(),
+            Key::RunAs => ctx.run_as.as_deref(),
+            Key::Mode => ctx.mode.as_deref(),
+            Key::Tag(t) => ctx.tags.get(t).map(String::as_str),
+        };
+        match (&self.values, self.op) {
+            (Values::Nets(nets), Op::IpAddress) => {
+                ctx.source_ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
+            }
+            (Values::Nets(nets), Op::NotIpAddress) => {
+                ctx.source_ip.is_none_or(|ip| !nets.iter().any(|n| n.contains(&ip)))
+            }
+            (Values::Bool(b), _) => value.is_some_and(|v| {
+                (v.eq_ignore_ascii_case("true") && *b) || (v.eq_ignore_ascii_case("false") && !*b)
+            }),
+            (Values::Strings(vals), Op::StringEquals) => {
+                value.is_some_and(|v| vals.iter().any(|x| x == v))
+            }
+            (Values::Strings(vals), Op::StringNotEquals) => {
+                value.is_none_or(|v| !vals.iter().any(|x| x == v))
+            }
+            (Values::Strings(vals), Op::StringLike) => {
+                value.is_some_and(|v| vals.iter().any(|x| glob(x, v)))
+            }
+            // Parsing pairs each operator with its value kind; other pairs cannot occur.
+            _ => false,
+        }
+    }
+}
+
+/// Evaluates `action` on `resource` in `ctx` against every policy of the caller.
+pub fn evaluate(policies: &[Policy], action: &str, resource: &str, ctx: &Context) -> Decision {
+    let action = action.to_ascii_lowercase();
+    let mut allowed = false;
+    for st in policies.iter().flat_map(|p| &p.statements) {
+        let applies = st.actions.iter().any(|a| glob(a, &action))
+            && st.resources.iter().any(|r| glob(r, resource))
+            && st.conditions.iter().all(|c| c.matches(ctx));
+        if applies {
+            match st.effect {
+                Effect::Deny => return Decision::ExplicitDeny,
+                Effect::Allow => allowed = true,
+            }
+        }
+    }
+    if allowed { Decision::Allow } else { Decision::ImplicitDeny }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Decision::*;
+
+    const I1: &str = "hrn:hatch:eu-1:acct-1:instance/i-00000000000000a1";
+
+    fn ctx(ip: &str) -> Context {
+        Context {
+            source_ip: Some(ip.parse().unwrap()),
+            region: Some("eu-1".into()),
+            instance_id: Some("i-00000000000000a1".into()),
+            run_as: Some("deploy".into()),
+            mode: Some("shell".into()),
+            tags: [("env".to_owned(), "prod".to_owned()), ("web".to_owned(), "true".to_owned())]
+                .into(),
+        }
+    }
+
+    fn allow(cond: &str) -> String {
+        format!(
+            r#"{{"Version":"1","Statement":[{{"Effect":"Allow","Action":"hatch:StartSession",
+            "Resource":"*","Condition":{cond}}}]}}"#
+        )
+    }
+
+    /// (name, documents, action, resource, source ip, context tweak, expected)
+    #[test]
+    fn evaluation_table() {
+        type Tweak = fn(&mut Context);
+        type Case =
+            (&'static str, Vec<String>, &'static str, &'static str, &'static str, Tweak, Decision);
+        let none: Tweak = |_| {};
+        let cases: Vec<Case> = vec![
+            ("no policy: default deny", vec![], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("exact action and resource", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":"hrn:hatch:eu-1:acct-1:instance/i-00000000000000a1"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("other action not allowed", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":"*"}}"#.into()], TERMINATE_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("action wildcard hatch:*", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:*","Resource":"*"}}"#.into()], TERMINATE_SESSION, I1, "10.0.0.1", none, Allow),
+            ("action wildcard *", vec![r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*"}}"#.into()], DESCRIBE_INSTANCES, I1, "10.0.0.1", none, Allow),
+            ("action prefix wildcard", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:Describe*","Resource":"*"}}"#.into()], DESCRIBE_SESSIONS, I1, "10.0.0.1", none, Allow),
+            ("action prefix wildcard misses", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:Describe*","Resource":"*"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("action case-insensitive", vec![r#"{"Statement":{"Effect":"Allow","Action":"HATCH:startsession","Resource":"*"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("action list", vec![r#"{"Statement":{"Effect":"Allow","Action":["hatch:TerminateSession","hatch:StartSession"],"Resource":"*"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("resource wildcard instance/*", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":"hrn:hatch:eu-1:acct-1:instance/*"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("resource other region", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":"hrn:hatch:us-1:acct-1:instance/*"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("resource region wildcard", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":"hrn:hatch:*:acct-1:instance/*"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("resource ? wildcard", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":"hrn:hatch:eu-1:acct-1:instance/i-00000000000000a?"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("resource other instance", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":"hrn:hatch:eu-1:acct-1:instance/i-00000000000000b2"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("resource list", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":["hrn:hatch:eu-1:acct-1:instance/x","hrn:hatch:eu-1:acct-1:instance/i-*"]}}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("explicit deny wins in same policy", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:StartSession","Resource":"*"}]}"#.into()], START_SESSION, I1, "10.0.0.1", none, ExplicitDeny),
+            ("explicit deny wins across policies", vec![r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*"}}"#.into(), r#"{"Statement":{"Effect":"Deny","Action":"*","Resource":"hrn:hatch:*:*:instance/i-00000000000000a1"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, ExplicitDeny),
+            ("deny only: still denied", vec![r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("deny with false condition does not apply", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"*","Resource":"*","Condition":{"StringEquals":{"hatch:tag/env":"dev"}}}]}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("StringEquals tag matches", vec![allow(r#"{"StringEquals":{"hatch:tag/env":"prod"}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("StringEquals tag differs", vec![allow(r#"{"StringEquals":{"hatch:tag/env":"dev"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("StringEquals is case-sensitive", vec![allow(r#"{"StringEquals":{"hatch:tag/env":"PROD"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("StringEquals any of values", vec![allow(r#"{"StringEquals":{"hatch:tag/env":["dev","prod"]}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("StringEquals missing tag is false", vec![allow(r#"{"StringEquals":{"hatch:tag/team":"ops"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("StringNotEquals missing tag is true", vec![allow(r#"{"StringNotEquals":{"hatch:tag/team":"ops"}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("StringNotEquals matching value is false", vec![allow(r#"{"StringNotEquals":{"hatch:RunAs":"root"}}"#)], START_SESSION, I1, "10.0.0.1", |c| c.run_as = Some("root".into()), ImplicitDeny),
+            ("StringNotEquals other value is true", vec![allow(r#"{"StringNotEquals":{"hatch:RunAs":"root"}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("StringLike glob", vec![allow(r#"{"StringLike":{"hatch:InstanceId":"i-0000*a1"}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("StringLike glob misses", vec![allow(r#"{"StringLike":{"hatch:InstanceId":"i-ffff*"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("Region condition", vec![allow(r#"{"StringEquals":{"hatch:Region":"eu-1"}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("Region condition other", vec![allow(r#"{"StringEquals":{"hatch:Region":"us-1"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("Mode exec only refuses shell", vec![allow(r#"{"StringEquals":{"hatch:Mode":"exec"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("Mode exec only allows exec", vec![allow(r#"{"StringEquals":{"hatch:Mode":"exec"}}"#)], START_SESSION, I1, "10.0.0.1", |c| c.mode = Some("exec".into()), Allow),
+            ("RunAs absent is false for StringEquals", vec![allow(r#"{"StringEquals":{"hatch:RunAs":"deploy"}}"#)], START_SESSION, I1, "10.0.0.1", |c| c.run_as = None, ImplicitDeny),
+            ("condition key names case-insensitive", vec![allow(r#"{"StringEquals":{"HATCH:RUNAS":"deploy"}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("IpAddress v4 CIDR in", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"10.0.0.0/8"}}"#)], START_SESSION, I1, "10.1.2.3", none, Allow),
+            ("IpAddress v4 CIDR out", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"10.0.0.0/8"}}"#)], START_SESSION, I1, "192.168.1.1", none, ImplicitDeny),
+            ("IpAddress single address", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"127.0.0.1"}}"#)], START_SESSION, I1, "127.0.0.1", none, Allow),
+            ("IpAddress single address other", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"127.0.0.1"}}"#)], START_SESSION, I1, "127.0.0.2", none, ImplicitDeny),
+            ("IpAddress v6 CIDR in", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"2001:db8::/32"}}"#)], START_SESSION, I1, "2001:db8:1::5", none, Allow),
+            ("IpAddress v6 CIDR out", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"2001:db8::/32"}}"#)], START_SESSION, I1, "2001:db9::5", none, ImplicitDeny),
+            ("IpAddress v4 list with v6 caller", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":["10.0.0.0/8","::1/128"]}}"#)], START_SESSION, I1, "::1", none, Allow),
+            ("NotIpAddress outside allows", vec![allow(r#"{"NotIpAddress":{"hatch:SourceIp":"10.0.0.0/8"}}"#)], START_SESSION, I1, "192.168.1.1", none, Allow),
+            ("NotIpAddress inside denies", vec![allow(r#"{"NotIpAddress":{"hatch:SourceIp":"10.0.0.0/8"}}"#)], START_SESSION, I1, "10.9.9.9", none, ImplicitDeny),
+            ("Deny NotIpAddress blocks outsiders", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"*","Resource":"*","Condition":{"NotIpAddress":{"hatch:SourceIp":"127.0.0.1/32"}}}]}"#.into()], START_SESSION, I1, "127.0.0.2", none, ExplicitDeny),
+            ("Deny NotIpAddress lets insiders", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"*","Resource":"*","Condition":{"NotIpAddress":{"hatch:SourceIp":"127.0.0.1/32"}}}]}"#.into()], START_SESSION, I1, "127.0.0.1", none, Allow),
+            ("Bool tag true", vec![allow(r#"{"Bool":{"hatch:tag/web":true}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("Bool tag false mismatch", vec![allow(r#"{"Bool":{"hatch:tag/web":"false"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("Bool missing key is false", vec![allow(r#"{"Bool":{"hatch:tag/gpu":true}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("two keys are ANDed", vec![allow(r#"{"StringEquals":{"hatch:tag/env":"prod","hatch:RunAs":"root"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("two operators are ANDed", vec![allow(r#"{"StringEquals":{"hatch:tag/env":"prod"},"IpAddress":{"hatch:SourceIp":"10.0.0.0/24"}}"#)], START_SESSION, I1, "10.0.0.7", none, Allow),
+            ("two operators, one false", vec![allow(r#"{"StringEquals":{"hatch:tag/env":"prod"},"IpAddress":{"hatch:SourceIp":"10.0.0.0/24"}}"#)], START_SESSION, I1, "10.0.1.7", none, ImplicitDeny),
+            ("IpAddress with no source ip is false", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"0.0.0.0/0"}}"#)], START_SESSION, I1, "10.0.0.1", |c| c.source_ip = None, ImplicitDeny),
+        ];
+        assert!(cases.len() >= 40, "{} cases", cases.len());
+        for (name, docs, action, resource, ip, tweak, want) in cases {
+            let policies: Vec<Policy> = docs
+                .iter()
+                .map(|d| Policy::parse(d).unwrap_or_else(|e| panic!("{name}: {e}")))
+                .collect();
+            let mut c = ctx(ip);
+            tweak(&mut c);
+            assert_eq!(evaluate(&policies, action, resource, &c), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn malformed_documents_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("not json", "(document)"),
+            ("[]", "(document)"),
+            (r#"{"Statement":[]}"#, "Statement"),
+            (r#"{"Version":"2012-10-17","Statement":[]}"#, "Version"),
+            (r#"{"Statment":[]}"#, "Statment"),
+            (
+                r#"{"Statement":[{"Effect":"Permit","Action":"*","Resource":"*"}]}"#,
+                "Statement[0].Effect",
+            ),
+            (r#"{"Statement":[{"Action":"*","Resource":"*"}]}"#, "Statement[0].Effect"),
+            (r#"{"Statement":[{"Effect":"Allow","Resource":"*"}]}"#, "Statement[0].Action"),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"hatch:StartSesion","Resource":"*"}]}"#,
+                "Statement[0].Action[0]",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"ssm:StartSession","Resource":"*"}]}"#,
+                "Statement[0].Action[0]",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"arn:aws:ec2:*"}]}"#,
+                "Statement[0].Resource[0]",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"hrn:hatch:eu:acct:host/x"}]}"#,
+                "Statement[0].Resource[0]",
+            ),
+            (r#"{"Statement":[{"Effect":"Allow","Action":"*"}]}"#, "Statement[0].Resource"),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":[],"Resource":"*"}]}"#,
+                "Statement[0].Action",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":[1],"Resource":"*"}]}"#,
+                "Statement[0].Action[0]",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Conditions":{}}]}"#,
+                "Statement[0].Conditions",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"StringMatches":{"hatch:Mode":"x"}}}]}"#,
+                "Statement[1].Condition.StringMatches",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"StringEquals":{"hatch:Colour":"x"}}}]}"#,
+                "Statement[0].Condition.StringEquals.hatch:Colour",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"StringEquals":{"hatch:tag/":"x"}}}]}"#,
+                "Statement[0].Condition.StringEquals.hatch:tag/",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"IpAddress":{"hatch:SourceIp":"10.0.0.300/8"}}}]}"#,
+                "Statement[0].Condition.IpAddress.hatch:SourceIp",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"IpAddress":{"hatch:Region":"10.0.0.0/8"}}}]}"#,
+                "Statement[0].Condition.IpAddress.hatch:Region",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"StringEquals":{"hatch:SourceIp":"10.0.0.1"}}}]}"#,
+                "Statement[0].Condition.StringEquals.hatch:SourceIp",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"Bool":{"hatch:tag/x":"yes"}}}]}"#,
+                "Statement[0].Condition.Bool.hatch:tag/x",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"StringEquals":{"hatch:Mode":[]}}}]}"#,
+                "Statement[0].Condition.StringEquals.hatch:Mode",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"StringEquals":{}}}]}"#,
+                "Statement[0].Condition.StringEquals",
+            ),
+        ];
+        for (doc, field) in cases {
+            let e = Policy::parse(doc).expect_err(doc);
+            assert_eq!(&e.field, field, "{doc}: {e}");
+            assert!(e.to_string().starts_with(field), "{e}");
+        }
+        let big = format!(
+            r#"{{"Statement":[{}]}}"#,
+            vec![r#"{"Effect":"Allow","Action":"*","Resource":"*"}"#; 1000].join(",")
+        );
+        assert_eq!(Policy::parse(&big).unwrap_err().field, "(document)");
+    }
+
+    #[test]
+    fn glob_cases() {
+        assert!(glob("*", ""));
+        assert!(glob("a*b*c", "aXXbYYc"));
+        assert!(!glob("a*b*c", "aXXbYY"));
+        assert!(glob("a?c", "abc"));
+        assert!(!glob("a?c", "ac"));
+        assert!(glob("**", "x"));
+        assert!(!glob("abc", "abcd"));
+    }
+}

@@ -1,0 +1,98 @@
+//! The token signing keys in the data directory.
+//!
+//! Keys live in `<data dir>/keys/<kid>.ed25519` (PKCS#8, 0600), `kid` = `k` + the creation time
+//! in seconds since the Unix epoch (zero-padded, so names sort by age). The newest key signs;
+//! every key present verifies. Rotation: `hatch-relay admin keys rotate` adds a new key, a
+//! restart (or the next start) signs with it while tokens of the old key (valid ten minutes)
+//! still verify; delete the old file after ten minutes and restart again.
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::token::{TokenSigner, TokenVerifier};
+
+const SUFFIX: &str = ".ed25519";
+
+/// Creates a new signing key in `dir/keys`; returns its kid.
+pub fn create_key(data_dir: &Path) -> anyhow::Result<String> {
+    let keys = data_dir.join("keys");
+    std::fs::create_dir_all(&keys).with_context(|| format!("creating {}", keys.display()))?;
+    let mut secs = super::unix_now();
+    // Two keys in one second: bump the number so kids stay unique and ordered.
+    let kid = loop {
+        let kid = format!("k{secs:012}");
+        if !keys.join(format!("{kid}{SUFFIX}")).exists() {
+            break kid;
+        }
+        secs += 1;
+    };
+    let (_, pkcs8) = TokenSigner::generate(&kid)?;
+    crate::certs::write_private(&keys.join(format!("{kid}{SUFFIX}")), &pkcs8)?;
+    Ok(kid)
+}
+
+/// Loads the signing keys (creating the first one when there is none): the newest signs,
+/// all verify.
+pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(TokenSigner, TokenVerifier)> {
+    let keys = data_dir.join("keys");
+    let mut kids = list(&keys)?;
+    if kids.is_empty() {
+        create_key(data_dir)?;
+        kids = list(&keys)?;
+    }
+    let mut verifier = TokenVerifier::default();
+    let mut signer = None;
+    for kid in &kids {
+        let path = keys.join(format!("{kid}{SUFFIX}"));
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let s = TokenSigner::from_pkcs8(kid, &bytes)
+            .with_context(|| format!("signing key {}", path.display()))?;
+        verifier.add_key(kid, s.public_key());
+        signer = Some(s);
+    }
+    // `kids` is non-empty here, so the loop set `signer` to the newest key.
+    let signer = signer.context("no signing key")?;
+    Ok((signer, verifier))
+}
+
+fn list(keys: &Path) -> anyhow::Result<Vec<String>> {
+    let mut kids = Vec::new();
+    let rd = match std::fs::read_dir(keys) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(kids),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", keys.display())),
+    };
+    for e in rd {
+        let name = e?.file_name();
+        if let Some(kid) = name.to_str().and_then(|n| n.strip_suffix(SUFFIX)) {
+            kids.push(kid.to_owned());
+        }
+    }
+    kids.sort();
+    Ok(kids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hatch_proto::token::Role;
+
+    #[test]
+    fn first_start_creates_a_private_key_and_rotation_keeps_old_tokens_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s1, _) = load_or_create(dir.path()).unwrap();
+        let f = dir.path().join("keys").join(format!("{}{SUFFIX}", s1.kid()));
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&f).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        let (t1, _) = s1.issue("s-1", Role::Client, "i", "a", 1_800_000_000).unwrap();
+        let kid2 = create_key(dir.path()).unwrap();
+        let (s2, v) = load_or_create(dir.path()).unwrap();
+        assert_eq!(s2.kid(), kid2);
+        assert_ne!(s1.kid(), s2.kid());
+        v.verify(&t1, "s-1", Role::Client, 1_800_000_001).unwrap();
+        let (t2, _) = s2.issue("s-2", Role::Agent, "i", "a", 1_800_000_000).unwrap();
+        v.verify(&t2, "s-2", Role::Agent, 1_800_000_001).unwrap();
+    }
+}

@@ -1,0 +1,1095 @@
+//! The control plane's store: accounts, users, access keys, policies, activations, instances
+//! and sessions.
+//!
+//! [`Store`] is the narrow interface the API codes against; [`SqliteStore`] is the embedded
+//! default (one file, WAL, schema migrations at open). A PostgreSQL store for a fleet of relays
+//! would implement the same trait. Every method is synchronous and may block on disk: the
+//! control plane calls them from `spawn_blocking`, never from an async task and never from a
+//! data-plane shard.
+//!
+//! Secrets (access keys, instance secrets, activation codes) are stored only as SHA-256 hashes
+//! of high-entropy random strings; see [`super::credentials`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// Tags of an instance: key → value, ordered for stable output.
+pub type Tags = std::collections::BTreeMap<String, String>;
+
+/// An account: the unit of ownership and of the session-manager switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// `acct-` + 16 hex.
+    pub id: String,
+    /// A name for people.
+    pub name: String,
+    /// The account-wide switch: when off, no session can start.
+    pub session_manager_enabled: bool,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// A user inside an account (not the owner): needs policies to do anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// `u-` + 16 hex.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Unique inside the account.
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// An access key as stored (the secret itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKey {
+    /// `ak-` + 16 hex, shown in lists and used to revoke.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// The user it belongs to; `None` for an account owner's key.
+    pub user_id: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// When revoked, if it was.
+    pub revoked_at: Option<i64>,
+}
+
+/// A named policy document of an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// Owning account.
+    pub account_id: String,
+    /// Unique inside the account.
+    pub name: String,
+    /// The JSON document (validated before it is stored).
+    pub document: String,
+    /// Seconds since the Unix epoch.
+    pub updated_at: i64,
+}
+
+/// An activation: lets agents register instances into an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activation {
+    /// `act-` + 16 hex.
+    pub id: String,
+    /// Account the instances join.
+    pub account_id: String,
+    /// Region of the instances.
+    pub region: String,
+    /// Tags given to each instance.
+    pub tags: Tags,
+    /// How many instances may register with it.
+    pub max_registrations: u32,
+    /// How many did.
+    pub registrations: u32,
+    /// Seconds since the Unix epoch.
+    pub expires_at: i64,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// A registered instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// `i-` + 16 hex.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Region (from the activation).
+    pub region: String,
+    /// Tags (from the activation, changed by `admin instances tag`).
+    pub tags: Tags,
+    /// Host name the agent reported.
+    pub hostname: Option<String>,
+    /// The activation it registered with.
+    pub activation_id: String,
+    /// Seconds since the Unix epoch.
+    pub registered_at: i64,
+    /// Last time its control channel was seen up (connect, heartbeat, disconnect).
+    pub last_seen: Option<i64>,
+}
+
+/// A session as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// `s-` + 16 hex.
+    pub id: String,
+    /// Account of the instance.
+    pub account_id: String,
+    /// `owner` or the user id.
+    pub principal: String,
+    /// The access key used.
+    pub access_key_id: String,
+    /// Caller's address as the API saw it.
+    pub source_ip: String,
+    /// Target instance.
+    pub instance_id: String,
+    /// `shell` or `exec`.
+    pub mode: String,
+    /// The command of an exec session.
+    pub command: Option<Vec<String>>,
+    /// Run-as user, if asked for.
+    pub run_as: Option<String>,
+    /// `pending`, `connected` or `closed`.
+    pub state: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Token expiry.
+    pub expires_at: i64,
+    /// When both legs paired.
+    pub connected_at: Option<i64>,
+    /// When it closed.
+    pub closed_at: Option<i64>,
+    /// Why it closed (`CloseReason::as_str`).
+    pub close_reason: Option<String>,
+    /// Payload bytes client → agent.
+    pub bytes_client_to_agent: u64,
+    /// Payload bytes agent → client.
+    pub bytes_agent_to_client: u64,
+}
+
+/// Which sessions to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    /// Every state.
+    All,
+    /// `pending` or `connected`.
+    Active,
+    /// `closed`.
+    Closed,
+}
+
+/// Why registering with an activation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// Unknown id or wrong code (one answer for both, so ids cannot be probed).
+    #[error("unknown activation or wrong activation code")]
+    BadActivation,
+    /// Past its expiry.
+    #[error("activation expired")]
+    Expired,
+    /// Its registration limit is used up.
+    #[error("activation has no registrations left")]
+    Exhausted,
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(String),
+}
+
+/// Who an access key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOwner {
+    /// The key's id.
+    pub key_id: String,
+    /// The account.
+    pub account_id: String,
+    /// The user, or `None` for the account owner.
+    pub user_id: Option<String>,
+}
+
+/// The narrow interface of the control plane's persistent state.
+pub trait Store: Send + Sync + 'static {
+    /// Creates an account (session management on).
+    fn create_account(&self, account: &Account) -> anyhow::Result<()>;
+    /// One account.
+    fn account(&self, id: &str) -> anyhow::Result<Option<Account>>;
+    /// Every account.
+    fn accounts(&self) -> anyhow::Result<Vec<Account>>;
+    /// Flips the switch; false when no such account.
+    fn set_session_manager(&self, account_id: &str, enabled: bool) -> anyhow::Result<bool>;
+
+    /// Creates a user.
+    fn create_user(&self, user: &User) -> anyhow::Result<()>;
+    /// A user by id (any account).
+    fn user(&self, id: &str) -> anyhow::Result<Option<User>>;
+    /// A user by name inside an account.
+    fn user_by_name(&self, account_id: &str, name: &str) -> anyhow::Result<Option<User>>;
+    /// The users of an account.
+    fn users(&self, account_id: &str) -> anyhow::Result<Vec<User>>;
+
+    /// Stores an access key by the SHA-256 of its secret.
+    fn insert_access_key(&self, key: &AccessKey, secret_hash: &[u8; 32]) -> anyhow::Result<()>;
+    /// The owner of the unrevoked key with this secret hash.
+    fn access_key_owner(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<KeyOwner>>;
+    /// Keys of an account.
+    fn access_keys(&self, account_id: &str) -> anyhow::Result<Vec<AccessKey>>;
+    /// Revokes a key; false when no such unrevoked key.
+    fn revoke_access_key(&self, key_id: &str, now: i64) -> anyhow::Result<bool>;
+
+    /// Creates or replaces a policy document.
+    fn put_policy(&self, policy: &PolicyRecord) -> anyhow::Result<()>;
+    /// Policies of an account.
+    fn policies(&self, account_id: &str) -> anyhow::Result<Vec<PolicyRecord>>;
+    /// Attaches a policy to a user; false when the policy does not exist.
+    fn attach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool>;
+    /// Detaches; false when it was not attached.
+    fn detach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool>;
+    /// The documents attached to a user.
+    fn user_policies(&self, user_id: &str) -> anyhow::Result<Vec<PolicyRecord>>;
+
+    /// Stores an activation by the SHA-256 of its code.
+    fn insert_activation(&self, act: &Activation, code_hash: &[u8; 32]) -> anyhow::Result<()>;
+    /// Activations of an account (all accounts when `None`).
+    fn activations(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Activation>>;
+    /// Atomically checks an activation and creates `instance` with it (the instance takes the
+    /// activation's account, region and tags).
+    fn register_instance(
+        &self,
+        activation_id: &str,
+        code_hash: &[u8; 32],
+        instance_id: &str,
+        secret_hash: &[u8; 32],
+        hostname: Option<&str>,
+        now: i64,
+    ) -> Result<Instance, RegisterError>;
+
+    /// The instance with this secret hash.
+    fn instance_by_secret(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<Instance>>;
+    /// An instance of an account (`None` for another account's instance too).
+    fn instance(&self, account_id: &str, id: &str) -> anyhow::Result<Option<Instance>>;
+    /// Instances of an account (all when `None`).
+    fn instances(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Instance>>;
+    /// Replaces an instance's tags; false when no such instance.
+    fn set_instance_tags(&self, id: &str, tags: &Tags) -> anyhow::Result<bool>;
+    /// Records when the instance's control channel was last seen.
+    fn touch_instance(&self, id: &str, now: i64) -> anyhow::Result<()>;
+
+    /// Stores a new session (`pending`).
+    fn insert_session(&self, s: &SessionRecord) -> anyhow::Result<()>;
+    /// A session of an account (any account when `None`).
+    fn session(&self, account_id: Option<&str>, id: &str) -> anyhow::Result<Option<SessionRecord>>;
+    /// Sessions of an account, newest first, `limit` of them, older than `before` (a session
+    /// id from the previous page) when given.
+    fn sessions(
+        &self,
+        account_id: Option<&str>,
+        filter: StateFilter,
+        limit: u32,
+        before: Option<&str>,
+    ) -> anyhow::Result<Vec<SessionRecord>>;
+    /// `pending` → `connected`; false when it was not pending.
+    fn mark_connected(&self, id: &str, at: i64) -> anyhow::Result<bool>;
+    /// Closes a session unless already closed; false when it was (then only larger byte
+    /// counts are recorded).
+    fn close_session(
+        &self,
+        id: &str,
+        reason: &str,
+        bytes_client_to_agent: u64,
+        bytes_agent_to_client: u64,
+        at: i64,
+    ) -> anyhow::Result<bool>;
+    /// Closes every open session (relay start after a crash, relay shutdown); returns how many.
+    fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize>;
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    session_manager_enabled INTEGER NOT NULL DEFAULT 1,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (account_id, name)
+);
+CREATE TABLE access_keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    user_id TEXT REFERENCES users(id),
+    secret_hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE policies (
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    document TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (account_id, name)
+);
+CREATE TABLE policy_attachments (
+    account_id TEXT NOT NULL,
+    user_id TEXT NOT NULL REFERENCES users(id),
+    policy_name TEXT NOT NULL,
+    PRIMARY KEY (user_id, policy_name),
+    FOREIGN KEY (account_id, policy_name) REFERENCES policies(account_id, name)
+);
+CREATE TABLE activations (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    code_hash BLOB NOT NULL,
+    region TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    max_registrations INTEGER NOT NULL,
+    registrations INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    activation_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    hostname TEXT,
+    secret_hash BLOB NOT NULL UNIQUE,
+    registered_at INTEGER NOT NULL,
+    last_seen INTEGER
+);
+CREATE INDEX instances_account ON instances (account_id);
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    access_key_id TEXT NOT NULL,
+    source_ip TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    command TEXT,
+    run_as TEXT,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    connected_at INTEGER,
+    closed_at INTEGER,
+    close_reason TEXT,
+    bytes_client_to_agent INTEGER NOT NULL DEFAULT 0,
+    bytes_agent_to_client INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX sessions_account_seq ON sessions (account_id, seq);
+CREATE INDEX sessions_open ON sessions (state) WHERE state != 'closed';
+"#];
+
+/// The embedded SQLite store: one file, WAL journal, one connection behind a mutex.
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store file and runs pending migrations. Fails with a
+    /// message naming the file when it cannot be written.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if path.exists() {
+            std::fs::OpenOptions::new().read(true).write(true).open(path).with_context(|| {
+                format!("store file {} is not writable by this process", path.display())
+            })?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening store file {}", path.display()))?;
+        let ctx = || format!("store file {} is not writable", path.display());
+        conn.busy_timeout(std::time::Duration::from_secs(5)).with_context(ctx)?;
+        let mode: String =
+            conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).with_context(ctx)?;
+        anyhow::ensure!(
+            mode.eq_ignore_ascii_case("wal"),
+            "store file {}: could not enable WAL (journal_mode={mode})",
+            path.display()
+        );
+        // NORMAL with WAL: a power cut may lose the last transactions, never corrupts.
+        conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+            .with_context(ctx)?;
+        let store = SqliteStore { path: path.to_owned(), conn: Mutex::new(conn) };
+        store.migrate().with_context(ctx)?;
+        Ok(store)
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn migrate(&self) -> anyhow::Result<()> {
+        let mut conn = self.lock();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version = usize::try_from(version).unwrap_or(0);
+        anyhow::ensure!(
+            version <= MIGRATIONS.len(),
+            "store schema version {version} is newer than this relay ({})",
+            MIGRATIONS.len()
+        );
+        // Write even when up to date: proves at start that the file is writable.
+        let tx = conn.transaction()?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            tx.execute_batch(sql).with_context(|| format!("migration {}", i + 1))?;
+        }
+        tx.execute_batch(&format!("PRAGMA user_version = {}", MIGRATIONS.len()))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable (SQLite rolls back the
+        // open transaction when it is dropped), so poisoning is ignored.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn tags_from(s: String) -> rusqlite::Result<Tags> {
+    serde_json::from_str(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
+    Ok(Account {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        session_manager_enabled: r.get(2)?,
+        created_at: r.get(3)?,
+    })
+}
+
+fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
+    Ok(User { id: r.get(0)?, account_id: r.get(1)?, name: r.get(2)?, created_at: r.get(3)? })
+}
+
+fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
+    Ok(PolicyRecord {
+        account_id: r.get(0)?,
+        name: r.get(1)?,
+        document: r.get(2)?,
+        updated_at: r.get(3)?,
+    })
+}
+
+const ACTIVATION_COLS: &str =
+    "id, account_id, region, tags, max_registrations, registrations, expires_at, created_at";
+
+fn activation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Activation> {
+    Ok(Activation {
+        id: r.get(0)?,
+        account_id: r.get(1)?,
+        region: r.get(2)?,
+        tags: tags_from(r.get(3)?)?,
+        max_registrations: r.get(4)?,
+        registrations: r.get(5)?,
+        expires_at: r.get(6)?,
+        created_at: r.get(7)?,
+    })
+}
+
+const INSTANCE_COLS: &str =
+    "id, account_id, region, tags, hostname, activation_id, registered_at, last_seen";
+
+fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
+    Ok(Instance {
+        id: r.get(0)?,
+        account_id: r.get(1)?,
+        region: r.get(2)?,
+        tags: tags_from(r.get(3)?)?,
+        hostname: r.get(4)?,
+        activation_id: r.get(5)?,
+        registered_at: r.get(6)?,
+        last_seen: r.get(7)?,
+    })
+}
+
+const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip, instance_id, \
+     mode, command, run_as, state, created_at, expires_at, connected_at, closed_at, \
+     close_reason, bytes_client_to_agent, bytes_agent_to_client";
+
+fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    let command: Option<String> = r.get(7)?;
+    let command = match command {
+        Some(c) => Some(serde_json::from_str(&c).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, Box::new(e))
+        })?),
+        None => None,
+    };
+    let c2a: i64 = r.get(15)?;
+    let a2c: i64 = r.get(16)?;
+    Ok(SessionRecord {
+        id: r.get(0)?,
+        account_id: r.get(1)?,
+        principal: r.get(2)?,
+        access_key_id: r.get(3)?,
+        source_ip: r.get(4)?,
+        instance_id: r.get(5)?,
+        mode: r.get(6)?,
+        command,
+        run_as: r.get(8)?,
+        state: r.get(9)?,
+        created_at: r.get(10)?,
+        expires_at: r.get(11)?,
+        connected_at: r.get(12)?,
+        closed_at: r.get(13)?,
+        close_reason: r.get(14)?,
+        bytes_client_to_agent: u64::try_from(c2a).unwrap_or(0),
+        bytes_agent_to_client: u64::try_from(a2c).unwrap_or(0),
+    })
+}
+
+/// SQLite stores integers as i64; byte counts beyond i64::MAX saturate.
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Store for SqliteStore {
+    fn create_account(&self, a: &Account) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO accounts (id, name, session_manager_enabled, created_at) \
+             VALUES (?1, ?2, ?3, ?4)",
+            params![a.id, a.name, a.session_manager_enabled, a.created_at],
+        )?;
+        Ok(())
+    }
+
+    fn account(&self, id: &str) -> anyhow::Result<Option<Account>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT id, name, session_manager_enabled, created_at FROM accounts WHERE id = ?1",
+                [id],
+                account_row,
+            )
+            .optional()?)
+    }
+
+    fn accounts(&self) -> anyhow::Result<Vec<Account>> {
+        let conn = self.lock();
+        let mut st = conn.prepare(
+            "SELECT id, name, session_manager_enabled, created_at FROM accounts ORDER BY created_at, id",
+        )?;
+        let rows = st.query_map([], account_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn set_session_manager(&self, account_id: &str, enabled: bool) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE accounts SET session_manager_enabled = ?2 WHERE id = ?1",
+            params![account_id, enabled],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn create_user(&self, u: &User) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO users (id, account_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![u.id, u.account_id, u.name, u.created_at],
+        )?;
+        Ok(())
+    }
+
+    fn user(&self, id: &str) -> anyhow::Result<Option<User>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT id, account_id, name, created_at FROM users WHERE id = ?1",
+                [id],
+                user_row,
+            )
+            .optional()?)
+    }
+
+    fn user_by_name(&self, account_id: &str, name: &str) -> anyhow::Result<Option<User>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT id, account_id, name, created_at FROM users \
+                 WHERE account_id = ?1 AND name = ?2",
+                [account_id, name],
+                user_row,
+            )
+            .optional()?)
+    }
+
+    fn users(&self, account_id: &str) -> anyhow::Result<Vec<User>> {
+        let conn = self.lock();
+        let mut st = conn.prepare(
+            "SELECT id, account_id, name, created_at FROM users WHERE account_id = ?1 ORDER BY name",
+        )?;
+        let rows = st.query_map([account_id], user_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn insert_access_key(&self, k: &AccessKey, secret_hash: &[u8; 32]) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO access_keys (id, account_id, user_id, secret_hash, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![k.id, k.account_id, k.user_id, &secret_hash[..], k.created_at],
+        )?;
+        Ok(())
+    }
+
+    fn access_key_owner(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<KeyOwner>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT id, account_id, user_id FROM access_keys \
+                 WHERE secret_hash = ?1 AND revoked_at IS NULL",
+                [&secret_hash[..]],
+                |r| Ok(KeyOwner { key_id: r.get(0)?, account_id: r.get(1)?, user_id: r.get(2)? }),
+            )
+            .optional()?)
+    }
+
+    fn access_keys(&self, account_id: &str) -> anyhow::Result<Vec<AccessKey>> {
+        let conn = self.lock();
+        let mut st = conn.prepare(
+            "SELECT id, account_id, user_id, created_at, revoked_at FROM access_keys \
+             WHERE account_id = ?1 ORDER BY created_at, id",
+        )?;
+        let rows = st
+            .query_map([account_id], |r| {
+                Ok(AccessKey {
+                    id: r.get(0)?,
+                    account_id: r.get(1)?,
+                    user_id: r.get(2)?,
+                    created_at: r.get(3)?,
+                    revoked_at: r.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn revoke_access_key(&self, key_id: &str, now: i64) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE access_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+            params![key_id, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn put_policy(&self, p: &PolicyRecord) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO policies (account_id, name, document, updated_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (account_id, name) DO UPDATE SET document = ?3, updated_at = ?4",
+            params![p.account_id, p.name, p.document, p.updated_at],
+        )?;
+        Ok(())
+    }
+
+    fn policies(&self, account_id: &str) -> anyhow::Result<Vec<PolicyRecord>> {
+        let conn = self.lock();
+        let mut st = conn.prepare(
+            "SELECT account_id, name, document, updated_at FROM policies \
+             WHERE account_id = ?1 ORDER BY name",
+        )?;
+        let rows = st.query_map([account_id], policy_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn attach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool> {
+        let conn = self.lock();
+        let exists: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM policies WHERE account_id = ?1 AND name = ?2)",
+            [account_id, name],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            return Ok(false);
+        }
+        conn.execute(
+            "INSERT OR IGNORE INTO policy_attachments (account_id, user_id, policy_name) \
+             VALUES (?1, ?2, ?3)",
+            [account_id, user_id, name],
+        )?;
+        Ok(true)
+    }
+
+    fn detach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "DELETE FROM policy_attachments WHERE account_id = ?1 AND user_id = ?2 \
+             AND policy_name = ?3",
+            [account_id, user_id, name],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn user_policies(&self, user_id: &str) -> anyhow::Result<Vec<PolicyRecord>> {
+        let conn = self.lock();
+        let mut st = conn.prepare(
+            "SELECT p.account_id, p.name, p.document, p.updated_at FROM policy_attachments a \
+             JOIN policies p ON p.account_id = a.account_id AND p.name = a.policy_name \
+             WHERE a.user_id = ?1 ORDER BY p.name",
+        )?;
+        let rows = st.query_map([user_id], policy_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn insert_activation(&self, a: &Activation, code_hash: &[u8; 32]) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO activations (id, account_id, code_hash, region, tags, max_registrations, \
+             registrations, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                a.id,
+                a.account_id,
+                &code_hash[..],
+                a.region,
+                serde_json::to_string(&a.tags)?,
+                a.max_registrations,
+                a.registrations,
+                a.expires_at,
+                a.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn activations(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Activation>> {
+        let conn = self.lock();
+        let mut st = conn.prepare(&format!(
+            "SELECT {ACTIVATION_COLS} FROM activations \
+             WHERE ?1 IS NULL OR account_id = ?1 ORDER BY created_at, id"
+        ))?;
+        let rows = st.query_map([account_id], activation_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn register_instance(
+        &self,
+        activation_id: &str,
+        code_hash: &[u8; 32],
+        instance_id: &str,
+        secret_hash: &[u8; 32],
+        hostname: Option<&str>,
+        now: i64,
+    ) -> Result<Instance, RegisterError> {
+        let store = |e: rusqlite::Error| RegisterError::Store(e.to_string());
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(store)?;
+        let row: Option<(Activation, Vec<u8>)> = tx
+            .query_row(
+                &format!("SELECT {ACTIVATION_COLS}, code_hash FROM activations WHERE id = ?1"),
+                [activation_id],
+                |r| Ok((activation_row(r)?, r.get(8)?)),
+            )
+            .optional()
+            .map_err(store)?;
+        let Some((act, stored)) = row else {
+            return Err(RegisterError::BadActivation);
+        };
+        if !super::credentials::hashes_equal(&stored, code_hash) {
+            return Err(RegisterError::BadActivation);
+        }
+        if now >= act.expires_at {
+            return Err(RegisterError::Expired);
+        }
+        if act.registrations >= act.max_registrations {
+            return Err(RegisterError::Exhausted);
+        }
+        let inst = Instance {
+            id: instance_id.to_owned(),
+            account_id: act.account_id.clone(),
+            region: act.region.clone(),
+            tags: act.tags.clone(),
+            hostname: hostname.map(str::to_owned),
+            activation_id: act.id.clone(),
+            registered_at: now,
+            last_seen: None,
+        };
+        let tags =
+            serde_json::to_string(&inst.tags).map_err(|e| RegisterError::Store(e.to_string()))?;
+        tx.execute(
+            "UPDATE activations SET registrations = registrations + 1 WHERE id = ?1",
+            [activation_id],
+        )
+        .map_err(store)?;
+        tx.execute(
+            "INSERT INTO instances (id, account_id, activation_id, region, tags, hostname, \
+             secret_hash, registered_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                inst.id,
+                inst.account_id,
+                inst.activation_id,
+                inst.region,
+                tags,
+                inst.hostname,
+                &secret_hash[..],
+                now
+            ],
+        )
+        .map_err(store)?;
+        tx.commit().map_err(store)?;
+        Ok(inst)
+    }
+
+    fn instance_by_secret(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<Instance>> {
+        Ok(self
+            .lock()
+            .query_row(
+                &format!("SELECT {INSTANCE_COLS} FROM instances WHERE secret_hash = ?1"),
+                [&secret_hash[..]],
+                instance_row,
+            )
+            .optional()?)
+    }
+
+    fn instance(&self, account_id: &str, id: &str) -> anyhow::Result<Option<Instance>> {
+        Ok(self
+            .lock()
+            .query_row(
+                &format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = ?1 AND account_id = ?2"),
+                [id, account_id],
+                instance_row,
+            )
+            .optional()?)
+    }
+
+    fn instances(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Instance>> {
+        let conn = self.lock();
+        let mut st = conn.prepare(&format!(
+            "SELECT {INSTANCE_COLS} FROM instances WHERE ?1 IS NULL OR account_id = ?1 \
+             ORDER BY registered_at, id"
+        ))?;
+        let rows = st.query_map([account_id], instance_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn set_instance_tags(&self, id: &str, tags: &Tags) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE instances SET tags = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(tags)?],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn touch_instance(&self, id: &str, now: i64) -> anyhow::Result<()> {
+        self.lock()
+            .execute("UPDATE instances SET last_seen = ?2 WHERE id = ?1", params![id, now])?;
+        Ok(())
+    }
+
+    fn insert_session(&self, s: &SessionRecord) -> anyhow::Result<()> {
+        let command = s.command.as_ref().map(serde_json::to_string).transpose()?;
+        self.lock().execute(
+            &format!(
+                "INSERT INTO sessions ({SESSION_COLS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM sessions))"
+            ),
+            params![
+                s.id,
+                s.account_id,
+                s.principal,
+                s.access_key_id,
+                s.source_ip,
+                s.instance_id,
+                s.mode,
+                command,
+                s.run_as,
+                s.state,
+                s.created_at,
+                s.expires_at,
+                s.connected_at,
+                s.closed_at,
+                s.close_reason,
+                to_i64(s.bytes_client_to_agent),
+                to_i64(s.bytes_agent_to_client)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn session(&self, account_id: Option<&str>, id: &str) -> anyhow::Result<Option<SessionRecord>> {
+        Ok(self
+            .lock()
+            .query_row(
+                &format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE id = ?1 \
+                     AND (?2 IS NULL OR account_id = ?2)"
+                ),
+                params![id, account_id],
+                session_row,
+            )
+            .optional()?)
+    }
+
+    fn sessions(
+        &self,
+        account_id: Option<&str>,
+        filter: StateFilter,
+        limit: u32,
+        before: Option<&str>,
+    ) -> anyhow::Result<Vec<SessionRecord>> {
+        let state = match filter {
+            StateFilter::All => "",
+            StateFilter::Active => " AND state != 'closed'",
+            StateFilter::Closed => " AND state = 'closed'",
+        };
+        let conn = self.lock();
+        let mut st = conn.prepare(&format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE (?1 IS NULL OR account_id = ?1){state} \
+             AND (?2 IS NULL OR seq < (SELECT seq FROM sessions WHERE id = ?2)) \
+             ORDER BY seq DESC LIMIT ?3"
+        ))?;
+        let rows = st
+            .query_map(params![account_id, before, limit], session_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn mark_connected(&self, id: &str, at: i64) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE sessions SET state = 'connected', connected_at = ?2 \
+             WHERE id = ?1 AND state = 'pending'",
+            params![id, at],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn close_session(
+        &self,
+        id: &str,
+        reason: &str,
+        c2a: u64,
+        a2c: u64,
+        at: i64,
+    ) -> anyhow::Result<bool> {
+        let conn = self.lock();
+        let n = conn.execute(
+            "UPDATE sessions SET state = 'closed', close_reason = ?2, closed_at = ?3, \
+             bytes_client_to_agent = ?4, bytes_agent_to_client = ?5 \
+             WHERE id = ?1 AND state != 'closed'",
+            params![id, reason, at, to_i64(c2a), to_i64(a2c)],
+        )?;
+        if n == 0 && (c2a > 0 || a2c > 0) {
+            // Closed earlier (terminate, switch): the data plane's later report still brings
+            // the byte counts.
+            conn.execute(
+                "UPDATE sessions SET bytes_client_to_agent = MAX(bytes_client_to_agent, ?2), \
+                 bytes_agent_to_client = MAX(bytes_agent_to_client, ?3) WHERE id = ?1",
+                params![id, to_i64(c2a), to_i64(a2c)],
+            )?;
+        }
+        Ok(n == 1)
+    }
+
+    fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize> {
+        let n = self.lock().execute(
+            "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
+             WHERE state != 'closed'",
+            params![reason, at],
+        )?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hatch.db")).unwrap();
+        (dir, s)
+    }
+
+    fn account(s: &SqliteStore, id: &str) {
+        s.create_account(&Account {
+            id: id.into(),
+            name: id.into(),
+            session_manager_enabled: true,
+            created_at: 1,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn migrations_run_once_and_reopen_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hatch.db");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            account(&s, "acct-1");
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.accounts().unwrap().len(), 1);
+        let mode: String = s.lock().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn activation_limits_and_codes() {
+        let (_d, s) = store();
+        account(&s, "acct-1");
+        let act = Activation {
+            id: "act-1".into(),
+            account_id: "acct-1".into(),
+            region: "r1".into(),
+            tags: [("env".to_owned(), "dev".to_owned())].into(),
+            max_registrations: 1,
+            registrations: 0,
+            expires_at: 100,
+            created_at: 1,
+        };
+        s.insert_activation(&act, &[7; 32]).unwrap();
+        assert_eq!(
+            s.register_instance("act-1", &[8; 32], "i-1", &[1; 32], None, 10),
+            Err(RegisterError::BadActivation)
+        );
+        assert_eq!(
+            s.register_instance("act-x", &[7; 32], "i-1", &[1; 32], None, 10),
+            Err(RegisterError::BadActivation)
+        );
+        assert_eq!(
+            s.register_instance("act-1", &[7; 32], "i-1", &[1; 32], None, 100),
+            Err(RegisterError::Expired)
+        );
+        let inst = s.register_instance("act-1", &[7; 32], "i-1", &[1; 32], Some("h"), 10).unwrap();
+        assert_eq!(inst.tags.get("env").map(String::as_str), Some("dev"));
+        assert_eq!(
+            s.register_instance("act-1", &[7; 32], "i-2", &[2; 32], None, 10),
+            Err(RegisterError::Exhausted)
+        );
+        assert_eq!(s.instance_by_secret(&[1; 32]).unwrap().unwrap().id, "i-1");
+        assert!(s.instance("acct-other", "i-1").unwrap().is_none());
+    }
+
+    #[test]
+    fn session_paging_and_close_once() {
+        let (_d, s) = store();
+        account(&s, "acct-1");
+        for i in 0..5 {
+            s.insert_session(&SessionRecord {
+                id: format!("s-{i}"),
+                account_id: "acct-1".into(),
+                principal: "owner".into(),
+                access_key_id: "ak".into(),
+                source_ip: "127.0.0.1".into(),
+                instance_id: "i-1".into(),
+                mode: "shell".into(),
+                command: None,
+                run_as: None,
+                state: "pending".into(),
+                created_at: i,
+                expires_at: i + 600,
+                connected_at: None,
+                closed_at: None,
+                close_reason: None,
+                bytes_client_to_agent: 0,
+                bytes_agent_to_client: 0,
+            })
+            .unwrap();
+        }
+        let page = s.sessions(Some("acct-1"), StateFilter::All, 2, None).unwrap();
+        assert_eq!(page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s-4", "s-3"]);
+        let page = s.sessions(Some("acct-1"), StateFilter::All, 2, Some("s-3")).unwrap();
+        assert_eq!(page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s-2", "s-1"]);
+        assert!(s.mark_connected("s-1", 5).unwrap());
+        assert!(!s.mark_connected("s-1", 5).unwrap());
+        assert!(s.close_session("s-1", "exit", 3, 4, 6).unwrap());
+        assert!(!s.close_session("s-1", "error", 0, 0, 7).unwrap());
+        let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
+        assert_eq!((got.close_reason.as_deref(), got.bytes_client_to_agent), (Some("exit"), 3));
+        assert_eq!(s.sessions(None, StateFilter::Closed, 10, None).unwrap().len(), 1);
+        assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 4);
+        assert_eq!(s.close_all_open("relay_shutdown", 9).unwrap(), 4);
+    }
+}

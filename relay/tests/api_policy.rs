@@ -1,0 +1,158 @@
+//! Users, policies and accounts over real HTTPS: default deny, tag and source-IP conditions,
+//! explicit deny, and another account's instance looking exactly like a missing one.
+
+mod api_support;
+
+use api_support::{TestRelay, start_body};
+use hatch_relay::control::admin;
+
+/// A user of the demo account with `policy` attached (when given); returns its access key.
+fn user_with(tr: &TestRelay, name: &str, policy: Option<&str>) -> String {
+    let u = admin::create_user(tr.store(), tr.account(), name).unwrap();
+    if let Some(doc) = policy {
+        admin::put_policy(tr.store(), tr.account(), name, doc).unwrap();
+        admin::attach_policy(tr.store(), tr.account(), &u.id, name).unwrap();
+    }
+    admin::create_access_key(tr.store(), tr.account(), Some(&u.id)).unwrap().1
+}
+
+#[tokio::test]
+async fn user_without_policy_is_denied() {
+    let tr = TestRelay::start();
+    let agent = tr.agent().await;
+    let key = user_with(&tr, "nobody", None);
+    let v = tr
+        .call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id)))
+        .await
+        .assert_error(403, "AccessDenied");
+    assert!(v["message"].as_str().unwrap().contains("hatch:StartSession"), "{v}");
+    // Nothing is visible to them either.
+    let r = tr.call("GET", "/v1/instances", Some(&key), None).await;
+    assert_eq!(r.json()["instances"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn tag_condition_allows_one_instance_and_denies_another() {
+    let tr = TestRelay::start();
+    let dev = tr.agent().await;
+    let prod = tr.agent().await;
+    let env = |v: &str| admin::parse_tags(&[format!("env={v}")]).unwrap();
+    assert!(tr.store().set_instance_tags(&dev.id, &env("dev")).unwrap());
+    assert!(tr.store().set_instance_tags(&prod.id, &env("prod")).unwrap());
+    let key = user_with(
+        &tr,
+        "devs",
+        Some(
+            r#"{"Version":"1","Statement":[{"Effect":"Allow",
+            "Action":["hatch:StartSession","hatch:DescribeInstances"],
+            "Resource":"hrn:hatch:*:*:instance/*",
+            "Condition":{"StringEquals":{"hatch:tag/env":"dev"}}}]}"#,
+        ),
+    );
+    let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&dev.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&prod.id)))
+        .await
+        .assert_error(403, "AccessDenied");
+    let r = tr.call("GET", "/v1/instances", Some(&key), None).await;
+    let ids: Vec<String> = r.json()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instance_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, vec![dev.id.clone()]);
+}
+
+#[tokio::test]
+async fn source_ip_condition_denies_from_a_non_matching_address() {
+    let tr = TestRelay::start();
+    let agent = tr.agent().await;
+    let key = user_with(
+        &tr,
+        "office",
+        Some(
+            r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":"*",
+            "Condition":{"IpAddress":{"hatch:SourceIp":["127.0.0.1/32","::1/128"]}}}}"#,
+        ),
+    );
+    let body = Some(start_body(&agent.id).into_bytes());
+    let from_1 = "127.0.0.1".parse().unwrap();
+    let from_2 = "127.0.0.2".parse().unwrap();
+    let r = tr.call_from(from_1, "POST", "/v1/sessions", Some(&key), body.clone()).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = tr.call_from(from_2, "POST", "/v1/sessions", Some(&key), body).await;
+    r.assert_error(403, "AccessDenied");
+    // The session records where it came from.
+    let sessions =
+        tr.store().sessions(None, hatch_relay::control::store::StateFilter::All, 10, None).unwrap();
+    assert_eq!(sessions[0].source_ip, "127.0.0.1");
+}
+
+#[tokio::test]
+async fn explicit_deny_beats_allow_and_run_as_is_checked() {
+    let tr = TestRelay::start();
+    let agent = tr.agent().await;
+    let key = user_with(
+        &tr,
+        "ops",
+        Some(
+            r#"{"Statement":[{"Effect":"Allow","Action":"hatch:*","Resource":"*"},
+            {"Effect":"Deny","Action":"hatch:StartSession","Resource":"*",
+             "Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#,
+        ),
+    );
+    let ok = format!(r#"{{"instance_id":"{}","mode":"shell","run_as":"deploy"}}"#, agent.id);
+    let root = format!(r#"{{"instance_id":"{}","mode":"shell","run_as":"root"}}"#, agent.id);
+    let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&ok)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    tr.call("POST", "/v1/sessions", Some(&key), Some(&root))
+        .await
+        .assert_error(403, "AccessDenied");
+    // Users may not read the account switch even with hatch:*.
+    tr.call("GET", "/v1/account/settings", Some(&key), None)
+        .await
+        .assert_error(403, "AccessDenied");
+}
+
+#[tokio::test]
+async fn another_accounts_instance_looks_like_a_missing_one() {
+    let tr = TestRelay::start();
+    let agent = tr.agent().await;
+    let other = admin::create_account(tr.store(), "other").unwrap();
+    let (_, other_key) = admin::create_access_key(tr.store(), &other.id, None).unwrap();
+    let theirs = tr
+        .call("POST", "/v1/sessions", Some(&other_key), Some(&start_body(&agent.id)))
+        .await
+        .assert_error(404, "InstanceNotFound");
+    let missing = tr
+        .call("POST", "/v1/sessions", Some(&other_key), Some(&start_body("i-00000000000000ff")))
+        .await
+        .assert_error(404, "InstanceNotFound");
+    assert_eq!(
+        theirs["message"].as_str().unwrap().replace(&agent.id, "ID"),
+        missing["message"].as_str().unwrap().replace("i-00000000000000ff", "ID")
+    );
+    // Their lists are empty; the owner's session is not visible to them.
+    let r =
+        tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&agent.id))).await;
+    let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+    tr.call("GET", &format!("/v1/sessions/{sid}"), Some(&other_key), None)
+        .await
+        .assert_error(404, "SessionNotFound");
+    tr.call("DELETE", &format!("/v1/sessions/{sid}"), Some(&other_key), None)
+        .await
+        .assert_error(404, "SessionNotFound");
+    let r = tr.call("GET", "/v1/instances", Some(&other_key), None).await;
+    assert_eq!(r.json()["instances"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn revoked_key_is_refused() {
+    let tr = TestRelay::start();
+    let (k, secret) = admin::create_access_key(tr.store(), tr.account(), None).unwrap();
+    let r = tr.call("GET", "/v1/instances", Some(&secret), None).await;
+    assert_eq!(r.status, 200);
+    assert!(tr.store().revoke_access_key(&k.id, 1).unwrap());
+    tr.call("GET", "/v1/instances", Some(&secret), None).await.assert_error(401, "InvalidToken");
+}

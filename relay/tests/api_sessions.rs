@@ -1,0 +1,269 @@
+//! The control plane over real HTTPS on port 0: starting sessions, the agent's control
+//! channel, errors, policy and the account switch.
+
+mod api_support;
+
+use api_support::{Agent, TestRelay, start_body, wait_until};
+use hatch_proto::api::StartSessionResponse;
+use hatch_proto::control::ToAgent;
+use hatch_proto::token::Role;
+use hatch_relay::control::admin;
+
+fn verifier(tr: &TestRelay) -> hatch_relay::token::TokenVerifier {
+    hatch_relay::control::signing::load_or_create(tr.relay.data_dir()).unwrap().1
+}
+
+fn now() -> u64 {
+    hatch_relay::control::unix_now() as u64
+}
+
+#[tokio::test]
+async fn owner_starts_a_session_and_the_agent_is_told() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let r =
+        tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let s: StartSessionResponse = serde_json::from_str(&r.text).unwrap();
+    assert!(s.session_id.starts_with("s-") && s.session_id.len() == 18);
+    let port = tr.relay.server().data_addr().port();
+    assert_eq!(
+        s.stream_url,
+        format!("wss://localhost:{port}/v1/stream/{}?role=client", s.session_id)
+    );
+    let claims = verifier(&tr).verify(&s.token, &s.session_id, Role::Client, now()).unwrap();
+    assert_eq!(claims.instance, agent.id);
+    assert_eq!(claims.account, tr.account());
+    assert_eq!(claims.exp - claims.iat, 600);
+
+    match agent.next().await {
+        Some(ToAgent::SessionOpen { session_id, stream_url, token, .. }) => {
+            assert_eq!(session_id, s.session_id);
+            assert_eq!(
+                stream_url,
+                format!("wss://localhost:{port}/v1/stream/{}?role=agent", s.session_id)
+            );
+            verifier(&tr).verify(&token, &session_id, Role::Agent, now()).unwrap();
+            assert!(verifier(&tr).verify(&token, &session_id, Role::Client, now()).is_err());
+        }
+        other => panic!("expected session.open, got {other:?}"),
+    }
+
+    let r =
+        tr.call("GET", &format!("/v1/sessions/{}", s.session_id), Some(tr.owner_key()), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["state"], "pending");
+    assert_eq!(v["principal"], "owner");
+    assert_eq!(v["source_ip"], "127.0.0.1");
+
+    let r = tr.call("GET", "/v1/sessions?state=active", Some(tr.owner_key()), None).await;
+    assert_eq!(r.json()["sessions"].as_array().unwrap().len(), 1);
+
+    let r = tr
+        .call("DELETE", &format!("/v1/sessions/{}", s.session_id), Some(tr.owner_key()), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["state"], "closed");
+    assert_eq!(r.json()["close_reason"], "terminated");
+    match agent.next().await {
+        Some(ToAgent::SessionClose { session_id, .. }) => assert_eq!(session_id, s.session_id),
+        other => panic!("expected session.close, got {other:?}"),
+    }
+    let r = tr.call("GET", "/v1/sessions?state=active", Some(tr.owner_key()), None).await;
+    assert_eq!(r.json()["sessions"].as_array().unwrap().len(), 0);
+    let r = tr.call("GET", "/v1/sessions?state=closed", Some(tr.owner_key()), None).await;
+    assert_eq!(r.json()["sessions"][0]["session_id"], s.session_id.as_str());
+}
+
+#[tokio::test]
+async fn offline_instance_answers_target_not_connected_with_last_seen() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    agent.disconnect(&tr).await;
+    let r =
+        tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&agent.id))).await;
+    let v = r.assert_error(409, "TargetNotConnected");
+    assert!(v["last_seen"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("last seen"), "{v}");
+
+    let r = tr.call("GET", "/v1/instances", Some(tr.owner_key()), None).await;
+    let inst = &r.json()["instances"][0];
+    assert_eq!(inst["instance_id"], agent.id.as_str());
+    assert_eq!(inst["online"], false);
+    assert_eq!(inst["hostname"], "test-host");
+
+    agent.connect(&tr).await;
+    let r = tr.call("GET", "/v1/instances", Some(tr.owner_key()), None).await;
+    assert_eq!(r.json()["instances"][0]["online"], true);
+}
+
+#[tokio::test]
+async fn second_control_channel_replaces_the_first() {
+    let tr = TestRelay::start();
+    let mut first = tr.agent().await;
+    let mut second = Agent { id: first.id.clone(), secret: first.secret.clone(), ws: None };
+    second.connect(&tr).await;
+    // The first channel is closed by the relay.
+    assert!(first.next().await.is_none());
+    assert!(tr.relay.server().control().agent_online(&first.id));
+    let r =
+        tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&first.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert!(matches!(second.next().await, Some(ToAgent::SessionOpen { .. })));
+    assert_eq!(Agent::try_connect(&tr, "hatch_is_wrong").await.err(), Some(401));
+}
+
+#[tokio::test]
+async fn errors_have_a_stable_code_and_status() {
+    let tr = TestRelay::start();
+    let agent = tr.agent().await;
+    let key = Some(tr.owner_key());
+    tr.call("GET", "/v1/nope", key, None).await.assert_error(404, "NotFound");
+    tr.call("GET", "/", None, None).await.assert_error(404, "NotFound");
+    tr.call("PATCH", "/v1/sessions", key, None).await.assert_error(405, "InvalidRequest");
+    tr.call("POST", "/v1/sessions", None, Some(&start_body(&agent.id)))
+        .await
+        .assert_error(401, "InvalidToken");
+    tr.call(
+        "POST",
+        "/v1/sessions",
+        Some("hatch_ak_0000000000000000_x"),
+        Some(&start_body(&agent.id)),
+    )
+    .await
+    .assert_error(401, "InvalidToken");
+    tr.call("POST", "/v1/sessions", key, Some("{not json"))
+        .await
+        .assert_error(400, "InvalidRequest");
+    tr.call("POST", "/v1/sessions", key, Some(r#"{"instance_id":"i-1","mode":"shell"}"#))
+        .await
+        .assert_error(400, "InvalidRequest");
+    tr.call(
+        "POST",
+        "/v1/sessions",
+        key,
+        Some(r#"{"instance_id":"i-0000000000000000","mode":"tty"}"#),
+    )
+    .await
+    .assert_error(400, "InvalidRequest");
+    tr.call(
+        "POST",
+        "/v1/sessions",
+        key,
+        Some(r#"{"instance_id":"i-0000000000000000","mode":"exec"}"#),
+    )
+    .await
+    .assert_error(400, "InvalidRequest");
+    tr.call("POST", "/v1/sessions", key, Some(&start_body("i-0000000000000000")))
+        .await
+        .assert_error(404, "InstanceNotFound");
+    let big = format!(
+        r#"{{"instance_id":"{}","mode":"shell","term":"{}"}}"#,
+        agent.id,
+        "x".repeat(70_000)
+    );
+    tr.call("POST", "/v1/sessions", key, Some(&big)).await.assert_error(413, "InvalidRequest");
+    tr.call("GET", "/v1/sessions/s-0000000000000000", key, None)
+        .await
+        .assert_error(404, "SessionNotFound");
+    tr.call("DELETE", "/v1/sessions/whatever", key, None)
+        .await
+        .assert_error(404, "SessionNotFound");
+    tr.call("GET", "/v1/sessions?state=bogus", key, None).await.assert_error(400, "InvalidRequest");
+    tr.call("GET", "/v1/sessions?limit=0", key, None).await.assert_error(400, "InvalidRequest");
+    tr.call("GET", "/v1/agent/connect", None, None).await.assert_error(401, "InvalidToken");
+    let r = tr
+        .call(
+            "POST",
+            "/v1/agent/register",
+            None,
+            Some(&format!(
+                r#"{{"activation_id":"{}","activation_code":"wrong"}}"#,
+                tr.relay.info.activation_id
+            )),
+        )
+        .await;
+    r.assert_error(403, "AccessDenied");
+    let r = tr.call("GET", "/healthz", None, None).await;
+    assert_eq!((r.status, r.text.as_str()), (200, "ok\n"));
+    let r = tr.call("GET", "/metrics", None, None).await;
+    assert!(
+        r.text.contains("hatch_api_requests_total{status=\"404\",code=\"NotFound\"} 2"),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("hatch_agents_online 1"), "{}", r.text);
+}
+
+#[tokio::test]
+async fn account_switch_refuses_new_sessions_and_ends_live_ones() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let key = Some(tr.owner_key());
+    let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+    assert!(matches!(agent.next().await, Some(ToAgent::SessionOpen { .. })));
+
+    let r = tr.call("GET", "/v1/account/settings", key, None).await;
+    assert_eq!(r.json()["session_manager_enabled"], true);
+    let r = tr
+        .call("PUT", "/v1/account/settings", key, Some(r#"{"session_manager_enabled":false}"#))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(matches!(agent.next().await, Some(ToAgent::SessionClose { .. })));
+    let r = tr.call("GET", &format!("/v1/sessions/{sid}"), key, None).await;
+    assert_eq!(r.json()["state"], "closed");
+    assert_eq!(r.json()["close_reason"], "terminated");
+
+    tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id)))
+        .await
+        .assert_error(403, "SessionManagerDisabled");
+    let r = tr
+        .call("PUT", "/v1/account/settings", key, Some(r#"{"session_manager_enabled":true}"#))
+        .await;
+    assert_eq!(r.status, 200);
+    let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+
+    // Users may not flip the switch.
+    let u = admin::create_user(tr.store(), tr.account(), "alice").unwrap();
+    let (_, ukey) = admin::create_access_key(tr.store(), tr.account(), Some(&u.id)).unwrap();
+    tr.call(
+        "PUT",
+        "/v1/account/settings",
+        Some(&ukey),
+        Some(r#"{"session_manager_enabled":false}"#),
+    )
+    .await
+    .assert_error(403, "AccessDenied");
+}
+
+#[tokio::test]
+async fn per_instance_limit_throttles() {
+    let tr = TestRelay::start_with(|o| o.limits.per_instance = 2);
+    let agent = tr.agent().await;
+    let key = Some(tr.owner_key());
+    for _ in 0..2 {
+        let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id)))
+        .await
+        .assert_error(429, "Throttled");
+}
+
+#[tokio::test]
+async fn pending_session_without_legs_is_closed_as_pair_timeout() {
+    let tr = TestRelay::start_with(|o| o.pending_timeout = std::time::Duration::from_millis(200));
+    let agent = tr.agent().await;
+    let key = tr.owner_key().to_owned();
+    let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id))).await;
+    let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+    wait_until(|| {
+        tr.store().session(None, &sid).unwrap().unwrap().close_reason.as_deref()
+            == Some("pair_timeout")
+    })
+    .await;
+}
