@@ -102,10 +102,25 @@ impl Dialer {
         self.tls.connect(name, tcp).await.map_err(|e| Failure::new("tls", e))
     }
 
-    /// Dials a `wss://` URL, offering `hatch.v1`, with `Authorization: Bearer <token>`.
+    /// Dials a `wss://` data URL, offering `hatch.v1`, with `Authorization: Bearer <token>`.
     pub async fn ws(&self, url: &str, token: Option<&str>, n: usize) -> Result<Ws, Failure> {
+        self.ws_with(url, token, n, true).await
+    }
+
+    /// Dials a `wss://` URL with a bearer token, offering `hatch.v1` when `hatch_v1` is set
+    /// (data legs; the agent control channel has no subprotocol).
+    pub async fn ws_with(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        n: usize,
+        hatch_v1: bool,
+    ) -> Result<Ws, Failure> {
         let mut req = url.into_client_request().map_err(|e| Failure::new("bad_url", e))?;
-        req.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("hatch.v1"));
+        if hatch_v1 {
+            req.headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_static("hatch.v1"));
+        }
         if let Some(t) = token {
             let v = HeaderValue::from_str(&format!("Bearer {t}"))
                 .map_err(|e| Failure::new("bad_token", e))?;

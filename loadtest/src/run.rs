@@ -83,15 +83,8 @@ pub fn main(args: RunArgs) -> ExitCode {
 /// Entry point of `hatch-loadtest relay-process -- <hatch-relay args>`.
 pub fn relay_process_main(args: Vec<String>) -> ExitCode {
     let _ = crate::proc::raise_nofile();
-    let mut argv = vec!["hatch-relay".to_owned()];
-    argv.extend(args);
-    relay_cli_run(argv)
-}
-
-/// Until the relay's CLI lands in `main`: say so instead of pretending to run it.
-fn relay_cli_run(_argv: Vec<String>) -> ExitCode {
-    eprintln!("hatch-loadtest relay-process: this build has no hatch_relay::cli yet");
-    ExitCode::FAILURE
+    let argv = std::iter::once("hatch-relay".to_owned()).chain(args).map(std::ffi::OsString::from);
+    hatch_relay::cli::run(argv)
 }
 
 /// What a set of client workers measured.

@@ -71,7 +71,13 @@ impl Shared {
         if self.ended.get() {
             return;
         }
-        *self.errors.borrow_mut().entry(f.kind.clone()).or_default() += 1;
+        let mut errors = self.errors.borrow_mut();
+        let n = errors.entry(f.kind.clone()).or_default();
+        if *n == 0 {
+            // The first of each kind, with its detail, for whoever reads the worker's stderr.
+            eprintln!("hatch-loadtest worker: {f}");
+        }
+        *n += 1;
     }
 
     fn round_trip(&self, us: u64) {
@@ -428,9 +434,14 @@ pub async fn run_agents(spec: AgentSpec, ctl: watch::Receiver<Ctl>) -> anyhow::R
         });
     }
     drop(reg_tx);
+    // Each agent task sends exactly one result (it keeps its sender for its whole life, so the
+    // channel never closes while agents run); every registration has its own deadline.
     let mut ids = Vec::new();
-    while let Some(r) = reg_rx.recv().await {
-        ids.extend(r);
+    for _ in 0..spec.instances {
+        match reg_rx.recv().await {
+            Some(r) => ids.extend(r),
+            None => break,
+        }
     }
     emit(&Event::Registered { instance_ids: ids, errors: sh.errors.borrow().clone() });
     let mut stop = ctl.clone();
@@ -466,7 +477,7 @@ async fn agent_connect(
         serde_json::from_slice(&body).map_err(|e| Failure::new("api_body", e))?;
     let ws_url = format!("{}/v1/agent/connect", api.replacen("https://", "wss://", 1));
     let ws = dialer
-        .ws(&ws_url, Some(&reg.instance_secret), i)
+        .ws_with(&ws_url, Some(&reg.instance_secret), i, false)
         .await
         .map_err(|f| Failure::new(format!("control_{}", f.kind), f.detail))?;
     Ok((reg.instance_id, ws))
