@@ -180,3 +180,138 @@ impl<'a> Message<'a> {
 fn fixed<const N: usize>(body: &[u8], kind: &'static str) -> Result<[u8; N], ChannelError> {
     body.try_into().map_err(|_| ChannelError::BadLength { kind, got: body.len(), expected: N })
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Decodes `wire`, checks it is `msg`, and checks that `msg` encodes to exactly `wire`.
+    fn golden(msg: Message<'_>, wire: &[u8]) {
+        assert_eq!(Message::decode(wire), Ok(msg), "decode {wire:02x?}");
+        assert_eq!(msg.to_vec(), wire, "encode {msg:?}");
+        assert_eq!(msg.encoded_len(), wire.len());
+        let mut appended = vec![0xEE];
+        msg.encode(&mut appended);
+        assert_eq!(&appended[1..], wire, "encode appends");
+    }
+
+    #[test]
+    fn data_golden() {
+        golden(Message::Data(b"ls\r"), &[0x01, 0x6c, 0x73, 0x0d]);
+        golden(Message::Data(b""), &[0x01]);
+    }
+
+    #[test]
+    fn data_borrows_its_payload() {
+        let wire = [0x01, 0x68, 0x69];
+        let Ok(Message::Data(body)) = Message::decode(&wire) else { panic!("data") };
+        assert!(std::ptr::eq(body.as_ptr(), wire[1..].as_ptr()));
+    }
+
+    #[test]
+    fn resize_golden() {
+        golden(Message::Resize { cols: 80, rows: 24 }, &[0x02, 0x00, 0x50, 0x00, 0x18]);
+        golden(Message::Resize { cols: 0x1234, rows: 0xFFFF }, &[0x02, 0x12, 0x34, 0xFF, 0xFF]);
+    }
+
+    #[test]
+    fn exit_golden() {
+        golden(Message::Exit(0), &[0x03, 0x00, 0x00, 0x00, 0x00]);
+        golden(Message::Exit(1), &[0x03, 0x00, 0x00, 0x00, 0x01]);
+        // Killed by SIGKILL: 128 + 9.
+        golden(Message::Exit(137), &[0x03, 0x00, 0x00, 0x00, 0x89]);
+        golden(Message::Exit(-1), &[0x03, 0xFF, 0xFF, 0xFF, 0xFF]);
+        golden(Message::Exit(i32::MIN), &[0x03, 0x80, 0x00, 0x00, 0x00]);
+    }
+
+    #[test]
+    fn ack_golden() {
+        golden(Message::Ack(0), &[0x04, 0, 0, 0, 0, 0, 0, 0, 0]);
+        golden(Message::Ack((1 << 32) + 5), &[0x04, 0, 0, 0, 0x01, 0, 0, 0, 0x05]);
+        golden(Message::Ack(u64::MAX), &[0x04, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+
+    #[test]
+    fn error_golden() {
+        let mut wire = vec![0x05, 0x00, 0x02];
+        wire.extend_from_slice(b"no such shell");
+        golden(Message::Error { code: ERROR_SPAWN, message: "no such shell" }, &wire);
+        golden(Message::Error { code: ERROR_RUN_AS, message: "" }, &[0x05, 0x00, 0x01]);
+        let mut wire = vec![0x05, 0x00, 0x04];
+        wire.extend_from_slice("échec".as_bytes());
+        golden(Message::Error { code: ERROR_INTERNAL, message: "échec" }, &wire);
+    }
+
+    #[test]
+    fn unknown_types_are_reported_not_rejected() {
+        golden(Message::Unknown { kind: 0x06, body: &[0x01, 0x02] }, &[0x06, 0x01, 0x02]);
+        golden(Message::Unknown { kind: 0x00, body: &[] }, &[0x00]);
+        golden(Message::Unknown { kind: 0xFF, body: b"future" }, b"\xfffuture");
+    }
+
+    #[test]
+    fn rejections() {
+        assert_eq!(Message::decode(&[]), Err(ChannelError::Empty));
+        let bad = |kind, got, expected| Err(ChannelError::BadLength { kind, got, expected });
+        assert_eq!(Message::decode(&[0x02, 0, 80, 0]), bad("resize", 3, 4));
+        assert_eq!(Message::decode(&[0x02, 0, 80, 0, 24, 0]), bad("resize", 5, 4));
+        assert_eq!(Message::decode(&[0x03]), bad("exit", 0, 4));
+        assert_eq!(Message::decode(&[0x03, 0, 0, 0, 0, 0]), bad("exit", 5, 4));
+        assert_eq!(Message::decode(&[0x04, 0, 0, 0, 0, 0, 0, 0]), bad("ack", 7, 8));
+        assert_eq!(Message::decode(&[0x05, 0x00]), bad("error", 1, 2));
+        assert_eq!(Message::decode(&[0x05]), bad("error", 0, 2));
+        assert_eq!(
+            Message::decode(&[0x05, 0x00, 0x01, 0xC3, 0x28]),
+            Err(ChannelError::InvalidUtf8)
+        );
+        assert_eq!(
+            ChannelError::BadLength { kind: "resize", got: 3, expected: 4 }.to_string(),
+            "resize body is 3 bytes, expected 4"
+        );
+    }
+
+    fn any_message() -> impl Strategy<Value = (u8, Vec<u8>, u16, u16, i32, u64, String)> {
+        (
+            any::<u8>(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+            any::<u16>(),
+            any::<u16>(),
+            any::<i32>(),
+            any::<u64>(),
+            ".{0,20}",
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn encode_then_decode_round_trips((kind, bytes, a, b, status, n, text) in any_message()) {
+            let msg = match kind % 7 {
+                0 => Message::Data(&bytes),
+                1 => Message::Resize { cols: a, rows: b },
+                2 => Message::Exit(status),
+                3 => Message::Ack(n),
+                4 => Message::Error { code: a, message: &text },
+                // Any type byte outside 0x01..=0x05 is unknown.
+                _ => Message::Unknown { kind: if (1..=5).contains(&kind) { 0x80 } else { kind }, body: &bytes },
+            };
+            let wire = msg.to_vec();
+            prop_assert_eq!(wire.len(), msg.encoded_len());
+            prop_assert_eq!(Message::decode(&wire), Ok(msg));
+        }
+
+        #[test]
+        fn any_bytes_decode_or_reject_without_panic(
+            kind in proptest::option::of(prop_oneof![0u8..=6, any::<u8>()]),
+            body in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            // Mostly known types, so that their length and UTF-8 checks are exercised.
+            let buf: Vec<u8> = kind.into_iter().chain(body).collect();
+            // What decodes re-encodes to exactly the input: the encoding is canonical.
+            if let Ok(msg) = Message::decode(&buf) {
+                prop_assert_eq!(msg.to_vec(), buf);
+            }
+        }
+    }
+}

@@ -642,6 +642,18 @@ mod tests {
     }
 
     #[test]
+    fn every_example_in_the_docs_parses() {
+        let doc = include_str!("../../../docs/POLICY.md");
+        let mut n = 0;
+        for block in doc.split("```json").skip(1) {
+            let json = block.split("```").next().unwrap();
+            Policy::parse(json).unwrap_or_else(|e| panic!("{e}\n{json}"));
+            n += 1;
+        }
+        assert!(n >= 6, "{n} examples");
+    }
+
+    #[test]
     fn glob_cases() {
         assert!(glob("*", ""));
         assert!(glob("a*b*c", "aXXbYYc"));

@@ -156,6 +156,10 @@ pub async fn run<L: Listener>(init: ShardInit) {
     shard.stopping.set(true);
     listener.stop();
     let _ = accept.await;
+    // Close the listening socket now, so that the kernel routes new connections to the other
+    // listeners of the port (a new relay process during a graceful restart) instead of queueing
+    // them here until the drain ends.
+    drop(listener);
     let deadline = Instant::now() + drain;
     while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(shard.tick().min(deadline - Instant::now())).await;

@@ -137,10 +137,27 @@ impl Resp {
     }
 }
 
-async fn request(
+/// One HTTPS request to `addr` from `source` (the server name checked is `localhost`).
+pub async fn request(
     tls: Arc<rustls::ClientConfig>,
     addr: SocketAddr,
     source: IpAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Resp {
+    let host = format!("localhost:{}", addr.port());
+    request_with_host(tls, addr, source, &host, method, path, key, body).await
+}
+
+/// [`request`] with a chosen `Host` header.
+#[allow(clippy::too_many_arguments)]
+pub async fn request_with_host(
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    source: IpAddr,
+    host: &str,
     method: &str,
     path: &str,
     key: Option<&str>,
@@ -154,10 +171,7 @@ async fn request(
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("localhost:{}", addr.port()));
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", host);
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
     }
@@ -186,20 +200,7 @@ pub struct Agent {
 impl Agent {
     /// Opens (another) control channel; returns the HTTP status when refused.
     pub async fn try_connect(tr: &TestRelay, secret: &str) -> Result<Ws, u16> {
-        let url = format!("wss://localhost:{}/v1/agent/connect", tr.api_addr().port());
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut().insert("authorization", format!("Bearer {secret}").parse().unwrap());
-        let fut = tokio_tungstenite::connect_async_tls_with_config(
-            req,
-            None,
-            false,
-            Some(tokio_tungstenite::Connector::Rustls(tr.tls.clone())),
-        );
-        match tokio::time::timeout(DEADLINE, fut).await.expect("connect timed out") {
-            Ok((ws, _)) => Ok(ws),
-            Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-            Err(e) => panic!("control channel: {e}"),
-        }
+        connect_control(tr.tls.clone(), tr.api_addr(), secret).await
     }
 
     pub async fn connect(&mut self, tr: &TestRelay) {
@@ -210,24 +211,7 @@ impl Agent {
 
     /// The next message other than a heartbeat (heartbeats are answered).
     pub async fn next(&mut self) -> Option<ToAgent> {
-        let ws = self.ws.as_mut().expect("connected");
-        loop {
-            let m = tokio::time::timeout(DEADLINE, ws.next()).await.expect("agent read timed out");
-            match m {
-                None | Some(Err(_)) => return None,
-                Some(Ok(tungstenite::Message::Text(t))) => {
-                    let msg: ToAgent = serde_json::from_str(&t).unwrap();
-                    if let ToAgent::Heartbeat { seq } = msg {
-                        let reply = serde_json::to_string(&FromAgent::Heartbeat { seq }).unwrap();
-                        ws.send(tungstenite::Message::Text(reply.into())).await.unwrap();
-                        continue;
-                    }
-                    return Some(msg);
-                }
-                Some(Ok(tungstenite::Message::Close(_))) => return None,
-                Some(Ok(_)) => continue,
-            }
-        }
+        next_message(self.ws.as_mut().expect("connected")).await
     }
 
     pub async fn disconnect(&mut self, tr: &TestRelay) {
@@ -237,6 +221,49 @@ impl Agent {
                 tokio::time::timeout(DEADLINE, async { while ws.next().await.is_some() {} }).await;
         }
         wait_until(|| !tr.relay.server().control().agent_online(&self.id)).await;
+    }
+}
+
+/// Opens an agent control channel to `addr` with an instance secret.
+pub async fn connect_control(
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    secret: &str,
+) -> Result<Ws, u16> {
+    let url = format!("wss://localhost:{}/v1/agent/connect", addr.port());
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    let fut = tokio_tungstenite::connect_async_tls_with_config(
+        req,
+        None,
+        false,
+        Some(tokio_tungstenite::Connector::Rustls(tls)),
+    );
+    match tokio::time::timeout(DEADLINE, fut).await.expect("connect timed out") {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("control channel: {e}"),
+    }
+}
+
+/// The next control message other than a heartbeat (heartbeats are answered).
+pub async fn next_message(ws: &mut Ws) -> Option<ToAgent> {
+    loop {
+        let m = tokio::time::timeout(DEADLINE, ws.next()).await.expect("agent read timed out");
+        match m {
+            None | Some(Err(_)) => return None,
+            Some(Ok(tungstenite::Message::Text(t))) => {
+                let msg: ToAgent = serde_json::from_str(&t).unwrap();
+                if let ToAgent::Heartbeat { seq } = msg {
+                    let reply = serde_json::to_string(&FromAgent::Heartbeat { seq }).unwrap();
+                    ws.send(tungstenite::Message::Text(reply.into())).await.unwrap();
+                    continue;
+                }
+                return Some(msg);
+            }
+            Some(Ok(tungstenite::Message::Close(_))) => return None,
+            Some(Ok(_)) => continue,
+        }
     }
 }
 
@@ -257,6 +284,15 @@ pub fn start_body(instance: &str) -> String {
 /// Dials a stream URL with a bearer token and `hatch.v1`; on refusal, the HTTP status and the
 /// error code of the JSON body.
 pub async fn dial_stream(tr: &TestRelay, url: &str, token: &str) -> Result<Ws, (u16, String)> {
+    dial_stream_with(tr.tls.clone(), url, token).await
+}
+
+/// [`dial_stream`] with a given TLS configuration.
+pub async fn dial_stream_with(
+    tls: Arc<rustls::ClientConfig>,
+    url: &str,
+    token: &str,
+) -> Result<Ws, (u16, String)> {
     let mut req = url.into_client_request().unwrap();
     req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
     req.headers_mut().insert("sec-websocket-protocol", "hatch.v1".parse().unwrap());
@@ -264,7 +300,7 @@ pub async fn dial_stream(tr: &TestRelay, url: &str, token: &str) -> Result<Ws, (
         req,
         None,
         false,
-        Some(tokio_tungstenite::Connector::Rustls(tr.tls.clone())),
+        Some(tokio_tungstenite::Connector::Rustls(tls)),
     );
     match tokio::time::timeout(DEADLINE, fut).await.expect("dial timed out") {
         Ok((ws, _)) => Ok(ws),
