@@ -685,7 +685,9 @@ impl Pool {
             }
             print(&ups, &mut interval, &mut msgs, "measure");
         }
-        m.up = m.up.min(up_end.max(1)).max(up_end);
+        if up_end < m.up && !args.quiet {
+            eprintln!("[{label}] {} sessions failed during the measurement", m.up - up_end);
+        }
         Ok(m)
     }
 

@@ -76,3 +76,39 @@ fn unreachable_external_relay_fails_with_a_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no simulated agent could register") && err.contains("connect"), "{err}");
 }
+
+#[test]
+fn relay_run_reports_relay_floor_ratio_rss_and_cpu() {
+    let out = loadtest()
+        .args(["--sessions", "6", "--instances", "2", "--ramp", "100", "--duration", "1"])
+        .args(["--json", "-q", "--shards", "1", "--io", "epoll"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["io"], "epoll");
+    let relay = &v["relay"];
+    assert_eq!(relay["errors"], 0, "{v}");
+    assert_eq!(relay["sessions_up"], 6);
+    assert!(relay["count"].as_u64().unwrap() >= 6, "{v}");
+    assert!(v["p99_ratio"].as_f64().unwrap() > 0.0);
+    assert!(v["relay_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(v["cpu_s_per_million_msgs"].as_f64().is_some());
+    assert!(v["setup"]["sessions_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["errors_by_kind"], serde_json::json!({}));
+}
+
+#[test]
+fn pty_mode_echoes_through_cat() {
+    let out = loadtest()
+        .args(["--sessions", "2", "--instances", "1", "--duration", "1", "--mode", "pty"])
+        .args(["--json", "-q", "--shards", "1", "--skip-floor"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["mode"], "pty");
+    assert_eq!(v["relay"]["errors"], 0, "{v}");
+    assert!(v["relay"]["count"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v["floor"].is_null() && v["p99_ratio"].is_null());
+}
