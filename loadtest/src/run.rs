@@ -635,7 +635,7 @@ impl Pool {
                 *msgs = 0;
             };
         let setup_deadline = Instant::now()
-            + Duration::from_secs_f64(plan.sessions as f64 / args.ramp)
+            + crate::sim::setup_allowance(plan.sessions, args.ramp)
             + Duration::from_secs(120);
         let mut ready = 0;
         while ready < n {
