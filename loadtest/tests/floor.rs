@@ -112,3 +112,22 @@ fn pty_mode_echoes_through_cat() {
     assert!(v["relay"]["count"].as_u64().unwrap() >= 2, "{v}");
     assert!(v["floor"].is_null() && v["p99_ratio"].is_null());
 }
+
+#[test]
+fn baseline_check_fails_above_one_and_a_half_times_the_baseline_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("baseline.json");
+    // No relay is 66 times faster than a direct echo: the measured ratio exceeds 1.5 × 0.01.
+    std::fs::write(&base, r#"{"p99_ratio": 0.01}"#).unwrap();
+    let out = loadtest()
+        .args(["--sessions", "4", "--instances", "1", "--duration", "1", "-q", "--shards", "1"])
+        .arg("--baseline")
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exceeds 1.5x the baseline's 0.01"), "{err}");
+    // The report is still printed.
+    assert!(String::from_utf8_lossy(&out.stdout).contains("p99 ratio relay/floor"));
+}
