@@ -262,7 +262,7 @@ impl Plan<'_> {
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the floor echo server")?;
-        let guard = KillOnDrop(Some(server.id()));
+        let mut guard = KillOnDrop(Some(server.id()));
         let out = server.stdout.take().context("echo server stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -281,7 +281,8 @@ impl Plan<'_> {
         pool.send_all("end");
         drop(server.stdin.take());
         stop_process(&mut server);
-        drop(guard);
+        // Reaped: its pid may belong to another process now.
+        guard.0 = None;
         pool.finish();
         Ok(m)
     }
@@ -317,7 +318,7 @@ impl Plan<'_> {
                 info
             }
         };
-        let _guard = KillOnDrop(relay.as_ref().map(|c| c.id()));
+        let mut guard = KillOnDrop(relay.as_ref().map(|c| c.id()));
         let pid = relay.as_ref().map(|c| c.id());
         let label = format!("relay {}", report.io);
 
@@ -388,6 +389,8 @@ impl Plan<'_> {
         agents.send_all("end");
         if let Some(mut r) = relay.take() {
             stop_process(&mut r);
+            // Reaped: its pid may belong to another process now.
+            guard.0 = None;
         }
         clients.finish();
         for (_, ev) in agents.finish() {
@@ -504,7 +507,8 @@ fn stop_process(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Kills a process on drop (error paths), so no relay or echo server outlives the run.
+/// Kills a process on drop (error paths), so no relay or echo server outlives the run. Cleared
+/// once the process has been stopped and reaped, so a reused pid is never signalled.
 struct KillOnDrop(Option<u32>);
 
 impl Drop for KillOnDrop {
