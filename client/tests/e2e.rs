@@ -367,8 +367,6 @@ fn exec_exits_with_the_remote_status() {
 }
 
 #[test]
-#[ignore = "needs the agent to run exec without a terminal line discipline and to end the \
-            command's input on an empty DATA; today 0x03 in the data interrupts cat (exit 130)"]
 fn exec_pipes_ten_mebibytes_through_cat_unchanged() {
     let world = World::start();
     // Binary, all byte values, not a repetition the PTY line discipline could hide.
