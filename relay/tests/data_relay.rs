@@ -202,10 +202,20 @@ async fn shutdown_closes_live_legs_with_4009(io: IoBackend) {
 async fn idle_timeout_closes_with_4007(io: IoBackend) {
     let mut relay = Relay::start(io, |c| c.idle_timeout = Some(Duration::from_millis(300)));
     let (mut c, mut a) = relay.pair("s-idle").await;
-    // Agent output does not count as activity.
-    send_bin(&mut a, b"out").await;
-    assert_eq!(recv_bin(&mut c).await, b"out");
+    // Agent output does not count as activity: the agent keeps writing until the relay closes
+    // it, and the client (which only reads) still sees the idle close.
+    let agent = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if a.send(Message::binary(b"out".to_vec())).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a
+    });
     assert_eq!(recv_close(&mut c).await, 4007);
+    let mut a = agent.await.unwrap();
     assert_eq!(recv_close(&mut a).await, 4007);
     assert_eq!(relay.next_end().await.reason, CloseReason::IdleTimeout);
 }
