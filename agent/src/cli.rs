@@ -245,6 +245,7 @@ pub fn fast_timing() -> (ControlTiming, SessionTiming) {
             drain_timeout: ms(1_000),
             hangup_grace: ms(2_000),
             close_timeout: ms(2_000),
+            exit_timeout: ms(5_000),
         },
     )
 }

@@ -80,6 +80,13 @@ impl Pty {
         Ok(())
     }
 
+    /// The terminal's end-of-file character (`VEOF`, normally Ctrl-D).
+    pub fn eof_char(&self) -> u8 {
+        nix::sys::termios::tcgetattr(self.master.get_ref())
+            .map(|t| t.control_chars[nix::sys::termios::SpecialCharacterIndices::VEOF as usize])
+            .unwrap_or(0x04)
+    }
+
     /// Sets the window size; the kernel sends SIGWINCH to the PTY's foreground process group.
     pub fn resize(&self, cols: u16, rows: u16) -> io::Result<()> {
         let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
@@ -122,11 +129,47 @@ pub struct Launch {
 /// Starts `launch` as the leader of a new session whose controlling terminal is `slave`.
 /// The slave is closed in the agent when this returns.
 pub fn spawn(launch: &Launch, slave: PtySlave) -> io::Result<tokio::process::Child> {
-    let cwd = CString::new(launch.cwd.as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "working directory has NUL"))?;
     let stdin = slave.0.try_clone()?;
     let stdout = slave.0.try_clone()?;
-    let stderr = slave.0;
+    spawn_on(launch, stdin, stdout, slave.0, true)
+}
+
+/// The agent's ends of a command run without a terminal.
+#[derive(Debug)]
+pub struct Pipes {
+    /// The command's stdin; dropping it is end of input.
+    pub input: tokio::net::unix::pipe::Sender,
+    /// The command's stdout and stderr, merged (the channel has one output stream, as a
+    /// terminal would).
+    pub output: tokio::net::unix::pipe::Receiver,
+}
+
+/// Starts `launch` as the leader of a new session with no controlling terminal: stdin a pipe,
+/// stdout and stderr one pipe. Bytes pass unchanged (no line discipline).
+pub fn spawn_piped(launch: &Launch) -> io::Result<(tokio::process::Child, Pipes)> {
+    let (child_in, agent_in) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (agent_out, child_out) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let child_err = child_out.try_clone()?;
+    let child = spawn_on(launch, child_in, child_out, child_err, false)?;
+    // The agent's ends become non-blocking (their own open file descriptions; the child's
+    // ends stay blocking). They were close-on-exec from the start, so no other session's
+    // child holds them open.
+    let pipes = Pipes {
+        input: tokio::net::unix::pipe::Sender::from_owned_fd(agent_in)?,
+        output: tokio::net::unix::pipe::Receiver::from_owned_fd(agent_out)?,
+    };
+    Ok((child, pipes))
+}
+
+fn spawn_on(
+    launch: &Launch,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    controlling_tty: bool,
+) -> io::Result<tokio::process::Child> {
+    let cwd = CString::new(launch.cwd.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "working directory has NUL"))?;
 
     let mut cmd = std::process::Command::new(&launch.program);
     cmd.args(&launch.args)
@@ -154,7 +197,7 @@ pub fn spawn(launch: &Launch, slave: PtySlave) -> io::Result<tokio::process::Chi
                 return Err(io::Error::last_os_error());
             }
             // Make the PTY (already on fd 0) the session's controlling terminal.
-            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) == -1 {
+            if controlling_tty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
             if let Some(c) = &creds {

@@ -11,6 +11,10 @@
 //!   close / error / silence ──▶ SIGHUP to the session, reap (SIGKILL after a grace period)
 //! ```
 //!
+//! A shell, and an exec whose client sent a `TERM`, run on a PTY. An exec without a `TERM` (the
+//! client's input is not a terminal) runs on pipes instead, as `ssh host cmd` does: bytes pass
+//! unchanged and an empty DATA closes the command's stdin.
+//!
 //! Backpressure is structural: each pump does one thing at a time, so while a send to the leg
 //! is pending the PTY is not read (the child blocks in `write`), and while a write to the PTY
 //! is pending the leg is not read (TCP pushes back to the relay and the client). Each session
@@ -20,6 +24,7 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -69,7 +74,8 @@ pub struct SessionTiming {
     pub dial_timeout: Duration,
     /// How often the agent pings the data leg (its replies prove the leg alive).
     pub ping_interval: Duration,
-    /// A leg that delivers nothing (not even a pong) for this long is dead.
+    /// A leg that delivers nothing (not even a pong) for this long, while no send to it is
+    /// pending, is dead. A pending send is a slow reader (a paused pager), not a dead leg.
     pub dead_after: Duration,
     /// After the child exits, how long to wait for the rest of its output (a background job
     /// that keeps the PTY open must not hold the session forever).
@@ -78,6 +84,8 @@ pub struct SessionTiming {
     pub hangup_grace: Duration,
     /// How long to wait for the peer's answer to our close frame.
     pub close_timeout: Duration,
+    /// How long EXIT may wait behind output a slow client has not read yet.
+    pub exit_timeout: Duration,
 }
 
 impl Default for SessionTiming {
@@ -91,6 +99,9 @@ impl Default for SessionTiming {
             drain_timeout: Duration::from_secs(2),
             hangup_grace: Duration::from_secs(5),
             close_timeout: Duration::from_secs(5),
+            // A client paging through the last screens of output (`| less`) still gets the
+            // exit status; a leg that cannot take 17 bytes in 10 minutes is abandoned.
+            exit_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -195,6 +206,16 @@ pub async fn run(
 
     let setup = async {
         let launch = prepare(&spec, cfg.default_user.as_deref()).await?;
+        if spec.mode == Mode::Exec && spec.term.is_none() {
+            // No TERM: the client's input is not a terminal (a pipe or a file), so neither is
+            // the command's, as with `ssh host cmd`: bytes pass unchanged, end of input is an
+            // empty DATA.
+            let (child, pipes) = pty::spawn_piped(&launch).map_err(|e| {
+                (channel::ERROR_SPAWN, format!("cannot start {}: {e}", launch.program))
+            })?;
+            let io = Io::Pipes { input: Some(pipes.input), output: pipes.output };
+            return Ok::<_, (u16, String)>((io, child, launch));
+        }
         let (pty, slave) = Pty::open()
             .map_err(|e| (channel::ERROR_SPAWN, format!("cannot open a pseudo-terminal: {e}")))?;
         // 80x24 until the client's first RESIZE (a new PTY is 0x0, which confuses programs
@@ -203,9 +224,9 @@ pub async fn run(
             .map_err(|e| (channel::ERROR_SPAWN, format!("cannot size the pseudo-terminal: {e}")))?;
         let child = pty::spawn(&launch, slave)
             .map_err(|e| (channel::ERROR_SPAWN, format!("cannot start {}: {e}", launch.program)))?;
-        Ok::<_, (u16, String)>((pty, child, launch))
+        Ok::<_, (u16, String)>((Io::Pty(pty), child, launch))
     };
-    let (pty, mut child, launch) = match setup.await {
+    let (mut io, mut child, launch) = match setup.await {
         Ok(x) => x,
         Err((code, message)) => {
             warn!(session = %sid, code, %message, "session refused");
@@ -226,35 +247,35 @@ pub async fn run(
     let pid = child.id().unwrap_or(0);
     info!(session = %sid, pid, program = %launch.program, mode = spec.mode.as_str(), "session started");
 
-    let outcome = pump(&pty, &mut child, &mut sink, &mut stream, cancel, &cfg.timing).await;
+    let outcome = pump(&mut io, &mut child, &mut sink, &mut stream, cancel, &cfg.timing).await;
     let end = match outcome {
         Outcome::Exited(status) => {
             let code = exit_code(status);
-            drop(pty);
+            drop(io);
             // Background jobs that outlive the leader get the hang-up a terminal would give
             // them (nohup'd ones survive, as with ssh).
             hang_up_session(pid);
             let exit = Message::Exit(code).to_vec();
             let sent =
-                timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(exit.into()))).await;
+                timeout(cfg.timing.exit_timeout, sink.send(WsMessage::Binary(exit.into()))).await;
             if matches!(sent, Ok(Ok(()))) {
                 close_leg(&mut sink, &mut stream, close::NORMAL, "exited", &cfg.timing).await;
             }
             SessionEnd::Exited(code)
         }
         Outcome::Lost(why) => {
-            hang_up(pty, &mut child, pid, &cfg.timing).await;
+            hang_up(io, &mut child, pid, &cfg.timing).await;
             // If the peer sent a close, tungstenite queued the answer; flush it.
             let _ = timeout(cfg.timing.close_timeout, sink.close()).await;
             SessionEnd::Lost(why)
         }
         Outcome::Cancelled(c) => {
-            hang_up(pty, &mut child, pid, &cfg.timing).await;
+            hang_up(io, &mut child, pid, &cfg.timing).await;
             close_leg(&mut sink, &mut stream, c.code, &c.reason, &cfg.timing).await;
             SessionEnd::Cancelled(c.reason)
         }
         Outcome::BadMessage(why) => {
-            hang_up(pty, &mut child, pid, &cfg.timing).await;
+            hang_up(io, &mut child, pid, &cfg.timing).await;
             let err = Message::Error { code: channel::ERROR_BAD_MESSAGE, message: &why }.to_vec();
             let _ =
                 timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(err.into()))).await;
@@ -438,16 +459,100 @@ enum InEnd {
     Bad(String),
 }
 
+/// The command's side of a session: a PTY, or pipes when the client is not a terminal.
+enum Io {
+    Pty(Pty),
+    Pipes {
+        /// `None` once the client ended its input.
+        input: Option<tokio::net::unix::pipe::Sender>,
+        output: tokio::net::unix::pipe::Receiver,
+    },
+}
+
+/// Where output is read from.
+enum Output<'a> {
+    Pty(&'a Pty),
+    Pipe(&'a tokio::net::unix::pipe::Receiver),
+}
+
+impl Output<'_> {
+    /// Reads output; `Ok(0)` once no process holds the terminal or pipe open any more.
+    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Output::Pty(p) => p.read(buf).await,
+            Output::Pipe(r) => loop {
+                r.readable().await?;
+                match r.try_read(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            },
+        }
+    }
+}
+
+/// Where input is written to.
+enum Input<'a> {
+    Pty(&'a Pty),
+    Pipe(Option<tokio::net::unix::pipe::Sender>),
+}
+
+impl Input<'_> {
+    async fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Input::Pty(p) => p.write_all(buf).await,
+            Input::Pipe(None) => Ok(()),
+            Input::Pipe(Some(w)) => {
+                while !buf.is_empty() {
+                    w.writable().await?;
+                    match w.try_write(buf) {
+                        Ok(n) => buf = &buf[n..],
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// End of input: close the pipe, or type the terminal's EOF character.
+    async fn end(&mut self) -> std::io::Result<()> {
+        match self {
+            Input::Pty(p) => p.write_all(&[p.eof_char()]).await,
+            Input::Pipe(w) => {
+                *w = None;
+                Ok(())
+            }
+        }
+    }
+
+    fn resize(&self, cols: u16, rows: u16) -> std::io::Result<()> {
+        match self {
+            Input::Pty(p) => p.resize(cols, rows),
+            Input::Pipe(_) => Ok(()),
+        }
+    }
+}
+
 async fn pump(
-    pty: &Pty,
+    io: &mut Io,
     child: &mut tokio::process::Child,
     sink: &mut Sink,
     stream: &mut Stream,
     mut cancel: oneshot::Receiver<Cancel>,
     timing: &SessionTiming,
 ) -> Outcome {
-    let out = pump_out(pty, sink, timing.ping_interval);
-    let inp = pump_in(pty, stream, timing.dead_after);
+    let (output, input) = match io {
+        Io::Pty(p) => {
+            let p: &Pty = p;
+            (Output::Pty(p), Input::Pty(p))
+        }
+        Io::Pipes { input, output } => (Output::Pipe(output), Input::Pipe(input.take())),
+    };
+    let sending = AtomicBool::new(false);
+    let out = pump_out(&output, sink, timing.ping_interval, &sending);
+    let inp = pump_in(input, stream, timing.dead_after, &sending);
     tokio::pin!(out, inp);
     let mut out_done = false;
     let mut status: Option<ExitStatus> = None;
@@ -493,7 +598,12 @@ async fn pump(
 }
 
 /// PTY → leg. Ends with `Ok` when the PTY hangs up (no process holds it any more).
-async fn pump_out(pty: &Pty, sink: &mut Sink, ping_interval: Duration) -> Result<(), String> {
+async fn pump_out(
+    pty: &Output<'_>,
+    sink: &mut Sink,
+    ping_interval: Duration,
+    sending: &AtomicBool,
+) -> Result<(), String> {
     let mut buf = vec![0u8; 1 + MAX_DATA];
     buf[0] = channel::TYPE_DATA;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
@@ -506,21 +616,33 @@ async fn pump_out(pty: &Pty, sink: &mut Sink, ping_interval: Duration) -> Result
                     Err(e) => return Err(format!("reading the terminal: {e}")),
                 };
                 let msg = WsMessage::Binary(Bytes::copy_from_slice(&buf[..1 + n]));
-                sink.send(msg).await.map_err(|e| format!("sending output: {e}"))?;
+                sending.store(true, Ordering::Relaxed);
+                let sent = sink.send(msg).await;
+                sending.store(false, Ordering::Relaxed);
+                sent.map_err(|e| format!("sending output: {e}"))?;
             }
             _ = ping.tick() => {
-                sink.send(WsMessage::Ping(Bytes::new())).await
-                    .map_err(|e| format!("sending a ping: {e}"))?;
+                sending.store(true, Ordering::Relaxed);
+                let sent = sink.send(WsMessage::Ping(Bytes::new())).await;
+                sending.store(false, Ordering::Relaxed);
+                sent.map_err(|e| format!("sending a ping: {e}"))?;
             }
         }
     }
 }
 
 /// Leg → PTY.
-async fn pump_in(pty: &Pty, stream: &mut Stream, dead_after: Duration) -> InEnd {
+async fn pump_in(
+    mut pty: Input<'_>,
+    stream: &mut Stream,
+    dead_after: Duration,
+    sending: &AtomicBool,
+) -> InEnd {
     let mut pty_open = true;
     loop {
         let msg = match timeout(dead_after, stream.next()).await {
+            // Output waiting for a slow reader: the leg is flow-controlled, not dead.
+            Err(_) if sending.load(Ordering::Relaxed) => continue,
             Err(_) => return InEnd::Gone(format!("leg silent for {dead_after:?}")),
             Ok(None) => return InEnd::Gone("leg connection ended".into()),
             Ok(Some(Err(e))) => return InEnd::Gone(format!("leg failed: {e}")),
@@ -528,13 +650,17 @@ async fn pump_in(pty: &Pty, stream: &mut Stream, dead_after: Duration) -> InEnd 
         };
         match msg {
             WsMessage::Binary(b) => match Message::decode(&b) {
-                Ok(Message::Data(d)) => {
-                    if pty_open && let Err(e) = pty.write_all(d).await {
+                Ok(Message::Data(d)) if pty_open => {
+                    // An empty DATA is the end of the client's input.
+                    let done = if d.is_empty() { pty.end().await } else { pty.write_all(d).await };
+                    if let Err(e) = done {
                         // The child has gone and the terminal with it; the exit path follows.
                         debug!(?e, "terminal no longer accepts input");
                         pty_open = false;
                     }
                 }
+                // Input after the command stopped reading is dropped.
+                Ok(Message::Data(_)) => {}
                 Ok(Message::Resize { cols, rows }) => {
                     if cols == 0 || rows == 0 {
                         debug!(cols, rows, "ignoring an empty window size");
@@ -559,7 +685,7 @@ async fn pump_in(pty: &Pty, stream: &mut Stream, dead_after: Duration) -> InEnd 
 
 /// Hangs up the session: SIGHUP (and SIGCONT, as the kernel does for a terminal hang-up) to its
 /// process group, close the PTY, then reap, with SIGKILL after the grace period.
-async fn hang_up(pty: Pty, child: &mut tokio::process::Child, pid: u32, timing: &SessionTiming) {
+async fn hang_up(pty: Io, child: &mut tokio::process::Child, pid: u32, timing: &SessionTiming) {
     // Signals first, then the PTY: a shell that saw EOF on its terminal before the SIGHUP
     // would exit without forwarding the hang-up to its jobs.
     hang_up_session(pid);

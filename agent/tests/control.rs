@@ -104,7 +104,7 @@ async fn control_channel_heartbeats_sessions_reconnect_and_shutdown() {
     let (path, client) = srv.accept().await;
     assert!(path.starts_with("/v1/stream/s-c1"), "{path}");
     let done = client.finish().await;
-    assert_eq!((done.output.as_str(), done.exit), ("via-control\r\n", Some(0)));
+    assert_eq!((done.output.as_str(), done.exit), ("via-control\n", Some(0)));
 
     // A session that cannot start: ERROR on the leg, session.failed on the control channel.
     send(&mut ws, &open(&srv, "s-c2", Mode::Shell, None, Some("no-such-user-hatch"))).await;

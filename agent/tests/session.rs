@@ -3,10 +3,12 @@
 mod common;
 
 use common::*;
+use futures_util::{SinkExt, StreamExt};
 use hatch_agent::session::{Cancel, SessionEnd};
 use hatch_proto::api::Mode;
 use hatch_proto::channel::{self, Message};
 use hatch_proto::close;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_echo_output_arrives_then_exit_0_and_close_1000() {
@@ -16,7 +18,8 @@ async fn exec_echo_output_arrives_then_exit_0_and_close_1000() {
     let (path, client) = srv.accept().await;
     assert_eq!(path, "/v1/stream/s-echo?role=agent");
     let done = client.finish().await;
-    assert_eq!(done.output, "hi\r\n");
+    // No TERM (the client is not a terminal): pipes, bytes unchanged.
+    assert_eq!(done.output, "hi\n");
     assert_eq!(done.exit, Some(0));
     assert_eq!(done.close.as_ref().map(|c| c.0), Some(close::NORMAL), "{done:?}");
     assert_eq!(task.await.unwrap(), SessionEnd::Exited(0));
@@ -82,7 +85,7 @@ async fn environment_defaults_term_lang_and_home() {
     let done = client.finish().await;
     let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().unwrap();
     let home = me.dir.display().to_string();
-    assert_eq!(done.output, format!("[xterm-256color][C.UTF-8][{home}][{home}][{}]\r\n", me.name));
+    assert_eq!(done.output, format!("[xterm-256color][C.UTF-8][{home}][{home}][{}]\n", me.name));
     assert_eq!(task.await.unwrap(), SessionEnd::Exited(0));
 
     for (term, seen) in [("vt100", "vt100"), ("../../tmp/evil", "xterm-256color")] {
@@ -136,7 +139,7 @@ async fn run_as_drops_privileges_when_root() {
     assert_eq!(
         done.output,
         format!(
-            "{}:{}:{}:nobody:{}\r\n",
+            "{}:{}:{}:nobody:{}\n",
             nobody.uid,
             nobody.gid,
             groups.join(" "),
@@ -180,7 +183,6 @@ async fn text_message_is_refused_with_protocol_error() {
     let srv = LegServer::start().await;
     let (task, _cancel) = spawn_session(srv.spec("s-text", Mode::Shell, None), &srv.cfg);
     let (_, mut client) = srv.accept().await;
-    use futures_util::SinkExt;
     client.ws.send(tokio_tungstenite::tungstenite::Message::Text("hello".into())).await.unwrap();
     let done = client.finish().await;
     assert_eq!(done.errors.first().map(|e| e.0), Some(channel::ERROR_BAD_MESSAGE), "{done:?}");
@@ -201,7 +203,10 @@ fn state_and_wchar(pid: i32) -> Option<(String, u64)> {
 async fn slow_client_stalls_the_producer_and_ctrl_c_still_gets_through() {
     let srv = LegServer::start().await;
     let cmd = ["sh", "-c", "echo pid=$$ e''nd; exec yes hatch-flood"];
-    let (task, _cancel) = spawn_session(srv.spec("s-flood", Mode::Exec, Some(&cmd)), &srv.cfg);
+    let mut spec = srv.spec("s-flood", Mode::Exec, Some(&cmd));
+    // A terminal, so that Ctrl-C is a signal.
+    spec.term = Some("xterm".into());
+    let (task, _cancel) = spawn_session(spec, &srv.cfg);
     let (_, mut client) = srv.accept().await;
     client.wait_for(" end\r\n").await;
     let text = client.text();
@@ -230,4 +235,74 @@ async fn slow_client_stalls_the_producer_and_ctrl_c_still_gets_through() {
     assert_eq!(done.exit, Some(130), "close {:?}", done.close);
     assert!(done.output.contains("hatch-flood\r\n"));
     assert_eq!(task.await.unwrap(), SessionEnd::Exited(130));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_client_is_flow_control_not_a_dead_leg() {
+    let mut srv = LegServer::start().await;
+    // The client sends nothing at all, for many times the dead-leg deadline, while output waits
+    // for it: the session must survive and deliver every byte, then EXIT.
+    srv.cfg.timing.dead_after = std::time::Duration::from_millis(300);
+    srv.cfg.timing.ping_interval = std::time::Duration::from_millis(100);
+    const BYTES: usize = 20 << 20;
+    let cmd = ["sh", "-c", "head -c 20971520 /dev/zero | tr '\\0' x; exit 5"];
+    let (task, _cancel) = spawn_session(srv.spec("s-pause", Mode::Exec, Some(&cmd)), &srv.cfg);
+    let (_, mut client) = srv.accept().await;
+    client.wait_for("x").await;
+    // The pause is the scenario (a user reading a pager), not a wait for an event.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let done = client.finish().await;
+    assert_eq!(done.output.len(), BYTES);
+    assert!(done.output.bytes().all(|b| b == b'x'));
+    assert_eq!(done.exit, Some(5), "close {:?}", done.close);
+    assert_eq!(task.await.unwrap(), SessionEnd::Exited(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_without_a_terminal_passes_binary_bytes_and_ends_on_empty_data() {
+    let srv = LegServer::start().await;
+    let (task, _cancel) = spawn_session(srv.spec("s-cat", Mode::Exec, Some(&["cat"])), &srv.cfg);
+    let (_, client) = srv.accept().await;
+    // Every byte value, including the ones a terminal would interpret (^C, ^D, \r, \n).
+    let data: Vec<u8> = (0..4 * 256 * 1024).map(|i| (i % 251) as u8).collect();
+    // Output is read concurrently (cat's output would otherwise fill up and stall its input).
+    let (mut sink, mut stream) = client.ws.split();
+    let reader = tokio::spawn(async move {
+        let (mut out, mut exit) = (Vec::new(), None);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(DEADLINE, stream.next()).await {
+            if let WsMessage::Binary(b) = m {
+                match Message::decode(&b).unwrap() {
+                    Message::Data(d) => out.extend_from_slice(d),
+                    Message::Exit(code) => exit = Some(code),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        (out, exit)
+    });
+    for chunk in data.chunks(16 * 1024) {
+        sink.send(WsMessage::Binary(Message::Data(chunk).to_vec().into())).await.unwrap();
+    }
+    sink.send(WsMessage::Binary(Message::Data(b"").to_vec().into())).await.unwrap();
+    let (out, exit) = reader.await.unwrap();
+    assert_eq!(out.len(), data.len());
+    assert!(out == data, "bytes differ");
+    assert_eq!(exit, Some(0));
+    assert_eq!(task.await.unwrap(), SessionEnd::Exited(0));
+    drop(sink);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_data_on_a_terminal_types_eof() {
+    let srv = LegServer::start().await;
+    let mut spec = srv.spec("s-tty-cat", Mode::Exec, Some(&["cat"]));
+    spec.term = Some("xterm".into());
+    let (task, _cancel) = spawn_session(spec, &srv.cfg);
+    let (_, mut client) = srv.accept().await;
+    client.type_line("line\n").await;
+    client.wait_for("line\r\nline\r\n").await;
+    client.send(Message::Data(b"")).await;
+    let done = client.finish().await;
+    assert_eq!(done.exit, Some(0), "{done:?}");
+    assert_eq!(task.await.unwrap(), SessionEnd::Exited(0));
 }
