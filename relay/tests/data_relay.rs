@@ -27,6 +27,8 @@ both_backends!(
     max_duration_closes_with_4008,
     plaintext_relay_forwards_too,
     reload_tls_serves_the_new_certificate_and_keeps_live_sessions,
+    waiting_leg_that_hangs_up_ends_the_session_at_once,
+    data_sent_while_waiting_arrives_after_pairing,
 );
 
 async fn legs_exchange_bytes_and_agent_exit_closes_both(io: IoBackend) {
@@ -202,10 +204,20 @@ async fn shutdown_closes_live_legs_with_4009(io: IoBackend) {
 async fn idle_timeout_closes_with_4007(io: IoBackend) {
     let mut relay = Relay::start(io, |c| c.idle_timeout = Some(Duration::from_millis(300)));
     let (mut c, mut a) = relay.pair("s-idle").await;
-    // Agent output does not count as activity.
-    send_bin(&mut a, b"out").await;
-    assert_eq!(recv_bin(&mut c).await, b"out");
+    // Agent output does not count as activity: the agent keeps writing until the relay closes
+    // it, and the client (which only reads) still sees the idle close.
+    let agent = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if a.send(Message::binary(b"out".to_vec())).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a
+    });
     assert_eq!(recv_close(&mut c).await, 4007);
+    let mut a = agent.await.unwrap();
     assert_eq!(recv_close(&mut a).await, 4007);
     assert_eq!(relay.next_end().await.reason, CloseReason::IdleTimeout);
 }
@@ -269,4 +281,31 @@ async fn reload_tls_serves_the_new_certificate_and_keeps_live_sessions(io: IoBac
     assert_eq!(recv_bin(&mut a).await, b"still here");
     close_with(&mut a, 1000).await;
     assert_eq!(recv_close(&mut c).await, 1000);
+}
+
+async fn waiting_leg_that_hangs_up_ends_the_session_at_once(io: IoBackend) {
+    // The pair timeout (60 s) is far beyond the test's wait: only noticing the hang-up passes.
+    let mut relay = Relay::start(io, |_| {});
+    let mut c = relay
+        .dial("s-gave-up", Role::Client, &relay.token("s-gave-up", Role::Client))
+        .await
+        .unwrap();
+    send_bin(&mut c, b"\x02\x00\x50\x00\x18").await;
+    drop(c);
+    let end = relay.next_end().await;
+    assert_eq!((end.session_id.as_str(), end.reason), ("s-gave-up", CloseReason::ClientClosed));
+}
+
+async fn data_sent_while_waiting_arrives_after_pairing(io: IoBackend) {
+    let relay = Relay::start(io, |_| {});
+    let mut c =
+        relay.dial("s-early", Role::Client, &relay.token("s-early", Role::Client)).await.unwrap();
+    send_bin(&mut c, b"early").await;
+    // Let the relay see the bytes (and the waiting-leg watcher its edge) before the agent comes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut a =
+        relay.dial("s-early", Role::Agent, &relay.token("s-early", Role::Agent)).await.unwrap();
+    assert_eq!(recv_bin(&mut a).await, b"early");
+    send_bin(&mut a, b"late").await;
+    assert_eq!(recv_bin(&mut c).await, b"late");
 }

@@ -91,6 +91,12 @@ impl<S: Stream> Conn<S> {
         (self.io, self.tls.map(RefCell::into_inner), self.pending.into_inner())
     }
 
+    /// Makes the next read go to the socket without waiting for readiness first (used when a
+    /// readiness edge may have been consumed while the leg waited for its peer).
+    pub fn read_now(&self) {
+        self.more.set(true);
+    }
+
     /// Sets plaintext to return before reading the socket (bytes that followed the head).
     pub fn set_pending(&self, bytes: Vec<u8>) {
         *self.pending.borrow_mut() = bytes;

@@ -27,6 +27,10 @@ pub trait Stream: Sized + 'static {
     async fn read(&self, buf: Vec<u8>, off: usize) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf[range]`.
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>);
+    /// Waits for a readiness event without reading: `true` when the peer hung up (or the socket
+    /// failed). On plain data it returns `false`, clearing the readiness only if `keep_waiting()`
+    /// still holds at that moment (so a reader that took over the leg never misses an edge).
+    async fn hung_up(&self, keep_waiting: impl Fn() -> bool) -> bool;
     /// Shuts the socket down; pending operations complete.
     fn shutdown(&self, how: Shutdown);
     /// Gives up the stream as a file descriptor for another shard (no operation in flight).
