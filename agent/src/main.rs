@@ -2,7 +2,10 @@
 
 use std::process::ExitCode;
 
+use clap::Parser;
+
 fn main() -> ExitCode {
-    eprintln!("hatch-agent: not yet implemented");
-    ExitCode::FAILURE
+    let cli = hatch_agent::cli::Cli::parse();
+    hatch_agent::cli::init_tracing(cli.verbose);
+    hatch_agent::cli::run(cli)
 }

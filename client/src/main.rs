@@ -3,6 +3,5 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    eprintln!("hatch: not yet implemented");
-    ExitCode::FAILURE
+    hatch_client::run(std::env::args_os())
 }

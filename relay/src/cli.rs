@@ -148,8 +148,8 @@ enum AccountsCmd {
     List,
     /// Turn session management on for an account.
     Enable { account: String },
-    /// Turn session management off: new sessions are refused (SessionManagerDisabled). Live
-    /// sessions are ended by the running relay only when switched through the API.
+    /// Turn session management off: new sessions are refused (SessionManagerDisabled) and a
+    /// running relay ends the live ones (4010) within its reconcile interval (2 s).
     Disable { account: String },
 }
 
@@ -267,8 +267,8 @@ enum SessionsCmd {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
-    /// Record a session as terminated in the store. A running relay ends its legs only when
-    /// terminated through the API (`DELETE /v1/sessions/{id}`).
+    /// Record a session as terminated; a running relay closes its legs (4006) within its
+    /// reconcile interval (2 s).
     Terminate { session_id: String },
 }
 

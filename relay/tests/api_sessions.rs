@@ -311,3 +311,134 @@ async fn setup_rate() {
     );
     drop(agent);
 }
+
+#[tokio::test]
+async fn silent_agent_is_dropped_after_the_heartbeat_deadline() {
+    let tr = TestRelay::start_with(|o| o.heartbeat_interval = std::time::Duration::from_millis(50));
+    let agent = tr.agent().await;
+    // The test agent reads nothing and so answers no heartbeat: offline after 3 intervals.
+    wait_until(|| !tr.relay.server().control().agent_online(&agent.id)).await;
+    tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&agent.id)))
+        .await
+        .assert_error(409, "TargetNotConnected");
+}
+
+#[tokio::test]
+async fn session_failed_from_the_agent_closes_the_session_as_error() {
+    use futures_util::SinkExt;
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let r =
+        tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+    let Some(ToAgent::SessionOpen { session_id, .. }) = agent.next().await else { panic!() };
+    assert_eq!(session_id, sid);
+    let failed = serde_json::to_string(&hatch_proto::control::FromAgent::SessionFailed {
+        session_id: sid.clone(),
+        message: "no such user".into(),
+    })
+    .unwrap();
+    agent
+        .ws
+        .as_mut()
+        .unwrap()
+        .send(tokio_tungstenite::tungstenite::Message::Text(failed.into()))
+        .await
+        .unwrap();
+    wait_until(|| {
+        tr.store().session(None, &sid).unwrap().unwrap().close_reason.as_deref() == Some("error")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn session_list_pages_with_next_token() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let key = Some(tr.owner_key());
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
+        ids.push(r.json()["session_id"].as_str().unwrap().to_owned());
+        let _ = agent.next().await;
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut path = "/v1/sessions?limit=2".to_owned();
+    loop {
+        let v = tr.call("GET", &path, key, None).await.json();
+        for s in v["sessions"].as_array().unwrap() {
+            seen.push(s["session_id"].as_str().unwrap().to_owned());
+        }
+        match v["next_token"].as_str() {
+            Some(t) => path = format!("/v1/sessions?limit=2&next_token={t}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+}
+
+#[tokio::test]
+async fn agent_stream_url_comes_from_the_agents_own_view_not_the_clients_host() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let r = api_support::request_with_host(
+        tr.tls.clone(),
+        tr.api_addr(),
+        "127.0.0.1".parse().unwrap(),
+        "evil.example:1",
+        "POST",
+        "/v1/sessions",
+        Some(tr.owner_key()),
+        Some(start_body(&agent.id).into_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let port = tr.relay.server().data_addr().port();
+    assert!(
+        r.json()["stream_url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("wss://evil.example:{port}/"))
+    );
+    let Some(ToAgent::SessionOpen { stream_url, .. }) = agent.next().await else { panic!() };
+    assert!(stream_url.starts_with(&format!("wss://localhost:{port}/")), "{stream_url}");
+}
+
+#[tokio::test]
+async fn per_account_limit_throttles_across_instances() {
+    let tr = TestRelay::start_with(|o| o.limits.per_account = 2);
+    let a = tr.agent().await;
+    let b = tr.agent().await;
+    let key = Some(tr.owner_key());
+    for id in [&a.id, &b.id] {
+        let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(id))).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let v = tr
+        .call("POST", "/v1/sessions", key, Some(&start_body(&b.id)))
+        .await
+        .assert_error(429, "Throttled");
+    assert!(v["message"].as_str().unwrap().contains("account"), "{v}");
+}
+
+#[test]
+fn dev_relay_restart_keeps_its_demo_account_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts =
+        || hatch_relay::dev::DevOptions { data_dir: dir.path().join("d"), ..Default::default() };
+    let first = hatch_relay::dev::DevRelay::start(opts()).unwrap().info.clone();
+    let second = hatch_relay::dev::DevRelay::start(opts()).unwrap();
+    assert_eq!(second.info.account_id, first.account_id);
+    assert_eq!(second.info.access_key, first.access_key);
+    let written: hatch_relay::dev::DevInfo =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("d/dev.json")).unwrap())
+            .unwrap();
+    assert_eq!(written, second.info);
+    let port = second.server().api_addr().port();
+    assert_eq!(written.api_url, format!("https://127.0.0.1:{port}"));
+    let port = second.server().data_addr().port();
+    assert_ne!(port, 0);
+    assert_eq!(written.data_url, format!("wss://127.0.0.1:{port}"));
+}

@@ -136,3 +136,29 @@ async fn shutdown_records_open_sessions_as_relay_shutdown() {
     let s = store.session(None, &sid).unwrap().unwrap();
     assert_eq!((s.state.as_str(), s.close_reason.as_deref()), ("closed", Some("relay_shutdown")));
 }
+
+#[tokio::test]
+async fn admin_changes_in_the_store_reach_live_sessions() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    // `hatch-relay admin sessions terminate` from another process: a store write.
+    let (sid, mut client, mut leg) = open_session(&tr, &mut agent).await;
+    assert!(
+        tr.store()
+            .close_session(&sid, "terminated", 0, 0, hatch_relay::control::unix_now())
+            .unwrap()
+    );
+    assert_eq!(close_code(&mut client).await, Some(4006));
+    assert_eq!(close_code(&mut leg).await, Some(4006));
+    let closed = agent.next().await;
+    assert!(
+        matches!(&closed, Some(hatch_proto::control::ToAgent::SessionClose { session_id, .. }) if *session_id == sid),
+        "{closed:?}"
+    );
+
+    // `hatch-relay admin accounts disable`: live sessions end with 4010.
+    let (_sid, mut client, mut leg) = open_session(&tr, &mut agent).await;
+    assert!(tr.store().set_session_manager(tr.account(), false).unwrap());
+    assert_eq!(close_code(&mut client).await, Some(4010));
+    assert_eq!(close_code(&mut leg).await, Some(4010));
+}

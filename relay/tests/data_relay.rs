@@ -26,6 +26,9 @@ both_backends!(
     idle_timeout_closes_with_4007,
     max_duration_closes_with_4008,
     plaintext_relay_forwards_too,
+    reload_tls_serves_the_new_certificate_and_keeps_live_sessions,
+    waiting_leg_that_hangs_up_ends_the_session_at_once,
+    data_sent_while_waiting_arrives_after_pairing,
 );
 
 async fn legs_exchange_bytes_and_agent_exit_closes_both(io: IoBackend) {
@@ -201,10 +204,20 @@ async fn shutdown_closes_live_legs_with_4009(io: IoBackend) {
 async fn idle_timeout_closes_with_4007(io: IoBackend) {
     let mut relay = Relay::start(io, |c| c.idle_timeout = Some(Duration::from_millis(300)));
     let (mut c, mut a) = relay.pair("s-idle").await;
-    // Agent output does not count as activity.
-    send_bin(&mut a, b"out").await;
-    assert_eq!(recv_bin(&mut c).await, b"out");
+    // Agent output does not count as activity: the agent keeps writing until the relay closes
+    // it, and the client (which only reads) still sees the idle close.
+    let agent = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if a.send(Message::binary(b"out".to_vec())).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a
+    });
     assert_eq!(recv_close(&mut c).await, 4007);
+    let mut a = agent.await.unwrap();
     assert_eq!(recv_close(&mut a).await, 4007);
     assert_eq!(relay.next_end().await.reason, CloseReason::IdleTimeout);
 }
@@ -232,4 +245,67 @@ async fn plaintext_relay_forwards_too(io: IoBackend) {
     let end = relay.next_end().await;
     assert_eq!((end.reason, end.bytes_client_to_agent), (CloseReason::Exit, 200));
     let _ = c.next().await;
+}
+
+async fn reload_tls_serves_the_new_certificate_and_keeps_live_sessions(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let (mut c, mut a) = relay.pair("s-live").await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = hatch_relay::certs::ensure_dev_pki(dir.path(), &[]).unwrap();
+    let server =
+        hatch_relay::certs::server_config(&pki.cert_file, &pki.key_file, &[b"http/1.1"]).unwrap();
+    let old_ca = relay.client_tls.clone();
+    relay.plane().reload_tls(server);
+    relay.client_tls = hatch_relay::certs::client_config_with_ca(&pki.ca_file).unwrap();
+    // The reload reaches the shard through its channel: retry until the new CA is accepted.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut n = 0;
+    let (mut c2, mut a2) = loop {
+        n += 1;
+        let sid = format!("s-new-{n}");
+        let r = relay.dial(&sid, Role::Client, &relay.token(&sid, Role::Client)).await;
+        if let Ok(c2) = r {
+            let a2 = relay.dial(&sid, Role::Agent, &relay.token(&sid, Role::Agent)).await.unwrap();
+            break (c2, a2);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "new certificate never served");
+        tokio::task::yield_now().await;
+    };
+    send_bin(&mut c2, b"new").await;
+    assert_eq!(recv_bin(&mut a2).await, b"new");
+    // Clients trusting only the old CA are now refused at the TLS handshake.
+    relay.client_tls = old_ca;
+    assert!(relay.dial("s-old", Role::Client, &relay.token("s-old", Role::Client)).await.is_err());
+    // The session opened before the reload still forwards.
+    send_bin(&mut c, b"still here").await;
+    assert_eq!(recv_bin(&mut a).await, b"still here");
+    close_with(&mut a, 1000).await;
+    assert_eq!(recv_close(&mut c).await, 1000);
+}
+
+async fn waiting_leg_that_hangs_up_ends_the_session_at_once(io: IoBackend) {
+    // The pair timeout (60 s) is far beyond the test's wait: only noticing the hang-up passes.
+    let mut relay = Relay::start(io, |_| {});
+    let mut c = relay
+        .dial("s-gave-up", Role::Client, &relay.token("s-gave-up", Role::Client))
+        .await
+        .unwrap();
+    send_bin(&mut c, b"\x02\x00\x50\x00\x18").await;
+    drop(c);
+    let end = relay.next_end().await;
+    assert_eq!((end.session_id.as_str(), end.reason), ("s-gave-up", CloseReason::ClientClosed));
+}
+
+async fn data_sent_while_waiting_arrives_after_pairing(io: IoBackend) {
+    let relay = Relay::start(io, |_| {});
+    let mut c =
+        relay.dial("s-early", Role::Client, &relay.token("s-early", Role::Client)).await.unwrap();
+    send_bin(&mut c, b"early").await;
+    // Let the relay see the bytes (and the waiting-leg watcher its edge) before the agent comes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut a =
+        relay.dial("s-early", Role::Agent, &relay.token("s-early", Role::Agent)).await.unwrap();
+    assert_eq!(recv_bin(&mut a).await, b"early");
+    send_bin(&mut a, b"late").await;
+    assert_eq!(recv_bin(&mut c).await, b"late");
 }

@@ -30,6 +30,8 @@ pub const MAX_AGENT_MESSAGE: usize = 64 * 1024;
 
 struct Conn {
     id: u64,
+    /// Data-plane base URL as seen from this agent (the host it used to reach the API).
+    data_base: String,
     tx: mpsc::Sender<ToAgent>,
     kick: Option<oneshot::Sender<()>>,
 }
@@ -57,11 +59,17 @@ impl Hub {
     }
 
     /// Registers a new channel for `instance`, replacing (and kicking) any previous one.
-    fn attach(&self, instance: &str) -> (u64, mpsc::Receiver<ToAgent>, oneshot::Receiver<()>) {
+    fn attach(
+        &self,
+        instance: &str,
+        data_base: String,
+    ) -> (u64, mpsc::Receiver<ToAgent>, oneshot::Receiver<()>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(AGENT_QUEUE);
         let (kick_tx, kick_rx) = oneshot::channel();
-        let old = self.lock().insert(instance.to_owned(), Conn { id, tx, kick: Some(kick_tx) });
+        let old = self
+            .lock()
+            .insert(instance.to_owned(), Conn { id, data_base, tx, kick: Some(kick_tx) });
         if let Some(mut old) = old
             && let Some(k) = old.kick.take()
         {
@@ -91,6 +99,12 @@ impl Hub {
         })
     }
 
+    /// The data-plane base URL for an instance's agent (from the host its control channel
+    /// used), when it is online. Stream URLs for agents never come from a client's request.
+    pub fn data_base(&self, instance: &str) -> Option<String> {
+        self.lock().get(instance).map(|c| c.data_base.clone())
+    }
+
     /// Whether an instance's control channel is up.
     pub fn is_online(&self, instance: &str) -> bool {
         self.lock().contains_key(instance)
@@ -104,8 +118,13 @@ impl Hub {
 
 /// Runs one agent's control channel until it closes, is replaced, goes silent or the relay
 /// shuts down.
-pub(super) async fn run_channel(shared: std::sync::Arc<Shared>, instance: String, ws: WebSocket) {
-    let (conn_id, mut rx, mut kicked) = shared.agents.attach(&instance);
+pub(super) async fn run_channel(
+    shared: std::sync::Arc<Shared>,
+    instance: String,
+    data_base: String,
+    ws: WebSocket,
+) {
+    let (conn_id, mut rx, mut kicked) = shared.agents.attach(&instance, data_base);
     info!(instance = %instance, conn = conn_id, "agent control channel up");
     shared.touch_instance(&instance).await;
     let (mut sink, mut stream) = ws.split();

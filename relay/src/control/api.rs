@@ -30,7 +30,7 @@ use tracing::{info, warn};
 use super::policy::{self, Context, Policy};
 use super::sessions::LimitHit;
 use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
-use super::{CLOSE_DISABLED, CLOSE_TERMINATED, Shared, credentials, unix_now};
+use super::{CLOSE_TERMINATED, Shared, credentials, unix_now};
 
 /// An API failure: status, stable code, message for a person.
 #[derive(Debug, Clone)]
@@ -141,8 +141,8 @@ async fn track(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> R
             let code = info.code;
             (Response::from_parts(parts, Body::from(error_json(&info, &rid))), code)
         }
-        (None, Some(body)) => (Response::from_parts(parts, body), ""),
-        (None, None) => (Response::from_parts(parts, Body::empty()), ""),
+        (None, Some(body)) => (Response::from_parts(parts, body), "OK"),
+        (None, None) => (Response::from_parts(parts, Body::empty()), "OK"),
     };
     let mut resp = resp;
     shared.metrics.request(resp.status().as_u16(), code);
@@ -552,9 +552,10 @@ async fn start_session(
     }
     shared.metrics.session_started();
     let base = data_base(&shared, &headers);
+    let agent_base = shared.agents.data_base(&inst.id).unwrap_or_else(|| base.clone());
     let open = ToAgent::SessionOpen {
         session_id: sid.clone(),
-        stream_url: format!("{base}/v1/stream/{sid}?role=agent"),
+        stream_url: format!("{agent_base}/v1/stream/{sid}?role=agent"),
         token: agent_token,
         mode: req.mode,
         command: req.command.clone(),
@@ -782,35 +783,6 @@ async fn put_settings(
     Ok(json(StatusCode::OK, &settings))
 }
 
-impl Shared {
-    /// Ends every open session of an account with 4010 (the switch was turned off).
-    pub(crate) async fn disable_account(&self, account: &str) {
-        let ids = self.live.of_account(account);
-        let ids_for_store = ids.clone();
-        let instances: Vec<(String, String)> = match self
-            .blocking(move |s| {
-                let mut out = Vec::new();
-                for id in &ids_for_store {
-                    if let Some(r) = s.session(None, id)? {
-                        out.push((r.id, r.instance_id));
-                    }
-                }
-                Ok(out)
-            })
-            .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(err = %e, "listing sessions to end failed");
-                ids.into_iter().map(|i| (i, String::new())).collect()
-            }
-        };
-        for (id, inst) in instances {
-            self.end_session(&id, &inst, CLOSE_DISABLED, "session manager disabled").await;
-        }
-    }
-}
-
 async fn register(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -888,10 +860,11 @@ async fn agent_connect(
         ApiError::invalid(format!("expected a WebSocket upgrade: {}", e.body_text()))
     })?;
     let id = inst.id.clone();
+    let base = data_base(&shared, &headers);
     Ok(ws
         .max_message_size(super::agents::MAX_AGENT_MESSAGE)
         .max_frame_size(super::agents::MAX_AGENT_MESSAGE)
-        .on_upgrade(move |socket| super::agents::run_channel(shared, id, socket)))
+        .on_upgrade(move |socket| super::agents::run_channel(shared, id, base, socket)))
 }
 
 #[cfg(test)]

@@ -96,6 +96,10 @@ pub struct ControlConfig {
     pub pending_timeout: Duration,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// How often the relay looks in the store for changes made by `hatch-relay admin` from
+    /// another process (an account switched off, a session terminated) and applies them to
+    /// live sessions.
+    pub reconcile_interval: Duration,
 }
 
 impl Default for ControlConfig {
@@ -110,6 +114,7 @@ impl Default for ControlConfig {
             heartbeat_timeout: Duration::from_secs(45),
             pending_timeout: Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS + 60),
             max_body_bytes: 64 * 1024,
+            reconcile_interval: Duration::from_secs(2),
         }
     }
 }
@@ -173,7 +178,7 @@ impl ControlPlane {
         api::router(self.shared.clone())
     }
 
-    /// Swaps the data link (the server builds the control plane first, then the data plane).
+    /// The store (for in-process tools and tests).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
     }
@@ -190,10 +195,13 @@ impl ControlPlane {
             let period = (sweep.cfg.pending_timeout / 4)
                 .clamp(Duration::from_millis(20), Duration::from_secs(5));
             let mut tick = tokio::time::interval(period);
+            let mut reconcile = tokio::time::interval(sweep.cfg.reconcile_interval);
+            let mut since = unix_now();
             loop {
                 tokio::select! {
                     _ = sweep.shutdown.cancelled() => break,
                     _ = tick.tick() => sweep.sweep().await,
+                    _ = reconcile.tick() => since = sweep.reconcile(since).await,
                 }
             }
         });
@@ -307,6 +315,79 @@ impl Shared {
             if self.close(&id, CloseReason::PairTimeout, 0, 0).await {
                 self.tell_agent_close(&id, None, "pair timeout").await;
             }
+        }
+    }
+
+    /// Applies changes another process (`hatch-relay admin`) made to the store since `since`:
+    /// accounts switched off end their live sessions (4010); sessions closed in the store but
+    /// still live here are terminated (4006). Returns the next `since`.
+    async fn reconcile(&self, since: i64) -> i64 {
+        let now = unix_now();
+        let accounts = self.live.accounts();
+        let res = self
+            .blocking(move |s| {
+                let mut off = Vec::new();
+                for a in accounts {
+                    if s.account(&a)?.is_some_and(|acc| !acc.session_manager_enabled) {
+                        off.push(a);
+                    }
+                }
+                // Second granularity: look one second back so nothing closed in the same
+                // second as the last look is missed.
+                let closed = s.closed_since(since - 1)?;
+                Ok((off, closed))
+            })
+            .await;
+        let (off, closed) = match res {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(err = %e, "reconciling with the store failed");
+                return since;
+            }
+        };
+        for account in off {
+            info!(account = %account, "session manager switched off in the store; ending sessions");
+            self.disable_account(&account).await;
+        }
+        for (id, instance) in closed {
+            // Sessions this process closes leave the live map before the store, so a closed
+            // record that is still live was closed by someone else.
+            if self.live.remove(&id).is_some() {
+                info!(session = %id, "session closed in the store; terminating it");
+                self.data.command(DataCommand::Terminate {
+                    session_id: id.clone(),
+                    code: CLOSE_TERMINATED,
+                });
+                self.tell_agent_close(&id, Some(&instance), "terminated").await;
+            }
+        }
+        now
+    }
+
+    /// Ends every open session of an account with 4010 (the switch was turned off).
+    async fn disable_account(&self, account: &str) {
+        let ids = self.live.of_account(account);
+        let ids_for_store = ids.clone();
+        let instances: Vec<(String, String)> = match self
+            .blocking(move |s| {
+                let mut out = Vec::new();
+                for id in &ids_for_store {
+                    if let Some(r) = s.session(None, id)? {
+                        out.push((r.id, r.instance_id));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(err = %e, "listing sessions to end failed");
+                ids.into_iter().map(|i| (i, String::new())).collect()
+            }
+        };
+        for (id, inst) in instances {
+            self.end_session(&id, &inst, CLOSE_DISABLED, "session manager disabled").await;
         }
     }
 

@@ -132,6 +132,11 @@ impl LiveSessions {
             .collect()
     }
 
+    /// Accounts with open sessions.
+    pub fn accounts(&self) -> Vec<String> {
+        self.lock().per_account.keys().cloned().collect()
+    }
+
     /// Ids of every open session.
     pub fn all(&self) -> Vec<String> {
         self.lock().by_id.keys().cloned().collect()

@@ -288,6 +288,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> anyhow::Result<bool>;
     /// Closes every open session (relay start after a crash, relay shutdown); returns how many.
     fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize>;
+    /// `(session id, instance id)` of sessions closed at or after `at`.
+    fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>>;
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
@@ -377,6 +379,10 @@ CREATE INDEX sessions_open ON sessions (state) WHERE state != 'closed';
     // New sessions take MAX(seq) + 1: without this index that is a scan of every session.
     r#"
 CREATE INDEX sessions_seq ON sessions (seq);
+"#,
+    // The running relay looks for sessions closed by `hatch-relay admin` (another process).
+    r#"
+CREATE INDEX sessions_closed_at ON sessions (closed_at) WHERE closed_at IS NOT NULL;
 "#,
 ];
 
@@ -975,6 +981,15 @@ impl Store for SqliteStore {
             )?;
         }
         Ok(n == 1)
+    }
+
+    fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>> {
+        let conn = self.lock();
+        let mut st = conn.prepare(
+            "SELECT id, instance_id FROM sessions WHERE closed_at IS NOT NULL AND closed_at >= ?1",
+        )?;
+        let rows = st.query_map([at], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize> {

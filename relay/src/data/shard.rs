@@ -156,6 +156,10 @@ pub async fn run<L: Listener>(init: ShardInit) {
     shard.stopping.set(true);
     listener.stop();
     let _ = accept.await;
+    // Close the listening socket now, so that the kernel routes new connections to the other
+    // listeners of the port (a new relay process during a graceful restart) instead of queueing
+    // them here until the drain ends.
+    drop(listener);
     let deadline = Instant::now() + drain;
     while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(shard.tick().min(deadline - Instant::now())).await;
@@ -405,7 +409,37 @@ async fn admit<S: Stream>(
             .events
             .send(DataEvent::Connected { session_id: s.sid.clone(), at: SystemTime::now() });
         info!(session = %s.sid, shard = shard.id, "session paired");
+        for i in [CLIENT, AGENT] {
+            if let Some(c) = s.leg(i) {
+                c.read_now();
+            }
+        }
         pair::start_pumps(&shard, &s);
+    } else {
+        tokio::task::spawn_local(watch_waiting(shard.clone(), s.clone(), conn, slot));
+    }
+}
+
+/// Notices a waiting leg whose peer hangs up before the other leg arrives, so the session ends
+/// as closed by that side at once instead of at the pair timeout. Reads nothing: the bytes the
+/// leg sent meanwhile stay in the socket for the pump.
+async fn watch_waiting<S: Stream>(
+    shard: Rc<Shard<S>>,
+    s: Rc<Session<S>>,
+    conn: Rc<Conn<S>>,
+    slot: usize,
+) {
+    let waiting = || s.phase.get() == Phase::Waiting;
+    loop {
+        let gone = conn.io.hung_up(waiting).await;
+        if !waiting() {
+            return;
+        }
+        if gone {
+            debug!(session = %s.sid, leg = slot, "waiting leg hung up");
+            shard.gone(&s, slot);
+            return;
+        }
     }
 }
 

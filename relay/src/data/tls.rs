@@ -91,6 +91,12 @@ impl<S: Stream> Conn<S> {
         (self.io, self.tls.map(RefCell::into_inner), self.pending.into_inner())
     }
 
+    /// Makes the next read go to the socket without waiting for readiness first (used when a
+    /// readiness edge may have been consumed while the leg waited for its peer).
+    pub fn read_now(&self) {
+        self.more.set(true);
+    }
+
     /// Sets plaintext to return before reading the socket (bytes that followed the head).
     pub fn set_pending(&self, bytes: Vec<u8>) {
         *self.pending.borrow_mut() = bytes;
@@ -120,7 +126,7 @@ impl<S: Stream> Conn<S> {
             }
         }
         match &self.tls {
-            None => {
+            None => loop {
                 if !self.more.get() {
                     self.io.readable().await?;
                 }
@@ -130,18 +136,22 @@ impl<S: Stream> Conn<S> {
                 match r {
                     Ok(0) => {
                         self.pool.give(buf);
-                        Ok(None)
+                        return Ok(None);
                     }
                     Ok(n) => {
                         self.more.set(carry.len() + n == buf.len());
-                        Ok(Some((buf, carry.len() + n)))
+                        return Ok(Some((buf, carry.len() + n)));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.pool.give(buf);
+                        self.more.set(false);
                     }
                     Err(e) => {
                         self.pool.give(buf);
-                        Err(e)
+                        return Err(e);
                     }
                 }
-            }
+            },
             Some(tls) => self.read_tls(tls, carry).await,
         }
     }
@@ -220,6 +230,10 @@ impl<S: Stream> Conn<S> {
                 Ok(n) => {
                     self.more.set(n == cbuf.len());
                     *self.cipher.borrow_mut() = Some((cbuf, 0..n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.pool.give(cbuf);
+                    self.more.set(false);
                 }
                 Err(e) => {
                     self.pool.give(cbuf);

@@ -147,6 +147,22 @@ pub async fn request(
     key: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Resp {
+    let host = format!("localhost:{}", addr.port());
+    request_with_host(tls, addr, source, &host, method, path, key, body).await
+}
+
+/// [`request`] with a chosen `Host` header.
+#[allow(clippy::too_many_arguments)]
+pub async fn request_with_host(
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    source: IpAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Resp {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(source, 0)).unwrap();
     let tcp = sock.connect(addr).await.unwrap();
@@ -155,10 +171,7 @@ pub async fn request(
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("localhost:{}", addr.port()));
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", host);
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
     }

@@ -35,7 +35,7 @@ pub struct Relay {
     pub events: mpsc::UnboundedReceiver<DataEvent>,
     pub client_tls: Arc<rustls::ClientConfig>,
     pub tls: bool,
-    _dir: tempfile::TempDir,
+    pub _dir: tempfile::TempDir,
 }
 
 impl Relay {

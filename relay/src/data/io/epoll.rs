@@ -18,17 +18,19 @@ impl super::Stream for EpollStream {
     }
 
     async fn read(&self, mut buf: Vec<u8>, off: usize) -> (io::Result<usize>, Vec<u8>) {
-        loop {
-            match self.0.try_read(&mut buf[off..]) {
-                Ok(n) => return (Ok(n), buf),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = self.0.readable().await {
-                        return (Err(e), buf);
-                    }
-                }
-                Err(e) => return (Err(e), buf),
+        // A stale readiness ends in WouldBlock: returned to the caller, which gives the buffer
+        // back before waiting again (waiting here would pin it for as long as the leg idles).
+        let r = match self.0.try_read(&mut buf[off..]) {
+            // tokio answers WouldBlock from its cached readiness without asking the kernel; a
+            // leg whose edge was consumed while it waited for its peer has data regardless, so
+            // ask the kernel once (readiness is already clear: a later arrival raises an edge).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                use std::io::Read;
+                (&*socket2::SockRef::from(&self.0)).read(&mut buf[off..])
             }
-        }
+            r => r,
+        };
+        (r, buf)
     }
 
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>) {
@@ -46,6 +48,20 @@ impl super::Stream for EpollStream {
             }
         }
         (Ok(()), buf)
+    }
+
+    async fn hung_up(&self, keep_waiting: impl Fn() -> bool) -> bool {
+        let Ok(r) = self.0.ready(tokio::io::Interest::READABLE).await else { return true };
+        if r.is_read_closed() || r.is_error() {
+            return true;
+        }
+        if keep_waiting() {
+            // Data is waiting for the pump: forget this edge, wait for the next (FIN raises one).
+            let _ = self.0.try_io(tokio::io::Interest::READABLE, || {
+                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+            });
+        }
+        false
     }
 
     fn shutdown(&self, how: Shutdown) {

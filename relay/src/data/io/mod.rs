@@ -22,10 +22,15 @@ pub mod uring;
 pub trait Stream: Sized + 'static {
     /// Waits until the socket is readable, without pinning a buffer.
     async fn readable(&self) -> io::Result<()>;
-    /// Reads into `buf[off..]`; `Ok(0)` is end of stream.
+    /// Reads into `buf[off..]`; `Ok(0)` is end of stream. May fail with `WouldBlock` after a
+    /// stale readiness (the caller then waits for [`Stream::readable`] again).
     async fn read(&self, buf: Vec<u8>, off: usize) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf[range]`.
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>);
+    /// Waits for a readiness event without reading: `true` when the peer hung up (or the socket
+    /// failed). On plain data it returns `false`, clearing the readiness only if `keep_waiting()`
+    /// still holds at that moment (so a reader that took over the leg never misses an edge).
+    async fn hung_up(&self, keep_waiting: impl Fn() -> bool) -> bool;
     /// Shuts the socket down; pending operations complete.
     fn shutdown(&self, how: Shutdown);
     /// Gives up the stream as a file descriptor for another shard (no operation in flight).

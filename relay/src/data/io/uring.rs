@@ -108,6 +108,17 @@ impl super::Stream for UringStream {
         (r, slice.into_inner())
     }
 
+    async fn hung_up(&self, keep_waiting: impl Fn() -> bool) -> bool {
+        let Ok(mut g) = self.ready.readable().await else { return true };
+        if g.ready().is_read_closed() || g.ready().is_error() {
+            return true;
+        }
+        if keep_waiting() {
+            g.clear_ready();
+        }
+        false
+    }
+
     fn shutdown(&self, how: Shutdown) {
         let how = match how {
             Shutdown::Read => nix::sys::socket::Shutdown::Read,

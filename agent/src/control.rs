@@ -1,0 +1,432 @@
+//! `hatch-agent run`: the control channel and the sessions it starts.
+//!
+//! ```text
+//!            ┌──────────── reconnect: capped exponential backoff, full jitter ───────────┐
+//!            ▼                                                                            │
+//!   connect (WSS /v1/agent/connect, bearer instance secret) ──▶ serve ── lost / silent ───┘
+//!                                                                 │
+//!     heartbeat{seq} ──▶ answer heartbeat{seq}                    │ SIGTERM: cancel sessions,
+//!     session.open   ──▶ spawn a session task (session.rs)        │ wait for them, close 1001
+//!     session.close  ──▶ cancel that session                      ▼
+//!     session task failed to start ──▶ session.failed          exit 0
+//! ```
+//!
+//! Sessions do not depend on the control channel: a control channel that drops and comes back
+//! leaves running sessions alone. The channel is one outbound connection; the agent never
+//! listens.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hatch_proto::api::ErrorBody;
+use hatch_proto::close;
+use hatch_proto::control::{FromAgent, ToAgent};
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::register::ApiUrl;
+use crate::session::{self, Cancel, SessionConfig, SessionEnd, SessionSpec};
+use crate::state::State;
+
+/// Default cap on concurrent sessions of one agent. Each session holds two descriptors (PTY
+/// master, data leg) and ~50 KiB; 1,024 keeps well inside common fd limits.
+pub const DEFAULT_MAX_SESSIONS: usize = 1024;
+
+/// Largest control message accepted: 64 KiB (a `session.open` is well under 4 KiB).
+const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+
+/// Reports from sessions to the control channel waiting to be sent (`session.failed`). When
+/// full, further reports are dropped with a log line rather than queued without bound.
+const REPORT_QUEUE: usize = 64;
+
+/// Timers of the control channel. Defaults suit production; tests shorten them.
+#[derive(Debug, Clone)]
+pub struct ControlTiming {
+    /// TCP + TLS + upgrade of the control channel.
+    pub connect_timeout: Duration,
+    /// How often the agent pings the control channel.
+    pub ping_interval: Duration,
+    /// A channel that delivers nothing (no heartbeat, no pong) for this long is dead.
+    pub dead_after: Duration,
+    /// First reconnect delay ceiling.
+    pub backoff_base: Duration,
+    /// Largest reconnect delay ceiling.
+    pub backoff_cap: Duration,
+    /// A connection that lived this long resets the backoff to its base.
+    pub stable_after: Duration,
+    /// On shutdown, how long sessions get to close before they are abandoned.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ControlTiming {
+    fn default() -> Self {
+        ControlTiming {
+            connect_timeout: Duration::from_secs(15),
+            ping_interval: Duration::from_secs(30),
+            dead_after: Duration::from_secs(90),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+            stable_after: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The registration.
+    pub state: State,
+    /// TLS for the control channel (and, through `session`, the data legs).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// What sessions share.
+    pub session: SessionConfig,
+    /// Control channel timers.
+    pub timing: ControlTiming,
+    /// Cap on concurrent sessions; a `session.open` past it is answered `session.failed`.
+    pub max_sessions: usize,
+}
+
+/// The connection state, logged once per change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Link {
+    Starting,
+    Down(String),
+}
+
+/// The ceiling of the `attempt`-th reconnect delay: `base * 2^attempt`, at most `cap`.
+pub fn backoff_ceiling(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+    base.saturating_mul(factor).min(cap)
+}
+
+/// A reconnect delay with full jitter: uniform in `[0, ceiling]`.
+pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let ceiling = backoff_ceiling(attempt, base, cap);
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rand::rng().random_range(0..=nanos))
+}
+
+/// Runs the agent until `shutdown` is cancelled: keeps the control channel up and serves
+/// sessions. On shutdown closes live sessions (close 1001, "agent shutting down") and returns.
+pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let api = ApiUrl::parse(&cfg.state.api_url)?;
+    let url = api.connect_url();
+    let (report_tx, mut report_rx) = mpsc::channel(REPORT_QUEUE);
+    let mut sessions = Sessions {
+        tasks: JoinSet::new(),
+        live: HashMap::new(),
+        cfg: Arc::new(cfg.session.clone()),
+        report: report_tx,
+        max: cfg.max_sessions,
+    };
+    let t = &cfg.timing;
+    let mut link = Link::Starting;
+    let mut attempt: u32 = 0;
+    info!(instance = %cfg.state.instance_id, api = %cfg.state.api_url, "agent starting");
+    loop {
+        let connected = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = timeout(t.connect_timeout, connect(&url, &cfg.state.instance_secret, &cfg.tls)) => {
+                r.unwrap_or_else(|_| Err(format!("no answer within {:?}", t.connect_timeout)))
+            }
+        };
+        match connected {
+            Ok(ws) => {
+                info!(url = %url, "control channel connected");
+                let since = Instant::now();
+                match serve(ws, &mut sessions, &mut report_rx, &shutdown, t).await {
+                    Served::Shutdown => return Ok(()),
+                    Served::Lost(why) => {
+                        warn!(reason = %why, "control channel lost; reconnecting");
+                        // Up -> Down: the first failed reconnect after this is logged again.
+                        link = Link::Down(why);
+                    }
+                }
+                if since.elapsed() >= t.stable_after {
+                    attempt = 0;
+                }
+            }
+            Err(why) => {
+                let next = Link::Down(why.clone());
+                if link != next {
+                    warn!(url = %url, error = %why, "cannot open the control channel; retrying with backoff");
+                } else {
+                    debug!(url = %url, error = %why, attempt, "control channel still unreachable");
+                }
+                link = next;
+            }
+        }
+        let delay = backoff_delay(attempt, t.backoff_base, t.backoff_cap);
+        attempt = attempt.saturating_add(1);
+        debug!(?delay, attempt, "waiting before reconnecting");
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+            Some(done) = sessions.tasks.join_next() => {
+                sessions.finished(done);
+            }
+        }
+    }
+    sessions.shutdown(t.shutdown_grace).await;
+    info!("agent stopped");
+    Ok(())
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the control channel. Errors are one line for a person.
+async fn connect(url: &str, secret: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Ws, String> {
+    let mut req = url.into_client_request().map_err(|e| format!("bad control URL: {e}"))?;
+    let auth = format!("Bearer {secret}")
+        .parse()
+        .map_err(|_| "the instance secret is not a valid header value".to_owned())?;
+    req.headers_mut().insert(http::header::AUTHORIZATION, auth);
+    req.headers_mut().insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("hatch-agent/", env!("CARGO_PKG_VERSION"))),
+    );
+    let config = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_CONTROL_MESSAGE * 4)
+        .max_message_size(Some(MAX_CONTROL_MESSAGE))
+        .max_frame_size(Some(MAX_CONTROL_MESSAGE));
+    match tokio_tungstenite::connect_async_tls_with_config(
+        req,
+        Some(config),
+        true,
+        Some(Connector::Rustls(tls.clone())),
+    )
+    .await
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => {
+            let status = resp.status();
+            let detail = resp
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<ErrorBody>(b).ok())
+                .map(|e| format!(": {}: {}", e.code, e.message))
+                .unwrap_or_default();
+            Err(format!("API answered HTTP {status}{detail}"))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+enum Served {
+    Shutdown,
+    Lost(String),
+}
+
+async fn serve(
+    ws: Ws,
+    sessions: &mut Sessions,
+    reports: &mut mpsc::Receiver<FromAgent>,
+    shutdown: &CancellationToken,
+    t: &ControlTiming,
+) -> Served {
+    let (mut sink, mut stream) = ws.split();
+    let mut ping = tokio::time::interval_at(Instant::now() + t.ping_interval, t.ping_interval);
+    let mut last_rx = Instant::now();
+    loop {
+        let outgoing = tokio::select! {
+            () = shutdown.cancelled() => {
+                sessions.shutdown(t.shutdown_grace).await;
+                let frame = CloseFrame {
+                    code: close::GOING_AWAY.into(),
+                    reason: "agent shutting down".into(),
+                };
+                let _ = timeout(Duration::from_secs(2), sink.send(WsMessage::Close(Some(frame)))).await;
+                let _ = timeout(Duration::from_secs(2), async {
+                    while let Some(Ok(_)) = stream.next().await {}
+                }).await;
+                return Served::Shutdown;
+            }
+            r = tokio::time::timeout_at(last_rx + t.dead_after, stream.next()) => {
+                let msg = match r {
+                    Err(_) => return Served::Lost(format!("nothing received for {:?}", t.dead_after)),
+                    Ok(None) => return Served::Lost("connection ended".into()),
+                    Ok(Some(Err(e))) => return Served::Lost(e.to_string()),
+                    Ok(Some(Ok(m))) => m,
+                };
+                last_rx = Instant::now();
+                match msg {
+                    WsMessage::Text(text) => match serde_json::from_str::<ToAgent>(&text) {
+                        Ok(m) => sessions.handle(m),
+                        Err(e) => {
+                            let head: String = text.chars().take(100).collect();
+                            warn!(error = %e, message = %head, "ignoring an unknown control message");
+                            None
+                        }
+                    },
+                    WsMessage::Close(frame) => {
+                        let why = frame
+                            .map(|f| format!("closed by the API with {} {}", u16::from(f.code), f.reason))
+                            .unwrap_or_else(|| "closed by the API".into());
+                        return Served::Lost(why);
+                    }
+                    WsMessage::Binary(_) => {
+                        warn!("ignoring a binary message on the control channel");
+                        None
+                    }
+                    WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => None,
+                }
+            }
+            _ = ping.tick() => Some(WsMessage::Ping(Default::default())),
+            Some(report) = reports.recv() => Some(json(&report)),
+            Some(done) = sessions.tasks.join_next() => {
+                sessions.finished(done);
+                None
+            }
+        };
+        if let Some(msg) = outgoing {
+            match timeout(t.dead_after, sink.send(msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Served::Lost(format!("sending: {e}")),
+                Err(_) => return Served::Lost(format!("send blocked for {:?}", t.dead_after)),
+            }
+        }
+    }
+}
+
+fn json(m: &FromAgent) -> WsMessage {
+    WsMessage::Text(
+        serde_json::to_string(m).expect("FromAgent serialises: strings and ints").into(),
+    )
+}
+
+/// The live sessions of the agent.
+struct Sessions {
+    tasks: JoinSet<String>,
+    live: HashMap<String, oneshot::Sender<Cancel>>,
+    cfg: Arc<SessionConfig>,
+    report: mpsc::Sender<FromAgent>,
+    max: usize,
+}
+
+impl Sessions {
+    /// Acts on one control message; returns the answer to send, if any.
+    fn handle(&mut self, msg: ToAgent) -> Option<WsMessage> {
+        match msg {
+            ToAgent::Heartbeat { seq } => Some(json(&FromAgent::Heartbeat { seq })),
+            ToAgent::SessionClose { session_id, reason } => {
+                match self.live.remove(&session_id) {
+                    Some(tx) => {
+                        info!(session = %session_id, %reason, "closing session on request");
+                        let _ = tx.send(Cancel { code: close::TERMINATED, reason });
+                    }
+                    None => debug!(session = %session_id, "session.close for no live session"),
+                }
+                None
+            }
+            open @ ToAgent::SessionOpen { .. } => {
+                let spec = SessionSpec::from_message(open).expect("matched session.open");
+                self.open(spec)
+            }
+        }
+    }
+
+    fn open(&mut self, spec: SessionSpec) -> Option<WsMessage> {
+        let id = spec.session_id.clone();
+        if self.live.contains_key(&id) {
+            warn!(session = %id, "duplicate session.open ignored");
+            return None;
+        }
+        if self.live.len() >= self.max {
+            warn!(session = %id, max = self.max, "session refused: too many live sessions");
+            return Some(json(&FromAgent::SessionFailed {
+                session_id: id,
+                message: format!("the agent already runs {} sessions (its limit)", self.max),
+            }));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.live.insert(id.clone(), tx);
+        let cfg = self.cfg.clone();
+        let report = self.report.clone();
+        let span = info_span!("session", session = %id);
+        self.tasks.spawn(
+            async move {
+                let end = session::run(spec, &cfg, rx).await;
+                if let SessionEnd::Failed(message) = end {
+                    warn!(%message, "session failed to start");
+                    let failed = FromAgent::SessionFailed { session_id: id.clone(), message };
+                    if report.try_send(failed).is_err() {
+                        warn!("session.failed report dropped: report queue full or closed");
+                    }
+                }
+                id
+            }
+            .instrument(span),
+        );
+        None
+    }
+
+    fn finished(&mut self, done: Result<String, tokio::task::JoinError>) {
+        match done {
+            Ok(id) => {
+                self.live.remove(&id);
+            }
+            Err(e) => {
+                // A panicking session task is a bug; its entry is found stale below.
+                warn!(error = %e, "session task ended abnormally");
+                self.live.retain(|_, tx| !tx.is_closed());
+            }
+        }
+    }
+
+    /// Closes every live session with "agent shutting down" and waits for them (bounded).
+    async fn shutdown(&mut self, grace: Duration) {
+        let n = self.live.len();
+        if n > 0 {
+            info!(sessions = n, "closing live sessions");
+        }
+        for (_, tx) in self.live.drain() {
+            let _ =
+                tx.send(Cancel { code: close::GOING_AWAY, reason: "agent shutting down".into() });
+        }
+        let waited = timeout(grace, async {
+            while let Some(done) = self.tasks.join_next().await {
+                if let Err(e) = done {
+                    warn!(error = %e, "session task ended abnormally");
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            warn!(left = self.tasks.len(), "sessions did not close in time; abandoning them");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_full_jitter() {
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(60));
+        let ceilings: Vec<u64> = (0..10).map(|a| backoff_ceiling(a, base, cap).as_secs()).collect();
+        assert_eq!(ceilings, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(backoff_ceiling(u32::MAX, base, cap), cap);
+        for attempt in 0..40 {
+            let d = backoff_delay(attempt, base, cap);
+            assert!(d <= backoff_ceiling(attempt, base, cap), "{attempt}: {d:?}");
+        }
+        // Full jitter: delays spread over the range rather than sitting at the ceiling.
+        let below_half = (0..200).filter(|_| backoff_delay(6, base, cap) < cap / 2).count();
+        assert!(below_half > 0 && below_half < 200, "{below_half}");
+    }
+}

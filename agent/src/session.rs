@@ -1,0 +1,744 @@
+//! One session: dial the data leg, start the shell or command on a new PTY, move bytes both
+//! ways until one side ends, then end the other side cleanly.
+//!
+//! ```text
+//!   relay data leg (WSS, hatch.v1)                          PTY master (AsyncFd)
+//!   ─────────────────────────────                           ────────────────────
+//!   DATA    ───── pump_in: write_all (awaits while the PTY is full) ──────▶ child stdin
+//!   RESIZE  ───── pump_in: TIOCSWINSZ (child gets SIGWINCH)
+//!   DATA ◀─────── pump_out: read ≤ 16 KiB, send (awaits while the leg is behind) ◀── output
+//!   EXIT, close 1000 ◀── child exited, output drained
+//!   close / error / silence ──▶ SIGHUP to the session, reap (SIGKILL after a grace period)
+//! ```
+//!
+//! A shell, and an exec whose client sent a `TERM`, run on a PTY. An exec without a `TERM` (the
+//! client's input is not a terminal) runs on pipes instead, as `ssh host cmd` does: bytes pass
+//! unchanged and an empty DATA closes the command's stdin.
+//!
+//! Backpressure is structural: each pump does one thing at a time, so while a send to the leg
+//! is pending the PTY is not read (the child blocks in `write`), and while a write to the PTY
+//! is pending the leg is not read (TCP pushes back to the relay and the client). Each session
+//! is one task; the only per-session memory is one 16 KiB read buffer and the WebSocket's
+//! bounded buffers.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hatch_proto::api::Mode;
+use hatch_proto::channel::{self, Message};
+use hatch_proto::close;
+use hatch_proto::control::ToAgent;
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, User};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tracing::{debug, info, warn};
+
+use crate::pty::{self, Credentials, Launch, Pty};
+
+/// Largest DATA payload the agent sends: 16 KiB, the size of one PTY read, so output goes out
+/// as soon as it is read and one message never waits for more.
+pub const MAX_DATA: usize = 16 * 1024;
+
+/// The WebSocket subprotocol of the data legs.
+pub const SUBPROTOCOL: &str = "hatch.v1";
+
+/// Largest message accepted from the client on the data leg: 1 MiB. Keystrokes and pastes are
+/// far smaller; the bound keeps a hostile peer from making the agent buffer without limit.
+const MAX_INBOUND_MESSAGE: usize = 1 << 20;
+
+/// `TERM` when the client sends none.
+pub const DEFAULT_TERM: &str = "xterm-256color";
+/// Window size before the client's first RESIZE: the classic terminal's 80 columns.
+pub const DEFAULT_COLS: u16 = 80;
+/// Window size before the client's first RESIZE: the classic terminal's 24 rows.
+pub const DEFAULT_ROWS: u16 = 24;
+/// `LANG` of every session.
+pub const DEFAULT_LANG: &str = "C.UTF-8";
+
+/// The timers of a session. Defaults suit production; tests shorten them.
+#[derive(Debug, Clone)]
+pub struct SessionTiming {
+    /// TCP + TLS + WebSocket upgrade of the data leg.
+    pub dial_timeout: Duration,
+    /// How often the agent pings the data leg (its replies prove the leg alive).
+    pub ping_interval: Duration,
+    /// A leg that delivers nothing (not even a pong) for this long, while no send to it is
+    /// pending, is dead. A pending send is a slow reader (a paused pager), not a dead leg.
+    pub dead_after: Duration,
+    /// After the child exits, how long to wait for the rest of its output (a background job
+    /// that keeps the PTY open must not hold the session forever).
+    pub drain_timeout: Duration,
+    /// After a hang-up, how long the session's processes get before SIGKILL.
+    pub hangup_grace: Duration,
+    /// How long to wait for the peer's answer to our close frame.
+    pub close_timeout: Duration,
+    /// How long EXIT may wait behind output a slow client has not read yet.
+    pub exit_timeout: Duration,
+}
+
+impl Default for SessionTiming {
+    fn default() -> Self {
+        SessionTiming {
+            dial_timeout: Duration::from_secs(10),
+            // The relay pings idle legs every 30 s and drops legs silent for 90 s; the agent
+            // does the same from its side so a half-open TCP connection is noticed either way.
+            ping_interval: Duration::from_secs(30),
+            dead_after: Duration::from_secs(90),
+            drain_timeout: Duration::from_secs(2),
+            hangup_grace: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(5),
+            // A client paging through the last screens of output (`| less`) still gets the
+            // exit status; a leg that cannot take 17 bytes in 10 minutes is abandoned.
+            exit_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What every session of one agent shares.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// TLS for the data legs (same trust as the control channel).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The run-as user when `session.open` names none; the agent's own user when `None`.
+    pub default_user: Option<String>,
+    /// Accept `ws://` stream URLs (plaintext data legs: benchmarks on loopback only).
+    pub allow_plaintext: bool,
+    /// Timers.
+    pub timing: SessionTiming,
+}
+
+/// One `session.open`.
+#[derive(Debug, Clone)]
+pub struct SessionSpec {
+    /// Session id.
+    pub session_id: String,
+    /// `wss://.../v1/stream/{sid}?role=agent`.
+    pub stream_url: String,
+    /// Bearer token of the agent leg.
+    pub token: String,
+    /// Shell or exec.
+    pub mode: Mode,
+    /// The command (exec).
+    pub command: Option<Vec<String>>,
+    /// Requested run-as user.
+    pub run_as: Option<String>,
+    /// Client's `TERM`.
+    pub term: Option<String>,
+}
+
+impl SessionSpec {
+    /// The spec of a `session.open` message; `None` for other messages.
+    pub fn from_message(msg: ToAgent) -> Option<SessionSpec> {
+        match msg {
+            ToAgent::SessionOpen { session_id, stream_url, token, mode, command, run_as, term } => {
+                Some(SessionSpec { session_id, stream_url, token, mode, command, run_as, term })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Why the agent ends a session on its own (a `session.close` or the agent shutting down).
+#[derive(Debug, Clone)]
+pub struct Cancel {
+    /// Close code sent on the leg.
+    pub code: u16,
+    /// Close reason sent on the leg (at most 123 bytes are sent).
+    pub reason: String,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The child exited with this status (128+n for signal n); EXIT and close 1000 were sent.
+    Exited(i32),
+    /// The data leg closed, failed or fell silent; the session was hung up.
+    Lost(String),
+    /// The agent ended the session ([`Cancel`]); the session was hung up.
+    Cancelled(String),
+    /// The session never started (dial failure, bad user, spawn failure).
+    Failed(String),
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Sink = SplitSink<Ws, WsMessage>;
+type Stream = SplitStream<Ws>;
+
+/// Runs one session to its end. Never panics on anything the peer sends; every wait on the
+/// peer has a deadline.
+pub async fn run(
+    spec: SessionSpec,
+    cfg: &SessionConfig,
+    cancel: oneshot::Receiver<Cancel>,
+) -> SessionEnd {
+    let sid = spec.session_id.clone();
+    if !spec.stream_url.starts_with("wss://") && !cfg.allow_plaintext {
+        return SessionEnd::Failed(format!(
+            "refusing to dial {:?}: data legs must be wss:// (plaintext needs \
+             --danger-allow-plaintext)",
+            spec.stream_url
+        ));
+    }
+    let ws = match timeout(cfg.timing.dial_timeout, dial(&spec, &cfg.tls)).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => return SessionEnd::Failed(format!("dialing the data leg: {e}")),
+        Err(_) => {
+            return SessionEnd::Failed(format!(
+                "dialing the data leg: no answer within {:?}",
+                cfg.timing.dial_timeout
+            ));
+        }
+    };
+    debug!(session = %sid, "data leg connected");
+    let (mut sink, mut stream) = ws.split();
+
+    let setup = async {
+        let launch = prepare(&spec, cfg.default_user.as_deref()).await?;
+        if spec.mode == Mode::Exec && spec.term.is_none() {
+            // No TERM: the client's input is not a terminal (a pipe or a file), so neither is
+            // the command's, as with `ssh host cmd`: bytes pass unchanged, end of input is an
+            // empty DATA.
+            let (child, pipes) = pty::spawn_piped(&launch).map_err(|e| {
+                (channel::ERROR_SPAWN, format!("cannot start {}: {e}", launch.program))
+            })?;
+            let io = Io::Pipes { input: Some(pipes.input), output: pipes.output };
+            return Ok::<_, (u16, String)>((io, child, launch));
+        }
+        let (pty, slave) = Pty::open()
+            .map_err(|e| (channel::ERROR_SPAWN, format!("cannot open a pseudo-terminal: {e}")))?;
+        // 80x24 until the client's first RESIZE (a new PTY is 0x0, which confuses programs
+        // that start before it arrives).
+        pty.resize(DEFAULT_COLS, DEFAULT_ROWS)
+            .map_err(|e| (channel::ERROR_SPAWN, format!("cannot size the pseudo-terminal: {e}")))?;
+        let child = pty::spawn(&launch, slave)
+            .map_err(|e| (channel::ERROR_SPAWN, format!("cannot start {}: {e}", launch.program)))?;
+        Ok::<_, (u16, String)>((Io::Pty(pty), child, launch))
+    };
+    let (mut io, mut child, launch) = match setup.await {
+        Ok(x) => x,
+        Err((code, message)) => {
+            warn!(session = %sid, code, %message, "session refused");
+            let ws_code = if code == channel::ERROR_RUN_AS {
+                close::POLICY_VIOLATION
+            } else {
+                close::INTERNAL_ERROR
+            };
+            let err = Message::Error { code, message: &message }.to_vec();
+            let _ =
+                timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(err.into()))).await;
+            close_leg(&mut sink, &mut stream, ws_code, "session could not start", &cfg.timing)
+                .await;
+            return SessionEnd::Failed(message);
+        }
+    };
+    // The child is running: from here on every path ends by reaping it.
+    let pid = child.id().unwrap_or(0);
+    info!(session = %sid, pid, program = %launch.program, mode = spec.mode.as_str(), "session started");
+
+    let outcome = pump(&mut io, &mut child, &mut sink, &mut stream, cancel, &cfg.timing).await;
+    let end = match outcome {
+        Outcome::Exited(status) => {
+            let code = exit_code(status);
+            drop(io);
+            // Background jobs that outlive the leader get the hang-up a terminal would give
+            // them (nohup'd ones survive, as with ssh).
+            hang_up_session(pid);
+            let exit = Message::Exit(code).to_vec();
+            let sent =
+                timeout(cfg.timing.exit_timeout, sink.send(WsMessage::Binary(exit.into()))).await;
+            if matches!(sent, Ok(Ok(()))) {
+                close_leg(&mut sink, &mut stream, close::NORMAL, "exited", &cfg.timing).await;
+            }
+            SessionEnd::Exited(code)
+        }
+        Outcome::Lost(why) => {
+            hang_up(io, &mut child, pid, &cfg.timing).await;
+            // If the peer sent a close, tungstenite queued the answer; flush it.
+            let _ = timeout(cfg.timing.close_timeout, sink.close()).await;
+            SessionEnd::Lost(why)
+        }
+        Outcome::Cancelled(c) => {
+            hang_up(io, &mut child, pid, &cfg.timing).await;
+            close_leg(&mut sink, &mut stream, c.code, &c.reason, &cfg.timing).await;
+            SessionEnd::Cancelled(c.reason)
+        }
+        Outcome::BadMessage(why) => {
+            hang_up(io, &mut child, pid, &cfg.timing).await;
+            let err = Message::Error { code: channel::ERROR_BAD_MESSAGE, message: &why }.to_vec();
+            let _ =
+                timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(err.into()))).await;
+            close_leg(
+                &mut sink,
+                &mut stream,
+                close::PROTOCOL_ERROR,
+                "bad hatch.v1 message",
+                &cfg.timing,
+            )
+            .await;
+            SessionEnd::Lost(format!("client sent a bad message: {why}"))
+        }
+    };
+    info!(session = %sid, pid, end = ?end, "session ended");
+    end
+}
+
+/// Dials the data leg: WSS, bearer token, subprotocol `hatch.v1`.
+async fn dial(
+    spec: &SessionSpec,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Ws, tungstenite::Error> {
+    let mut req = spec.stream_url.as_str().into_client_request()?;
+    let headers = req.headers_mut();
+    let bearer = format!("Bearer {}", spec.token);
+    headers.insert(
+        http::header::AUTHORIZATION,
+        bearer.parse().map_err(|_| {
+            tungstenite::Error::Url(tungstenite::error::UrlError::UnsupportedUrlScheme)
+        })?,
+    );
+    headers
+        .insert(http::header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(SUBPROTOCOL));
+    let (ws, _resp) = tokio_tungstenite::connect_async_tls_with_config(
+        req,
+        Some(leg_config()),
+        true,
+        Some(Connector::Rustls(tls.clone())),
+    )
+    .await?;
+    Ok(ws)
+}
+
+/// WebSocket buffers of a data leg: small eager read buffer, writes go out at once (a
+/// keystroke echo must not wait for a buffer to fill), bounded inbound messages.
+fn leg_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(MAX_DATA + 64)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * MAX_DATA)
+        .max_message_size(Some(MAX_INBOUND_MESSAGE))
+        .max_frame_size(Some(MAX_INBOUND_MESSAGE))
+}
+
+/// Resolves the run-as user and builds the launch (environment, program, identity).
+async fn prepare(spec: &SessionSpec, default_user: Option<&str>) -> Result<Launch, (u16, String)> {
+    let wanted = spec.run_as.clone().or_else(|| default_user.map(str::to_owned));
+    // getpwnam and getgrouplist may consult NSS (LDAP, files): not on a runtime thread.
+    let user = tokio::task::spawn_blocking(move || resolve_user(wanted.as_deref()))
+        .await
+        .map_err(|e| (channel::ERROR_INTERNAL, format!("resolving the user: {e}")))??;
+    let (user, credentials) = user;
+
+    let shell = if user.shell.as_os_str().is_empty() {
+        "/bin/sh".to_owned()
+    } else {
+        user.shell.to_string_lossy().into_owned()
+    };
+    let home = user.dir.to_string_lossy().into_owned();
+    let path = if user.uid.is_root() {
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    } else {
+        "/usr/local/bin:/usr/bin:/bin:/usr/games"
+    };
+    // TERM names a terminfo file: only plain names, never a path or control characters.
+    let term = spec.term.as_deref().filter(|t| {
+        !t.is_empty()
+            && t.len() <= 64
+            && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
+    });
+    let env = vec![
+        ("HOME".to_owned(), home.clone()),
+        ("USER".to_owned(), user.name.clone()),
+        ("LOGNAME".to_owned(), user.name.clone()),
+        ("SHELL".to_owned(), shell.clone()),
+        ("PATH".to_owned(), path.to_owned()),
+        ("TERM".to_owned(), term.unwrap_or(DEFAULT_TERM).to_owned()),
+        ("LANG".to_owned(), DEFAULT_LANG.to_owned()),
+        ("HATCH_SESSION_ID".to_owned(), spec.session_id.clone()),
+    ];
+    let (program, arg0, args) = match spec.mode {
+        Mode::Shell => {
+            let base = shell.rsplit('/').next().unwrap_or("sh");
+            (shell.clone(), Some(format!("-{base}")), Vec::new())
+        }
+        Mode::Exec => match spec.command.as_deref() {
+            Some([program, args @ ..]) if !program.is_empty() => {
+                (program.clone(), None, args.to_vec())
+            }
+            _ => return Err((channel::ERROR_SPAWN, "exec session without a command".to_owned())),
+        },
+    };
+    if [&program, &home].iter().any(|s| s.contains('\0'))
+        || args.iter().chain(env.iter().map(|(_, v)| v)).any(|s| s.contains('\0'))
+    {
+        return Err((channel::ERROR_SPAWN, "command or environment contains a NUL byte".into()));
+    }
+    Ok(Launch { program, arg0, args, env, cwd: home, credentials })
+}
+
+/// The user to run as, and the identity switch needed (none when already that user).
+fn resolve_user(wanted: Option<&str>) -> Result<(User, Option<Credentials>), (u16, String)> {
+    let euid = nix::unistd::geteuid();
+    let user = match wanted {
+        Some(name) => match User::from_name(name) {
+            Ok(Some(u)) => u,
+            Ok(None) => {
+                return Err((
+                    channel::ERROR_RUN_AS,
+                    format!("user \"{name}\" does not exist on this instance"),
+                ));
+            }
+            Err(e) => {
+                return Err((channel::ERROR_RUN_AS, format!("looking up user \"{name}\": {e}")));
+            }
+        },
+        None => match User::from_uid(euid) {
+            Ok(Some(u)) => u,
+            _ => {
+                return Err((
+                    channel::ERROR_RUN_AS,
+                    format!("the agent's own user (uid {euid}) has no passwd entry"),
+                ));
+            }
+        },
+    };
+    if user.uid == euid {
+        return Ok((user, None));
+    }
+    if !euid.is_root() {
+        let me = User::from_uid(euid).ok().flatten().map(|u| u.name).unwrap_or_default();
+        return Err((
+            channel::ERROR_RUN_AS,
+            format!(
+                "cannot run as \"{}\": the agent runs as \"{me}\" (uid {euid}), not root, and can \
+                 only start sessions as itself",
+                user.name
+            ),
+        ));
+    }
+    let cname = std::ffi::CString::new(user.name.as_bytes())
+        .map_err(|_| (channel::ERROR_RUN_AS, "user name contains a NUL byte".to_owned()))?;
+    let groups = groups_of(&cname, user.gid)
+        .map_err(|e| (channel::ERROR_RUN_AS, format!("groups of \"{}\": {e}", user.name)))?;
+    let creds = Credentials { uid: user.uid, gid: user.gid, groups };
+    Ok((user, Some(creds)))
+}
+
+/// The supplementary groups `initgroups(name, gid)` would set.
+fn groups_of(name: &std::ffi::CStr, gid: Gid) -> nix::Result<Vec<Gid>> {
+    nix::unistd::getgrouplist(name, gid)
+}
+
+/// Why the pumps stopped.
+enum Outcome {
+    /// The child exited (output drained or the drain timed out).
+    Exited(ExitStatus),
+    /// The data leg closed, failed or went silent.
+    Lost(String),
+    /// The agent ends the session.
+    Cancelled(Cancel),
+    /// The client sent something that is not hatch.v1.
+    BadMessage(String),
+}
+
+/// Why `pump_in` stopped.
+enum InEnd {
+    Closed(Option<CloseFrame>),
+    Gone(String),
+    Bad(String),
+}
+
+/// The command's side of a session: a PTY, or pipes when the client is not a terminal.
+enum Io {
+    Pty(Pty),
+    Pipes {
+        /// `None` once the client ended its input.
+        input: Option<tokio::net::unix::pipe::Sender>,
+        output: tokio::net::unix::pipe::Receiver,
+    },
+}
+
+/// Where output is read from.
+enum Output<'a> {
+    Pty(&'a Pty),
+    Pipe(&'a tokio::net::unix::pipe::Receiver),
+}
+
+impl Output<'_> {
+    /// Reads output; `Ok(0)` once no process holds the terminal or pipe open any more.
+    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Output::Pty(p) => p.read(buf).await,
+            Output::Pipe(r) => loop {
+                r.readable().await?;
+                match r.try_read(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            },
+        }
+    }
+}
+
+/// Where input is written to.
+enum Input<'a> {
+    Pty(&'a Pty),
+    Pipe(Option<tokio::net::unix::pipe::Sender>),
+}
+
+impl Input<'_> {
+    async fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Input::Pty(p) => p.write_all(buf).await,
+            Input::Pipe(None) => Ok(()),
+            Input::Pipe(Some(w)) => {
+                while !buf.is_empty() {
+                    w.writable().await?;
+                    match w.try_write(buf) {
+                        Ok(n) => buf = &buf[n..],
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// End of input: close the pipe, or type the terminal's EOF character.
+    async fn end(&mut self) -> std::io::Result<()> {
+        match self {
+            Input::Pty(p) => p.write_all(&[p.eof_char()]).await,
+            Input::Pipe(w) => {
+                *w = None;
+                Ok(())
+            }
+        }
+    }
+
+    fn resize(&self, cols: u16, rows: u16) -> std::io::Result<()> {
+        match self {
+            Input::Pty(p) => p.resize(cols, rows),
+            Input::Pipe(_) => Ok(()),
+        }
+    }
+}
+
+async fn pump(
+    io: &mut Io,
+    child: &mut tokio::process::Child,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    mut cancel: oneshot::Receiver<Cancel>,
+    timing: &SessionTiming,
+) -> Outcome {
+    let (output, input) = match io {
+        Io::Pty(p) => {
+            let p: &Pty = p;
+            (Output::Pty(p), Input::Pty(p))
+        }
+        Io::Pipes { input, output } => (Output::Pipe(output), Input::Pipe(input.take())),
+    };
+    let sending = AtomicBool::new(false);
+    let out = pump_out(&output, sink, timing.ping_interval, &sending);
+    let inp = pump_in(input, stream, timing.dead_after, &sending);
+    tokio::pin!(out, inp);
+    let mut out_done = false;
+    let mut status: Option<ExitStatus> = None;
+    let drain = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(drain);
+    let mut cancel_open = true;
+    loop {
+        if let (true, Some(st)) = (out_done, status) {
+            return Outcome::Exited(st);
+        }
+        tokio::select! {
+            r = &mut out, if !out_done => match r {
+                Ok(()) => out_done = true,
+                Err(e) => return Outcome::Lost(e),
+            },
+            st = child.wait(), if status.is_none() => match st {
+                Ok(st) => {
+                    status = Some(st);
+                    drain.as_mut().reset(Instant::now() + timing.drain_timeout);
+                }
+                Err(e) => return Outcome::Lost(format!("waiting for the child: {e}")),
+            },
+            () = &mut drain, if status.is_some() => {
+                debug!("output drain timed out (a background process keeps the terminal open)");
+                return Outcome::Exited(status.expect("guarded by the branch condition"));
+            }
+            r = &mut inp => return match r {
+                InEnd::Closed(frame) => Outcome::Lost(match frame {
+                    Some(f) => format!("leg closed with {} ({}) {}", u16::from(f.code),
+                        close::describe(f.code.into()), f.reason),
+                    None => "leg closed".to_owned(),
+                }),
+                InEnd::Gone(why) => Outcome::Lost(why),
+                InEnd::Bad(why) => Outcome::BadMessage(why),
+            },
+            c = &mut cancel, if cancel_open => match c {
+                Ok(c) => return Outcome::Cancelled(c),
+                // The sender was dropped without a reason: nobody can cancel any more.
+                Err(_) => cancel_open = false,
+            },
+        }
+    }
+}
+
+/// PTY → leg. Ends with `Ok` when the PTY hangs up (no process holds it any more).
+async fn pump_out(
+    pty: &Output<'_>,
+    sink: &mut Sink,
+    ping_interval: Duration,
+    sending: &AtomicBool,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; 1 + MAX_DATA];
+    buf[0] = channel::TYPE_DATA;
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    loop {
+        tokio::select! {
+            r = pty.read(&mut buf[1..]) => {
+                let n = match r {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => n,
+                    Err(e) => return Err(format!("reading the terminal: {e}")),
+                };
+                let msg = WsMessage::Binary(Bytes::copy_from_slice(&buf[..1 + n]));
+                sending.store(true, Ordering::Relaxed);
+                let sent = sink.send(msg).await;
+                sending.store(false, Ordering::Relaxed);
+                sent.map_err(|e| format!("sending output: {e}"))?;
+            }
+            _ = ping.tick() => {
+                sending.store(true, Ordering::Relaxed);
+                let sent = sink.send(WsMessage::Ping(Bytes::new())).await;
+                sending.store(false, Ordering::Relaxed);
+                sent.map_err(|e| format!("sending a ping: {e}"))?;
+            }
+        }
+    }
+}
+
+/// Leg → PTY.
+async fn pump_in(
+    mut pty: Input<'_>,
+    stream: &mut Stream,
+    dead_after: Duration,
+    sending: &AtomicBool,
+) -> InEnd {
+    let mut pty_open = true;
+    loop {
+        let msg = match timeout(dead_after, stream.next()).await {
+            // Output waiting for a slow reader: the leg is flow-controlled, not dead.
+            Err(_) if sending.load(Ordering::Relaxed) => continue,
+            Err(_) => return InEnd::Gone(format!("leg silent for {dead_after:?}")),
+            Ok(None) => return InEnd::Gone("leg connection ended".into()),
+            Ok(Some(Err(e))) => return InEnd::Gone(format!("leg failed: {e}")),
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            WsMessage::Binary(b) => match Message::decode(&b) {
+                Ok(Message::Data(d)) if pty_open => {
+                    // An empty DATA is the end of the client's input.
+                    let done = if d.is_empty() { pty.end().await } else { pty.write_all(d).await };
+                    if let Err(e) = done {
+                        // The child has gone and the terminal with it; the exit path follows.
+                        debug!(?e, "terminal no longer accepts input");
+                        pty_open = false;
+                    }
+                }
+                // Input after the command stopped reading is dropped.
+                Ok(Message::Data(_)) => {}
+                Ok(Message::Resize { cols, rows }) => {
+                    if cols == 0 || rows == 0 {
+                        debug!(cols, rows, "ignoring an empty window size");
+                    } else if let Err(e) = pty.resize(cols, rows) {
+                        debug!(?e, "resize failed");
+                    }
+                }
+                Ok(Message::Error { code, message }) => {
+                    warn!(code, message, "client reported an error");
+                }
+                Ok(Message::Ack(_) | Message::Exit(_) | Message::Unknown { .. }) => {}
+                Err(e) => return InEnd::Bad(e.to_string()),
+            },
+            WsMessage::Text(_) => {
+                return InEnd::Bad("text message on the binary hatch.v1 channel".into());
+            }
+            WsMessage::Close(frame) => return InEnd::Closed(frame),
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
+        }
+    }
+}
+
+/// Hangs up the session: SIGHUP (and SIGCONT, as the kernel does for a terminal hang-up) to its
+/// process group, close the PTY, then reap, with SIGKILL after the grace period.
+async fn hang_up(pty: Io, child: &mut tokio::process::Child, pid: u32, timing: &SessionTiming) {
+    // Signals first, then the PTY: a shell that saw EOF on its terminal before the SIGHUP
+    // would exit without forwarding the hang-up to its jobs.
+    hang_up_session(pid);
+    drop(pty);
+    if timeout(timing.hangup_grace, child.wait()).await.is_err() {
+        warn!(pid, "session leader ignored the hang-up; killing its process group");
+        let _ = pty::signal_group(pid, Signal::SIGKILL);
+        if let Err(e) = child.wait().await {
+            warn!(pid, ?e, "reaping the child failed");
+        }
+    }
+    // Jobs started after the first scan (a shell forking while it hangs up) get theirs too.
+    hang_up_session(pid);
+}
+
+/// SIGHUP then SIGCONT (as the kernel does on a hang-up, so stopped jobs see it) to every
+/// process of the session.
+fn hang_up_session(pid: u32) {
+    let _ = pty::signal_group(pid, Signal::SIGHUP);
+    let n = pty::signal_session(pid, Signal::SIGHUP);
+    let _ = pty::signal_group(pid, Signal::SIGCONT);
+    pty::signal_session(pid, Signal::SIGCONT);
+    debug!(pid, processes = n, "session hung up");
+}
+
+/// Sends a close frame and waits (bounded) for the peer's answer.
+async fn close_leg(
+    sink: &mut Sink,
+    stream: &mut Stream,
+    code: u16,
+    reason: &str,
+    timing: &SessionTiming,
+) {
+    // A close reason is at most 123 bytes (RFC 6455 §5.5); cut on a character boundary.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = CloseFrame { code: code.into(), reason: reason[..end].to_owned().into() };
+    let sent = timeout(timing.close_timeout, sink.send(WsMessage::Close(Some(frame)))).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    let _ = timeout(timing.close_timeout, async { while let Some(Ok(_)) = stream.next().await {} })
+        .await;
+}
+
+/// The EXIT status of a wait status: the exit code, or 128+n for signal n.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        // Neither exited nor signalled cannot come out of wait(); report a failure.
+        (None, None) => 255,
+    }
+}

@@ -1,0 +1,282 @@
+//! Test harness: a real WSS server on 127.0.0.1:0 (dev PKI from hatch-relay) standing in for
+//! the relay's data plane, and a client speaking hatch.v1 on the accepted legs.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hatch_agent::session::{self, SessionConfig, SessionEnd, SessionSpec};
+use hatch_proto::api::Mode;
+use hatch_proto::channel::Message;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+
+/// Every wait in these tests ends within this.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The bearer token the fake data plane expects.
+pub const TOKEN: &str = "agent-token-for-tests";
+
+/// A WSS listener standing in for the data plane.
+pub struct LegServer {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    /// `wss://127.0.0.1:port`.
+    pub base: String,
+    /// Client TLS config trusting the dev CA.
+    pub cfg: SessionConfig,
+    /// The dev CA's PEM.
+    pub ca_pem: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LegServer {
+    pub async fn start() -> LegServer {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = hatch_relay::certs::ensure_dev_pki(dir.path(), &[]).unwrap();
+        let server = hatch_relay::certs::server_config(&pki.cert_file, &pki.key_file, &[]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let ca = std::fs::read_to_string(&pki.ca_file).unwrap();
+        let tls = hatch_agent::tls::client_config(Some(&ca), false).unwrap();
+        let (_, timing) = hatch_agent::cli::fast_timing();
+        LegServer {
+            listener,
+            acceptor: TlsAcceptor::from(server),
+            base: format!("wss://127.0.0.1:{port}"),
+            cfg: SessionConfig { tls, default_user: None, allow_plaintext: false, timing },
+            ca_pem: ca,
+            _dir: dir,
+        }
+    }
+
+    pub fn spec(&self, sid: &str, mode: Mode, command: Option<&[&str]>) -> SessionSpec {
+        SessionSpec {
+            session_id: sid.to_owned(),
+            stream_url: format!("{}/v1/stream/{sid}?role=agent", self.base),
+            token: TOKEN.to_owned(),
+            mode,
+            command: command.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            run_as: None,
+            term: None,
+        }
+    }
+
+    /// Accepts one agent leg; checks the bearer token and answers with `hatch.v1`.
+    /// Returns the request path and the client side of the session.
+    pub async fn accept(&self) -> (String, Client) {
+        let (tcp, _) =
+            tokio::time::timeout(DEADLINE, self.listener.accept()).await.unwrap().unwrap();
+        accept_leg(self.acceptor.clone(), tcp).await
+    }
+
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.clone()
+    }
+
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
+    }
+}
+
+pub async fn accept_leg(acceptor: TlsAcceptor, tcp: TcpStream) -> (String, Client) {
+    let tls = tokio::time::timeout(DEADLINE, acceptor.accept(tcp)).await.unwrap().unwrap();
+    let mut path = String::new();
+    // The signature is tungstenite's callback type; its error is an HTTP response.
+    #[allow(clippy::result_large_err)]
+    let cb = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        path = req.uri().to_string();
+        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+        assert_eq!(auth, Some(format!("Bearer {TOKEN}").as_str()));
+        let proto = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
+        assert_eq!(proto, Some("hatch.v1"));
+        resp.headers_mut().insert("sec-websocket-protocol", "hatch.v1".parse().unwrap());
+        Ok(resp)
+    };
+    let ws = tokio::time::timeout(DEADLINE, tokio_tungstenite::accept_hdr_async(tls, cb))
+        .await
+        .unwrap()
+        .unwrap();
+    (path, Client { ws, output: Vec::new() })
+}
+
+/// What the client saw when the leg ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub output: String,
+    pub exit: Option<i32>,
+    pub errors: Vec<(u16, String)>,
+    pub close: Option<(u16, String)>,
+}
+
+/// The client side of one session.
+pub struct Client {
+    pub ws: WebSocketStream<TlsStream<TcpStream>>,
+    pub output: Vec<u8>,
+}
+
+impl Client {
+    pub async fn send(&mut self, m: Message<'_>) {
+        self.ws.send(WsMessage::Binary(m.to_vec().into())).await.unwrap();
+    }
+
+    pub async fn type_line(&mut self, line: &str) {
+        self.send(Message::Data(line.as_bytes())).await;
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.output).into_owned()
+    }
+
+    /// Asks the shell for its pid and returns it.
+    pub async fn shell_pid(&mut self) -> i32 {
+        self.type_line("echo pid=$$ end\n").await;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let text = self.text();
+            let found = text.match_indices("pid=").find_map(|(i, _)| {
+                let digits: String =
+                    text[i + 4..].chars().take_while(|c| c.is_ascii_digit()).collect();
+                let rest = &text[i + 4 + digits.len()..];
+                if rest.starts_with(" end") { digits.parse().ok() } else { None }
+            });
+            if let Some(pid) = found {
+                return pid;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no pid in {text:?}");
+            let before = self.output.len();
+            self.wait_for_more(before).await;
+        }
+    }
+
+    async fn wait_for_more(&mut self, before: usize) {
+        while self.output.len() == before {
+            let msg = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("no output in time")
+                .expect("leg ended")
+                .unwrap();
+            if let WsMessage::Binary(b) = msg {
+                match Message::decode(&b).unwrap() {
+                    Message::Data(d) => self.output.extend_from_slice(d),
+                    other => panic!("unexpected {other:?}; got {:?}", self.text()),
+                }
+            }
+        }
+    }
+
+    /// Reads DATA until the output contains `needle`; panics at the deadline or on EXIT/close.
+    pub async fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !self.text().contains(needle) {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("no {needle:?} within {DEADLINE:?}; got {:?}", self.text())
+                })
+                .unwrap_or_else(|| panic!("leg ended before {needle:?}; got {:?}", self.text()))
+                .unwrap();
+            if let WsMessage::Binary(b) = msg {
+                match Message::decode(&b).unwrap() {
+                    Message::Data(d) => self.output.extend_from_slice(d),
+                    other => panic!("{other:?} before {needle:?}; got {:?}", self.text()),
+                }
+            }
+        }
+        self.text()
+    }
+
+    /// Reads until the leg closes; collects output, EXIT, ERRORs and the close frame.
+    pub async fn finish(mut self) -> Finished {
+        let mut exit = None;
+        let mut errors = Vec::new();
+        let mut close = None;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("leg still open after {DEADLINE:?}; output {:?}", self.text()),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => break,
+                Ok(Some(Ok(m))) => m,
+            };
+            match msg {
+                WsMessage::Binary(b) => match Message::decode(&b).unwrap() {
+                    Message::Data(d) => {
+                        assert!(exit.is_none(), "DATA after EXIT");
+                        self.output.extend_from_slice(d)
+                    }
+                    Message::Exit(code) => exit = Some(code),
+                    Message::Error { code, message } => errors.push((code, message.to_owned())),
+                    other => panic!("unexpected {other:?}"),
+                },
+                WsMessage::Close(f) => {
+                    close = f.map(|f| (u16::from(f.code), f.reason.to_string()));
+                }
+                _ => {}
+            }
+        }
+        Finished { output: self.text(), exit, errors, close }
+    }
+}
+
+/// Runs one session in the background; the receiver yields how it ended, the sender cancels.
+pub fn spawn_session(
+    spec: SessionSpec,
+    cfg: &SessionConfig,
+) -> (tokio::task::JoinHandle<SessionEnd>, oneshot::Sender<session::Cancel>) {
+    let (tx, rx) = oneshot::channel();
+    let cfg = cfg.clone();
+    (tokio::spawn(async move { session::run(spec, &cfg, rx).await }), tx)
+}
+
+/// Pids of live (non-zombie) processes whose session id is `sid`.
+pub fn processes_in_session(sid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the parenthesised command: state ppid pgrp session ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 3 && f[3].parse::<i32>().ok() == Some(sid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Zombie children of this process.
+pub fn zombie_children() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 1 && f[0] == "Z" && f[1].parse::<i32>().ok() == Some(me) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Polls `cond` every 20 ms until it holds or the deadline passes.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn arc<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}

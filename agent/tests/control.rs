@@ -1,0 +1,191 @@
+//! The control loop against a loopback WSS control endpoint (dev PKI): heartbeats, session.open,
+//! session.failed, reconnect after the channel drops, shutdown closing live sessions.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use hatch_agent::control::{self, RunConfig};
+use hatch_agent::state::State;
+use hatch_proto::api::Mode;
+use hatch_proto::channel;
+use hatch_proto::close;
+use hatch_proto::control::{FromAgent, ToAgent};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "instance-secret-for-tests";
+
+type CtrlWs =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+async fn accept_control(listener: &TcpListener, acceptor: &TlsAcceptor) -> CtrlWs {
+    let (tcp, _) = tokio::time::timeout(DEADLINE, listener.accept()).await.unwrap().unwrap();
+    let tls = tokio::time::timeout(DEADLINE, acceptor.accept(tcp)).await.unwrap().unwrap();
+    #[allow(clippy::result_large_err)]
+    let cb = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        assert_eq!(req.uri().path(), "/v1/agent/connect");
+        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+        assert_eq!(auth, Some(format!("Bearer {SECRET}").as_str()));
+        Ok(resp)
+    };
+    tokio::time::timeout(DEADLINE, tokio_tungstenite::accept_hdr_async(tls, cb))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn send(ws: &mut CtrlWs, m: &ToAgent) {
+    ws.send(WsMessage::Text(serde_json::to_string(m).unwrap().into())).await.unwrap();
+}
+
+async fn recv(ws: &mut CtrlWs) -> FromAgent {
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap() {
+            WsMessage::Text(t) => return serde_json::from_str(&t).unwrap(),
+            WsMessage::Ping(_) | WsMessage::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn open(
+    srv: &LegServer,
+    sid: &str,
+    mode: Mode,
+    cmd: Option<&[&str]>,
+    run_as: Option<&str>,
+) -> ToAgent {
+    let s = srv.spec(sid, mode, cmd);
+    ToAgent::SessionOpen {
+        session_id: s.session_id,
+        stream_url: s.stream_url,
+        token: s.token,
+        mode: s.mode,
+        command: s.command,
+        run_as: run_as.map(str::to_owned),
+        term: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_channel_heartbeats_sessions_reconnect_and_shutdown() {
+    let srv = LegServer::start().await;
+    let ctrl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = ctrl.local_addr().unwrap().port();
+    let acceptor = srv.acceptor();
+    let (timing, session_timing) = hatch_agent::cli::fast_timing();
+    let mut session = srv.cfg.clone();
+    session.timing = session_timing;
+    let cfg = RunConfig {
+        state: State {
+            instance_id: "i-0000000000000001".into(),
+            instance_secret: SECRET.into(),
+            api_url: format!("https://127.0.0.1:{port}"),
+            ca_pem: None,
+        },
+        tls: srv.cfg.tls.clone(),
+        session,
+        timing,
+        max_sessions: 8,
+    };
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(control::run(cfg, shutdown.clone()));
+
+    let mut ws = accept_control(&ctrl, &acceptor).await;
+    send(&mut ws, &ToAgent::Heartbeat { seq: 7 }).await;
+    assert_eq!(recv(&mut ws).await, FromAgent::Heartbeat { seq: 7 });
+
+    // session.open: the agent dials the leg and runs the command.
+    send(&mut ws, &open(&srv, "s-c1", Mode::Exec, Some(&["echo", "via-control"]), None)).await;
+    let (path, client) = srv.accept().await;
+    assert!(path.starts_with("/v1/stream/s-c1"), "{path}");
+    let done = client.finish().await;
+    assert_eq!((done.output.as_str(), done.exit), ("via-control\n", Some(0)));
+
+    // A session that cannot start: ERROR on the leg, session.failed on the control channel.
+    send(&mut ws, &open(&srv, "s-c2", Mode::Shell, None, Some("no-such-user-hatch"))).await;
+    let (_, client) = srv.accept().await;
+    let done = client.finish().await;
+    assert_eq!(done.errors.first().map(|e| e.0), Some(channel::ERROR_RUN_AS), "{done:?}");
+    match recv(&mut ws).await {
+        FromAgent::SessionFailed { session_id, message } => {
+            assert_eq!(session_id, "s-c2");
+            assert!(message.contains("does not exist"), "{message}");
+        }
+        other => panic!("expected session.failed, got {other:?}"),
+    }
+
+    // A live shell survives the control channel dropping; the agent reconnects.
+    send(&mut ws, &open(&srv, "s-c3", Mode::Shell, None, None)).await;
+    let (_, mut shell) = srv.accept().await;
+    let pid = shell.shell_pid().await;
+    drop(ws);
+    let mut ws = accept_control(&ctrl, &acceptor).await;
+    send(&mut ws, &ToAgent::Heartbeat { seq: 8 }).await;
+    assert_eq!(recv(&mut ws).await, FromAgent::Heartbeat { seq: 8 });
+    shell.type_line("echo still-$((1+1))\n").await;
+    shell.wait_for("still-2").await;
+
+    // session.close ends that session with 4006 and the reason.
+    send(&mut ws, &open(&srv, "s-c4", Mode::Shell, None, None)).await;
+    let (_, mut closing) = srv.accept().await;
+    closing.shell_pid().await;
+    let close_msg =
+        ToAgent::SessionClose { session_id: "s-c4".into(), reason: "terminated".into() };
+    send(&mut ws, &close_msg).await;
+    let done = closing.finish().await;
+    assert_eq!(done.close, Some((close::TERMINATED, "terminated".into())));
+
+    // Shutdown: the live shell's leg is closed with 1001 and a reason, then the control channel.
+    shutdown.cancel();
+    let done = shell.finish().await;
+    assert_eq!(done.close, Some((close::GOING_AWAY, "agent shutting down".into())), "{done:?}");
+    let mut control_close = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(DEADLINE, ws.next()).await {
+        if let WsMessage::Close(f) = m {
+            control_close = f.map(|f| u16::from(f.code));
+        }
+    }
+    assert_eq!(control_close, Some(close::GOING_AWAY));
+    tokio::time::timeout(DEADLINE, agent).await.unwrap().unwrap().unwrap();
+    eventually("shell gone", || processes_in_session(pid).is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_api_is_retried_until_it_answers() {
+    let srv = LegServer::start().await;
+    // Reserve a port, close it: the first attempts are refused.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (timing, session_timing) = hatch_agent::cli::fast_timing();
+    let mut session = srv.cfg.clone();
+    session.timing = session_timing;
+    let cfg = RunConfig {
+        state: State {
+            instance_id: "i-0000000000000002".into(),
+            instance_secret: SECRET.into(),
+            api_url: format!("https://127.0.0.1:{port}"),
+            ca_pem: None,
+        },
+        tls: srv.cfg.tls.clone(),
+        session,
+        timing,
+        max_sessions: 8,
+    };
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(control::run(cfg, shutdown.clone()));
+    // Let a few attempts fail, then come up on the same port.
+    tokio::task::yield_now().await;
+    let ctrl = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let mut ws = accept_control(&ctrl, &srv.acceptor()).await;
+    send(&mut ws, &ToAgent::Heartbeat { seq: 1 }).await;
+    assert_eq!(recv(&mut ws).await, FromAgent::Heartbeat { seq: 1 });
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, agent).await.unwrap().unwrap().unwrap();
+}

@@ -1,0 +1,254 @@
+//! What `sessions`, `sessions show` and `instances` print: aligned tables for people, the
+//! relay's JSON (pretty-printed, unchanged) for scripts.
+//!
+//! Tables read the JSON by field name, with alternatives where the API's naming could vary,
+//! and print `-` for an absent field, so that a newer relay with more fields still prints.
+//! Time is a parameter (`now`, Unix seconds) so that "3 min ago" is testable.
+
+use serde_json::Value;
+
+/// One table column: its title and the JSON fields that may hold its value, first found wins.
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    /// Header text.
+    pub title: &'static str,
+    /// Candidate field names.
+    pub keys: &'static [&'static str],
+    /// How to show the value.
+    pub kind: Kind,
+}
+
+/// How a column shows its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// As text.
+    Text,
+    /// A timestamp (RFC 3339 or Unix seconds) shown as "N min ago".
+    Ago,
+    /// A boolean shown as `online` / `offline`.
+    Online,
+    /// An object shown as `k=v,k=v`.
+    Tags,
+}
+
+/// Columns of `hatch sessions`.
+pub const SESSION_COLUMNS: &[Column] = &[
+    Column { title: "SESSION", keys: &["session_id", "id"], kind: Kind::Text },
+    Column { title: "INSTANCE", keys: &["instance_id"], kind: Kind::Text },
+    Column { title: "STATE", keys: &["state"], kind: Kind::Text },
+    Column { title: "MODE", keys: &["mode"], kind: Kind::Text },
+    Column { title: "RUN AS", keys: &["run_as"], kind: Kind::Text },
+    Column { title: "OWNER", keys: &["principal", "user_id", "user"], kind: Kind::Text },
+    Column { title: "STARTED", keys: &["created_at", "started_at"], kind: Kind::Ago },
+    Column { title: "REASON", keys: &["close_reason", "reason"], kind: Kind::Text },
+];
+
+/// Columns of `hatch instances`.
+pub const INSTANCE_COLUMNS: &[Column] = &[
+    Column { title: "INSTANCE", keys: &["instance_id", "id"], kind: Kind::Text },
+    Column { title: "HOSTNAME", keys: &["hostname", "name"], kind: Kind::Text },
+    Column { title: "STATUS", keys: &["online", "status"], kind: Kind::Online },
+    Column { title: "LAST SEEN", keys: &["last_seen", "last_seen_at"], kind: Kind::Ago },
+    Column { title: "REGION", keys: &["region"], kind: Kind::Text },
+    Column { title: "TAGS", keys: &["tags"], kind: Kind::Tags },
+];
+
+/// The items of a list answer: the answer itself if it is an array, else its `key` array.
+pub fn items<'a>(answer: &'a Value, key: &str) -> Vec<&'a Value> {
+    match answer {
+        Value::Array(a) => a.iter().collect(),
+        Value::Object(o) => match o.get(key) {
+            Some(Value::Array(a)) => a.iter().collect(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// An aligned table with a header row; columns separated by two spaces, no trailing blanks.
+pub fn table(rows: &[&Value], columns: &[Column], now: i64) -> String {
+    let cells: Vec<Vec<String>> =
+        rows.iter().map(|row| columns.iter().map(|c| cell(row, c, now)).collect()).collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells.iter().map(|r| r[i].chars().count()).chain([c.title.len()]).max().unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let mut line = |values: Vec<&str>| {
+        let mut l = String::new();
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(v);
+            if i + 1 < values.len() {
+                l.extend(std::iter::repeat_n(' ', widths[i] - v.chars().count()));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(columns.iter().map(|c| c.title).collect());
+    for r in &cells {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// `key: value` lines of one object (`hatch sessions show`), keys aligned and sorted.
+pub fn details(obj: &Value, now: i64) -> String {
+    let Value::Object(map) = obj else { return format!("{obj}\n") };
+    let width = map.keys().map(|k| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in map {
+        let mut shown = text(v);
+        if (k.ends_with("_at") || k == "last_seen")
+            && let Some(ago) = ago(v, now)
+        {
+            shown = format!("{shown} ({ago})");
+        }
+        out.push_str(&format!("{k:<width$}  {shown}\n"));
+    }
+    out
+}
+
+fn cell(row: &Value, column: &Column, now: i64) -> String {
+    let Some(v) = column.keys.iter().find_map(|k| row.get(k)).filter(|v| !v.is_null()) else {
+        return "-".to_owned();
+    };
+    match column.kind {
+        Kind::Text => text(v),
+        Kind::Ago => ago(v, now).unwrap_or_else(|| text(v)),
+        Kind::Online => match v {
+            Value::Bool(true) => "online".to_owned(),
+            Value::Bool(false) => "offline".to_owned(),
+            other => text(other),
+        },
+        Kind::Tags => match v {
+            Value::Object(m) if m.is_empty() => "-".to_owned(),
+            Value::Object(m) => {
+                m.iter().map(|(k, v)| format!("{k}={}", text(v))).collect::<Vec<_>>().join(",")
+            }
+            other => text(other),
+        },
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(" "),
+        other => other.to_string(),
+    }
+}
+
+/// Unix seconds of a timestamp given as RFC 3339 text or as a number of seconds.
+pub fn unix_seconds(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(|t| t.unix_timestamp())
+        }
+        _ => None,
+    }
+}
+
+/// "12 s ago", "3 min ago", "2 h ago", "5 d ago" (rounded down); "just now" under a second.
+pub fn ago(v: &Value, now: i64) -> Option<String> {
+    let secs = now.saturating_sub(unix_seconds(v)?).max(0);
+    Some(match secs {
+        0 => "just now".to_owned(),
+        1..=59 => format!("{secs} s ago"),
+        60..=3599 => format!("{} min ago", secs / 60),
+        3600..=86_399 => format!("{} h ago", secs / 3600),
+        _ => format!("{} d ago", secs / 86_400),
+    })
+}
+
+/// The current time in Unix seconds.
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_700_000_000;
+
+    #[test]
+    fn ago_table() {
+        for (v, want) in [
+            (json!(NOW), Some("just now")),
+            (json!(NOW - 12), Some("12 s ago")),
+            (json!(NOW - 180), Some("3 min ago")),
+            (json!(NOW - 7300), Some("2 h ago")),
+            (json!(NOW - 5 * 86_400 - 5), Some("5 d ago")),
+            (json!(NOW + 30), Some("just now")),
+            (json!("2023-11-14T22:10:20Z"), Some("3 min ago")),
+            (json!("yesterday"), None),
+            (json!(null), None),
+        ] {
+            assert_eq!(ago(&v, NOW).as_deref(), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn instances_table() {
+        let answer = json!({"instances": [
+            {"instance_id": "i-0123456789abcdef", "hostname": "web-1", "online": true,
+             "last_seen": NOW - 5, "region": "eu-1", "tags": {"env": "prod", "role": "web"}},
+            {"instance_id": "i-fedcba9876543210", "online": false,
+             "last_seen": "2023-11-14T22:10:20Z", "tags": {}},
+        ]});
+        let rows = items(&answer, "instances");
+        assert_eq!(
+            table(&rows, INSTANCE_COLUMNS, NOW),
+            "INSTANCE            HOSTNAME  STATUS   LAST SEEN  REGION  TAGS\n\
+             i-0123456789abcdef  web-1     online   5 s ago    eu-1    env=prod,role=web\n\
+             i-fedcba9876543210  -         offline  3 min ago  -       -\n"
+        );
+    }
+
+    #[test]
+    fn sessions_table_from_a_bare_array() {
+        let answer = json!([
+            {"session_id": "s-00000000000000aa", "instance_id": "i-0123456789abcdef",
+             "state": "closed", "mode": "exec", "run_as": "root", "user_id": "u-1",
+             "created_at": NOW - 120, "close_reason": "exit"},
+        ]);
+        let rows = items(&answer, "sessions");
+        assert_eq!(
+            table(&rows, SESSION_COLUMNS, NOW),
+            "SESSION             INSTANCE            STATE   MODE  RUN AS  OWNER  STARTED    REASON\n\
+             s-00000000000000aa  i-0123456789abcdef  closed  exec  root    u-1    2 min ago  exit\n"
+        );
+    }
+
+    #[test]
+    fn empty_list_prints_only_the_header() {
+        let answer = json!({"sessions": []});
+        let rows = items(&answer, "sessions");
+        assert_eq!(
+            table(&rows, SESSION_COLUMNS, NOW),
+            "SESSION  INSTANCE  STATE  MODE  RUN AS  OWNER  STARTED  REASON\n"
+        );
+    }
+
+    #[test]
+    fn details_align_keys_and_explain_times() {
+        let obj = json!({"session_id": "s-1", "state": "active", "created_at": NOW - 60,
+                         "bytes_in": 12});
+        assert_eq!(
+            details(&obj, NOW),
+            "bytes_in    12\ncreated_at  1699999940 (1 min ago)\nsession_id  s-1\nstate       active\n"
+        );
+    }
+}

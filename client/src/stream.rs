@@ -1,0 +1,422 @@
+//! One session on the data plane: dial `stream_url` over WSS (bearer token, subprotocol
+//! `hatch.v1`), send RESIZE first and on every SIGWINCH, stdin as DATA, print DATA as it
+//! arrives, remember EXIT, and turn the close into an exit code.
+//!
+//! ```text
+//!  stdin thread ──(bounded channel)──▶ escape ──▶ DATA ──▶ ┐
+//!  SIGWINCH ────────────────────────────────────▶ RESIZE ─▶ ├─ WSS ─▶ relay ─▶ agent
+//!  stdout ◀──────────────────────────────────────  DATA ◀── ┘   EXIT, close code
+//! ```
+//!
+//! End of input (stdin EOF when it is not a terminal) is sent as a DATA message with an empty
+//! body, so that `hatch exec -- cat < file` ends. Every wait on the relay has a deadline: a
+//! send that does not complete in [`SEND_TIMEOUT`], or silence longer than [`DEAD_AFTER`]
+//! (pings go out after [`PING_AFTER`] of silence), is a lost connection (exit 255).
+
+use std::io::Read;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hatch_proto::api::StartSessionResponse;
+use hatch_proto::channel::Message as Channel;
+use hatch_proto::close;
+use http::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::api::{CONNECT_TIMEOUT, classify_io, describe_tls_error};
+use crate::errors::{CliError, Subject};
+use crate::escape::{Action, Escape, HELP};
+use crate::terminal::{self, RawGuard};
+
+/// The `hatch.v1` WebSocket subprotocol.
+pub const SUBPROTOCOL: &str = "hatch.v1";
+/// Silence from the relay after which the client sends a ping (the relay pings every 30 s).
+pub const PING_AFTER: Duration = Duration::from_secs(15);
+/// Interval of the pings sent while the relay is silent.
+pub const PING_EVERY: Duration = Duration::from_secs(5);
+/// Silence from the relay after which the connection is declared lost (the relay's own dead-leg
+/// limit is 90 s; pings answered by the relay itself keep a healthy connection well inside).
+pub const DEAD_AFTER: Duration = Duration::from_secs(45);
+/// Deadline for one write to the relay.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the close after EXIT arrived before exiting anyway.
+pub const CLOSE_AFTER_EXIT: Duration = Duration::from_secs(5);
+/// Largest message accepted from the relay (bytes): the agent sends output in chunks far below
+/// this; a peer sending more is cut off rather than allowed to grow the client's memory.
+pub const MAX_MESSAGE: usize = 4 << 20;
+/// Bytes read from stdin at once (one DATA message at most this big).
+const STDIN_CHUNK: usize = 32 * 1024;
+/// Stdin chunks queued ahead of the WebSocket (bounded: 8 × 32 KiB).
+const STDIN_QUEUE: usize = 8;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Options of one streamed session.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Instance id, for messages.
+    pub instance: String,
+    /// Put the terminal in raw mode, send RESIZE, honour `~` escapes: stdin is a terminal.
+    pub interactive: bool,
+}
+
+/// Dials the data plane; an HTTP refusal with a Hatch error body becomes [`CliError::Api`].
+pub async fn connect(
+    started: &StartSessionResponse,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    instance: &str,
+) -> Result<Ws, CliError> {
+    let url = started.stream_url.clone();
+    let mut req = url.as_str().into_client_request().map_err(|e| CliError::BadResponse {
+        url: url.clone(),
+        detail: format!("stream URL: {e}"),
+    })?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {}", started.token)).map_err(|_| {
+        CliError::BadResponse { url: url.clone(), detail: "a token that is not a header".into() }
+    })?;
+    req.headers_mut().insert(AUTHORIZATION, bearer);
+    req.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    let limits = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
+    let dial = tokio_tungstenite::connect_async_tls_with_config(
+        req,
+        Some(limits),
+        true,
+        Some(tokio_tungstenite::Connector::Rustls(tls)),
+    );
+    let (ws, _response) = match timeout(CONNECT_TIMEOUT, dial).await {
+        Err(_) => return Err(CliError::Timeout { url, what: "WebSocket handshake" }),
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return Err(classify_ws_error(&url, e, instance)),
+    };
+    Ok(ws)
+}
+
+fn classify_ws_error(url: &str, err: tungstenite::Error, instance: &str) -> CliError {
+    use tungstenite::Error as E;
+    match err {
+        E::Http(resp) => {
+            let status = resp.status().as_u16();
+            match resp.body().as_deref().map(serde_json::from_slice::<hatch_proto::api::ErrorBody>)
+            {
+                Some(Ok(body)) => CliError::api(
+                    status,
+                    body,
+                    Subject {
+                        action: "hatch:StartSession",
+                        instance: Some(instance.to_owned()),
+                        data_plane: true,
+                        ..Subject::default()
+                    },
+                    Some(format!("GET {url} -> {status}")),
+                ),
+                _ => CliError::BadResponse {
+                    url: url.to_owned(),
+                    detail: format!(
+                        "HTTP {status} to the WebSocket upgrade, without an error body"
+                    ),
+                },
+            }
+        }
+        E::Io(e) => classify_io(url, &e),
+        E::Tls(tungstenite::error::TlsError::Rustls(e)) => {
+            CliError::Tls { url: url.to_owned(), detail: describe_tls_error(&e) }
+        }
+        E::Protocol(p) => CliError::BadResponse { url: url.to_owned(), detail: p.to_string() },
+        other => CliError::Lost(format!("{url}: {other}")),
+    }
+}
+
+/// How the loop ended, before it is turned into an exit code.
+enum End {
+    Closed(u16, String),
+    Lost(String),
+    Error(CliError),
+}
+
+/// Runs the session on an open stream until it ends; returns the exit code (the remote
+/// status) or the failure. Raw mode, when `interactive`, is on only inside this function.
+pub async fn run(ws: Ws, opts: &StreamOptions) -> Result<u8, CliError> {
+    let guard = if opts.interactive {
+        Some(RawGuard::enable().map_err(|e| CliError::Local(format!("raw mode: {e}")))?)
+    } else {
+        None
+    };
+    let (status, end) = pump(ws, opts).await;
+    if guard.is_some() && (status.is_none() || matches!(end, End::Error(_))) {
+        // The failure line follows on stderr: start it on a line of its own, not after the
+        // remote prompt.
+        eprint!("\r\n");
+    }
+    drop(guard);
+    if let Some(status) = status {
+        // The remote side said how it ended; a close after that does not change it.
+        if !matches!(end, End::Error(CliError::Disconnected | CliError::Signal(..))) {
+            return Ok(exit_status_to_code(status));
+        }
+    }
+    match end {
+        End::Closed(close::NORMAL, _) => Err(CliError::NoExitStatus),
+        End::Closed(code, reason) => {
+            Err(CliError::Closed { code, reason, instance: Some(opts.instance.clone()) })
+        }
+        End::Lost(detail) => Err(CliError::Lost(detail)),
+        End::Error(e) => Err(e),
+    }
+}
+
+/// A remote status as a process exit code: 0–255 as is, anything else 255.
+pub fn exit_status_to_code(status: i32) -> u8 {
+    u8::try_from(status).unwrap_or(255)
+}
+
+async fn pump(ws: Ws, opts: &StreamOptions) -> (Option<i32>, End) {
+    let (mut sink, mut stream) = ws.split();
+    let mut status: Option<i32> = None;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr_lines = LocalLines { raw: opts.interactive };
+
+    let fail = |e: std::io::Error, what: &str| End::Error(CliError::Local(format!("{what}: {e}")));
+    let mut winch = match signal(SignalKind::window_change()) {
+        Ok(s) => s,
+        Err(e) => return (None, fail(e, "SIGWINCH handler")),
+    };
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => return (None, fail(e, "SIGTERM handler")),
+    };
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => return (None, fail(e, "SIGHUP handler")),
+    };
+
+    let mut size = None;
+    if opts.interactive {
+        size = terminal::size();
+        if let Some((cols, rows)) = size {
+            let msg = Channel::Resize { cols, rows }.to_vec();
+            if let Err(end) = send(&mut sink, msg).await {
+                return (None, end);
+            }
+        }
+    }
+
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(STDIN_QUEUE);
+    spawn_stdin_reader(tx);
+    let mut stdin_open = true;
+    let mut escape = opts.interactive.then(Escape::new);
+
+    let mut last_rx = Instant::now();
+    let mut last_ping = Instant::now();
+    let mut exit_deadline: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let end = loop {
+        tokio::select! {
+            msg = stream.next() => {
+                last_rx = Instant::now();
+                match msg {
+                    Some(Ok(Message::Binary(bytes))) => match Channel::decode(&bytes) {
+                        Ok(Channel::Data(data)) => {
+                            if let Err(e) = write_out(&mut stdout, data).await {
+                                break fail(e, "writing to stdout");
+                            }
+                        }
+                        Ok(Channel::Exit(s)) => {
+                            status = Some(s);
+                            exit_deadline = Some(Instant::now() + CLOSE_AFTER_EXIT);
+                        }
+                        Ok(Channel::Error { code, message }) => {
+                            stderr_lines.line(&format!("hatch: remote error {code}: {message}"));
+                        }
+                        // RESIZE and ACK from the agent carry nothing for the client yet;
+                        // unknown types are ignored for forward compatibility.
+                        Ok(_) => {}
+                        Err(e) => {
+                            stderr_lines.line(&format!("hatch: ignored a bad message: {e}"));
+                        }
+                    },
+                    Some(Ok(Message::Close(frame))) => {
+                        let (code, reason) = frame
+                            .map(|f| (u16::from(f.code), f.reason.to_string()))
+                            .unwrap_or((close::NORMAL, String::new()));
+                        // Let tungstenite flush its close reply, briefly.
+                        let _ = timeout(Duration::from_millis(200), stream.next()).await;
+                        break End::Closed(code, reason);
+                    }
+                    // Pings are answered by tungstenite; text is not part of hatch.v1.
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break End::Lost(e.to_string()),
+                    None => break End::Lost("the relay closed the connection without a close \
+                                             frame".to_owned()),
+                }
+            }
+            input = rx.recv(), if stdin_open => {
+                let chunk = match input {
+                    Some(Ok(chunk)) => chunk,
+                    Some(Err(e)) => break fail(e, "reading stdin"),
+                    None => Vec::new(),
+                };
+                if chunk.is_empty() {
+                    // End of input: tell the agent, keep reading output until EXIT and close.
+                    stdin_open = false;
+                    if let Err(end) = send(&mut sink, Channel::Data(&[]).to_vec()).await {
+                        break end;
+                    }
+                    continue;
+                }
+                let actions = match escape.as_mut() {
+                    Some(esc) => esc.feed(&chunk),
+                    None => vec![Action::Send(chunk)],
+                };
+                let mut done = None;
+                for action in actions {
+                    match action {
+                        Action::Send(bytes) => {
+                            if let Err(end) = send(&mut sink, Channel::Data(&bytes).to_vec()).await {
+                                done = Some(end);
+                                break;
+                            }
+                        }
+                        Action::Help => stderr_lines.raw(HELP),
+                        Action::Disconnect => {
+                            let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
+                            done = Some(End::Error(CliError::Disconnected));
+                            break;
+                        }
+                    }
+                }
+                if let Some(end) = done {
+                    break end;
+                }
+            }
+            _ = winch.recv() => {
+                if opts.interactive {
+                    let now = terminal::size();
+                    if let Some((cols, rows)) = now.filter(|_| now != size) {
+                        size = now;
+                        if let Err(end) = send(&mut sink, Channel::Resize { cols, rows }.to_vec()).await {
+                            break end;
+                        }
+                    }
+                }
+            }
+            _ = term.recv() => {
+                let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
+                break End::Error(CliError::Signal("SIGTERM", 128 + 15));
+            }
+            _ = hup.recv() => {
+                let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
+                break End::Error(CliError::Signal("SIGHUP", 128 + 1));
+            }
+            _ = tick.tick() => {
+                if exit_deadline.is_some_and(|d| Instant::now() >= d) {
+                    break End::Closed(close::NORMAL, "no close after EXIT".to_owned());
+                }
+                let silent = last_rx.elapsed();
+                if silent >= DEAD_AFTER {
+                    break End::Lost(format!("no answer from the relay for {} s", silent.as_secs()));
+                }
+                // One probe every PING_EVERY while silent, not one per tick.
+                if silent >= PING_AFTER && last_ping.elapsed() >= PING_EVERY {
+                    last_ping = Instant::now();
+                    if let Err(end) = send_msg(&mut sink, Message::Ping(Default::default())).await {
+                        break end;
+                    }
+                }
+            }
+        }
+    };
+    let _ = stdout.flush().await;
+    (status, end)
+}
+
+type Sink = futures_util::stream::SplitSink<Ws, Message>;
+
+async fn send(sink: &mut Sink, payload: Vec<u8>) -> Result<(), End> {
+    send_msg(sink, Message::Binary(payload.into())).await
+}
+
+async fn send_msg(sink: &mut Sink, msg: Message) -> Result<(), End> {
+    match timeout(SEND_TIMEOUT, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Lost(e.to_string())),
+        Err(_) => {
+            Err(End::Lost(format!("the relay took no data for {} s", SEND_TIMEOUT.as_secs())))
+        }
+    }
+}
+
+async fn write_out(stdout: &mut tokio::io::Stdout, data: &[u8]) -> std::io::Result<()> {
+    stdout.write_all(data).await?;
+    stdout.flush().await
+}
+
+/// Reads stdin on its own thread (a blocking read cannot be cancelled; the thread ends with
+/// the process). An empty chunk means end of input.
+fn spawn_stdin_reader(tx: mpsc::Sender<std::io::Result<Vec<u8>>>) {
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; STDIN_CHUNK];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => {
+                    let _ = tx.blocking_send(Ok(Vec::new()));
+                    return;
+                }
+                Ok(n) => {
+                    if tx.blocking_send(Ok(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Messages to stderr while the session runs: in raw mode a line needs `\r\n`.
+struct LocalLines {
+    raw: bool,
+}
+
+impl LocalLines {
+    fn line(&mut self, text: &str) {
+        if self.raw {
+            self.raw(&format!("\r\n{text}\r\n"));
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
+    fn raw(&mut self, text: &str) {
+        use std::io::Write;
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(text.as_bytes());
+        let _ = err.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_status_to_exit_code() {
+        for (status, code) in [(0, 0), (3, 3), (130, 130), (255, 255), (256, 255), (-1, 255)] {
+            assert_eq!(exit_status_to_code(status), code, "{status}");
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Command-line options of `hatch-loadtest` and dispatch to the parent run or to one of the
+//! hidden subcommands the parent re-executes this binary with.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Measure Hatch's keystroke round trip at very many sessions against a floor.
+#[derive(Debug, Parser)]
+#[command(name = "hatch-loadtest", version)]
+pub struct Args {
+    /// Hidden subcommands used by the parent to start its own processes.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The run options (when no subcommand is given).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Options of a load-test run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Concurrent sessions to hold (capped by the open-file limit; the report says so).
+    #[arg(long, default_value_t = 1000)]
+    pub sessions: usize,
+    /// Simulated agents (instances) the sessions are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub instances: usize,
+    /// Session setup pace, sessions per second (over all workers).
+    #[arg(long, default_value_t = 500.0)]
+    pub ramp: f64,
+    /// DATA messages per second per session (latency and pty modes).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// DATA payload in bytes (default 16; 16384 in throughput mode).
+    #[arg(long)]
+    pub payload: Option<usize>,
+    /// Measurement time in seconds, after every session is up.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// What the agents run and what the clients measure.
+    #[arg(long, value_enum, default_value_t = Mode::Echo)]
+    pub mode: Mode,
+    /// I/O backend of the relay (`--io` of hatch-relay; default: the relay's own default).
+    #[arg(long, value_enum)]
+    pub io: Option<Io>,
+    /// Run the relay with both I/O backends back to back and report them side by side.
+    #[arg(long)]
+    pub compare_io: bool,
+    /// Relay shards and floor echo-server threads (default: available cores).
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Drive an external relay's API at this URL instead of starting one.
+    #[arg(long, requires_all = ["access_key", "ca"])]
+    pub api: Option<String>,
+    /// Access key for `POST /v1/sessions` on the external relay.
+    #[arg(long, env = "HATCH_ACCESS_KEY")]
+    pub access_key: Option<String>,
+    /// CA certificate (PEM) that signed the external relay's certificate.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Activation id the simulated agents register with (external relay).
+    #[arg(long)]
+    pub activation_id: Option<String>,
+    /// Activation code the simulated agents register with (external relay).
+    #[arg(long, env = "HATCH_ACTIVATION_CODE")]
+    pub activation_code: Option<String>,
+    /// Skip the floor phase (then no ratio is reported).
+    #[arg(long)]
+    pub skip_floor: bool,
+    /// Skip the relay phase (measure only the floor).
+    #[arg(long)]
+    pub skip_relay: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Compare the relay/floor p99 ratio with this baseline file; exit 1 when it is more than
+    /// `--max-regression` times the baseline's.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Allowed factor over the baseline's p99 ratio.
+    #[arg(long, default_value_t = 1.5)]
+    pub max_regression: f64,
+    /// Keep the relay's log and data directory here instead of a temporary directory.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Quiet: no progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// What each session does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Agents echo DATA at once; clients send `--payload` bytes at `--rate` and time the echo.
+    Echo,
+    /// Agents run `cat` in a real PTY (raw mode) and forward its output.
+    Pty,
+    /// Clients push bulk DATA with a window of messages in flight; reports MB/s per session.
+    Throughput,
+}
+
+/// Relay I/O backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Io {
+    /// io_uring (tokio-uring).
+    Uring,
+    /// epoll (plain tokio).
+    Epoll,
+}
+
+impl Io {
+    /// The value passed to `hatch-relay --io`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Io::Uring => "uring",
+            Io::Epoll => "epoll",
+        }
+    }
+}
+
+/// The hidden subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a worker (simulated clients or agents); spec on stdin, events on stdout.
+    #[command(hide = true)]
+    Worker,
+    /// Run the floor's echo server; prints `listening <addr>` on stdout, stops at stdin EOF.
+    #[command(hide = true)]
+    FloorProcess {
+        /// Server certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Server private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// Threads, each a single-threaded runtime with its own SO_REUSEPORT listener.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Run the relay (`hatch_relay::cli::run`) in this process with the given arguments.
+    #[command(hide = true)]
+    RelayProcess {
+        /// Arguments of `hatch-relay` (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Runs what the arguments ask for.
+pub fn main(args: Args) -> ExitCode {
+    match args.command {
+        Some(Command::Worker) => crate::worker::main(),
+        Some(Command::FloorProcess { cert, key, threads }) => {
+            crate::floor::process_main(&cert, &key, threads)
+        }
+        Some(Command::RelayProcess { args }) => crate::run::relay_process_main(args),
+        None => crate::run::main(args.run),
+    }
+}

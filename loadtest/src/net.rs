@@ -1,0 +1,240 @@
+//! Dialing: TCP from a chosen 127.x source address, TLS with the run's CA, the WebSocket upgrade
+//! with a bearer token, and small HTTPS JSON requests to the API.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// A client-side WebSocket over TLS over TCP.
+pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+/// Largest API response body read: 64 KiB (session and register answers are a few hundred
+/// bytes; anything larger is a fault of the relay under test).
+const MAX_API_BODY: usize = 64 * 1024;
+
+/// WebSocket settings of every simulated peer and of the floor: a 4 KiB read buffer instead of
+/// tungstenite's 128 KiB (which would cost 128 KiB × sessions of RAM per process), messages
+/// written at once (keystrokes must not wait for a buffer to fill), and the relay's 1 MiB
+/// frame limit.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(2 << 20))
+        .max_frame_size(Some(1 << 20))
+}
+
+/// A failure with the kind it is counted under in the report.
+#[derive(Debug)]
+pub struct Failure {
+    /// Short kind for `errors_by_kind` (`connect`, `tls`, `ws_upgrade`, `api_<code>`, ...).
+    pub kind: String,
+    /// What happened.
+    pub detail: String,
+}
+
+impl Failure {
+    /// A failure of `kind`.
+    pub fn new(kind: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        Failure { kind: kind.into(), detail: detail.to_string() }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.detail)
+    }
+}
+
+/// Where connections come from and which CA they trust.
+#[derive(Clone)]
+pub struct Dialer {
+    tls: TlsConnector,
+    /// Source addresses used in turn; empty means let the kernel choose.
+    sources: Arc<Vec<Ipv4Addr>>,
+}
+
+impl Dialer {
+    /// A dialer trusting `tls`'s roots and binding to `sources` in turn.
+    pub fn new(tls: Arc<rustls::ClientConfig>, sources: Vec<Ipv4Addr>) -> Self {
+        Dialer { tls: TlsConnector::from(tls), sources: Arc::new(sources) }
+    }
+
+    /// TCP + TLS to `uri`'s host and port; `n` picks the source address.
+    pub async fn tls(&self, uri: &Uri, n: usize) -> Result<TlsStream<TcpStream>, Failure> {
+        let host = uri.host().ok_or_else(|| Failure::new("bad_url", "no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(443);
+        let ip: IpAddr = match host {
+            "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            h => h.parse().map_err(|_| Failure::new("bad_url", format!("host {h} not an IP")))?,
+        };
+        let addr = SocketAddr::new(ip, port);
+        let sock = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
+            .map_err(|e| Failure::new("socket", e))?;
+        if addr.is_ipv4() && !self.sources.is_empty() {
+            let src = self.sources[n % self.sources.len()];
+            // Without IP_BIND_ADDRESS_NO_PORT a bind picks the port before the destination is
+            // known, and the ephemeral range runs out near 47k connections from one address.
+            nix::sys::socket::setsockopt(
+                &sock,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )
+            .map_err(|e| Failure::new("socket", e))?;
+            sock.bind(SocketAddr::new(IpAddr::V4(src), 0)).map_err(|e| Failure::new("bind", e))?;
+        }
+        let tcp = sock.connect(addr).await.map_err(|e| Failure::new("connect", e))?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| Failure::new("bad_url", e))?;
+        self.tls.connect(name, tcp).await.map_err(|e| Failure::new("tls", e))
+    }
+
+    /// Dials a `wss://` data URL, offering `hatch.v1`, with `Authorization: Bearer <token>`.
+    pub async fn ws(&self, url: &str, token: Option<&str>, n: usize) -> Result<Ws, Failure> {
+        self.ws_with(url, token, n, true).await
+    }
+
+    /// Dials a `wss://` URL with a bearer token, offering `hatch.v1` when `hatch_v1` is set
+    /// (data legs; the agent control channel has no subprotocol).
+    pub async fn ws_with(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        n: usize,
+        hatch_v1: bool,
+    ) -> Result<Ws, Failure> {
+        let mut req = url.into_client_request().map_err(|e| Failure::new("bad_url", e))?;
+        if hatch_v1 {
+            req.headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_static("hatch.v1"));
+        }
+        if let Some(t) = token {
+            let v = HeaderValue::from_str(&format!("Bearer {t}"))
+                .map_err(|e| Failure::new("bad_token", e))?;
+            req.headers_mut().insert(http::header::AUTHORIZATION, v);
+        }
+        let uri = req.uri().clone();
+        let tls = self.tls(&uri, n).await?;
+        let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, tls, Some(ws_config()))
+            .await
+            .map_err(|e| {
+                use tokio_tungstenite::tungstenite::Error;
+                match e {
+                    Error::Http(resp) => Failure::new(
+                        format!("ws_upgrade_{}", resp.status().as_u16()),
+                        String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()),
+                    ),
+                    e => Failure::new("ws_upgrade", e),
+                }
+            })?;
+        Ok(ws)
+    }
+
+    /// POSTs `body` as JSON to `url` with a bearer key over a fresh connection and returns the
+    /// status and body. Fails with `timeout` after `deadline`.
+    pub async fn post_json(
+        &self,
+        url: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+        deadline: Duration,
+        n: usize,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        tokio::time::timeout(deadline, self.post_inner(url, bearer, body, n))
+            .await
+            .map_err(|_| Failure::new("api_timeout", format!("POST {url}")))?
+    }
+
+    async fn post_inner(
+        &self,
+        url: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+        n: usize,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        let uri: Uri = url.parse().map_err(|e| Failure::new("bad_url", e))?;
+        let tls = self.tls(&uri, n).await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| Failure::new("api_http", e))?;
+        tokio::task::spawn_local(async move {
+            let _ = conn.await;
+        });
+        let host = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+        let mut req = Request::post(uri.path())
+            .header(http::header::HOST, host)
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(b) = bearer {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {b}"));
+        }
+        let req = req.body(Full::new(Bytes::from(body))).map_err(|e| Failure::new("bad_url", e))?;
+        let resp = send.send_request(req).await.map_err(|e| Failure::new("api_http", e))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_API_BODY)
+            .collect()
+            .await
+            .map_err(|e| Failure::new("api_body", e))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// `kind` for an API error answer: `api_<code>` from its JSON body, else `api_<status>`.
+pub fn api_error(status: StatusCode, body: &[u8]) -> Failure {
+    match serde_json::from_slice::<hatch_proto::api::ErrorBody>(body) {
+        Ok(e) => Failure::new(format!("api_{}", e.code), format!("{status}: {}", e.message)),
+        Err(_) => Failure::new(
+            format!("api_{}", status.as_u16()),
+            String::from_utf8_lossy(&body[..body.len().min(200)]),
+        ),
+    }
+}
+
+/// The 127.x source addresses for `connections` client connections: one per 16,000, so that
+/// no address comes near the ephemeral port range (28k ports by default).
+pub fn source_addresses(connections: usize) -> Vec<Ipv4Addr> {
+    let n = connections.div_ceil(16_000).clamp(1, 250);
+    if n == 1 {
+        return Vec::new();
+    }
+    (0..n).map(|i| Ipv4Addr::new(127, 0, 0, 1 + i as u8)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_spread_past_sixteen_thousand() {
+        assert!(source_addresses(1000).is_empty());
+        let s = source_addresses(40_000);
+        assert_eq!(
+            s,
+            vec![
+                Ipv4Addr::new(127, 0, 0, 1),
+                Ipv4Addr::new(127, 0, 0, 2),
+                Ipv4Addr::new(127, 0, 0, 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn api_error_kind_names_the_code() {
+        let f = api_error(StatusCode::CONFLICT, br#"{"code":"TargetNotConnected","message":"x"}"#);
+        assert_eq!(f.kind, "api_TargetNotConnected");
+        assert_eq!(api_error(StatusCode::BAD_GATEWAY, b"<html>").kind, "api_502");
+    }
+}

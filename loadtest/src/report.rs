@@ -1,0 +1,355 @@
+//! Histograms, the report (text and JSON), and the comparison with a committed baseline.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Largest value a latency histogram holds: 60 s in microseconds. Larger values are clamped.
+pub const MAX_US: u64 = 60_000_000;
+
+/// A new histogram of microseconds, 3 significant digits.
+pub fn new_hist() -> Histogram<u64> {
+    // Bounds are constants that hdrhistogram accepts (low 1, high ≥ 2 × low, 3 sigfig).
+    Histogram::new_with_bounds(1, MAX_US, 3).expect("valid histogram bounds")
+}
+
+/// Records `us` microseconds, clamped to the histogram's range.
+pub fn record(h: &mut Histogram<u64>, us: u64) {
+    // Clamped into [1, MAX_US], which the histogram accepts by construction.
+    h.record(us.clamp(1, MAX_US)).expect("value within bounds");
+}
+
+/// A histogram in transit between processes: its non-empty buckets as `(value, count)`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Buckets(pub Vec<(u64, u64)>);
+
+impl Buckets {
+    /// The recorded buckets of `h`.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        Buckets(h.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect())
+    }
+
+    /// Adds these buckets into `h`.
+    pub fn add_to(&self, h: &mut Histogram<u64>) {
+        for &(v, n) in &self.0 {
+            // A peer worker's values; clamp so a bad value cannot make `record_n` fail.
+            let _ = h.record_n(v.clamp(1, MAX_US), n);
+        }
+    }
+}
+
+/// Error counts by kind (`connect`, `tls`, `api_Throttled`, `echo_timeout`, ...).
+pub type Errors = BTreeMap<String, u64>;
+
+/// Adds `from` into `into`.
+pub fn merge_errors(into: &mut Errors, from: &Errors) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+/// The latency figures of one side (relay or floor).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Side {
+    /// Median round trip, microseconds.
+    pub p50_us: u64,
+    /// 90th percentile, microseconds.
+    pub p90_us: u64,
+    /// 99th percentile, microseconds.
+    pub p99_us: u64,
+    /// 99.9th percentile, microseconds.
+    pub p999_us: u64,
+    /// Largest round trip, microseconds.
+    pub max_us: u64,
+    /// Round trips measured.
+    pub count: u64,
+    /// Errors during setup and measurement.
+    pub errors: u64,
+    /// Sessions that were up when the measurement started.
+    pub sessions_up: usize,
+    /// Echoed payload per session, MB/s (throughput mode only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throughput_mb_s_per_session: Option<f64>,
+}
+
+impl Side {
+    /// The summary of a latency histogram.
+    pub fn of(h: &Histogram<u64>, errors: u64, sessions_up: usize) -> Self {
+        Side {
+            p50_us: h.value_at_quantile(0.50),
+            p90_us: h.value_at_quantile(0.90),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            count: h.len(),
+            errors,
+            sessions_up,
+            throughput_mb_s_per_session: None,
+        }
+    }
+}
+
+/// Session setup figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Setup {
+    /// Sessions established per second (first start to last session up).
+    pub sessions_per_s: f64,
+    /// 99th percentile of one session's setup (API call, dial, first echo), milliseconds.
+    pub p99_ms: f64,
+}
+
+/// The open-file limit and what, if anything, capped the session count.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Limits {
+    /// Hard open-file limit per process (soft raised to it).
+    pub nofile: u64,
+    /// Sessions one relay process can hold under that limit (two connections each).
+    pub relay_max_sessions: usize,
+    /// Client worker processes used.
+    pub client_workers: usize,
+    /// Agent worker processes used.
+    pub agent_workers: usize,
+    /// Why fewer sessions than requested were run, when that happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capped_by: Option<String>,
+}
+
+/// The report of one run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// Sessions run (after any cap).
+    pub sessions: usize,
+    /// Sessions asked for.
+    pub sessions_requested: usize,
+    /// Measurement time in seconds.
+    pub duration_s: f64,
+    /// `echo`, `pty` or `throughput`.
+    pub mode: String,
+    /// Relay I/O backend (`uring` or `epoll`), or `external`.
+    pub io: String,
+    /// Relay shards and floor threads.
+    pub shards: usize,
+    /// DATA payload bytes.
+    pub payload_bytes: usize,
+    /// DATA messages per second per session.
+    pub rate_per_s: f64,
+    /// Round trips through the relay.
+    pub relay: Option<Side>,
+    /// Round trips to the direct echo server.
+    pub floor: Option<Side>,
+    /// relay p99 / floor p99.
+    pub p99_ratio: Option<f64>,
+    /// Session setup through the relay (API + both legs).
+    pub setup: Setup,
+    /// Relay RSS with every session up, bytes.
+    pub relay_rss_bytes: Option<u64>,
+    /// (Relay RSS with sessions up − RSS before them) / sessions, bytes.
+    pub rss_per_session_bytes: Option<u64>,
+    /// Relay CPU seconds per million relayed messages (each round trip is two).
+    pub cpu_s_per_million_msgs: Option<f64>,
+    /// Errors by kind, relay and floor phases together (prefixed `floor.` for the floor).
+    pub errors_by_kind: Errors,
+    /// Open-file limit, worker counts and cap.
+    pub limits: Limits,
+    /// The same run with the other I/O backend (`--compare-io`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_io: Option<Box<Report>>,
+}
+
+impl Report {
+    /// Computes `p99_ratio` from the two sides.
+    pub fn set_ratio(&mut self) {
+        self.p99_ratio = match (&self.relay, &self.floor) {
+            (Some(r), Some(f)) if f.p99_us > 0 && r.count > 0 => {
+                Some(r.p99_us as f64 / f.p99_us as f64)
+            }
+            _ => None,
+        };
+    }
+
+    /// The human-readable report.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let one = |r: &Report, s: &mut String| {
+            let _ = writeln!(
+                s,
+                "hatch-loadtest: {} sessions ({} asked), mode {}, io {}, {} shards, {} B at {}/s \
+                 for {} s",
+                r.sessions,
+                r.sessions_requested,
+                r.mode,
+                r.io,
+                r.shards,
+                r.payload_bytes,
+                r.rate_per_s,
+                r.duration_s
+            );
+            let _ = writeln!(
+                s,
+                "  {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>6}",
+                "", "p50 us", "p90 us", "p99 us", "p99.9 us", "max us", "count", "errors", "up"
+            );
+            for (name, side) in [("relay", &r.relay), ("floor", &r.floor)] {
+                if let Some(x) = side {
+                    let _ = writeln!(
+                        s,
+                        "  {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>6}",
+                        name,
+                        x.p50_us,
+                        x.p90_us,
+                        x.p99_us,
+                        x.p999_us,
+                        x.max_us,
+                        x.count,
+                        x.errors,
+                        x.sessions_up
+                    );
+                    if let Some(t) = x.throughput_mb_s_per_session {
+                        let _ = writeln!(s, "  {name} throughput: {t:.2} MB/s per session");
+                    }
+                }
+            }
+            if let Some(ratio) = r.p99_ratio {
+                let _ = writeln!(s, "  p99 ratio relay/floor: {ratio:.2}");
+            }
+            let _ = writeln!(
+                s,
+                "  setup: {:.0} sessions/s, p99 {:.1} ms",
+                r.setup.sessions_per_s, r.setup.p99_ms
+            );
+            if let Some(rss) = r.relay_rss_bytes {
+                let _ = writeln!(
+                    s,
+                    "  relay RSS: {:.1} MiB, {} per session; CPU {} s per million messages",
+                    rss as f64 / 1048576.0,
+                    r.rss_per_session_bytes.map_or("n/a".to_owned(), |b| format!("{b} B")),
+                    r.cpu_s_per_million_msgs.map_or("n/a".to_owned(), |c| format!("{c:.2}"))
+                );
+            }
+            let _ = writeln!(
+                s,
+                "  open-file limit {} per process: relay holds at most {} sessions; {} client \
+                 and {} agent workers{}",
+                r.limits.nofile,
+                r.limits.relay_max_sessions,
+                r.limits.client_workers,
+                r.limits.agent_workers,
+                r.limits.capped_by.as_ref().map_or(String::new(), |c| format!("; capped by {c}"))
+            );
+            if !r.errors_by_kind.is_empty() {
+                let _ = writeln!(s, "  errors: {:?}", r.errors_by_kind);
+            }
+        };
+        one(self, &mut s);
+        if let Some(o) = &self.other_io {
+            one(o, &mut s);
+        }
+        s
+    }
+}
+
+/// The committed baseline (`bench/baseline.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Baseline {
+    /// relay p99 / floor p99 measured when the baseline was refreshed.
+    pub p99_ratio: f64,
+    /// How it was measured (free text: command, machine, date).
+    #[serde(default)]
+    pub note: String,
+}
+
+/// Compares a report's ratio with the baseline: `Err` with a message naming both figures when
+/// the ratio is more than `factor` times the baseline's, or when it cannot be computed.
+pub fn check_baseline(report: &Report, path: &Path, factor: f64) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let base: Baseline =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    compare(report.p99_ratio, &base, factor)
+}
+
+fn compare(ratio: Option<f64>, base: &Baseline, factor: f64) -> anyhow::Result<String> {
+    let Some(ratio) = ratio else {
+        anyhow::bail!(
+            "no relay/floor p99 ratio measured (baseline {:.2}): the run had no round trips",
+            base.p99_ratio
+        );
+    };
+    let limit = base.p99_ratio * factor;
+    if ratio > limit {
+        anyhow::bail!(
+            "relay/floor p99 ratio {ratio:.2} exceeds {factor}x the baseline's {:.2} (limit {limit:.2})",
+            base.p99_ratio
+        );
+    }
+    Ok(format!(
+        "relay/floor p99 ratio {ratio:.2} within {factor}x the baseline's {:.2} (limit {limit:.2})",
+        base.p99_ratio
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_round_trip_preserves_quantiles() {
+        let mut h = new_hist();
+        for us in [10, 20, 30, 40, 50, 1000, 250_000] {
+            record(&mut h, us);
+        }
+        record(&mut h, u64::MAX);
+        let json = serde_json::to_string(&Buckets::of(&h)).unwrap();
+        let back: Buckets = serde_json::from_str(&json).unwrap();
+        let mut h2 = new_hist();
+        back.add_to(&mut h2);
+        assert_eq!(h2.len(), h.len());
+        assert_eq!(h2.value_at_quantile(0.5), h.value_at_quantile(0.5));
+        assert_eq!(h2.max(), h.max());
+    }
+
+    #[test]
+    fn baseline_passes_within_factor_and_fails_above_it() {
+        let base = Baseline { p99_ratio: 2.0, note: String::new() };
+        assert!(compare(Some(2.9), &base, 1.5).is_ok());
+        let err = compare(Some(3.1), &base, 1.5).unwrap_err().to_string();
+        assert!(err.contains("3.10") && err.contains("2.00"), "{err}");
+        assert!(compare(None, &base, 1.5).is_err());
+    }
+
+    #[test]
+    fn json_report_has_the_documented_fields() {
+        let mut h = new_hist();
+        record(&mut h, 100);
+        let mut r = Report {
+            relay: Some(Side::of(&h, 0, 1)),
+            floor: Some(Side::of(&h, 0, 1)),
+            ..Report::default()
+        };
+        r.set_ratio();
+        let v = serde_json::to_value(&r).unwrap();
+        for k in [
+            "sessions",
+            "duration_s",
+            "relay",
+            "floor",
+            "p99_ratio",
+            "setup",
+            "relay_rss_bytes",
+            "rss_per_session_bytes",
+            "cpu_s_per_million_msgs",
+            "errors_by_kind",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        for k in ["p50_us", "p90_us", "p99_us", "p999_us", "max_us", "count", "errors"] {
+            assert!(v["relay"].get(k).is_some(), "missing relay.{k}");
+        }
+        assert_eq!(v["p99_ratio"], 1.0);
+        assert!(v["setup"].get("sessions_per_s").is_some() && v["setup"].get("p99_ms").is_some());
+    }
+}

@@ -1,0 +1,736 @@
+//! The parent process: sizes the workers from the open-file limit, runs the floor phase and one
+//! relay phase per I/O backend, prints progress on stderr and the report on stdout.
+//!
+//! Phase (relay): start the relay process (`relay-process -- dev ...`), read its `dev.json`,
+//! start agent workers (register + control channel), read the relay's RSS, start client
+//! workers (sessions at `--ramp`), wait until all are `Ready`, read CPU, `go`, wait for `Done`,
+//! read RSS and CPU, `end`, stop the relay (so it closes every connection first), close the
+//! workers' stdin. The floor phase is the same with the echo server and no agents.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+
+use crate::cli::{Io, Mode, RunArgs};
+use crate::proc::FD_RESERVE;
+use crate::report::{self, Errors, Limits, Report, Setup, Side, new_hist};
+use crate::worker::{AgentSpec, ClientSpec, Event, Spec, Target};
+
+/// API connections a client worker may have open during setup, on top of its sessions.
+const SETUP_CONCURRENCY: usize = 128;
+/// How long the relay or echo server may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long agents may take to register, beyond one second per 50 agents.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Grace after the measurement for workers to report.
+const REPORT_GRACE: Duration = Duration::from_secs(30);
+
+/// `dev.json` written by `hatch-relay dev`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DevInfo {
+    /// `https://host:port` of the API.
+    pub api_url: String,
+    /// `wss://host:port` of the data plane.
+    pub data_url: String,
+    /// The demo account.
+    pub account_id: String,
+    /// The demo owner's access key.
+    pub access_key: String,
+    /// The demo activation.
+    pub activation_id: String,
+    /// Its code.
+    pub activation_code: String,
+    /// CA certificate file.
+    pub ca_file: PathBuf,
+}
+
+/// Entry point of a run.
+pub fn main(args: RunArgs) -> ExitCode {
+    match run(&args) {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => eprintln!("hatch-loadtest: {e}"),
+                }
+            } else {
+                print!("{}", report.text());
+            }
+            if let Some(path) = &args.baseline {
+                match report::check_baseline(&report, path, args.max_regression) {
+                    Ok(msg) => eprintln!("hatch-loadtest: {msg}"),
+                    Err(e) => {
+                        eprintln!("hatch-loadtest: FAIL: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hatch-loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Entry point of `hatch-loadtest relay-process -- <hatch-relay args>`.
+pub fn relay_process_main(args: Vec<String>) -> ExitCode {
+    let _ = crate::proc::raise_nofile();
+    let argv = std::iter::once("hatch-relay".to_owned()).chain(args).map(std::ffi::OsString::from);
+    hatch_relay::cli::run(argv)
+}
+
+/// What a set of client workers measured.
+struct Measured {
+    rtt: Histogram<u64>,
+    setup: Histogram<u64>,
+    setup_wall_s: f64,
+    up: usize,
+    bytes: u64,
+    errors: Errors,
+}
+
+/// Runs the whole load test and returns its report.
+pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
+    let nofile = crate::proc::raise_nofile()?;
+    let shards =
+        args.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let payload = args.payload.unwrap_or(if args.mode == Mode::Throughput { 16384 } else { 16 });
+    anyhow::ensure!(args.sessions > 0, "--sessions must be at least 1");
+    anyhow::ensure!(args.rate > 0.0 && args.ramp > 0.0, "--rate and --ramp must be positive");
+    anyhow::ensure!(args.duration > 0.0, "--duration must be positive");
+    anyhow::ensure!((1..=1 << 20).contains(&payload), "--payload must be 1 B to 1 MiB");
+    let per_proc = (nofile.saturating_sub(FD_RESERVE) as usize).saturating_sub(SETUP_CONCURRENCY);
+    anyhow::ensure!(per_proc > 100, "open-file limit {nofile} is too low for a load test");
+    // The relay holds two connections per session plus one control channel per agent.
+    let relay_max = (nofile.saturating_sub(FD_RESERVE) as usize).saturating_sub(args.instances) / 2;
+    let mut sessions = args.sessions;
+    let mut capped_by = None;
+    if !args.skip_relay && args.api.is_none() && sessions > relay_max {
+        capped_by = Some(format!(
+            "the relay process's open-file limit of {nofile} (2 per session + {} agents): \
+             {relay_max} sessions",
+            args.instances
+        ));
+        sessions = relay_max;
+    }
+    let client_workers = sessions.div_ceil(per_proc);
+    let agent_workers = (sessions + args.instances).div_ceil(per_proc);
+    let limits = Limits {
+        nofile,
+        relay_max_sessions: relay_max,
+        client_workers,
+        agent_workers: if args.skip_relay { 0 } else { agent_workers },
+        capped_by,
+    };
+    if let Some(c) = &limits.capped_by {
+        eprintln!(
+            "hatch-loadtest: {} sessions asked, running {sessions}: capped by {c}",
+            args.sessions
+        );
+    }
+    let tmp;
+    let work: PathBuf = match &args.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir().context("creating a temporary directory")?;
+            tmp.path().to_owned()
+        }
+    };
+    let base = Report {
+        sessions,
+        sessions_requested: args.sessions,
+        duration_s: args.duration,
+        mode: format!("{:?}", args.mode).to_lowercase(),
+        io: String::new(),
+        shards,
+        payload_bytes: payload,
+        rate_per_s: args.rate,
+        limits,
+        ..Report::default()
+    };
+    let plan = Plan { args, sessions, payload, client_workers, agent_workers, shards, work };
+
+    let mut floor_side = None;
+    let mut floor_errors = Errors::new();
+    if !args.skip_floor {
+        let m = plan.floor_phase()?;
+        let mut side = Side::of(&m.rtt, m.errors.values().sum(), m.up);
+        side.throughput_mb_s_per_session = plan.throughput(&m);
+        floor_side = Some(side);
+        for (k, v) in m.errors {
+            floor_errors.insert(format!("floor.{k}"), v);
+        }
+    }
+    if args.skip_relay {
+        let mut r = base;
+        r.io = "none".into();
+        r.floor = floor_side;
+        r.errors_by_kind = floor_errors;
+        return Ok(r);
+    }
+    let ios: Vec<Option<Io>> = match (args.compare_io, args.io) {
+        (true, Some(Io::Epoll)) => vec![Some(Io::Epoll), Some(Io::Uring)],
+        (true, _) => vec![Some(Io::Uring), Some(Io::Epoll)],
+        (false, io) => vec![io],
+    };
+    let mut reports = Vec::new();
+    for io in ios {
+        let mut r = plan.relay_phase(io, base.clone())?;
+        r.floor = floor_side.clone();
+        report::merge_errors(&mut r.errors_by_kind, &floor_errors);
+        r.set_ratio();
+        reports.push(r);
+    }
+    let mut first = reports.remove(0);
+    if let Some(other) = reports.pop() {
+        first.other_io = Some(Box::new(other));
+    }
+    Ok(first)
+}
+
+struct Plan<'a> {
+    args: &'a RunArgs,
+    sessions: usize,
+    payload: usize,
+    client_workers: usize,
+    agent_workers: usize,
+    shards: usize,
+    work: PathBuf,
+}
+
+impl Plan<'_> {
+    fn lifetime_s(&self) -> f64 {
+        // Setup at the ramp, the measurement, and generous margins; a worker never outlives it.
+        self.sessions as f64 / self.args.ramp + self.args.duration + 600.0
+    }
+
+    fn throughput(&self, m: &Measured) -> Option<f64> {
+        (self.args.mode == Mode::Throughput && m.up > 0)
+            .then(|| m.bytes as f64 / self.args.duration / m.up as f64 / 1e6)
+    }
+
+    fn client_specs(&self, target: Target, ca: &Path) -> Vec<Spec> {
+        let n = self.client_workers.max(1);
+        let sources = crate::net::source_addresses(self.sessions);
+        let mut first = 0;
+        (0..n)
+            .map(|w| {
+                let count = self.sessions / n + usize::from(w < self.sessions % n);
+                let spec = Spec::Clients(ClientSpec {
+                    target: target.clone(),
+                    sessions: count,
+                    first,
+                    ramp: self.args.ramp / n as f64,
+                    rate: self.args.rate,
+                    payload: self.payload,
+                    duration_s: self.args.duration,
+                    mode: self.args.mode,
+                    ca_file: ca.to_owned(),
+                    sources: sources.clone(),
+                    setup_concurrency: SETUP_CONCURRENCY,
+                    lifetime_s: self.lifetime_s(),
+                });
+                first += count;
+                spec
+            })
+            .collect()
+    }
+
+    fn floor_phase(&self) -> anyhow::Result<Measured> {
+        let pki = hatch_relay::certs::ensure_dev_pki(&self.work.join("floor-pki"), &[])?;
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let mut server = Command::new(&exe)
+            .arg("floor-process")
+            .arg("--cert")
+            .arg(&pki.cert_file)
+            .arg("--key")
+            .arg(&pki.key_file)
+            .arg("--threads")
+            .arg(self.shards.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the floor echo server")?;
+        let mut guard = KillOnDrop(Some(server.id()));
+        let out = server.stdout.take().context("echo server stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(START_TIMEOUT).context("echo server did not start")?;
+        let addr = line.trim().strip_prefix("listening ").context("echo server did not start")?;
+        let url = format!("wss://{addr}/echo");
+        let mut pool = Pool::default();
+        for spec in self.client_specs(Target::Floor { url }, &pki.ca_file) {
+            pool.spawn(&exe, &spec)?;
+        }
+        let m = pool.measure(self, "floor", None)?;
+        pool.send_all("end");
+        drop(server.stdin.take());
+        stop_process(&mut server);
+        // Reaped: its pid may belong to another process now.
+        guard.0 = None;
+        pool.finish();
+        Ok(m)
+    }
+
+    fn relay_phase(&self, io: Option<Io>, mut report: Report) -> anyhow::Result<Report> {
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let mut relay = None;
+        let info = match &self.args.api {
+            Some(api) => {
+                report.io = "external".into();
+                DevInfo {
+                    api_url: api.clone(),
+                    data_url: String::new(),
+                    account_id: String::new(),
+                    access_key: self.args.access_key.clone().unwrap_or_default(),
+                    activation_id: self
+                        .args
+                        .activation_id
+                        .clone()
+                        .context("--activation-id is needed to register agents")?,
+                    activation_code: self
+                        .args
+                        .activation_code
+                        .clone()
+                        .context("--activation-code is needed to register agents")?,
+                    ca_file: self.args.ca.clone().unwrap_or_default(),
+                }
+            }
+            None => {
+                report.io = io.map_or("default", Io::as_str).into();
+                let (child, info) = self.start_relay(&exe, io)?;
+                relay = Some(child);
+                info
+            }
+        };
+        let mut guard = KillOnDrop(relay.as_ref().map(|c| c.id()));
+        let pid = relay.as_ref().map(|c| c.id());
+        let label = format!("relay {}", report.io);
+
+        // Agents first: every instance online before the first session is started.
+        let mut agents = Pool::default();
+        let n = self.agent_workers.max(1);
+        for w in 0..n {
+            let count = self.args.instances / n + usize::from(w < self.args.instances % n);
+            let spec = Spec::Agents(AgentSpec {
+                api_url: info.api_url.clone(),
+                ca_file: info.ca_file.clone(),
+                activation_id: info.activation_id.clone(),
+                activation_code: info.activation_code.clone(),
+                instances: count,
+                mode: self.args.mode,
+                sources: Vec::new(),
+                lifetime_s: self.lifetime_s(),
+            });
+            agents.spawn(&exe, &spec)?;
+        }
+        let deadline = Instant::now()
+            + REGISTER_TIMEOUT
+            + Duration::from_secs((self.args.instances / 50) as u64);
+        let mut instances = Vec::new();
+        let mut errors = Errors::new();
+        let mut registered = 0;
+        while registered < agents.len() {
+            match agents.next(deadline)? {
+                (_, Event::Registered { instance_ids, errors: e }) => {
+                    instances.extend(instance_ids);
+                    report::merge_errors(&mut errors, &e);
+                    registered += 1;
+                }
+                (_, Event::Fatal { message }) => bail!("agent worker failed: {message}"),
+                _ => {}
+            }
+        }
+        if instances.is_empty() {
+            bail!("no simulated agent could register and connect: {errors:?}");
+        }
+        if !self.args.quiet {
+            eprintln!("[{label}] {} agents online", instances.len());
+        }
+        let rss_before = pid.and_then(|p| crate::proc::rss_bytes(p).ok());
+
+        let mut clients = Pool::default();
+        let target = Target::Relay {
+            api_url: info.api_url.clone(),
+            access_key: info.access_key.clone(),
+            instances,
+        };
+        for spec in self.client_specs(target, &info.ca_file) {
+            clients.spawn(&exe, &spec)?;
+        }
+        let mut at_go = None;
+        let m = clients.measure(
+            self,
+            &label,
+            Some(
+                (&mut |_| {
+                    at_go = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
+                }) as &mut dyn FnMut(()),
+            ),
+        )?;
+        let cpu_end = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
+        let rss_end = pid.and_then(|p| crate::proc::rss_bytes(p).ok());
+        clients.send_all("end");
+        agents.send_all("end");
+        if let Some(mut r) = relay.take() {
+            stop_process(&mut r);
+            // Reaped: its pid may belong to another process now.
+            guard.0 = None;
+        }
+        clients.finish();
+        for (_, ev) in agents.finish() {
+            if let Event::Done { errors: e, .. } = ev {
+                report::merge_errors(&mut errors, &e);
+            }
+        }
+        report::merge_errors(&mut errors, &m.errors);
+
+        let mut side = Side::of(&m.rtt, m.errors.values().sum(), m.up);
+        side.throughput_mb_s_per_session = self.throughput(&m);
+        report.setup = Setup {
+            sessions_per_s: if m.setup_wall_s > 0.0 { m.up as f64 / m.setup_wall_s } else { 0.0 },
+            p99_ms: m.setup.value_at_quantile(0.99) as f64 / 1000.0,
+        };
+        report.relay_rss_bytes = rss_end;
+        report.rss_per_session_bytes = match (rss_before, rss_end) {
+            (Some(a), Some(b)) if m.up > 0 => Some(b.saturating_sub(a) / m.up as u64),
+            _ => None,
+        };
+        report.cpu_s_per_million_msgs = match (at_go, cpu_end) {
+            // Each round trip is two relayed DATA messages (client → agent, agent → client).
+            (Some(a), Some(b)) if side.count > 0 => Some((b - a) / (2 * side.count) as f64 * 1e6),
+            _ => None,
+        };
+        report.relay = Some(side);
+        report.errors_by_kind = errors;
+        Ok(report)
+    }
+
+    fn start_relay(&self, exe: &Path, io: Option<Io>) -> anyhow::Result<(Child, DevInfo)> {
+        let name = io.map_or("default", Io::as_str);
+        let dir = self.work.join(format!("relay-{name}"));
+        let _ = std::fs::remove_file(dir.join("dev.json"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log_path = self.work.join(format!("relay-{name}.log"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut child = Command::new(exe)
+            .arg("relay-process")
+            .arg("--")
+            .args(relay_args(&dir, io, self.shards))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the relay process")?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let dev_json = dir.join("dev.json");
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&dev_json)
+                && let Ok(info) = serde_json::from_str::<DevInfo>(&text)
+            {
+                return Ok((child, info));
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "the relay exited ({status}) before writing {}; its log:\n{}",
+                    dev_json.display(),
+                    tail(&log_path)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!(
+                    "the relay did not write {} in time; its log:\n{}",
+                    dev_json.display(),
+                    tail(&log_path)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Arguments of the relay process: `dev` on loopback port 0 with this backend and shard count.
+fn relay_args(dir: &Path, io: Option<Io>, shards: usize) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "dev".into(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--api-listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-listen".into(),
+        "127.0.0.1:0".into(),
+        "--shards".into(),
+        shards.to_string(),
+    ];
+    if let Some(io) = io {
+        args.extend(["--io".into(), io.as_str().into()]);
+    }
+    args
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Stops a server process: SIGTERM, then SIGKILL if it is still there after 1 s. Either way the
+/// server closes its connections first.
+fn stop_process(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Kills a process on drop (error paths), so no relay or echo server outlives the run. Cleared
+/// once the process has been stopped and reaped, so a reused pid is never signalled.
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+enum Msg {
+    Ev(usize, Event),
+    Exit(usize),
+}
+
+/// Worker processes of one kind and their event stream.
+#[derive(Default)]
+struct Pool {
+    children: Vec<Child>,
+    stdins: Vec<Option<ChildStdin>>,
+    rx: Option<mpsc::Receiver<Msg>>,
+    tx: Option<mpsc::Sender<Msg>>,
+    exited: usize,
+}
+
+impl Pool {
+    fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    fn spawn(&mut self, exe: &Path, spec: &Spec) -> anyhow::Result<()> {
+        if self.tx.is_none() {
+            let (tx, rx) = mpsc::channel();
+            self.tx = Some(tx);
+            self.rx = Some(rx);
+        }
+        let idx = self.children.len();
+        let mut child = Command::new(exe)
+            .arg("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a worker process")?;
+        let mut stdin = child.stdin.take().context("worker stdin")?;
+        writeln!(stdin, "{}", serde_json::to_string(spec)?)?;
+        stdin.flush()?;
+        let out = child.stdout.take().context("worker stdout")?;
+        let tx = self.tx.clone().context("event channel")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Event>(&line) {
+                    Ok(ev) => {
+                        if tx.send(Msg::Ev(idx, ev)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => eprintln!("hatch-loadtest: worker {idx}: bad event line: {e}"),
+                }
+            }
+            let _ = tx.send(Msg::Exit(idx));
+        });
+        self.children.push(child);
+        self.stdins.push(Some(stdin));
+        Ok(())
+    }
+
+    fn send_all(&mut self, line: &str) {
+        for s in self.stdins.iter_mut().flatten() {
+            let _ = writeln!(s, "{line}");
+            let _ = s.flush();
+        }
+    }
+
+    /// The next event before `deadline`; a worker exiting early is an error.
+    fn next(&mut self, deadline: Instant) -> anyhow::Result<(usize, Event)> {
+        let rx = self.rx.as_ref().context("no workers")?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Msg::Ev(i, ev)) => Ok((i, ev)),
+            Ok(Msg::Exit(i)) => {
+                self.exited += 1;
+                bail!("worker {i} exited early (its stderr is above)");
+            }
+            Err(_) => bail!("timed out waiting for the workers"),
+        }
+    }
+
+    /// Waits for every client worker's `Ready`, says `go`, prints progress, and collects `Done`.
+    fn measure(
+        &mut self,
+        plan: &Plan<'_>,
+        label: &str,
+        mut at_go: Option<&mut dyn FnMut(())>,
+    ) -> anyhow::Result<Measured> {
+        let n = self.len();
+        let args = plan.args;
+        let mut m = Measured {
+            rtt: new_hist(),
+            setup: new_hist(),
+            setup_wall_s: 0.0,
+            up: 0,
+            bytes: 0,
+            errors: Errors::new(),
+        };
+        let mut ups = vec![0usize; n];
+        let mut interval = new_hist();
+        let mut msgs = 0u64;
+        let mut last_print = Instant::now();
+        let mut print =
+            |ups: &[usize], interval: &mut Histogram<u64>, msgs: &mut u64, phase: &str| {
+                if args.quiet || last_print.elapsed() < Duration::from_secs(1) {
+                    return;
+                }
+                let secs = last_print.elapsed().as_secs_f64();
+                last_print = Instant::now();
+                eprintln!(
+                    "[{label}] {phase}: sessions up {}/{}, {:.0} msgs/s, p99 {} us",
+                    ups.iter().sum::<usize>(),
+                    plan.sessions,
+                    *msgs as f64 / secs,
+                    interval.value_at_quantile(0.99)
+                );
+                interval.reset();
+                *msgs = 0;
+            };
+        let setup_deadline = Instant::now()
+            + crate::sim::setup_allowance(plan.sessions, args.ramp)
+            + Duration::from_secs(120);
+        let mut ready = 0;
+        while ready < n {
+            let (i, ev) = self.next(setup_deadline)?;
+            match ev {
+                Event::Progress { up, .. } => ups[i] = up,
+                Event::Ready { up, setup_wall_s, setup, errors } => {
+                    ups[i] = up;
+                    m.up += up;
+                    m.setup_wall_s = m.setup_wall_s.max(setup_wall_s);
+                    setup.add_to(&mut m.setup);
+                    report::merge_errors(&mut m.errors, &errors);
+                    ready += 1;
+                }
+                Event::Fatal { message } => bail!("client worker {i} failed: {message}"),
+                _ => {}
+            }
+            print(&ups, &mut interval, &mut msgs, "setup");
+        }
+        if m.up == 0 {
+            bail!("no session could be set up: {:?}", m.errors);
+        }
+        if let Some(f) = at_go.as_mut() {
+            f(());
+        }
+        self.send_all("go");
+        let deadline = Instant::now() + Duration::from_secs_f64(args.duration) + REPORT_GRACE;
+        let mut done = 0;
+        let mut up_end = 0;
+        while done < n {
+            let (i, ev) = self.next(deadline)?;
+            match ev {
+                Event::Progress { up, msgs: k, rtt } => {
+                    ups[i] = up;
+                    msgs += k;
+                    rtt.add_to(&mut interval);
+                }
+                Event::Done { up, rtt, bytes, errors } => {
+                    up_end += up;
+                    rtt.add_to(&mut m.rtt);
+                    m.bytes += bytes;
+                    report::merge_errors(&mut m.errors, &errors);
+                    done += 1;
+                }
+                Event::Fatal { message } => bail!("client worker {i} failed: {message}"),
+                _ => {}
+            }
+            print(&ups, &mut interval, &mut msgs, "measure");
+        }
+        if up_end < m.up && !args.quiet {
+            eprintln!("[{label}] {} sessions failed during the measurement", m.up - up_end);
+        }
+        Ok(m)
+    }
+
+    /// Closes every worker's stdin and waits (bounded) for them to exit; returns the events
+    /// they sent meanwhile.
+    fn finish(&mut self) -> Vec<(usize, Event)> {
+        for s in &mut self.stdins {
+            drop(s.take());
+        }
+        drop(self.tx.take());
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        if let Some(rx) = &self.rx {
+            while self.exited < self.children.len() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(Msg::Ev(i, ev)) => out.push((i, ev)),
+                    Ok(Msg::Exit(_)) => self.exited += 1,
+                    Err(_) => break,
+                }
+            }
+        }
+        for c in &mut self.children {
+            if !matches!(c.try_wait(), Ok(Some(_))) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+        out
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            if !matches!(c.try_wait(), Ok(Some(_))) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The load test end to end against its floor: real processes (echo server, client worker),
+//! real TLS and WebSocket on loopback.
+
+use std::process::Command;
+
+fn loadtest() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hatch-loadtest"))
+}
+
+#[test]
+fn floor_run_reports_round_trips_as_json() {
+    let out = loadtest()
+        .args(["--skip-relay", "--sessions", "20", "--ramp", "200", "--duration", "1", "--json"])
+        .args(["--shards", "1", "-q"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sessions"], 20);
+    let floor = &v["floor"];
+    assert_eq!(floor["errors"], 0, "{v}");
+    assert_eq!(floor["sessions_up"], 20);
+    // 20 sessions at 10/s for 1 s: at most 10 each (a loaded machine may send fewer), and every
+    // session measured at least one.
+    let count = floor["count"].as_u64().unwrap();
+    assert!((20..=200).contains(&count), "count {count}");
+    let p50 = floor["p50_us"].as_u64().unwrap();
+    let p99 = floor["p99_us"].as_u64().unwrap();
+    assert!(p50 > 0 && p50 <= p99 && p99 <= floor["max_us"].as_u64().unwrap());
+    assert!(v["relay"].is_null());
+}
+
+#[test]
+fn throughput_mode_reports_megabytes_per_session() {
+    let out = loadtest()
+        .args(["--skip-relay", "--sessions", "2", "--duration", "1", "--mode", "throughput"])
+        .args(["--payload", "4096", "--json", "-q", "--shards", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mbs = v["floor"]["throughput_mb_s_per_session"].as_f64().unwrap();
+    assert!(mbs > 0.0, "{v}");
+    assert_eq!(v["floor"]["errors"], 0);
+}
+
+#[test]
+fn baseline_check_fails_naming_the_baseline_when_no_ratio_was_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("baseline.json");
+    std::fs::write(&base, r#"{"p99_ratio": 2.0, "note": "test"}"#).unwrap();
+    let out = loadtest()
+        .args(["--skip-relay", "--sessions", "1", "--duration", "0.5", "-q", "--shards", "1"])
+        .arg("--baseline")
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("baseline 2.00"), "{err}");
+}
+
+#[test]
+fn unreachable_external_relay_fails_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = hatch_relay::certs::ensure_dev_pki(dir.path(), &[]).unwrap();
+    // Port 1 on loopback: nothing listens there.
+    let out = loadtest()
+        .args(["--skip-floor", "--sessions", "1", "--instances", "1", "--duration", "0.5", "-q"])
+        .args(["--api", "https://127.0.0.1:1", "--access-key", "k", "--activation-id", "a"])
+        .args(["--activation-code", "c", "--ca"])
+        .arg(&pki.ca_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no simulated agent could register") && err.contains("connect"), "{err}");
+}
+
+#[test]
+fn relay_run_reports_relay_floor_ratio_rss_and_cpu() {
+    let out = loadtest()
+        .args(["--sessions", "6", "--instances", "2", "--ramp", "100", "--duration", "1"])
+        .args(["--json", "-q", "--shards", "1", "--io", "epoll"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["io"], "epoll");
+    let relay = &v["relay"];
+    assert_eq!(relay["errors"], 0, "{v}");
+    assert_eq!(relay["sessions_up"], 6);
+    assert!(relay["count"].as_u64().unwrap() >= 6, "{v}");
+    assert!(v["p99_ratio"].as_f64().unwrap() > 0.0);
+    assert!(v["relay_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(v["cpu_s_per_million_msgs"].as_f64().is_some());
+    assert!(v["setup"]["sessions_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["errors_by_kind"], serde_json::json!({}));
+}
+
+#[test]
+fn pty_mode_echoes_through_cat() {
+    let out = loadtest()
+        .args(["--sessions", "2", "--instances", "1", "--duration", "1", "--mode", "pty"])
+        .args(["--json", "-q", "--shards", "1", "--skip-floor"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["mode"], "pty");
+    assert_eq!(v["relay"]["errors"], 0, "{v}");
+    assert!(v["relay"]["count"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v["floor"].is_null() && v["p99_ratio"].is_null());
+}
+
+#[test]
+fn baseline_check_fails_above_one_and_a_half_times_the_baseline_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("baseline.json");
+    // No relay is 66 times faster than a direct echo: the measured ratio exceeds 1.5 × 0.01.
+    std::fs::write(&base, r#"{"p99_ratio": 0.01}"#).unwrap();
+    let out = loadtest()
+        .args(["--sessions", "4", "--instances", "1", "--duration", "1", "-q", "--shards", "1"])
+        .arg("--baseline")
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exceeds 1.5x the baseline's 0.01"), "{err}");
+    // The report is still printed.
+    assert!(String::from_utf8_lossy(&out.stdout).contains("p99 ratio relay/floor"));
+}
