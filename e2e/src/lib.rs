@@ -180,20 +180,24 @@ impl Relay {
         extra: Vec<String>,
     ) -> Relay {
         let dev_json = data_dir.join("dev.json");
-        let _ = std::fs::remove_file(&dev_json);
+        // A restart keeps dev.json (the demo account is reused only when it names it); the new
+        // process is ready when its banner line appears in the log once more.
+        const BANNER: &str = "Hatch development relay";
+        let log = tmp.path().join("relay.log");
+        let banners = std::fs::read_to_string(&log).unwrap_or_default().matches(BANNER).count();
         let mut cmd = Command::new(bin("hatch-relay"));
         cmd.args(["dev", "--data-dir"]).arg(&data_dir);
         cmd.args(["--api-listen", api, "--data-listen", data, "--shards", "1"]);
         cmd.args(&extra);
         cmd.env("HATCH_LOG", "info");
-        let mut proc = Proc::spawn(cmd, &tmp.path().join("relay.log"));
+        let mut proc = Proc::spawn(cmd, &log);
         let end = Instant::now() + DEADLINE;
         let info: DevInfo = loop {
             if let Some(st) = proc.child.try_wait().unwrap() {
                 panic!("relay exited ({st}) before starting:\n{}", proc.output());
             }
-            // dev.json is written whole once the listeners are bound; retry a partial read.
-            if let Ok(text) = std::fs::read_to_string(&dev_json)
+            if proc.output().matches(BANNER).count() > banners
+                && let Ok(text) = std::fs::read_to_string(&dev_json)
                 && let Ok(info) = serde_json::from_str(&text)
             {
                 break info;

@@ -1,0 +1,191 @@
+//! Faults with the real binaries as processes: `hatch-relay dev`, `hatch-agent run` (real
+//! PTYs and shells) and `hatch exec`. A process is killed mid-session; the survivors report it
+//! in words and exit codes, and the session record keeps the right close reason.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hatch_e2e::*;
+
+/// `hatch-agent register` then `hatch-agent run`, as an operator would.
+fn start_agent(relay: &Relay, dir: &Path) -> (Proc, String) {
+    let state = dir.join("agent.json");
+    let out = Command::new(bin("hatch-agent"))
+        .args(["register", "--api", &relay.info.api_url, "--activation-id"])
+        .arg(&relay.info.activation_id)
+        .args(["--activation-code", &relay.info.activation_code, "--ca", &relay.info.ca_file])
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "register: {}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(id.starts_with("i-"), "{id}");
+    let mut cmd = Command::new(bin("hatch-agent"));
+    cmd.args(["run", "--state"]).arg(&state);
+    (Proc::spawn(cmd, &dir.join("agent.log")), id)
+}
+
+async fn wait_online(relay: &Relay, id: &str, online: bool) {
+    let end = Instant::now() + Duration::from_secs(40);
+    loop {
+        let r = relay.call("GET", "/v1/instances", Some(&relay.info.access_key), None).await;
+        let now = r.status == 200
+            && r.json()["instances"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|i| i["instance_id"] == id && i["online"] == true);
+        if now == online {
+            return;
+        }
+        assert!(Instant::now() < end, "instance {id} online={online} never seen: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `hatch exec` of a command that prints its shell's pid then waits; returns the process,
+/// the session id and the remote pid once the first line arrived.
+fn exec(relay: &Relay, dir: &Path, instance: &str) -> (std::process::Child, String, u32) {
+    let mut child = Command::new(bin("hatch"))
+        .env("HOME", dir)
+        .env("XDG_CONFIG_HOME", dir)
+        .env("HATCH_API", &relay.info.api_url)
+        .env("HATCH_ACCESS_KEY", &relay.info.access_key)
+        .env("HATCH_CA", &relay.info.ca_file)
+        .args(["exec", "--instance", instance, "--", "sh", "-c", "echo $$; exec sleep 120"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(("out", l));
+        }
+    });
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx2.send(("err", l));
+        }
+    });
+    let (mut sid, mut pid) = (None, None);
+    while sid.is_none() || pid.is_none() {
+        let (k, l) = rx.recv_timeout(DEADLINE).expect("hatch exec did not start");
+        if k == "err"
+            && let Some(w) = l.split_whitespace().find(|w| w.starts_with("s-"))
+        {
+            sid = Some(w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned());
+        }
+        if k == "out"
+            && let Ok(p) = l.trim().parse()
+        {
+            pid = Some(p);
+        }
+    }
+    // Later stderr lines go to a file the test reads at the end.
+    let log = dir.join("hatch.err");
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        while let Ok((_, l)) = rx.recv() {
+            all.push_str(&l);
+            all.push('\n');
+            let _ = std::fs::write(&log, &all);
+        }
+    });
+    (child, sid.unwrap(), pid.unwrap())
+}
+
+fn wait_child(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < end, "hatch did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn gone(pid: u32) -> bool {
+    // A zombie is gone too: the shell has exited and only waits to be reaped.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn agent_killed_client_killed_and_relay_killed() {
+    let relay = Relay::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (agent, iid) = start_agent(&relay, tmp.path());
+    wait_online(&relay, &iid, true).await;
+
+    // 1. The agent process is killed mid-session: the client says so and exits 255.
+    let (mut client, sid, shell) = exec(&relay, tmp.path(), &iid);
+    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    let t0 = Instant::now();
+    let st = wait_child(&mut client, DEADLINE);
+    let lost_after = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(100)); // let the stderr reader flush its file
+    let err = std::fs::read_to_string(tmp.path().join("hatch.err")).unwrap_or_default();
+    eprintln!("agent killed: hatch exited {st:?} after {lost_after:?}: {err}");
+    assert_eq!(st.code(), Some(255), "{err}");
+    assert!(err.contains("agent connection lost"), "{err}");
+    let rec = relay.closed_session(&sid).await;
+    assert_eq!(rec["close_reason"], "agent_closed", "{rec}");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shell as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+
+    // 2. The client is killed mid-session: the agent hangs up the shell; `client_closed`.
+    let (mut agent, _) = {
+        let mut cmd = Command::new(bin("hatch-agent"));
+        cmd.args(["run", "--state"]).arg(tmp.path().join("agent.json"));
+        (Proc::spawn(cmd, &tmp.path().join("agent2.log")), ())
+    };
+    wait_online(&relay, &iid, true).await;
+    let (mut client, sid, shell) = exec(&relay, tmp.path(), &iid);
+    client.kill().unwrap();
+    let _ = client.wait();
+    let rec = relay.closed_session(&sid).await;
+    eprintln!("client killed: record {rec}");
+    assert_eq!(rec["close_reason"], "client_closed", "{rec}");
+    assert!(rec["bytes_agent_to_client"].as_u64().unwrap() > 0, "{rec}");
+    wait_for("the agent hangs up the shell", DEADLINE, || gone(shell)).await;
+
+    // 3. The relay is killed with a session live: the client exits 255; when the relay comes
+    //    back on the same data directory and ports, the agent's control channel reconnects.
+    let (mut client, sid, shell) = exec(&relay, tmp.path(), &iid);
+    relay.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    let st = wait_child(&mut client, DEADLINE);
+    std::thread::sleep(Duration::from_millis(100));
+    let err = std::fs::read_to_string(tmp.path().join("hatch.err")).unwrap_or_default();
+    eprintln!("relay killed: hatch exited {st:?}: {err}");
+    assert_eq!(st.code(), Some(255), "{err}");
+    let relay = relay.restart();
+    let t1 = Instant::now();
+    wait_online(&relay, &iid, true).await;
+    eprintln!("agent reconnected {:?} after the relay came back", t1.elapsed());
+    let rec = relay.session(&sid).await;
+    eprintln!("session live when the relay was killed, after restart: {rec}");
+    // The restarted relay closes what the dead one left open. Byte counts are reported at the
+    // end of a session, so those of a SIGKILLed relay are lost (0 here).
+    assert_eq!((&rec["state"], &rec["close_reason"]), (&"closed".into(), &"relay_shutdown".into()));
+    wait_for("the agent hangs up the orphaned shell", DEADLINE, || gone(shell)).await;
+    // And the restarted relay serves a fresh session through the reconnected agent.
+    let (mut client, sid, _) = exec(&relay, tmp.path(), &iid);
+    client.kill().unwrap();
+    let _ = client.wait();
+    assert_eq!(relay.closed_session(&sid).await["close_reason"], "client_closed");
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = agent.wait_exit(DEADLINE);
+}
