@@ -33,23 +33,35 @@ fn profile_dir() -> PathBuf {
     exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_owned()
 }
 
+/// Set once this process ran `cargo build --bins`.
 static BUILT: Mutex<bool> = Mutex::new(false);
 
-/// Path of a workspace binary (`hatch-relay`, `hatch-agent`, `hatch`), built on first use.
+/// Path of a workspace binary (`hatch-relay`, `hatch-agent`, `hatch`).
 ///
-/// `cargo test --workspace` has already built them next to the test executable; `cargo test -p
-/// hatch-e2e` alone may not have, so the first call runs `cargo build --bins` for the three
-/// packages (quick when they are fresh).
+/// `cargo test --workspace` builds all three fresh before any test runs (their own crates'
+/// tests use `CARGO_BIN_EXE_*`), so they are taken from next to the test executable. When one
+/// is missing (e.g. `cargo test -p hatch-e2e` on a clean clone), or with `HATCH_E2E_BUILD=1`,
+/// the first call runs `cargo build --bins` for the three packages. The build gets a clean
+/// environment: the variables cargo sets for a test process would make it rebuild
+/// dependencies whose build scripts watch the environment.
 pub fn bin(name: &str) -> PathBuf {
     let dir = profile_dir();
+    let p = dir.join(name);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !*built && std::env::var_os("HATCH_E2E_NO_BUILD").is_none() {
+    let missing = ["hatch-relay", "hatch-agent", "hatch"].iter().any(|b| !dir.join(b).exists());
+    if !*built && (missing || std::env::var_os("HATCH_E2E_BUILD").is_some()) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let mut cmd = Command::new(cargo);
+        cmd.env_clear();
+        for keep in ["PATH", "HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN", "TMPDIR"] {
+            if let Some(v) = std::env::var_os(keep) {
+                cmd.env(keep, v);
+            }
+        }
         cmd.args(["build", "--bins", "--manifest-path"]).arg(&manifest);
-        for p in ["hatch-relay", "hatch-agent", "hatch-client"] {
-            cmd.args(["-p", p]);
+        for pkg in ["hatch-relay", "hatch-agent", "hatch-client"] {
+            cmd.args(["-p", pkg]);
         }
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
@@ -60,7 +72,6 @@ pub fn bin(name: &str) -> PathBuf {
         assert!(st.success(), "cargo build --bins failed: {st:?}");
         *built = true;
     }
-    let p = dir.join(name);
     assert!(p.exists(), "{} missing", p.display());
     p
 }

@@ -189,3 +189,35 @@ async fn agent_killed_client_killed_and_relay_killed() {
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = agent.wait_exit(DEADLINE);
 }
+
+#[tokio::test]
+async fn relay_sigterm_closes_legs_with_4009_and_records_relay_shutdown() {
+    let relay = Relay::start(&["--drain", "0"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (agent, iid) = start_agent(&relay, tmp.path());
+    wait_online(&relay, &iid, true).await;
+    let (mut client, sid, _shell) = exec(&relay, tmp.path(), &iid);
+    let mut relay = relay;
+    relay.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let st = wait_child(&mut client, DEADLINE);
+    std::thread::sleep(Duration::from_millis(100));
+    let err = std::fs::read_to_string(tmp.path().join("hatch.err")).unwrap_or_default();
+    eprintln!("relay SIGTERM: hatch exited {st:?}: {err}");
+    assert_eq!(st.code(), Some(255), "{err}");
+    assert!(err.contains("4009") && err.contains("shutting down"), "{err}");
+    let rst = relay.proc.wait_exit(DEADLINE);
+    assert!(rst.success(), "relay exit {rst:?}");
+    // The record, read by the restarted relay: relay_shutdown with the bytes that went through.
+    let relay = relay.restart();
+    let rec = relay.session(&sid).await;
+    eprintln!("after SIGTERM: {rec}");
+    assert_eq!(rec["close_reason"], "relay_shutdown", "{rec}");
+    assert!(rec["bytes_agent_to_client"].as_u64().unwrap() > 0, "{rec}");
+    // The agent came back too, and the relay serves it.
+    wait_online(&relay, &iid, true).await;
+    let (mut client, sid, _) = exec(&relay, tmp.path(), &iid);
+    client.kill().unwrap();
+    let _ = client.wait();
+    assert_eq!(relay.closed_session(&sid).await["close_reason"], "client_closed");
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+}
