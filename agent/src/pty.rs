@@ -254,13 +254,18 @@ pub fn signal_session(sid: u32, signal: Signal) -> usize {
     n
 }
 
-/// The session id of `pid` from `/proc/<pid>/stat`, `None` when it is gone or unreadable.
+/// The session id of `pid` from `/proc/<pid>/stat`, `None` when it is gone, a zombie or
+/// unreadable.
 fn session_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may contain spaces; fields follow the last ')':
     // state ppid pgrp session ...
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(3)?.parse().ok()
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    // A zombie has already ended: it waits only for its parent (or init) to reap it.
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(2)?.parse().ok()
 }
 
 impl AsFd for Pty {

@@ -24,7 +24,7 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -77,8 +77,9 @@ pub struct SessionTiming {
     /// A leg that delivers nothing (not even a pong) for this long, while no send to it is
     /// pending, is dead. A pending send is a slow reader (a paused pager), not a dead leg.
     pub dead_after: Duration,
-    /// After the child exits, how long to wait for the rest of its output (a background job
-    /// that keeps the PTY open must not hold the session forever).
+    /// After the child exits, how long output may stand still before the session ends (a
+    /// background job that keeps the PTY open must not hold the session forever). While output
+    /// still moves the drain goes on, up to `exit_timeout`.
     pub drain_timeout: Duration,
     /// After a hang-up, how long the session's processes get before SIGKILL.
     pub hangup_grace: Duration,
@@ -551,7 +552,12 @@ async fn pump(
         Io::Pipes { input, output } => (Output::Pipe(output), Input::Pipe(input.take())),
     };
     let sending = AtomicBool::new(false);
-    let out = pump_out(&output, sink, timing.ping_interval, &sending);
+    // Output reads so far: the drain after the child's exit ends only once output has stopped
+    // moving, so a slow client gets every byte instead of a cut at the drain timeout.
+    let progress = AtomicU64::new(0);
+    let mut progress_at_arm = 0;
+    let mut exited_at = Instant::now();
+    let out = pump_out(&output, sink, timing.ping_interval, &sending, &progress);
     let inp = pump_in(input, stream, timing.dead_after, &sending);
     tokio::pin!(out, inp);
     let mut out_done = false;
@@ -571,11 +577,22 @@ async fn pump(
             st = child.wait(), if status.is_none() => match st {
                 Ok(st) => {
                     status = Some(st);
+                    progress_at_arm = progress.load(Ordering::Relaxed);
+                    exited_at = Instant::now();
                     drain.as_mut().reset(Instant::now() + timing.drain_timeout);
                 }
                 Err(e) => return Outcome::Lost(format!("waiting for the child: {e}")),
             },
             () = &mut drain, if status.is_some() => {
+                let now = progress.load(Ordering::Relaxed);
+                let moving = now != progress_at_arm || sending.load(Ordering::Relaxed);
+                if moving && exited_at.elapsed() < timing.exit_timeout {
+                    // Output is still moving (or waiting for the client): not stuck. A
+                    // background job that writes forever is cut at the exit timeout.
+                    progress_at_arm = now;
+                    drain.as_mut().reset(Instant::now() + timing.drain_timeout);
+                    continue;
+                }
                 debug!("output drain timed out (a background process keeps the terminal open)");
                 return Outcome::Exited(status.expect("guarded by the branch condition"));
             }
@@ -603,6 +620,7 @@ async fn pump_out(
     sink: &mut Sink,
     ping_interval: Duration,
     sending: &AtomicBool,
+    progress: &AtomicU64,
 ) -> Result<(), String> {
     let mut buf = vec![0u8; 1 + MAX_DATA];
     buf[0] = channel::TYPE_DATA;
@@ -615,6 +633,7 @@ async fn pump_out(
                     Ok(n) => n,
                     Err(e) => return Err(format!("reading the terminal: {e}")),
                 };
+                progress.fetch_add(1, Ordering::Relaxed);
                 let msg = WsMessage::Binary(Bytes::copy_from_slice(&buf[..1 + n]));
                 sending.store(true, Ordering::Relaxed);
                 let sent = sink.send(msg).await;
@@ -697,9 +716,25 @@ async fn hang_up(pty: Io, child: &mut tokio::process::Child, pid: u32, timing: &
             warn!(pid, ?e, "reaping the child failed");
         }
     }
-    // Jobs started after the first scan (a shell forking while it hangs up) get theirs too.
-    hang_up_session(pid);
+    // Jobs started after the first scan (a shell forking while it hangs up), or signalled
+    // between fork and exec while the shell's own SIGHUP handler was still installed, get
+    // theirs again until the session is empty; what is left after the grace period (a job
+    // that ignores SIGHUP) is killed, so a hang-up never leaves a process behind.
+    let deadline = Instant::now() + timing.hangup_grace;
+    while pty::signal_session(pid, Signal::SIGHUP) > 0 {
+        if Instant::now() >= deadline {
+            let n = pty::signal_session(pid, Signal::SIGKILL);
+            warn!(pid, processes = n, "session processes outlived the hang-up; killed");
+            break;
+        }
+        pty::signal_session(pid, Signal::SIGCONT);
+        tokio::time::sleep(HANGUP_RESCAN).await;
+    }
 }
+
+/// How often a hung-up session is scanned again for processes that are still alive. Short
+/// enough that a session ends promptly, long enough that scanning /proc costs nothing.
+const HANGUP_RESCAN: Duration = Duration::from_millis(50);
 
 /// SIGHUP then SIGCONT (as the kernel does on a hang-up, so stopped jobs see it) to every
 /// process of the session.
