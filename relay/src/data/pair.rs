@@ -184,6 +184,8 @@ async fn forward_loop<S: Stream>(
                 ShardMetrics::add(&shard.metrics.frames, u64::from(step.frames));
             }
             if !step.out.is_empty() {
+                // Read → write handed to the other leg (the write's own wait is not counted).
+                shard.metrics.forward.record(now.elapsed());
                 let (res, b2) = b.write_plain(buf, step.out.clone()).await;
                 buf = b2;
                 if let Err(err) = res {
