@@ -30,6 +30,7 @@ both_backends!(
     waiting_leg_that_hangs_up_ends_the_session_at_once,
     data_sent_while_waiting_arrives_after_pairing,
     forward_histogram_counts_every_forwarded_write,
+    live_session_byte_counts_are_reported_on_the_progress_tick,
 );
 
 async fn legs_exchange_bytes_and_agent_exit_closes_both(io: IoBackend) {
@@ -352,4 +353,37 @@ async fn forward_histogram_counts_every_forwarded_write(io: IoBackend) {
     assert!(shards >= 1);
     // Ten data frames were forwarded, each by at least one write.
     assert!(total >= 10.0, "forward histogram count {total}\n{text}");
+}
+
+async fn live_session_byte_counts_are_reported_on_the_progress_tick(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let (mut c, mut a) = relay.pair("s-progress").await;
+    send_bin(&mut c, b"\x01abc").await;
+    assert_eq!(recv_bin(&mut a).await, b"\x01abc");
+    send_bin(&mut a, b"\x01hello").await;
+    assert_eq!(recv_bin(&mut c).await, b"\x01hello");
+    // The session stays live: its counts arrive by the periodic report, not by its end.
+    let end = tokio::time::Instant::now() + WAIT;
+    let got = loop {
+        let ev = tokio::time::timeout_at(end, relay.events.recv())
+            .await
+            .expect("no progress report")
+            .expect("event channel closed");
+        match ev {
+            DataEvent::Progress { session_id, bytes_client_to_agent, bytes_agent_to_client } => {
+                assert_eq!(session_id, "s-progress");
+                if (bytes_client_to_agent, bytes_agent_to_client) == (4, 6) {
+                    break (bytes_client_to_agent, bytes_agent_to_client);
+                }
+            }
+            DataEvent::Ended(e) => panic!("session ended: {e:?}"),
+            DataEvent::Connected { .. } => {}
+        }
+    };
+    assert_eq!(got, (4, 6));
+    // Unchanged counts are not reported again; the end still carries them.
+    close_with(&mut a, 1000).await;
+    assert_eq!(recv_close(&mut c).await, 1000);
+    let e = relay.next_end().await;
+    assert_eq!((e.bytes_client_to_agent, e.bytes_agent_to_client), (4, 6));
 }

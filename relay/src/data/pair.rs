@@ -54,6 +54,8 @@ pub struct Session<S> {
     pub paired: Cell<Option<Instant>>,
     /// Payload bytes read from each leg (client → agent, agent → client).
     pub bytes: [Cell<u64>; 2],
+    /// `bytes` as last sent in a [`DataEvent::Progress`](crate::plane::DataEvent::Progress).
+    pub reported: [Cell<u64>; 2],
     /// Last client → agent data (the idle timeout's clock).
     pub last_c2a: Cell<Instant>,
 }
@@ -71,6 +73,7 @@ impl<S: Stream> Session<S> {
             created: now,
             paired: Cell::new(None),
             bytes: [Cell::new(0), Cell::new(0)],
+            reported: [Cell::new(0), Cell::new(0)],
             last_c2a: Cell::new(now),
         }
     }
