@@ -164,7 +164,21 @@ async fn agent_killed_client_killed_and_relay_killed() {
 
     // 3. The relay is killed with a session live: the client exits 255; when the relay comes
     //    back on the same data directory and ports, the agent's control channel reconnects.
+    //    Before the kill, wait until the relay's periodic progress report has stored the bytes
+    //    of the shell's first line ("<pid>\r\n", at least).
     let (mut client, sid, shell) = exec(&relay, tmp.path(), &iid);
+    let line = shell.to_string().len() as u64 + 2;
+    let end = Instant::now() + DEADLINE;
+    let live = loop {
+        let rec = relay.session(&sid).await;
+        let a2c = rec["bytes_agent_to_client"].as_u64().unwrap_or(0);
+        if rec["state"] == "connected" && a2c >= line {
+            break rec;
+        }
+        assert!(Instant::now() < end, "byte counts never stored for the live session: {rec}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("live session before the relay kill: {live}");
     relay.proc.signal(nix::sys::signal::Signal::SIGKILL);
     let st = wait_child(&mut client, DEADLINE);
     std::thread::sleep(Duration::from_millis(100));
@@ -177,9 +191,13 @@ async fn agent_killed_client_killed_and_relay_killed() {
     eprintln!("agent reconnected {:?} after the relay came back", t1.elapsed());
     let rec = relay.session(&sid).await;
     eprintln!("session live when the relay was killed, after restart: {rec}");
-    // The restarted relay closes what the dead one left open. Byte counts are reported at the
-    // end of a session, so those of a SIGKILLed relay are lost (0 here).
+    // The restarted relay closes what the dead one left open, keeping the byte counts the
+    // killed relay stored on its last progress tick: exactly what went through before the kill
+    // (nothing moved after the shell's first line).
     assert_eq!((&rec["state"], &rec["close_reason"]), (&"closed".into(), &"relay_shutdown".into()));
+    for k in ["bytes_client_to_agent", "bytes_agent_to_client"] {
+        assert_eq!(rec[k], live[k], "{k}: {rec}");
+    }
     wait_for("the agent hangs up the orphaned shell", DEADLINE, || gone(shell)).await;
     // And the restarted relay serves a fresh session through the reconnected agent.
     let (mut client, sid, _) = exec(&relay, tmp.path(), &iid);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!   control plane ── DataCommand (terminate, ...) ──▶ data plane shards
-//!   control plane ◀── DataEvent (connected, ended) ── data plane shards
+//!   control plane ◀── DataEvent (connected, progress, ended) ── data plane shards
 //! ```
 //!
 //! Both directions are tokio mpsc channels, which work from the plain-tokio control runtime and
@@ -90,6 +90,18 @@ pub enum DataEvent {
         session_id: String,
         /// When the second leg arrived.
         at: SystemTime,
+    },
+    /// The byte counts of a live session so far, sent by its owner shard on a periodic tick
+    /// (not per frame) when they changed since the last report, so that a relay killed
+    /// without a chance to report [`DataEvent::Ended`] still leaves recent counts in the store.
+    /// Counts only grow; a later `Progress` or `Ended` of the same session supersedes it.
+    Progress {
+        /// Session id.
+        session_id: String,
+        /// Payload bytes forwarded client → agent so far.
+        bytes_client_to_agent: u64,
+        /// Payload bytes forwarded agent → client so far.
+        bytes_agent_to_client: u64,
     },
     /// The session ended (sent exactly once per session that had at least one leg).
     Ended(SessionEnd),

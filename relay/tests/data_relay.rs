@@ -29,6 +29,8 @@ both_backends!(
     reload_tls_serves_the_new_certificate_and_keeps_live_sessions,
     waiting_leg_that_hangs_up_ends_the_session_at_once,
     data_sent_while_waiting_arrives_after_pairing,
+    forward_histogram_counts_every_forwarded_write,
+    live_session_byte_counts_are_reported_on_the_progress_tick,
 );
 
 async fn legs_exchange_bytes_and_agent_exit_closes_both(io: IoBackend) {
@@ -308,4 +310,80 @@ async fn data_sent_while_waiting_arrives_after_pairing(io: IoBackend) {
     assert_eq!(recv_bin(&mut a).await, b"early");
     send_bin(&mut a, b"late").await;
     assert_eq!(recv_bin(&mut c).await, b"late");
+}
+
+async fn forward_histogram_counts_every_forwarded_write(io: IoBackend) {
+    let relay = Relay::start(io, |_| {});
+    let (mut c, mut a) = relay.pair("s-hist").await;
+    for i in 0..5u8 {
+        send_bin(&mut c, &[1, i]).await;
+        assert_eq!(recv_bin(&mut a).await, [1, i]);
+        send_bin(&mut a, &[1, i, i]).await;
+        assert_eq!(recv_bin(&mut c).await, [1, i, i]);
+    }
+    let text = relay.plane().metrics();
+    assert!(text.contains("# TYPE hatch_data_forward_seconds histogram"), "{text}");
+    let value = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    let mut total = 0.0;
+    let mut shards = 0;
+    for shard in 0.. {
+        let label = format!("shard=\"{shard}\"");
+        let buckets: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("hatch_data_forward_seconds_bucket{") && l.contains(&label))
+            .collect();
+        if buckets.is_empty() {
+            break;
+        }
+        shards += 1;
+        assert_eq!(buckets.len(), 22, "{text}");
+        assert!(buckets[0].contains("le=\"0.000001\""), "{}", buckets[0]);
+        assert!(buckets[21].contains("le=\"+Inf\""), "{}", buckets[21]);
+        let counts: Vec<f64> = buckets.iter().map(|l| value(l)).collect();
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]), "not cumulative: {counts:?}");
+        let line = |suffix: &str| {
+            let p = format!("hatch_data_forward_seconds_{suffix}{{{label}}} ");
+            text.lines().find(|l| l.starts_with(&p)).map(value).expect(&p)
+        };
+        let count = line("count");
+        assert_eq!(counts[21], count);
+        assert!(line("sum") >= 0.0);
+        total += count;
+    }
+    assert!(shards >= 1);
+    // Ten data frames were forwarded, each by at least one write.
+    assert!(total >= 10.0, "forward histogram count {total}\n{text}");
+}
+
+async fn live_session_byte_counts_are_reported_on_the_progress_tick(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let (mut c, mut a) = relay.pair("s-progress").await;
+    send_bin(&mut c, b"\x01abc").await;
+    assert_eq!(recv_bin(&mut a).await, b"\x01abc");
+    send_bin(&mut a, b"\x01hello").await;
+    assert_eq!(recv_bin(&mut c).await, b"\x01hello");
+    // The session stays live: its counts arrive by the periodic report, not by its end.
+    let end = tokio::time::Instant::now() + WAIT;
+    let got = loop {
+        let ev = tokio::time::timeout_at(end, relay.events.recv())
+            .await
+            .expect("no progress report")
+            .expect("event channel closed");
+        match ev {
+            DataEvent::Progress { session_id, bytes_client_to_agent, bytes_agent_to_client } => {
+                assert_eq!(session_id, "s-progress");
+                if (bytes_client_to_agent, bytes_agent_to_client) == (4, 6) {
+                    break (bytes_client_to_agent, bytes_agent_to_client);
+                }
+            }
+            DataEvent::Ended(e) => panic!("session ended: {e:?}"),
+            DataEvent::Connected { .. } => {}
+        }
+    };
+    assert_eq!(got, (4, 6));
+    // Unchanged counts are not reported again; the end still carries them.
+    close_with(&mut a, 1000).await;
+    assert_eq!(recv_close(&mut c).await, 1000);
+    let e = relay.next_end().await;
+    assert_eq!((e.bytes_client_to_agent, e.bytes_agent_to_client), (4, 6));
 }

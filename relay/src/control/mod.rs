@@ -207,8 +207,32 @@ impl ControlPlane {
         });
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                shared.on_event(ev).await;
+            // Progress reports already queued are written together, in one store call; every
+            // other event is handled in order (a session's `Ended` after its progress).
+            let mut progress = Vec::new();
+            while let Some(mut ev) = events.recv().await {
+                loop {
+                    match ev {
+                        DataEvent::Progress {
+                            session_id,
+                            bytes_client_to_agent,
+                            bytes_agent_to_client,
+                        } => progress.push((
+                            session_id,
+                            bytes_client_to_agent,
+                            bytes_agent_to_client,
+                        )),
+                        other => {
+                            shared.record_progress(&mut progress).await;
+                            shared.on_event(other).await;
+                        }
+                    }
+                    match events.try_recv() {
+                        Ok(next) => ev = next,
+                        Err(_) => break,
+                    }
+                }
+                shared.record_progress(&mut progress).await;
             }
         })
     }
@@ -281,6 +305,18 @@ impl Shared {
         }
     }
 
+    /// Writes the queued progress reports (live sessions' byte counts so far), emptying it.
+    async fn record_progress(&self, rows: &mut Vec<(String, u64, u64)>) {
+        if rows.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(rows);
+        let n = rows.len();
+        if let Err(e) = self.blocking(move |s| s.record_progress(&rows)).await {
+            warn!(sessions = n, err = %e, "recording session byte counts failed");
+        }
+    }
+
     async fn on_event(&self, ev: DataEvent) {
         match ev {
             DataEvent::Connected { session_id, at } => {
@@ -301,6 +337,10 @@ impl Shared {
                     end.bytes_agent_to_client,
                 )
                 .await;
+            }
+            DataEvent::Progress { session_id, bytes_client_to_agent, bytes_agent_to_client } => {
+                let mut rows = vec![(session_id, bytes_client_to_agent, bytes_agent_to_client)];
+                self.record_progress(&mut rows).await;
             }
         }
     }

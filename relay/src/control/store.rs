@@ -286,7 +286,11 @@ pub trait Store: Send + Sync + 'static {
         bytes_agent_to_client: u64,
         at: i64,
     ) -> anyhow::Result<bool>;
+    /// Records the byte counts of live sessions so far (`(id, client → agent, agent →
+    /// client)`), in one transaction; counts only grow, so a smaller (older) count is ignored.
+    fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()>;
     /// Closes every open session (relay start after a crash, relay shutdown); returns how many.
+    /// Byte counts stay as last recorded.
     fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize>;
     /// `(session id, instance id)` of sessions closed at or after `at`.
     fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>>;
@@ -992,6 +996,22 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
+    fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE sessions SET bytes_client_to_agent = MAX(bytes_client_to_agent, ?2), \
+                 bytes_agent_to_client = MAX(bytes_agent_to_client, ?3) WHERE id = ?1",
+            )?;
+            for (id, c2a, a2c) in rows {
+                st.execute(params![id, to_i64(*c2a), to_i64(*a2c)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize> {
         let n = self.lock().execute(
             "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
@@ -1112,5 +1132,42 @@ mod tests {
         assert_eq!(s.sessions(None, StateFilter::Closed, 10, None).unwrap().len(), 1);
         assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 4);
         assert_eq!(s.close_all_open("relay_shutdown", 9).unwrap(), 4);
+    }
+
+    #[test]
+    fn progress_counts_survive_closing_what_a_crash_left_open() {
+        let (_d, s) = store();
+        account(&s, "acct-1");
+        s.insert_session(&SessionRecord {
+            id: "s-1".into(),
+            account_id: "acct-1".into(),
+            principal: "owner".into(),
+            access_key_id: "ak".into(),
+            source_ip: "127.0.0.1".into(),
+            instance_id: "i-1".into(),
+            mode: "shell".into(),
+            command: None,
+            run_as: None,
+            state: "pending".into(),
+            created_at: 1,
+            expires_at: 601,
+            connected_at: None,
+            closed_at: None,
+            close_reason: None,
+            bytes_client_to_agent: 0,
+            bytes_agent_to_client: 0,
+        })
+        .unwrap();
+        assert!(s.mark_connected("s-1", 2).unwrap());
+        s.record_progress(&[("s-1".into(), 10, 200), ("s-gone".into(), 1, 1)]).unwrap();
+        // An older report arriving late never lowers the counts.
+        s.record_progress(&[("s-1".into(), 5, 100)]).unwrap();
+        let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
+        assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
+        // The next start closes what the killed relay left open, keeping the counts.
+        assert_eq!(s.close_all_open("relay_shutdown", 9).unwrap(), 1);
+        let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
+        assert_eq!(got.close_reason.as_deref(), Some("relay_shutdown"));
+        assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
     }
 }

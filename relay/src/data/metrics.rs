@@ -41,6 +41,45 @@ pub struct ShardMetrics {
     pub handoffs_in: AtomicU64,
     /// Refusals by reason ([`REFUSALS`]).
     pub refusals: [AtomicU64; REFUSALS.len()],
+    /// Forward-step latency: bytes read → write handed to the other leg.
+    pub forward: Histogram,
+}
+
+/// Upper bounds of the [`Histogram`] buckets: 2^i microseconds for i in 0..21, so 1 µs to
+/// about 1.05 s, log2-spaced (one more bucket, `+Inf`, holds the rest).
+pub const BUCKETS: usize = 21;
+
+/// A latency histogram with fixed log2 buckets, written by one shard with relaxed atomics:
+/// recording is a few adds, no allocation, no lock.
+#[derive(Default)]
+pub struct Histogram {
+    /// Non-cumulative counts: `counts[i]` for `i < BUCKETS` holds values ≤ 2^i µs (and above
+    /// the previous bound); `counts[BUCKETS]` holds the values above the last bound.
+    pub counts: [AtomicU64; BUCKETS + 1],
+    /// Sum of the recorded values, nanoseconds.
+    pub sum_ns: AtomicU64,
+    /// Number of recorded values.
+    pub count: AtomicU64,
+}
+
+impl Histogram {
+    /// The bucket for `d`: the smallest `i` with `d ≤ 2^i µs`, or `BUCKETS` past the last.
+    pub fn bucket(d: std::time::Duration) -> usize {
+        let ns = d.as_nanos().min(u128::from(u64::MAX)) as u64;
+        // Whole microseconds rounded up, so a bound is inclusive (`le`).
+        let us = ns.div_ceil(1000).max(1);
+        // ceil(log2(us)): 1 → 0, 2 → 1, 3..=4 → 2, ...
+        let i = (64 - (us - 1).leading_zeros()) as usize;
+        i.min(BUCKETS)
+    }
+
+    /// Records one value.
+    pub fn record(&self, d: std::time::Duration) {
+        self.counts[Self::bucket(d)].fetch_add(1, Relaxed);
+        let ns = d.as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.sum_ns.fetch_add(ns, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
 }
 
 impl ShardMetrics {
@@ -93,5 +132,46 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             );
         }
     }
+    let name = "hatch_data_forward_seconds";
+    let _ =
+        writeln!(out, "# HELP {name} Forward step: bytes read to write handed to the other leg.");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (i, m) in shards.iter().enumerate() {
+        let h = &m.forward;
+        // Read the buckets once; `_count` is their total, so `+Inf` always equals it even while
+        // the shard records concurrently.
+        let mut cum = 0u64;
+        for (j, c) in h.counts.iter().enumerate() {
+            cum += c.load(Relaxed);
+            if j < BUCKETS {
+                let le = (1u64 << j) as f64 / 1e6;
+                let _ = writeln!(out, "{name}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cum}");
+            } else {
+                let _ = writeln!(out, "{name}_bucket{{shard=\"{i}\",le=\"+Inf\"}} {cum}");
+            }
+        }
+        let sum = h.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{shard=\"{i}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {cum}");
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn bucket_bounds_are_inclusive_log2_microseconds() {
+        assert_eq!(Histogram::bucket(Duration::ZERO), 0);
+        assert_eq!(Histogram::bucket(Duration::from_nanos(1000)), 0);
+        assert_eq!(Histogram::bucket(Duration::from_nanos(1001)), 1);
+        assert_eq!(Histogram::bucket(Duration::from_micros(2)), 1);
+        assert_eq!(Histogram::bucket(Duration::from_micros(3)), 2);
+        assert_eq!(Histogram::bucket(Duration::from_micros(1 << 20)), 20);
+        assert_eq!(Histogram::bucket(Duration::from_micros((1 << 20) + 1)), BUCKETS);
+        assert_eq!(Histogram::bucket(Duration::from_secs(3600)), BUCKETS);
+    }
 }

@@ -54,6 +54,8 @@ pub struct Session<S> {
     pub paired: Cell<Option<Instant>>,
     /// Payload bytes read from each leg (client → agent, agent → client).
     pub bytes: [Cell<u64>; 2],
+    /// `bytes` as last sent in a [`DataEvent::Progress`](crate::plane::DataEvent::Progress).
+    pub reported: [Cell<u64>; 2],
     /// Last client → agent data (the idle timeout's clock).
     pub last_c2a: Cell<Instant>,
 }
@@ -71,6 +73,7 @@ impl<S: Stream> Session<S> {
             created: now,
             paired: Cell::new(None),
             bytes: [Cell::new(0), Cell::new(0)],
+            reported: [Cell::new(0), Cell::new(0)],
             last_c2a: Cell::new(now),
         }
     }
@@ -184,6 +187,8 @@ async fn forward_loop<S: Stream>(
                 ShardMetrics::add(&shard.metrics.frames, u64::from(step.frames));
             }
             if !step.out.is_empty() {
+                // Read → write handed to the other leg (the write's own wait is not counted).
+                shard.metrics.forward.record(now.elapsed());
                 let (res, b2) = b.write_plain(buf, step.out.clone()).await;
                 buf = b2;
                 if let Err(err) = res {

@@ -37,6 +37,12 @@ use crate::token::{TokenError, TokenVerifier};
 /// How long a closing leg may take to send its close and FIN before its socket is shut down.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// How often a shard reports the byte counts of its live sessions that changed
+/// ([`DataEvent::Progress`]). A relay killed without warning loses at most this much of each
+/// session's counts; shorter means more store writes for busy sessions (one row update per
+/// changed session per period, never per frame).
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Messages from the data plane's handle to a shard.
 pub enum Ctrl {
     /// A control-plane command.
@@ -139,6 +145,7 @@ pub async fn run<L: Listener>(init: ShardInit) {
     let accept = tokio::task::spawn_local(accept_loop(shard.clone(), listener.clone()));
     let handoffs = tokio::task::spawn_local(handoff_loop(shard.clone(), init.handoffs));
     let watchdog = tokio::task::spawn_local(watchdog(shard.clone()));
+    let progress = tokio::task::spawn_local(progress(shard.clone()));
     let mut ctrl = init.ctrl;
     let drain = loop {
         match ctrl.recv().await {
@@ -177,6 +184,7 @@ pub async fn run<L: Listener>(init: ShardInit) {
     }
     handoffs.abort();
     watchdog.abort();
+    progress.abort();
 }
 
 async fn accept_loop<L: Listener>(shard: Rc<Shard<L::Stream>>, listener: Rc<L>) {
@@ -522,6 +530,32 @@ impl<S: Stream> Shard<S> {
         if let Some(s) = s {
             info!(session = %sid, code, "session terminated");
             self.end(&s, CloseReason::Terminated, [Some(code), Some(code)]);
+        }
+    }
+}
+
+/// Every [`PROGRESS_INTERVAL`], reports the byte counts of each live session whose counts
+/// changed since its last report.
+async fn progress<S: Stream>(shard: Rc<Shard<S>>) {
+    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (_, s) in shard.sessions.borrow().iter() {
+            if s.ended() {
+                continue;
+            }
+            let now = [s.bytes[CLIENT].get(), s.bytes[AGENT].get()];
+            if now == [s.reported[CLIENT].get(), s.reported[AGENT].get()] {
+                continue;
+            }
+            s.reported[CLIENT].set(now[CLIENT]);
+            s.reported[AGENT].set(now[AGENT]);
+            let _ = shard.events.send(DataEvent::Progress {
+                session_id: s.sid.clone(),
+                bytes_client_to_agent: now[CLIENT],
+                bytes_agent_to_client: now[AGENT],
+            });
         }
     }
 }
