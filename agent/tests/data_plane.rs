@@ -119,7 +119,7 @@ impl Relay {
         loop {
             match tokio::time::timeout(DEADLINE, self.events.recv()).await.unwrap().unwrap() {
                 DataEvent::Ended(e) => return e,
-                DataEvent::Connected { .. } => {}
+                DataEvent::Connected { .. } | DataEvent::Progress { .. } => {}
             }
         }
     }
