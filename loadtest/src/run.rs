@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use serde::Deserialize;
+
+use hatch_relay::dev::DevInfo;
 
 use crate::cli::{Io, Mode, RunArgs};
 use crate::proc::FD_RESERVE;
@@ -30,25 +31,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Grace after the measurement for workers to report.
 const REPORT_GRACE: Duration = Duration::from_secs(30);
-
-/// `dev.json` written by `hatch-relay dev`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct DevInfo {
-    /// `https://host:port` of the API.
-    pub api_url: String,
-    /// `wss://host:port` of the data plane.
-    pub data_url: String,
-    /// The demo account.
-    pub account_id: String,
-    /// The demo owner's access key.
-    pub access_key: String,
-    /// The demo activation.
-    pub activation_id: String,
-    /// Its code.
-    pub activation_code: String,
-    /// CA certificate file.
-    pub ca_file: PathBuf,
-}
 
 /// Entry point of a run.
 pub fn main(args: RunArgs) -> ExitCode {
@@ -308,7 +290,12 @@ impl Plan<'_> {
                         .activation_code
                         .clone()
                         .context("--activation-code is needed to register agents")?,
-                    ca_file: self.args.ca.clone().unwrap_or_default(),
+                    ca_file: self
+                        .args
+                        .ca
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
                 }
             }
             None => {
@@ -329,7 +316,7 @@ impl Plan<'_> {
             let count = self.args.instances / n + usize::from(w < self.args.instances % n);
             let spec = Spec::Agents(AgentSpec {
                 api_url: info.api_url.clone(),
-                ca_file: info.ca_file.clone(),
+                ca_file: PathBuf::from(&info.ca_file),
                 activation_id: info.activation_id.clone(),
                 activation_code: info.activation_code.clone(),
                 instances: count,
@@ -370,7 +357,7 @@ impl Plan<'_> {
             access_key: info.access_key.clone(),
             instances,
         };
-        for spec in self.client_specs(target, &info.ca_file) {
+        for spec in self.client_specs(target, Path::new(&info.ca_file)) {
             clients.spawn(&exe, &spec)?;
         }
         let mut at_go = None;

@@ -292,6 +292,23 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
+/// The bearer credential of a request, or the 401 that names what was expected (`what`: "access
+/// key", "instance secret"), counted as a failed authentication.
+fn require_bearer<'h>(
+    shared: &Shared,
+    headers: &'h HeaderMap,
+    what: &str,
+) -> Result<&'h str, ApiError> {
+    bearer(headers).ok_or_else(|| {
+        shared.metrics.auth_failed("missing");
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::INVALID_TOKEN,
+            format!("missing Authorization: Bearer <{what}>"),
+        )
+    })
+}
+
 /// IPv4-mapped IPv6 addresses (dual-stack listeners) are policy-checked as IPv4.
 fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
@@ -305,14 +322,7 @@ async fn authenticate(
     headers: &HeaderMap,
     peer: SocketAddr,
 ) -> Result<Caller, ApiError> {
-    let Some(key) = bearer(headers) else {
-        shared.metrics.auth_failed("missing");
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            codes::INVALID_TOKEN,
-            "missing Authorization: Bearer <access key>",
-        ));
-    };
+    let key = require_bearer(shared, headers, "access key")?;
     let hash = credentials::hash(key);
     let found = shared
         .blocking(move |s| {
@@ -838,14 +848,7 @@ async fn agent_connect(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let Some(secret) = bearer(&headers) else {
-        shared.metrics.auth_failed("missing");
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            codes::INVALID_TOKEN,
-            "missing Authorization: Bearer <instance secret>",
-        ));
-    };
+    let secret = require_bearer(&shared, &headers, "instance secret")?;
     let hash = credentials::hash(secret);
     let Some(inst) = shared.blocking(move |s| s.instance_by_secret(&hash)).await? else {
         shared.metrics.auth_failed("unknown_instance_secret");
