@@ -553,12 +553,13 @@ async fn pump(
     };
     let sending = AtomicBool::new(false);
     // Output reads so far: the drain after the child's exit ends only once output has stopped
-    // moving, so a slow client gets every byte instead of a cut at the drain timeout.
+    // moving, and a leg whose output is still moving is a slow reader, not a dead leg, so a
+    // slow client gets every byte instead of a cut.
     let progress = AtomicU64::new(0);
     let mut progress_at_arm = 0;
     let mut exited_at = Instant::now();
     let out = pump_out(&output, sink, timing.ping_interval, &sending, &progress);
-    let inp = pump_in(input, stream, timing.dead_after, &sending);
+    let inp = pump_in(input, stream, timing.dead_after, &sending, &progress);
     tokio::pin!(out, inp);
     let mut out_done = false;
     let mut status: Option<ExitStatus> = None;
@@ -656,12 +657,21 @@ async fn pump_in(
     stream: &mut Stream,
     dead_after: Duration,
     sending: &AtomicBool,
+    progress: &AtomicU64,
 ) -> InEnd {
     let mut pty_open = true;
     loop {
+        let output_before = progress.load(Ordering::Relaxed);
         let msg = match timeout(dead_after, stream.next()).await {
-            // Output waiting for a slow reader: the leg is flow-controlled, not dead.
-            Err(_) if sending.load(Ordering::Relaxed) => continue,
+            // Output waiting for, or still flowing to, a slow reader during the whole window
+            // (a send can be between two writes at the instant the timer fires): the leg is
+            // flow-controlled, not dead.
+            Err(_)
+                if sending.load(Ordering::Relaxed)
+                    || progress.load(Ordering::Relaxed) != output_before =>
+            {
+                continue;
+            }
             Err(_) => return InEnd::Gone(format!("leg silent for {dead_after:?}")),
             Ok(None) => return InEnd::Gone("leg connection ended".into()),
             Ok(Some(Err(e))) => return InEnd::Gone(format!("leg failed: {e}")),
