@@ -31,6 +31,7 @@ both_backends!(
     data_sent_while_waiting_arrives_after_pairing,
     forward_histogram_counts_every_forwarded_write,
     live_session_byte_counts_are_reported_on_the_progress_tick,
+    idle_legs_hold_no_pooled_buffers,
 );
 
 async fn legs_exchange_bytes_and_agent_exit_closes_both(io: IoBackend) {
@@ -386,4 +387,41 @@ async fn live_session_byte_counts_are_reported_on_the_progress_tick(io: IoBacken
     assert_eq!(recv_close(&mut c).await, 1000);
     let e = relay.next_end().await;
     assert_eq!((e.bytes_client_to_agent, e.bytes_agent_to_client), (4, 6));
+}
+
+/// Pooled buffers held by reads and writes in progress, summed over shards (`/metrics`).
+fn buffers_in_use(text: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with("hatch_data_buffers_in_use{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+async fn idle_legs_hold_no_pooled_buffers(io: IoBackend) {
+    let relay = Relay::start(io, |_| {});
+    let mut legs = Vec::new();
+    for i in 0..8 {
+        let sid = format!("s-idle-{i}");
+        let (mut c, mut a) = relay.pair(&sid).await;
+        // The client speaks once; the agent stays silent from the start (its first read after
+        // pairing must not park a buffer waiting for it).
+        send_bin(&mut c, b"hello").await;
+        assert_eq!(recv_bin(&mut a).await, b"hello");
+        legs.push((c, a));
+    }
+    let end = std::time::Instant::now() + WAIT;
+    loop {
+        let text = relay.plane().metrics();
+        assert!(text.contains("# TYPE hatch_data_buffers_in_use gauge"), "{text}");
+        let held = buffers_in_use(&text);
+        if held == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "idle legs still hold {held} buffers:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (c, a) in &mut legs {
+        send_bin(a, b"back").await;
+        assert_eq!(recv_bin(c).await, b"back");
+    }
 }

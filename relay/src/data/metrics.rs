@@ -41,6 +41,8 @@ pub struct ShardMetrics {
     pub handoffs_in: AtomicU64,
     /// Refusals by reason ([`REFUSALS`]).
     pub refusals: [AtomicU64; REFUSALS.len()],
+    /// Pooled 32 KiB buffers held by reads and writes in progress (gauge; 0 when all idle).
+    pub buffers: AtomicU64,
     /// Forward-step latency: bytes read → write handed to the other leg.
     pub forward: Histogram,
 }
@@ -105,7 +107,7 @@ impl ShardMetrics {
 pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     let mut out = String::new();
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let series: [(&str, &str, Field); 9] = [
+    let series: [(&str, &str, Field); 10] = [
         ("hatch_data_connections_accepted_total", "counter", |m| &m.accepted),
         ("hatch_data_connections_open", "gauge", |m| &m.open),
         ("hatch_data_sessions_live", "gauge", |m| &m.sessions),
@@ -115,6 +117,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         ("hatch_data_frames_total", "counter", |m| &m.frames),
         ("hatch_data_handoffs_out_total", "counter", |m| &m.handoffs_out),
         ("hatch_data_handoffs_in_total", "counter", |m| &m.handoffs_in),
+        ("hatch_data_buffers_in_use", "gauge", |m| &m.buffers),
     ];
     for (name, kind, f) in series {
         let _ = writeln!(out, "# TYPE {name} {kind}");

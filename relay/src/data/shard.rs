@@ -133,7 +133,7 @@ pub async fn run<L: Listener>(init: ShardInit) {
         cfg: init.cfg,
         verifier: init.verifier,
         events: init.events,
-        pool: Rc::new(Pool::default()),
+        pool: Rc::new(Pool::new(init.metrics.clone())),
         metrics: init.metrics,
         sessions: RefCell::new(Slab::new()),
         index: RefCell::new(HashMap::new()),

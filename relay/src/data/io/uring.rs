@@ -9,7 +9,12 @@
 //! - `read()` fills from offset 0 of what it is given: appending goes through `slice(off..)`;
 //! - a tokio-uring stream cannot give its fd back: a handoff sends a `dup`;
 //! - waiting for data without pinning a buffer: tokio's `AsyncFd` on the same fd (its epoll
-//!   reactor runs under tokio-uring), then one ring read into a pooled buffer.
+//!   reactor runs under tokio-uring), then one ring read into a pooled buffer;
+//! - a ring read on a socket with no data parks in the kernel with its buffer, `O_NONBLOCK` or
+//!   not (seen on 6.18: it arms a poll instead of failing `EAGAIN`). So only a read that follows a
+//!   readiness wait goes to the ring; a speculative read (the last one filled its buffer, or the
+//!   leg was just paired and its edge may have been consumed) is one `recv(MSG_DONTWAIT)`, which
+//!   answers `WouldBlock` at once and lets the caller give the buffer back before it waits.
 
 use std::cell::Cell;
 use std::io;
@@ -72,6 +77,8 @@ pub struct UringStream {
     // Field order matters: the registration is dropped before the stream closes the fd.
     ready: AsyncFd<Fd>,
     s: tokio_uring::net::TcpStream,
+    /// A readiness wait completed since the last read: the next read goes to the ring.
+    armed: Cell<bool>,
 }
 
 impl UringStream {
@@ -83,7 +90,7 @@ impl UringStream {
         let ready =
             unsafe { AsyncFd::register_with_interest(Fd(s.as_raw_fd()), Interest::READABLE) }
                 .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(UringStream { ready, s })
+        Ok(UringStream { ready, s, armed: Cell::new(false) })
     }
 }
 
@@ -92,12 +99,20 @@ impl super::Stream for UringStream {
         let mut g = self.ready.readable().await?;
         // Clear before the ring read: bytes arriving after it raise a fresh edge.
         g.clear_ready();
+        self.armed.set(true);
         Ok(())
     }
 
-    async fn read(&self, buf: Vec<u8>, off: usize) -> (io::Result<usize>, Vec<u8>) {
-        let (r, slice) = self.s.read(buf.slice(off..)).await;
-        (r, slice.into_inner())
+    async fn read(&self, mut buf: Vec<u8>, off: usize) -> (io::Result<usize>, Vec<u8>) {
+        if self.armed.replace(false) {
+            let (r, slice) = self.s.read(buf.slice(off..)).await;
+            return (r, slice.into_inner());
+        }
+        // Speculative: never park a buffer in the kernel on a socket that may have nothing.
+        let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        let r = nix::sys::socket::recv(self.s.as_raw_fd(), &mut buf[off..], flags)
+            .map_err(io::Error::from);
+        (r, buf)
     }
 
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>) {
