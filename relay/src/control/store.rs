@@ -400,10 +400,31 @@ impl SqliteStore {
     /// Opens (creating if needed) the store file and runs pending migrations. Fails with a
     /// message naming the file when it cannot be written.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        // SQLite reports a full file system as "disk I/O error" when it cannot grow the WAL
+        // index of an existing store: say what the operator has to fix.
+        Self::open_inner(path).map_err(|e| {
+            if file_system_full(path) {
+                e.context(format!(
+                    "store file {}: no space left on the file system holding it",
+                    path.display()
+                ))
+            } else {
+                e
+            }
+        })
+    }
+
+    fn open_inner(path: &Path) -> anyhow::Result<Self> {
+        // Open (or create) the file ourselves first: the OS error ("Read-only file system")
+        // is clearer than SQLite's "unable to open database file".
         if path.exists() {
             std::fs::OpenOptions::new().read(true).write(true).open(path).with_context(|| {
                 format!("store file {} is not writable by this process", path.display())
             })?;
+        } else {
+            std::fs::OpenOptions::new().write(true).create_new(true).open(path).with_context(
+                || format!("store file {} cannot be created by this process", path.display()),
+            )?;
         }
         let conn = Connection::open(path)
             .with_context(|| format!("opening store file {}", path.display()))?;
@@ -453,6 +474,12 @@ impl SqliteStore {
         // open transaction when it is dropped), so poisoning is ignored.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether the file system holding `path` has no block left for this process.
+fn file_system_full(path: &Path) -> bool {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    nix::sys::statvfs::statvfs(dir).is_ok_and(|s| s.blocks_available() == 0)
 }
 
 fn tags_from(s: String) -> rusqlite::Result<Tags> {
