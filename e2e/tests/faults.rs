@@ -162,24 +162,44 @@ async fn agent_killed_client_killed_and_relay_killed() {
     assert!(rec["bytes_agent_to_client"].as_u64().unwrap() > 0, "{rec}");
     wait_for("the agent hangs up the shell", DEADLINE, || gone(shell)).await;
 
-    // 3. The relay is killed with a session live: the client exits 255; when the relay comes
-    //    back on the same data directory and ports, the agent's control channel reconnects.
-    //    Before the kill, wait until the relay's periodic progress report has stored the bytes
-    //    of the shell's first line ("<pid>\r\n", at least).
+    // 3. The relay is killed with sessions live: the client exits 255; when the relay comes
+    //    back on the same data directory and ports, the agent's control channel reconnects,
+    //    and the agent's own byte counts of the sessions whose legs died complete their
+    //    records, exactly. A second session, `cat` behind a WebSocket client leg of this test,
+    //    carries a known number of bytes each way right before the kill: no wait for the data
+    //    plane's 2 s progress tick.
     let (mut client, sid, shell) = exec(&relay, tmp.path(), &iid);
-    let line = shell.to_string().len() as u64 + 2;
-    let end = Instant::now() + DEADLINE;
-    let live = loop {
-        let rec = relay.session(&sid).await;
-        let a2c = rec["bytes_agent_to_client"].as_u64().unwrap_or(0);
-        if rec["state"] == "connected" && a2c >= line {
-            break rec;
-        }
-        assert!(Instant::now() < end, "byte counts never stored for the live session: {rec}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    eprintln!("live session before the relay kill: {live}");
+    let line = shell.to_string().len() as u64 + 2; // DATA type byte + "<pid>\n"
+    let body = format!(r#"{{"instance_id":"{iid}","mode":"exec","command":["cat"]}}"#);
+    let r = relay.call("POST", "/v1/sessions", Some(&relay.info.access_key), Some(&body)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let v = r.json();
+    let cat_sid = v["session_id"].as_str().unwrap().to_owned();
+    let mut leg_c = leg(&relay, v["stream_url"].as_str().unwrap(), v["token"].as_str().unwrap())
+        .await
+        .expect("client leg refused");
+    let mut sent = 0u64;
+    for (i, n) in [1000usize, 5000, 37].into_iter().enumerate() {
+        let mut m = vec![b'a' + i as u8; 1 + n];
+        m[0] = 0x01; // DATA
+        send_bin(&mut leg_c, &m).await;
+        sent += m.len() as u64;
+    }
+    // cat echoes every data byte; the messages carrying them are what the agent sent.
+    let (mut echoed, mut received) = (0u64, 0u64);
+    while echoed < 6037 {
+        let m = recv_bin(&mut leg_c).await;
+        assert_eq!(m[0], 0x01, "{m:?}");
+        echoed += m.len() as u64 - 1;
+        received += m.len() as u64;
+    }
+    assert_eq!(echoed, 6037);
+    let before = relay.session(&cat_sid).await;
     relay.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    eprintln!(
+        "relay killed after {sent} bytes client → agent and {received} agent → client; \
+         stored before the kill: {before}"
+    );
     let st = wait_child(&mut client, DEADLINE);
     std::thread::sleep(Duration::from_millis(100));
     let err = std::fs::read_to_string(tmp.path().join("hatch.err")).unwrap_or_default();
@@ -189,14 +209,26 @@ async fn agent_killed_client_killed_and_relay_killed() {
     let t1 = Instant::now();
     wait_online(&relay, &iid, true).await;
     eprintln!("agent reconnected {:?} after the relay came back", t1.elapsed());
-    let rec = relay.session(&sid).await;
-    eprintln!("session live when the relay was killed, after restart: {rec}");
-    // The restarted relay closes what the dead one left open, keeping the byte counts the
-    // killed relay stored on its last progress tick: exactly what went through before the kill
-    // (nothing moved after the shell's first line).
-    assert_eq!((&rec["state"], &rec["close_reason"]), (&"closed".into(), &"relay_shutdown".into()));
-    for k in ["bytes_client_to_agent", "bytes_agent_to_client"] {
-        assert_eq!(rec[k], live[k], "{k}: {rec}");
+    // The restarted relay closed what the dead one left open (`relay_shutdown`); the agent's
+    // `session.report`s, sent on its new control channel, bring the exact byte counts.
+    let want = [(&sid, 0, line), (&cat_sid, sent, received)];
+    let end = Instant::now() + DEADLINE;
+    for (id, c2a, a2c) in want {
+        let rec = loop {
+            let rec = relay.session(id).await;
+            let got = (&rec["bytes_client_to_agent"], &rec["bytes_agent_to_client"]);
+            if got == (&c2a.into(), &a2c.into()) || Instant::now() > end {
+                break rec;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        eprintln!("session live when the relay was killed, after restart: {rec}");
+        assert_eq!(
+            (&rec["state"], &rec["close_reason"]),
+            (&"closed".into(), &"relay_shutdown".into())
+        );
+        assert_eq!(rec["bytes_client_to_agent"], c2a, "{rec}");
+        assert_eq!(rec["bytes_agent_to_client"], a2c, "{rec}");
     }
     wait_for("the agent hangs up the orphaned shell", DEADLINE, || gone(shell)).await;
     // And the restarted relay serves a fresh session through the reconnected agent.
