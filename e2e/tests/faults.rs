@@ -340,6 +340,7 @@ fn serve(data: &Path, pki: &hatch_relay::certs::DevPki, log: &Path) -> Proc {
     cmd.args(["serve", "--data-dir"]).arg(data);
     cmd.arg("--cert").arg(&pki.cert_file).arg("--key").arg(&pki.key_file);
     cmd.args(["--api-listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0", "--shards", "1"]);
+    cmd.args(io_args());
     cmd.env("HATCH_LOG", "info");
     Proc::spawn(cmd, log)
 }
@@ -372,6 +373,7 @@ fn first_start(data: &Path, pki: &hatch_relay::certs::DevPki) {
         assert!(Instant::now() < end, "relay did not start: {}", relay.output());
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_io_backend(&relay.output());
     relay.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(relay.wait_exit(DEADLINE).success(), "{}", relay.output());
     assert!(data.join("hatch.db").exists());
