@@ -9,13 +9,21 @@
 //!     session.open   ──▶ spawn a session task (session.rs)        │ wait for them, close 1001
 //!     session.close  ──▶ cancel that session                      ▼
 //!     session task failed to start ──▶ session.failed          exit 0
+//!     session leg lost (no close) ──▶ session.report, now and after the next connect
 //! ```
 //!
 //! Sessions do not depend on the control channel: a control channel that drops and comes back
 //! leaves running sessions alone. The channel is one outbound connection; the agent never
 //! listens.
+//!
+//! A session whose data leg died without a close from the relay (a relay killed before it
+//! could record the end) leaves an *unreported end*: its byte counts as the agent counted them
+//! (and its exit code, if the command had exited). The agent keeps up to [`MAX_UNREPORTED`] of
+//! them in memory, sends each at once, and sends each again right after the next connect of
+//! the control channel, then forgets it: that relay is the one running after the loss. The
+//! relay keeps the larger counts, so a report sent twice changes nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::register::ApiUrl;
-use crate::session::{self, Cancel, SessionConfig, SessionEnd, SessionSpec};
+use crate::session::{self, Cancel, LegCounts, SessionConfig, SessionEnd, SessionSpec};
 use crate::state::State;
 
 /// Default cap on concurrent sessions of one agent. Each session holds two descriptors (PTY
@@ -48,6 +56,10 @@ const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 /// Reports from sessions to the control channel waiting to be sent (`session.failed`). When
 /// full, further reports are dropped with a log line rather than queued without bound.
 const REPORT_QUEUE: usize = 64;
+
+/// Most unreported session ends kept for the next control channel; past it the oldest is
+/// dropped with a log line.
+pub const MAX_UNREPORTED: usize = 256;
 
 /// Timers of the control channel. Defaults suit production; tests shorten them.
 #[derive(Debug, Clone)]
@@ -129,6 +141,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
         cfg: Arc::new(cfg.session.clone()),
         report: report_tx,
         max: cfg.max_sessions,
+        unreported: VecDeque::new(),
     };
     let t = &cfg.timing;
     let mut link = Link::Starting;
@@ -174,7 +187,8 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(delay) => {}
             Some(done) = sessions.tasks.join_next() => {
-                sessions.finished(done);
+                // No channel to send it on: kept for the next one.
+                let _ = sessions.finished(done);
             }
         }
     }
@@ -238,6 +252,17 @@ async fn serve(
     t: &ControlTiming,
 ) -> Served {
     let (mut sink, mut stream) = ws.split();
+    // Ends of sessions the relay may have lost: this channel was opened after each of them, so
+    // they are sent once more here and then forgotten.
+    while let Some(report) = sessions.unreported.front() {
+        match timeout(t.dead_after, sink.send(json(report))).await {
+            Ok(Ok(())) => {
+                sessions.unreported.pop_front();
+            }
+            Ok(Err(e)) => return Served::Lost(format!("sending: {e}")),
+            Err(_) => return Served::Lost(format!("send blocked for {:?}", t.dead_after)),
+        }
+    }
     let mut ping = tokio::time::interval_at(Instant::now() + t.ping_interval, t.ping_interval);
     let mut last_rx = Instant::now();
     loop {
@@ -287,8 +312,9 @@ async fn serve(
             _ = ping.tick() => Some(WsMessage::Ping(Default::default())),
             Some(report) = reports.recv() => Some(json(&report)),
             Some(done) = sessions.tasks.join_next() => {
-                sessions.finished(done);
-                None
+                // Sent now (the relay may be alive and this channel fine) and kept for the
+                // next connect (this channel may lead to the relay that was lost).
+                sessions.finished(done).map(|r| json(&r))
             }
         };
         if let Some(msg) = outgoing {
@@ -309,11 +335,15 @@ fn json(m: &FromAgent) -> WsMessage {
 
 /// The live sessions of the agent.
 struct Sessions {
-    tasks: JoinSet<String>,
+    /// Each task ends with its session id and, when the relay may have lost the session's end,
+    /// a `session.report`.
+    tasks: JoinSet<(String, Option<FromAgent>)>,
     live: HashMap<String, oneshot::Sender<Cancel>>,
     cfg: Arc<SessionConfig>,
     report: mpsc::Sender<FromAgent>,
     max: usize,
+    /// `session.report`s to send after the next connect, oldest first.
+    unreported: VecDeque<FromAgent>,
 }
 
 impl Sessions {
@@ -358,30 +388,57 @@ impl Sessions {
         let span = info_span!("session", session = %id);
         self.tasks.spawn(
             async move {
-                let end = session::run(spec, &cfg, rx).await;
+                let counts = LegCounts::default();
+                let end = session::run_counted(spec, &cfg, rx, &counts).await;
+                let exit_code = match end {
+                    SessionEnd::Exited(code) => Some(code),
+                    _ => None,
+                };
                 if let SessionEnd::Failed(message) = end {
                     warn!(%message, "session failed to start");
                     let failed = FromAgent::SessionFailed { session_id: id.clone(), message };
                     if report.try_send(failed).is_err() {
                         warn!("session.failed report dropped: report queue full or closed");
                     }
+                    return (id, None);
                 }
-                id
+                let lost = counts.relay_lost().then(|| FromAgent::SessionReport {
+                    session_id: id.clone(),
+                    bytes_client_to_agent: counts.received(),
+                    bytes_agent_to_client: counts.sent(),
+                    exit_code,
+                });
+                (id, lost)
             }
             .instrument(span),
         );
         None
     }
 
-    fn finished(&mut self, done: Result<String, tokio::task::JoinError>) {
+    /// Forgets a finished session; returns its `session.report` (also kept in `unreported`)
+    /// when its leg died without a close from the relay.
+    fn finished(
+        &mut self,
+        done: Result<(String, Option<FromAgent>), tokio::task::JoinError>,
+    ) -> Option<FromAgent> {
         match done {
-            Ok(id) => {
+            Ok((id, report)) => {
                 self.live.remove(&id);
+                let report = report?;
+                info!(session = %id, report = ?report, "session leg lost without a close from the relay; reporting its end");
+                if self.unreported.len() >= MAX_UNREPORTED
+                    && let Some(old) = self.unreported.pop_front()
+                {
+                    warn!(dropped = ?old, max = MAX_UNREPORTED, "too many unreported session ends; dropping the oldest");
+                }
+                self.unreported.push_back(report.clone());
+                Some(report)
             }
             Err(e) => {
                 // A panicking session task is a bug; its entry is found stale below.
                 warn!(error = %e, "session task ended abnormally");
                 self.live.retain(|_, tx| !tx.is_closed());
+                None
             }
         }
     }
@@ -414,6 +471,41 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn unreported_session_ends_are_bounded_oldest_dropped_first() {
+        let (report, _rx) = mpsc::channel(1);
+        let tls = crate::tls::client_config(None, true).unwrap();
+        let cfg = SessionConfig {
+            tls,
+            default_user: None,
+            allow_plaintext: false,
+            timing: Default::default(),
+        };
+        let mut s = Sessions {
+            tasks: JoinSet::new(),
+            live: HashMap::new(),
+            cfg: Arc::new(cfg),
+            report,
+            max: 1,
+            unreported: VecDeque::new(),
+        };
+        let lost = |i: usize| FromAgent::SessionReport {
+            session_id: format!("s-{i}"),
+            bytes_client_to_agent: i as u64,
+            bytes_agent_to_client: 1,
+            exit_code: None,
+        };
+        // A session that ended with a close from the relay leaves nothing to report.
+        assert_eq!(s.finished(Ok(("s-closed".into(), None))), None);
+        assert!(s.unreported.is_empty());
+        for i in 0..MAX_UNREPORTED + 10 {
+            assert_eq!(s.finished(Ok((format!("s-{i}"), Some(lost(i))))), Some(lost(i)));
+        }
+        assert_eq!(s.unreported.len(), MAX_UNREPORTED);
+        assert_eq!(s.unreported.front(), Some(&lost(10)));
+        assert_eq!(s.unreported.back(), Some(&lost(MAX_UNREPORTED + 9)));
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap_with_full_jitter() {

@@ -160,6 +160,47 @@ pub struct Cancel {
     pub reason: String,
 }
 
+/// What a session's data leg carried, as the agent counted it: the payload bytes of the
+/// binary and text messages it received and sent, which is what the relay counts as it
+/// forwards them. When the relay is lost (killed) it may not have recorded its own latest
+/// counts; the agent then reports these ([`hatch_proto::control::FromAgent::SessionReport`]).
+#[derive(Debug, Default)]
+pub struct LegCounts {
+    received: AtomicU64,
+    sent: AtomicU64,
+    lost: AtomicBool,
+}
+
+impl LegCounts {
+    /// Payload bytes received on the leg (client → agent).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Payload bytes handed to the leg's connection (agent → client).
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// The leg ended without a close frame from the relay (connection ended or reset, a send
+    /// failed, silence): the relay may not have recorded the session's end and counts.
+    pub fn relay_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn add_received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn add_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn set_lost(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+    }
+}
+
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEnd {
@@ -183,6 +224,16 @@ pub async fn run(
     spec: SessionSpec,
     cfg: &SessionConfig,
     cancel: oneshot::Receiver<Cancel>,
+) -> SessionEnd {
+    run_counted(spec, cfg, cancel, &LegCounts::default()).await
+}
+
+/// [`run`], counting what the data leg carries into `counts`.
+pub async fn run_counted(
+    spec: SessionSpec,
+    cfg: &SessionConfig,
+    cancel: oneshot::Receiver<Cancel>,
+    counts: &LegCounts,
 ) -> SessionEnd {
     let sid = spec.session_id.clone();
     if !spec.stream_url.starts_with("wss://") && !cfg.allow_plaintext {
@@ -248,7 +299,8 @@ pub async fn run(
     let pid = child.id().unwrap_or(0);
     info!(session = %sid, pid, program = %launch.program, mode = spec.mode.as_str(), "session started");
 
-    let outcome = pump(&mut io, &mut child, &mut sink, &mut stream, cancel, &cfg.timing).await;
+    let outcome =
+        pump(&mut io, &mut child, &mut sink, &mut stream, cancel, &cfg.timing, counts).await;
     let end = match outcome {
         Outcome::Exited(status) => {
             let code = exit_code(status);
@@ -257,10 +309,14 @@ pub async fn run(
             // them (nohup'd ones survive, as with ssh).
             hang_up_session(pid);
             let exit = Message::Exit(code).to_vec();
+            let len = exit.len();
             let sent =
                 timeout(cfg.timing.exit_timeout, sink.send(WsMessage::Binary(exit.into()))).await;
             if matches!(sent, Ok(Ok(()))) {
+                counts.add_sent(len);
                 close_leg(&mut sink, &mut stream, close::NORMAL, "exited", &cfg.timing).await;
+            } else {
+                counts.set_lost();
             }
             SessionEnd::Exited(code)
         }
@@ -278,8 +334,12 @@ pub async fn run(
         Outcome::BadMessage(why) => {
             hang_up(io, &mut child, pid, &cfg.timing).await;
             let err = Message::Error { code: channel::ERROR_BAD_MESSAGE, message: &why }.to_vec();
-            let _ =
+            let len = err.len();
+            let sent =
                 timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(err.into()))).await;
+            if matches!(sent, Ok(Ok(()))) {
+                counts.add_sent(len);
+            }
             close_leg(
                 &mut sink,
                 &mut stream,
@@ -543,6 +603,7 @@ async fn pump(
     stream: &mut Stream,
     mut cancel: oneshot::Receiver<Cancel>,
     timing: &SessionTiming,
+    counts: &LegCounts,
 ) -> Outcome {
     let (output, input) = match io {
         Io::Pty(p) => {
@@ -558,8 +619,8 @@ async fn pump(
     let progress = AtomicU64::new(0);
     let mut progress_at_arm = 0;
     let mut exited_at = Instant::now();
-    let out = pump_out(&output, sink, timing.ping_interval, &sending, &progress);
-    let inp = pump_in(input, stream, timing.dead_after, &sending, &progress);
+    let out = pump_out(&output, sink, timing.ping_interval, &sending, &progress, counts);
+    let inp = pump_in(input, stream, timing.dead_after, &sending, &progress, counts);
     tokio::pin!(out, inp);
     let mut out_done = false;
     let mut status: Option<ExitStatus> = None;
@@ -622,6 +683,7 @@ async fn pump_out(
     ping_interval: Duration,
     sending: &AtomicBool,
     progress: &AtomicU64,
+    counts: &LegCounts,
 ) -> Result<(), String> {
     let mut buf = vec![0u8; 1 + MAX_DATA];
     buf[0] = channel::TYPE_DATA;
@@ -639,13 +701,20 @@ async fn pump_out(
                 sending.store(true, Ordering::Relaxed);
                 let sent = sink.send(msg).await;
                 sending.store(false, Ordering::Relaxed);
-                sent.map_err(|e| format!("sending output: {e}"))?;
+                if let Err(e) = sent {
+                    counts.set_lost();
+                    return Err(format!("sending output: {e}"));
+                }
+                counts.add_sent(1 + n);
             }
             _ = ping.tick() => {
                 sending.store(true, Ordering::Relaxed);
                 let sent = sink.send(WsMessage::Ping(Bytes::new())).await;
                 sending.store(false, Ordering::Relaxed);
-                sent.map_err(|e| format!("sending a ping: {e}"))?;
+                if let Err(e) = sent {
+                    counts.set_lost();
+                    return Err(format!("sending a ping: {e}"));
+                }
             }
         }
     }
@@ -658,6 +727,7 @@ async fn pump_in(
     dead_after: Duration,
     sending: &AtomicBool,
     progress: &AtomicU64,
+    counts: &LegCounts,
 ) -> InEnd {
     let mut pty_open = true;
     loop {
@@ -672,11 +742,25 @@ async fn pump_in(
             {
                 continue;
             }
-            Err(_) => return InEnd::Gone(format!("leg silent for {dead_after:?}")),
-            Ok(None) => return InEnd::Gone("leg connection ended".into()),
-            Ok(Some(Err(e))) => return InEnd::Gone(format!("leg failed: {e}")),
+            Err(_) => {
+                counts.set_lost();
+                return InEnd::Gone(format!("leg silent for {dead_after:?}"));
+            }
+            Ok(None) => {
+                counts.set_lost();
+                return InEnd::Gone("leg connection ended".into());
+            }
+            Ok(Some(Err(e))) => {
+                counts.set_lost();
+                return InEnd::Gone(format!("leg failed: {e}"));
+            }
             Ok(Some(Ok(m))) => m,
         };
+        match &msg {
+            WsMessage::Binary(b) => counts.add_received(b.len()),
+            WsMessage::Text(t) => counts.add_received(t.len()),
+            _ => {}
+        }
         match msg {
             WsMessage::Binary(b) => match Message::decode(&b) {
                 Ok(Message::Data(d)) if pty_open => {

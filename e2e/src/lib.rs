@@ -3,6 +3,8 @@
 //! agent control-channel client, WebSocket legs, and a raw TLS client that can send any bytes.
 //!
 //! Every wait has a deadline ([`DEADLINE`]); every process is killed when its handle drops.
+//! `HATCH_E2E_IO=uring` runs every relay of the suite with `--io uring` (default: the relay's
+//! default, epoll), and fails a test whose relay fell back to another backend.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -74,6 +76,47 @@ pub fn bin(name: &str) -> PathBuf {
     }
     assert!(p.exists(), "{} missing", p.display());
     p
+}
+
+/// The relay's I/O backend for this run: `HATCH_E2E_IO` (`epoll` or `uring`), passed to every
+/// relay the tests start as `--io`; `None` (the relay's default, epoll) when unset or empty.
+pub fn io_backend() -> Option<String> {
+    std::env::var("HATCH_E2E_IO").ok().filter(|v| !v.is_empty())
+}
+
+/// The `--io` flag for [`io_backend`] (nothing when it is unset).
+pub fn io_args() -> Vec<String> {
+    io_backend().map(|io| vec!["--io".to_owned(), io]).unwrap_or_default()
+}
+
+/// Panics unless the relay whose log is `log` runs its data plane on the backend
+/// `HATCH_E2E_IO` asked for: a silent fallback to epoll would make a uring run test epoll.
+pub fn assert_io_backend(log: &str) {
+    let Some(want) = io_backend() else { return };
+    let Some(line) = log.lines().find(|l| l.contains("data plane listening")) else {
+        panic!("no 'data plane listening' line in the relay log:\n{log}");
+    };
+    // The log may be coloured: compare without the escape sequences.
+    let plain: String = {
+        let mut out = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    assert!(
+        plain.to_ascii_lowercase().contains(&format!("io={}", want.to_ascii_lowercase())),
+        "HATCH_E2E_IO={want} but the relay runs: {plain}\n{log}"
+    );
 }
 
 /// Raises this process's soft open-file limit to the hard limit (children inherit it).
@@ -199,6 +242,7 @@ impl Relay {
         let mut cmd = Command::new(bin("hatch-relay"));
         cmd.args(["dev", "--data-dir"]).arg(&data_dir);
         cmd.args(["--api-listen", api, "--data-listen", data, "--shards", "1"]);
+        cmd.args(io_args());
         cmd.args(&extra);
         cmd.env("HATCH_LOG", "info");
         let mut proc = Proc::spawn(cmd, &log);
@@ -216,6 +260,7 @@ impl Relay {
             assert!(Instant::now() < end, "relay did not start:\n{}", proc.output());
             std::thread::sleep(Duration::from_millis(20));
         };
+        assert_io_backend(&proc.output());
         let tls = hatch_relay::certs::client_config_with_ca(Path::new(&info.ca_file)).unwrap();
         Relay { proc, info, tls, data_dir, extra, tmp }
     }

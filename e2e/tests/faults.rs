@@ -162,24 +162,44 @@ async fn agent_killed_client_killed_and_relay_killed() {
     assert!(rec["bytes_agent_to_client"].as_u64().unwrap() > 0, "{rec}");
     wait_for("the agent hangs up the shell", DEADLINE, || gone(shell)).await;
 
-    // 3. The relay is killed with a session live: the client exits 255; when the relay comes
-    //    back on the same data directory and ports, the agent's control channel reconnects.
-    //    Before the kill, wait until the relay's periodic progress report has stored the bytes
-    //    of the shell's first line ("<pid>\r\n", at least).
+    // 3. The relay is killed with sessions live: the client exits 255; when the relay comes
+    //    back on the same data directory and ports, the agent's control channel reconnects,
+    //    and the agent's own byte counts of the sessions whose legs died complete their
+    //    records, exactly. A second session, `cat` behind a WebSocket client leg of this test,
+    //    carries a known number of bytes each way right before the kill: no wait for the data
+    //    plane's 2 s progress tick.
     let (mut client, sid, shell) = exec(&relay, tmp.path(), &iid);
-    let line = shell.to_string().len() as u64 + 2;
-    let end = Instant::now() + DEADLINE;
-    let live = loop {
-        let rec = relay.session(&sid).await;
-        let a2c = rec["bytes_agent_to_client"].as_u64().unwrap_or(0);
-        if rec["state"] == "connected" && a2c >= line {
-            break rec;
-        }
-        assert!(Instant::now() < end, "byte counts never stored for the live session: {rec}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    eprintln!("live session before the relay kill: {live}");
+    let line = shell.to_string().len() as u64 + 2; // DATA type byte + "<pid>\n"
+    let body = format!(r#"{{"instance_id":"{iid}","mode":"exec","command":["cat"]}}"#);
+    let r = relay.call("POST", "/v1/sessions", Some(&relay.info.access_key), Some(&body)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let v = r.json();
+    let cat_sid = v["session_id"].as_str().unwrap().to_owned();
+    let mut leg_c = leg(&relay, v["stream_url"].as_str().unwrap(), v["token"].as_str().unwrap())
+        .await
+        .expect("client leg refused");
+    let mut sent = 0u64;
+    for (i, n) in [1000usize, 5000, 37].into_iter().enumerate() {
+        let mut m = vec![b'a' + i as u8; 1 + n];
+        m[0] = 0x01; // DATA
+        send_bin(&mut leg_c, &m).await;
+        sent += m.len() as u64;
+    }
+    // cat echoes every data byte; the messages carrying them are what the agent sent.
+    let (mut echoed, mut received) = (0u64, 0u64);
+    while echoed < 6037 {
+        let m = recv_bin(&mut leg_c).await;
+        assert_eq!(m[0], 0x01, "{m:?}");
+        echoed += m.len() as u64 - 1;
+        received += m.len() as u64;
+    }
+    assert_eq!(echoed, 6037);
+    let before = relay.session(&cat_sid).await;
     relay.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    eprintln!(
+        "relay killed after {sent} bytes client → agent and {received} agent → client; \
+         stored before the kill: {before}"
+    );
     let st = wait_child(&mut client, DEADLINE);
     std::thread::sleep(Duration::from_millis(100));
     let err = std::fs::read_to_string(tmp.path().join("hatch.err")).unwrap_or_default();
@@ -189,14 +209,26 @@ async fn agent_killed_client_killed_and_relay_killed() {
     let t1 = Instant::now();
     wait_online(&relay, &iid, true).await;
     eprintln!("agent reconnected {:?} after the relay came back", t1.elapsed());
-    let rec = relay.session(&sid).await;
-    eprintln!("session live when the relay was killed, after restart: {rec}");
-    // The restarted relay closes what the dead one left open, keeping the byte counts the
-    // killed relay stored on its last progress tick: exactly what went through before the kill
-    // (nothing moved after the shell's first line).
-    assert_eq!((&rec["state"], &rec["close_reason"]), (&"closed".into(), &"relay_shutdown".into()));
-    for k in ["bytes_client_to_agent", "bytes_agent_to_client"] {
-        assert_eq!(rec[k], live[k], "{k}: {rec}");
+    // The restarted relay closed what the dead one left open (`relay_shutdown`); the agent's
+    // `session.report`s, sent on its new control channel, bring the exact byte counts.
+    let want = [(&sid, 0, line), (&cat_sid, sent, received)];
+    let end = Instant::now() + DEADLINE;
+    for (id, c2a, a2c) in want {
+        let rec = loop {
+            let rec = relay.session(id).await;
+            let got = (&rec["bytes_client_to_agent"], &rec["bytes_agent_to_client"]);
+            if got == (&c2a.into(), &a2c.into()) || Instant::now() > end {
+                break rec;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        eprintln!("session live when the relay was killed, after restart: {rec}");
+        assert_eq!(
+            (&rec["state"], &rec["close_reason"]),
+            (&"closed".into(), &"relay_shutdown".into())
+        );
+        assert_eq!(rec["bytes_client_to_agent"], c2a, "{rec}");
+        assert_eq!(rec["bytes_agent_to_client"], a2c, "{rec}");
     }
     wait_for("the agent hangs up the orphaned shell", DEADLINE, || gone(shell)).await;
     // And the restarted relay serves a fresh session through the reconnected agent.
@@ -238,4 +270,163 @@ async fn relay_sigterm_closes_legs_with_4009_and_records_relay_shutdown() {
     let _ = client.wait();
     assert_eq!(relay.closed_session(&sid).await["close_reason"], "client_closed");
     agent.signal(nix::sys::signal::Signal::SIGTERM);
+}
+
+/// A tmpfs of `size` mounted on a fresh temporary directory; unmounted when dropped, also when
+/// the test panics. `None` (after saying so loudly on stderr) where this process may not mount.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = format!("size={size}");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            other => {
+                eprintln!(
+                    "\n*** SKIPPED: cannot mount a tmpfs (needs root or CAP_SYS_ADMIN), so the \
+                     read-only / full-disk store test did NOT run: {other:?}\n"
+                );
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn remount(&self, how: &str) {
+        let st =
+            Command::new("mount").args(["-o", &format!("remount,{how}")]).arg(self.path()).status();
+        assert!(st.is_ok_and(|s| s.success()), "remount,{how} of {} failed", self.path().display());
+    }
+
+    /// Writes zeroes to a file until the file system says it is full (ENOSPC).
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join("filler")).unwrap();
+        let block = [0u8; 4096];
+        let err = loop {
+            if let Err(e) = f.write_all(&block) {
+                break e;
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::ENOSPC as i32), "{err}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(self.path()).status().is_ok_and(|s| s.success());
+        if !ok {
+            // Busy (a process still holds a file there): detach it now, freed when released.
+            eprintln!("umount {} failed; detaching it lazily", self.path().display());
+            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+        }
+    }
+}
+
+/// `hatch-relay serve` with its data directory at `data` and a development certificate kept
+/// outside it (so that the store is the first thing the relay writes there).
+fn serve(data: &Path, pki: &hatch_relay::certs::DevPki, log: &Path) -> Proc {
+    let mut cmd = Command::new(bin("hatch-relay"));
+    cmd.args(["serve", "--data-dir"]).arg(data);
+    cmd.arg("--cert").arg(&pki.cert_file).arg("--key").arg(&pki.key_file);
+    cmd.args(["--api-listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0", "--shards", "1"]);
+    cmd.args(io_args());
+    cmd.env("HATCH_LOG", "info");
+    Proc::spawn(cmd, log)
+}
+
+/// Starts the relay on `data` expecting it to refuse: it exits 1 within [`DEADLINE`], without a
+/// panic, and its message names the store file and contains `says`.
+fn refuses_to_start(case: &str, data: &Path, pki: &hatch_relay::certs::DevPki, says: &str) {
+    let log = pki.ca_file.with_file_name(format!("{case}.log"));
+    let t0 = Instant::now();
+    let mut relay = serve(data, pki, &log);
+    let st = relay.wait_exit(DEADLINE);
+    let out = relay.output();
+    eprintln!("{case}: {st} after {:?}: {}", t0.elapsed(), out.trim());
+    assert_eq!(st.code(), Some(1), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    let store = data.join("hatch.db").display().to_string();
+    assert!(out.contains(&format!("store file {store}")), "message does not name {store}: {out}");
+    assert!(out.contains(says), "expected {says:?}: {out}");
+}
+
+/// A first, successful start of the relay on `data` (creating its store), then SIGTERM.
+fn first_start(data: &Path, pki: &hatch_relay::certs::DevPki) {
+    // A log of its own: the readiness line of an earlier start must not count.
+    let log = pki.ca_file.with_file_name("first.log");
+    let _ = std::fs::remove_file(&log);
+    let mut relay = serve(data, pki, &log);
+    let end = Instant::now() + DEADLINE;
+    while !relay.output().contains("relay listening") {
+        assert!(relay.child.try_wait().unwrap().is_none(), "relay died: {}", relay.output());
+        assert!(Instant::now() < end, "relay did not start: {}", relay.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_io_backend(&relay.output());
+    relay.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(relay.wait_exit(DEADLINE).success(), "{}", relay.output());
+    assert!(data.join("hatch.db").exists());
+}
+
+#[test]
+fn relay_refuses_to_start_on_a_read_only_or_full_store_naming_the_file() {
+    let tls = tempfile::tempdir().unwrap();
+    let pki = hatch_relay::certs::ensure_dev_pki(tls.path(), &[]).unwrap();
+
+    // (a) A store that the relay created, then its file system remounted read-only (root
+    //     ignores file modes, so only a read-only mount shows this).
+    let Some(fs) = Tmpfs::mount("1m") else { return };
+    let data = fs.path().join("data");
+    first_start(&data, &pki);
+    let empty = fs.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fs.remount("ro");
+    refuses_to_start(
+        "read-only",
+        &data,
+        &pki,
+        "is not writable by this process: Read-only file system",
+    );
+    // ... and a read-only data directory with no store in it yet.
+    refuses_to_start(
+        "read-only, no store yet",
+        &empty,
+        &pki,
+        "cannot be created by this process: Read-only file system",
+    );
+    drop(fs);
+
+    // (b) The disk full before the relay's first start: a 64 KiB tmpfs filled to the brim.
+    let Some(fs) = Tmpfs::mount("64k") else { return };
+    let data = fs.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    fs.fill();
+    refuses_to_start(
+        "full before the first start",
+        &data,
+        &pki,
+        "no space left on the file system",
+    );
+    drop(fs);
+
+    // (c) A valid store (made by a first start), then the disk filled, then the relay started.
+    let Some(fs) = Tmpfs::mount("1m") else { return };
+    let data = fs.path().join("data");
+    first_start(&data, &pki);
+    fs.fill();
+    refuses_to_start("full after a first start", &data, &pki, "no space left on the file system");
+    // Space freed: the same store opens again (the refusal broke nothing).
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    first_start(&data, &pki);
 }

@@ -64,6 +64,24 @@ pub enum FromAgent {
         /// What went wrong.
         message: String,
     },
+    /// A session whose data leg died without a close from the relay (the relay was lost, e.g.
+    /// killed): the payload bytes the agent counted on that leg, sent once the control channel
+    /// is up again (possibly more than once; the relay keeps the larger counts). The relay
+    /// applies it only to a session of this agent's instance that it recorded as
+    /// `relay_shutdown`, and never lowers a count. Relays that predate it ignore it as an
+    /// unknown message.
+    #[serde(rename = "session.report")]
+    SessionReport {
+        /// Session id.
+        session_id: String,
+        /// Payload bytes the agent received on the leg (binary and text message payloads).
+        bytes_client_to_agent: u64,
+        /// Payload bytes the agent handed to the leg's connection.
+        bytes_agent_to_client: u64,
+        /// The command's exit status, when it exited before or as the leg died.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+    },
 }
 
 /// `POST /v1/agent/register` request.
@@ -108,5 +126,29 @@ mod tests {
             r#"{"type":"session.open","session_id":"s-0123456789abcdef","stream_url":"wss://r/v1/stream/s-0123456789abcdef?role=agent","token":"t","mode":"exec","command":["true"]}"#
         );
         assert_eq!(serde_json::from_str::<ToAgent>(&s).unwrap(), m);
+    }
+
+    #[test]
+    fn session_report_json_shape() {
+        let m = FromAgent::SessionReport {
+            session_id: "s-0123456789abcdef".into(),
+            bytes_client_to_agent: 5001,
+            bytes_agent_to_client: 12,
+            exit_code: None,
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"session.report","session_id":"s-0123456789abcdef","bytes_client_to_agent":5001,"bytes_agent_to_client":12}"#
+        );
+        assert_eq!(serde_json::from_str::<FromAgent>(&s).unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_message_types_are_errors_the_peers_log_and_skip() {
+        // Both ends match on the parse result and ignore an `Err` with a log line: a newer
+        // peer's message must fail to parse here, not be mistaken for a known one.
+        assert!(serde_json::from_str::<FromAgent>(r#"{"type":"session.later","x":1}"#).is_err());
+        assert!(serde_json::from_str::<ToAgent>(r#"{"type":"session.later","x":1}"#).is_err());
     }
 }

@@ -442,3 +442,57 @@ fn dev_relay_restart_keeps_its_demo_account_and_key() {
     assert_ne!(port, 0);
     assert_eq!(written.data_url, format!("wss://127.0.0.1:{port}"));
 }
+
+#[tokio::test]
+async fn agent_session_reports_raise_counts_of_its_own_lost_sessions_only() {
+    use futures_util::SinkExt;
+    use hatch_proto::control::FromAgent;
+    use tokio_tungstenite::tungstenite::Message;
+    async fn say(agent: &mut Agent, text: String) {
+        agent.ws.as_mut().unwrap().send(Message::Text(text.into())).await.unwrap();
+    }
+    fn report(sid: &str, c2a: u64, a2c: u64) -> String {
+        serde_json::to_string(&FromAgent::SessionReport {
+            session_id: sid.into(),
+            bytes_client_to_agent: c2a,
+            bytes_agent_to_client: a2c,
+            exit_code: None,
+        })
+        .unwrap()
+    }
+    let tr = TestRelay::start();
+    let key = Some(tr.owner_key());
+    let mut a = tr.agent().await;
+    let mut b = tr.agent().await;
+    let mut sids = Vec::new();
+    for agent in [&mut a, &mut b] {
+        let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        sids.push(r.json()["session_id"].as_str().unwrap().to_owned());
+        let _ = agent.next().await;
+    }
+    let (sa, sb) = (&sids[0], &sids[1]);
+    // Both as a restarted relay leaves sessions a killed one had open.
+    for sid in [sa, sb] {
+        assert!(tr.store().close_session(sid, "relay_shutdown", 10, 20, now() as i64).unwrap());
+    }
+    let counts = |sid: &str| {
+        let r = tr.store().session(None, sid).unwrap().unwrap();
+        (r.close_reason.unwrap_or_default(), r.bytes_client_to_agent, r.bytes_agent_to_client)
+    };
+    // Agent b, hostile: reports a's session, sends a message type from the future and a
+    // report for an id that exists nowhere; then its own session, which is applied. Its
+    // channel is read in order, so once its own counts show, the rest was handled.
+    say(&mut b, report(sa, 1 << 40, 1 << 40)).await;
+    say(&mut b, r#"{"type":"session.later","session_id":"x"}"#.into()).await;
+    say(&mut b, report("s-ffffffffffffffff", 5, 5)).await;
+    say(&mut b, report(sb, 11, 5)).await;
+    wait_until(|| counts(sb) == ("relay_shutdown".into(), 11, 20)).await;
+    assert_eq!(counts(sa), ("relay_shutdown".into(), 10, 20));
+    // Agent a's own report: counts only grow (c2a lower than stored stays 10).
+    say(&mut a, report(sa, 7, 33)).await;
+    wait_until(|| counts(sa) == ("relay_shutdown".into(), 10, 33)).await;
+    // Both channels survived it all.
+    assert!(tr.relay.server().control().agent_online(&a.id));
+    assert!(tr.relay.server().control().agent_online(&b.id));
+}

@@ -181,6 +181,22 @@ pub(super) async fn run_channel(
                                 "agent could not start session");
                             shared.agent_failed(&instance, &session_id).await;
                         }
+                        Ok(FromAgent::SessionReport {
+                            session_id,
+                            bytes_client_to_agent,
+                            bytes_agent_to_client,
+                            exit_code,
+                        }) => {
+                            shared
+                                .agent_report(
+                                    &instance,
+                                    &session_id,
+                                    bytes_client_to_agent,
+                                    bytes_agent_to_client,
+                                    exit_code,
+                                )
+                                .await;
+                        }
                         Err(e) => {
                             warn!(instance = %instance, err = %e, "unreadable agent message ignored");
                         }

@@ -470,4 +470,40 @@ impl Shared {
             .command(DataCommand::Terminate { session_id: id.to_owned(), code: CLOSE_PEER_GONE });
         self.close(id, agents::AGENT_FAILED, 0, 0).await;
     }
+
+    /// An agent's counts of a session whose data leg died without a close from the relay
+    /// (`session.report`): applied only to a session of this agent's instance that a relay
+    /// closed as `relay_shutdown` (its own end was lost with the relay), never lowering a count.
+    /// Anything else is logged and ignored: another instance's session (a hostile or confused
+    /// agent), or a session the relay recorded itself.
+    async fn agent_report(&self, instance: &str, id: &str, c2a: u64, a2c: u64, exit: Option<i32>) {
+        let (sid, inst) = (id.to_owned(), instance.to_owned());
+        let reason = CloseReason::RelayShutdown.as_str();
+        let res = self
+            .blocking(move |s| {
+                let Some(rec) = s.session(None, &sid)? else { return Ok(None) };
+                if rec.instance_id != inst {
+                    return Ok(None);
+                }
+                let applied = s.record_lost_counts(&sid, &inst, reason, c2a, a2c)?;
+                Ok(Some((applied, rec.close_reason)))
+            })
+            .await;
+        match res {
+            Ok(Some((true, _))) => info!(
+                instance = %instance, session = %id, c2a, a2c, exit_code = ?exit,
+                "byte counts of a session lost with a relay, as its agent counted them"
+            ),
+            Ok(Some((false, reason))) => debug!(
+                instance = %instance, session = %id, close_reason = ?reason,
+                "agent's session report ignored: the relay recorded that session's end itself"
+            ),
+            Ok(None) => warn!(
+                // The id comes from the agent: at most 40 characters of it in the log.
+                instance = %instance, session = %id.chars().take(40).collect::<String>(),
+                "agent reported a session that is not one of its instance's; ignored"
+            ),
+            Err(e) => warn!(err = %e, session = %id, "recording an agent's session report failed"),
+        }
+    }
 }

@@ -294,6 +294,17 @@ pub trait Store: Send + Sync + 'static {
     fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize>;
     /// `(session id, instance id)` of sessions closed at or after `at`.
     fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>>;
+    /// Applies an agent's counts of a session whose end a relay lost: only to a session of
+    /// `instance_id` closed as `reason` (`relay_shutdown`), and only raising counts. False when
+    /// no such session exists (then nothing changed).
+    fn record_lost_counts(
+        &self,
+        id: &str,
+        instance_id: &str,
+        reason: &str,
+        bytes_client_to_agent: u64,
+        bytes_agent_to_client: u64,
+    ) -> anyhow::Result<bool>;
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
@@ -400,10 +411,31 @@ impl SqliteStore {
     /// Opens (creating if needed) the store file and runs pending migrations. Fails with a
     /// message naming the file when it cannot be written.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        // SQLite reports a full file system as "disk I/O error" when it cannot grow the WAL
+        // index of an existing store: say what the operator has to fix.
+        Self::open_inner(path).map_err(|e| {
+            if file_system_full(path) {
+                e.context(format!(
+                    "store file {}: no space left on the file system holding it",
+                    path.display()
+                ))
+            } else {
+                e
+            }
+        })
+    }
+
+    fn open_inner(path: &Path) -> anyhow::Result<Self> {
+        // Open (or create) the file ourselves first: the OS error ("Read-only file system")
+        // is clearer than SQLite's "unable to open database file".
         if path.exists() {
             std::fs::OpenOptions::new().read(true).write(true).open(path).with_context(|| {
                 format!("store file {} is not writable by this process", path.display())
             })?;
+        } else {
+            std::fs::OpenOptions::new().write(true).create_new(true).open(path).with_context(
+                || format!("store file {} cannot be created by this process", path.display()),
+            )?;
         }
         let conn = Connection::open(path)
             .with_context(|| format!("opening store file {}", path.display()))?;
@@ -453,6 +485,12 @@ impl SqliteStore {
         // open transaction when it is dropped), so poisoning is ignored.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether the file system holding `path` has no block left for this process.
+fn file_system_full(path: &Path) -> bool {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    nix::sys::statvfs::statvfs(dir).is_ok_and(|s| s.blocks_available() == 0)
 }
 
 fn tags_from(s: String) -> rusqlite::Result<Tags> {
@@ -1012,6 +1050,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn record_lost_counts(
+        &self,
+        id: &str,
+        instance_id: &str,
+        reason: &str,
+        c2a: u64,
+        a2c: u64,
+    ) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE sessions SET bytes_client_to_agent = MAX(bytes_client_to_agent, ?4), \
+             bytes_agent_to_client = MAX(bytes_agent_to_client, ?5) \
+             WHERE id = ?1 AND instance_id = ?2 AND state = 'closed' AND close_reason = ?3",
+            params![id, instance_id, reason, to_i64(c2a), to_i64(a2c)],
+        )?;
+        Ok(n == 1)
+    }
+
     fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize> {
         let n = self.lock().execute(
             "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
@@ -1169,5 +1224,28 @@ mod tests {
         let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
         assert_eq!(got.close_reason.as_deref(), Some("relay_shutdown"));
         assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
+        // The agent's counts of the lost end raise them; another instance's agent, a lower
+        // count, or a session that ended otherwise change nothing.
+        let counts = |s: &SqliteStore, id: &str| {
+            let r = s.session(None, id).unwrap().unwrap();
+            (r.state, r.close_reason, r.bytes_client_to_agent, r.bytes_agent_to_client)
+        };
+        assert!(!s.record_lost_counts("s-1", "i-2", "relay_shutdown", 99, 999).unwrap());
+        assert_eq!(counts(&s, "s-1").2, 10);
+        assert!(s.record_lost_counts("s-1", "i-1", "relay_shutdown", 12, 150).unwrap());
+        let want = ("closed".to_owned(), Some("relay_shutdown".to_owned()), 12, 200);
+        assert_eq!(counts(&s, "s-1"), want);
+        assert!(s.record_lost_counts("s-1", "i-1", "relay_shutdown", 3, 4).unwrap());
+        assert_eq!(counts(&s, "s-1"), want);
+        assert!(!s.record_lost_counts("s-nope", "i-1", "relay_shutdown", 1, 1).unwrap());
+        let mut other = s.session(None, "s-1").unwrap().unwrap();
+        other.id = "s-2".into();
+        other.state = "pending".into();
+        other.close_reason = None;
+        s.insert_session(&other).unwrap();
+        assert!(!s.record_lost_counts("s-2", "i-1", "relay_shutdown", 50, 50).unwrap());
+        assert!(s.close_session("s-2", "client_closed", 1, 2, 10).unwrap());
+        assert!(!s.record_lost_counts("s-2", "i-1", "relay_shutdown", 50, 50).unwrap());
+        assert_eq!(counts(&s, "s-2"), ("closed".into(), Some("client_closed".into()), 1, 2));
     }
 }
