@@ -24,8 +24,8 @@ use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptError};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -220,7 +220,7 @@ impl<S: Stream> Conn<S> {
         }
         let c = carry.len();
         // A buffer with `carry` at the front and unprocessed ciphertext (a partial record) after
-        // it, up to the second field.
+        // it, and where that ends.
         let mut held: Option<(Vec<u8>, usize)> = None;
         if let Some((mut buf, r)) = self.cipher.borrow_mut().take() {
             let n = r.len();
@@ -381,16 +381,7 @@ impl<S: Stream> Conn<S> {
                     })
                 }
                 ConnectionState::EncodeTlsData(mut enc) => {
-                    match self.append_out(tls, |out| match enc.encode(out) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError {
-                            required_size,
-                        })) => Err(Some(required_size)),
-                        Err(EncodeError::AlreadyEncoded) => Err(None),
-                    }) {
-                        Ok(()) => None,
-                        Err(e) => Some(Step::Failed(e)),
-                    }
+                    self.append_encoded(tls, &mut enc).err().map(Step::Failed)
                 }
                 ConnectionState::TransmitTlsData(t) => {
                     if tls.out.borrow().is_some() {
@@ -442,15 +433,23 @@ impl<S: Stream> Conn<S> {
         while conn.wants_write() {
             let status = conn.process_tls_records(input);
             let Ok(ConnectionState::EncodeTlsData(mut enc)) = status.state else { return };
-            let r = self.append_out(tls, |out| match enc.encode(out) {
-                Ok(n) => Ok(n),
-                Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
-                Err(EncodeError::AlreadyEncoded) => Err(None),
-            });
-            if r.is_err() {
+            if self.append_encoded(tls, &mut enc).is_err() {
                 return;
             }
         }
+    }
+
+    /// Appends a message rustls queued (handshake, alert) to `out`.
+    fn append_encoded(
+        &self,
+        tls: &Tls,
+        enc: &mut EncodeTlsData<'_, ServerConnectionData>,
+    ) -> io::Result<()> {
+        self.append_out(tls, |out| match enc.encode(out) {
+            Ok(n) => Ok(n),
+            Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
+            Err(EncodeError::AlreadyEncoded) => Err(None),
+        })
     }
 
     /// Appends to `out` (taking a pool buffer if there is none) with `f`, which returns the
@@ -522,13 +521,7 @@ impl<S: Stream> Conn<S> {
             // No input: the reader leaves rustls with none pending (see `process`).
             let status = conn.process_tls_records(&mut []);
             match status.state.map_err(tls_err)? {
-                ConnectionState::EncodeTlsData(mut enc) => {
-                    self.append_out(tls, |out| match enc.encode(out) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
-                        Err(EncodeError::AlreadyEncoded) => Err(None),
-                    })?;
-                }
+                ConnectionState::EncodeTlsData(mut enc) => self.append_encoded(tls, &mut enc)?,
                 // What was encoded is in `out`, which our caller sends before the gate opens.
                 ConnectionState::TransmitTlsData(t) => t.done(),
                 ConnectionState::PeerClosed => tls.peer_closed.set(true),
@@ -614,12 +607,7 @@ impl<S: Stream> Conn<S> {
             let status = conn.process_tls_records(&mut []);
             match status.state {
                 Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    let r = self.append_out(tls, |out| match enc.encode(out) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
-                        Err(EncodeError::AlreadyEncoded) => Err(None),
-                    });
-                    if r.is_err() {
+                    if self.append_encoded(tls, &mut enc).is_err() {
                         return;
                     }
                 }
