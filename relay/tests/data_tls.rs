@@ -27,6 +27,7 @@ both_backends!(
     oversized_record_gets_an_alert,
     non_tls_bytes_get_an_alert_and_a_close,
     handshake_message_larger_than_a_buffer_is_refused,
+    handshake_message_fragmented_after_the_handshake_is_refused,
 );
 
 /// A client config trusting the relay's dev CA, for the given protocol versions.
@@ -404,4 +405,47 @@ async fn handshake_message_larger_than_a_buffer_is_refused(io: IoBackend) {
     let (mut c, mut a) = relay.pair("s-after-big-hello").await;
     send_bin(&mut c, b"ok").await;
     assert_eq!(recv_bin(&mut a).await, b"ok");
+}
+
+async fn handshake_message_fragmented_after_the_handshake_is_refused(io: IoBackend) {
+    use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
+    use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion};
+
+    let mut relay = Relay::start(io, |_| {});
+    let mut cfg = (*client_config(&relay, &[&rustls::version::TLS13])).clone();
+    cfg.enable_secret_extraction = true;
+    let mut c = Manual::connect(&relay, Arc::new(cfg), 16 * 1024).await;
+    c.upgrade(&relay, "s-hsfrag", Role::Client).await;
+    let mut a =
+        relay.dial("s-hsfrag", Role::Agent, &relay.token("s-hsfrag", Role::Agent)).await.unwrap();
+    c.write(&client_frame(0x82, b"before")).await;
+    assert_eq!(recv_bin(&mut a).await, b"before");
+    // rustls's client never fragments a KeyUpdate: take its keys and send the first record of
+    // one split across two (legal TLS): the message type and half its length. rustls keeps that
+    // record to reassemble the message, so the relay refuses the leg. (Both records in one read
+    // would be reassembled at once and served.)
+    let aead = c.tls.negotiated_cipher_suite().unwrap().tls13().unwrap().aead_alg;
+    let Manual { mut tcp, tls, .. } = c;
+    let (seq, secrets) = tls.dangerous_extract_secrets().unwrap().tx;
+    let (key, iv) = match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
+        _ => panic!("not a TLS 1.3 suite"),
+    };
+    let mut enc = aead.encrypter(key, iv);
+    let m = OutboundPlainMessage {
+        typ: ContentType::Handshake,
+        version: ProtocolVersion::TLSv1_2,
+        payload: OutboundChunks::Single(&[0x18, 0x00]),
+    };
+    tcp.write_all(&enc.encrypt(m, seq).unwrap().encode()).await.unwrap();
+    // The relay closes the leg (FIN, no alert: the refusal is the relay's, not rustls's).
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest)).await.expect("leg not closed");
+    assert!(r.is_ok(), "{r:?}");
+    // Nothing before the FIN: a record rustls could not decrypt would have drawn an alert.
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(recv_close(&mut a).await, 4005);
+    assert_eq!(relay.next_end().await.reason, CloseReason::ClientClosed);
 }
