@@ -2,7 +2,9 @@
 //!
 //! rustls's *unbuffered* API (`UnbufferedServerConnection`) is driven directly over owned, pooled
 //! buffers (tokio-uring has no `AsyncRead`/`AsyncWrite`, and no maintained crate bridges it).
-//! rustls keeps no ciphertext or plaintext buffer of its own between calls:
+//! Between calls rustls holds none of the connection's bytes: it decrypts in our buffer, and what
+//! it hands out (plaintext, messages to send) is drained at once. (rustls 0.23 still copies each
+//! record's plaintext through a short-lived `Vec`, and encrypts each record through one.)
 //!
 //! ```text
 //!  socket ──read──▶ ciphertext (pool buf, after carry) ──process_tls_records──▶ decrypted in place
