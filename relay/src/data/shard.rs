@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hatch_proto::close;
 use hatch_proto::token::Role;
-use rustls::ServerConnection;
+use rustls::server::UnbufferedServerConnection;
 use slab::Slab;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -56,7 +56,7 @@ pub enum Ctrl {
 /// A leg accepted on one shard and handed to its session's owner shard.
 pub struct Handoff {
     fd: OwnedFd,
-    tls: Option<ServerConnection>,
+    tls: Option<UnbufferedServerConnection>,
     pending: Vec<u8>,
     adm: Admission,
 }
@@ -257,7 +257,7 @@ async fn read_head<S: Stream>(shard: &Shard<S>, conn: &Conn<S>) -> Result<Vec<u8
 async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
     ShardMetrics::add(&shard.metrics.accepted, 1);
     let tls = match shard.tls.borrow().clone() {
-        Some(cfg) => match ServerConnection::new(cfg) {
+        Some(cfg) => match UnbufferedServerConnection::new(cfg) {
             Ok(c) => Some(c),
             Err(err) => {
                 warn!(shard = shard.id, %err, "tls setup failed");
@@ -465,7 +465,7 @@ async fn close_leg<S: Stream>(shard: Rc<Shard<S>>, conn: Rc<Conn<S>>, code: Opti
 }
 
 impl<S: Stream> Shard<S> {
-    fn conn(&self, io: S, tls: Option<ServerConnection>, pending: Vec<u8>) -> Conn<S> {
+    fn conn(&self, io: S, tls: Option<UnbufferedServerConnection>, pending: Vec<u8>) -> Conn<S> {
         Conn::new(io, tls, self.pool.clone(), pending, self.metrics.clone())
     }
 

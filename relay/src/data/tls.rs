@@ -1,24 +1,33 @@
 //! One leg's byte stream: plaintext or our own TLS over the [`Stream`] interface.
 //!
-//! rustls's buffered `ServerConnection` API is driven directly over owned, pooled buffers
-//! (tokio-uring has no `AsyncRead`/`AsyncWrite`, and no maintained crate bridges it):
+//! rustls's *unbuffered* API (`UnbufferedServerConnection`) is driven directly over owned, pooled
+//! buffers (tokio-uring has no `AsyncRead`/`AsyncWrite`, and no maintained crate bridges it).
+//! Between calls rustls holds none of the connection's bytes: it decrypts in our buffer, and what
+//! it hands out (plaintext, messages to send) is drained at once. (rustls 0.23 still copies each
+//! record's plaintext through a short-lived `Vec`, and encrypts each record through one.)
 //!
 //! ```text
-//!  socket ──read──▶ ciphertext (pool) ──read_tls/process──▶ rustls ──reader()──▶ plaintext (pool)
-//!  plaintext ──writer()──▶ rustls ──write_tls──▶ ciphertext (pool) ──write_all──▶ socket
+//!  socket ──read──▶ ciphertext (pool buf, after carry) ──process_tls_records──▶ decrypted in place
+//!         ──ReadTraffic──▶ payloads compacted to the front of the same buf ──▶ carry + plaintext
+//!  plaintext ──WriteTraffic::encrypt──▶ ciphertext (pool buf `out`) ──write_all──▶ socket
+//!  handshake flights, KeyUpdate replies, alerts ──EncodeTlsData──▶ `out` ──write_all──▶ socket
 //! ```
 //!
-//! One reader per connection at a time (the shard guarantees it); writers take the connection's
-//! write gate, so TLS records and frames never interleave. Nothing here is `Sync`.
+//! A partial record left after a read stays in one held pool buffer until the rest arrives; an
+//! idle leg holds no buffer. Everything rustls asks to send goes into the one `out` buffer in the
+//! order rustls produced it, and only the holder of the connection's write gate sends it, so TLS
+//! records and frames never interleave and a KeyUpdate reply always precedes records under the new
+//! key. One reader per connection at a time (the shard guarantees it). Nothing here is `Sync`.
 
-use std::cell::{Cell, RefCell};
-use std::io::{self, Read, Write};
+use std::cell::{Cell, RefCell, RefMut};
+use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use rustls::ServerConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptError};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -26,15 +35,22 @@ use super::io::Stream;
 use super::metrics::ShardMetrics;
 use super::pool::Pool;
 
+/// Largest plaintext of one TLS record (RFC 8446 §5.1).
+const MAX_FRAGMENT: usize = 16 * 1024;
+
+/// TLS record header length.
+const RECORD_HEADER: usize = 5;
+
 /// A leg's connection: the stream, its TLS state when not plaintext, and per-leg bookkeeping.
 pub struct Conn<S> {
     pub(crate) io: S,
-    tls: Option<RefCell<ServerConnection>>,
+    tls: Option<Tls>,
     pool: Rc<Pool>,
     gate: Gate,
     /// Plaintext read before this leg was handed over or upgraded (bytes after the HTTP head).
     pending: RefCell<Vec<u8>>,
-    /// Ciphertext read from the socket but not yet taken by rustls.
+    /// Ciphertext read from the socket but not yet complete enough for rustls (a partial record),
+    /// in a held pool buffer.
     cipher: RefCell<Option<(Vec<u8>, Range<usize>)>>,
     /// The last socket read filled its buffer: read again before waiting for readiness.
     more: Cell<bool>,
@@ -45,6 +61,32 @@ pub struct Conn<S> {
     /// A task is reading this leg (its pump); otherwise the closer drains it.
     pub(crate) reading: Cell<bool>,
     _open: OpenGuard,
+}
+
+/// A leg's TLS state.
+struct Tls {
+    conn: RefCell<UnbufferedServerConnection>,
+    /// Encoded TLS bytes not yet sent (pool buffer, filled length), in the order rustls made them.
+    /// Appended to while `conn` is borrowed; sent only by the write gate's holder.
+    out: RefCell<Option<(Vec<u8>, usize)>>,
+    /// The peer's close_notify arrived (rustls reports it once; whoever sees it records it).
+    peer_closed: Cell<bool>,
+    /// Our close_notify went into `out`: nothing more is written.
+    sent_close: Cell<bool>,
+    /// rustls failed (or refused input): nobody calls into it again.
+    failed: Cell<bool>,
+}
+
+/// What one pass of the reader over its input ended with.
+enum Step {
+    /// All complete records are processed; more bytes are needed.
+    NeedInput,
+    /// Encoded bytes wait in `out`: send them, then process again.
+    Transmit,
+    /// The peer sent close_notify.
+    PeerClosed,
+    /// rustls (or our own checks) refused the input; an alert may wait in `out`.
+    Failed(io::Error),
 }
 
 /// Counts the connection in the shard's open gauge while it lives on that shard.
@@ -60,7 +102,7 @@ impl<S: Stream> Conn<S> {
     /// Wraps a stream; `tls` is `None` on a `--danger-plaintext` relay.
     pub fn new(
         io: S,
-        tls: Option<ServerConnection>,
+        tls: Option<UnbufferedServerConnection>,
         pool: Rc<Pool>,
         pending: Vec<u8>,
         metrics: Arc<ShardMetrics>,
@@ -69,7 +111,13 @@ impl<S: Stream> Conn<S> {
         Conn {
             _open: OpenGuard(metrics),
             io,
-            tls: tls.map(RefCell::new),
+            tls: tls.map(|c| Tls {
+                conn: RefCell::new(c),
+                out: RefCell::new(None),
+                peer_closed: Cell::new(false),
+                sent_close: Cell::new(false),
+                failed: Cell::new(false),
+            }),
             pool,
             gate: Gate::default(),
             pending: RefCell::new(pending),
@@ -81,14 +129,19 @@ impl<S: Stream> Conn<S> {
         }
     }
 
-    /// Takes the connection apart for a handoff: stream, TLS state, unread plaintext. Fails
-    /// (giving nothing back) while ciphertext is still held outside rustls, which the upgrade
-    /// path never leaves.
-    pub fn into_parts(self) -> (S, Option<ServerConnection>, Vec<u8>) {
+    /// Takes the connection apart for a handoff: stream, TLS state, unread plaintext. Callers
+    /// check [`Conn::holds_cipher`] first: TLS bytes held outside rustls are dropped here.
+    pub fn into_parts(self) -> (S, Option<UnbufferedServerConnection>, Vec<u8>) {
         if let Some((buf, _)) = self.cipher.into_inner() {
             self.pool.give(buf);
         }
-        (self.io, self.tls.map(RefCell::into_inner), self.pending.into_inner())
+        let tls = self.tls.map(|t| {
+            if let Some((buf, _)) = t.out.into_inner() {
+                self.pool.give(buf);
+            }
+            t.conn.into_inner()
+        });
+        (self.io, tls, self.pending.into_inner())
     }
 
     /// Makes the next read go to the socket without waiting for readiness first (used when a
@@ -102,9 +155,11 @@ impl<S: Stream> Conn<S> {
         *self.pending.borrow_mut() = bytes;
     }
 
-    /// Whether ciphertext is held outside rustls (then the leg cannot be handed over).
+    /// Whether TLS bytes are held outside rustls (a partial record read, or encoded bytes not yet
+    /// sent): then the leg cannot be handed over.
     pub fn holds_cipher(&self) -> bool {
         self.cipher.borrow().is_some()
+            || self.tls.as_ref().is_some_and(|t| t.out.borrow().is_some())
     }
 
     /// Reads plaintext: returns a pooled buffer holding `carry` followed by new bytes, and its
@@ -156,90 +211,280 @@ impl<S: Stream> Conn<S> {
         }
     }
 
-    async fn read_tls(
-        &self,
-        tls: &RefCell<ServerConnection>,
-        carry: &[u8],
-    ) -> io::Result<Option<(Vec<u8>, usize)>> {
+    /// The TLS read: ciphertext goes into a pool buffer after `carry`, rustls decrypts it in
+    /// place, and the payloads are moved to the front (after `carry`) of that same buffer.
+    async fn read_tls(&self, tls: &Tls, carry: &[u8]) -> io::Result<Option<(Vec<u8>, usize)>> {
+        if tls.peer_closed.get() {
+            return Ok(None);
+        }
+        if tls.failed.get() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS connection failed"));
+        }
+        let c = carry.len();
+        // A buffer with `carry` at the front and unprocessed ciphertext (a partial record) after
+        // it, and where that ends.
+        let mut held: Option<(Vec<u8>, usize)> = None;
+        if let Some((mut buf, r)) = self.cipher.borrow_mut().take() {
+            let n = r.len();
+            if c + n >= buf.len() {
+                self.pool.give(buf);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS record too large"));
+            }
+            buf.copy_within(r, c);
+            buf[..c].copy_from_slice(carry);
+            held = Some((buf, c + n));
+        }
         loop {
-            // 1. Plaintext rustls already holds.
-            let (avail, closed) = {
-                let mut c = tls.borrow_mut();
-                let st = c.process_new_packets().map_err(tls_err)?;
-                (st.plaintext_bytes_to_read(), st.peer_has_closed())
+            if !self.more.get()
+                && let Err(e) = self.io.readable().await
+            {
+                if let Some((buf, _)) = held {
+                    self.pool.give(buf);
+                }
+                return Err(e);
+            }
+            let (buf, filled) = match held.take() {
+                Some(h) => h,
+                None => {
+                    let mut buf = self.pool.take();
+                    buf[..c].copy_from_slice(carry);
+                    (buf, c)
+                }
             };
-            if avail > 0 {
-                let mut buf = self.pool.take();
-                buf[..carry.len()].copy_from_slice(carry);
-                let mut len = carry.len();
-                let mut c = tls.borrow_mut();
-                while len < buf.len() {
-                    match c.reader().read(&mut buf[len..]) {
-                        Ok(0) => break,
-                        Ok(n) => len += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            drop(c);
+            if filled == buf.len() {
+                // Cannot happen for a record (at most ~18 KiB); a handshake message spread over
+                // more records than a buffer holds is refused.
+                self.pool.give(buf);
+                tls.failed.set(true);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS input too large"));
+            }
+            let (r, mut buf) = self.io.read(buf, filled).await;
+            let end = match r {
+                Ok(0) => {
+                    self.pool.give(buf);
+                    return Ok(None);
+                }
+                Ok(n) => {
+                    self.more.set(filled + n == buf.len());
+                    filled + n
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.more.set(false);
+                    if filled > c {
+                        held = Some((buf, filled));
+                    } else {
+                        self.pool.give(buf);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.pool.give(buf);
+                    return Err(e);
+                }
+            };
+            let mut start = c;
+            let mut w = c;
+            loop {
+                match self.process(tls, &mut buf[..end], &mut w, &mut start) {
+                    Step::NeedInput => break,
+                    Step::Transmit => {
+                        let _g = self.gate.lock().await;
+                        if let Err(e) = self.send_out().await {
                             self.pool.give(buf);
                             return Err(e);
                         }
                     }
-                }
-                return Ok(Some((buf, len)));
-            }
-            if closed {
-                return Ok(None);
-            }
-            // 2. Ciphertext read earlier that rustls has not taken yet.
-            let held = self.cipher.borrow_mut().take();
-            if let Some((cbuf, mut range)) = held {
-                let r = {
-                    let mut c = tls.borrow_mut();
-                    let r = c.read_tls(&mut &cbuf[range.clone()]);
-                    if let Ok(n) = r {
-                        range.start += n;
+                    Step::PeerClosed => {
+                        if w > c {
+                            return Ok(Some((buf, w)));
+                        }
+                        self.pool.give(buf);
+                        return Ok(None);
                     }
-                    r.and_then(|_| c.process_new_packets().map(|_| ()).map_err(tls_err))
-                };
-                if range.is_empty() {
-                    self.pool.give(cbuf);
-                } else {
-                    *self.cipher.borrow_mut() = Some((cbuf, range));
+                    Step::Failed(e) => {
+                        tls.failed.set(true);
+                        // Send the alert rustls queued, if the write side is free.
+                        if let Some(_g) = self.gate.try_lock() {
+                            let _ = self.send_out().await;
+                        }
+                        self.pool.give(buf);
+                        return Err(e);
+                    }
                 }
-                if let Err(e) = r {
-                    // Send the alert rustls queued, if it can go.
-                    let _ = self.flush().await;
-                    return Err(e);
-                }
-                if tls.borrow().wants_write() {
-                    self.flush().await?;
-                }
-                continue;
             }
-            // 3. Read more ciphertext from the socket.
-            if !self.more.get() {
-                self.io.readable().await?;
+            let rest = start..end;
+            if w > c {
+                // Plaintext to return: a partial record left over moves to a held buffer.
+                if !rest.is_empty() {
+                    let mut h = self.pool.take();
+                    h[..rest.len()].copy_from_slice(&buf[rest.clone()]);
+                    *self.cipher.borrow_mut() = Some((h, 0..rest.len()));
+                }
+                return Ok(Some((buf, w)));
             }
-            let cbuf = self.pool.take();
-            let (r, cbuf) = self.io.read(cbuf, 0).await;
-            match r {
-                Ok(0) => {
-                    self.pool.give(cbuf);
-                    return Ok(None);
-                }
-                Ok(n) => {
-                    self.more.set(n == cbuf.len());
-                    *self.cipher.borrow_mut() = Some((cbuf, 0..n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.pool.give(cbuf);
-                    self.more.set(false);
-                }
+            // Nothing decrypted yet (handshake, or a record still arriving): keep what is left.
+            if rest.is_empty() {
+                self.pool.give(buf);
+            } else {
+                let n = rest.len();
+                buf.copy_within(rest, c);
+                held = Some((buf, c + n));
+            }
+        }
+    }
+
+    /// Runs rustls over `buf[*start..]` until it needs more input or bytes must be sent.
+    /// Decrypted payloads are appended at `buf[*w..]` (always in front of `*start`: a record's
+    /// plaintext is shorter than the record); `*start` advances by what rustls discards.
+    fn process(&self, tls: &Tls, buf: &mut [u8], w: &mut usize, start: &mut usize) -> Step {
+        let mut conn = tls.conn.borrow_mut();
+        loop {
+            let (head, input) = buf.split_at_mut(*start);
+            let status = conn.process_tls_records(input);
+            let discard = status.discard;
+            let state = match status.state {
+                Ok(state) => state,
                 Err(e) => {
-                    self.pool.give(cbuf);
-                    return Err(e);
+                    *start += discard;
+                    drop(conn);
+                    self.queue_alert(tls, &mut buf[*start..]);
+                    return Step::Failed(tls_err(e));
                 }
+            };
+            let step = match state {
+                ConnectionState::ReadTraffic(mut rt) => {
+                    let mut stuck = false;
+                    loop {
+                        if let Some(n) = rt.peek_len()
+                            && *w + n.get() > head.len()
+                        {
+                            // The record is not yet discarded: copy after applying `discard`.
+                            stuck = discard == 0;
+                            break;
+                        }
+                        match rt.next_record() {
+                            None => break,
+                            Some(Ok(rec)) => {
+                                let n = rec.payload.len();
+                                head[*w..*w + n].copy_from_slice(rec.payload);
+                                *w += n;
+                            }
+                            Some(Err(e)) => {
+                                *start += discard;
+                                return Step::Failed(tls_err(e));
+                            }
+                        }
+                    }
+                    stuck.then(|| {
+                        Step::Failed(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "TLS plaintext does not fit in front of its record",
+                        ))
+                    })
+                }
+                ConnectionState::EncodeTlsData(mut enc) => {
+                    self.append_encoded(tls, &mut enc).err().map(Step::Failed)
+                }
+                ConnectionState::TransmitTlsData(t) => {
+                    if tls.out.borrow().is_some() {
+                        Some(Step::Transmit)
+                    } else {
+                        // Whoever took `out` under the write gate is sending it.
+                        t.done();
+                        None
+                    }
+                }
+                ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake => {
+                    Some(Step::NeedInput)
+                }
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    tls.peer_closed.set(true);
+                    Some(Step::PeerClosed)
+                }
+                _ => Some(Step::Failed(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "unexpected TLS state (early data)",
+                ))),
+            };
+            *start += discard;
+            match step {
+                None => continue,
+                Some(Step::NeedInput) if tls.peer_closed.get() => return Step::PeerClosed,
+                Some(Step::NeedInput | Step::Transmit)
+                    if !conn.is_handshaking() && holds_whole_record(&buf[*start..]) =>
+                {
+                    // rustls keeps whole records only to reassemble a handshake message split
+                    // across them. Writers call rustls with no input, which is only sound while
+                    // it keeps none, so after the handshake this (legal, but never seen from
+                    // a real client) fragmentation is refused.
+                    return Step::Failed(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "TLS handshake message fragmented after the handshake",
+                    ));
+                }
+                Some(s) => return s,
             }
+        }
+    }
+
+    /// After rustls failed: encodes the alert it queued (if any) into `out`.
+    fn queue_alert(&self, tls: &Tls, input: &mut [u8]) {
+        let mut conn = tls.conn.borrow_mut();
+        // Only while messages are queued: rustls then hands them out before it looks at the
+        // input again (which would fail a second time).
+        while conn.wants_write() {
+            let status = conn.process_tls_records(input);
+            let Ok(ConnectionState::EncodeTlsData(mut enc)) = status.state else { return };
+            if self.append_encoded(tls, &mut enc).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Appends a message rustls queued (handshake, alert) to `out`.
+    fn append_encoded(
+        &self,
+        tls: &Tls,
+        enc: &mut EncodeTlsData<'_, ServerConnectionData>,
+    ) -> io::Result<()> {
+        self.append_out(tls, |out| match enc.encode(out) {
+            Ok(n) => Ok(n),
+            Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
+            Err(EncodeError::AlreadyEncoded) => Err(None),
+        })
+    }
+
+    /// Appends to `out` (taking a pool buffer if there is none) with `f`, which returns the
+    /// bytes written or the space it needs (`None`: it cannot write at all). Grows the buffer
+    /// when one message needs more than is left.
+    fn append_out(
+        &self,
+        tls: &Tls,
+        mut f: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+    ) -> io::Result<()> {
+        let mut out = tls.out.borrow_mut();
+        let (buf, len) = out.get_or_insert_with(|| (self.pool.take(), 0));
+        let n = match f(&mut buf[*len..]) {
+            Ok(n) => n,
+            Err(Some(need)) => {
+                buf.resize(*len + need, 0);
+                f(&mut buf[*len..]).map_err(|_| tls_other("TLS encoding failed"))?
+            }
+            Err(None) => return Err(tls_other("TLS encoding failed")),
+        };
+        *len += n;
+        Ok(())
+    }
+
+    /// Sends `out` until it is empty. The caller holds the write gate.
+    async fn send_out(&self) -> io::Result<()> {
+        let Some(tls) = &self.tls else { return Ok(()) };
+        loop {
+            let next = tls.out.borrow_mut().take();
+            let Some((buf, n)) = next else { return Ok(()) };
+            let (r, buf) = self.io.write_all(buf, 0..n).await;
+            self.pool.give(buf);
+            r?;
         }
     }
 
@@ -254,20 +499,85 @@ impl<S: Stream> Conn<S> {
         match &self.tls {
             None => self.io.write_all(buf, range).await,
             Some(tls) => {
-                let mut pos = range.start;
-                while pos < range.end {
-                    let n = match tls.borrow_mut().writer().write(&buf[pos..range.end]) {
-                        Ok(n) => n,
-                        Err(e) => return (Err(e), buf),
-                    };
-                    pos += n;
-                    if let Err(e) = self.flush_locked(tls).await {
+                let mut data = &buf[range];
+                loop {
+                    // Whatever is already in `out` goes first (it was made earlier).
+                    if let Err(e) = self.send_out().await {
+                        return (Err(e), buf);
+                    }
+                    if data.is_empty() {
+                        return (Ok(()), buf);
+                    }
+                    if let Err(e) = self.encrypt(tls, &mut data) {
                         return (Err(e), buf);
                     }
                 }
-                (Ok(()), buf)
             }
         }
+    }
+
+    /// Encrypts from the front of `data` into `out` until all of it is in or `out` is full.
+    fn encrypt(&self, tls: &Tls, data: &mut &[u8]) -> io::Result<()> {
+        let mut conn = self.usable(tls)?;
+        loop {
+            // No input: the reader leaves rustls with none pending (see `process`).
+            let status = conn.process_tls_records(&mut []);
+            match status.state.map_err(tls_err)? {
+                ConnectionState::EncodeTlsData(mut enc) => self.append_encoded(tls, &mut enc)?,
+                // What was encoded is in `out`, which our caller sends before the gate opens.
+                ConnectionState::TransmitTlsData(t) => t.done(),
+                ConnectionState::PeerClosed => tls.peer_closed.set(true),
+                ConnectionState::WriteTraffic(mut wt) => {
+                    while !data.is_empty() {
+                        let n = data.len().min(MAX_FRAGMENT);
+                        let mut out = tls.out.borrow_mut();
+                        let (buf, len) = out.get_or_insert_with(|| (self.pool.take(), 0));
+                        match wt.encrypt(&data[..n], &mut buf[*len..]) {
+                            Ok(k) => {
+                                *len += k;
+                                *data = &data[n..];
+                            }
+                            // Full: send what is there first.
+                            Err(EncryptError::InsufficientSize(_)) if *len > 0 => return Ok(()),
+                            Err(EncryptError::InsufficientSize(s)) => {
+                                buf.resize(s.required_size, 0);
+                            }
+                            Err(e) => {
+                                tls.failed.set(true);
+                                return Err(tls_other(e));
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+                ConnectionState::Closed => {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS connection closed"));
+                }
+                ConnectionState::BlockedHandshake => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "TLS handshake not complete",
+                    ));
+                }
+                _ => return Err(tls_other("unexpected TLS state")),
+            }
+        }
+    }
+
+    /// The connection for a writer: not after a failure or our close_notify, and not during the
+    /// handshake (only the reader drives rustls then; writes start after the request head).
+    fn usable<'a>(&self, tls: &'a Tls) -> io::Result<RefMut<'a, UnbufferedServerConnection>> {
+        if tls.failed.get() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS connection failed"));
+        }
+        if tls.sent_close.get() {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS close_notify sent"));
+        }
+        let conn = tls.conn.borrow_mut();
+        if conn.is_handshaking() {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "TLS handshake not complete"));
+        }
+        Ok(conn)
     }
 
     /// Writes a small relay-made message (HTTP response, control frame).
@@ -284,43 +594,50 @@ impl<S: Stream> Conn<S> {
     pub async fn finish(&self) {
         if let Some(tls) = &self.tls {
             let _g = self.gate.lock().await;
-            tls.borrow_mut().send_close_notify();
-            let _ = self.flush_locked(tls).await;
+            self.queue_close_notify(tls);
+            let _ = self.send_out().await;
         }
         self.io.shutdown(Shutdown::Write);
     }
 
-    /// Sends whatever ciphertext rustls has queued (handshake messages, alerts).
-    async fn flush(&self) -> io::Result<()> {
-        let Some(tls) = &self.tls else { return Ok(()) };
-        let _g = self.gate.lock().await;
-        self.flush_locked(tls).await
-    }
-
-    async fn flush_locked(&self, tls: &RefCell<ServerConnection>) -> io::Result<()> {
-        loop {
-            let mut cbuf = self.pool.take();
-            let n = {
-                let mut c = tls.borrow_mut();
-                if !c.wants_write() {
-                    drop(c);
-                    self.pool.give(cbuf);
-                    return Ok(());
-                }
-                match c.write_tls(&mut &mut cbuf[..]) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        drop(c);
-                        self.pool.give(cbuf);
-                        return Err(e);
+    /// Encodes what rustls still has queued, then close_notify, into `out` (best effort: not
+    /// after a failure, before the handshake completed, or twice).
+    fn queue_close_notify(&self, tls: &Tls) {
+        let Ok(mut conn) = self.usable(tls) else { return };
+        // Bounded: each pass either takes one queued message or ends.
+        for _ in 0..16 {
+            let status = conn.process_tls_records(&mut []);
+            match status.state {
+                Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                    if self.append_encoded(tls, &mut enc).is_err() {
+                        return;
                     }
                 }
-            };
-            let (r, cbuf) = self.io.write_all(cbuf, 0..n).await;
-            self.pool.give(cbuf);
-            r?;
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                Ok(ConnectionState::PeerClosed) => tls.peer_closed.set(true),
+                Ok(ConnectionState::WriteTraffic(mut wt)) => {
+                    tls.sent_close.set(true);
+                    let _ = self.append_out(tls, |out| match wt.queue_close_notify(out) {
+                        Ok(n) => Ok(n),
+                        Err(EncryptError::InsufficientSize(s)) => Err(Some(s.required_size)),
+                        Err(_) => Err(None),
+                    });
+                    return;
+                }
+                _ => return,
+            }
         }
     }
+}
+
+/// Whether `b` starts with a complete TLS record.
+fn holds_whole_record(b: &[u8]) -> bool {
+    b.len() >= RECORD_HEADER
+        && RECORD_HEADER + usize::from(u16::from_be_bytes([b[3], b[4]])) <= b.len()
+}
+
+fn tls_other(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 fn tls_err(e: rustls::Error) -> io::Error {
@@ -337,6 +654,15 @@ struct Gate {
 struct GateGuard<'a>(&'a Gate);
 
 impl Gate {
+    /// The gate if it is free now.
+    fn try_lock(&self) -> Option<GateGuard<'_>> {
+        if self.busy.get() {
+            return None;
+        }
+        self.busy.set(true);
+        Some(GateGuard(self))
+    }
+
     async fn lock(&self) -> GateGuard<'_> {
         while self.busy.get() {
             self.notify.notified().await;
