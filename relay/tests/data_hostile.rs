@@ -59,6 +59,16 @@ async fn bad_requests_get_status_and_code(io: IoBackend) {
     got = r.read_to_end().await;
     assert_eq!(&got[9..12], b"431");
     assert_eq!(json_code(&got), "InvalidRequest");
+    // An Authorization value with a multi-byte character across the end of "Bearer "
+    // (httparse lets bytes 0x80-0xFF through): 401, not a panicked connection task.
+    for value in ["Bearer\u{e9}abcdef", "Beare\u{20ac}abcd"] {
+        let mut r = Raw::connect(&relay).await;
+        let req = upgrade_request("s1", "client", &format!("Authorization: {value}\r\n"));
+        r.write(req.as_bytes()).await.unwrap();
+        got = r.read_to_end().await;
+        assert_eq!(&got[9..12], b"401", "{value}: {}", String::from_utf8_lossy(&got));
+        assert_eq!(json_code(&got), "InvalidToken");
+    }
     // Unknown path.
     let mut r = Raw::connect(&relay).await;
     r.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();

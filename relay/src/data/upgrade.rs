@@ -154,8 +154,10 @@ pub fn parse(head: &[u8]) -> Result<Request, Refusal> {
         } else if h.name.eq_ignore_ascii_case("sec-websocket-key") {
             key = Some(v.trim());
         } else if h.name.eq_ignore_ascii_case("authorization") {
+            // Compared as bytes: the value may hold multi-byte characters anywhere.
             let v = v.trim();
-            if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+            if v.len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ") {
+                // The first 7 bytes are ASCII, so byte 7 starts a character.
                 token = Some(v[7..].trim().to_owned());
             }
         } else if h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
@@ -234,5 +236,34 @@ mod tests {
             Err(Refusal::BadRequest)
         );
         assert_eq!(parse(b"\x16\x03\x01garbage\r\n\r\n"), Err(Refusal::BadRequest));
+    }
+
+    #[test]
+    fn non_ascii_authorization_is_refused_not_a_panic() {
+        // httparse accepts bytes 0x80-0xFF in header values; a multi-byte character across the
+        // end of "Bearer " must be an invalid token, not a slice off a character boundary.
+        for v in ["Bearer\u{e9}abcdef", "Beare\u{20ac}abcd", "\u{e9}\u{e9}\u{e9}\u{e9}x"] {
+            let head = req(&format!("Authorization: {v}\r\n"), "/v1/stream/s1?role=client");
+            assert_eq!(parse(head.as_bytes()), Err(Refusal::InvalidToken), "{v}");
+        }
+        let head = req("Authorization: Bearer \u{e9}t\r\n", "/v1/stream/s1?role=client");
+        assert_eq!(parse(head.as_bytes()).unwrap().token, "\u{e9}t");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_or_are_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = head_end(&bytes);
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn any_header_value_after_a_valid_request_line_is_handled(
+            name in "(Authorization|Sec-WebSocket-Protocol|Sec-WebSocket-Key|Connection|Upgrade|X)",
+            value in "\\PC{0,40}",
+        ) {
+            let head = req(&format!("{name}: {value}\r\n"), "/v1/stream/s1?role=agent");
+            let _ = parse(head.as_bytes());
+        }
     }
 }
