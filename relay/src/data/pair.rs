@@ -207,13 +207,14 @@ async fn forward_loop<S: Stream>(
             match event {
                 Event::Pong => {}
                 Event::Ping(r) => {
-                    let mut pong = [0u8; 2 + frame::MAX_CONTROL_PAYLOAD as usize];
-                    let n = r.len();
-                    pong[0] = 0x8A;
-                    pong[1] = n as u8;
-                    pong[2..2 + n].copy_from_slice(&buf[r]);
+                    let mut pong =
+                        [0u8; frame::MAX_HEADER_LEN + frame::MAX_CONTROL_PAYLOAD as usize];
+                    let mut h = [0u8; frame::MAX_HEADER_LEN];
+                    let n = frame::encode_header(true, OpCode::Pong, r.len() as u64, None, &mut h);
+                    pong[..n].copy_from_slice(&h[..n]);
+                    pong[n..n + r.len()].copy_from_slice(&buf[r.clone()]);
                     // A failed pong shows up as a failed read next.
-                    let _ = a.write_small(&pong[..2 + n]).await;
+                    let _ = a.write_small(&pong[..n + r.len()]).await;
                 }
                 Event::Close(r) => {
                     let (reason, to_a, to_b) = match frame::parse_close_payload(&buf[r]) {
