@@ -516,9 +516,17 @@ fn file_system_full(path: &Path) -> bool {
     nix::sys::statvfs::statvfs(dir).is_ok_and(|s| s.blocks_available() == 0)
 }
 
-fn tags_from(s: String) -> rusqlite::Result<Tags> {
-    serde_json::from_str(&s).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+/// Column `col` of `r`, a JSON text; a failure names the column.
+fn json_col<T: serde::de::DeserializeOwned>(
+    r: &rusqlite::Row<'_>,
+    col: usize,
+) -> rusqlite::Result<T> {
+    from_json(col, &r.get::<_, String>(col)?)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(col: usize, s: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
     })
 }
 
@@ -552,7 +560,7 @@ fn activation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Activation> {
         id: r.get(0)?,
         account_id: r.get(1)?,
         region: r.get(2)?,
-        tags: tags_from(r.get(3)?)?,
+        tags: json_col(r, 3)?,
         max_registrations: r.get(4)?,
         registrations: r.get(5)?,
         expires_at: r.get(6)?,
@@ -568,7 +576,7 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
         id: r.get(0)?,
         account_id: r.get(1)?,
         region: r.get(2)?,
-        tags: tags_from(r.get(3)?)?,
+        tags: json_col(r, 3)?,
         hostname: r.get(4)?,
         activation_id: r.get(5)?,
         registered_at: r.get(6)?,
@@ -581,13 +589,7 @@ const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip,
      close_reason, bytes_client_to_agent, bytes_agent_to_client";
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
-    let command: Option<String> = r.get(7)?;
-    let command = match command {
-        Some(c) => Some(serde_json::from_str(&c).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, Box::new(e))
-        })?),
-        None => None,
-    };
+    let command = r.get::<_, Option<String>>(7)?.map(|c| from_json(7, &c)).transpose()?;
     let c2a: i64 = r.get(15)?;
     let a2c: i64 = r.get(16)?;
     Ok(SessionRecord {
