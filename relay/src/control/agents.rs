@@ -177,7 +177,9 @@ pub(super) async fn run_channel(
                             }
                         }
                         Ok(FromAgent::SessionFailed { session_id, message }) => {
-                            warn!(instance = %instance, session = %session_id, %message,
+                            // Both come from the agent: the log keeps a bounded part.
+                            warn!(instance = %instance, session = %super::clip(&session_id, 40),
+                                message = %super::clip(&message, 512),
                                 "agent could not start session");
                             shared.agent_failed(&instance, &session_id).await;
                         }

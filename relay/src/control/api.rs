@@ -7,13 +7,16 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State,
+};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -172,24 +175,44 @@ fn framework_error(status: StatusCode, text: String) -> ErrorInfo {
     }
 }
 
-/// A JSON body, with every failure (size, syntax, shape) answered as `InvalidRequest`.
+/// A JSON body, with every failure (size, syntax, shape, time) answered as `InvalidRequest`.
 pub struct ApiJson<T>(pub T);
+
+/// How long a request body may take once its head has arrived: a peer trickling a body would
+/// otherwise hold its connection, task and partial body for as long as it likes.
+const BODY_TIMEOUT: Duration = super::http::HANDSHAKE_TIMEOUT;
+
+/// The whole body of `req`, read within `within`.
+async fn read_body<S: Send + Sync>(
+    req: Request,
+    state: &S,
+    within: Duration,
+) -> Result<Bytes, ApiError> {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    match tokio::time::timeout(within, Bytes::from_request(req, state)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::INVALID_REQUEST,
+            "request body too large",
+        )),
+        Ok(Err(e)) => Err(ApiError::invalid(format!("reading request body: {e}"))),
+        Err(_) => {
+            warn!(peer = ?peer, "request body not received in time; refused");
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                codes::INVALID_REQUEST,
+                format!("request body not received within {} s", within.as_secs()),
+            ))
+        }
+    }
+}
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    codes::INVALID_REQUEST,
-                    "request body too large",
-                )
-            } else {
-                ApiError::invalid(format!("reading request body: {e}"))
-            }
-        })?;
+        let bytes = read_body(req, state, BODY_TIMEOUT).await?;
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| ApiError::invalid(format!("request body: {e}")))
@@ -361,6 +384,21 @@ async fn authenticate(
     })
 }
 
+/// A handler taking a [`Caller`] answers only an authenticated request (401 otherwise).
+impl FromRequestParts<Arc<Shared>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        shared: &Arc<Shared>,
+    ) -> Result<Self, Self::Rejection> {
+        let ConnectInfo(peer) = ConnectInfo::<SocketAddr>::from_request_parts(parts, shared)
+            .await
+            .map_err(|e| ApiError::new(e.status(), codes::INTERNAL_ERROR, e.body_text()))?;
+        authenticate(shared, &parts.headers, peer).await
+    }
+}
+
 fn rfc3339(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
@@ -463,11 +501,10 @@ fn validate_start(req: &StartSessionRequest) -> Result<(), ApiError> {
 
 async fn start_session(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<ApiJson<StartSessionRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&shared, &headers, peer).await?;
     let ApiJson(req) = body?;
     validate_start(&req)?;
     if !caller.account.session_manager_enabled {
@@ -610,11 +647,9 @@ const DEFAULT_PAGE: u32 = 100;
 
 async fn list_sessions(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&shared, &headers, peer).await?;
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))?;
     let filter = match q.state.as_deref() {
         None | Some("all") => StateFilter::All,
@@ -699,22 +734,18 @@ async fn load_session(
 
 async fn describe_session(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&shared, &headers, peer).await?;
     let rec = load_session(&shared, &caller, id, policy::DESCRIBE_SESSIONS).await?;
     Ok(json(StatusCode::OK, &session_info(&rec)))
 }
 
 async fn terminate_session(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&shared, &headers, peer).await?;
     let rec = load_session(&shared, &caller, id, policy::TERMINATE_SESSION).await?;
     if rec.state != "closed" {
         info!(session = %rec.id, user = caller.principal(), "session terminated");
@@ -728,10 +759,8 @@ async fn terminate_session(
 
 async fn list_instances(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&shared, &headers, peer).await?;
     let account = caller.account.id.clone();
     let all = shared.blocking(move |s| s.instances(Some(&account))).await?;
     let now = unix_now();
@@ -761,12 +790,7 @@ fn owner_only(caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
-async fn get_settings(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let caller = authenticate(&shared, &headers, peer).await?;
+async fn get_settings(caller: Caller) -> Result<Response, ApiError> {
     owner_only(&caller)?;
     Ok(json(
         StatusCode::OK,
@@ -776,11 +800,9 @@ async fn get_settings(
 
 async fn put_settings(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Result<ApiJson<AccountSettings>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&shared, &headers, peer).await?;
     owner_only(&caller)?;
     let ApiJson(settings) = body?;
     let enabled = settings.session_manager_enabled;
@@ -889,5 +911,27 @@ mod tests {
             canonical_ip("::ffff:10.1.2.3".parse().unwrap()),
             "10.1.2.3".parse::<IpAddr>().unwrap()
         );
+    }
+
+    /// A body that stops arriving is refused with 408 at the deadline instead of being waited
+    /// for; one that arrives whole is read.
+    #[tokio::test]
+    async fn trickled_body_is_refused_at_the_deadline() {
+        use futures_util::StreamExt;
+
+        let first: Result<Bytes, std::io::Error> = Ok(Bytes::from_static(b"{\"a\":"));
+        let stalled = futures_util::stream::iter([first]).chain(futures_util::stream::pending());
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/agent/register")
+            .body(Body::from_stream(stalled))
+            .unwrap();
+        let err = read_body(req, &(), Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(err.code, codes::INVALID_REQUEST);
+
+        let req = Request::builder().body(Body::from("{}")).unwrap();
+        let body = read_body(req, &(), Duration::from_secs(60)).await.unwrap();
+        assert_eq!(&body[..], b"{}");
     }
 }

@@ -485,6 +485,29 @@ impl SqliteStore {
         // open transaction when it is dropped), so poisoning is ignored.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The first row `sql` selects, mapped by `row`.
+    fn one<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> anyhow::Result<Option<T>> {
+        Ok(self.lock().query_row(sql, params, row).optional()?)
+    }
+
+    /// Every row `sql` selects, mapped by `row`.
+    fn all<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> anyhow::Result<Vec<T>> {
+        let conn = self.lock();
+        let mut st = conn.prepare(sql)?;
+        let rows = st.query_map(params, row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
 }
 
 /// Whether the file system holding `path` has no block left for this process.
@@ -493,9 +516,17 @@ fn file_system_full(path: &Path) -> bool {
     nix::sys::statvfs::statvfs(dir).is_ok_and(|s| s.blocks_available() == 0)
 }
 
-fn tags_from(s: String) -> rusqlite::Result<Tags> {
-    serde_json::from_str(&s).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+/// Column `col` of `r`, a JSON text; a failure names the column.
+fn json_col<T: serde::de::DeserializeOwned>(
+    r: &rusqlite::Row<'_>,
+    col: usize,
+) -> rusqlite::Result<T> {
+    from_json(col, &r.get::<_, String>(col)?)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(col: usize, s: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
     })
 }
 
@@ -529,7 +560,7 @@ fn activation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Activation> {
         id: r.get(0)?,
         account_id: r.get(1)?,
         region: r.get(2)?,
-        tags: tags_from(r.get(3)?)?,
+        tags: json_col(r, 3)?,
         max_registrations: r.get(4)?,
         registrations: r.get(5)?,
         expires_at: r.get(6)?,
@@ -545,7 +576,7 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
         id: r.get(0)?,
         account_id: r.get(1)?,
         region: r.get(2)?,
-        tags: tags_from(r.get(3)?)?,
+        tags: json_col(r, 3)?,
         hostname: r.get(4)?,
         activation_id: r.get(5)?,
         registered_at: r.get(6)?,
@@ -558,13 +589,7 @@ const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip,
      close_reason, bytes_client_to_agent, bytes_agent_to_client";
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
-    let command: Option<String> = r.get(7)?;
-    let command = match command {
-        Some(c) => Some(serde_json::from_str(&c).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, Box::new(e))
-        })?),
-        None => None,
-    };
+    let command = r.get::<_, Option<String>>(7)?.map(|c| from_json(7, &c)).transpose()?;
     let c2a: i64 = r.get(15)?;
     let a2c: i64 = r.get(16)?;
     Ok(SessionRecord {
@@ -604,23 +629,20 @@ impl Store for SqliteStore {
     }
 
     fn account(&self, id: &str) -> anyhow::Result<Option<Account>> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT id, name, session_manager_enabled, created_at FROM accounts WHERE id = ?1",
-                [id],
-                account_row,
-            )
-            .optional()?)
+        self.one(
+            "SELECT id, name, session_manager_enabled, created_at FROM accounts WHERE id = ?1",
+            [id],
+            account_row,
+        )
     }
 
     fn accounts(&self) -> anyhow::Result<Vec<Account>> {
-        let conn = self.lock();
-        let mut st = conn.prepare(
-            "SELECT id, name, session_manager_enabled, created_at FROM accounts ORDER BY created_at, id",
-        )?;
-        let rows = st.query_map([], account_row)?.collect::<Result<_, _>>()?;
-        Ok(rows)
+        self.all(
+            "SELECT id, name, session_manager_enabled, created_at FROM accounts \
+             ORDER BY created_at, id",
+            [],
+            account_row,
+        )
     }
 
     fn set_session_manager(&self, account_id: &str, enabled: bool) -> anyhow::Result<bool> {
@@ -640,35 +662,25 @@ impl Store for SqliteStore {
     }
 
     fn user(&self, id: &str) -> anyhow::Result<Option<User>> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT id, account_id, name, created_at FROM users WHERE id = ?1",
-                [id],
-                user_row,
-            )
-            .optional()?)
+        self.one("SELECT id, account_id, name, created_at FROM users WHERE id = ?1", [id], user_row)
     }
 
     fn user_by_name(&self, account_id: &str, name: &str) -> anyhow::Result<Option<User>> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT id, account_id, name, created_at FROM users \
-                 WHERE account_id = ?1 AND name = ?2",
-                [account_id, name],
-                user_row,
-            )
-            .optional()?)
+        self.one(
+            "SELECT id, account_id, name, created_at FROM users \
+             WHERE account_id = ?1 AND name = ?2",
+            [account_id, name],
+            user_row,
+        )
     }
 
     fn users(&self, account_id: &str) -> anyhow::Result<Vec<User>> {
-        let conn = self.lock();
-        let mut st = conn.prepare(
-            "SELECT id, account_id, name, created_at FROM users WHERE account_id = ?1 ORDER BY name",
-        )?;
-        let rows = st.query_map([account_id], user_row)?.collect::<Result<_, _>>()?;
-        Ok(rows)
+        self.all(
+            "SELECT id, account_id, name, created_at FROM users WHERE account_id = ?1 \
+             ORDER BY name",
+            [account_id],
+            user_row,
+        )
     }
 
     fn insert_access_key(&self, k: &AccessKey, secret_hash: &[u8; 32]) -> anyhow::Result<()> {
@@ -681,25 +693,20 @@ impl Store for SqliteStore {
     }
 
     fn access_key_owner(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<KeyOwner>> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT id, account_id, user_id FROM access_keys \
-                 WHERE secret_hash = ?1 AND revoked_at IS NULL",
-                [&secret_hash[..]],
-                |r| Ok(KeyOwner { key_id: r.get(0)?, account_id: r.get(1)?, user_id: r.get(2)? }),
-            )
-            .optional()?)
+        self.one(
+            "SELECT id, account_id, user_id FROM access_keys \
+             WHERE secret_hash = ?1 AND revoked_at IS NULL",
+            [&secret_hash[..]],
+            |r| Ok(KeyOwner { key_id: r.get(0)?, account_id: r.get(1)?, user_id: r.get(2)? }),
+        )
     }
 
     fn access_keys(&self, account_id: &str) -> anyhow::Result<Vec<AccessKey>> {
-        let conn = self.lock();
-        let mut st = conn.prepare(
+        self.all(
             "SELECT id, account_id, user_id, created_at, revoked_at FROM access_keys \
              WHERE account_id = ?1 ORDER BY created_at, id",
-        )?;
-        let rows = st
-            .query_map([account_id], |r| {
+            [account_id],
+            |r| {
                 Ok(AccessKey {
                     id: r.get(0)?,
                     account_id: r.get(1)?,
@@ -707,9 +714,8 @@ impl Store for SqliteStore {
                     created_at: r.get(3)?,
                     revoked_at: r.get(4)?,
                 })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+            },
+        )
     }
 
     fn revoke_access_key(&self, key_id: &str, now: i64) -> anyhow::Result<bool> {
@@ -730,13 +736,12 @@ impl Store for SqliteStore {
     }
 
     fn policies(&self, account_id: &str) -> anyhow::Result<Vec<PolicyRecord>> {
-        let conn = self.lock();
-        let mut st = conn.prepare(
+        self.all(
             "SELECT account_id, name, document, updated_at FROM policies \
              WHERE account_id = ?1 ORDER BY name",
-        )?;
-        let rows = st.query_map([account_id], policy_row)?.collect::<Result<_, _>>()?;
-        Ok(rows)
+            [account_id],
+            policy_row,
+        )
     }
 
     fn attach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool> {
@@ -767,14 +772,13 @@ impl Store for SqliteStore {
     }
 
     fn user_policies(&self, user_id: &str) -> anyhow::Result<Vec<PolicyRecord>> {
-        let conn = self.lock();
-        let mut st = conn.prepare(
+        self.all(
             "SELECT p.account_id, p.name, p.document, p.updated_at FROM policy_attachments a \
              JOIN policies p ON p.account_id = a.account_id AND p.name = a.policy_name \
              WHERE a.user_id = ?1 ORDER BY p.name",
-        )?;
-        let rows = st.query_map([user_id], policy_row)?.collect::<Result<_, _>>()?;
-        Ok(rows)
+            [user_id],
+            policy_row,
+        )
     }
 
     fn insert_activation(&self, a: &Activation, code_hash: &[u8; 32]) -> anyhow::Result<()> {
@@ -797,13 +801,14 @@ impl Store for SqliteStore {
     }
 
     fn activations(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Activation>> {
-        let conn = self.lock();
-        let mut st = conn.prepare(&format!(
-            "SELECT {ACTIVATION_COLS} FROM activations \
-             WHERE ?1 IS NULL OR account_id = ?1 ORDER BY created_at, id"
-        ))?;
-        let rows = st.query_map([account_id], activation_row)?.collect::<Result<_, _>>()?;
-        Ok(rows)
+        self.all(
+            &format!(
+                "SELECT {ACTIVATION_COLS} FROM activations \
+                 WHERE ?1 IS NULL OR account_id = ?1 ORDER BY created_at, id"
+            ),
+            [account_id],
+            activation_row,
+        )
     }
 
     fn register_instance(
@@ -875,35 +880,30 @@ impl Store for SqliteStore {
     }
 
     fn instance_by_secret(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<Instance>> {
-        Ok(self
-            .lock()
-            .query_row(
-                &format!("SELECT {INSTANCE_COLS} FROM instances WHERE secret_hash = ?1"),
-                [&secret_hash[..]],
-                instance_row,
-            )
-            .optional()?)
+        self.one(
+            &format!("SELECT {INSTANCE_COLS} FROM instances WHERE secret_hash = ?1"),
+            [&secret_hash[..]],
+            instance_row,
+        )
     }
 
     fn instance(&self, account_id: &str, id: &str) -> anyhow::Result<Option<Instance>> {
-        Ok(self
-            .lock()
-            .query_row(
-                &format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = ?1 AND account_id = ?2"),
-                [id, account_id],
-                instance_row,
-            )
-            .optional()?)
+        self.one(
+            &format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = ?1 AND account_id = ?2"),
+            [id, account_id],
+            instance_row,
+        )
     }
 
     fn instances(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Instance>> {
-        let conn = self.lock();
-        let mut st = conn.prepare(&format!(
-            "SELECT {INSTANCE_COLS} FROM instances WHERE ?1 IS NULL OR account_id = ?1 \
-             ORDER BY registered_at, id"
-        ))?;
-        let rows = st.query_map([account_id], instance_row)?.collect::<Result<_, _>>()?;
-        Ok(rows)
+        self.all(
+            &format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE ?1 IS NULL OR account_id = ?1 \
+                 ORDER BY registered_at, id"
+            ),
+            [account_id],
+            instance_row,
+        )
     }
 
     fn set_instance_tags(&self, id: &str, tags: &Tags) -> anyhow::Result<bool> {
@@ -952,17 +952,14 @@ impl Store for SqliteStore {
     }
 
     fn session(&self, account_id: Option<&str>, id: &str) -> anyhow::Result<Option<SessionRecord>> {
-        Ok(self
-            .lock()
-            .query_row(
-                &format!(
-                    "SELECT {SESSION_COLS} FROM sessions WHERE id = ?1 \
-                     AND (?2 IS NULL OR account_id = ?2)"
-                ),
-                params![id, account_id],
-                session_row,
-            )
-            .optional()?)
+        self.one(
+            &format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE id = ?1 \
+                 AND (?2 IS NULL OR account_id = ?2)"
+            ),
+            params![id, account_id],
+            session_row,
+        )
     }
 
     fn sessions(
@@ -977,16 +974,15 @@ impl Store for SqliteStore {
             StateFilter::Active => " AND state != 'closed'",
             StateFilter::Closed => " AND state = 'closed'",
         };
-        let conn = self.lock();
-        let mut st = conn.prepare(&format!(
-            "SELECT {SESSION_COLS} FROM sessions WHERE (?1 IS NULL OR account_id = ?1){state} \
-             AND (?2 IS NULL OR seq < (SELECT seq FROM sessions WHERE id = ?2)) \
-             ORDER BY seq DESC LIMIT ?3"
-        ))?;
-        let rows = st
-            .query_map(params![account_id, before, limit], session_row)?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+        self.all(
+            &format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE (?1 IS NULL OR account_id = ?1){state} \
+                 AND (?2 IS NULL OR seq < (SELECT seq FROM sessions WHERE id = ?2)) \
+                 ORDER BY seq DESC LIMIT ?3"
+            ),
+            params![account_id, before, limit],
+            session_row,
+        )
     }
 
     fn mark_connected(&self, id: &str, at: i64) -> anyhow::Result<bool> {
@@ -1026,12 +1022,11 @@ impl Store for SqliteStore {
     }
 
     fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>> {
-        let conn = self.lock();
-        let mut st = conn.prepare(
+        self.all(
             "SELECT id, instance_id FROM sessions WHERE closed_at IS NOT NULL AND closed_at >= ?1",
-        )?;
-        let rows = st.query_map([at], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
-        Ok(rows)
+            [at],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
     }
 
     fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()> {
