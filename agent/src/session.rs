@@ -362,13 +362,10 @@ async fn dial(
 ) -> Result<Ws, tungstenite::Error> {
     let mut req = spec.stream_url.as_str().into_client_request()?;
     let headers = req.headers_mut();
-    let bearer = format!("Bearer {}", spec.token);
-    headers.insert(
-        http::header::AUTHORIZATION,
-        bearer.parse().map_err(|_| {
-            tungstenite::Error::Url(tungstenite::error::UrlError::UnsupportedUrlScheme)
-        })?,
-    );
+    // A token that is not a header value (from the control channel) fails the dial as an
+    // HTTP format error, not as a URL problem.
+    let bearer = http::HeaderValue::try_from(format!("Bearer {}", spec.token))?;
+    headers.insert(http::header::AUTHORIZATION, bearer);
     headers
         .insert(http::header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(SUBPROTOCOL));
     let (ws, _resp) = tokio_tungstenite::connect_async_tls_with_config(
@@ -782,7 +779,10 @@ async fn pump_in(
                     }
                 }
                 Ok(Message::Error { code, message }) => {
-                    warn!(code, message, "client reported an error");
+                    // The text is the client's (up to a whole message, 1 MiB): only its head
+                    // goes to the log.
+                    let head: String = message.chars().take(200).collect();
+                    warn!(code, message = %head, "client reported an error");
                 }
                 Ok(Message::Ack(_) | Message::Exit(_) | Message::Unknown { .. }) => {}
                 Err(e) => return InEnd::Bad(e.to_string()),
@@ -869,5 +869,38 @@ pub fn exit_code(status: ExitStatus) -> i32 {
         (None, Some(sig)) => 128 + sig,
         // Neither exited nor signalled cannot come out of wait(); report a failure.
         (None, None) => 255,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_that_is_not_a_header_value_fails_the_dial_with_words() {
+        let cfg = SessionConfig {
+            tls: crate::tls::client_config(None, true).unwrap(),
+            default_user: None,
+            allow_plaintext: false,
+            timing: SessionTiming::default(),
+        };
+        let spec = SessionSpec {
+            session_id: "s-1".into(),
+            stream_url: "wss://127.0.0.1:9/v1/stream/s-1?role=agent".into(),
+            token: "t\r\nX-Injected: 1".into(),
+            mode: Mode::Shell,
+            command: None,
+            run_as: None,
+            term: None,
+        };
+        let (_tx, rx) = oneshot::channel();
+        match run(spec, &cfg, rx).await {
+            SessionEnd::Failed(why) => {
+                assert!(why.contains("dialing the data leg"), "{why}");
+                assert!(why.contains("header value"), "{why}");
+                assert!(!why.contains("URL scheme"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

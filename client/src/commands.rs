@@ -285,8 +285,7 @@ fn configure(args: ConfigureArgs, profile: Option<&str>, env: Env<'_>) -> Result
 /// Asks for one value on the terminal; Enter keeps `current`.
 fn prompt(what: &str, current: Option<&str>, secret: bool) -> Result<Option<String>, CliError> {
     let shown = match current {
-        Some(c) if secret && c.len() > 4 => format!(" [****{}]", &c[c.len() - 4..]),
-        Some(_) if secret => " [****]".to_owned(),
+        Some(c) if secret => format!(" [{}]", masked(c)),
         Some(c) => format!(" [{c}]"),
         None => String::new(),
     };
@@ -301,9 +300,29 @@ fn prompt(what: &str, current: Option<&str>, secret: bool) -> Result<Option<Stri
     Ok(if line.is_empty() { current.map(str::to_owned) } else { Some(line.to_owned()) })
 }
 
+/// A secret as the prompt shows it: `****` and its last 4 characters when it is longer than
+/// that. Cut by characters: a byte cut inside a multi-byte character would panic.
+fn masked(secret: &str) -> String {
+    match secret.char_indices().rev().nth(3) {
+        Some((i, _)) if i > 0 => format!("****{}", &secret[i..]),
+        _ => "****".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_shows_only_its_last_four_characters() {
+        assert_eq!(masked("AKIA0123456789WXYZ"), "****WXYZ");
+        assert_eq!(masked("abcd"), "****");
+        assert_eq!(masked(""), "****");
+        // Multi-byte characters: cut between characters, never inside one.
+        assert_eq!(masked("ééa"), "****");
+        assert_eq!(masked("xééaé"), "****ééaé");
+        assert_eq!(masked("x€€€€"), "****€€€€");
+    }
 
     #[test]
     fn ids_with_path_characters_are_refused() {
