@@ -52,7 +52,7 @@ use crate::pty::{self, Credentials, Launch, Pty};
 pub const MAX_DATA: usize = 16 * 1024;
 
 /// The WebSocket subprotocol of the data legs.
-pub const SUBPROTOCOL: &str = "hatch.v1";
+pub use hatch_proto::channel::SUBPROTOCOL;
 
 /// Largest message accepted from the client on the data leg: 1 MiB. Keystrokes and pastes are
 /// far smaller; the bound keeps a hostile peer from making the agent buffer without limit.

@@ -34,7 +34,7 @@ use crate::escape::{Action, Escape, HELP};
 use crate::terminal::{self, RawGuard};
 
 /// The `hatch.v1` WebSocket subprotocol.
-pub const SUBPROTOCOL: &str = "hatch.v1";
+pub use hatch_proto::channel::SUBPROTOCOL;
 /// Silence from the relay after which the client sends a ping (the relay pings every 30 s).
 pub const PING_AFTER: Duration = Duration::from_secs(15);
 /// Interval of the pings sent while the relay is silent.

@@ -18,6 +18,9 @@
 
 use thiserror::Error;
 
+/// The WebSocket subprotocol both data legs offer and the relay answers with.
+pub const SUBPROTOCOL: &str = "hatch.v1";
+
 /// Type byte of DATA.
 pub const TYPE_DATA: u8 = 0x01;
 /// Type byte of RESIZE.

@@ -9,7 +9,7 @@ use hatch_proto::token::Role;
 pub const MAX_HEAD: usize = 8 * 1024;
 
 /// The subprotocol Hatch speaks.
-pub const PROTOCOL: &str = "hatch.v1";
+pub use hatch_proto::channel::SUBPROTOCOL as PROTOCOL;
 
 /// A well-formed upgrade request, not yet authorized.
 #[derive(Debug, Clone, PartialEq, Eq)]
