@@ -52,6 +52,25 @@ async fn recv(ws: &mut CtrlWs) -> FromAgent {
     }
 }
 
+/// The agent's configuration for a control endpoint on loopback `port`, with fast timings.
+fn run_config(srv: &LegServer, instance_id: &str, port: u16) -> RunConfig {
+    let (timing, session_timing) = hatch_agent::cli::fast_timing();
+    let mut session = srv.cfg.clone();
+    session.timing = session_timing;
+    RunConfig {
+        state: State {
+            instance_id: instance_id.into(),
+            instance_secret: SECRET.into(),
+            api_url: format!("https://127.0.0.1:{port}"),
+            ca_pem: None,
+        },
+        tls: srv.cfg.tls.clone(),
+        session,
+        timing,
+        max_sessions: 8,
+    }
+}
+
 fn open(
     srv: &LegServer,
     sid: &str,
@@ -77,21 +96,7 @@ async fn control_channel_heartbeats_sessions_reconnect_and_shutdown() {
     let ctrl = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = ctrl.local_addr().unwrap().port();
     let acceptor = srv.acceptor();
-    let (timing, session_timing) = hatch_agent::cli::fast_timing();
-    let mut session = srv.cfg.clone();
-    session.timing = session_timing;
-    let cfg = RunConfig {
-        state: State {
-            instance_id: "i-0000000000000001".into(),
-            instance_secret: SECRET.into(),
-            api_url: format!("https://127.0.0.1:{port}"),
-            ca_pem: None,
-        },
-        tls: srv.cfg.tls.clone(),
-        session,
-        timing,
-        max_sessions: 8,
-    };
+    let cfg = run_config(&srv, "i-0000000000000001", port);
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(control::run(cfg, shutdown.clone()));
 
@@ -163,21 +168,7 @@ async fn unreachable_api_is_retried_until_it_answers() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap().port()
     };
-    let (timing, session_timing) = hatch_agent::cli::fast_timing();
-    let mut session = srv.cfg.clone();
-    session.timing = session_timing;
-    let cfg = RunConfig {
-        state: State {
-            instance_id: "i-0000000000000002".into(),
-            instance_secret: SECRET.into(),
-            api_url: format!("https://127.0.0.1:{port}"),
-            ca_pem: None,
-        },
-        tls: srv.cfg.tls.clone(),
-        session,
-        timing,
-        max_sessions: 8,
-    };
+    let cfg = run_config(&srv, "i-0000000000000002", port);
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(control::run(cfg, shutdown.clone()));
     // Let a few attempts fail, then come up on the same port.

@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{DEADLINE, eventually, processes_in_session};
-use futures_util::{SinkExt, StreamExt};
+use common::{DEADLINE, Ws, eventually, processes_in_session, read_until, send};
+use futures_util::StreamExt;
 use hatch_agent::session::{self, SessionConfig, SessionEnd, SessionSpec};
 use hatch_proto::api::Mode;
 use hatch_proto::channel::Message;
@@ -17,11 +17,9 @@ use hatch_relay::data::{DataConfig, DataPlane, IoBackend};
 use hatch_relay::plane::{CloseReason, DataEvent};
 use hatch_relay::token::{TokenSigner, TokenVerifier};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 struct Relay {
     _plane: DataPlane,
@@ -120,28 +118,6 @@ impl Relay {
             match tokio::time::timeout(DEADLINE, self.events.recv()).await.unwrap().unwrap() {
                 DataEvent::Ended(e) => return e,
                 DataEvent::Connected { .. } | DataEvent::Progress { .. } => {}
-            }
-        }
-    }
-}
-
-async fn send(ws: &mut Ws, m: Message<'_>) {
-    ws.send(WsMessage::Binary(m.to_vec().into())).await.unwrap();
-}
-
-/// Reads until `needle` shows up in the output.
-async fn read_until(ws: &mut Ws, out: &mut String, needle: &str) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !out.contains(needle) {
-        let m = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} in {out:?}"))
-            .expect("leg ended")
-            .unwrap();
-        if let WsMessage::Binary(b) = m {
-            match Message::decode(&b).unwrap() {
-                Message::Data(d) => out.push_str(&String::from_utf8_lossy(d)),
-                other => panic!("unexpected {other:?} before {needle:?}; output {out:?}"),
             }
         }
     }

@@ -11,19 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{DEADLINE, eventually, processes_in_session};
-use futures_util::{SinkExt, StreamExt};
+use common::{DEADLINE, Ws, eventually, processes_in_session, read_until, send};
+use futures_util::StreamExt;
 use hatch_proto::api::{ErrorBody, Mode, StartSessionRequest, StartSessionResponse};
 use hatch_proto::channel::Message;
 use hatch_proto::close;
 use hatch_relay::dev::{DevOptions, DevRelay};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 struct Env {
     relay: Option<DevRelay>,
@@ -164,28 +162,6 @@ impl Env {
             Some(Connector::Rustls(self.tls.clone())),
         );
         tokio::time::timeout(DEADLINE, fut).await.unwrap().unwrap().0
-    }
-}
-
-async fn send(ws: &mut Ws, m: Message<'_>) {
-    ws.send(WsMessage::Binary(m.to_vec().into())).await.unwrap();
-}
-
-/// Reads DATA until `needle` appears in the output.
-async fn read_until(ws: &mut Ws, out: &mut String, needle: &str) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !out.contains(needle) {
-        let m = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} in {out:?}"))
-            .unwrap_or_else(|| panic!("leg ended before {needle:?}: {out:?}"))
-            .unwrap();
-        if let WsMessage::Binary(b) = m {
-            match Message::decode(&b).unwrap() {
-                Message::Data(d) => out.push_str(&String::from_utf8_lossy(d)),
-                other => panic!("unexpected {other:?} before {needle:?}; output {out:?}"),
-            }
-        }
     }
 }
 

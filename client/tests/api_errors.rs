@@ -32,6 +32,16 @@ fn error(code: &str, status: u16) -> support::Handler {
     })
 }
 
+/// `hatch ARGS` against `api` with an access key.
+fn call(api: &TestApi, home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = hatch(home);
+    cmd.env("HATCH_API", &api.url)
+        .env("HATCH_ACCESS_KEY", "k")
+        .env("HATCH_CA", &api.ca_file)
+        .args(args);
+    run(cmd)
+}
+
 fn exec(api: &TestApi, home: &std::path::Path, verbose: bool) -> std::process::Output {
     let mut cmd = hatch(home);
     cmd.env("HATCH_API", &api.url).env("HATCH_ACCESS_KEY", "key-1").env("HATCH_CA", &api.ca_file);
@@ -127,12 +137,7 @@ fn a_certificate_for_another_name_is_named() {
     let home = tempfile::tempdir().unwrap();
     // The development certificate names localhost, 127.0.0.1 and ::1, not 127.0.0.2.
     let api = TestApi::start_on("127.0.0.2:0", error("AccessDenied", 403));
-    let mut cmd = hatch(home.path());
-    cmd.env("HATCH_API", &api.url)
-        .env("HATCH_ACCESS_KEY", "k")
-        .env("HATCH_CA", &api.ca_file)
-        .arg("instances");
-    let out = run(cmd);
+    let out = call(&api, home.path(), &["instances"]);
     assert_eq!(out.status.code(), Some(255));
     assert!(stderr(&out).contains("not valid for this host name"), "{}", stderr(&out));
 }
@@ -163,12 +168,7 @@ fn connection_refused_names_the_url() {
 fn a_server_that_is_not_hatch_is_a_protocol_error() {
     let home = tempfile::tempdir().unwrap();
     let api = TestApi::start(Arc::new(|_, _| (502, json!("<html>bad gateway</html>"))));
-    let mut cmd = hatch(home.path());
-    cmd.env("HATCH_API", &api.url)
-        .env("HATCH_ACCESS_KEY", "k")
-        .env("HATCH_CA", &api.ca_file)
-        .arg("instances");
-    let out = run(cmd);
+    let out = call(&api, home.path(), &["instances"]);
     assert_eq!(out.status.code(), Some(76), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("HTTP 502 Bad Gateway without a Hatch error body"),
@@ -234,14 +234,7 @@ fn lists_print_tables_and_json() {
         ),
         _ => (404, json!({"code": "NotFound", "message": "no route"})),
     }));
-    let go = |args: &[&str]| {
-        let mut cmd = hatch(home.path());
-        cmd.env("HATCH_API", &api.url)
-            .env("HATCH_ACCESS_KEY", "k")
-            .env("HATCH_CA", &api.ca_file)
-            .args(args);
-        run(cmd)
-    };
+    let go = |args: &[&str]| call(&api, home.path(), args);
 
     let out = go(&["sessions", "--active"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -259,10 +252,12 @@ fn lists_print_tables_and_json() {
     );
 
     let out = go(&["sessions", "--active", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["sessions"][0]["session_id"], "s-00000000000000aa");
 
     let out = go(&["sessions", "show", "s-00000000000000aa"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
         "close_reason  exit\nsession_id    s-00000000000000aa\nstate         closed\n"
@@ -276,21 +271,26 @@ fn lists_print_tables_and_json() {
     let out = go(&["terminate", "s-00000000000000bb"]);
     assert_eq!(out.status.code(), Some(68));
     assert!(
-        stderr(&out).contains("SessionNotFound: no session s-00000000000000bb is visible to you")
+        stderr(&out).contains("SessionNotFound: no session s-00000000000000bb is visible to you"),
+        "{}",
+        stderr(&out)
     );
 
     let out = go(&["instances"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let table = stdout(&out);
     assert!(table.starts_with("INSTANCE            HOSTNAME  STATUS  LAST SEEN"), "{table}");
     assert!(table.contains("i-0123456789abcdef  web-1     online  "), "{table}");
     assert!(table.trim_end().ends_with("local   env=dev"), "{table}");
 
     let out = go(&["instances", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["instances"][0]["hostname"], "web-1");
 
     let out = go(&["sessions", "show", "../v1/instances"]);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(!api.seen().iter().any(|r| r.path.contains("..")), "a path escaped the session id");
 }
 
 #[test]
@@ -311,14 +311,7 @@ fn sessions_all_follows_every_page() {
         }
         _ => (400, json!({"code": "InvalidRequest", "message": path})),
     }));
-    let go = |args: &[&str]| {
-        let mut cmd = hatch(home.path());
-        cmd.env("HATCH_API", &api.url)
-            .env("HATCH_ACCESS_KEY", "k")
-            .env("HATCH_CA", &api.ca_file)
-            .args(args);
-        run(cmd)
-    };
+    let go = |args: &[&str]| call(&api, home.path(), args);
     let out = go(&["sessions", "--closed", "--limit", "1", "--all", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -332,6 +325,7 @@ fn sessions_all_follows_every_page() {
 
     // Without --all: the first page and a hint.
     let out = go(&["sessions", "--closed", "--limit", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
     assert!(stderr(&out).contains("run with --all"), "{}", stderr(&out));
 }

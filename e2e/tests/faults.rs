@@ -237,7 +237,7 @@ async fn agent_killed_client_killed_and_relay_killed() {
     let _ = client.wait();
     assert_eq!(relay.closed_session(&sid).await["close_reason"], "client_closed");
     agent.signal(nix::sys::signal::Signal::SIGTERM);
-    let _ = agent.wait_exit(DEADLINE);
+    assert!(agent.wait_exit(DEADLINE).success(), "{}", agent.output());
 }
 
 #[tokio::test]

@@ -133,28 +133,15 @@ async fn errors_have_a_stable_code_and_status() {
     )
     .await
     .assert_error(401, "InvalidToken");
-    tr.call("POST", "/v1/sessions", key, Some("{not json"))
-        .await
-        .assert_error(400, "InvalidRequest");
-    tr.call("POST", "/v1/sessions", key, Some(r#"{"instance_id":"i-1","mode":"shell"}"#))
-        .await
-        .assert_error(400, "InvalidRequest");
-    tr.call(
-        "POST",
-        "/v1/sessions",
-        key,
-        Some(r#"{"instance_id":"i-0000000000000000","mode":"tty"}"#),
-    )
-    .await
-    .assert_error(400, "InvalidRequest");
-    tr.call(
-        "POST",
-        "/v1/sessions",
-        key,
-        Some(r#"{"instance_id":"i-0000000000000000","mode":"exec"}"#),
-    )
-    .await
-    .assert_error(400, "InvalidRequest");
+    // Not JSON, a malformed instance id, an unknown mode, exec without a command.
+    for body in [
+        "{not json",
+        r#"{"instance_id":"i-1","mode":"shell"}"#,
+        r#"{"instance_id":"i-0000000000000000","mode":"tty"}"#,
+        r#"{"instance_id":"i-0000000000000000","mode":"exec"}"#,
+    ] {
+        tr.call("POST", "/v1/sessions", key, Some(body)).await.assert_error(400, "InvalidRequest");
+    }
     tr.call("POST", "/v1/sessions", key, Some(&start_body("i-0000000000000000")))
         .await
         .assert_error(404, "InstanceNotFound");
@@ -360,8 +347,14 @@ async fn session_list_pages_with_next_token() {
     let mut ids = Vec::new();
     for _ in 0..5 {
         let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
-        ids.push(r.json()["session_id"].as_str().unwrap().to_owned());
-        let _ = agent.next().await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+        let open = agent.next().await;
+        assert!(
+            matches!(&open, Some(ToAgent::SessionOpen { session_id, .. }) if *session_id == sid),
+            "{open:?}"
+        );
+        ids.push(sid);
     }
     ids.reverse();
     let mut seen = Vec::new();
@@ -468,8 +461,13 @@ async fn agent_session_reports_raise_counts_of_its_own_lost_sessions_only() {
     for agent in [&mut a, &mut b] {
         let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
         assert_eq!(r.status, 201, "{}", r.text);
-        sids.push(r.json()["session_id"].as_str().unwrap().to_owned());
-        let _ = agent.next().await;
+        let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+        let open = agent.next().await;
+        assert!(
+            matches!(&open, Some(ToAgent::SessionOpen { session_id, .. }) if *session_id == sid),
+            "{open:?}"
+        );
+        sids.push(sid);
     }
     let (sa, sb) = (&sids[0], &sids[1]);
     // Both as a restarted relay leaves sessions a killed one had open.

@@ -69,7 +69,11 @@ async fn data_plane_refuses_reused_wrong_role_tampered_and_expired_tokens() {
         )
         .await;
     let s: hatch_proto::api::StartSessionResponse = serde_json::from_str(&r.text).unwrap();
-    let _ = agent.next().await;
+    let open = agent.next().await;
+    assert!(
+        matches!(&open, Some(hatch_proto::control::ToAgent::SessionOpen { session_id, .. }) if *session_id == s.session_id),
+        "{open:?}"
+    );
 
     // Wrong role: the client token on the agent URL.
     let agent_url = s.stream_url.replace("role=client", "role=agent");

@@ -280,3 +280,29 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 pub fn arc<T>(t: T) -> Arc<T> {
     Arc::new(t)
 }
+
+/// A client-side leg, dialled through a relay's data plane.
+pub type Ws = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Sends one channel message on a client-side leg.
+pub async fn send(ws: &mut Ws, m: Message<'_>) {
+    ws.send(WsMessage::Binary(m.to_vec().into())).await.unwrap();
+}
+
+/// Reads DATA until `needle` appears in the output.
+pub async fn read_until(ws: &mut Ws, out: &mut String, needle: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !out.contains(needle) {
+        let m = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {out:?}"))
+            .unwrap_or_else(|| panic!("leg ended before {needle:?}: {out:?}"))
+            .unwrap();
+        if let WsMessage::Binary(b) = m {
+            match Message::decode(&b).unwrap() {
+                Message::Data(d) => out.push_str(&String::from_utf8_lossy(d)),
+                other => panic!("unexpected {other:?} before {needle:?}; output {out:?}"),
+            }
+        }
+    }
+}
