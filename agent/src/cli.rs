@@ -191,6 +191,10 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         }
         on_signal.cancel();
     });
+    let identity =
+        crate::session::identity(args.default_user.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    info!(default_user = %identity.default_user, switch_user = identity.switch_user,
+        "sessions that name no user run as the default user");
     let config = RunConfig {
         session: SessionConfig {
             tls: cfg.clone(),
@@ -202,6 +206,7 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         tls: cfg,
         timing: ControlTiming::default(),
         max_sessions: args.max_sessions.max(1),
+        identity,
     };
     control::run(config, shutdown).await
 }

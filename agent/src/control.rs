@@ -107,6 +107,8 @@ pub struct RunConfig {
     pub timing: ControlTiming,
     /// Cap on concurrent sessions; a `session.open` past it is answered `session.failed`.
     pub max_sessions: usize,
+    /// Whom sessions run as, announced in the `hello` of every control channel.
+    pub identity: session::Identity,
 }
 
 /// The connection state, logged once per change.
@@ -158,7 +160,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
             Ok(ws) => {
                 info!(url = %url, "control channel connected");
                 let since = Instant::now();
-                match serve(ws, &mut sessions, &mut report_rx, &shutdown, t).await {
+                match serve(ws, &mut sessions, &mut report_rx, &shutdown, t, &cfg.identity).await {
                     Served::Shutdown => return Ok(()),
                     Served::Lost(why) => {
                         warn!(reason = %why, "control channel lost; reconnecting");
@@ -250,8 +252,17 @@ async fn serve(
     reports: &mut mpsc::Receiver<FromAgent>,
     shutdown: &CancellationToken,
     t: &ControlTiming,
+    identity: &session::Identity,
 ) -> Served {
     let (mut sink, mut stream) = ws.split();
+    // The relay counts the instance online only after this: a session's policy check needs
+    // the user it will run as.
+    let hello = FromAgent::hello(&identity.default_user, identity.switch_user);
+    match timeout(t.dead_after, sink.send(json(&hello))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Served::Lost(format!("sending the hello: {e}")),
+        Err(_) => return Served::Lost(format!("hello blocked for {:?}", t.dead_after)),
+    }
     // Ends of sessions the relay may have lost: this channel was opened after each of them, so
     // they are sent once more here and then forgotten.
     while let Some(report) = sessions.unreported.front() {

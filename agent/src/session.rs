@@ -112,7 +112,9 @@ impl Default for SessionTiming {
 pub struct SessionConfig {
     /// TLS for the data legs (same trust as the control channel).
     pub tls: Arc<rustls::ClientConfig>,
-    /// The run-as user when `session.open` names none; the agent's own user when `None`.
+    /// `--default-user`: the user a session that names none runs as, announced to the relay
+    /// in the control channel's `hello` (see [`identity`]); the agent's own user when `None`.
+    /// Sessions themselves always run as the user their `session.open` names.
     pub default_user: Option<String>,
     /// Accept `ws://` stream URLs (plaintext data legs: benchmarks on loopback only).
     pub allow_plaintext: bool,
@@ -133,7 +135,8 @@ pub struct SessionSpec {
     pub mode: Mode,
     /// The command (exec).
     pub command: Option<Vec<String>>,
-    /// Requested run-as user.
+    /// The user the relay authorised the session for. Required: a `session.open` without it
+    /// is refused (the agent cannot know which user the policy was evaluated with).
     pub run_as: Option<String>,
     /// Client's `TERM`.
     pub term: Option<String>,
@@ -257,7 +260,7 @@ pub async fn run_counted(
     let (mut sink, mut stream) = ws.split();
 
     let setup = async {
-        let launch = prepare(&spec, cfg.default_user.as_deref()).await?;
+        let launch = prepare(&spec).await?;
         if spec.mode == Mode::Exec && spec.term.is_none() {
             // No TERM: the client's input is not a terminal (a pipe or a file), so neither is
             // the command's, as with `ssh host cmd`: bytes pass unchanged, end of input is an
@@ -389,11 +392,62 @@ fn leg_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_INBOUND_MESSAGE))
 }
 
+/// Whom this agent runs sessions as: what its control channel's `hello` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user of a session that names none: `--default-user`, or the agent's own user.
+    pub default_user: String,
+    /// Whether sessions can run as other users (the agent runs as root).
+    pub switch_user: bool,
+}
+
+/// Resolves `--default-user` (or the agent's own user) once, at start: an agent whose default
+/// user does not exist, or that cannot become it, refuses to start instead of failing every
+/// session.
+pub fn identity(default_user: Option<&str>) -> Result<Identity, String> {
+    let euid = nix::unistd::geteuid();
+    let user = match default_user {
+        Some(name) => {
+            if !hatch_proto::api::valid_user_name(name) {
+                return Err(format!("--default-user {name:?} is not a valid user name"));
+            }
+            match User::from_name(name) {
+                Ok(Some(u)) => u,
+                Ok(None) => return Err(format!("--default-user \"{name}\" does not exist")),
+                Err(e) => return Err(format!("looking up --default-user \"{name}\": {e}")),
+            }
+        }
+        None => match User::from_uid(euid) {
+            Ok(Some(u)) => u,
+            _ => return Err(format!("the agent's own user (uid {euid}) has no passwd entry")),
+        },
+    };
+    if user.uid != euid && !euid.is_root() {
+        return Err(format!(
+            "--default-user \"{}\": the agent is not root and can only run sessions as itself",
+            user.name
+        ));
+    }
+    if !hatch_proto::api::valid_user_name(&user.name) {
+        return Err(format!("the user name {:?} cannot be announced to the relay", user.name));
+    }
+    Ok(Identity { default_user: user.name, switch_user: euid.is_root() })
+}
+
 /// Resolves the run-as user and builds the launch (environment, program, identity).
-async fn prepare(spec: &SessionSpec, default_user: Option<&str>) -> Result<Launch, (u16, String)> {
-    let wanted = spec.run_as.clone().or_else(|| default_user.map(str::to_owned));
+async fn prepare(spec: &SessionSpec) -> Result<Launch, (u16, String)> {
+    // The relay names the user it evaluated the policy with. Without one the agent cannot tell
+    // what was authorised (a relay older than the `hello`), so it runs nothing.
+    let Some(wanted) = spec.run_as.clone() else {
+        return Err((
+            channel::ERROR_RUN_AS,
+            "the relay did not say which user this session was authorised to run as; \
+             refusing it"
+                .to_owned(),
+        ));
+    };
     // getpwnam and getgrouplist may consult NSS (LDAP, files): not on a runtime thread.
-    let user = tokio::task::spawn_blocking(move || resolve_user(wanted.as_deref()))
+    let user = tokio::task::spawn_blocking(move || resolve_user(Some(&wanted)))
         .await
         .map_err(|e| (channel::ERROR_INTERNAL, format!("resolving the user: {e}")))??;
     let (user, credentials) = user;

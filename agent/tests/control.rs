@@ -32,10 +32,20 @@ async fn accept_control(listener: &TcpListener, acceptor: &TlsAcceptor) -> CtrlW
         assert_eq!(auth, Some(format!("Bearer {SECRET}").as_str()));
         Ok(resp)
     };
-    tokio::time::timeout(DEADLINE, tokio_tungstenite::accept_hdr_async(tls, cb))
+    let mut ws = tokio::time::timeout(DEADLINE, tokio_tungstenite::accept_hdr_async(tls, cb))
         .await
         .unwrap()
-        .unwrap()
+        .unwrap();
+    // Every channel starts with the agent's hello: whom it runs sessions as.
+    match recv(&mut ws).await {
+        FromAgent::Hello { version, default_user, switch_user } => {
+            let me = hatch_agent::session::identity(None).unwrap();
+            assert_eq!(version, env!("CARGO_PKG_VERSION"));
+            assert_eq!((default_user, switch_user), (me.default_user, me.switch_user));
+        }
+        other => panic!("expected a hello first, got {other:?}"),
+    }
+    ws
 }
 
 async fn send(ws: &mut CtrlWs, m: &ToAgent) {
@@ -68,6 +78,7 @@ fn run_config(srv: &LegServer, instance_id: &str, port: u16) -> RunConfig {
         session,
         timing,
         max_sessions: 8,
+        identity: hatch_agent::session::identity(None).unwrap(),
     }
 }
 
@@ -85,7 +96,7 @@ fn open(
         token: s.token,
         mode: s.mode,
         command: s.command,
-        run_as: run_as.map(str::to_owned),
+        run_as: run_as.map(str::to_owned).or(s.run_as),
         term: None,
     }
 }

@@ -88,7 +88,7 @@ impl Relay {
             token: self.token(sid, Role::Agent),
             mode,
             command: command.map(|c| c.iter().map(|s| s.to_string()).collect()),
-            run_as: None,
+            run_as: Some(hatch_agent::session::identity(None).unwrap().default_user),
             term: None,
         };
         let cfg = self.cfg.clone();

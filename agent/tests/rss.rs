@@ -76,7 +76,7 @@ async fn agent_rss_idle_and_with_50_sessions() {
             token: s.token,
             mode: s.mode,
             command: None,
-            run_as: None,
+            run_as: s.run_as,
             term: None,
         };
         ws.send(WsMessage::Text(serde_json::to_string(&open).unwrap().into())).await.unwrap();

@@ -121,6 +121,41 @@ async fn unknown_run_as_user_gets_a_clear_error_and_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_open_naming_no_user_is_refused() {
+    // A relay that predates the hello names no user: the agent cannot know whom the policy
+    // allowed, so it runs nothing (before, it ran the session as itself: root).
+    let srv = LegServer::start().await;
+    let mut spec = srv.spec("s-nouser-named", Mode::Exec, Some(&["id", "-un"]));
+    spec.run_as = None;
+    let (task, _cancel) = spawn_session(spec, &srv.cfg);
+    let (_, client) = srv.accept().await;
+    let done = client.finish().await;
+    assert_eq!(done.output, "", "{done:?}");
+    assert_eq!(done.exit, None);
+    assert_eq!(done.errors.len(), 1, "{done:?}");
+    assert_eq!(done.errors[0].0, channel::ERROR_RUN_AS);
+    assert!(done.errors[0].1.contains("did not say which user"), "{done:?}");
+    assert_eq!(done.close.map(|c| c.0), Some(close::POLICY_VIOLATION));
+    assert!(matches!(task.await.unwrap(), SessionEnd::Failed(m) if m.contains("did not say")));
+}
+
+#[test]
+fn identity_names_the_default_user_and_refuses_unknown_ones() {
+    let me = hatch_agent::session::identity(None).unwrap();
+    let euid = nix::unistd::geteuid();
+    assert_eq!(me.default_user, nix::unistd::User::from_uid(euid).unwrap().unwrap().name);
+    assert_eq!(me.switch_user, euid.is_root());
+    let err = hatch_agent::session::identity(Some("no-such-user-hatch")).unwrap_err();
+    assert!(err.contains("does not exist"), "{err}");
+    let err = hatch_agent::session::identity(Some("-rf")).unwrap_err();
+    assert!(err.contains("not a valid user name"), "{err}");
+    if euid.is_root() {
+        let nobody = hatch_agent::session::identity(Some("nobody")).unwrap();
+        assert_eq!((nobody.default_user.as_str(), nobody.switch_user), ("nobody", true));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_as_drops_privileges_when_root() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root to switch users");

@@ -62,6 +62,7 @@ impl Agent {
                     tls,
                     timing,
                     max_sessions: 64,
+                    identity: hatch_agent::session::identity(None).unwrap(),
                 };
                 let _ = hatch_agent::control::run(cfg, stop2).await;
             });

@@ -201,6 +201,71 @@ impl Drop for Proc {
     }
 }
 
+/// `hatch-agent register` then `hatch-agent run` with `extra` flags, as an operator would, with
+/// its state and log (`agent.log`) in `dir`. Returns the process and the instance id.
+pub fn start_agent(relay: &Relay, dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let state = dir.join("agent.json");
+    let out = Command::new(bin("hatch-agent"))
+        .args(["register", "--api", &relay.info.api_url, "--activation-id"])
+        .arg(&relay.info.activation_id)
+        .args(["--activation-code", &relay.info.activation_code, "--ca", &relay.info.ca_file])
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "register: {}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(id.starts_with("i-"), "{id}");
+    let mut cmd = Command::new(bin("hatch-agent"));
+    cmd.args(["run", "--state"]).arg(&state).args(extra);
+    (Proc::spawn(cmd, &dir.join("agent.log")), id)
+}
+
+/// Waits until the API lists instance `id` with `online` as given (40 s at most).
+pub async fn wait_online(relay: &Relay, id: &str, online: bool) {
+    let end = Instant::now() + Duration::from_secs(40);
+    loop {
+        let r = relay.call("GET", "/v1/instances", Some(&relay.info.access_key), None).await;
+        let now = r.status == 200
+            && r.json()["instances"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|i| i["instance_id"] == id && i["online"] == true);
+        if now == online {
+            return;
+        }
+        assert!(Instant::now() < end, "instance {id} online={online} never seen: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The real `hatch` CLI against `relay` with access key `key`, its config home in `home`.
+pub fn hatch(relay: &Relay, home: &Path, key: &str) -> Command {
+    let mut cmd = Command::new(bin("hatch"));
+    cmd.env("HOME", home)
+        .env("XDG_CONFIG_HOME", home)
+        .env("HATCH_API", &relay.info.api_url)
+        .env("HATCH_ACCESS_KEY", key)
+        .env("HATCH_CA", &relay.info.ca_file)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// `hatch-relay admin --json ARGS` on the relay's data directory (the store is shared with
+/// the running relay, as an operator's admin commands are); the parsed JSON it printed.
+pub fn admin(relay: &Relay, args: &[&str]) -> Value {
+    let out = Command::new(bin("hatch-relay"))
+        .args(["admin", "--json", "--data-dir"])
+        .arg(&relay.data_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("admin {args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
 /// A `hatch-relay dev` process in a temporary data directory.
 pub struct Relay {
     /// The process.
@@ -332,9 +397,12 @@ impl Relay {
         let id = v["instance_id"].as_str().unwrap().to_owned();
         let secret = v["instance_secret"].as_str().unwrap().to_owned();
         let url = format!("wss://localhost:{}/v1/agent/connect", self.api_addr().port());
-        let ws = dial(self, &url, &[("authorization", &format!("Bearer {secret}"))])
+        let mut ws = dial(self, &url, &[("authorization", &format!("Bearer {secret}"))])
             .await
             .expect("control channel refused");
+        // As a real agent does first: whom it runs sessions as.
+        let hello = serde_json::to_string(&FromAgent::hello("hatch-e2e", true)).unwrap();
+        ws.send(Message::Text(hello.into())).await.unwrap();
         let agent = ControlAgent { id, ws };
         // Online once the relay registered the channel.
         let end = Instant::now() + DEADLINE;

@@ -9,43 +9,6 @@ use std::time::{Duration, Instant};
 
 use hatch_e2e::*;
 
-/// `hatch-agent register` then `hatch-agent run`, as an operator would.
-fn start_agent(relay: &Relay, dir: &Path) -> (Proc, String) {
-    let state = dir.join("agent.json");
-    let out = Command::new(bin("hatch-agent"))
-        .args(["register", "--api", &relay.info.api_url, "--activation-id"])
-        .arg(&relay.info.activation_id)
-        .args(["--activation-code", &relay.info.activation_code, "--ca", &relay.info.ca_file])
-        .arg("--state")
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "register: {}", String::from_utf8_lossy(&out.stderr));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(id.starts_with("i-"), "{id}");
-    let mut cmd = Command::new(bin("hatch-agent"));
-    cmd.args(["run", "--state"]).arg(&state);
-    (Proc::spawn(cmd, &dir.join("agent.log")), id)
-}
-
-async fn wait_online(relay: &Relay, id: &str, online: bool) {
-    let end = Instant::now() + Duration::from_secs(40);
-    loop {
-        let r = relay.call("GET", "/v1/instances", Some(&relay.info.access_key), None).await;
-        let now = r.status == 200
-            && r.json()["instances"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|i| i["instance_id"] == id && i["online"] == true);
-        if now == online {
-            return;
-        }
-        assert!(Instant::now() < end, "instance {id} online={online} never seen: {}", r.text);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// `hatch exec` of a command that prints its shell's pid then waits; returns the process,
 /// the session id and the remote pid once the first line arrived.
 fn exec(relay: &Relay, dir: &Path, instance: &str) -> (std::process::Child, String, u32) {
@@ -125,7 +88,7 @@ fn gone(pid: u32) -> bool {
 async fn agent_killed_client_killed_and_relay_killed() {
     let relay = Relay::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
-    let (agent, iid) = start_agent(&relay, tmp.path());
+    let (agent, iid) = start_agent(&relay, tmp.path(), &[]);
     wait_online(&relay, &iid, true).await;
 
     // 1. The agent process is killed mid-session: the client says so and exits 255.
@@ -244,7 +207,7 @@ async fn agent_killed_client_killed_and_relay_killed() {
 async fn relay_sigterm_closes_legs_with_4009_and_records_relay_shutdown() {
     let relay = Relay::start(&["--drain", "0"]);
     let tmp = tempfile::tempdir().unwrap();
-    let (agent, iid) = start_agent(&relay, tmp.path());
+    let (agent, iid) = start_agent(&relay, tmp.path(), &[]);
     wait_online(&relay, &iid, true).await;
     let (mut client, sid, _shell) = exec(&relay, tmp.path(), &iid);
     let mut relay = relay;

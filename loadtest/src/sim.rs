@@ -489,10 +489,14 @@ async fn agent_connect(
     let reg: RegisterResponse =
         serde_json::from_slice(&body).map_err(|e| Failure::new("api_body", e))?;
     let ws_url = format!("{}/v1/agent/connect", api.replacen("https://", "wss://", 1));
-    let ws = dialer
+    let mut ws = dialer
         .ws_with(&ws_url, Some(&reg.instance_secret), i, false)
         .await
         .map_err(|f| Failure::new(format!("control_{}", f.kind), f.detail))?;
+    // As a real agent does first; the relay counts the instance online after it.
+    let hello = serde_json::to_string(&FromAgent::hello("loadtest", false))
+        .map_err(|e| Failure::new("json", e))?;
+    ws.send(Message::Text(hello.into())).await.map_err(|e| Failure::new("control_send", e))?;
     Ok((reg.instance_id, ws))
 }
 

@@ -23,6 +23,16 @@ impl Mode {
     }
 }
 
+/// Whether `name` is a user name the relay accepts in `run_as` and in an agent's `hello`:
+/// 1-64 ASCII letters, digits, `.`, `_`, `-`, not starting with `-` (a portable subset of
+/// what `useradd` accepts; it can never be read as an option or a path).
+pub fn valid_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with('-')
+}
+
 /// `POST /v1/sessions` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartSessionRequest {
@@ -70,7 +80,9 @@ pub struct SessionInfo {
     /// The command of an exec session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
-    /// Run-as user, when one was asked for.
+    /// The user the session runs as: the one asked for, or the agent's default user (the
+    /// one the policy was evaluated with). Absent only in records made before relays
+    /// recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_as: Option<String>,
     /// `pending` (token issued), `connected` (both legs paired) or `closed`.

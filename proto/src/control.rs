@@ -23,7 +23,9 @@ pub enum ToAgent {
         /// The command for exec.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         command: Option<Vec<String>>,
-        /// The user to run as; the agent's default when absent.
+        /// The user to run as: the one the policy was evaluated with (the caller's `run_as`, or
+        /// the `default_user` of the agent's `hello`). Agents refuse a `session.open` without
+        /// it: they cannot know which user was authorised.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         run_as: Option<String>,
         /// `TERM` for the PTY; `xterm-256color` when absent.
@@ -50,6 +52,22 @@ pub enum ToAgent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum FromAgent {
+    /// The first message on every control channel: what the agent is and how it runs
+    /// sessions. The relay counts the instance online only once this arrived (within the
+    /// heartbeat timeout), because a session's policy check needs the user it will run as:
+    /// a session that names no user runs as `default_user`, and `hatch:RunAs` is evaluated with
+    /// that name, never left absent.
+    #[serde(rename = "hello")]
+    Hello {
+        /// The agent's version (`CARGO_PKG_VERSION`), for people reading logs.
+        version: String,
+        /// The user a session that names none runs as: `--default-user`, or the agent's own
+        /// user.
+        default_user: String,
+        /// Whether the agent can start sessions as other users (it runs as root). When false,
+        /// only `default_user` can be served.
+        switch_user: bool,
+    },
     /// Liveness: an answer to a probe, or the agent's own.
     #[serde(rename = "heartbeat")]
     Heartbeat {
@@ -82,6 +100,18 @@ pub enum FromAgent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exit_code: Option<i32>,
     },
+}
+
+impl FromAgent {
+    /// The `hello` of this build (its version) for an agent running sessions that name no user
+    /// as `default_user`.
+    pub fn hello(default_user: &str, switch_user: bool) -> FromAgent {
+        FromAgent::Hello {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            default_user: default_user.to_owned(),
+            switch_user,
+        }
+    }
 }
 
 /// `POST /v1/agent/register` request.
@@ -126,6 +156,21 @@ mod tests {
             r#"{"type":"session.open","session_id":"s-0123456789abcdef","stream_url":"wss://r/v1/stream/s-0123456789abcdef?role=agent","token":"t","mode":"exec","command":["true"]}"#
         );
         assert_eq!(serde_json::from_str::<ToAgent>(&s).unwrap(), m);
+    }
+
+    #[test]
+    fn hello_json_shape() {
+        let m = FromAgent::Hello {
+            version: "0.1.0".into(),
+            default_user: "nobody".into(),
+            switch_user: false,
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"hello","version":"0.1.0","default_user":"nobody","switch_user":false}"#
+        );
+        assert_eq!(serde_json::from_str::<FromAgent>(&s).unwrap(), m);
     }
 
     #[test]

@@ -116,6 +116,83 @@ async fn explicit_deny_beats_allow_and_run_as_is_checked() {
 }
 
 #[tokio::test]
+async fn run_as_is_the_agents_default_user_when_none_is_named() {
+    // The fake agent's hello names FAKE_AGENT_USER as its default user. A Deny on that user
+    // holds for a session that names no user (it used to see hatch:RunAs absent and not
+    // apply), and the agent is told to run the session as exactly the user that was checked.
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let deny_default = format!(
+        r#"{{"Statement":[{{"Effect":"Allow","Action":"hatch:*","Resource":"*"}},
+        {{"Effect":"Deny","Action":"hatch:StartSession","Resource":"*",
+         "Condition":{{"StringEquals":{{"hatch:RunAs":"{}"}}}}}}]}}"#,
+        api_support::FAKE_AGENT_USER
+    );
+    let key = user_with(&tr, "ops", Some(&deny_default));
+    tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id)))
+        .await
+        .assert_error(403, "AccessDenied");
+    let other = format!(r#"{{"instance_id":"{}","mode":"shell","run_as":"deploy"}}"#, agent.id);
+    let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&other)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    match agent.next().await {
+        Some(hatch_proto::control::ToAgent::SessionOpen { run_as, .. }) => {
+            assert_eq!(run_as.as_deref(), Some("deploy"));
+        }
+        other => panic!("expected session.open, got {other:?}"),
+    }
+    // The owner's session naming no user: session.open and the record carry the default.
+    let r =
+        tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+    match agent.next().await {
+        Some(hatch_proto::control::ToAgent::SessionOpen { run_as, session_id, .. }) => {
+            assert_eq!(session_id, sid);
+            assert_eq!(run_as.as_deref(), Some(api_support::FAKE_AGENT_USER));
+        }
+        other => panic!("expected session.open, got {other:?}"),
+    }
+    let r = tr.call("GET", &format!("/v1/sessions/{sid}"), Some(tr.owner_key()), None).await;
+    assert_eq!(r.json()["run_as"], api_support::FAKE_AGENT_USER, "{}", r.text);
+}
+
+#[tokio::test]
+async fn a_stored_policy_that_no_longer_parses_denies_everything() {
+    // Skipping it would drop its Deny and widen what the user's other policies allow.
+    let tr = TestRelay::start();
+    let agent = tr.agent().await;
+    let key = user_with(
+        &tr,
+        "ops",
+        Some(r#"{"Statement":{"Effect":"Allow","Action":"hatch:*","Resource":"*"}}"#),
+    );
+    let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    // A Deny written by an older relay in a form this one refuses, attached to the same user.
+    let stale = r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession",
+        "Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}}"#;
+    let user = admin::user(tr.store(), tr.account(), "ops").unwrap();
+    tr.store()
+        .put_policy(&hatch_relay::control::store::PolicyRecord {
+            account_id: tr.account().to_owned(),
+            name: "stale".into(),
+            document: stale.into(),
+            updated_at: 0,
+        })
+        .unwrap();
+    assert!(tr.store().attach_policy(tr.account(), &user.id, "stale").unwrap());
+    tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id)))
+        .await
+        .assert_error(403, "AccessDenied");
+    let r = tr.call("GET", "/v1/instances", Some(&key), None).await;
+    assert_eq!(r.json()["instances"].as_array().unwrap().len(), 0, "{}", r.text);
+    // Refused when put through the admin path, naming the field.
+    let e = admin::put_policy(tr.store(), tr.account(), "stale2", stale).unwrap_err();
+    assert!(e.to_string().contains("Condition.StringEquals.hatch:RunAs"), "{e}");
+}
+
+#[tokio::test]
 async fn another_accounts_instance_looks_like_a_missing_one() {
     let tr = TestRelay::start();
     let agent = tr.agent().await;

@@ -64,7 +64,9 @@ impl LegServer {
             token: TOKEN.to_owned(),
             mode,
             command: command.map(|c| c.iter().map(|s| s.to_string()).collect()),
-            run_as: None,
+            // As the relay sends it: the user the session was authorised for (here the
+            // agent's own user).
+            run_as: Some(own_user()),
             term: None,
         }
     }
@@ -305,4 +307,10 @@ pub async fn read_until(ws: &mut Ws, out: &mut String, needle: &str) {
             }
         }
     }
+}
+
+/// The name of the user the tests run as: what the relay names in `session.open` for an agent
+/// without `--default-user`.
+pub fn own_user() -> String {
+    hatch_agent::session::identity(None).unwrap().default_user
 }

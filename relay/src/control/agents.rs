@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
+use hatch_proto::close;
 use hatch_proto::control::{FromAgent, ToAgent};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -32,8 +33,19 @@ struct Conn {
     id: u64,
     /// Data-plane base URL as seen from this agent (the host it used to reach the API).
     data_base: String,
+    /// Whom the agent runs sessions as, from its `hello`.
+    run_as: AgentRunAs,
     tx: mpsc::Sender<ToAgent>,
     kick: Option<oneshot::Sender<()>>,
+}
+
+/// Whom an agent runs sessions as, as its `hello` said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRunAs {
+    /// The user of a session that names none.
+    pub default_user: String,
+    /// Whether it can run sessions as other users (it runs as root).
+    pub switch_user: bool,
 }
 
 /// The connected agents.
@@ -63,13 +75,14 @@ impl Hub {
         &self,
         instance: &str,
         data_base: String,
+        run_as: AgentRunAs,
     ) -> (u64, mpsc::Receiver<ToAgent>, oneshot::Receiver<()>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(AGENT_QUEUE);
         let (kick_tx, kick_rx) = oneshot::channel();
         let old = self
             .lock()
-            .insert(instance.to_owned(), Conn { id, data_base, tx, kick: Some(kick_tx) });
+            .insert(instance.to_owned(), Conn { id, data_base, run_as, tx, kick: Some(kick_tx) });
         if let Some(mut old) = old
             && let Some(k) = old.kick.take()
         {
@@ -105,6 +118,11 @@ impl Hub {
         self.lock().get(instance).map(|c| c.data_base.clone())
     }
 
+    /// Whom an instance's agent runs sessions as, when it is online.
+    pub fn run_as(&self, instance: &str) -> Option<AgentRunAs> {
+        self.lock().get(instance).map(|c| c.run_as.clone())
+    }
+
     /// Whether an instance's control channel is up.
     pub fn is_online(&self, instance: &str) -> bool {
         self.lock().contains_key(instance)
@@ -124,11 +142,31 @@ pub(super) async fn run_channel(
     data_base: String,
     ws: WebSocket,
 ) {
-    let (conn_id, mut rx, mut kicked) = shared.agents.attach(&instance, data_base);
+    let cfg = &shared.cfg;
+    let (mut sink, mut stream) = ws.split();
+    // Not online before the hello: a session's policy check needs the agent's default user.
+    let run_as = match tokio::time::timeout(cfg.heartbeat_timeout, read_hello(&mut stream)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(why)) => {
+            warn!(instance = %instance, reason = why, "agent control channel without a hello; closing");
+            let frame = CloseFrame { code: close::POLICY_VIOLATION, reason: why.into() };
+            let _ =
+                tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            return;
+        }
+        Err(_) => {
+            warn!(instance = %instance, "agent sent no hello within the heartbeat timeout; closing");
+            let frame = CloseFrame { code: close::POLICY_VIOLATION, reason: "no hello".into() };
+            let _ =
+                tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            return;
+        }
+    };
+    info!(instance = %instance, default_user = ?run_as.default_user,
+        switch_user = run_as.switch_user, "agent said hello");
+    let (conn_id, mut rx, mut kicked) = shared.agents.attach(&instance, data_base, run_as);
     info!(instance = %instance, conn = conn_id, "agent control channel up");
     shared.touch_instance(&instance).await;
-    let (mut sink, mut stream) = ws.split();
-    let cfg = &shared.cfg;
     let mut beat = tokio::time::interval(cfg.heartbeat_interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
@@ -169,6 +207,9 @@ pub(super) async fn run_channel(
                 deadline.as_mut().reset(tokio::time::Instant::now() + cfg.heartbeat_timeout);
                 match m {
                     Message::Text(t) => match serde_json::from_str::<FromAgent>(t.as_str()) {
+                        Ok(FromAgent::Hello { .. }) => {
+                            debug!(instance = %instance, "second hello on a control channel ignored");
+                        }
                         Ok(FromAgent::Heartbeat { .. }) => {
                             // Record liveness in the store at most once a minute.
                             if last_touch.elapsed() >= Duration::from_secs(60) {
@@ -222,6 +263,35 @@ pub(super) async fn run_channel(
         info!(instance = %instance, conn = conn_id, "agent control channel replaced");
     }
     shared.touch_instance(&instance).await;
+}
+
+/// Reads the agent's first message, which must be a `hello` with a usable user name.
+async fn read_hello(
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> Result<AgentRunAs, &'static str> {
+    loop {
+        let m = match stream.next().await {
+            None | Some(Err(_)) => return Err("connection ended before the hello"),
+            Some(Ok(m)) => m,
+        };
+        let text = match m {
+            // Pings before the hello are answered by the WebSocket layer and skipped; a
+            // channel that only pings is closed by the caller's deadline.
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(_) => return Err("closed before the hello"),
+            Message::Binary(_) => return Err("the first message must be a hello"),
+            Message::Text(t) => t,
+        };
+        return match serde_json::from_str::<FromAgent>(text.as_str()) {
+            Ok(FromAgent::Hello { default_user, switch_user, .. })
+                if hatch_proto::api::valid_user_name(&default_user) =>
+            {
+                Ok(AgentRunAs { default_user, switch_user })
+            }
+            Ok(FromAgent::Hello { .. }) => Err("the hello's default_user is not a valid user name"),
+            _ => Err("the first message must be a hello"),
+        };
+    }
 }
 
 async fn send(

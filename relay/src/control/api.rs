@@ -275,6 +275,8 @@ struct Caller {
     user_id: Option<String>,
     key_id: String,
     policies: Vec<Policy>,
+    /// An attached policy that no longer parses: every action is denied (fail closed).
+    unreadable: Option<String>,
     source_ip: IpAddr,
 }
 
@@ -292,6 +294,9 @@ impl Caller {
     fn may(&self, action: &str, region: &str, inst: &Instance, ctx: &Context) -> bool {
         if self.is_owner() {
             return true;
+        }
+        if self.unreadable.is_some() {
+            return false;
         }
         let hrn = policy::instance_hrn(region, &self.account.id, &inst.id);
         policy::evaluate(&self.policies, action, &hrn, ctx).allowed()
@@ -367,12 +372,18 @@ async fn authenticate(
         ));
     };
     let mut policies = Vec::with_capacity(docs.len());
+    let mut unreadable = None;
     for d in docs {
         // Documents are validated before they are stored; one that no longer parses (an older
-        // relay's) grants nothing rather than failing every request.
+        // relay's, or one a newer rule refuses) may hold a Deny: skipping it would widen what
+        // the others allow, so the caller is then allowed nothing until it is fixed.
         match Policy::parse(&d.document) {
             Ok(p) => policies.push(p),
-            Err(e) => warn!(policy = %d.name, err = %e, "stored policy does not parse; ignored"),
+            Err(e) => {
+                warn!(policy = %d.name, err = %e,
+                    "stored policy does not parse; its user is denied every action");
+                unreadable = Some(d.name.clone());
+            }
         }
     }
     Ok(Caller {
@@ -380,6 +391,7 @@ async fn authenticate(
         user_id: owner.user_id,
         key_id: owner.key_id,
         policies,
+        unreadable,
         source_ip: canonical_ip(peer.ip()),
     })
 }
@@ -484,10 +496,7 @@ fn validate_start(req: &StartSessionRequest) -> Result<(), ApiError> {
         )));
     }
     if let Some(u) = &req.run_as
-        && (u.is_empty()
-            || u.len() > 64
-            || !u.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            || u.starts_with('-'))
+        && !hatch_proto::api::valid_user_name(u)
     {
         return Err(ApiError::invalid(format!("run_as {u:?} is not a valid user name")));
     }
@@ -520,8 +529,14 @@ async fn start_session(
         .blocking(move |s| s.instance(&account_id, &iid))
         .await?
         .ok_or_else(|| ApiError::instance_not_found(&req.instance_id))?;
+    // The user the session will run as, known before the policy is evaluated: the one asked
+    // for, or the default user the agent named in its hello. `hatch:RunAs` is never absent for
+    // a session that will run, so a Deny on it cannot be stepped around by naming no user.
+    // (An offline agent has no default user here; such a request is refused below either way.)
+    let agent = shared.agents.run_as(&inst.id);
+    let run_as = req.run_as.clone().or_else(|| agent.as_ref().map(|a| a.default_user.clone()));
     let mut ctx = caller.context(&inst);
-    ctx.run_as = req.run_as.clone();
+    ctx.run_as = run_as.clone();
     ctx.mode = Some(req.mode.as_str().to_owned());
     if !caller.may(policy::START_SESSION, &inst.region, &inst, &ctx) {
         info!(user = caller.principal(), instance = %inst.id, "start session denied by policy");
@@ -530,7 +545,7 @@ async fn start_session(
             policy::instance_hrn(&inst.region, &inst.account_id, &inst.id)
         )));
     }
-    if !shared.agents.is_online(&inst.id) {
+    let Some(run_as) = run_as.filter(|_| agent.is_some()) else {
         let mut e = ApiError::new(
             StatusCode::CONFLICT,
             codes::TARGET_NOT_CONNECTED,
@@ -546,7 +561,7 @@ async fn start_session(
         );
         e.last_seen = inst.last_seen.map(rfc3339);
         return Err(e);
-    }
+    };
 
     let sid = credentials::new_id("s-");
     let deadline = std::time::Instant::now() + shared.cfg.pending_timeout;
@@ -583,7 +598,7 @@ async fn start_session(
         instance_id: inst.id.clone(),
         mode: req.mode.as_str().to_owned(),
         command: req.command.clone(),
-        run_as: req.run_as.clone(),
+        run_as: Some(run_as.clone()),
         state: "pending".into(),
         created_at: now,
         expires_at: claims.exp as i64,
@@ -606,7 +621,7 @@ async fn start_session(
         token: agent_token,
         mode: req.mode,
         command: req.command.clone(),
-        run_as: req.run_as.clone(),
+        run_as: Some(run_as.clone()),
         term: req.term.clone(),
     };
     if let Err(e) = shared.agents.send(&inst.id, open) {

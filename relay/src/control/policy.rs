@@ -8,7 +8,15 @@
 //!
 //! Conditions follow IAM semantics: several values of one key are ORed; several keys, and
 //! several operators, are ANDed. A key absent from the request makes a condition false, except
-//! for the negated operators (`StringNotEquals`, `NotIpAddress`), which are then true.
+//! for the negated operators (`StringNotEquals`, `NotIpAddress`) and the `...IfExists` forms,
+//! which are then true; `Null` tests for absence itself.
+//!
+//! Absent keys are rare by construction, so that a `Deny` never silently stops applying: every
+//! key an action defines ([`action_keys`]) is always in its context — `hatch:RunAs` of a
+//! StartSession is the user the session will run as (the caller's `run_as` or the agent's
+//! default user), never absent — and only instance tags can be missing. A condition on a key
+//! that none of its statement's actions define, with an operator that is then false (so the
+//! statement could never apply), is refused when the document is parsed.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -67,19 +75,33 @@ enum Op {
     IpAddress,
     NotIpAddress,
     Bool,
+    /// True when the key is absent (`true`) or present (`false`).
+    Null,
 }
 
 impl Op {
-    fn parse(s: &str) -> Option<Op> {
-        Some(match s {
+    /// The operator and whether it has the `IfExists` suffix (true when the key is absent).
+    fn parse(s: &str) -> Option<(Op, bool)> {
+        let (base, if_exists) = match s.strip_suffix("IfExists") {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let op = match base {
             "StringEquals" => Op::StringEquals,
             "StringNotEquals" => Op::StringNotEquals,
             "StringLike" => Op::StringLike,
             "IpAddress" => Op::IpAddress,
             "NotIpAddress" => Op::NotIpAddress,
             "Bool" => Op::Bool,
+            "Null" if !if_exists => Op::Null,
             _ => return None,
-        })
+        };
+        Some((op, if_exists))
+    }
+
+    /// Whether a condition with this operator holds when its key is absent.
+    fn holds_when_absent(self, if_exists: bool) -> bool {
+        if_exists || matches!(self, Op::StringNotEquals | Op::NotIpAddress)
     }
 }
 
@@ -95,6 +117,18 @@ enum Key {
 }
 
 impl Key {
+    /// The canonical name of a key that is not a tag.
+    fn fixed_name(&self) -> Option<&'static str> {
+        Some(match self {
+            Key::SourceIp => "hatch:SourceIp",
+            Key::Region => "hatch:Region",
+            Key::InstanceId => "hatch:InstanceId",
+            Key::RunAs => "hatch:RunAs",
+            Key::Mode => "hatch:Mode",
+            Key::Tag(_) => return None,
+        })
+    }
+
     fn parse(s: &str) -> Option<Key> {
         if let Some(tag) = s.strip_prefix("hatch:tag/") {
             return (!tag.is_empty()).then(|| Key::Tag(tag.to_owned()));
@@ -120,6 +154,8 @@ enum Values {
 #[derive(Debug, Clone)]
 struct Condition {
     op: Op,
+    /// `...IfExists`: true when the key is absent.
+    if_exists: bool,
     key: Key,
     values: Values,
 }
@@ -148,7 +184,8 @@ pub struct Context {
     pub region: Option<String>,
     /// The instance id.
     pub instance_id: Option<String>,
-    /// The run-as user asked for (absent when the agent's default is used).
+    /// The user the session will run as (StartSession: the caller's `run_as`, or the agent's
+    /// default user when the caller named none).
     pub run_as: Option<String>,
     /// `shell` or `exec` (absent for actions other than StartSession).
     pub mode: Option<String>,
@@ -172,6 +209,15 @@ impl Decision {
     pub fn allowed(self) -> bool {
         self == Decision::Allow
     }
+}
+
+/// Which condition keys `action` always has in its context (the instance tags it has, too).
+/// `hatch:RunAs` and `hatch:Mode` exist only for StartSession.
+pub fn action_keys(action: &str) -> &'static [&'static str] {
+    const INSTANCE: &[&str] = &["hatch:SourceIp", "hatch:Region", "hatch:InstanceId"];
+    const START: &[&str] =
+        &["hatch:SourceIp", "hatch:Region", "hatch:InstanceId", "hatch:RunAs", "hatch:Mode"];
+    if action.eq_ignore_ascii_case(START_SESSION) { START } else { INSTANCE }
 }
 
 /// The resource name of an instance: `hrn:hatch:{region}:{account}:instance/{id}`.
@@ -281,11 +327,11 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
         let ops = c.as_object().ok_or_else(|| err(&at, "must be an object"))?;
         for (op_name, keys) in ops {
             let at = format!("{at}.{op_name}");
-            let op = Op::parse(op_name).ok_or_else(|| {
+            let (op, if_exists) = Op::parse(op_name).ok_or_else(|| {
                 err(
                     &at,
                     "unknown operator (expected StringEquals, StringNotEquals, StringLike, \
-                     IpAddress, NotIpAddress, Bool)",
+                     IpAddress, NotIpAddress, Bool, each optionally ...IfExists, or Null)",
                 )
             })?;
             let keys = keys.as_object().ok_or_else(|| err(&at, "must be an object"))?;
@@ -302,6 +348,12 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
                     )
                 })?;
                 let values = match op {
+                    Op::Null => match vals {
+                        Value::Bool(b) => Values::Bool(*b),
+                        Value::String(s) if s.eq_ignore_ascii_case("true") => Values::Bool(true),
+                        Value::String(s) if s.eq_ignore_ascii_case("false") => Values::Bool(false),
+                        _ => return Err(err(&at, "must be true or false")),
+                    },
                     Op::IpAddress | Op::NotIpAddress => {
                         if key != Key::SourceIp {
                             return Err(err(
@@ -336,7 +388,31 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
                         Values::Strings(strings(&at, Some(vals), false)?)
                     }
                 };
-                conditions.push(Condition { op, key, values });
+                let holds_when_absent = match (op, &values) {
+                    (Op::Null, Values::Bool(absent)) => *absent,
+                    _ => op.holds_when_absent(if_exists),
+                };
+                if !holds_when_absent
+                    && let Some(name) = key.fixed_name()
+                    && !actions.iter().any(|a| {
+                        let a = a.to_ascii_lowercase();
+                        ACTIONS.iter().any(|known| {
+                            glob(&a, &known.to_ascii_lowercase())
+                                && action_keys(known).iter().any(|k| k.eq_ignore_ascii_case(name))
+                        })
+                    })
+                {
+                    // The statement could never apply: a Deny that reads as applying would
+                    // silently not.
+                    return Err(err(
+                        &at,
+                        format!(
+                            "{name} is never present for this statement's actions (it exists \
+                             only for hatch:StartSession), so this condition could never hold"
+                        ),
+                    ));
+                }
+                conditions.push(Condition { op, if_exists, key, values });
             }
         }
     }
@@ -398,6 +474,20 @@ pub fn glob(pattern: &str, text: &str) -> bool {
 
 impl Condition {
     fn matches(&self, ctx: &Context) -> bool {
+        let present = match &self.key {
+            Key::SourceIp => ctx.source_ip.is_some(),
+            Key::Region => ctx.region.is_some(),
+            Key::InstanceId => ctx.instance_id.is_some(),
+            Key::RunAs => ctx.run_as.is_some(),
+            Key::Mode => ctx.mode.is_some(),
+            Key::Tag(t) => ctx.tags.contains_key(t),
+        };
+        if let (Op::Null, Values::Bool(absent)) = (self.op, &self.values) {
+            return present != *absent;
+        }
+        if !present {
+            return self.op.holds_when_absent(self.if_exists);
+        }
         let value: Option<&str> = match &self.key {
             Key::SourceIp => None,
             Key::Region => ctx.region.as_deref(),
@@ -535,6 +625,15 @@ mod tests {
             ("two keys are ANDed", vec![allow(r#"{"StringEquals":{"hatch:tag/env":"prod","hatch:RunAs":"root"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
             ("two operators are ANDed", vec![allow(r#"{"StringEquals":{"hatch:tag/env":"prod"},"IpAddress":{"hatch:SourceIp":"10.0.0.0/24"}}"#)], START_SESSION, I1, "10.0.0.7", none, Allow),
             ("two operators, one false", vec![allow(r#"{"StringEquals":{"hatch:tag/env":"prod"},"IpAddress":{"hatch:SourceIp":"10.0.0.0/24"}}"#)], START_SESSION, I1, "10.0.1.7", none, ImplicitDeny),
+            ("StringEqualsIfExists absent key is true", vec![allow(r#"{"StringEqualsIfExists":{"hatch:tag/team":"ops"}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("StringEqualsIfExists present key must match", vec![allow(r#"{"StringEqualsIfExists":{"hatch:tag/env":"dev"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("StringLikeIfExists present key matches", vec![allow(r#"{"StringLikeIfExists":{"hatch:tag/env":"pr*"}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("Null true: key absent", vec![allow(r#"{"Null":{"hatch:tag/team":true}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("Null true: key present is false", vec![allow(r#"{"Null":{"hatch:tag/env":"true"}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("Null false: key present", vec![allow(r#"{"Null":{"hatch:tag/env":false}}"#)], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("Deny RunAs root applies to the effective user root", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:StartSession","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#.into()], START_SESSION, I1, "10.0.0.1", |c| c.run_as = Some("root".into()), ExplicitDeny),
+            ("Deny RunAs root lets another user", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:StartSession","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("Deny hatch:* on RunAs does not reach DescribeInstances", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:*","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#.into()], DESCRIBE_INSTANCES, I1, "10.0.0.1", |c| c.run_as = None, Allow),
             ("IpAddress with no source ip is false", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"0.0.0.0/0"}}"#)], START_SESSION, I1, "10.0.0.1", |c| c.source_ip = None, ImplicitDeny),
         ];
         assert!(cases.len() >= 40, "{} cases", cases.len());
@@ -628,6 +727,24 @@ mod tests {
                 r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"StringEquals":{}}}]}"#,
                 "Statement[0].Condition.StringEquals",
             ),
+            // A condition that could never hold for the statement's actions: a Deny that reads
+            // as applying would silently not.
+            (
+                r#"{"Statement":[{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#,
+                "Statement[0].Condition.StringEquals.hatch:RunAs",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Deny","Action":"hatch:Describe*","Resource":"*","Condition":{"StringLike":{"hatch:Mode":"sh*"}}}]}"#,
+                "Statement[0].Condition.StringLike.hatch:Mode",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NullIfExists":{"hatch:tag/x":true}}}]}"#,
+                "Statement[0].Condition.NullIfExists",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"Null":{"hatch:tag/x":"maybe"}}}]}"#,
+                "Statement[0].Condition.Null.hatch:tag/x",
+            ),
         ];
         for (doc, field) in cases {
             let e = Policy::parse(doc).expect_err(doc);
@@ -639,6 +756,19 @@ mod tests {
             vec![r#"{"Effect":"Allow","Action":"*","Resource":"*"}"#; 1000].join(",")
         );
         assert_eq!(Policy::parse(&big).unwrap_err().field, "(document)");
+    }
+
+    #[test]
+    fn conditions_that_hold_when_absent_are_accepted_on_any_action() {
+        // These can apply to an action without the key (they are then true), so they are not
+        // refused as never holding.
+        for doc in [
+            r#"{"Statement":{"Effect":"Deny","Action":"hatch:DescribeInstances","Resource":"*","Condition":{"StringNotEquals":{"hatch:RunAs":"deploy"}}}}"#,
+            r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*","Condition":{"StringEqualsIfExists":{"hatch:Mode":"exec"}}}}"#,
+            r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*","Condition":{"Null":{"hatch:RunAs":"true"}}}}"#,
+        ] {
+            Policy::parse(doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
+        }
     }
 
     #[test]

@@ -224,7 +224,10 @@ impl Agent {
     }
 }
 
-/// Opens an agent control channel to `addr` with an instance secret.
+/// The default user the fake agents of these tests announce in their hello.
+pub const FAKE_AGENT_USER: &str = "hatch-test";
+
+/// Opens an agent control channel to `addr` with an instance secret, and says hello.
 pub async fn connect_control(
     tls: Arc<rustls::ClientConfig>,
     addr: SocketAddr,
@@ -240,7 +243,12 @@ pub async fn connect_control(
         Some(tokio_tungstenite::Connector::Rustls(tls)),
     );
     match tokio::time::timeout(DEADLINE, fut).await.expect("connect timed out") {
-        Ok((ws, _)) => Ok(ws),
+        Ok((mut ws, _)) => {
+            // As a real agent does first: whom it runs sessions as.
+            let hello = serde_json::to_string(&FromAgent::hello(FAKE_AGENT_USER, true)).unwrap();
+            ws.send(tungstenite::Message::Text(hello.into())).await.unwrap();
+            Ok(ws)
+        }
         Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
         Err(e) => panic!("control channel: {e}"),
     }
