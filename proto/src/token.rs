@@ -53,6 +53,12 @@ pub struct Claims {
     pub exp: u64,
     /// Unique token id, for single use.
     pub jti: String,
+    /// The run of the relay that issued it (random per process start). A relay refuses tokens
+    /// of earlier runs: every session open at a restart was closed then, so none of their
+    /// legs may pair again, and a token stays single-use across restarts without a record of
+    /// used tokens on disk. Absent (empty) in tokens of relays that predate it.
+    #[serde(default)]
+    pub run: String,
 }
 
 impl Claims {

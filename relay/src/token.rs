@@ -34,6 +34,10 @@ pub enum TokenError {
     /// Valid, but for another session or role than the one asked for.
     #[error("token is for another session or role")]
     WrongSubject,
+    /// Valid, but issued before this relay process started: its session was closed at the
+    /// restart (a token is single-use across restarts).
+    #[error("token issued before the relay restarted")]
+    PreviousRun,
 }
 
 impl TokenError {
@@ -46,6 +50,7 @@ impl TokenError {
             TokenError::BadSignature => "bad_signature",
             TokenError::Expired => "expired",
             TokenError::WrongSubject => "wrong_subject",
+            TokenError::PreviousRun => "previous_run",
         }
     }
 }
@@ -55,6 +60,16 @@ pub struct TokenSigner {
     kid: String,
     key: EncodingKey,
     public: Vec<u8>,
+    /// This process's run id, put in every token (`run`).
+    run: String,
+}
+
+/// A new random run id: 16 hex digits.
+fn new_run() -> anyhow::Result<String> {
+    let mut run = [0u8; 8];
+    ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut run)
+        .map_err(|_| anyhow::anyhow!("rng failed"))?;
+    Ok(hex::encode(run))
 }
 
 impl TokenSigner {
@@ -74,12 +89,18 @@ impl TokenSigner {
             kid: kid.to_owned(),
             key: EncodingKey::from_ed_der(pkcs8),
             public: pair.public_key().as_ref().to_vec(),
+            run: new_run()?,
         })
     }
 
     /// The key id put in each token's header.
     pub fn kid(&self) -> &str {
         &self.kid
+    }
+
+    /// The run id put in every token this signer issues (random per signer, so per process).
+    pub fn run(&self) -> &str {
+        &self.run
     }
 
     /// The raw 32-byte public key, for [`TokenVerifier::add_key`].
@@ -107,6 +128,7 @@ impl TokenSigner {
             iat: now,
             exp: now + TOKEN_LIFETIME_SECS,
             jti: hex::encode(jti),
+            run: self.run.clone(),
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
@@ -119,6 +141,8 @@ impl TokenSigner {
 #[derive(Clone, Default)]
 pub struct TokenVerifier {
     keys: HashMap<String, DecodingKey>,
+    /// When set, tokens of another run are refused ([`TokenError::PreviousRun`]).
+    run: Option<String>,
 }
 
 impl TokenVerifier {
@@ -126,7 +150,20 @@ impl TokenVerifier {
     pub fn for_signer(signer: &TokenSigner) -> Self {
         let mut v = TokenVerifier::default();
         v.add_key(signer.kid(), signer.public_key());
+        v.only_run(signer.run());
         v
+    }
+
+    /// Accepts only tokens issued in `run` (the signer's of this process).
+    pub fn only_run(&mut self, run: &str) {
+        self.run = Some(run.to_owned());
+    }
+
+    /// Accepts tokens of any run: for tools and tests that check what a token says, never for
+    /// admission.
+    pub fn any_run(mut self) -> Self {
+        self.run = None;
+        self
     }
 
     /// Trusts a raw Ed25519 public key under `kid` (rotation: old and new side by side).
@@ -167,6 +204,9 @@ impl TokenVerifier {
         if claims.sub != session_id || claims.role != role {
             return Err(TokenError::WrongSubject);
         }
+        if self.run.as_ref().is_some_and(|r| *r != claims.run) {
+            return Err(TokenError::PreviousRun);
+        }
         Ok(claims)
     }
 }
@@ -186,6 +226,24 @@ mod tests {
         assert_eq!(v.verify(&t, "s-1", Role::Client, NOW + 600), Err(TokenError::Expired));
         assert_eq!(v.verify(&t, "s-1", Role::Agent, NOW), Err(TokenError::WrongSubject));
         assert_eq!(v.verify(&t, "s-2", Role::Client, NOW), Err(TokenError::WrongSubject));
+    }
+
+    #[test]
+    fn tokens_of_another_run_are_refused() {
+        // The same key loaded again (a restart) is another run: the old tokens still verify
+        // their signature but are refused as issued before the restart.
+        let (first, pkcs8) = TokenSigner::generate("k1").unwrap();
+        let second = TokenSigner::from_pkcs8("k1", &pkcs8).unwrap();
+        assert_ne!(first.run(), second.run());
+        assert_eq!(second.run().len(), 16);
+        let v = TokenVerifier::for_signer(&second);
+        let (old, _) = first.issue("s-1", Role::Client, "i", "a", NOW).unwrap();
+        assert_eq!(v.verify(&old, "s-1", Role::Client, NOW), Err(TokenError::PreviousRun));
+        let (new, c) = second.issue("s-1", Role::Client, "i", "a", NOW).unwrap();
+        assert_eq!(v.verify(&new, "s-1", Role::Client, NOW).unwrap(), c);
+        assert_eq!(c.run, second.run());
+        // Expiry and subject are still checked first.
+        assert_eq!(v.verify(&old, "s-1", Role::Client, NOW + 600), Err(TokenError::Expired));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! Keys live in `<data dir>/keys/<kid>.ed25519` (PKCS#8, 0600), `kid` = `k` + the creation time
 //! in seconds since the Unix epoch (zero-padded, so names sort by age). The newest key signs;
 //! every key present verifies. Rotation: `hatch-relay admin keys rotate` adds a new key, a
-//! restart (or the next start) signs with it while tokens of the old key (valid ten minutes)
-//! still verify; delete the old file after ten minutes and restart again.
+//! restart (or the next start) signs with it; delete the old file after ten minutes and restart
+//! again. The verifier also accepts only tokens of this process's run
+//! ([`crate::token::TokenSigner::run`]): tokens issued before a restart are refused whatever
+//! their key, since every session open at the restart was closed then.
 
 use std::path::Path;
 
@@ -53,6 +55,9 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(TokenSigner, TokenVeri
     }
     // `kids` is non-empty here, so the loop set `signer` to the newest key.
     let signer = signer.context("no signing key")?;
+    // Tokens of an earlier process on this data directory are refused: its sessions were
+    // closed when this one started.
+    verifier.only_run(signer.run());
     Ok((signer, verifier))
 }
 
@@ -79,7 +84,7 @@ mod tests {
     use hatch_proto::token::Role;
 
     #[test]
-    fn first_start_creates_a_private_key_and_rotation_keeps_old_tokens_valid() {
+    fn first_start_creates_a_private_key_and_a_restart_refuses_earlier_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let (s1, _) = load_or_create(dir.path()).unwrap();
         let f = dir.path().join("keys").join(format!("{}{SUFFIX}", s1.kid()));
@@ -91,7 +96,12 @@ mod tests {
         let (s2, v) = load_or_create(dir.path()).unwrap();
         assert_eq!(s2.kid(), kid2);
         assert_ne!(s1.kid(), s2.kid());
-        v.verify(&t1, "s-1", Role::Client, 1_800_000_001).unwrap();
+        // A token of the previous run is refused even though its key is still trusted: its
+        // session was closed when this run started.
+        assert_eq!(
+            v.verify(&t1, "s-1", Role::Client, 1_800_000_001),
+            Err(crate::token::TokenError::PreviousRun)
+        );
         let (t2, _) = s2.issue("s-2", Role::Agent, "i", "a", 1_800_000_000).unwrap();
         v.verify(&t2, "s-2", Role::Agent, 1_800_000_001).unwrap();
     }

@@ -287,7 +287,8 @@ pub trait Store: Send + Sync + 'static {
         at: i64,
     ) -> anyhow::Result<bool>;
     /// Records the byte counts of live sessions so far (`(id, client → agent, agent →
-    /// client)`), in one transaction; counts only grow, so a smaller (older) count is ignored.
+    /// client)`), in one transaction; counts only grow, so a smaller (older) count is ignored,
+    /// and a closed record is left alone (its final counts come with its end).
     fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()>;
     /// Closes every open session (relay start after a crash, relay shutdown); returns how many.
     /// Byte counts stay as last recorded.
@@ -1035,7 +1036,8 @@ impl Store for SqliteStore {
         {
             let mut st = tx.prepare_cached(
                 "UPDATE sessions SET bytes_client_to_agent = MAX(bytes_client_to_agent, ?2), \
-                 bytes_agent_to_client = MAX(bytes_agent_to_client, ?3) WHERE id = ?1",
+                 bytes_agent_to_client = MAX(bytes_agent_to_client, ?3) \
+                 WHERE id = ?1 AND state != 'closed'",
             )?;
             for (id, c2a, a2c) in rows {
                 st.execute(params![id, to_i64(*c2a), to_i64(*a2c)])?;

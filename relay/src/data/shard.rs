@@ -294,10 +294,11 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
         Err(err) => {
             timer.abort();
             warn!(session = %req.session_id, role = req.role.as_str(), reason = err.label(), "token refused");
-            let r = if err == TokenError::Expired {
-                Refusal::TokenExpired
-            } else {
-                Refusal::InvalidToken
+            let r = match err {
+                TokenError::Expired => Refusal::TokenExpired,
+                // Its session was closed when this relay started: as used as a token gets.
+                TokenError::PreviousRun => Refusal::TokenAlreadyUsed,
+                _ => Refusal::InvalidToken,
             };
             return refuse(&shard, conn, r).await;
         }
