@@ -459,7 +459,7 @@ fn terminate_closes_the_session_with_words_and_255() {
     assert_eq!(wait_file(&status), "255");
     assert_terminal_restored(&status);
     let screen = tmux.wait_for("the reason", |s| s.contains("Terminated (close 4006)"));
-    assert!(screen.contains("terminated by an administrator"), "{screen}");
+    assert!(screen.contains("the session was terminated through the API"), "{screen}");
 }
 
 #[test]
