@@ -6,7 +6,7 @@
 //!   connect (WSS /v1/agent/connect, bearer instance secret) ──▶ serve ── lost / silent ───┘
 //!                                                                 │
 //!     heartbeat{seq} ──▶ answer heartbeat{seq}                    │ SIGTERM: cancel sessions,
-//!     session.open   ──▶ spawn a session task (session.rs)        │ wait for them, close 1001
+//!     session.open   ──▶ spawn a session task (session.rs)        │ wait for them, close 4011
 //!     session.close  ──▶ cancel that session                      ▼
 //!     session task failed to start ──▶ session.failed          exit 0
 //!     session leg lost (no close) ──▶ session.report, now and after the next connect
@@ -132,7 +132,8 @@ pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration) -> Duration {
 }
 
 /// Runs the agent until `shutdown` is cancelled: keeps the control channel up and serves
-/// sessions. On shutdown closes live sessions (close 1001, "agent shutting down") and returns.
+/// sessions. On shutdown closes live sessions' legs (close 4011 `AGENT_SHUTDOWN`, "agent shutting
+/// down") and the control channel (1001), and returns.
 pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let api = ApiUrl::parse(&cfg.state.api_url)?;
     let url = api.connect_url();
@@ -461,8 +462,8 @@ impl Sessions {
             info!(sessions = n, "closing live sessions");
         }
         for (_, tx) in self.live.drain() {
-            let _ =
-                tx.send(Cancel { code: close::GOING_AWAY, reason: "agent shutting down".into() });
+            let _ = tx
+                .send(Cancel { code: close::AGENT_SHUTDOWN, reason: "agent shutting down".into() });
         }
         let waited = timeout(grace, async {
             while let Some(done) = self.tasks.join_next().await {

@@ -156,10 +156,11 @@ async fn control_channel_heartbeats_sessions_reconnect_and_shutdown() {
     let done = closing.finish().await;
     assert_eq!(done.close, Some((close::TERMINATED, "terminated".into())));
 
-    // Shutdown: the live shell's leg is closed with 1001 and a reason, then the control channel.
+    // Shutdown: the live shell's leg is closed with 4011 and a reason, then the control channel
+    // with 1001.
     shutdown.cancel();
     let done = shell.finish().await;
-    assert_eq!(done.close, Some((close::GOING_AWAY, "agent shutting down".into())), "{done:?}");
+    assert_eq!(done.close, Some((close::AGENT_SHUTDOWN, "agent shutting down".into())), "{done:?}");
     let mut control_close = None;
     while let Ok(Some(Ok(m))) = tokio::time::timeout(DEADLINE, ws.next()).await {
         if let WsMessage::Close(f) = m {

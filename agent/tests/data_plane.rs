@@ -186,5 +186,5 @@ async fn client_leg_dropped_hangs_up_the_shell() {
     assert!(matches!(&end, SessionEnd::Lost(why) if why.contains("4005")), "{end:?}");
     eventually("no process left in the session", || processes_in_session(pid).is_empty()).await;
     let relay_end = relay.next_end().await;
-    assert_eq!(relay_end.reason, CloseReason::ClientClosed, "{relay_end:?}");
+    assert_eq!(relay_end.reason, CloseReason::ClientLost, "{relay_end:?}");
 }

@@ -281,6 +281,6 @@ async fn agent_against_the_real_relay() {
     assert_eq!(status.code(), Some(0));
     let (_, exit, code) = read_end(&mut ws).await;
     assert_eq!(exit, None);
-    assert_eq!(code, Some(close::GOING_AWAY));
+    assert_eq!(code, Some(close::AGENT_SHUTDOWN));
     eventually("shell gone after SIGTERM", || processes_in_session(pid).is_empty()).await;
 }

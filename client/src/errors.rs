@@ -340,6 +340,10 @@ fn close_label(code: u16) -> String {
         close::TOKEN_ALREADY_USED => "TokenAlreadyUsed",
         close::PEER_NEVER_CAME => "PeerNeverCame",
         close::PEER_GONE => "AgentLost",
+        close::GOING_AWAY => "AgentGoingAway",
+        close::POLICY_VIOLATION => "AgentRefused",
+        close::INTERNAL_ERROR => "AgentFailed",
+        close::AGENT_SHUTDOWN => "AgentShutdown",
         close::TERMINATED => "Terminated",
         close::IDLE_TIMEOUT => "IdleTimeout",
         close::MAX_DURATION => "MaxDuration",
@@ -370,9 +374,28 @@ fn close_words(code: u16, instance: &Option<String>) -> String {
             "agent connection lost{on}; the instance or its agent may have stopped, check it \
              with `hatch instances`"
         ),
-        close::TERMINATED => {
-            "the session was terminated by an administrator; start a new one if you may".to_owned()
-        }
+        // The relay forwards the agent's own close codes; it never sends 1001, 1008 or 1011.
+        close::GOING_AWAY => format!(
+            "the agent{on} went away (hatch-agent or its host stopping); start the session \
+             again once `hatch instances` shows the instance online"
+        ),
+        close::AGENT_SHUTDOWN => format!(
+            "the agent{on} is shutting down; start the session again once `hatch instances` \
+             shows the instance online"
+        ),
+        close::POLICY_VIOLATION => format!(
+            "the agent{on} refused to start the session (its reason is in the remote error \
+             above); check the user asked for with --user"
+        ),
+        close::INTERNAL_ERROR => format!(
+            "the agent{on} could not start the session (its reason is in the remote error \
+             above); check the instance"
+        ),
+        // The same code for the session's owner, an administrator and the relay's admin
+        // command: the words do not guess who.
+        close::TERMINATED => "the session was terminated through the API (`hatch terminate` or \
+                              DELETE /v1/sessions/ID); start a new one if you may"
+            .to_owned(),
         close::IDLE_TIMEOUT => {
             "the session was closed after being idle too long; start a new session".to_owned()
         }
@@ -494,7 +517,19 @@ mod tests {
             (close::TOKEN_ALREADY_USED, 75, "TokenAlreadyUsed (close 4003)"),
             (close::PEER_NEVER_CAME, 69, "the agent on i-1 never joined"),
             (close::PEER_GONE, 255, "AgentLost (close 4005): agent connection lost on i-1"),
-            (close::TERMINATED, 255, "terminated by an administrator"),
+            (
+                close::TERMINATED,
+                255,
+                "Terminated (close 4006): the session was terminated through the API",
+            ),
+            (
+                close::AGENT_SHUTDOWN,
+                255,
+                "AgentShutdown (close 4011): the agent on i-1 is shutting down",
+            ),
+            (close::GOING_AWAY, 255, "AgentGoingAway (close 1001): the agent on i-1 went away"),
+            (close::POLICY_VIOLATION, 255, "AgentRefused (close 1008): the agent on i-1 refused"),
+            (close::INTERNAL_ERROR, 255, "AgentFailed (close 1011): the agent on i-1 could not"),
             (close::IDLE_TIMEOUT, 75, "IdleTimeout (close 4007): the session was closed after"),
             (close::MAX_DURATION, 75, "maximum duration"),
             (close::RELAY_SHUTDOWN, 255, "the relay is shutting down"),

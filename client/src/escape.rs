@@ -6,16 +6,23 @@
 //! | `~.` | disconnect (exit 255) |
 //! | `~~` | send one `~` |
 //! | `~?` | list the escapes |
+//! | `~^Z` (`~` then Ctrl-Z) | suspend the client (the local shell's job control) |
 //! | `~` + anything else | send both characters |
 //!
 //! Sans-IO: [`Escape::feed`] turns typed bytes into [`Action`]s; the session acts on them.
 
 /// The escape character.
 pub const ESCAPE_CHAR: u8 = b'~';
+/// Ctrl-Z as typed in raw mode (SUB), which after `~` suspends the client.
+pub const CTRL_Z: u8 = 0x1a;
+
+/// The line `~^Z` prints before the client stops (raw mode: `\r\n`), as OpenSSH's.
+pub const SUSPEND_LINE: &str = "~^Z [suspend hatch]\r\n";
 
 /// The help text `~?` prints (lines end with `\r\n`: the terminal is in raw mode).
 pub const HELP: &str = "Supported escape sequences:\r\n \
                         ~.  - terminate connection\r\n \
+                        ~^Z - suspend hatch\r\n \
                         ~?  - this message\r\n \
                         ~~  - send the escape character by typing it twice\r\n\
                         (Note that escapes are only recognized immediately after newline.)\r\n";
@@ -29,6 +36,8 @@ pub enum Action {
     Disconnect,
     /// Print [`HELP`] locally (`~?`).
     Help,
+    /// Suspend the client (`~^Z`): restore the terminal, stop, and on continue go on.
+    Suspend,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +88,12 @@ impl Escape {
                             flush(&mut send, &mut actions);
                             actions.push(Action::Help);
                             // As in ssh, the line start is kept so that `~.` works next.
+                            self.state = State::LineStart;
+                        }
+                        CTRL_Z => {
+                            flush(&mut send, &mut actions);
+                            actions.push(Action::Suspend);
+                            // As for `~?`: after coming back, `~.` works at once.
                             self.state = State::LineStart;
                         }
                         ESCAPE_CHAR => send.push(ESCAPE_CHAR),
@@ -140,6 +155,14 @@ mod tests {
             // `~?` prints help, and `~.` still works right after it.
             (&[b"~?~."], &[Help, Disconnect]),
             (&[b"\r~?"], &[Send(b"\r".to_vec()), Help]),
+            // `~^Z` suspends; the line start is kept, and bytes typed after it are sent.
+            (&[b"~\x1a"], &[Suspend]),
+            (&[b"ls\r~\x1a~."], &[Send(b"ls\r".to_vec()), Suspend, Disconnect]),
+            (&[b"~", b"\x1apwd\r"], &[Suspend, Send(b"pwd\r".to_vec())]),
+            // Ctrl-Z not after `~`, or `~` not at line start: sent as typed (the remote's job
+            // control gets it).
+            (&[b"\x1a"], &[Send(vec![0x1a])]),
+            (&[b"a~\x1a"], &[Send(b"a~\x1a".to_vec())]),
             // Any other character after `~` sends both.
             (&[b"~a"], &[Send(b"~a".to_vec())]),
             (&[b"~\r~."], &[Send(b"~\r".to_vec()), Disconnect]),

@@ -9,7 +9,7 @@
 //!                                  │                               ▼
 //!                                  └──────────────────────────▶ stream (WSS hatch.v1)
 //!                                                                ▲ terminal (raw mode, size)
-//!                                                                ▲ escape (`~.` `~~` `~?`)
+//!                                                                ▲ escape (`~.` `~~` `~?` `~^Z`)
 //!  any failure ──▶ errors (message + exit code) ──▶ stderr, exit status
 //! ```
 //!
@@ -19,7 +19,7 @@
 //! - [`config`]: the config file, profiles and environment overrides.
 //! - [`api`]: the HTTPS JSON client of the control plane.
 //! - [`stream`]: one session on the data plane (WSS, `hatch.v1`).
-//! - [`terminal`]: raw mode guard and window size.
+//! - [`terminal`]: raw mode guard, job control (stop and continue) and window size.
 //! - [`escape`]: the `~` escape state machine.
 //! - [`errors`]: every failure's message and exit code.
 //! - [`output`]: tables and JSON for `sessions` and `instances`.

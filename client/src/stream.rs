@@ -4,9 +4,14 @@
 //!
 //! ```text
 //!  stdin thread ──(bounded channel)──▶ escape ──▶ DATA ──▶ ┐
-//!  SIGWINCH ────────────────────────────────────▶ RESIZE ─▶ ├─ WSS ─▶ relay ─▶ agent
+//!  SIGWINCH, SIGCONT ───────────────────────────▶ RESIZE ─▶ ├─ WSS ─▶ relay ─▶ agent
 //!  stdout ◀──────────────────────────────────────  DATA ◀── ┘   EXIT, close code
 //! ```
+//!
+//! Job control (interactive only), as in OpenSSH: SIGTSTP from outside and `~^Z` restore the
+//! terminal and stop the process; every SIGCONT puts raw mode back (a job-control shell sets
+//! its cooked modes while the client is stopped, also after a SIGSTOP the client never sees)
+//! and sends the window size, which may have changed meanwhile.
 //!
 //! End of input (stdin EOF when it is not a terminal) is sent as a DATA message with an empty
 //! body, so that `hatch exec -- cat < file` ends. Every wait on the relay has a deadline: a
@@ -21,6 +26,7 @@ use hatch_proto::api::StartSessionResponse;
 use hatch_proto::channel::Message as Channel;
 use hatch_proto::close;
 use http::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use nix::libc::{SIGCONT, SIGTSTP};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -30,7 +36,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::api::{CONNECT_TIMEOUT, classify_io, describe_tls_error};
 use crate::errors::{CliError, Subject};
-use crate::escape::{Action, Escape, HELP};
+use crate::escape::{Action, Escape, HELP, SUSPEND_LINE};
 use crate::terminal::{self, RawGuard};
 
 /// The `hatch.v1` WebSocket subprotocol.
@@ -149,7 +155,7 @@ pub async fn run(ws: Ws, opts: &StreamOptions) -> Result<u8, CliError> {
     } else {
         None
     };
-    let (status, end) = pump(ws, opts).await;
+    let (status, end) = pump(ws, opts, guard.as_ref()).await;
     if guard.is_some() && (status.is_none() || matches!(end, End::Error(_))) {
         // The failure line follows on stderr: start it on a line of its own, not after the
         // remote prompt.
@@ -177,7 +183,7 @@ pub fn exit_status_to_code(status: i32) -> u8 {
     u8::try_from(status).unwrap_or(255)
 }
 
-async fn pump(ws: Ws, opts: &StreamOptions) -> (Option<i32>, End) {
+async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option<i32>, End) {
     let (mut sink, mut stream) = ws.split();
     let mut status: Option<i32> = None;
     let mut stdout = tokio::io::stdout();
@@ -196,6 +202,15 @@ async fn pump(ws: Ws, opts: &StreamOptions) -> (Option<i32>, End) {
         Ok(s) => s,
         Err(e) => return (None, fail(e, "SIGHUP handler")),
     };
+    // Only with raw mode to undo: once caught, a signal stays caught for the process's life,
+    // and without a terminal the default stop is right.
+    let (mut tstp, mut cont) = (None, None);
+    if guard.is_some() {
+        match (signal(SignalKind::from_raw(SIGTSTP)), signal(SignalKind::from_raw(SIGCONT))) {
+            (Ok(t), Ok(c)) => (tstp, cont) = (Some(t), Some(c)),
+            (Err(e), _) | (_, Err(e)) => return (None, fail(e, "SIGTSTP/SIGCONT handler")),
+        }
+    }
 
     let mut size = None;
     if opts.interactive {
@@ -287,6 +302,13 @@ async fn pump(ws: Ws, opts: &StreamOptions) -> (Option<i32>, End) {
                             }
                         }
                         Action::Help => stderr_lines.raw(HELP),
+                        Action::Suspend => {
+                            stderr_lines.raw(SUSPEND_LINE);
+                            if let Some(Err(e)) = guard.map(RawGuard::stop_self) {
+                                done = Some(fail(e, "suspending"));
+                                break;
+                            }
+                        }
                         Action::Disconnect => {
                             let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
                             done = Some(End::Error(CliError::Disconnected));
@@ -307,6 +329,28 @@ async fn pump(ws: Ws, opts: &StreamOptions) -> (Option<i32>, End) {
                             break end;
                         }
                     }
+                }
+            }
+            Some(()) = recv(&mut tstp) => {
+                let _ = stdout.flush().await;
+                if let Some(Err(e)) = guard.map(RawGuard::stop_self) {
+                    break fail(e, "suspending");
+                }
+            }
+            Some(()) = recv(&mut cont) => {
+                if let Some(Err(e)) = guard.map(RawGuard::resume) {
+                    break fail(e, "raw mode after SIGCONT");
+                }
+                // The silence while stopped was this process's, not the relay's: what the relay
+                // sent meanwhile waits unread in the socket.
+                last_rx = Instant::now();
+                // Always sent: the size may have changed while stopped, and a RESIZE makes
+                // full-screen programs on the remote side redraw, as after `fg` locally.
+                size = terminal::size();
+                if let Some((cols, rows)) = size
+                    && let Err(end) = send(&mut sink, Channel::Resize { cols, rows }.to_vec()).await
+                {
+                    break end;
                 }
             }
             _ = term.recv() => {
@@ -340,6 +384,14 @@ async fn pump(ws: Ws, opts: &StreamOptions) -> (Option<i32>, End) {
 }
 
 type Sink = futures_util::stream::SplitSink<Ws, Message>;
+
+/// The next delivery of an optional signal; never, without one.
+async fn recv(sig: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match sig {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 async fn send(sink: &mut Sink, payload: Vec<u8>) -> Result<(), End> {
     send_msg(sink, Message::Binary(payload.into())).await

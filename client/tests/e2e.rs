@@ -228,6 +228,103 @@ impl Tmux {
     }
 }
 
+impl Tmux {
+    fn format(&self, format: &str) -> String {
+        let out = self.cmd().args(["display-message", "-p", "-t", "t", format]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The process the pane runs (the shell).
+    fn pane_pid(&self) -> u32 {
+        self.format("#{pane_pid}").parse().expect("pane pid")
+    }
+
+    /// `stty -a` of the pane's terminal, read from outside (as the user's terminal has it).
+    fn modes(&self) -> String {
+        let tty = self.format("#{pane_tty}");
+        let out = Command::new("stty").args(["-a", "-F", &tty]).output().unwrap();
+        assert!(out.status.success(), "stty -F {tty}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Polls the pane's terminal modes until `pred` holds; panics with them at the deadline.
+    fn wait_modes(&self, what: &str, pred: impl Fn(&Modes) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let modes = self.modes();
+            if pred(&Modes(&modes)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waiting for {what}; modes:\n{modes}\nscreen:\n{}",
+                self.screen()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `stty -a` output, asked about single flags (`icanon` on, `-icanon` off).
+struct Modes<'a>(&'a str);
+
+impl Modes<'_> {
+    fn has(&self, flag: &str) -> bool {
+        self.0.split_whitespace().any(|w| w == flag)
+    }
+
+    /// Line editing, local echo and Ctrl-C as a signal: what a shell's prompt expects.
+    fn cooked(&self) -> bool {
+        self.has("icanon") && self.has("echo") && self.has("isig")
+    }
+
+    /// What `hatch` sets: no line editing, no local echo, Ctrl-C and Ctrl-Z are bytes.
+    fn raw(&self) -> bool {
+        self.has("-icanon") && self.has("-echo") && self.has("-isig")
+    }
+}
+
+/// The one child of `pid` (the `hatch` a shell runs).
+fn child_of(pid: u32) -> u32 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    children.split_whitespace().next().expect("hatch is running").parse().unwrap()
+}
+
+/// The process state letter of `/proc/PID/stat` (`T` stopped, `S` sleeping, ...), if it exists.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim_start().chars().next()
+}
+
+fn kill(signal: &str, pid: u32) {
+    let st = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill {signal} {pid}");
+}
+
+fn wait_state(pid: u32, what: &str, pred: impl Fn(Option<char>) -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !pred(proc_state(pid)) {
+        assert!(Instant::now() < deadline, "hatch ({pid}) never {what}: {:?}", proc_state(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Types `sleep 100` and Ctrl-C, then a command: only if Ctrl-C reached the remote shell as a
+/// byte (raw mode) does the command's output appear within the deadline, and `hatch` lives on.
+fn ctrl_c_reaches_the_remote(tmux: &Tmux, hatch: u32) {
+    tmux.type_text("sleep 100");
+    tmux.send(&["Enter"]);
+    tmux.wait_for("the remote echo of sleep", |s| {
+        s.lines().any(|l| l.trim_end().ends_with("sleep 100"))
+    });
+    std::thread::sleep(Duration::from_millis(300)); // let the remote shell start sleep
+    tmux.send(&["C-c"]);
+    tmux.type_text("echo alive-$((1+2))");
+    tmux.send(&["Enter"]);
+    tmux.wait_for("the remote shell after Ctrl-C", |s| has_line(s, "alive-3"));
+    assert!(proc_state(hatch).is_some_and(|c| c != 'Z'), "hatch died on Ctrl-C");
+}
+
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.cmd().arg("kill-server").status();
@@ -327,6 +424,16 @@ fn tilde_dot_disconnects_with_255_and_restores_the_terminal() {
     tmux.type_text("~?");
     tmux.wait_for("the escape list", |s| s.contains("~.  - terminate connection"));
 
+    // `~^Z` without a job-control shell (`sh -c`): nothing could continue a stopped hatch, so
+    // it does not stop, as the kernel ignores Ctrl-Z there; the session goes on.
+    tmux.send(&["Enter"]);
+    tmux.type_text("~");
+    tmux.send(&["C-z"]);
+    tmux.wait_for("the suspend line", |s| s.contains("~^Z [suspend hatch]"));
+    tmux.type_text("echo still-$((2+3))");
+    tmux.send(&["Enter"]);
+    tmux.wait_for("the shell after ~^Z", |s| has_line(s, "still-5"));
+
     tmux.send(&["Enter"]);
     tmux.type_text("~.");
     assert_eq!(wait_file(&status), "255");
@@ -353,7 +460,7 @@ fn terminate_closes_the_session_with_words_and_255() {
     assert_eq!(wait_file(&status), "255");
     assert_terminal_restored(&status);
     let screen = tmux.wait_for("the reason", |s| s.contains("Terminated (close 4006)"));
-    assert!(screen.contains("terminated by an administrator"), "{screen}");
+    assert!(screen.contains("the session was terminated through the API"), "{screen}");
 }
 
 #[test]
@@ -552,6 +659,117 @@ fn sigterm_mid_session_restores_the_terminal_and_exits_143() {
     assert_eq!(wait_file(&status), "143");
     assert_terminal_restored(&status);
     tmux.wait_for("the message", |s| s.contains("hatch: Signal: SIGTERM received"));
+}
+
+/// A job-control shell (`shell`, prompt `local$ `) in tmux that saved its terminal modes and
+/// started `hatch session`; returns the tmux, the modes file prefix and hatch's pid once the
+/// remote shell answers.
+fn in_job_control_shell(world: &World, shell: &str) -> (Tmux, PathBuf, u32) {
+    let tmux = Tmux::start(&format!("env PS1='local$ ' HISTFILE=/dev/null {shell}"), 80, 24);
+    tmux.wait_for("the local prompt", |s| s.contains("local$"));
+    let st = world.home.path().join(format!("modes-{}", rand_suffix()));
+    tmux.type_text(&format!("stty -g > {}.before", st.display()));
+    tmux.send(&["Enter"]);
+    tmux.type_text(&world.hatch_line(&format!("session --instance {}", world.instance())));
+    tmux.send(&["Enter"]);
+    tmux.wait_for("the start line", |s| s.contains("Starting session s-"));
+    tmux.type_text("echo ready-$((1+1))");
+    tmux.send(&["Enter"]);
+    tmux.wait_for("the shell", |s| has_line(s, "ready-2"));
+    let hatch = child_of(tmux.pane_pid());
+    tmux.wait_modes("raw mode", |m| m.raw());
+    (tmux, st, hatch)
+}
+
+/// Ends the remote shell with `exit CODE`; the local shell sees that status and finds its
+/// terminal modes as it left them.
+fn exit_in_job_control_shell(tmux: &Tmux, st: &Path, hatch: u32, code: u8) {
+    tmux.type_text(&format!("exit {code}"));
+    tmux.send(&["Enter"]);
+    wait_state(hatch, "gone", |s| s.is_none_or(|c| c == 'Z'));
+    tmux.type_text(&format!("echo st=$?; stty -g > {}.after", st.display()));
+    tmux.send(&["Enter"]);
+    tmux.wait_for("the exit status", |s| has_line(s, &format!("st={code}")));
+    let before = std::fs::read_to_string(st.with_extension("before")).unwrap();
+    let after = wait_file(&st.with_extension("after"));
+    assert_eq!(before.trim(), after, "terminal modes after hatch differ from before");
+}
+
+#[test]
+fn sigtstp_restores_the_terminal_and_fg_brings_raw_mode_and_the_new_size() {
+    let world = World::start();
+    // dash: job control, and it leaves the terminal modes to its jobs (bash would fix them).
+    let (tmux, st, hatch) = in_job_control_shell(&world, "sh -i");
+
+    // Stopped from outside (`kill -TSTP`): the user's terminal is usable while hatch is
+    // stopped.
+    kill("-TSTP", hatch);
+    wait_state(hatch, "stopped", |s| s == Some('T'));
+    tmux.wait_modes("cooked modes while hatch is stopped", |m| m.cooked());
+
+    // Resized while stopped; `fg` continues it (SIGCONT): raw mode again, and the remote sees
+    // the new size.
+    tmux.resize(100, 30);
+    tmux.type_text("fg");
+    tmux.send(&["Enter"]);
+    wait_state(hatch, "running", |s| s.is_some_and(|c| c != 'T'));
+    tmux.wait_modes("raw mode after fg", |m| m.raw());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        tmux.type_text("clear; stty size");
+        tmux.send(&["Enter"]);
+        std::thread::sleep(Duration::from_millis(200));
+        if has_line(&tmux.screen(), "30 100") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "size never changed:\n{}", tmux.screen());
+    }
+    ctrl_c_reaches_the_remote(&tmux, hatch);
+    exit_in_job_control_shell(&tmux, &st, hatch, 3);
+}
+
+#[test]
+fn sigstop_sigcont_then_fg_in_bash_gets_raw_mode_back() {
+    let world = World::start();
+    let (tmux, st, hatch) = in_job_control_shell(&world, "bash --norc --noprofile --noediting -i");
+
+    // SIGSTOP cannot be caught: bash sees the job stop and puts its own modes on the terminal;
+    // SIGCONT from outside leaves the job in the background; `fg` brings it back.
+    kill("-STOP", hatch);
+    tmux.wait_for("bash's job report", |s| s.contains("Stopped"));
+    tmux.wait_modes("bash's cooked modes", |m| m.cooked());
+    kill("-CONT", hatch);
+    tmux.type_text("fg");
+    tmux.send(&["Enter"]);
+    tmux.wait_modes("raw mode after fg", |m| m.raw());
+
+    // Typed text reaches the remote shell once: echoed by it, not also by the local terminal.
+    tmux.type_text("echo fg-$((4+4))");
+    tmux.send(&["Enter"]);
+    let screen = tmux.wait_for("the remote shell after fg", |s| has_line(s, "fg-8"));
+    let echoed = screen.matches("echo fg-$((4+4))").count();
+    assert_eq!(echoed, 1, "typed text echoed {echoed} times:\n{screen}");
+    ctrl_c_reaches_the_remote(&tmux, hatch);
+    exit_in_job_control_shell(&tmux, &st, hatch, 4);
+}
+
+#[test]
+fn tilde_ctrl_z_suspends_and_fg_resumes() {
+    let world = World::start();
+    let (tmux, st, hatch) = in_job_control_shell(&world, "sh -i");
+    tmux.send(&["Enter"]);
+    tmux.type_text("~");
+    tmux.send(&["C-z"]);
+    tmux.wait_for("the suspend line", |s| s.contains("~^Z [suspend hatch]"));
+    wait_state(hatch, "stopped", |s| s == Some('T'));
+    tmux.wait_modes("cooked modes while suspended", |m| m.cooked());
+    tmux.type_text("fg");
+    tmux.send(&["Enter"]);
+    tmux.wait_modes("raw mode after fg", |m| m.raw());
+    tmux.type_text("echo back-$((3*3))");
+    tmux.send(&["Enter"]);
+    tmux.wait_for("the remote shell after fg", |s| has_line(s, "back-9"));
+    exit_in_job_control_shell(&tmux, &st, hatch, 0);
 }
 
 #[test]

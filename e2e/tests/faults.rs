@@ -103,13 +103,13 @@ async fn agent_killed_client_killed_and_relay_killed() {
     assert_eq!(st.code(), Some(255), "{err}");
     assert!(err.contains("agent connection lost"), "{err}");
     let rec = relay.closed_session(&sid).await;
-    assert_eq!(rec["close_reason"], "agent_closed", "{rec}");
+    assert_eq!(rec["close_reason"], "agent_lost", "{rec}");
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shell as i32),
         nix::sys::signal::Signal::SIGKILL,
     );
 
-    // 2. The client is killed mid-session: the agent hangs up the shell; `client_closed`.
+    // 2. The client is killed mid-session: the agent hangs up the shell; `client_lost`.
     let (mut agent, _) = {
         let mut cmd = Command::new(bin("hatch-agent"));
         cmd.args(["run", "--state"]).arg(tmp.path().join("agent.json"));
@@ -121,7 +121,7 @@ async fn agent_killed_client_killed_and_relay_killed() {
     let _ = client.wait();
     let rec = relay.closed_session(&sid).await;
     eprintln!("client killed: record {rec}");
-    assert_eq!(rec["close_reason"], "client_closed", "{rec}");
+    assert_eq!(rec["close_reason"], "client_lost", "{rec}");
     assert!(rec["bytes_agent_to_client"].as_u64().unwrap() > 0, "{rec}");
     wait_for("the agent hangs up the shell", DEADLINE, || gone(shell)).await;
 
@@ -198,7 +198,7 @@ async fn agent_killed_client_killed_and_relay_killed() {
     let (mut client, sid, _) = exec(&relay, tmp.path(), &iid);
     client.kill().unwrap();
     let _ = client.wait();
-    assert_eq!(relay.closed_session(&sid).await["close_reason"], "client_closed");
+    assert_eq!(relay.closed_session(&sid).await["close_reason"], "client_lost");
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(agent.wait_exit(DEADLINE).success(), "{}", agent.output());
 }
@@ -231,8 +231,67 @@ async fn relay_sigterm_closes_legs_with_4009_and_records_relay_shutdown() {
     let (mut client, sid, _) = exec(&relay, tmp.path(), &iid);
     client.kill().unwrap();
     let _ = client.wait();
-    assert_eq!(relay.closed_session(&sid).await["close_reason"], "client_closed");
+    assert_eq!(relay.closed_session(&sid).await["close_reason"], "client_lost");
     agent.signal(nix::sys::signal::Signal::SIGTERM);
+}
+
+#[tokio::test]
+async fn agent_sigterm_mid_session_is_told_as_the_agent_shutting_down() {
+    let relay = Relay::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut agent, iid) = start_agent(&relay, tmp.path());
+    wait_online(&relay, &iid, true).await;
+    let (mut client, sid, _shell) = exec(&relay, tmp.path(), &iid);
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let st = wait_child(&mut client, DEADLINE);
+    std::thread::sleep(Duration::from_millis(100)); // let the stderr reader flush its file
+    let err = std::fs::read_to_string(tmp.path().join("hatch.err")).unwrap_or_default();
+    eprintln!("agent SIGTERM: hatch exited {st:?}: {err}");
+    assert_eq!(st.code(), Some(255), "{err}");
+    assert!(
+        err.contains(&format!(
+            "hatch: AgentShutdown (close 4011): the agent on {iid} is shutting down; start the \
+             session again once `hatch instances` shows the instance online"
+        )),
+        "{err}"
+    );
+    let rec = relay.closed_session(&sid).await;
+    assert_eq!(rec["close_reason"], "agent_closed", "{rec}");
+    assert!(agent.wait_exit(DEADLINE).success(), "{}", agent.output());
+}
+
+#[tokio::test]
+async fn a_run_as_user_that_does_not_exist_is_refused_in_words_and_recorded_error() {
+    let relay = Relay::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_agent, iid) = start_agent(&relay, tmp.path());
+    wait_online(&relay, &iid, true).await;
+    // Several times: the agent may refuse before or after the client leg arrives.
+    for _ in 0..3 {
+        let out = Command::new(bin("hatch"))
+            .env("HOME", tmp.path())
+            .env("XDG_CONFIG_HOME", tmp.path())
+            .env("HATCH_API", &relay.info.api_url)
+            .env("HATCH_ACCESS_KEY", &relay.info.access_key)
+            .env("HATCH_CA", &relay.info.ca_file)
+            .args(["exec", "--instance", &iid, "--user", "nosuchuser-e2e", "--", "true"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("--user nosuchuser-e2e: hatch exited {:?}: {err}", out.status);
+        assert_eq!(out.status.code(), Some(255), "{err}");
+        assert!(err.contains("nosuchuser-e2e"), "the agent's reason: {err}");
+        assert!(
+            err.contains(&format!(
+                "hatch: AgentRefused (close 1008): the agent on {iid} refused to start the session"
+            )),
+            "{err}"
+        );
+        let sid = err.split_whitespace().find(|w| w.starts_with("s-")).expect("session id");
+        let rec = relay.closed_session(sid).await;
+        assert_eq!(rec["close_reason"], "error", "{rec}");
+    }
 }
 
 /// A tmpfs of `size` mounted on a fresh temporary directory; unmounted when dropped, also when

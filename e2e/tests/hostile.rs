@@ -137,7 +137,7 @@ async fn hostile_tokens_are_refused_with_their_code() {
     );
     drop(c);
     let rec = relay.closed_session(&s.id).await;
-    assert_eq!(rec["close_reason"], "client_closed", "{rec}");
+    assert_eq!(rec["close_reason"], "client_lost", "{rec}");
     for (what, url, token) in
         [("client", &s.client_url, &s.client_token), ("agent", &s.agent_url, &s.agent_token)]
     {

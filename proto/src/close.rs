@@ -1,10 +1,13 @@
 //! WebSocket close codes used by Hatch (RFC 6455 §7.4 and the private range 4000–4999).
 //!
-//! The relay closes a leg with one of these; the client turns each into words and an exit code.
+//! The relay closes a leg with one of these, or forwards the code the other leg closed with (the
+//! relay never sends 1001, 1008 or 1011 itself: on a client leg they are the agent's); the
+//! client turns each into words and an exit code.
 
 /// Normal closure: the session ended, and the agent sent EXIT first.
 pub const NORMAL: u16 = 1000;
-/// The peer is going away (a browser leaving the page, a process exiting).
+/// The peer is going away (a browser leaving the page, a process exiting). Agents before
+/// [`AGENT_SHUTDOWN`] closed their legs with it when stopped.
 pub const GOING_AWAY: u16 = 1001;
 /// The peer violated the WebSocket protocol (RFC 6455 §7.4.1).
 pub const PROTOCOL_ERROR: u16 = 1002;
@@ -12,11 +15,13 @@ pub const PROTOCOL_ERROR: u16 = 1002;
 pub const UNSUPPORTED_DATA: u16 = 1003;
 /// A text payload that was not valid UTF-8.
 pub const INVALID_PAYLOAD: u16 = 1007;
-/// A generic policy violation.
+/// A generic policy violation; the agent's refusal of a session it may not start (the run-as
+/// user), after an ERROR message with its reason.
 pub const POLICY_VIOLATION: u16 = 1008;
 /// A frame larger than the configured maximum payload.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
-/// The endpoint hit an unexpected condition.
+/// The endpoint hit an unexpected condition; the agent's failure to start a session (no PTY,
+/// the program would not start), after an ERROR message with its reason.
 pub const INTERNAL_ERROR: u16 = 1011;
 
 /// The token was missing, malformed, signed by another key, or for another session or role.
@@ -29,7 +34,8 @@ pub const TOKEN_ALREADY_USED: u16 = 4003;
 pub const PEER_NEVER_CAME: u16 = 4004;
 /// The other leg went away without a close of its own.
 pub const PEER_GONE: u16 = 4005;
-/// An administrator (or the session's owner) terminated the session.
+/// The session was terminated through the API (`DELETE /v1/sessions/{id}`, by its owner or an
+/// administrator: the code does not say which) or by the relay's admin command.
 pub const TERMINATED: u16 = 4006;
 /// No client→agent data for the idle timeout.
 pub const IDLE_TIMEOUT: u16 = 4007;
@@ -39,6 +45,8 @@ pub const MAX_DURATION: u16 = 4008;
 pub const RELAY_SHUTDOWN: u16 = 4009;
 /// Session management was switched off for the account.
 pub const SESSION_MANAGER_DISABLED: u16 = 4010;
+/// The agent is shutting down (SIGTERM, its service stopping) and closed its legs.
+pub const AGENT_SHUTDOWN: u16 = 4011;
 
 /// A short lower-case description of a close code, for logs and for the CLI's messages.
 pub fn describe(code: u16) -> &'static str {
@@ -56,11 +64,12 @@ pub fn describe(code: u16) -> &'static str {
         TOKEN_ALREADY_USED => "token already used",
         PEER_NEVER_CAME => "the other side never connected",
         PEER_GONE => "the other side's connection was lost",
-        TERMINATED => "terminated by an administrator",
+        TERMINATED => "terminated through the API",
         IDLE_TIMEOUT => "idle timeout",
         MAX_DURATION => "maximum session duration reached",
         RELAY_SHUTDOWN => "relay shutting down",
         SESSION_MANAGER_DISABLED => "session manager disabled for the account",
+        AGENT_SHUTDOWN => "agent shutting down",
         _ => "unknown close code",
     }
 }
@@ -91,7 +100,7 @@ mod tests {
 
     #[test]
     fn every_hatch_code_has_words() {
-        for code in 4001..=4010 {
+        for code in 4001..=4011 {
             assert_ne!(describe(code), "unknown close code", "{code}");
         }
     }

@@ -15,10 +15,17 @@ use std::time::{Duration, SystemTime};
 pub enum CloseReason {
     /// The remote process exited (the agent sent EXIT and closed with 1000).
     Exit,
-    /// The client leg closed or dropped first.
+    /// The client leg closed first, with a close frame (`hatch` exiting, `~.`, a signal).
     ClientClosed,
-    /// The agent leg closed or dropped first.
+    /// The agent leg closed first with a close frame other than an exit or a refusal (the agent
+    /// shutting down, a session it cancelled).
     AgentClosed,
+    /// The client leg ended without a close frame: the client was killed, or its connection
+    /// dropped, failed or went silent past the dead-leg limit.
+    ClientLost,
+    /// The agent leg ended without a close frame: the agent was killed, or its connection
+    /// dropped, failed or went silent past the dead-leg limit.
+    AgentLost,
     /// Terminated through the API or the account switch.
     Terminated,
     /// No client→agent data for the idle timeout.
@@ -29,7 +36,8 @@ pub enum CloseReason {
     PairTimeout,
     /// The relay shut down.
     RelayShutdown,
-    /// A protocol violation or internal failure.
+    /// A protocol violation, an internal failure, or the agent refusing or failing to start
+    /// the session (`session.failed`, or its leg closed with 1008 or 1011).
     Error,
 }
 
@@ -40,6 +48,8 @@ impl CloseReason {
             CloseReason::Exit => "exit",
             CloseReason::ClientClosed => "client_closed",
             CloseReason::AgentClosed => "agent_closed",
+            CloseReason::ClientLost => "client_lost",
+            CloseReason::AgentLost => "agent_lost",
             CloseReason::Terminated => "terminated",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::MaxDuration => "max_duration",
@@ -55,6 +65,8 @@ impl CloseReason {
             "exit" => CloseReason::Exit,
             "client_closed" => CloseReason::ClientClosed,
             "agent_closed" => CloseReason::AgentClosed,
+            "client_lost" => CloseReason::ClientLost,
+            "agent_lost" => CloseReason::AgentLost,
             "terminated" => CloseReason::Terminated,
             "idle_timeout" => CloseReason::IdleTimeout,
             "max_duration" => CloseReason::MaxDuration,

@@ -160,7 +160,7 @@ async fn silent_leg_is_pinged_then_declared_dead(io: IoBackend) {
     // The raw agent sees a ping and never answers.
     assert_eq!(a.read_frame().await.0, 0x9);
     assert_eq!(recv_close(&mut c).await, 4005);
-    assert_eq!(relay.next_end().await.reason, CloseReason::AgentClosed);
+    assert_eq!(relay.next_end().await.reason, CloseReason::AgentLost);
 }
 
 async fn slow_reader_costs_bounded_memory_and_loses_nothing(io: IoBackend) {

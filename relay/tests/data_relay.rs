@@ -17,6 +17,7 @@ both_backends!(
     legs_exchange_bytes_and_agent_exit_closes_both,
     client_close_is_forwarded_to_the_agent,
     agent_drop_closes_client_with_peer_gone,
+    agent_close_codes_are_forwarded_and_recorded_by_cause,
     refusals_have_status_and_code,
     token_single_use_survives_the_session,
     pair_timeout_closes_with_4004,
@@ -72,12 +73,29 @@ async fn client_close_is_forwarded_to_the_agent(io: IoBackend) {
     assert_eq!(end.bytes_client_to_agent, 1);
 }
 
+/// The agent's close is forwarded as is; the record names the cause: a refusal (1008) or a
+/// failure to start (1011) is `error`, shutting down (4011) is `agent_closed`.
+async fn agent_close_codes_are_forwarded_and_recorded_by_cause(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    for (sid, code, reason) in [
+        ("s-refused", 1008, CloseReason::Error),
+        ("s-failed", 1011, CloseReason::Error),
+        ("s-agentstop", 4011, CloseReason::AgentClosed),
+    ] {
+        let (mut c, mut a) = relay.pair(sid).await;
+        close_with(&mut a, code).await;
+        assert_eq!(recv_close(&mut c).await, code, "{sid}");
+        let end = relay.next_end().await;
+        assert_eq!((end.session_id.as_str(), end.reason), (sid, reason));
+    }
+}
+
 async fn agent_drop_closes_client_with_peer_gone(io: IoBackend) {
     let mut relay = Relay::start(io, |_| {});
     let (mut c, a) = relay.pair("s-adrop").await;
     drop(a);
     assert_eq!(recv_close(&mut c).await, 4005);
-    assert_eq!(relay.next_end().await.reason, CloseReason::AgentClosed);
+    assert_eq!(relay.next_end().await.reason, CloseReason::AgentLost);
 }
 
 async fn refusals_have_status_and_code(io: IoBackend) {
@@ -296,7 +314,7 @@ async fn waiting_leg_that_hangs_up_ends_the_session_at_once(io: IoBackend) {
     send_bin(&mut c, b"\x02\x00\x50\x00\x18").await;
     drop(c);
     let end = relay.next_end().await;
-    assert_eq!((end.session_id.as_str(), end.reason), ("s-gave-up", CloseReason::ClientClosed));
+    assert_eq!((end.session_id.as_str(), end.reason), ("s-gave-up", CloseReason::ClientLost));
 }
 
 async fn data_sent_while_waiting_arrives_after_pairing(io: IoBackend) {

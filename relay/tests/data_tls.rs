@@ -293,7 +293,7 @@ async fn client_close_notify_without_fin_ends_the_session(io: IoBackend) {
     c.send().await;
     assert_eq!(recv_close(&mut a).await, 4005);
     let end = relay.next_end().await;
-    assert_eq!(end.reason, CloseReason::ClientClosed);
+    assert_eq!(end.reason, CloseReason::ClientLost);
     assert_eq!(end.bytes_client_to_agent, 4);
     // The relay answers with its own close_notify before its FIN.
     while c.recv().await.unwrap() {}
@@ -330,7 +330,7 @@ async fn ciphertext_garbage_gets_an_alert(io: IoBackend) {
     let text = alert_text(&mut c).await;
     assert!(text.contains("BadRecordMac"), "{text}");
     assert_eq!(recv_close(&mut a).await, 4005);
-    assert_eq!(relay.next_end().await.reason, CloseReason::ClientClosed);
+    assert_eq!(relay.next_end().await.reason, CloseReason::ClientLost);
     let (mut c2, mut a2) = relay.pair("s-after-mac").await;
     send_bin(&mut c2, b"ok").await;
     assert_eq!(recv_bin(&mut a2).await, b"ok");
@@ -345,7 +345,7 @@ async fn oversized_record_gets_an_alert(io: IoBackend) {
     let text = alert_text(&mut c).await;
     assert!(text.contains("received fatal alert"), "{text}");
     assert_eq!(recv_close(&mut a).await, 4005);
-    assert_eq!(relay.next_end().await.reason, CloseReason::ClientClosed);
+    assert_eq!(relay.next_end().await.reason, CloseReason::ClientLost);
 }
 
 /// A relay whose handshake deadline is far beyond `WAIT`: a close seen within `WAIT` was the
@@ -447,5 +447,5 @@ async fn handshake_message_fragmented_after_the_handshake_is_refused(io: IoBacke
     // Nothing before the FIN: a record rustls could not decrypt would have drawn an alert.
     assert!(rest.is_empty(), "{rest:?}");
     assert_eq!(recv_close(&mut a).await, 4005);
-    assert_eq!(relay.next_end().await.reason, CloseReason::ClientClosed);
+    assert_eq!(relay.next_end().await.reason, CloseReason::ClientLost);
 }

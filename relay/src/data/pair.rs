@@ -89,9 +89,20 @@ impl<S: Stream> Session<S> {
     }
 }
 
-/// The reason recorded when leg `i` goes away first.
+/// The reason recorded when leg `i` goes away first without a close frame.
 pub fn gone_reason(i: usize) -> CloseReason {
-    if i == CLIENT { CloseReason::ClientClosed } else { CloseReason::AgentClosed }
+    if i == CLIENT { CloseReason::ClientLost } else { CloseReason::AgentLost }
+}
+
+/// The reason recorded when leg `i` closes first with `code`: the agent's 1000 is the exit,
+/// its 1008 and 1011 a session it refused or could not start (after an ERROR message).
+pub fn closed_reason(i: usize, code: u16) -> CloseReason {
+    match (i, code) {
+        (CLIENT, _) => CloseReason::ClientClosed,
+        (_, close::NORMAL) => CloseReason::Exit,
+        (_, close::POLICY_VIOLATION | close::INTERNAL_ERROR) => CloseReason::Error,
+        _ => CloseReason::AgentClosed,
+    }
 }
 
 /// A server close frame with `code` and its short description.
@@ -220,11 +231,7 @@ async fn forward_loop<S: Stream>(
                     let (reason, to_a, to_b) = match frame::parse_close_payload(&buf[r]) {
                         Ok(code) => {
                             let code = code.map_or(close::NORMAL, |(c, _)| c);
-                            let reason = match (from, code) {
-                                (AGENT, close::NORMAL) => CloseReason::Exit,
-                                _ => gone_reason(from),
-                            };
-                            (reason, code, code)
+                            (closed_reason(from, code), code, code)
                         }
                         Err(err) => {
                             warn!(session = %s.sid, leg = from, %err, "bad close frame");
