@@ -239,7 +239,7 @@ async fn relay_sigterm_closes_legs_with_4009_and_records_relay_shutdown() {
 async fn agent_sigterm_mid_session_is_told_as_the_agent_shutting_down() {
     let relay = Relay::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
-    let (mut agent, iid) = start_agent(&relay, tmp.path());
+    let (mut agent, iid) = start_agent(&relay, tmp.path(), &[]);
     wait_online(&relay, &iid, true).await;
     let (mut client, sid, _shell) = exec(&relay, tmp.path(), &iid);
     agent.signal(nix::sys::signal::Signal::SIGTERM);
@@ -264,7 +264,7 @@ async fn agent_sigterm_mid_session_is_told_as_the_agent_shutting_down() {
 async fn a_run_as_user_that_does_not_exist_is_refused_in_words_and_recorded_error() {
     let relay = Relay::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
-    let (_agent, iid) = start_agent(&relay, tmp.path());
+    let (_agent, iid) = start_agent(&relay, tmp.path(), &[]);
     wait_online(&relay, &iid, true).await;
     // Several times: the agent may refuse before or after the client leg arrives.
     for _ in 0..3 {
