@@ -462,10 +462,14 @@ async fn watch_waiting<S: Stream>(
 /// deadline shuts the socket down regardless.
 async fn close_leg<S: Stream>(shard: Rc<Shard<S>>, conn: Rc<Conn<S>>, code: Option<u16>) {
     drop(arm_shutdown(&conn, FRAME_FINISH_WAIT + CLOSE_LINGER));
-    if let Some(code) = code
-        && !conn.send_close(&pair::close_frame(code), FRAME_FINISH_WAIT).await
-    {
-        debug!(code, "leg closed without a close frame (inside a frame, or gone)");
+    match code {
+        Some(code) => {
+            if !conn.send_close(&pair::close_frame(code), FRAME_FINISH_WAIT).await {
+                debug!(code, "leg closed without a close frame (inside a frame, or gone)");
+            }
+        }
+        // A leg that gets no close frame (it went away) needs no frame finished either.
+        None => conn.abandon_frame(),
     }
     conn.finish().await;
     if !conn.reading.get() {
