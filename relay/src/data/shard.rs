@@ -461,7 +461,8 @@ async fn watch_waiting<S: Stream>(
 /// TLS close_notify and FIN, then reads until the peer's FIN unless its pump does; a hard
 /// deadline shuts the socket down regardless.
 async fn close_leg<S: Stream>(shard: Rc<Shard<S>>, conn: Rc<Conn<S>>, code: Option<u16>) {
-    drop(arm_shutdown(&conn, FRAME_FINISH_WAIT + CLOSE_LINGER));
+    let linger = if conn.mid_frame() { FRAME_FINISH_WAIT + CLOSE_LINGER } else { CLOSE_LINGER };
+    drop(arm_shutdown(&conn, linger));
     match code {
         Some(code) => {
             if !conn.send_close(&pair::close_frame(code), FRAME_FINISH_WAIT).await {
