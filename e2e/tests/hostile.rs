@@ -186,6 +186,10 @@ async fn hostile_request_heads_and_tls_are_refused() {
     let big_headers = upgrade_head(&path, &format!("{auth}X-Pad: {}\r\n", "a".repeat(9000)));
     let big_line = upgrade_head(&format!("{path}&pad={}", "b".repeat(9000)), &auth);
     let many_headers = upgrade_head(&path, &format!("{auth}{}", "X-A: b\r\n".repeat(60)));
+    // A body after the upgrade head would become the leg's first WebSocket bytes.
+    let with_length = upgrade_head(&path, &format!("{auth}Content-Length: 6\r\n")) + "hello!";
+    let chunked = upgrade_head(&path, &format!("{auth}Transfer-Encoding: chunked\r\n"))
+        + "2\r\nhi\r\n0\r\n\r\n";
     let cases: Vec<(&str, Vec<u8>, (u16, &str))> = vec![
         ("plain HTTP request", no_upgrade.into_bytes(), (400, "InvalidRequest")),
         ("non-WebSocket upgrade (h2c)", h2c.into_bytes(), (400, "InvalidRequest")),
@@ -202,6 +206,8 @@ async fn hostile_request_heads_and_tls_are_refused() {
             (400, "InvalidRequest"),
         ),
         ("binary garbage head", garbage_head(), (400, "InvalidRequest")),
+        ("upgrade with a Content-Length body", with_length.into_bytes(), (400, "InvalidRequest")),
+        ("upgrade with a chunked body", chunked.into_bytes(), (400, "InvalidRequest")),
         (
             "unknown path",
             b"GET /etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 both_backends!(
     bad_requests_get_status_and_code,
+    upgrade_with_a_body_is_refused,
     stalled_handshakes_are_closed_at_the_deadline,
     frame_violations_close_with_their_code,
     relay_answers_pings_itself,
@@ -89,6 +90,51 @@ async fn bad_requests_get_status_and_code(io: IoBackend) {
     .await;
     assert!(closed.is_ok(), "garbage before TLS left the connection open");
     still_serves(&relay, "s-after-bad").await;
+}
+
+async fn upgrade_with_a_body_is_refused(io: IoBackend) {
+    let relay = Relay::start(io, |_| {});
+    // A valid token and upgrade, plus a body: after a 101 the body's bytes would have been read
+    // as the leg's first WebSocket frames (a masked binary frame "hi" here).
+    let frame = client_frame(0x82, b"hi");
+    let cases = [
+        (format!("Content-Length: {}\r\n", frame.len()), frame.clone()),
+        ("Transfer-Encoding: chunked\r\n".to_owned(), {
+            let mut b = format!("{:x}\r\n", frame.len()).into_bytes();
+            b.extend_from_slice(&frame);
+            b.extend_from_slice(b"\r\n0\r\n\r\n");
+            b
+        }),
+    ];
+    for (i, (header, body)) in cases.iter().enumerate() {
+        let sid = format!("s-body-{i}");
+        let t = relay.token(&sid, Role::Client);
+        let mut req =
+            upgrade_request(&sid, "client", &format!("Authorization: Bearer {t}\r\n{header}"))
+                .into_bytes();
+        req.extend_from_slice(body);
+        let mut r = Raw::connect(&relay).await;
+        r.write(&req).await.unwrap();
+        let (status, mut got) = r.read_response().await;
+        assert_eq!(status, 400, "{header:?}: {}", String::from_utf8_lossy(&got));
+        got.extend(r.read_to_end().await);
+        assert_eq!(json_code(&got), "InvalidRequest", "{header:?}");
+        // The token was not spent: the same token still opens the leg.
+        let mut c = relay.dial(&sid, Role::Client, &t).await.unwrap();
+        let mut a = relay.dial(&sid, Role::Agent, &relay.token(&sid, Role::Agent)).await.unwrap();
+        send_bin(&mut c, b"after").await;
+        assert_eq!(recv_bin(&mut a).await, b"after");
+    }
+    let counted = relay
+        .plane()
+        .metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("hatch_data_refusals_total{") && l.contains("reason=\"request_body\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum::<u64>();
+    assert_eq!(counted, 2);
 }
 
 async fn stalled_handshakes_are_closed_at_the_deadline(io: IoBackend) {

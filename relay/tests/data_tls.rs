@@ -22,6 +22,7 @@ both_backends!(
     handshake_messages_split_across_tiny_records,
     tls12_client_is_served,
     client_key_updates_while_the_relay_writes,
+    key_update_and_ping_flood_without_reading_is_bounded,
     client_close_notify_without_fin_ends_the_session,
     ciphertext_garbage_gets_an_alert,
     oversized_record_gets_an_alert,
@@ -278,6 +279,51 @@ async fn client_key_updates_while_the_relay_writes(io: IoBackend) {
     close_with(&mut a, 1000).await;
     assert_eq!(c.read_frame().await.0, 0x8);
     assert_eq!(relay.next_end().await.reason, CloseReason::Exit);
+}
+
+async fn key_update_and_ping_flood_without_reading_is_bounded(io: IoBackend) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let relay = Relay::start(io, |_| {});
+    let cfg = client_config(&relay, &[&rustls::version::TLS13]);
+    let mut c = Manual::connect(&relay, cfg, 16 * 1024).await;
+    c.upgrade(&relay, "s-ku-flood", Role::Client).await;
+    let _a = relay
+        .dial("s-ku-flood", Role::Agent, &relay.token("s-ku-flood", Role::Agent))
+        .await
+        .unwrap();
+    // Everything that makes the relay write on this leg at once, nonstop, never reading: a
+    // KeyUpdate asking for the relay's (rustls queues at most one reply) and a 125-byte ping
+    // (application data, which also renews rustls's allowance of KeyUpdate requests).
+    let rounds = Arc::new(AtomicU64::new(0));
+    let rounds2 = rounds.clone();
+    let flood = tokio::spawn(async move {
+        loop {
+            c.tls.refresh_traffic_keys().unwrap();
+            c.write(&client_frame(0x89, &[0x5A; 125])).await;
+            rounds2.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let (mut most, mut last, mut still, mut i) = (0, 0, 0, 0);
+    while (still < 20 && !flood.is_finished()) || start.elapsed() < Duration::from_secs(3) {
+        assert!(start.elapsed() < 2 * WAIT, "the flood never stalled: {last} rounds");
+        let sid = format!("s-ku-beside-{i}");
+        i += 1;
+        let (mut c2, mut a2) = relay.pair(&sid).await;
+        send_bin(&mut c2, b"still here").await;
+        assert_eq!(recv_bin(&mut a2).await, b"still here");
+        most = most.max(relay.metric("hatch_data_buffers_in_use"));
+        let now = rounds.load(Ordering::Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ended = flood.is_finished();
+    eprintln!(
+        "key update flood: {last} rounds (leg closed: {ended}); at most {most} buffers in use"
+    );
+    assert!(most <= 8, "{most} pooled buffers in use during the flood");
+    flood.abort();
 }
 
 async fn client_close_notify_without_fin_ends_the_session(io: IoBackend) {

@@ -56,6 +56,13 @@ struct Partial {
     fin: bool,
 }
 
+impl Deframer {
+    /// Payload bytes still to come of the data frame whose header went out, if one did.
+    pub fn frame_rest(&self) -> Option<u64> {
+        self.partial.map(|p| p.remaining)
+    }
+}
+
 /// The result of one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
@@ -70,8 +77,10 @@ pub struct Step {
     pub frames: u32,
     /// Why the step stopped early, if it did.
     pub event: Option<Event>,
-    /// After a violation: the other leg was left inside a frame (send it no close frame).
-    pub peer_mid_frame: bool,
+    /// Once `out` is written, the other leg is inside a frame: a header went out (in this step
+    /// or an earlier one) whose payload has not all followed. The relay may write nothing of
+    /// its own (pong, ping, close) to that leg until the frame is complete (RFC 6455 §5.4).
+    pub mid_frame: bool,
 }
 
 /// Longest unconsumed tail a step can leave: a complete control-frame header plus all but one
@@ -95,7 +104,8 @@ pub fn step(
     let mut event = None;
     // Where the current frame's header went out, when that happened in this step.
     let mut hdr_at: Option<usize> = None;
-    let mut peer_mid_frame = false;
+    // The bad frame's header was held back: the other leg is not inside it.
+    let mut withdrawn = false;
     loop {
         if let Some(mut p) = st.partial {
             let avail = ((end - r) as u64).min(p.remaining) as usize;
@@ -107,9 +117,9 @@ pub fn step(
             {
                 // Hold back the bad frame: drop its header if it has not gone out yet;
                 // otherwise the peer is left inside a frame (and gets no close frame).
-                match hdr_at {
-                    Some(h) => w = h,
-                    None => peer_mid_frame = true,
+                if let Some(h) = hdr_at {
+                    w = h;
+                    withdrawn = true;
                 }
                 event = Some(Event::BadUtf8);
                 break;
@@ -209,7 +219,8 @@ pub fn step(
         }
     }
     let out = out_start.map_or(start..start, |s| s..w.max(s));
-    Step { out, consumed: r, payload, frames, event, peer_mid_frame }
+    let mid_frame = st.partial.is_some() && !withdrawn;
+    Step { out, consumed: r, payload, frames, event, mid_frame }
 }
 
 /// Checks a chunk of a text message as UTF-8, carrying an incomplete sequence at its end over
@@ -337,6 +348,39 @@ mod tests {
         let s2 = step(&mut input, s.consumed, len, &mut st, &ParseConfig::SERVER);
         assert_eq!(&input[s2.out], &server(true, OpCode::Binary, b"z")[..]);
         assert_eq!(s2.consumed, len);
+    }
+
+    #[test]
+    fn mid_frame_says_whether_the_other_leg_is_inside_a_frame() {
+        let cfg = &ParseConfig::SERVER;
+        let input = masked(true, OpCode::Binary, &[7u8; 100], [1, 2, 3, 4]);
+        let mut st = Deframer::default();
+        let mut buf = input[..50].to_vec();
+        let s = step(&mut buf, 0, 50, &mut st, cfg);
+        assert!(s.mid_frame && s.out.len() == 2 + 44, "{s:?}");
+        assert_eq!(st.frame_rest(), Some(56));
+        let mut buf = input[50..].to_vec();
+        let s = step(&mut buf, 0, 56, &mut st, cfg);
+        assert!(!s.mid_frame && s.frames == 1, "{s:?}");
+        assert_eq!(st.frame_rest(), None);
+        // A control frame after a complete frame: not inside one.
+        let mut buf = masked(true, OpCode::Binary, b"ab", [1, 2, 3, 4]);
+        buf.extend(masked(true, OpCode::Ping, b"", [1, 2, 3, 4]));
+        let len = buf.len();
+        let s = step(&mut buf, 0, len, &mut Deframer::default(), cfg);
+        assert!(matches!(s.event, Some(Event::Ping(_))) && !s.mid_frame, "{s:?}");
+        // Bad UTF-8 in the first chunk: the header is held back, so the leg is not inside it.
+        let mut buf = masked(true, OpCode::Text, &[b'a', 0xFF, b'b', b'c'], [1, 2, 3, 4]);
+        let s = step(&mut buf, 0, 8, &mut Deframer::default(), cfg);
+        assert!(s.event == Some(Event::BadUtf8) && s.out.is_empty() && !s.mid_frame, "{s:?}");
+        // Bad UTF-8 in a later chunk: the header already went out.
+        let text = masked(true, OpCode::Text, &[b'a', b'b', 0xFF, b'c'], [1, 2, 3, 4]);
+        let mut st = Deframer::default();
+        let mut buf = text[..7].to_vec();
+        assert!(step(&mut buf, 0, 7, &mut st, cfg).mid_frame);
+        let mut buf = text[7..].to_vec();
+        let s = step(&mut buf, 0, 3, &mut st, cfg);
+        assert!(s.event == Some(Event::BadUtf8) && s.mid_frame, "{s:?}");
     }
 
     #[test]

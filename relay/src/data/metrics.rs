@@ -7,11 +7,12 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Refusal reasons counted (index into [`ShardMetrics::refusals`]).
-pub const REFUSALS: [&str; 8] = [
+pub const REFUSALS: [&str; 9] = [
     "invalid_token",
     "token_expired",
     "token_already_used",
     "bad_request",
+    "request_body",
     "head_too_large",
     "not_found",
     "unavailable",

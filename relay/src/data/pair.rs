@@ -132,6 +132,8 @@ async fn pump<S: Stream>(
 ) {
     a.reading.set(true);
     forward_loop(&shard, &s, &a, &b, from).await;
+    // A frame to `b` left half written will not be completed by anyone now.
+    b.abandon_frame();
     drop(b);
     // The session has ended and its closer sent our close frame and FIN: read until the peer's
     // FIN (or the closer's hard deadline), so that closing never resets unread bytes.
@@ -162,7 +164,10 @@ async fn forward_loop<S: Stream>(
         if from == CLIENT { &shard.metrics.bytes_c2a } else { &shard.metrics.bytes_a2c };
     loop {
         let r = a.read_plain(&carry[..clen]).await;
-        if s.ended() {
+        // After the end, only the rest of a frame that `b` is inside is forwarded, so that
+        // `b`'s closer can still send its close frame (it waits a bounded time for this).
+        let finishing = s.ended();
+        if finishing && !b.mid_frame() {
             if let Ok(Some((buf, _))) = r {
                 shard.pool.give(buf);
             }
@@ -180,6 +185,12 @@ async fn forward_loop<S: Stream>(
                 shard.gone(s, from);
                 return;
             }
+        };
+        // While finishing, the carry is empty (a frame's payload was being streamed) and what
+        // follows the frame is dropped.
+        let len = match st.frame_rest() {
+            Some(rest) if finishing => len.min(clen + rest.min(len as u64) as usize),
+            _ => len,
         };
         let now = Instant::now();
         a.last_rx.set(now);
@@ -200,7 +211,7 @@ async fn forward_loop<S: Stream>(
             if !step.out.is_empty() {
                 // Read → write handed to the other leg (the write's own wait is not counted).
                 shard.metrics.forward.record(now.elapsed());
-                let (res, b2) = b.write_plain(buf, step.out.clone()).await;
+                let (res, b2) = b.write_forwarded(buf, step.out.clone(), step.mid_frame).await;
                 buf = b2;
                 if let Err(err) = res {
                     shard.pool.give(buf);
@@ -208,7 +219,7 @@ async fn forward_loop<S: Stream>(
                     shard.gone(s, to);
                     return;
                 }
-                if s.ended() {
+                if s.ended() && !step.mid_frame {
                     shard.pool.give(buf);
                     return;
                 }
@@ -218,14 +229,9 @@ async fn forward_loop<S: Stream>(
             match event {
                 Event::Pong => {}
                 Event::Ping(r) => {
-                    let mut pong =
-                        [0u8; frame::MAX_HEADER_LEN + frame::MAX_CONTROL_PAYLOAD as usize];
-                    let mut h = [0u8; frame::MAX_HEADER_LEN];
-                    let n = frame::encode_header(true, OpCode::Pong, r.len() as u64, None, &mut h);
-                    pong[..n].copy_from_slice(&h[..n]);
-                    pong[n..n + r.len()].copy_from_slice(&buf[r.clone()]);
-                    // A failed pong shows up as a failed read next.
-                    let _ = a.write_small(&pong[..n + r.len()]).await;
+                    // Written now, or after the frame `a` is inside (see `Conn::send_pong`). A
+                    // failed pong shows up as a failed read next.
+                    let _ = a.send_pong(&buf[r]).await;
                 }
                 Event::Close(r) => {
                     let (reason, to_a, to_b) = match frame::parse_close_payload(&buf[r]) {
@@ -247,22 +253,15 @@ async fn forward_loop<S: Stream>(
                 }
                 Event::Violation(code, err) => {
                     warn!(session = %s.sid, leg = from, %err, "protocol violation");
-                    return violation(shard, s, from, code, buf, step.peer_mid_frame);
+                    return violation(shard, s, from, code, buf);
                 }
                 Event::BadUtf8 => {
                     warn!(session = %s.sid, leg = from, "text frame with invalid utf-8");
-                    return violation(
-                        shard,
-                        s,
-                        from,
-                        close::INVALID_PAYLOAD,
-                        buf,
-                        step.peer_mid_frame,
-                    );
+                    return violation(shard, s, from, close::INVALID_PAYLOAD, buf);
                 }
                 Event::BadFragment => {
                     warn!(session = %s.sid, leg = from, "bad fragmentation");
-                    return violation(shard, s, from, close::PROTOCOL_ERROR, buf, false);
+                    return violation(shard, s, from, close::PROTOCOL_ERROR, buf);
                 }
             }
         }
@@ -272,19 +271,18 @@ async fn forward_loop<S: Stream>(
     }
 }
 
+/// Ends the session for a violation on leg `from`. If the other leg was left inside a frame
+/// (the bad bytes were held back), it gets no close frame: the pump gives that frame up as it
+/// returns, and the closer then sends none.
 fn violation<S: Stream>(
     shard: &Rc<Shard<S>>,
     s: &Rc<Session<S>>,
     from: usize,
     code: u16,
     buf: Vec<u8>,
-    peer_mid_frame: bool,
 ) {
     shard.pool.give(buf);
     let mut codes = [Some(close::PEER_GONE), Some(close::PEER_GONE)];
     codes[from] = Some(code);
-    if peer_mid_frame {
-        codes[1 - from] = None;
-    }
     shard.end(s, CloseReason::Error, codes);
 }

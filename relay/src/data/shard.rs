@@ -37,6 +37,12 @@ use crate::token::{TokenError, TokenVerifier};
 /// How long a closing leg may take to send its close and FIN before its socket is shut down.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// How long a closing leg's close frame waits for a forwarded frame to that leg, half written
+/// when the session ended, to complete (its sender wrote it whole and TCP split it, so the rest
+/// is normally in flight already). After that the leg is closed without a close frame: one
+/// inside the payload would corrupt it. Short, because a dripping sender would hold the close.
+pub const FRAME_FINISH_WAIT: Duration = Duration::from_secs(1);
+
 /// How often a shard reports the byte counts of its live sessions that changed
 /// ([`DataEvent::Progress`]). A relay killed without warning loses at most this much of each
 /// session's counts; shorter means more store writes for busy sessions (one row update per
@@ -176,7 +182,7 @@ pub async fn run<L: Listener>(init: ShardInit) {
         shard.end(s, CloseReason::RelayShutdown, [Some(close::RELAY_SHUTDOWN); 2]);
     }
     // Let the closers send 4009 and FIN; their hard deadline bounds this.
-    let deadline = Instant::now() + CLOSE_LINGER + Duration::from_millis(200);
+    let deadline = Instant::now() + FRAME_FINISH_WAIT + CLOSE_LINGER + Duration::from_millis(200);
     while shard.metrics.open.load(std::sync::atomic::Ordering::Relaxed) > 0
         && Instant::now() < deadline
     {
@@ -452,12 +458,20 @@ async fn watch_waiting<S: Stream>(
     }
 }
 
-/// Closes one leg: the close frame (if any), TLS close_notify and FIN, then reads until the
-/// peer's FIN unless its pump does; a hard deadline shuts the socket down regardless.
+/// Closes one leg: the close frame (if any; only between frames, see [`FRAME_FINISH_WAIT`]),
+/// TLS close_notify and FIN, then reads until the peer's FIN unless its pump does; a hard
+/// deadline shuts the socket down regardless.
 async fn close_leg<S: Stream>(shard: Rc<Shard<S>>, conn: Rc<Conn<S>>, code: Option<u16>) {
-    drop(arm_shutdown(&conn, CLOSE_LINGER));
-    if let Some(code) = code {
-        let _ = conn.write_small(&pair::close_frame(code)).await;
+    let linger = if conn.mid_frame() { FRAME_FINISH_WAIT + CLOSE_LINGER } else { CLOSE_LINGER };
+    drop(arm_shutdown(&conn, linger));
+    match code {
+        Some(code) => {
+            if !conn.send_close(&pair::close_frame(code), FRAME_FINISH_WAIT).await {
+                debug!(code, "leg closed without a close frame (inside a frame, or gone)");
+            }
+        }
+        // A leg that gets no close frame (it went away) needs no frame finished either.
+        None => conn.abandon_frame(),
     }
     conn.finish().await;
     if !conn.reading.get() {
@@ -616,11 +630,15 @@ fn check_paired<S: Stream>(
             shard.gone(s, i);
             return;
         }
+        // One ping owed at a time: a leg that sends now and then but does not read cannot
+        // make writers pile up behind its write gate.
         if silent >= cfg.ping_interval && !c.pinged.get() {
             c.pinged.set(true);
-            tokio::task::spawn_local(async move {
-                let _ = c.write_small(&[0x89, 0]).await;
-            });
+            if c.owe_ping() {
+                tokio::task::spawn_local(async move {
+                    let _ = c.flush_owed().await;
+                });
+            }
         }
     }
 }

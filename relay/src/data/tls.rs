@@ -31,6 +31,8 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptErr
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use hatch_proto::frame::{self, OpCode};
+
 use super::io::Stream;
 use super::metrics::ShardMetrics;
 use super::pool::Pool;
@@ -60,7 +62,31 @@ pub struct Conn<S> {
     pub(crate) pinged: Cell<bool>,
     /// A task is reading this leg (its pump); otherwise the closer drains it.
     pub(crate) reading: Cell<bool>,
+    /// Frames the relay makes for this leg, held while a forwarded frame to it is half written.
+    outbox: RefCell<Outbox>,
+    /// Woken when a half-written frame to this leg completes or is given up.
+    frame_done: Notify,
     _open: OpenGuard,
+}
+
+/// What the relay owes a leg of its own, and whether it may write it now.
+///
+/// RFC 6455 §5.4 allows a control frame between the frames of a message, never inside one. The
+/// relay streams a frame to a leg as its chunks arrive from the other leg, so between those
+/// writes the leg's byte stream is inside a frame; a pong, ping or close written then would
+/// land in the middle of the payload. They wait here, bounded: at most one pong (a newer ping's
+/// pong replaces the older one, as §5.5.3 allows) and one ping.
+#[derive(Default)]
+struct Outbox {
+    /// A forwarded frame to this leg is half written.
+    mid_frame: bool,
+    /// Nothing more may be written as WebSocket frames: our close frame went out, or the leg was
+    /// left inside a frame that will never complete.
+    shut: bool,
+    /// The pong owed for the newest ping: its payload (≤ 125 bytes) and length.
+    pong: Option<([u8; frame::MAX_CONTROL_PAYLOAD as usize], u8)>,
+    /// A keepalive ping is owed (or being written).
+    ping: bool,
 }
 
 /// A leg's TLS state.
@@ -126,6 +152,8 @@ impl<S: Stream> Conn<S> {
             last_rx: Cell::new(Instant::now()),
             pinged: Cell::new(false),
             reading: Cell::new(false),
+            outbox: RefCell::default(),
+            frame_done: Notify::new(),
         }
     }
 
@@ -496,6 +524,11 @@ impl<S: Stream> Conn<S> {
         range: Range<usize>,
     ) -> (io::Result<()>, Vec<u8>) {
         let _g = self.gate.lock().await;
+        self.write_locked(buf, range).await
+    }
+
+    /// [`Conn::write_plain`] for a caller holding the write gate.
+    async fn write_locked(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>) {
         match &self.tls {
             None => self.io.write_all(buf, range).await,
             Some(tls) => {
@@ -578,6 +611,159 @@ impl<S: Stream> Conn<S> {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "TLS handshake not complete"));
         }
         Ok(conn)
+    }
+
+    /// Writes forwarded frame bytes; `mid_frame`: afterwards the leg is inside a frame (see
+    /// [`Step::mid_frame`](super::forward::Step::mid_frame)). When a frame completes, the
+    /// control frames owed to the leg follow at once, under the same hold of the write gate.
+    pub async fn write_forwarded(
+        &self,
+        buf: Vec<u8>,
+        range: Range<usize>,
+        mid_frame: bool,
+    ) -> (io::Result<()>, Vec<u8>) {
+        let _g = self.gate.lock().await;
+        if self.outbox.borrow().shut {
+            return (Err(io::Error::new(io::ErrorKind::BrokenPipe, "leg closed")), buf);
+        }
+        let (r, buf) = self.write_locked(buf, range).await;
+        if r.is_err() {
+            return (r, buf);
+        }
+        let was_mid = std::mem::replace(&mut self.outbox.borrow_mut().mid_frame, mid_frame);
+        if was_mid && !mid_frame {
+            self.frame_done.notify_waiters();
+            if let Err(e) = self.write_owed().await {
+                return (Err(e), buf);
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    /// Answers a ping with `payload` (≤ 125 bytes): now, or once the frame this leg is inside
+    /// is complete (replacing a pong still owed). Waits for the write gate, so a leg that does
+    /// not read stops being read (its pings stay in the kernel).
+    pub async fn send_pong(&self, payload: &[u8]) -> io::Result<()> {
+        {
+            let mut ob = self.outbox.borrow_mut();
+            let mut p = [0u8; frame::MAX_CONTROL_PAYLOAD as usize];
+            let n = payload.len().min(p.len());
+            p[..n].copy_from_slice(&payload[..n]);
+            ob.pong = Some((p, n as u8));
+        }
+        self.flush_owed().await
+    }
+
+    /// Owes the leg a keepalive ping; false if one is already owed (then nothing is to be done:
+    /// its writer is on the way, or the forwarder sends it when the frame ends).
+    pub fn owe_ping(&self) -> bool {
+        let mut ob = self.outbox.borrow_mut();
+        if ob.ping || ob.shut {
+            return false;
+        }
+        ob.ping = true;
+        true
+    }
+
+    /// Writes the control frames owed to the leg unless it is inside a frame.
+    pub async fn flush_owed(&self) -> io::Result<()> {
+        let _g = self.gate.lock().await;
+        if self.outbox.borrow().mid_frame {
+            return Ok(());
+        }
+        self.write_owed().await
+    }
+
+    /// Sends our close frame once the leg is not inside a frame, waiting at most `wait` for a
+    /// half-written one to complete; after that, or if the frame was given up, the leg gets no
+    /// close frame (a close inside a payload would corrupt it). Either way no frame follows.
+    /// Returns whether the close frame was written.
+    pub async fn send_close(&self, close: &[u8], wait: std::time::Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            let g = self.gate.lock().await;
+            let (shut, mid) = {
+                let ob = self.outbox.borrow();
+                (ob.shut, ob.mid_frame)
+            };
+            if shut {
+                return false;
+            }
+            if !mid {
+                self.shut_frames();
+                let mut buf = self.pool.take();
+                let n = close.len().min(buf.len());
+                buf[..n].copy_from_slice(&close[..n]);
+                let (r, buf) = self.write_locked(buf, 0..n).await;
+                self.pool.give(buf);
+                return r.is_ok();
+            }
+            let done = self.frame_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            drop(g);
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                self.shut_frames();
+                return false;
+            }
+        }
+    }
+
+    /// The frame this leg is inside will never complete (its source is gone): no relay frame
+    /// may follow on this leg.
+    pub fn abandon_frame(&self) {
+        if self.outbox.borrow().mid_frame {
+            self.shut_frames();
+        }
+    }
+
+    /// Whether a forwarded frame to this leg is half written.
+    pub fn mid_frame(&self) -> bool {
+        self.outbox.borrow().mid_frame
+    }
+
+    fn shut_frames(&self) {
+        let mut ob = self.outbox.borrow_mut();
+        ob.shut = true;
+        ob.pong = None;
+        ob.ping = false;
+        drop(ob);
+        self.frame_done.notify_waiters();
+    }
+
+    /// Writes what is owed (pong first: it answers the peer; then our ping). The caller holds the
+    /// write gate and has checked that the leg is not inside a frame.
+    async fn write_owed(&self) -> io::Result<()> {
+        let mut out = [0u8; 2 * (2 + frame::MAX_CONTROL_PAYLOAD as usize)];
+        let mut n = 0;
+        {
+            let mut ob = self.outbox.borrow_mut();
+            if ob.shut {
+                ob.pong = None;
+                ob.ping = false;
+                return Ok(());
+            }
+            // A server control frame's header is two bytes: FIN + opcode, then the length
+            // (≤ 125, so no extended length and no mask).
+            if let Some((p, len)) = ob.pong.take() {
+                out[..2].copy_from_slice(&[0x80 | OpCode::Pong as u8, len]);
+                let len = usize::from(len);
+                out[2..2 + len].copy_from_slice(&p[..len]);
+                n = 2 + len;
+            }
+            if std::mem::take(&mut ob.ping) {
+                out[n..n + 2].copy_from_slice(&[0x80 | OpCode::Ping as u8, 0]);
+                n += 2;
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut buf = self.pool.take();
+        buf[..n].copy_from_slice(&out[..n]);
+        let (r, buf) = self.write_locked(buf, 0..n).await;
+        self.pool.give(buf);
+        r
     }
 
     /// Writes a small relay-made message (HTTP response, control frame).

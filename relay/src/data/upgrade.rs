@@ -37,6 +37,9 @@ pub enum Refusal {
     TokenAlreadyUsed,
     /// Not a valid WebSocket upgrade (400).
     BadRequest,
+    /// The upgrade request declares a body (`Content-Length` other than 0, or any
+    /// `Transfer-Encoding`): after a `101` those bytes would be read as WebSocket frames (400).
+    RequestBody,
     /// Request head over 8 KiB (431).
     HeadTooLarge,
     /// Not `/v1/stream/{sid}?role=client|agent` (404).
@@ -58,6 +61,9 @@ impl Refusal {
             }
             Refusal::BadRequest => {
                 (400, "Bad Request", "InvalidRequest", "not a valid WebSocket upgrade request")
+            }
+            Refusal::RequestBody => {
+                (400, "Bad Request", "InvalidRequest", "an upgrade request carries no body")
             }
             Refusal::HeadTooLarge => (
                 431,
@@ -84,6 +90,7 @@ impl Refusal {
             Refusal::TokenExpired => "token_expired",
             Refusal::TokenAlreadyUsed => "token_already_used",
             Refusal::BadRequest => "bad_request",
+            Refusal::RequestBody => "request_body",
             Refusal::HeadTooLarge => "head_too_large",
             Refusal::NotFound => "not_found",
             Refusal::Unavailable => "unavailable",
@@ -143,6 +150,7 @@ pub fn parse(head: &[u8]) -> Result<Request, Refusal> {
     let mut key = None;
     let mut token = None;
     let mut hatch_v1 = false;
+    let mut body = false;
     for h in req.headers.iter() {
         let v = std::str::from_utf8(h.value).map_err(|_| Refusal::BadRequest)?;
         if h.name.eq_ignore_ascii_case("upgrade") {
@@ -151,6 +159,13 @@ pub fn parse(head: &[u8]) -> Result<Request, Refusal> {
             connection |= v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
         } else if h.name.eq_ignore_ascii_case("sec-websocket-version") {
             version |= v.trim() == "13";
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            // Only an explicit empty body is harmless; anything else (a length, a list, junk)
+            // would make the bytes after the head either a body or frames, depending on who
+            // reads them.
+            body |= v.trim() != "0";
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            body = true;
         } else if h.name.eq_ignore_ascii_case("sec-websocket-key") {
             key = Some(v.trim());
         } else if h.name.eq_ignore_ascii_case("authorization") {
@@ -171,6 +186,9 @@ pub fn parse(head: &[u8]) -> Result<Request, Refusal> {
                 }
             }
         }
+    }
+    if body {
+        return Err(Refusal::RequestBody);
     }
     let key = key.ok_or(Refusal::BadRequest)?;
     // A key is 16 random bytes in base64: 24 characters.
@@ -236,6 +254,33 @@ mod tests {
             Err(Refusal::BadRequest)
         );
         assert_eq!(parse(b"\x16\x03\x01garbage\r\n\r\n"), Err(Refusal::BadRequest));
+    }
+
+    #[test]
+    fn a_request_with_a_body_is_refused() {
+        let ok = "Authorization: Bearer abc\r\n";
+        for extra in [
+            "Content-Length: 5\r\n",
+            "content-length: 1\r\n",
+            "Content-Length: 0, 0\r\n",
+            "Content-Length: x\r\n",
+            "Transfer-Encoding: chunked\r\n",
+            "transfer-encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: identity\r\n",
+            "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            let head = req(&format!("{ok}{extra}"), "/v1/stream/s1?role=client");
+            assert_eq!(parse(head.as_bytes()), Err(Refusal::RequestBody), "{extra:?}");
+        }
+        // Refused before the token is looked at.
+        let head = req("Content-Length: 3\r\n", "/v1/stream/s1?role=client");
+        assert_eq!(parse(head.as_bytes()), Err(Refusal::RequestBody));
+        // An explicit empty body is no body.
+        let head = req(&format!("{ok}Content-Length: 0\r\n"), "/v1/stream/s1?role=client");
+        assert_eq!(parse(head.as_bytes()).unwrap().token, "abc");
+        assert_eq!(&Refusal::RequestBody.response()[..15], b"HTTP/1.1 400 Ba");
+        assert_eq!(Refusal::RequestBody.parts().2, "InvalidRequest");
+        assert!(crate::data::metrics::REFUSALS.contains(&Refusal::RequestBody.label()));
     }
 
     #[test]
