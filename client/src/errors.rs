@@ -328,7 +328,7 @@ fn close_exit_code(code: u16) -> u8 {
         | close::IDLE_TIMEOUT
         | close::MAX_DURATION => exit::TEMPFAIL,
         close::PEER_NEVER_CAME => exit::UNAVAILABLE,
-        close::SESSION_MANAGER_DISABLED => exit::NOPERM,
+        close::SESSION_MANAGER_DISABLED | close::ACCESS_REVOKED => exit::NOPERM,
         _ => exit::TRANSPORT,
     }
 }
@@ -349,6 +349,7 @@ fn close_label(code: u16) -> String {
         close::MAX_DURATION => "MaxDuration",
         close::RELAY_SHUTDOWN => "RelayShutdown",
         close::SESSION_MANAGER_DISABLED => "SessionManagerDisabled",
+        close::ACCESS_REVOKED => "AccessRevoked",
         _ => "Closed",
     };
     format!("{name} (close {code})")
@@ -407,6 +408,10 @@ fn close_words(code: u16, instance: &Option<String>) -> String {
         }
         close::SESSION_MANAGER_DISABLED => "session management was switched off for the \
                                             account; ask the account owner"
+            .to_owned(),
+        close::ACCESS_REVOKED => "your access to this session was revoked (your access key \
+                                  revoked, your user disabled, or your policy changed); ask an \
+                                  administrator"
             .to_owned(),
         other => format!(
             "the relay closed the session: {} ({other}); start the session again",
@@ -534,6 +539,7 @@ mod tests {
             (close::MAX_DURATION, 75, "maximum duration"),
             (close::RELAY_SHUTDOWN, 255, "the relay is shutting down"),
             (close::SESSION_MANAGER_DISABLED, 77, "switched off"),
+            (close::ACCESS_REVOKED, 77, "AccessRevoked (close 4012): your access to this session"),
             (
                 close::PROTOCOL_ERROR,
                 255,

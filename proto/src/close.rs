@@ -47,6 +47,9 @@ pub const RELAY_SHUTDOWN: u16 = 4009;
 pub const SESSION_MANAGER_DISABLED: u16 = 4010;
 /// The agent is shutting down (SIGTERM, its service stopping) and closed its legs.
 pub const AGENT_SHUTDOWN: u16 = 4011;
+/// The caller who started the session lost the access it needed: their access key was revoked,
+/// their user disabled, or their policies no longer allow the session.
+pub const ACCESS_REVOKED: u16 = 4012;
 
 /// A short lower-case description of a close code, for logs and for the CLI's messages.
 pub fn describe(code: u16) -> &'static str {
@@ -70,6 +73,7 @@ pub fn describe(code: u16) -> &'static str {
         RELAY_SHUTDOWN => "relay shutting down",
         SESSION_MANAGER_DISABLED => "session manager disabled for the account",
         AGENT_SHUTDOWN => "agent shutting down",
+        ACCESS_REVOKED => "access revoked",
         _ => "unknown close code",
     }
 }

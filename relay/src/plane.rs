@@ -28,6 +28,8 @@ pub enum CloseReason {
     AgentLost,
     /// Terminated through the API or the account switch.
     Terminated,
+    /// The caller lost access while the session ran (key revoked, user disabled, policy).
+    AccessRevoked,
     /// No client→agent data for the idle timeout.
     IdleTimeout,
     /// Reached the maximum session duration.
@@ -51,6 +53,7 @@ impl CloseReason {
             CloseReason::ClientLost => "client_lost",
             CloseReason::AgentLost => "agent_lost",
             CloseReason::Terminated => "terminated",
+            CloseReason::AccessRevoked => "access_revoked",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::MaxDuration => "max_duration",
             CloseReason::PairTimeout => "pair_timeout",
@@ -68,6 +71,7 @@ impl CloseReason {
             "client_lost" => CloseReason::ClientLost,
             "agent_lost" => CloseReason::AgentLost,
             "terminated" => CloseReason::Terminated,
+            "access_revoked" => CloseReason::AccessRevoked,
             "idle_timeout" => CloseReason::IdleTimeout,
             "max_duration" => CloseReason::MaxDuration,
             "pair_timeout" => CloseReason::PairTimeout,

@@ -43,6 +43,7 @@ pub fn create_user(store: &dyn Store, account_id: &str, name: &str) -> anyhow::R
         "account {account_id} already has a user {name}"
     );
     let u = User {
+        disabled_at: None,
         id: credentials::new_id("u-"),
         account_id: account_id.to_owned(),
         name: name.to_owned(),

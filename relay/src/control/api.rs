@@ -30,7 +30,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
-use super::policy::{self, Context, Policy};
+use super::access::Grants;
+use super::policy::{self, Context};
 use super::sessions::LimitHit;
 use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
 use super::{CLOSE_TERMINATED, Shared, credentials, unix_now};
@@ -274,9 +275,7 @@ struct Caller {
     account: Account,
     user_id: Option<String>,
     key_id: String,
-    policies: Vec<Policy>,
-    /// An attached policy that no longer parses: every action is denied (fail closed).
-    unreadable: Option<String>,
+    grants: Grants,
     source_ip: IpAddr,
 }
 
@@ -291,15 +290,8 @@ impl Caller {
 
     /// Whether `action` on `inst` is allowed in `ctx` (the owner may do everything in the
     /// account).
-    fn may(&self, action: &str, region: &str, inst: &Instance, ctx: &Context) -> bool {
-        if self.is_owner() {
-            return true;
-        }
-        if self.unreadable.is_some() {
-            return false;
-        }
-        let hrn = policy::instance_hrn(region, &self.account.id, &inst.id);
-        policy::evaluate(&self.policies, action, &hrn, ctx).allowed()
+    fn may(&self, action: &str, inst: &Instance, ctx: &Context) -> bool {
+        self.grants.may(action, &self.account.id, inst, ctx)
     }
 
     fn context(&self, inst: &Instance) -> Context {
@@ -371,27 +363,15 @@ async fn authenticate(
             "access key not recognised (never issued or revoked)",
         ));
     };
-    let mut policies = Vec::with_capacity(docs.len());
-    let mut unreadable = None;
-    for d in docs {
-        // Documents are validated before they are stored; one that no longer parses (an older
-        // relay's, or one a newer rule refuses) may hold a Deny: skipping it would widen what
-        // the others allow, so the caller is then allowed nothing until it is fixed.
-        match Policy::parse(&d.document) {
-            Ok(p) => policies.push(p),
-            Err(e) => {
-                warn!(policy = %d.name, err = %e,
-                    "stored policy does not parse; its user is denied every action");
-                unreadable = Some(d.name.clone());
-            }
-        }
-    }
+    let grants = match owner.user_id {
+        Some(_) => Grants::of_user(&docs),
+        None => Grants::owner(),
+    };
     Ok(Caller {
         account,
         user_id: owner.user_id,
         key_id: owner.key_id,
-        policies,
-        unreadable,
+        grants,
         source_ip: canonical_ip(peer.ip()),
     })
 }
@@ -538,7 +518,7 @@ async fn start_session(
     let mut ctx = caller.context(&inst);
     ctx.run_as = run_as.clone();
     ctx.mode = Some(req.mode.as_str().to_owned());
-    if !caller.may(policy::START_SESSION, &inst.region, &inst, &ctx) {
+    if !caller.may(policy::START_SESSION, &inst, &ctx) {
         info!(user = caller.principal(), instance = %inst.id, "start session denied by policy");
         return Err(ApiError::denied(format!(
             "your policy does not allow hatch:StartSession on {}",
@@ -712,7 +692,7 @@ fn visible(caller: &Caller, s: &SessionRecord, instances: &[Instance], action: &
     }
     instances.iter().find(|i| i.id == s.instance_id).is_some_and(|i| {
         let ctx = caller.context(i);
-        caller.may(action, &i.region, i, &ctx)
+        caller.may(action, i, &ctx)
     })
 }
 
@@ -764,7 +744,15 @@ async fn terminate_session(
     let rec = load_session(&shared, &caller, id, policy::TERMINATE_SESSION).await?;
     if rec.state != "closed" {
         info!(session = %rec.id, user = caller.principal(), "session terminated");
-        shared.end_session(&rec.id, &rec.instance_id, CLOSE_TERMINATED, "terminated").await;
+        shared
+            .end_session(
+                &rec.id,
+                &rec.instance_id,
+                CLOSE_TERMINATED,
+                crate::plane::CloseReason::Terminated,
+                "terminated",
+            )
+            .await;
     }
     let id = rec.id.clone();
     let account = caller.account.id.clone();
@@ -781,7 +769,7 @@ async fn list_instances(
     let now = unix_now();
     let instances = all
         .iter()
-        .filter(|i| caller.may(policy::DESCRIBE_INSTANCES, &i.region, i, &caller.context(i)))
+        .filter(|i| caller.may(policy::DESCRIBE_INSTANCES, i, &caller.context(i)))
         .map(|i| {
             let online = shared.agents.is_online(&i.id);
             InstanceInfo {

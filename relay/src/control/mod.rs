@@ -11,6 +11,7 @@
 //! - [`store`]: the persistent record behind the narrow [`store::Store`] trait (SQLite here).
 //! - [`credentials`]: secret generation and hashing.
 //! - [`policy`]: the policy language and its evaluation.
+//! - [`access`]: a principal's grants, and whether a live session's caller still has them.
 //! - [`api`]: the HTTP routes and the `{code, message, request_id}` errors.
 //! - [`agents`]: which agents are online, their control channels.
 //! - [`sessions`]: open sessions in memory (limits, switch, pending sweep).
@@ -19,6 +20,7 @@
 //! - [`signing`]: the token signing keys in the data directory (rotation by key id).
 //! - [`admin`]: the store operations behind `hatch-relay admin`.
 
+pub mod access;
 pub mod admin;
 pub mod agents;
 pub mod api;
@@ -30,6 +32,7 @@ pub mod sessions;
 pub mod signing;
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +49,8 @@ use store::Store;
 pub const CLOSE_TERMINATED: u16 = 4006;
 /// Close code for sessions ended by the account switch.
 pub const CLOSE_DISABLED: u16 = 4010;
+/// Close code for sessions whose caller lost access (key revoked, user disabled, policy).
+pub const CLOSE_ACCESS_REVOKED: u16 = hatch_proto::close::ACCESS_REVOKED;
 /// Close code when the agent could not start the session (the peer is gone).
 pub const CLOSE_PEER_GONE: u16 = 4005;
 /// Close code sent for a pending session closed by the sweep (its peer never came).
@@ -117,6 +122,15 @@ impl Default for ControlConfig {
             reconcile_interval: Duration::from_secs(2),
         }
     }
+}
+
+/// What the reconcile loop saw on its last look.
+struct Reconciled {
+    /// Sessions closed at or after this (seconds) are looked for next.
+    since: i64,
+    /// Per account with live sessions: its IAM generation, and whether it was already the same
+    /// on the look before (then the account is settled and not re-checked).
+    generations: HashMap<String, (i64, bool)>,
 }
 
 /// State shared by every request handler and task of the control plane.
@@ -196,12 +210,12 @@ impl ControlPlane {
                 .clamp(Duration::from_millis(20), Duration::from_secs(5));
             let mut tick = tokio::time::interval(period);
             let mut reconcile = tokio::time::interval(sweep.cfg.reconcile_interval);
-            let mut since = unix_now();
+            let mut seen = Reconciled { since: unix_now(), generations: HashMap::new() };
             loop {
                 tokio::select! {
                     _ = sweep.shutdown.cancelled() => break,
                     _ = tick.tick() => sweep.sweep().await,
-                    _ = reconcile.tick() => since = sweep.reconcile(since).await,
+                    _ = reconcile.tick() => sweep.reconcile(&mut seen).await,
                 }
             }
         });
@@ -358,36 +372,80 @@ impl Shared {
         }
     }
 
-    /// Applies changes another process (`hatch-relay admin`) made to the store since `since`:
+    /// Applies changes another process (`hatch-relay admin`) or the API made to the store:
     /// accounts switched off end their live sessions (4010); sessions closed in the store but
-    /// still live here are terminated (4006). Returns the next `since`.
-    async fn reconcile(&self, since: i64) -> i64 {
+    /// still live here are terminated (4006); in an account whose IAM generation moved (a key
+    /// revoked, a policy replaced or detached, a user disabled) every live session is evaluated
+    /// again and those whose caller lost access end (4012, `access_revoked`).
+    ///
+    /// An account is re-checked when its generation is first seen and on the look after each
+    /// change as well: a session whose caller was authorised just before a change but that
+    /// became live just after the first re-check is caught by the second.
+    async fn reconcile(&self, seen: &mut Reconciled) {
         let now = unix_now();
-        let accounts = self.live.accounts();
+        let since = seen.since;
+        let accounts: Vec<(String, Vec<String>)> = self
+            .live
+            .accounts()
+            .into_iter()
+            .map(|a| (a.clone(), self.live.of_account(&a)))
+            .collect();
+        let known = seen.generations.clone();
         let res = self
             .blocking(move |s| {
                 let mut off = Vec::new();
-                for a in accounts {
+                let mut generations = HashMap::new();
+                let mut revoked = Vec::new();
+                for (a, ids) in accounts {
                     if s.account(&a)?.is_some_and(|acc| !acc.session_manager_enabled) {
                         off.push(a);
+                        continue;
                     }
+                    let generation = s.iam_generation(&a)?;
+                    let same = known.get(&a).is_some_and(|&(g, _)| g == generation);
+                    let settled = known.get(&a).is_some_and(|&(_, settled)| settled);
+                    generations.insert(a.clone(), (generation, same));
+                    if same && settled {
+                        continue;
+                    }
+                    let mut recs = Vec::with_capacity(ids.len());
+                    for id in &ids {
+                        if let Some(r) = s.session(None, id)? {
+                            recs.push(r);
+                        }
+                    }
+                    revoked.extend(access::recheck(s, &a, &recs)?);
                 }
                 // Second granularity: look one second back so nothing closed in the same
                 // second as the last look is missed.
                 let closed = s.closed_since(since - 1)?;
-                Ok((off, closed))
+                Ok((off, closed, generations, revoked))
             })
             .await;
-        let (off, closed) = match res {
+        let (off, closed, generations, revoked) = match res {
             Ok(x) => x,
             Err(e) => {
                 warn!(err = %e, "reconciling with the store failed");
-                return since;
+                return;
             }
         };
+        seen.since = now;
+        seen.generations = generations;
         for account in off {
             info!(account = %account, "session manager switched off in the store; ending sessions");
             self.disable_account(&account).await;
+        }
+        for (rec, why) in revoked {
+            info!(session = %rec.id, account = %rec.account_id, principal = %rec.principal,
+                key = %rec.access_key_id, reason = why.words(), "caller lost access; ending session");
+            self.end_session(
+                &rec.id,
+                &rec.instance_id,
+                CLOSE_ACCESS_REVOKED,
+                CloseReason::AccessRevoked,
+                why.words(),
+            )
+            .await;
         }
         for (id, instance) in closed {
             // Sessions this process closes leave the live map before the store, so a closed
@@ -401,7 +459,6 @@ impl Shared {
                 self.tell_agent_close(&id, Some(&instance), "terminated").await;
             }
         }
-        now
     }
 
     /// Ends every open session of an account with 4010 (the switch was turned off).
@@ -427,14 +484,29 @@ impl Shared {
             }
         };
         for (id, inst) in instances {
-            self.end_session(&id, &inst, CLOSE_DISABLED, "session manager disabled").await;
+            self.end_session(
+                &id,
+                &inst,
+                CLOSE_DISABLED,
+                CloseReason::Terminated,
+                "session manager disabled",
+            )
+            .await;
         }
     }
 
-    /// Ends an open session now: data plane legs closed with `code`, store record closed.
-    async fn end_session(&self, id: &str, instance: &str, code: u16, why: &str) {
+    /// Ends an open session now: data plane legs closed with `code`, store record closed as
+    /// `reason`, the agent told `why`.
+    async fn end_session(
+        &self,
+        id: &str,
+        instance: &str,
+        code: u16,
+        reason: CloseReason,
+        why: &str,
+    ) {
         self.data.command(DataCommand::Terminate { session_id: id.to_owned(), code });
-        self.close(id, CloseReason::Terminated, 0, 0).await;
+        self.close(id, reason, 0, 0).await;
         self.tell_agent_close(id, Some(instance), why).await;
     }
 

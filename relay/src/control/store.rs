@@ -44,6 +44,10 @@ pub struct User {
     pub name: String,
     /// Seconds since the Unix epoch.
     pub created_at: i64,
+    /// When the user was disabled: their keys authenticate nothing and their live sessions
+    /// end (4012). `None` while enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<i64>,
 }
 
 /// An access key as stored (the secret itself is never stored).
@@ -213,10 +217,16 @@ pub trait Store: Send + Sync + 'static {
     fn user_by_name(&self, account_id: &str, name: &str) -> anyhow::Result<Option<User>>;
     /// The users of an account.
     fn users(&self, account_id: &str) -> anyhow::Result<Vec<User>>;
+    /// Disables (`Some(now)`) or enables (`None`) a user; false when no such user.
+    fn set_user_disabled(&self, user_id: &str, disabled_at: Option<i64>) -> anyhow::Result<bool>;
+    /// The account's IAM generation: a counter raised by every change that can take access
+    /// away (a key revoked, a policy replaced or detached, a user disabled), so a running relay
+    /// re-checks the live sessions of that account only when it moved.
+    fn iam_generation(&self, account_id: &str) -> anyhow::Result<i64>;
 
     /// Stores an access key by the SHA-256 of its secret.
     fn insert_access_key(&self, key: &AccessKey, secret_hash: &[u8; 32]) -> anyhow::Result<()>;
-    /// The owner of the unrevoked key with this secret hash.
+    /// The owner of the unrevoked key with this secret hash (none for a disabled user's key).
     fn access_key_owner(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<KeyOwner>>;
     /// Keys of an account.
     fn access_keys(&self, account_id: &str) -> anyhow::Result<Vec<AccessKey>>;
@@ -400,7 +410,22 @@ CREATE INDEX sessions_seq ON sessions (seq);
     r#"
 CREATE INDEX sessions_closed_at ON sessions (closed_at) WHERE closed_at IS NOT NULL;
 "#,
+    // Revocation reaches live sessions: disabled users, and a counter of access-removing
+    // changes per account that the running relay watches.
+    r#"
+ALTER TABLE users ADD COLUMN disabled_at INTEGER;
+ALTER TABLE accounts ADD COLUMN iam_generation INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
+
+/// Raises an account's IAM generation (inside the caller's statement sequence).
+fn bump_iam(conn: &Connection, account_id: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE accounts SET iam_generation = iam_generation + 1 WHERE id = ?1",
+        [account_id],
+    )?;
+    Ok(())
+}
 
 /// The embedded SQLite store: one file, WAL journal, one connection behind a mutex.
 pub struct SqliteStore {
@@ -541,7 +566,13 @@ fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
 }
 
 fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
-    Ok(User { id: r.get(0)?, account_id: r.get(1)?, name: r.get(2)?, created_at: r.get(3)? })
+    Ok(User {
+        id: r.get(0)?,
+        account_id: r.get(1)?,
+        name: r.get(2)?,
+        created_at: r.get(3)?,
+        disabled_at: r.get(4)?,
+    })
 }
 
 fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
@@ -663,12 +694,16 @@ impl Store for SqliteStore {
     }
 
     fn user(&self, id: &str) -> anyhow::Result<Option<User>> {
-        self.one("SELECT id, account_id, name, created_at FROM users WHERE id = ?1", [id], user_row)
+        self.one(
+            "SELECT id, account_id, name, created_at, disabled_at FROM users WHERE id = ?1",
+            [id],
+            user_row,
+        )
     }
 
     fn user_by_name(&self, account_id: &str, name: &str) -> anyhow::Result<Option<User>> {
         self.one(
-            "SELECT id, account_id, name, created_at FROM users \
+            "SELECT id, account_id, name, created_at, disabled_at FROM users \
              WHERE account_id = ?1 AND name = ?2",
             [account_id, name],
             user_row,
@@ -677,11 +712,33 @@ impl Store for SqliteStore {
 
     fn users(&self, account_id: &str) -> anyhow::Result<Vec<User>> {
         self.all(
-            "SELECT id, account_id, name, created_at FROM users WHERE account_id = ?1 \
+            "SELECT id, account_id, name, created_at, disabled_at FROM users WHERE account_id = ?1 \
              ORDER BY name",
             [account_id],
             user_row,
         )
+    }
+
+    fn set_user_disabled(&self, user_id: &str, disabled_at: Option<i64>) -> anyhow::Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let account: Option<String> = tx
+            .query_row("SELECT account_id FROM users WHERE id = ?1", [user_id], |r| r.get(0))
+            .optional()?;
+        let Some(account) = account else { return Ok(false) };
+        tx.execute(
+            "UPDATE users SET disabled_at = ?2 WHERE id = ?1",
+            params![user_id, disabled_at],
+        )?;
+        bump_iam(&tx, &account)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn iam_generation(&self, account_id: &str) -> anyhow::Result<i64> {
+        Ok(self
+            .one("SELECT iam_generation FROM accounts WHERE id = ?1", [account_id], |r| r.get(0))?
+            .unwrap_or(0))
     }
 
     fn insert_access_key(&self, k: &AccessKey, secret_hash: &[u8; 32]) -> anyhow::Result<()> {
@@ -695,8 +752,9 @@ impl Store for SqliteStore {
 
     fn access_key_owner(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<KeyOwner>> {
         self.one(
-            "SELECT id, account_id, user_id FROM access_keys \
-             WHERE secret_hash = ?1 AND revoked_at IS NULL",
+            "SELECT k.id, k.account_id, k.user_id FROM access_keys k \
+             LEFT JOIN users u ON u.id = k.user_id \
+             WHERE k.secret_hash = ?1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL",
             [&secret_hash[..]],
             |r| Ok(KeyOwner { key_id: r.get(0)?, account_id: r.get(1)?, user_id: r.get(2)? }),
         )
@@ -720,19 +778,34 @@ impl Store for SqliteStore {
     }
 
     fn revoke_access_key(&self, key_id: &str, now: i64) -> anyhow::Result<bool> {
-        let n = self.lock().execute(
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let n = tx.execute(
             "UPDATE access_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
             params![key_id, now],
         )?;
+        if n == 1 {
+            let account: String =
+                tx.query_row("SELECT account_id FROM access_keys WHERE id = ?1", [key_id], |r| {
+                    r.get(0)
+                })?;
+            bump_iam(&tx, &account)?;
+        }
+        tx.commit()?;
         Ok(n == 1)
     }
 
     fn put_policy(&self, p: &PolicyRecord) -> anyhow::Result<()> {
-        self.lock().execute(
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO policies (account_id, name, document, updated_at) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT (account_id, name) DO UPDATE SET document = ?3, updated_at = ?4",
             params![p.account_id, p.name, p.document, p.updated_at],
         )?;
+        // A replaced document may allow less.
+        bump_iam(&tx, &p.account_id)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -764,11 +837,17 @@ impl Store for SqliteStore {
     }
 
     fn detach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool> {
-        let n = self.lock().execute(
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let n = tx.execute(
             "DELETE FROM policy_attachments WHERE account_id = ?1 AND user_id = ?2 \
              AND policy_name = ?3",
             [account_id, user_id, name],
         )?;
+        if n == 1 {
+            bump_iam(&tx, account_id)?;
+        }
+        tx.commit()?;
         Ok(n == 1)
     }
 

@@ -1,0 +1,156 @@
+//! What a caller may do, and whether the caller of a live session still may.
+//!
+//! [`Grants`] are a principal's policies as the API evaluates them: the owner may do everything
+//! in the account; a user only what their policies allow, and nothing at all while one of them
+//! does not parse (skipping it could drop a Deny). The API loads them per request;
+//! [`recheck`] loads them again for the live sessions of an account whose IAM generation moved
+//! (a key revoked, a policy replaced or detached, a user disabled) and says which sessions'
+//! callers lost the access that started them, so that revocation reaches running shells
+//! within the reconcile interval instead of only refusing new requests.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use tracing::warn;
+
+use super::policy::{self, Context, Policy};
+use super::store::{Instance, SessionRecord, Store};
+
+/// The policies a principal acts under.
+#[derive(Debug, Clone)]
+pub struct Grants {
+    /// The account owner: everything in the account, no policy evaluated.
+    owner: bool,
+    policies: Vec<Policy>,
+    /// An attached policy that no longer parses: every action is denied (fail closed).
+    unreadable: Option<String>,
+}
+
+impl Grants {
+    /// The account owner's grants.
+    pub fn owner() -> Grants {
+        Grants { owner: true, policies: Vec::new(), unreadable: None }
+    }
+
+    /// A user's grants from their stored policy documents.
+    pub fn of_user(docs: &[super::store::PolicyRecord]) -> Grants {
+        let mut policies = Vec::with_capacity(docs.len());
+        let mut unreadable = None;
+        for d in docs {
+            // Documents are validated before they are stored; one that no longer parses (an
+            // older relay's, or one a newer rule refuses) may hold a Deny: skipping it would
+            // widen what the others allow, so the user is allowed nothing until it is fixed.
+            match Policy::parse(&d.document) {
+                Ok(p) => policies.push(p),
+                Err(e) => {
+                    warn!(policy = %d.name, err = %e,
+                        "stored policy does not parse; its user is denied every action");
+                    unreadable = Some(d.name.clone());
+                }
+            }
+        }
+        Grants { owner: false, policies, unreadable }
+    }
+
+    /// Whether `action` on `inst` (in `account`) is allowed in `ctx`.
+    pub fn may(&self, action: &str, account: &str, inst: &Instance, ctx: &Context) -> bool {
+        if self.owner {
+            return true;
+        }
+        if self.unreadable.is_some() {
+            return false;
+        }
+        let hrn = policy::instance_hrn(&inst.region, account, &inst.id);
+        policy::evaluate(&self.policies, action, &hrn, ctx).allowed()
+    }
+}
+
+/// The context StartSession was evaluated with, rebuilt from a session record.
+pub fn start_context(rec: &SessionRecord, inst: &Instance) -> Context {
+    Context {
+        source_ip: rec.source_ip.parse::<IpAddr>().ok(),
+        region: Some(inst.region.clone()),
+        instance_id: Some(inst.id.clone()),
+        run_as: rec.run_as.clone(),
+        mode: Some(rec.mode.clone()),
+        tags: inst.tags.clone(),
+    }
+}
+
+/// Why a live session's caller no longer has access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// The access key that started it was revoked (or is gone).
+    KeyRevoked,
+    /// The user was disabled (or is gone).
+    UserDisabled,
+    /// The user's policies no longer allow StartSession of it (or its instance is gone).
+    PolicyDenies,
+}
+
+impl Lost {
+    /// Words for logs and the close reason on the legs (at most 123 bytes).
+    pub fn words(self) -> &'static str {
+        match self {
+            Lost::KeyRevoked => "access revoked: the access key was revoked",
+            Lost::UserDisabled => "access revoked: the user was disabled",
+            Lost::PolicyDenies => "access revoked: the policy no longer allows this session",
+        }
+    }
+}
+
+/// Evaluates the live `sessions` of `account` again against the store as it is now, as the
+/// API would evaluate a new StartSession of each; returns those whose caller lost access.
+pub fn recheck(
+    store: &dyn Store,
+    account: &str,
+    sessions: &[SessionRecord],
+) -> anyhow::Result<Vec<(SessionRecord, Lost)>> {
+    if sessions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: HashMap<String, bool> =
+        store.access_keys(account)?.into_iter().map(|k| (k.id, k.revoked_at.is_none())).collect();
+    let users: HashMap<String, bool> =
+        store.users(account)?.into_iter().map(|u| (u.id, u.disabled_at.is_none())).collect();
+    let mut grants: HashMap<String, Grants> = HashMap::new();
+    let mut instances: HashMap<String, Option<Instance>> = HashMap::new();
+    let mut lost = Vec::new();
+    for rec in sessions {
+        if rec.account_id != account {
+            continue;
+        }
+        if !keys.get(&rec.access_key_id).copied().unwrap_or(false) {
+            lost.push((rec.clone(), Lost::KeyRevoked));
+            continue;
+        }
+        if rec.principal == "owner" {
+            continue;
+        }
+        if !users.get(&rec.principal).copied().unwrap_or(false) {
+            lost.push((rec.clone(), Lost::UserDisabled));
+            continue;
+        }
+        let g = match grants.get(&rec.principal) {
+            Some(g) => g,
+            None => {
+                let g = Grants::of_user(&store.user_policies(&rec.principal)?);
+                grants.entry(rec.principal.clone()).or_insert(g)
+            }
+        };
+        let inst = match instances.get(&rec.instance_id) {
+            Some(i) => i,
+            None => {
+                let i = store.instance(account, &rec.instance_id)?;
+                instances.entry(rec.instance_id.clone()).or_insert(i)
+            }
+        };
+        let allowed = inst.as_ref().is_some_and(|inst| {
+            g.may(policy::START_SESSION, account, inst, &start_context(rec, inst))
+        });
+        if !allowed {
+            lost.push((rec.clone(), Lost::PolicyDenies));
+        }
+    }
+    Ok(lost)
+}
