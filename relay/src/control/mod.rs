@@ -13,9 +13,10 @@
 //! - [`policy`]: the policy language and its evaluation.
 //! - [`api`]: the HTTP routes and the `{code, message, request_id}` errors.
 //! - [`agents`]: which agents are online, their control channels.
-//! - [`sessions`]: open sessions in memory (limits, switch, pending sweep).
+//! - [`sessions`]: open sessions in memory (limits, switch, pending sweep), start rate per key.
 //! - [`metrics`]: counters for `/metrics`.
-//! - [`http`]: serving the router over TLS (tokio-rustls + hyper) with the peer address.
+//! - [`http`]: serving the router over TLS (tokio-rustls + hyper) with the peer address: the
+//!   connection cap, and every request head checked (JSON refusals) before hyper reads it.
 //! - [`signing`]: the token signing keys in the data directory (rotation by key id).
 //! - [`admin`]: the store operations behind `hatch-relay admin`.
 
