@@ -158,9 +158,11 @@ pub(crate) async fn serve(
                                 return;
                             }
                         };
-                    requests(stream, peer, router, shared, slot, shutdown).await;
+                    requests(stream, peer, router, shared, slot, HANDSHAKE_TIMEOUT, shutdown).await;
                 }
-                None => requests(tcp, peer, router, shared, slot, shutdown).await,
+                None => {
+                    requests(tcp, peer, router, shared, slot, HANDSHAKE_TIMEOUT, shutdown).await
+                }
             }
         });
     }
@@ -205,13 +207,15 @@ impl Drop for Slot {
     }
 }
 
-/// The requests of one connection, one at a time, each head checked before hyper gets it.
+/// The requests of one connection, one at a time, each head checked before hyper gets it and
+/// each to arrive within `head_timeout`.
 async fn requests<S>(
     io: S,
     peer: SocketAddr,
     router: Router,
     shared: Arc<Shared>,
     slot: Slot,
+    head_timeout: Duration,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -222,7 +226,7 @@ async fn requests<S>(
     loop {
         let read = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.read_head(max_body)) => r,
+            r = tokio::time::timeout(head_timeout, conn.read_head(max_body)) => r,
         };
         let head = match read {
             Err(_) if conn.buf.iter().all(|b| b.is_ascii_whitespace()) => {
@@ -230,10 +234,9 @@ async fn requests<S>(
                 break;
             }
             Err(_) => {
-                let secs = HANDSHAKE_TIMEOUT.as_secs();
                 let r = Refusal::new(
                     StatusCode::REQUEST_TIMEOUT,
-                    format!("request head not received within {secs} s"),
+                    format!("request head not received within {} s", head_timeout.as_secs_f64()),
                 );
                 refuse(conn, peer, &shared, r).await;
                 return;
@@ -684,6 +687,7 @@ mod tests {
     use super::*;
 
     const LIMIT: u64 = 64 * 1024;
+    const HEAD_TIMEOUT: Duration = Duration::from_millis(100);
 
     fn status(c: &Check) -> Option<u16> {
         match c {
@@ -847,6 +851,69 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["code"], "InvalidRequest");
         assert_eq!(v["request_id"], "req-0011223344556677");
+    }
+
+    /// The connection loop over an in-memory stream, with a tiny head timeout: a head that
+    /// stops arriving gets 408 in JSON at the deadline; a connection idle between requests is
+    /// closed without an answer.
+    #[tokio::test]
+    async fn a_stalled_head_gets_408_and_an_idle_connection_is_closed_quietly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(super::super::store::SqliteStore::open(&dir.path().join("h.db")).unwrap());
+        let (signer, _) = super::super::signing::load_or_create(dir.path()).unwrap();
+        let plane = super::super::ControlPlane::new(
+            super::super::ControlConfig::default(),
+            store,
+            signer,
+            Arc::new(super::super::NoDataPlane),
+        )
+        .unwrap();
+        let shared = plane.shared.clone();
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let run = |server| {
+            let slot =
+                Slot::new(Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(), shared.clone());
+            let task = requests(
+                server,
+                peer,
+                plane.router(),
+                shared.clone(),
+                slot,
+                HEAD_TIMEOUT,
+                CancellationToken::new(),
+            );
+            tokio::spawn(task)
+        };
+
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let served = run(server);
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        served.await.unwrap();
+        assert!(t0.elapsed() >= HEAD_TIMEOUT, "{:?}", t0.elapsed());
+        let text = String::from_utf8(got).unwrap();
+        let (first, second) = text.split_once("ok\n").unwrap();
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(second.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{text}");
+        let body: serde_json::Value =
+            serde_json::from_str(second.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(body["code"], "InvalidRequest");
+
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let served = run(server);
+        client.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        served.await.unwrap();
+        let text = String::from_utf8(got).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("ok\n"), "{text}");
+        assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
     }
 
     #[test]
