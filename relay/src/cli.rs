@@ -345,27 +345,46 @@ fn init_tracing() {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// Waits for SIGTERM or SIGINT; reloads the certificate on SIGHUP.
-fn wait_for_signals(server: &Server) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = hup.recv() => {
-                    if let Err(e) = server.reload_tls() {
-                        tracing::error!(err = %format!("{e:#}"), "certificate reload failed; keeping the old one");
+/// SIGTERM, SIGINT and SIGHUP, taken over before the relay starts: a SIGTERM sent the moment
+/// the relay logs that it listens must stop it cleanly, not kill it with the default action
+/// (which it did when the handlers were installed only after the start).
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (term, int, hup) = rt.block_on(async {
+            anyhow::Ok((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
+            ))
+        })?;
+        Ok(Signals { rt, term, int, hup })
+    }
+
+    /// Waits for SIGTERM or SIGINT; reloads the certificate on SIGHUP.
+    fn wait(mut self, server: &Server) {
+        self.rt.block_on(async {
+            loop {
+                tokio::select! {
+                    _ = self.term.recv() => break,
+                    _ = self.int.recv() => break,
+                    _ = self.hup.recv() => {
+                        if let Err(e) = server.reload_tls() {
+                            tracing::error!(err = %format!("{e:#}"), "certificate reload failed; keeping the old one");
+                        }
                     }
                 }
             }
-        }
-        anyhow::Ok(())
-    })
+        })
+    }
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -376,6 +395,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let control = a.relay.control();
     let drain = Duration::from_secs(a.data.drain);
+    let signals = Signals::register()?;
     let server = Server::start(ServerConfig {
         data_dir: a.relay.data_dir.clone(),
         api_listen: a.relay.api_listen,
@@ -385,13 +405,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         data: a.data,
     })?;
     eprintln!("hatch-relay: API on {}, data plane on {}", server.api_addr(), server.data_addr());
-    wait_for_signals(&server)?;
+    signals.wait(&server);
     server.shutdown(drain);
     Ok(())
 }
 
 fn dev(a: DevArgs) -> anyhow::Result<()> {
     let control = a.relay.control();
+    let signals = Signals::register()?;
     let relay = DevRelay::start(DevOptions {
         data_dir: a.relay.data_dir.clone(),
         api_listen: a.relay.api_listen,
@@ -424,7 +445,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         acode = i.activation_code,
         key = i.access_key,
     );
-    wait_for_signals(relay.server())?;
+    signals.wait(relay.server());
     relay.shutdown(Duration::from_secs(a.data.drain));
     Ok(())
 }
