@@ -465,6 +465,12 @@ fn relay_args(dir: &Path, io: Option<Io>, shards: usize) -> Vec<String> {
         "127.0.0.1:0".into(),
         "--shards".into(),
         shards.to_string(),
+        // One owner key starts every session at --ramp: the relay's per-key rate and
+        // per-user limits (abuse guards, 20/s and 100 by default) would refuse most of them.
+        "--session-rate".into(),
+        "0".into(),
+        "--max-sessions-per-user".into(),
+        "1000000".into(),
     ];
     if let Some(io) = io {
         args.extend(["--io".into(), io.as_str().into()]);

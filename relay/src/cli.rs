@@ -11,8 +11,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
+use crate::control::sessions::{Limits, Rate};
 use crate::control::store::{SqliteStore, StateFilter, Store};
-use crate::control::{ControlConfig, admin, sessions::Limits, signing};
+use crate::control::{ControlConfig, admin, signing};
 use crate::data::DataArgs;
 use crate::dev::{DevOptions, DevRelay};
 use crate::server::{Server, ServerConfig, store_path};
@@ -62,6 +63,34 @@ struct RelayArgs {
     /// Most open sessions per account (beyond: Throttled).
     #[arg(long, default_value_t = 20_000)]
     max_sessions_per_account: usize,
+    /// Most open sessions per user, and for the account owner (beyond: Throttled).
+    #[arg(long, default_value_t = 100)]
+    max_sessions_per_user: usize,
+    /// Session starts per second per access key, on average (beyond: Throttled with
+    /// Retry-After); 0 turns the limit off.
+    #[arg(long, default_value_t = 20.0, value_parser = non_negative)]
+    session_rate: f64,
+    /// Session starts allowed at once per access key, on top of the rate.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    session_burst: u32,
+    /// Seconds a new session may wait for both its legs; then it is closed as pair_timeout
+    /// and its slot under the limits is free again.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pending_timeout: u64,
+    /// Days closed session records are kept in the store; 0 keeps them forever.
+    #[arg(long, default_value_t = 90)]
+    session_retention: u64,
+    /// Most connections the API listener holds at once, agents' control channels included;
+    /// beyond it new connections are reset.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    max_api_connections: u64,
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of 0 or more")),
+    }
 }
 
 impl RelayArgs {
@@ -72,7 +101,12 @@ impl RelayArgs {
             limits: Limits {
                 per_instance: self.max_sessions_per_instance,
                 per_account: self.max_sessions_per_account,
+                per_user: self.max_sessions_per_user,
+                start_rate: Rate { per_sec: self.session_rate, burst: self.session_burst },
             },
+            pending_timeout: Duration::from_secs(self.pending_timeout),
+            session_retention: Duration::from_secs(self.session_retention.saturating_mul(86_400)),
+            max_api_connections: usize::try_from(self.max_api_connections).unwrap_or(usize::MAX),
             ..ControlConfig::default()
         }
     }
@@ -311,27 +345,46 @@ fn init_tracing() {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// Waits for SIGTERM or SIGINT; reloads the certificate on SIGHUP.
-fn wait_for_signals(server: &Server) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = hup.recv() => {
-                    if let Err(e) = server.reload_tls() {
-                        tracing::error!(err = %format!("{e:#}"), "certificate reload failed; keeping the old one");
+/// SIGTERM, SIGINT and SIGHUP, taken over before the relay starts: a SIGTERM sent the moment
+/// the relay logs that it listens must stop it cleanly, not kill it with the default action
+/// (which it did when the handlers were installed only after the start).
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (term, int, hup) = rt.block_on(async {
+            anyhow::Ok((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
+            ))
+        })?;
+        Ok(Signals { rt, term, int, hup })
+    }
+
+    /// Waits for SIGTERM or SIGINT; reloads the certificate on SIGHUP.
+    fn wait(mut self, server: &Server) {
+        self.rt.block_on(async {
+            loop {
+                tokio::select! {
+                    _ = self.term.recv() => break,
+                    _ = self.int.recv() => break,
+                    _ = self.hup.recv() => {
+                        if let Err(e) = server.reload_tls() {
+                            tracing::error!(err = %format!("{e:#}"), "certificate reload failed; keeping the old one");
+                        }
                     }
                 }
             }
-        }
-        anyhow::Ok(())
-    })
+        })
+    }
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -340,9 +393,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         (false, Some(c), Some(k)) => Some((c, k)),
         _ => anyhow::bail!("--cert and --key are required (or --danger-plaintext)"),
     };
-    let mut control = a.relay.control();
-    control.pending_timeout = pending_timeout(&a.data);
+    let control = a.relay.control();
     let drain = Duration::from_secs(a.data.drain);
+    let signals = Signals::register()?;
     let server = Server::start(ServerConfig {
         data_dir: a.relay.data_dir.clone(),
         api_listen: a.relay.api_listen,
@@ -352,26 +405,23 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         data: a.data,
     })?;
     eprintln!("hatch-relay: API on {}, data plane on {}", server.api_addr(), server.data_addr());
-    wait_for_signals(&server)?;
+    signals.wait(&server);
     server.shutdown(drain);
     Ok(())
 }
 
-/// A pending session the data plane never reported on can be closed once its tokens expired
-/// and a leg that came at the last moment would have given up waiting.
-fn pending_timeout(data: &DataArgs) -> Duration {
-    Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS + data.pair_timeout.max(1))
-}
-
 fn dev(a: DevArgs) -> anyhow::Result<()> {
     let control = a.relay.control();
+    let signals = Signals::register()?;
     let relay = DevRelay::start(DevOptions {
         data_dir: a.relay.data_dir.clone(),
         api_listen: a.relay.api_listen,
         data_listen: a.relay.data_listen,
         region: control.region.clone(),
         limits: control.limits,
-        pending_timeout: pending_timeout(&a.data),
+        pending_timeout: control.pending_timeout,
+        session_retention: control.session_retention,
+        max_api_connections: control.max_api_connections,
         data: Some(a.data.clone()),
         ..DevOptions::default()
     })?;
@@ -395,7 +445,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         acode = i.activation_code,
         key = i.access_key,
     );
-    wait_for_signals(relay.server())?;
+    signals.wait(relay.server());
     relay.shutdown(Duration::from_secs(a.data.drain));
     Ok(())
 }
@@ -688,4 +738,56 @@ fn switch(s: &dyn Store, json: bool, account: &str, on: bool) -> anyhow::Result<
     print(json, &serde_json::json!({"account_id": account, "session_manager_enabled": on}), || {
         format!("session manager {} for {account}", if on { "on" } else { "off" })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control(args: &[&str]) -> Result<ControlConfig, clap::Error> {
+        let argv = ["hatch-relay", "serve", "--data-dir", "d", "--danger-plaintext"];
+        let cli = Cli::try_parse_from(argv.iter().chain(args))?;
+        let Command::Serve(a) = cli.command else { unreachable!("parsed as serve") };
+        Ok(a.relay.control())
+    }
+
+    #[test]
+    fn session_admission_flags_and_their_defaults() {
+        let c = control(&[]).unwrap();
+        assert_eq!(c.limits.per_user, 100);
+        assert_eq!(c.limits.start_rate, Rate { per_sec: 20.0, burst: 100 });
+        assert_eq!(c.pending_timeout, Duration::from_secs(60));
+        assert_eq!(c.session_retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.max_api_connections, 4096);
+        let c = control(&[
+            "--max-sessions-per-user",
+            "7",
+            "--session-rate",
+            "0.5",
+            "--session-burst",
+            "3",
+            "--pending-timeout",
+            "5",
+            "--session-retention",
+            "0",
+            "--max-api-connections",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(c.limits.per_user, 7);
+        assert_eq!(c.limits.start_rate, Rate { per_sec: 0.5, burst: 3 });
+        assert_eq!(c.pending_timeout, Duration::from_secs(5));
+        assert!(c.session_retention.is_zero());
+        assert_eq!(c.max_api_connections, 9);
+        assert_eq!(control(&["--session-rate", "0"]).unwrap().limits.start_rate.per_sec, 0.0);
+        for bad in [
+            &["--session-rate", "-1"][..],
+            &["--session-rate", "NaN"],
+            &["--session-burst", "0"],
+            &["--pending-timeout", "0"],
+            &["--max-api-connections", "0"],
+        ] {
+            assert!(control(bad).is_err(), "{bad:?}");
+        }
+    }
 }

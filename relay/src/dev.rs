@@ -58,8 +58,12 @@ pub struct DevOptions {
     pub limits: Limits,
     /// Agent heartbeat interval (the deadline is three times it).
     pub heartbeat_interval: Duration,
-    /// When a pending session the data plane never reported on is closed as `pair_timeout`.
+    /// How long a new session may wait for both legs before it is closed as `pair_timeout`.
     pub pending_timeout: Duration,
+    /// How long closed session records are kept (zero: forever).
+    pub session_retention: Duration,
+    /// Most connections the API listener holds at once.
+    pub max_api_connections: usize,
     /// Extra data-plane flags, as on the command line (`["--shards", "2", "--io", "epoll"]`).
     pub data_args: Vec<String>,
     /// Data-plane options already parsed (wins over `data_args`).
@@ -91,6 +95,8 @@ impl Default for DevOptions {
             limits: c.limits,
             heartbeat_interval: c.heartbeat_interval,
             pending_timeout: c.pending_timeout,
+            session_retention: c.session_retention,
+            max_api_connections: c.max_api_connections,
             data_args: Vec::new(),
             data: None,
         }
@@ -135,6 +141,8 @@ impl DevRelay {
             heartbeat_interval: opts.heartbeat_interval,
             heartbeat_timeout: opts.heartbeat_interval * 3,
             pending_timeout: opts.pending_timeout,
+            session_retention: opts.session_retention,
+            max_api_connections: opts.max_api_connections,
             ..ControlConfig::default()
         };
         let data = match &opts.data {

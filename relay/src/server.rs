@@ -163,12 +163,11 @@ impl Server {
                     };
                     let events_done = thread_control.spawn_tasks(events_rx);
                     let stop_api = CancellationToken::new();
-                    let api = tokio::spawn(crate::control::http::serve(
-                        listener,
-                        thread_tls,
-                        thread_control.router(),
-                        stop_api.clone(),
-                    ));
+                    let api_control = thread_control.clone();
+                    let stop = stop_api.clone();
+                    let api = tokio::spawn(async move {
+                        api_control.serve_api(listener, thread_tls, stop).await
+                    });
                     let _ = ready_tx.send(Ok(()));
                     let drain = stop_rx.await.unwrap_or(Duration::ZERO);
                     stop_api.cancel();

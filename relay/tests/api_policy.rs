@@ -233,3 +233,30 @@ async fn revoked_key_is_refused() {
     assert!(tr.store().revoke_access_key(&k.id, 1).unwrap());
     tr.call("GET", "/v1/instances", Some(&secret), None).await.assert_error(401, "InvalidToken");
 }
+
+/// A Deny written with the IPv4-mapped form of an address refuses the IPv4 caller it names
+/// (the API sees IPv4 callers as IPv4, so a policy network left in IPv6 form never matched).
+#[tokio::test]
+async fn deny_on_an_ipv4_mapped_address_refuses_that_ipv4_caller() {
+    let tr = TestRelay::start();
+    let agent = tr.agent().await;
+    let key = user_with(
+        &tr,
+        "mapped",
+        Some(
+            r#"{"Statement":[{"Effect":"Allow","Action":"hatch:StartSession","Resource":"*"},
+            {"Effect":"Deny","Action":"hatch:StartSession","Resource":"*",
+             "Condition":{"IpAddress":{"hatch:SourceIp":"::ffff:127.0.0.1"}}}]}"#,
+        ),
+    );
+    let body = Some(start_body(&agent.id).into_bytes());
+    let denied = "127.0.0.1".parse().unwrap();
+    let other = "127.0.0.2".parse().unwrap();
+    let v = tr
+        .call_from(denied, "POST", "/v1/sessions", Some(&key), body.clone())
+        .await
+        .assert_error(403, "AccessDenied");
+    assert!(v["message"].as_str().unwrap().contains("hatch:StartSession"), "{v}");
+    let r = tr.call_from(other, "POST", "/v1/sessions", Some(&key), body).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+}

@@ -242,18 +242,188 @@ async fn per_instance_limit_throttles() {
         .assert_error(429, "Throttled");
 }
 
+/// A session whose legs never both come is closed at the pending timeout (not the token's ten
+/// minutes): recorded `pair_timeout`, its waiting leg closed with 4004, the agent told to close,
+/// and its slot under the per-instance limit free again.
 #[tokio::test]
-async fn pending_session_without_legs_is_closed_as_pair_timeout() {
+async fn pending_session_is_closed_at_the_pending_timeout_and_frees_its_slot() {
+    // Long enough for the steps before it on a loaded machine; the wait is for the close.
+    let tr = TestRelay::start_with(|o| {
+        o.pending_timeout = std::time::Duration::from_secs(2);
+        o.limits.per_instance = 1;
+    });
+    let mut agent = tr.agent().await;
+    let key = tr.owner_key().to_owned();
+    let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let s: StartSessionResponse = serde_json::from_str(&r.text).unwrap();
+    // The instance is full while the session is pending.
+    tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id)))
+        .await
+        .assert_error(429, "Throttled");
+    assert!(matches!(agent.next().await, Some(ToAgent::SessionOpen { .. })));
+    // The client's leg comes and waits; the agent's never does.
+    let mut client = api_support::dial_stream(&tr, &s.stream_url, &s.token).await.unwrap();
+    assert_eq!(api_support::close_code(&mut client).await, Some(4004));
+    match agent.next().await {
+        Some(ToAgent::SessionClose { session_id, .. }) => assert_eq!(session_id, s.session_id),
+        other => panic!("expected session.close, got {other:?}"),
+    }
+    let rec = tr.store().session(None, &s.session_id).unwrap().unwrap();
+    assert_eq!((rec.state.as_str(), rec.close_reason.as_deref()), ("closed", Some("pair_timeout")));
+    let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
+/// Sessions that never connect at all are swept too, so a caller cannot hold an instance's
+/// slots by starting sessions it never dials.
+#[tokio::test]
+async fn pending_sessions_without_any_leg_are_swept_as_pair_timeout() {
     let tr = TestRelay::start_with(|o| o.pending_timeout = std::time::Duration::from_millis(200));
     let agent = tr.agent().await;
     let key = tr.owner_key().to_owned();
-    let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id))).await;
-    let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+    let mut sids = Vec::new();
+    for _ in 0..3 {
+        let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id))).await;
+        sids.push(r.json()["session_id"].as_str().unwrap().to_owned());
+    }
     wait_until(|| {
-        tr.store().session(None, &sid).unwrap().unwrap().close_reason.as_deref()
-            == Some("pair_timeout")
+        sids.iter().all(|sid| {
+            tr.store().session(None, sid).unwrap().unwrap().close_reason.as_deref()
+                == Some("pair_timeout")
+        })
     })
     .await;
+    let r = tr.call("GET", "/metrics", None, None).await;
+    assert!(
+        r.text.contains("hatch_sessions_closed_total{reason=\"pair_timeout\"} 3"),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("hatch_sessions_active{state=\"pending\"} 0"), "{}", r.text);
+}
+
+/// One user's open sessions are capped: they cannot take every slot of an instance, and other
+/// principals still get in.
+#[tokio::test]
+async fn per_user_limit_throttles_one_user_and_not_the_others() {
+    let tr = TestRelay::start_with(|o| o.limits.per_user = 2);
+    let agent = tr.agent().await;
+    let policy = r#"{"Statement":{"Effect":"Allow","Action":"hatch:*","Resource":"*"}}"#;
+    admin::put_policy(tr.store(), tr.account(), "all", policy).unwrap();
+    let mut keys = Vec::new();
+    for name in ["alice", "bob"] {
+        let u = admin::create_user(tr.store(), tr.account(), name).unwrap();
+        admin::attach_policy(tr.store(), tr.account(), &u.id, "all").unwrap();
+        keys.push(admin::create_access_key(tr.store(), tr.account(), Some(&u.id)).unwrap().1);
+    }
+    let (alice, bob) = (Some(keys[0].as_str()), Some(keys[1].as_str()));
+    let body = start_body(&agent.id);
+    let mut alices = Vec::new();
+    for _ in 0..2 {
+        let r = tr.call("POST", "/v1/sessions", alice, Some(&body)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        alices.push(r.json()["session_id"].as_str().unwrap().to_owned());
+    }
+    // A second key of the same user shares the user's count.
+    let alice_id = tr.store().user_by_name(tr.account(), "alice").unwrap().unwrap().id;
+    let (_, alice2) = admin::create_access_key(tr.store(), tr.account(), Some(&alice_id)).unwrap();
+    for key in [alice, Some(alice2.as_str())] {
+        let v =
+            tr.call("POST", "/v1/sessions", key, Some(&body)).await.assert_error(429, "Throttled");
+        assert!(v["message"].as_str().unwrap().contains("you already have 2"), "{v}");
+    }
+    for key in [bob, bob, Some(tr.owner_key())] {
+        let r = tr.call("POST", "/v1/sessions", key, Some(&body)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    // Ending one of hers frees one slot.
+    let r = tr.call("DELETE", &format!("/v1/sessions/{}", alices[0]), alice, None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = tr.call("POST", "/v1/sessions", alice, Some(&body)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
+/// Session starts per access key are rate-limited: after the burst, 429 `Throttled` with
+/// `Retry-After`; other keys have their own bucket; after the wait, starts pass again.
+#[tokio::test]
+async fn session_starts_are_rate_limited_per_access_key_with_retry_after() {
+    use hatch_relay::control::sessions::Rate;
+    // One start per 4 s: the bucket cannot refill between the calls below on a loaded machine.
+    let tr = TestRelay::start_with(|o| o.limits.start_rate = Rate { per_sec: 0.25, burst: 2 });
+    let agent = tr.agent().await;
+    let body = start_body(&agent.id);
+    let key = Some(tr.owner_key());
+    for _ in 0..2 {
+        let r = tr.call("POST", "/v1/sessions", key, Some(&body)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let r = tr.call("POST", "/v1/sessions", key, Some(&body)).await;
+    r.assert_error(429, "Throttled");
+    let wait: u64 = r.retry_after.as_deref().expect("Retry-After").parse().unwrap();
+    assert!((1..=4).contains(&wait), "Retry-After {wait}");
+    // Refused starts count too: a request that fails validation still takes from the bucket.
+    tr.call("POST", "/v1/sessions", key, Some("{}")).await.assert_error(429, "Throttled");
+    // Another key of the same owner has its own bucket.
+    let (_, other) = admin::create_access_key(tr.store(), tr.account(), None).unwrap();
+    let r = tr.call("POST", "/v1/sessions", Some(&other), Some(&body)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    // Other calls are not limited.
+    assert_eq!(tr.call("GET", "/v1/sessions", key, None).await.status, 200);
+    // After Retry-After the key starts again.
+    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+    let r = tr.call("POST", "/v1/sessions", key, Some(&body)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let m = tr.call("GET", "/metrics", None, None).await;
+    assert!(
+        m.text.contains("hatch_api_requests_total{status=\"429\",code=\"Throttled\"} 2"),
+        "{}",
+        m.text
+    );
+}
+
+/// Closed session records older than the retention are deleted by the periodic sweep; open
+/// sessions and records inside the retention stay.
+#[tokio::test]
+async fn closed_sessions_older_than_the_retention_are_pruned() {
+    let tr = TestRelay::start_with(|o| o.session_retention = std::time::Duration::from_secs(1));
+    let agent = tr.agent().await;
+    let key = Some(tr.owner_key());
+    let mut sids = Vec::new();
+    for _ in 0..3 {
+        let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        sids.push(r.json()["session_id"].as_str().unwrap().to_owned());
+    }
+    for sid in &sids[..2] {
+        let r = tr.call("DELETE", &format!("/v1/sessions/{sid}"), key, None).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    wait_until(|| sids[..2].iter().all(|s| tr.store().session(None, s).unwrap().is_none())).await;
+    tr.call("GET", &format!("/v1/sessions/{}", sids[0]), key, None)
+        .await
+        .assert_error(404, "SessionNotFound");
+    // The open one is never pruned, however old.
+    let r = tr.call("GET", &format!("/v1/sessions/{}", sids[2]), key, None).await;
+    assert_eq!(r.json()["state"], "pending");
+    let m = tr.call("GET", "/metrics", None, None).await;
+    assert!(m.text.contains("hatch_sessions_pruned_total 2"), "{}", m.text);
+}
+
+/// With the default retention (90 days), a record closed just now stays.
+#[tokio::test]
+async fn default_retention_keeps_recent_records() {
+    let tr = TestRelay::start();
+    let agent = tr.agent().await;
+    let key = Some(tr.owner_key());
+    let r = tr.call("POST", "/v1/sessions", key, Some(&start_body(&agent.id))).await;
+    let sid = r.json()["session_id"].as_str().unwrap().to_owned();
+    tr.call("DELETE", &format!("/v1/sessions/{sid}"), key, None).await;
+    // Prune runs at start and then every 60 s: the first run has passed once a request is in.
+    let r = tr.call("GET", &format!("/v1/sessions/{sid}"), key, None).await;
+    assert_eq!(r.json()["state"], "closed");
+    let m = tr.call("GET", "/metrics", None, None).await;
+    assert!(m.text.contains("hatch_sessions_pruned_total 0"), "{}", m.text);
 }
 
 /// Measurement, not a check: session setups per second through the API (8 concurrent callers,
@@ -262,7 +432,11 @@ async fn pending_session_without_legs_is_closed_as_pair_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn setup_rate() {
-    let tr = std::sync::Arc::new(TestRelay::start_with(|o| o.limits.per_instance = 100_000));
+    let tr = std::sync::Arc::new(TestRelay::start_with(|o| {
+        o.limits.per_instance = 100_000;
+        o.limits.per_user = 100_000;
+        o.limits.start_rate = hatch_relay::control::sessions::Rate::OFF;
+    }));
     let agent = tr.agent().await;
     let body = start_body(&agent.id);
     let n_tasks = 8;

@@ -32,7 +32,7 @@ use tracing::{info, warn};
 
 use super::access::Grants;
 use super::policy::{self, Context};
-use super::sessions::LimitHit;
+use super::sessions::{Admission, LimitHit};
 use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
 use super::{CLOSE_TERMINATED, Shared, credentials, unix_now};
 
@@ -43,6 +43,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     last_seen: Option<String>,
+    /// Seconds for the `Retry-After` header (rate limits).
+    retry_after: Option<u64>,
 }
 
 /// Marker left on an error response for [`track`] to finish (request id, metrics).
@@ -56,7 +58,7 @@ struct ErrorInfo {
 impl ApiError {
     /// An error with a status, a code of [`codes`] and a message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), last_seen: None }
+        ApiError { status, code, message: message.into(), last_seen: None, retry_after: None }
     }
 
     fn invalid(message: impl Into<String>) -> Self {
@@ -98,6 +100,9 @@ impl From<anyhow::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = self.status.into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp.extensions_mut().insert(ErrorInfo {
             code: self.code,
             message: self.message,
@@ -488,12 +493,45 @@ fn validate_start(req: &StartSessionRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Takes one session start from the caller's access key (`--session-rate`), or answers 429
+/// `Throttled` with `Retry-After`.
+fn start_rate(shared: &Shared, caller: &Caller) -> Result<(), ApiError> {
+    let rate = shared.cfg.limits.start_rate;
+    shared.start_rate.take(&caller.key_id, rate, std::time::Instant::now()).map_err(|wait| {
+        info!(user = caller.principal(), key = %caller.key_id, "session start rate exceeded");
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            codes::THROTTLED,
+            format!(
+                "more than {} session starts per second (burst {}) with this access key; retry \
+                 in {} s",
+                rate.per_sec,
+                rate.burst,
+                wait.as_secs()
+            ),
+        );
+        e.retry_after = Some(wait.as_secs());
+        e
+    })
+}
+
+/// The 429 for an open-session limit.
+fn limit_hit(hit: LimitHit, inst: &Instance) -> ApiError {
+    let msg = match hit {
+        LimitHit::Instance(n) => format!("{} already has {n} open sessions", inst.id),
+        LimitHit::Account(n) => format!("account already has {n} open sessions"),
+        LimitHit::User(n) => format!("you already have {n} open sessions"),
+    };
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, codes::THROTTLED, msg)
+}
+
 async fn start_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     headers: HeaderMap,
     body: Result<ApiJson<StartSessionRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
+    start_rate(&shared, &caller)?;
     let ApiJson(req) = body?;
     validate_start(&req)?;
     if !caller.account.session_manager_enabled {
@@ -545,15 +583,12 @@ async fn start_session(
 
     let sid = credentials::new_id("s-");
     let deadline = std::time::Instant::now() + shared.cfg.pending_timeout;
-    shared.live.admit(&sid, &inst.account_id, &inst.id, shared.cfg.limits, deadline).map_err(
-        |hit| {
-            let msg = match hit {
-                LimitHit::Instance(n) => format!("{} already has {n} open sessions", inst.id),
-                LimitHit::Account(n) => format!("account already has {n} open sessions"),
-            };
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, codes::THROTTLED, msg)
-        },
-    )?;
+    let who =
+        Admission { account: &inst.account_id, instance: &inst.id, principal: caller.principal() };
+    shared
+        .live
+        .admit(&sid, who, shared.cfg.limits, deadline)
+        .map_err(|hit| limit_hit(hit, &inst))?;
 
     let now = unix_now();
     let issued = (|| {

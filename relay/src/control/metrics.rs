@@ -13,6 +13,9 @@ pub struct Metrics {
     closed: Mutex<BTreeMap<&'static str, u64>>,
     requests: Mutex<BTreeMap<(u16, String), u64>>,
     token_failures: Mutex<BTreeMap<String, u64>>,
+    sessions_pruned: AtomicU64,
+    api_connections_open: AtomicU64,
+    api_connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -34,6 +37,25 @@ impl Metrics {
     /// A bearer credential (access key, instance secret) refused, by reason.
     pub fn auth_failed(&self, reason: &str) {
         *lock(&self.token_failures).entry(reason.to_owned()).or_default() += 1;
+    }
+
+    /// Closed session records deleted for being older than the retention.
+    pub fn sessions_pruned(&self, n: u64) {
+        self.sessions_pruned.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// An API connection was accepted (`true`) or ended (`false`).
+    pub fn api_connection(&self, opened: bool) {
+        if opened {
+            self.api_connections_open.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.api_connections_open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An API connection was refused at accept (`--max-api-connections` reached).
+    pub fn api_connection_refused(&self) {
+        self.api_connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Sessions started so far.
@@ -79,6 +101,31 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE hatch_api_auth_failures_total counter");
         for (reason, n) in lock(&self.token_failures).iter() {
             let _ = writeln!(out, "hatch_api_auth_failures_total{{reason=\"{reason}\"}} {n}");
+        }
+        let singles = [
+            (
+                "hatch_sessions_pruned_total",
+                "counter",
+                "Closed session records deleted after the retention.",
+                &self.sessions_pruned,
+            ),
+            (
+                "hatch_api_connections_open",
+                "gauge",
+                "Connections the API listener holds (agent control channels included).",
+                &self.api_connections_open,
+            ),
+            (
+                "hatch_api_connections_refused_total",
+                "counter",
+                "API connections reset at accept: --max-api-connections reached.",
+                &self.api_connections_refused,
+            ),
+        ];
+        for (name, kind, help, v) in singles {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
         }
         out
     }

@@ -14,9 +14,10 @@
 //! - [`access`]: a principal's grants, and whether a live session's caller still has them.
 //! - [`api`]: the HTTP routes and the `{code, message, request_id}` errors.
 //! - [`agents`]: which agents are online, their control channels.
-//! - [`sessions`]: open sessions in memory (limits, switch, pending sweep).
+//! - [`sessions`]: open sessions in memory (limits, switch, pending sweep), start rate per key.
 //! - [`metrics`]: counters for `/metrics`.
-//! - [`http`]: serving the router over TLS (tokio-rustls + hyper) with the peer address.
+//! - [`http`]: serving the router over TLS (tokio-rustls + hyper) with the peer address: the
+//!   connection cap, and every request head checked (JSON refusals) before hyper reads it.
 //! - [`signing`]: the token signing keys in the data directory (rotation by key id).
 //! - [`admin`]: the store operations behind `hatch-relay admin`.
 
@@ -89,16 +90,22 @@ pub struct ControlConfig {
     pub data_port: u16,
     /// `wss` (TLS) or `ws` (`--danger-plaintext`).
     pub data_scheme: &'static str,
-    /// Limits on open sessions.
+    /// Limits on open sessions and on the rate of session starts.
     pub limits: sessions::Limits,
     /// How often the relay sends a heartbeat on each agent control channel.
     pub heartbeat_interval: Duration,
     /// A control channel silent this long is closed.
     pub heartbeat_timeout: Duration,
-    /// A pending session the data plane never reported on is closed as `pair_timeout` this long
-    /// after its creation (token lifetime + the data plane's pair timeout: no leg can still be
-    /// waiting by then).
+    /// A session whose two legs have not both arrived this long after its creation is closed
+    /// as `pair_timeout` (its waiting leg with 4004, the agent told to close), so sessions
+    /// that never connect free their slot under the limits well before their tokens expire.
     pub pending_timeout: Duration,
+    /// Closed session records older than this (by `closed_at`) are deleted from the store;
+    /// zero keeps them forever.
+    pub session_retention: Duration,
+    /// Most connections the API listener holds at once (agents' control channels included);
+    /// beyond it, new connections are reset at accept.
+    pub max_api_connections: usize,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// How often the relay looks in the store for changes made by `hatch-relay admin` from
@@ -114,10 +121,17 @@ impl Default for ControlConfig {
             public_data_url: None,
             data_port: 7443,
             data_scheme: "wss",
-            limits: sessions::Limits { per_instance: 1000, per_account: 20_000 },
+            limits: sessions::Limits {
+                per_instance: 1000,
+                per_account: 20_000,
+                per_user: 100,
+                start_rate: sessions::Rate { per_sec: 20.0, burst: 100 },
+            },
             heartbeat_interval: Duration::from_secs(15),
             heartbeat_timeout: Duration::from_secs(45),
-            pending_timeout: Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS + 60),
+            pending_timeout: Duration::from_secs(60),
+            session_retention: Duration::from_secs(90 * 24 * 3600),
+            max_api_connections: 4096,
             max_body_bytes: 64 * 1024,
             reconcile_interval: Duration::from_secs(2),
         }
@@ -141,6 +155,7 @@ pub(crate) struct Shared {
     data: Arc<dyn DataLink>,
     agents: agents::Hub,
     live: sessions::LiveSessions,
+    start_rate: sessions::StartRate,
     metrics: metrics::Metrics,
     shutdown: CancellationToken,
 }
@@ -181,6 +196,7 @@ impl ControlPlane {
                 data,
                 agents: agents::Hub::default(),
                 live: sessions::LiveSessions::default(),
+                start_rate: sessions::StartRate::default(),
                 metrics: metrics::Metrics::default(),
                 shutdown: CancellationToken::new(),
             }),
@@ -190,6 +206,17 @@ impl ControlPlane {
     /// The HTTP routes.
     pub fn router(&self) -> axum::Router {
         api::router(self.shared.clone())
+    }
+
+    /// Serves the API on `listener` until `shutdown` is cancelled ([`http::serve`], with this
+    /// plane's connection limit and metrics).
+    pub async fn serve_api(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: http::TlsSlot,
+        shutdown: CancellationToken,
+    ) {
+        http::serve(listener, tls, self.router(), self.shared.clone(), shutdown).await
     }
 
     /// The store (for in-process tools and tests).
@@ -210,12 +237,14 @@ impl ControlPlane {
                 .clamp(Duration::from_millis(20), Duration::from_secs(5));
             let mut tick = tokio::time::interval(period);
             let mut reconcile = tokio::time::interval(sweep.cfg.reconcile_interval);
+            let mut prune = tokio::time::interval(prune_interval(sweep.cfg.session_retention));
             let mut seen = Reconciled { since: unix_now(), generations: HashMap::new() };
             loop {
                 tokio::select! {
                     _ = sweep.shutdown.cancelled() => break,
                     _ = tick.tick() => sweep.sweep().await,
                     _ = reconcile.tick() => sweep.reconcile(&mut seen).await,
+                    _ = prune.tick() => sweep.prune().await,
                 }
             }
         });
@@ -361,14 +390,48 @@ impl Shared {
 
     async fn sweep(&self) {
         for id in self.live.overdue(Instant::now()) {
-            info!(session = %id, "no leg arrived before the token expired; closing");
+            info!(session = %id, "legs not paired before the pending timeout; closing");
+            // Recorded before the data plane is told: its own end of a leg that was waiting
+            // (`terminated`) then finds the record closed and leaves the reason alone.
+            let closed = self.close(&id, CloseReason::PairTimeout, 0, 0).await;
             self.data.command(DataCommand::Terminate {
                 session_id: id.clone(),
                 code: CLOSE_PAIR_TIMEOUT,
             });
-            if self.close(&id, CloseReason::PairTimeout, 0, 0).await {
+            if closed {
                 self.tell_agent_close(&id, None, "pair timeout").await;
             }
+        }
+    }
+
+    /// Deletes closed session records older than the retention, in batches of
+    /// [`PRUNE_BATCH`] (each its own store call, so requests get the store between them), at
+    /// most [`PRUNE_BATCHES`] per call: a large backlog is worked off over several sweeps.
+    async fn prune(&self) {
+        let keep = self.cfg.session_retention;
+        if keep.is_zero() {
+            return;
+        }
+        let before = unix_now().saturating_sub(i64::try_from(keep.as_secs()).unwrap_or(i64::MAX));
+        let mut total = 0;
+        for _ in 0..PRUNE_BATCHES {
+            match self.blocking(move |s| s.prune_closed(before, PRUNE_BATCH)).await {
+                Ok(n) => {
+                    total += n;
+                    if n < PRUNE_BATCH as usize {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(err = %e, "pruning old session records failed");
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        if total > 0 {
+            self.metrics.sessions_pruned(total as u64);
+            info!(sessions = total, retention_s = keep.as_secs(), "pruned old session records");
         }
     }
 
@@ -578,6 +641,18 @@ impl Shared {
             Err(e) => warn!(err = %e, session = %id, "recording an agent's session report failed"),
         }
     }
+}
+
+/// Closed session records deleted per store call: a few milliseconds of holding the store.
+const PRUNE_BATCH: u32 = 500;
+/// Store calls per prune: at most 50,000 records a run, the rest in later runs.
+const PRUNE_BATCHES: usize = 100;
+
+/// How often old session records are looked for: a tenth of the retention, between 1 s (tests
+/// with a tiny retention) and 60 s (the look is one indexed range query that finds nothing on
+/// most runs).
+fn prune_interval(retention: Duration) -> Duration {
+    (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 /// At most the first `chars` characters of `s`: what a log line keeps of a peer's string.

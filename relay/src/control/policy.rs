@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use serde_json::Value;
 
 /// Largest document accepted, in bytes of JSON.
@@ -444,8 +444,34 @@ fn strings(at: &str, v: Option<&Value>, required: bool) -> Result<Vec<String>, P
     }
 }
 
+/// A CIDR or a single address. Networks written in the IPv4-mapped form (`::ffff:10.0.0.0/104`,
+/// `::ffff:127.0.0.1`, `::ffff:0:0/96`: inside `::ffff:0:0/96` with a prefix of 96 or more)
+/// are the IPv4 networks they stand for, so they match IPv4 callers (whose address the API gives
+/// as IPv4 even on a dual-stack listener).
 fn parse_net(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+    let net = s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))?;
+    Some(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            // The prefix is at most 128, so the IPv4 one is at most 32: `new` cannot fail.
+            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map(IpNet::V4).unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    })
+}
+
+/// Whether `net` holds the caller `ip`. An IPv4-mapped caller is taken as IPv4, and an IPv4
+/// caller also matches an IPv6 network holding its mapped form (`::/0` holds every caller, as
+/// it did when a dual-stack listener reported IPv4 callers as `::ffff:a.b.c.d`).
+fn net_holds(net: &IpNet, ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (net, ip) {
+        (IpNet::V6(n), IpAddr::V4(v4)) => n.contains(&v4.to_ipv6_mapped()),
+        (n, ip) => n.contains(&ip),
+    }
 }
 
 /// Glob match: `*` any run (also empty), `?` one character; everything else literal.
@@ -498,10 +524,10 @@ impl Condition {
         };
         match (&self.values, self.op) {
             (Values::Nets(nets), Op::IpAddress) => {
-                ctx.source_ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
+                ctx.source_ip.is_some_and(|ip| nets.iter().any(|n| net_holds(n, ip)))
             }
             (Values::Nets(nets), Op::NotIpAddress) => {
-                ctx.source_ip.is_none_or(|ip| !nets.iter().any(|n| n.contains(&ip)))
+                ctx.source_ip.is_none_or(|ip| !nets.iter().any(|n| net_holds(n, ip)))
             }
             (Values::Bool(b), _) => value.is_some_and(|v| {
                 (v.eq_ignore_ascii_case("true") && *b) || (v.eq_ignore_ascii_case("false") && !*b)
@@ -563,6 +589,43 @@ mod tests {
             r#"{{"Version":"1","Statement":[{{"Effect":"Allow","Action":"hatch:StartSession",
             "Resource":"*","Condition":{cond}}}]}}"#
         )
+    }
+
+    /// Allow everything, but Deny when `op` (`IpAddress`, `NotIpAddress`) holds for `net`.
+    fn deny_ip(op: &str, net: &str) -> String {
+        format!(
+            r#"{{"Statement":[{{"Effect":"Allow","Action":"*","Resource":"*"}},
+            {{"Effect":"Deny","Action":"*","Resource":"*",
+            "Condition":{{"{op}":{{"hatch:SourceIp":"{net}"}}}}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn mapped_networks_are_read_as_ipv4() {
+        let cases = [
+            ("::ffff:127.0.0.1", "127.0.0.1/32"),
+            ("::ffff:127.0.0.1/128", "127.0.0.1/32"),
+            ("::ffff:7f00:1", "127.0.0.1/32"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+            ("::ffff:0.0.0.0/96", "0.0.0.0/0"),
+            ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+            // Host bits below the prefix are dropped, as for any network.
+            ("::ffff:10.9.9.9/104", "10.0.0.0/8"),
+            // Not the mapped form: kept as written.
+            ("::ffff:0:0/95", "::ffff:0.0.0.0/95"),
+            ("::1", "::1/128"),
+            ("2001:db8::/32", "2001:db8::/32"),
+            ("::/0", "::/0"),
+            ("::a00:1/128", "::a00:1/128"),
+            ("10.0.0.0/8", "10.0.0.0/8"),
+        ];
+        for (written, read) in cases {
+            assert_eq!(
+                parse_net(written).map(|n| n.to_string()).as_deref(),
+                Some(read),
+                "{written}"
+            );
+        }
     }
 
     /// (name, documents, action, resource, source ip, context tweak, expected)
@@ -634,6 +697,23 @@ mod tests {
             ("Deny RunAs root applies to the effective user root", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:StartSession","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#.into()], START_SESSION, I1, "10.0.0.1", |c| c.run_as = Some("root".into()), ExplicitDeny),
             ("Deny RunAs root lets another user", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:StartSession","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
             ("Deny hatch:* on RunAs does not reach DescribeInstances", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:*","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#.into()], DESCRIBE_INSTANCES, I1, "10.0.0.1", |c| c.run_as = None, Allow),
+            ("Deny on a mapped address refuses its IPv4 caller", vec![deny_ip("IpAddress", "::ffff:127.0.0.1")], START_SESSION, I1, "127.0.0.1", none, ExplicitDeny),
+            ("Deny on a mapped address spares other callers", vec![deny_ip("IpAddress", "::ffff:127.0.0.1")], START_SESSION, I1, "127.0.0.2", none, Allow),
+            ("Deny on a mapped /128 refuses its IPv4 caller", vec![deny_ip("IpAddress", "::ffff:127.0.0.1/128")], START_SESSION, I1, "127.0.0.1", none, ExplicitDeny),
+            ("Deny on the mapped range refuses every IPv4 caller", vec![deny_ip("IpAddress", "::ffff:0:0/96")], START_SESSION, I1, "192.0.2.7", none, ExplicitDeny),
+            ("Deny on the mapped range spares IPv6 callers", vec![deny_ip("IpAddress", "::ffff:0:0/96")], START_SESSION, I1, "2001:db8::7", none, Allow),
+            ("Deny on a mapped /104 refuses inside", vec![deny_ip("IpAddress", "::ffff:10.0.0.0/104")], START_SESSION, I1, "10.200.0.1", none, ExplicitDeny),
+            ("Deny on a mapped /104 spares outside", vec![deny_ip("IpAddress", "::ffff:10.0.0.0/104")], START_SESSION, I1, "11.0.0.1", none, Allow),
+            ("Deny on a mapped address written in hex", vec![deny_ip("IpAddress", "::ffff:7f00:1")], START_SESSION, I1, "127.0.0.1", none, ExplicitDeny),
+            ("Deny on ::/0 holds IPv4 callers too", vec![deny_ip("IpAddress", "::/0")], START_SESSION, I1, "198.51.100.1", none, ExplicitDeny),
+            ("Deny on an IPv6 prefix short of the mapped range spares IPv4", vec![deny_ip("IpAddress", "2001:db8::/32")], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("Deny NotIpAddress on a mapped address lets its caller in", vec![deny_ip("NotIpAddress", "::ffff:127.0.0.1")], START_SESSION, I1, "127.0.0.1", none, Allow),
+            ("Deny NotIpAddress on a mapped address keeps others out", vec![deny_ip("NotIpAddress", "::ffff:127.0.0.1")], START_SESSION, I1, "127.0.0.9", none, ExplicitDeny),
+            ("Allow on a mapped /120 admits inside", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"::ffff:192.0.2.0/120"}}"#)], START_SESSION, I1, "192.0.2.200", none, Allow),
+            ("Allow on a mapped /120 misses outside", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"::ffff:192.0.2.0/120"}}"#)], START_SESSION, I1, "192.0.3.1", none, ImplicitDeny),
+            ("IPv4 network holds a caller given in mapped form", vec![deny_ip("IpAddress", "10.0.0.0/8")], START_SESSION, I1, "::ffff:10.1.2.3", none, ExplicitDeny),
+            ("mapped network holds a caller given in mapped form", vec![deny_ip("IpAddress", "::ffff:10.0.0.0/104")], START_SESSION, I1, "::ffff:10.1.2.3", none, ExplicitDeny),
+            ("IPv4 network never holds a plain IPv6 caller", vec![deny_ip("IpAddress", "0.0.0.0/0")], START_SESSION, I1, "2001:db8::1", none, Allow),
             ("IpAddress with no source ip is false", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"0.0.0.0/0"}}"#)], START_SESSION, I1, "10.0.0.1", |c| c.source_ip = None, ImplicitDeny),
         ];
         assert!(cases.len() >= 40, "{} cases", cases.len());

@@ -305,6 +305,9 @@ pub trait Store: Send + Sync + 'static {
     fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize>;
     /// `(session id, instance id)` of sessions closed at or after `at`.
     fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>>;
+    /// Deletes at most `limit` closed sessions closed before `before`, oldest first; returns
+    /// how many. Open sessions are never deleted.
+    fn prune_closed(&self, before: i64, limit: u32) -> anyhow::Result<usize>;
     /// Applies an agent's counts of a session whose end a relay lost: only to a session of
     /// `instance_id` closed as `reason` (`relay_shutdown`), and only raising counts. False when
     /// no such session exists (then nothing changed).
@@ -426,6 +429,10 @@ fn bump_iam(conn: &Connection, account_id: &str) -> rusqlite::Result<()> {
     )?;
     Ok(())
 }
+/// Deletes a batch of old closed sessions (`?1` closed before, `?2` at most).
+const PRUNE_CLOSED: &str = "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions \
+     WHERE closed_at IS NOT NULL AND closed_at < ?1 AND state = 'closed' \
+     ORDER BY closed_at LIMIT ?2)";
 
 /// The embedded SQLite store: one file, WAL journal, one connection behind a mutex.
 pub struct SqliteStore {
@@ -1109,6 +1116,13 @@ impl Store for SqliteStore {
         )
     }
 
+    fn prune_closed(&self, before: i64, limit: u32) -> anyhow::Result<usize> {
+        // The inner select walks `sessions_closed_at` from its oldest end and stops at
+        // `before` or `limit`, so a call costs what it deletes, not the size of the table.
+        let n = self.lock().execute(PRUNE_CLOSED, params![before, limit])?;
+        Ok(n)
+    }
+
     fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
@@ -1263,6 +1277,84 @@ mod tests {
         assert_eq!(s.sessions(None, StateFilter::Closed, 10, None).unwrap().len(), 1);
         assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 4);
         assert_eq!(s.close_all_open("relay_shutdown", 9).unwrap(), 4);
+    }
+
+    fn pending(id: &str, created_at: i64) -> SessionRecord {
+        SessionRecord {
+            id: id.into(),
+            account_id: "acct-1".into(),
+            principal: "owner".into(),
+            access_key_id: "ak".into(),
+            source_ip: "127.0.0.1".into(),
+            instance_id: "i-1".into(),
+            mode: "shell".into(),
+            command: None,
+            run_as: None,
+            state: "pending".into(),
+            created_at,
+            expires_at: created_at + 600,
+            connected_at: None,
+            closed_at: None,
+            close_reason: None,
+            bytes_client_to_agent: 0,
+            bytes_agent_to_client: 0,
+        }
+    }
+
+    /// Closed records older than the cut are deleted oldest first, a batch at a time; open
+    /// ones, however old, and newer closed ones stay; the query uses the `closed_at` index.
+    #[test]
+    fn prune_deletes_old_closed_sessions_in_batches() {
+        let (_d, s) = store();
+        account(&s, "acct-1");
+        for i in 0..10 {
+            s.insert_session(&pending(&format!("s-old{i}"), i)).unwrap();
+            assert!(s.close_session(&format!("s-old{i}"), "exit", 1, 1, 100 + i).unwrap());
+        }
+        s.insert_session(&pending("s-new", 5)).unwrap();
+        assert!(s.close_session("s-new", "exit", 1, 1, 500).unwrap());
+        s.insert_session(&pending("s-open", 0)).unwrap();
+        s.insert_session(&pending("s-live", 1)).unwrap();
+        assert!(s.mark_connected("s-live", 2).unwrap());
+
+        assert_eq!(s.prune_closed(200, 4).unwrap(), 4);
+        let left = |s: &SqliteStore| {
+            let mut ids: Vec<String> = s
+                .sessions(None, StateFilter::All, 100, None)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            ids.sort();
+            ids
+        };
+        // The four closed first went.
+        assert!(
+            left(&s)
+                .iter()
+                .all(|id| !["s-old0", "s-old1", "s-old2", "s-old3"].contains(&id.as_str()))
+        );
+        assert_eq!(left(&s).len(), 9);
+        assert_eq!(s.prune_closed(200, 4).unwrap(), 4);
+        assert_eq!(s.prune_closed(200, 4).unwrap(), 2);
+        assert_eq!(s.prune_closed(200, 4).unwrap(), 0);
+        assert_eq!(left(&s), ["s-live", "s-new", "s-open"]);
+        // The cut is strict: closed exactly at it stays.
+        assert_eq!(s.prune_closed(500, 100).unwrap(), 0);
+        assert_eq!(s.prune_closed(501, 100).unwrap(), 1);
+        assert_eq!(left(&s), ["s-live", "s-open"]);
+
+        let plan: Vec<String> = {
+            let conn = s.lock();
+            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {PRUNE_CLOSED}")).unwrap();
+            st.query_map(params![0, 1], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert!(plan.iter().any(|l| l.contains("sessions_closed_at")), "{plan:?}");
+        // Never a walk of the whole table.
+        assert!(!plan.iter().any(|l| l == "SCAN sessions"), "{plan:?}");
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub struct Resp {
     pub status: u16,
     pub text: String,
     pub request_id: Option<String>,
+    /// The `Retry-After` header.
+    pub retry_after: Option<String>,
 }
 
 impl Resp {
@@ -181,10 +183,12 @@ pub async fn request_with_host(
     let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).unwrap();
     let resp = send.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
-    let request_id =
-        resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header =
+        |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let request_id = header("x-request-id");
+    let retry_after = header("retry-after");
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    Resp { status, text: String::from_utf8_lossy(&bytes).into_owned(), request_id }
+    Resp { status, text: String::from_utf8_lossy(&bytes).into_owned(), request_id, retry_after }
 }
 
 type Ws =
