@@ -200,6 +200,21 @@ enum UsersCmd {
         #[arg(long)]
         account: String,
     },
+    /// Disable a user: their keys authenticate nothing, and a running relay ends their live
+    /// sessions (4012) within its reconcile interval.
+    Disable {
+        #[arg(long)]
+        account: String,
+        /// User id or name.
+        user: String,
+    },
+    /// Enable a disabled user again.
+    Enable {
+        #[arg(long)]
+        account: String,
+        /// User id or name.
+        user: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -476,6 +491,27 @@ fn ts(secs: i64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
+/// `admin users disable|enable`.
+fn set_user_disabled(
+    s: &dyn Store,
+    json: bool,
+    account: &str,
+    user: &str,
+    disable: bool,
+) -> anyhow::Result<()> {
+    let u = admin::user(s, account, user)?;
+    let at = disable.then(crate::control::unix_now);
+    anyhow::ensure!(s.set_user_disabled(&u.id, at)?, "no user {user}");
+    let v = serde_json::json!({"user_id": u.id, "name": u.name, "disabled": disable});
+    print(json, &v, || {
+        if disable {
+            format!("disabled user {} ({}); a running relay ends their sessions", u.id, u.name)
+        } else {
+            format!("enabled user {} ({})", u.id, u.name)
+        }
+    })
+}
+
 fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
     let json = a.json;
     if let AdminCommand::SigningKeys(SigningCmd::Rotate) = a.what {
@@ -520,10 +556,22 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                 let all = s.users(&account)?;
                 print(json, &all, || {
                     all.iter()
-                        .map(|u| format!("{}\t{}", u.id, u.name))
+                        .map(|u| {
+                            let state = u
+                                .disabled_at
+                                .map(|t| format!("disabled {}", ts(t)))
+                                .unwrap_or("enabled".into());
+                            format!("{}\t{}\t{state}", u.id, u.name)
+                        })
                         .collect::<Vec<_>>()
                         .join("\n")
                 })
+            }
+            UsersCmd::Disable { account, user } => {
+                set_user_disabled(s, json, &account, &user, true)
+            }
+            UsersCmd::Enable { account, user } => {
+                set_user_disabled(s, json, &account, &user, false)
             }
         },
         AdminCommand::Keys(c) => match c {
