@@ -331,11 +331,8 @@ impl Relay {
         let v = r.json();
         let id = v["instance_id"].as_str().unwrap().to_owned();
         let secret = v["instance_secret"].as_str().unwrap().to_owned();
-        let url = format!("wss://localhost:{}/v1/agent/connect", self.api_addr().port());
-        let ws = dial(self, &url, &[("authorization", &format!("Bearer {secret}"))])
-            .await
-            .expect("control channel refused");
-        let agent = ControlAgent { id, ws };
+        let ws = self.control_channel(&secret).await.expect("control channel refused");
+        let agent = ControlAgent { id, secret, ws };
         // Online once the relay registered the channel.
         let end = Instant::now() + DEADLINE;
         loop {
@@ -352,6 +349,12 @@ impl Relay {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         agent
+    }
+
+    /// Opens one more control channel with an instance secret (`GET /v1/agent/connect`).
+    pub async fn control_channel(&self, secret: &str) -> Result<Ws, (u16, String)> {
+        let url = format!("wss://localhost:{}/v1/agent/connect", self.api_addr().port());
+        dial(self, &url, &[("authorization", &format!("Bearer {secret}"))]).await
     }
 
     /// Starts a session on `agent` and reads the agent's `session.open`.
@@ -479,6 +482,8 @@ fn dechunk(mut s: &str) -> String {
 pub struct ControlAgent {
     /// Instance id.
     pub id: String,
+    /// Instance secret (to open further channels as this instance).
+    pub secret: String,
     /// The channel.
     pub ws: Ws,
 }
