@@ -311,27 +311,54 @@ fn init_tracing() {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// Waits for SIGTERM or SIGINT; reloads the certificate on SIGHUP.
-fn wait_for_signals(server: &Server) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = hup.recv() => {
-                    if let Err(e) = server.reload_tls() {
-                        tracing::error!(err = %format!("{e:#}"), "certificate reload failed; keeping the old one");
+/// The relay's SIGTERM, SIGINT and SIGHUP handlers.
+///
+/// Installed before the relay starts, so that from the first line that says it is listening
+/// (and `dev.json`) a signal takes the drain path: a SIGTERM that came before the handlers
+/// killed the process by the default action, with no drain and no store update. Signals that
+/// arrive before [`Signals::wait`] are kept and acted on there.
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let entered = rt.enter();
+        let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        drop(entered);
+        Ok(Signals { rt, term, int, hup })
+    }
+
+    /// Waits for SIGTERM or SIGINT; reloads the certificate on SIGHUP.
+    fn wait(self, server: &Server) {
+        let Signals { rt, mut term, mut int, mut hup } = self;
+        rt.block_on(async {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {
+                        tracing::info!(signal = "SIGTERM", "stop requested; draining");
+                        break;
+                    }
+                    _ = int.recv() => {
+                        tracing::info!(signal = "SIGINT", "stop requested; draining");
+                        break;
+                    }
+                    _ = hup.recv() => {
+                        if let Err(e) = server.reload_tls() {
+                            tracing::error!(err = %format!("{e:#}"), "certificate reload failed; keeping the old one");
+                        }
                     }
                 }
             }
-        }
-        anyhow::Ok(())
-    })
+        });
+    }
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -343,6 +370,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut control = a.relay.control();
     control.pending_timeout = pending_timeout(&a.data);
     let drain = Duration::from_secs(a.data.drain);
+    let signals = Signals::install()?;
     let server = Server::start(ServerConfig {
         data_dir: a.relay.data_dir.clone(),
         api_listen: a.relay.api_listen,
@@ -352,7 +380,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         data: a.data,
     })?;
     eprintln!("hatch-relay: API on {}, data plane on {}", server.api_addr(), server.data_addr());
-    wait_for_signals(&server)?;
+    signals.wait(&server);
     server.shutdown(drain);
     Ok(())
 }
@@ -365,6 +393,7 @@ fn pending_timeout(data: &DataArgs) -> Duration {
 
 fn dev(a: DevArgs) -> anyhow::Result<()> {
     let control = a.relay.control();
+    let signals = Signals::install()?;
     let relay = DevRelay::start(DevOptions {
         data_dir: a.relay.data_dir.clone(),
         api_listen: a.relay.api_listen,
@@ -395,7 +424,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         acode = i.activation_code,
         key = i.access_key,
     );
-    wait_for_signals(relay.server())?;
+    signals.wait(relay.server());
     relay.shutdown(Duration::from_secs(a.data.drain));
     Ok(())
 }
