@@ -298,7 +298,7 @@ async fn serve(
                         Err(e) => {
                             // Both quote the relay's text: clipped and escaped.
                             let err = e.to_string();
-                            warn!(error = %peer(&err, 200), message = %peer(&text, 100),
+                            warn!(error = %peer(&err, 200), text = %peer(&text, 100),
                                 "ignoring an unknown control message");
                             None
                         }
@@ -419,7 +419,7 @@ impl Sessions {
                     _ => None,
                 };
                 if let SessionEnd::Failed(message) = end {
-                    warn!(message = %peer(&message, 512), "session failed to start");
+                    warn!(error = %peer(&message, 512), "session failed to start");
                     let failed = FromAgent::SessionFailed { session_id: id.clone(), message };
                     if report.try_send(failed).is_err() {
                         warn!("session.failed report dropped: report queue full or closed");

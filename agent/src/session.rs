@@ -282,7 +282,7 @@ pub async fn run_counted(
     let (mut io, mut child, launch) = match setup.await {
         Ok(x) => x,
         Err((code, message)) => {
-            warn!(session = %peer(&sid, 40), code, message = %peer(&message, 512), "session refused");
+            warn!(session = %peer(&sid, 40), code, error = %peer(&message, 512), "session refused");
             let ws_code = if code == channel::ERROR_RUN_AS {
                 close::POLICY_VIOLATION
             } else {
@@ -782,7 +782,7 @@ async fn pump_in(
                 Ok(Message::Error { code, message }) => {
                     // The text is the client's (up to a whole message, 1 MiB): only its head
                     // goes to the log.
-                    warn!(code, message = %peer(message, 200), "client reported an error");
+                    warn!(code, error = %peer(message, 200), "client reported an error");
                 }
                 Ok(Message::Ack(_) | Message::Exit(_) | Message::Unknown { .. }) => {}
                 Err(e) => return InEnd::Bad(e.to_string()),

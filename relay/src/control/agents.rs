@@ -207,7 +207,7 @@ pub(super) async fn run_channel(
                         Ok(FromAgent::SessionFailed { session_id, message }) => {
                             // Both come from the agent: clipped and escaped.
                             warn!(instance = %instance, session = %peer(&session_id, 40),
-                                message = %peer(&message, 512),
+                                error = %peer(&message, 512),
                                 "agent could not start session");
                             shared.agent_failed(&instance, &session_id).await;
                         }
@@ -232,7 +232,7 @@ pub(super) async fn run_channel(
                             // field): escaped and clipped with the message's head.
                             let err = e.to_string();
                             warn!(instance = %instance, err = %peer(&err, 200),
-                                message = %peer(t.as_str(), 100),
+                                text = %peer(t.as_str(), 100),
                                 "unreadable agent message ignored");
                         }
                     },
