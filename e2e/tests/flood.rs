@@ -3,7 +3,7 @@
 //! Memory is the relay process's own `VmRSS` (`/proc/PID/status`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
@@ -227,12 +227,29 @@ async fn an_agent_ping_flood_that_never_reads_costs_bounded_relay_memory() {
         }
         (pings, channels, peak.max(relay.proc.rss_kib()))
     };
-    // A legitimate session meanwhile.
-    let ((pings, channels, rss_peak), ()) = tokio::join!(flood, relay.still_serves(&mut good));
+    // Legitimate sessions meanwhile, one after another until the flood ends (this also keeps
+    // the good agent answering its heartbeats).
+    let done = AtomicBool::new(false);
+    let flood = async {
+        let r = flood.await;
+        done.store(true, Ordering::Relaxed);
+        r
+    };
+    let served = async {
+        let mut n = 0u32;
+        while !done.load(Ordering::Relaxed) {
+            relay.still_serves(&mut good).await;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        n
+    };
+    let ((pings, channels, rss_peak), sessions) = tokio::join!(flood, served);
     let rss_after = relay.proc.rss_kib();
     eprintln!(
         "{secs} s ping flood: {pings} pings of 125 bytes sent on {channels} control channel(s); \
-         relay VmRSS {rss_before} KiB before, peak {rss_peak} KiB, {rss_after} KiB after"
+         {sessions} sessions served meanwhile; relay VmRSS {rss_before} KiB before, peak \
+         {rss_peak} KiB, {rss_after} KiB after"
     );
     assert!(
         rss_peak.saturating_sub(rss_before) < PING_FLOOD_MAX_GROWTH_KIB,
