@@ -182,12 +182,15 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<()> {
     raise_fd_limit();
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    // Both handlers exist before anything says the agent started: a signal in between would
+    // otherwise take the default action (SIGINT was only installed once the task first ran).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM received; shutting down"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT received; shutting down"),
+            _ = int.recv() => info!("SIGINT received; shutting down"),
         }
         on_signal.cancel();
     });

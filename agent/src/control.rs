@@ -31,6 +31,7 @@ use futures_util::{SinkExt, StreamExt};
 use hatch_proto::api::ErrorBody;
 use hatch_proto::close;
 use hatch_proto::control::{FromAgent, ToAgent};
+use hatch_proto::logtext::peer;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -164,7 +165,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
                 match serve(ws, &mut sessions, &mut report_rx, &shutdown, t, &cfg.identity).await {
                     Served::Shutdown => return Ok(()),
                     Served::Lost(why) => {
-                        warn!(reason = %why, "control channel lost; reconnecting");
+                        warn!(reason = %peer(&why, 300), "control channel lost; reconnecting");
                         // Up -> Down: the first failed reconnect after this is logged again.
                         link = Link::Down(why);
                     }
@@ -176,9 +177,9 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
             Err(why) => {
                 let next = Link::Down(why.clone());
                 if link != next {
-                    warn!(url = %url, error = %why, "cannot open the control channel; retrying with backoff");
+                    warn!(url = %url, error = %peer(&why, 300), "cannot open the control channel; retrying with backoff");
                 } else {
-                    debug!(url = %url, error = %why, attempt, "control channel still unreachable");
+                    debug!(url = %url, error = %peer(&why, 300), attempt, "control channel still unreachable");
                 }
                 link = next;
             }
@@ -298,13 +299,19 @@ async fn serve(
                     Ok(Some(Err(e))) => return Served::Lost(e.to_string()),
                     Ok(Some(Ok(m))) => m,
                 };
-                last_rx = Instant::now();
+                // A ping is not liveness: the relay sends none, and answering costs a pinger
+                // nothing. Heartbeats and pongs to the agent's own pings are.
+                if !matches!(msg, WsMessage::Ping(_)) {
+                    last_rx = Instant::now();
+                }
                 match msg {
                     WsMessage::Text(text) => match serde_json::from_str::<ToAgent>(&text) {
                         Ok(m) => sessions.handle(m),
                         Err(e) => {
-                            let head: String = text.chars().take(100).collect();
-                            warn!(error = %e, message = %head, "ignoring an unknown control message");
+                            // Both quote the relay's text: clipped and escaped.
+                            let err = e.to_string();
+                            warn!(error = %peer(&err, 200), text = %peer(&text, 100),
+                                "ignoring an unknown control message");
                             None
                         }
                     },
@@ -318,7 +325,21 @@ async fn serve(
                         warn!("ignoring a binary message on the control channel");
                         None
                     }
-                    WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => None,
+                    WsMessage::Ping(_) => {
+                        // tungstenite queued the pong (one at most: the write buffer is
+                        // bounded); read on once it is written, so a relay that pings without
+                        // reading is pushed back on instead of answered without end.
+                        match timeout(t.dead_after, sink.flush()).await {
+                            Ok(Ok(())) => None,
+                            Ok(Err(e)) => return Served::Lost(format!("sending: {e}")),
+                            Err(_) => {
+                                return Served::Lost(format!(
+                                    "pongs not taken for {:?}", t.dead_after
+                                ));
+                            }
+                        }
+                    }
+                    WsMessage::Pong(_) | WsMessage::Frame(_) => None,
                 }
             }
             _ = ping.tick() => Some(WsMessage::Ping(Default::default())),
@@ -366,10 +387,13 @@ impl Sessions {
             ToAgent::SessionClose { session_id, reason } => {
                 match self.live.remove(&session_id) {
                     Some(tx) => {
-                        info!(session = %session_id, %reason, "closing session on request");
+                        info!(session = %peer(&session_id, 40), reason = %peer(&reason, 200),
+                            "closing session on request");
                         let _ = tx.send(Cancel { code: close::TERMINATED, reason });
                     }
-                    None => debug!(session = %session_id, "session.close for no live session"),
+                    None => {
+                        debug!(session = %peer(&session_id, 40), "session.close for no live session")
+                    }
                 }
                 None
             }
@@ -383,11 +407,11 @@ impl Sessions {
     fn open(&mut self, spec: SessionSpec) -> Option<WsMessage> {
         let id = spec.session_id.clone();
         if self.live.contains_key(&id) {
-            warn!(session = %id, "duplicate session.open ignored");
+            warn!(session = %peer(&id, 40), "duplicate session.open ignored");
             return None;
         }
         if self.live.len() >= self.max {
-            warn!(session = %id, max = self.max, "session refused: too many live sessions");
+            warn!(session = %peer(&id, 40), max = self.max, "session refused: too many live sessions");
             return Some(json(&FromAgent::SessionFailed {
                 session_id: id,
                 message: format!("the agent already runs {} sessions (its limit)", self.max),
@@ -397,7 +421,7 @@ impl Sessions {
         self.live.insert(id.clone(), tx);
         let cfg = self.cfg.clone();
         let report = self.report.clone();
-        let span = info_span!("session", session = %id);
+        let span = info_span!("session", session = %peer(&id, 40));
         self.tasks.spawn(
             async move {
                 let counts = LegCounts::default();
@@ -407,7 +431,7 @@ impl Sessions {
                     _ => None,
                 };
                 if let SessionEnd::Failed(message) = end {
-                    warn!(%message, "session failed to start");
+                    warn!(error = %peer(&message, 512), "session failed to start");
                     let failed = FromAgent::SessionFailed { session_id: id.clone(), message };
                     if report.try_send(failed).is_err() {
                         warn!("session.failed report dropped: report queue full or closed");

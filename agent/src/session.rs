@@ -34,6 +34,7 @@ use hatch_proto::api::Mode;
 use hatch_proto::channel::{self, Message};
 use hatch_proto::close;
 use hatch_proto::control::ToAgent;
+use hatch_proto::logtext::peer;
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, User};
 use tokio::net::TcpStream;
@@ -256,7 +257,7 @@ pub async fn run_counted(
             ));
         }
     };
-    debug!(session = %sid, "data leg connected");
+    debug!(session = %peer(&sid, 40), "data leg connected");
     let (mut sink, mut stream) = ws.split();
 
     let setup = async {
@@ -284,7 +285,7 @@ pub async fn run_counted(
     let (mut io, mut child, launch) = match setup.await {
         Ok(x) => x,
         Err((code, message)) => {
-            warn!(session = %sid, code, %message, "session refused");
+            warn!(session = %peer(&sid, 40), code, error = %peer(&message, 512), "session refused");
             let ws_code = if code == channel::ERROR_RUN_AS {
                 close::POLICY_VIOLATION
             } else {
@@ -300,7 +301,7 @@ pub async fn run_counted(
     };
     // The child is running: from here on every path ends by reaping it.
     let pid = child.id().unwrap_or(0);
-    info!(session = %sid, pid, program = %launch.program, mode = spec.mode.as_str(), "session started");
+    info!(session = %peer(&sid, 40), pid, program = %launch.program, mode = spec.mode.as_str(), "session started");
 
     let outcome =
         pump(&mut io, &mut child, &mut sink, &mut stream, cancel, &cfg.timing, counts).await;
@@ -354,7 +355,7 @@ pub async fn run_counted(
             SessionEnd::Lost(format!("client sent a bad message: {why}"))
         }
     };
-    info!(session = %sid, pid, end = ?end, "session ended");
+    info!(session = %peer(&sid, 40), pid, end = ?end, "session ended");
     end
 }
 
@@ -835,8 +836,7 @@ async fn pump_in(
                 Ok(Message::Error { code, message }) => {
                     // The text is the client's (up to a whole message, 1 MiB): only its head
                     // goes to the log.
-                    let head: String = message.chars().take(200).collect();
-                    warn!(code, message = %head, "client reported an error");
+                    warn!(code, error = %peer(message, 200), "client reported an error");
                 }
                 Ok(Message::Ack(_) | Message::Exit(_) | Message::Unknown { .. }) => {}
                 Err(e) => return InEnd::Bad(e.to_string()),

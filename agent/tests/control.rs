@@ -192,3 +192,48 @@ async fn unreachable_api_is_retried_until_it_answers() {
     shutdown.cancel();
     tokio::time::timeout(DEADLINE, agent).await.unwrap().unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_floods_pings_and_never_reads_loses_the_channel_and_it_reconnects() {
+    let srv = LegServer::start().await;
+    let ctrl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = ctrl.local_addr().unwrap().port();
+    let acceptor = srv.acceptor();
+    let cfg = run_config(&srv, "i-0000000000000002", port);
+    let dead_after = cfg.timing.dead_after;
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(control::run(cfg, shutdown.clone()));
+
+    // A hostile relay: 125-byte pings nonstop, never a read, never a heartbeat. Pings are not
+    // liveness and the agent reads on only once its pong is written, so the channel is
+    // declared lost after `dead_after` (before: every ping kept it alive, forever).
+    let mut ws = accept_control(&ctrl, &acceptor).await;
+    let started = std::time::Instant::now();
+    let flood = tokio::spawn(async move {
+        let ping = WsMessage::Ping(vec![0x5a; 125].into());
+        let mut pings = 0u64;
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_millis(200), ws.send(ping.clone()))
+                .await
+            {
+                Ok(Ok(())) => pings += 1,
+                Ok(Err(_)) => return pings,
+                // The agent stopped reading; keep trying until it ends the connection.
+                Err(_) => {}
+            }
+            if started.elapsed() > DEADLINE {
+                return pings;
+            }
+        }
+    });
+    let mut ws = accept_control(&ctrl, &acceptor).await;
+    let lost_after = started.elapsed();
+    let pings = flood.await.unwrap();
+    eprintln!("{pings} pings sent; the agent reconnected after {lost_after:?}");
+    assert!(lost_after >= dead_after, "{lost_after:?}");
+    // The new channel works.
+    send(&mut ws, &ToAgent::Heartbeat { seq: 9 }).await;
+    assert_eq!(recv(&mut ws).await, FromAgent::Heartbeat { seq: 9 });
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, agent).await.unwrap().unwrap().unwrap();
+}

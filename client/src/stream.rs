@@ -55,6 +55,10 @@ pub const CLOSE_AFTER_EXIT: Duration = Duration::from_secs(5);
 /// Largest message accepted from the relay (bytes): the agent sends output in chunks far below
 /// this; a peer sending more is cut off rather than allowed to grow the client's memory.
 pub const MAX_MESSAGE: usize = 4 << 20;
+/// Unsent bytes the client's WebSocket may hold (its `max_write_buffer_size`): a few stdin
+/// chunks. Past it tungstenite keeps one pending pong rather than one per ping, so a relay that
+/// floods pings and reads nothing cannot grow the client.
+const MAX_WRITE_BUFFER: usize = 1 << 20;
 /// Bytes read from stdin at once (one DATA message at most this big).
 const STDIN_CHUNK: usize = 32 * 1024;
 /// Stdin chunks queued ahead of the WebSocket (bounded: 8 × 32 KiB).
@@ -90,7 +94,8 @@ pub async fn connect(
     req.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
     let limits = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE));
+        .max_frame_size(Some(MAX_MESSAGE))
+        .max_write_buffer_size(MAX_WRITE_BUFFER);
     let dial = tokio_tungstenite::connect_async_tls_with_config(
         req,
         Some(limits),
@@ -267,7 +272,18 @@ async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option
                         let _ = timeout(Duration::from_millis(200), stream.next()).await;
                         break End::Closed(code, reason);
                     }
-                    // Pings are answered by tungstenite; text is not part of hatch.v1.
+                    // tungstenite queued the pong; read on once it is written, so a relay that
+                    // pings without reading is pushed back on rather than answered without end.
+                    Some(Ok(Message::Ping(_))) => {
+                        match timeout(SEND_TIMEOUT, sink.flush()).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => break End::Lost(e.to_string()),
+                            Err(_) => break End::Lost(format!(
+                                "the relay took no data for {} s", SEND_TIMEOUT.as_secs()
+                            )),
+                        }
+                    }
+                    // Text is not part of hatch.v1.
                     Some(Ok(_)) => {}
                     Some(Err(e)) => break End::Lost(e.to_string()),
                     None => break End::Lost("the relay closed the connection without a close \

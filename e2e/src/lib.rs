@@ -396,14 +396,8 @@ impl Relay {
         let v = r.json();
         let id = v["instance_id"].as_str().unwrap().to_owned();
         let secret = v["instance_secret"].as_str().unwrap().to_owned();
-        let url = format!("wss://localhost:{}/v1/agent/connect", self.api_addr().port());
-        let mut ws = dial(self, &url, &[("authorization", &format!("Bearer {secret}"))])
-            .await
-            .expect("control channel refused");
-        // As a real agent does first: whom it runs sessions as.
-        let hello = serde_json::to_string(&FromAgent::hello("hatch-e2e", true)).unwrap();
-        ws.send(Message::Text(hello.into())).await.unwrap();
-        let agent = ControlAgent { id, ws };
+        let ws = self.control_channel(&secret).await.expect("control channel refused");
+        let agent = ControlAgent { id, secret, ws };
         // Online once the relay registered the channel.
         let end = Instant::now() + DEADLINE;
         loop {
@@ -420,6 +414,17 @@ impl Relay {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         agent
+    }
+
+    /// Opens one more control channel with an instance secret (`GET /v1/agent/connect`).
+    pub async fn control_channel(&self, secret: &str) -> Result<Ws, (u16, String)> {
+        let url = format!("wss://localhost:{}/v1/agent/connect", self.api_addr().port());
+        let mut ws = dial(self, &url, &[("authorization", &format!("Bearer {secret}"))]).await?;
+        // As a real agent does first: whom it runs sessions as (the relay counts the instance
+        // online after it).
+        let hello = serde_json::to_string(&FromAgent::hello("hatch-e2e", true)).unwrap();
+        ws.send(Message::Text(hello.into())).await.map_err(|e| (0, e.to_string()))?;
+        Ok(ws)
     }
 
     /// Starts a session on `agent` and reads the agent's `session.open`.
@@ -547,6 +552,8 @@ fn dechunk(mut s: &str) -> String {
 pub struct ControlAgent {
     /// Instance id.
     pub id: String,
+    /// Instance secret (to open further channels as this instance).
+    pub secret: String,
     /// The channel.
     pub ws: Ws,
 }

@@ -3,7 +3,7 @@
 //! Memory is the relay process's own `VmRSS` (`/proc/PID/status`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
@@ -173,4 +173,94 @@ async fn a_client_that_stops_reading_costs_bounded_relay_memory_and_loses_nothin
     assert_eq!(rec["close_reason"], "exit", "{rec}");
     assert_eq!(rec["bytes_agent_to_client"], COUNT * MSG as u64, "{rec}");
     assert_eq!(rec["bytes_client_to_agent"], 3, "{rec}");
+}
+
+/// How long the control-channel ping flood lasts: `HATCH_FLOOD_SECS` (default 12 s, so the
+/// suite stays short; the issue's case is a one-minute flood: `HATCH_FLOOD_SECS=60`).
+fn flood_secs() -> u64 {
+    std::env::var("HATCH_FLOOD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(12)
+}
+
+/// Relay growth allowed during the ping flood. Before the bound, every answer to a ping was
+/// queued while the channel kept reading: 2 GiB in 10 s.
+const PING_FLOOD_MAX_GROWTH_KIB: u64 = 32 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_ping_flood_that_never_reads_costs_bounded_relay_memory() {
+    let secs = flood_secs();
+    let relay = Relay::start(&[]);
+    let mut good = relay.agent().await;
+    let ControlAgent { ws: bad_ws, secret: bad_secret, .. } = relay.agent().await;
+    let rss_before = relay.proc.rss_kib();
+
+    // The hostile agent: masked 125-byte pings nonstop on its own control channel, never a
+    // read. A channel the relay ends is opened again with the same secret until the time is up.
+    let flood = async {
+        let end = Instant::now() + Duration::from_secs(secs);
+        let (mut pings, mut channels, mut peak) = (0u64, 1u32, 0u64);
+        let mut ws = Some(bad_ws);
+        let ping = Message::Ping(vec![0x5a; 125].into());
+        while Instant::now() < end {
+            peak = peak.max(relay.proc.rss_kib());
+            // Stop early once the bound is far exceeded: the point is made, and the machine is
+            // shared.
+            if peak.saturating_sub(rss_before) > 8 * PING_FLOOD_MAX_GROWTH_KIB {
+                break;
+            }
+            let Some(w) = ws.as_mut() else {
+                ws = relay.control_channel(&bad_secret).await.ok();
+                channels += 1;
+                continue;
+            };
+            for _ in 0..64 {
+                match tokio::time::timeout(Duration::from_millis(200), w.send(ping.clone())).await {
+                    Ok(Ok(())) => pings += 1,
+                    // The relay stopped reading: the send waits, and the flood with it.
+                    Err(_) => break,
+                    // The relay closed the channel.
+                    Ok(Err(_)) => {
+                        ws = None;
+                        break;
+                    }
+                }
+            }
+        }
+        (pings, channels, peak.max(relay.proc.rss_kib()))
+    };
+    // Legitimate sessions meanwhile, one after another until the flood ends (this also keeps
+    // the good agent answering its heartbeats).
+    let done = AtomicBool::new(false);
+    let flood = async {
+        let r = flood.await;
+        done.store(true, Ordering::Relaxed);
+        r
+    };
+    let served = async {
+        let mut n = 0u32;
+        while !done.load(Ordering::Relaxed) {
+            relay.still_serves(&mut good).await;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        n
+    };
+    let ((pings, channels, rss_peak), sessions) = tokio::join!(flood, served);
+    let rss_after = relay.proc.rss_kib();
+    eprintln!(
+        "{secs} s ping flood: {pings} pings of 125 bytes sent on {channels} control channel(s); \
+         {sessions} sessions served meanwhile; relay VmRSS {rss_before} KiB before, peak \
+         {rss_peak} KiB, {rss_after} KiB after"
+    );
+    assert!(
+        rss_peak.saturating_sub(rss_before) < PING_FLOOD_MAX_GROWTH_KIB,
+        "relay grew {} KiB during the ping flood",
+        rss_peak.saturating_sub(rss_before)
+    );
+    // The channel that stopped reading was closed by the relay, with a line saying why.
+    wait_for("the relay closing the flooding channel", DEADLINE, || {
+        relay.proc.output().contains("agent does not read its control channel")
+    })
+    .await;
+    // A legitimate session after it.
+    relay.still_serves(&mut good).await;
 }

@@ -351,3 +351,65 @@ async fn frame_violations_close_with_their_code_and_are_recorded() {
     eprintln!("{} frame violations tried", cases.len());
     relay.still_serves(&mut agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_text_with_newlines_cannot_forge_relay_log_lines() {
+    use futures_util::SinkExt;
+    use hatch_proto::control::FromAgent;
+    use tokio_tungstenite::tungstenite::Message;
+    // What a forged line would start with, were the newline before it written raw.
+    const FORGED: &str =
+        "FORGED 2026-01-01T00:00:00Z  INFO hatch_relay::control: agent control channel up";
+    let relay = Relay::start(&[]);
+    let mut agent = relay.agent().await;
+    let s = relay.start_session(&mut agent).await;
+    let texts = [
+        // session.failed for a real session (it is closed as error) and for a made-up id.
+        serde_json::to_string(&FromAgent::SessionFailed {
+            session_id: s.id.clone(),
+            message: format!("no such user\n{FORGED}\r\n{FORGED}"),
+        })
+        .unwrap(),
+        serde_json::to_string(&FromAgent::SessionFailed {
+            session_id: format!("s-x\n{FORGED}"),
+            message: "m".into(),
+        })
+        .unwrap(),
+        // A session.report for a session that is not this instance's.
+        serde_json::to_string(&FromAgent::SessionReport {
+            session_id: format!("s-y\n{FORGED}"),
+            bytes_client_to_agent: 1,
+            bytes_agent_to_client: 1,
+            exit_code: None,
+        })
+        .unwrap(),
+        // An unknown type: serde's error quotes it.
+        serde_json::json!({ "type": format!("x\n{FORGED}") }).to_string(),
+    ];
+    for t in texts {
+        agent.ws.send(Message::Text(t.into())).await.unwrap();
+    }
+    let rec = relay.closed_session(&s.id).await;
+    assert_eq!(rec["close_reason"], "error", "{rec}");
+    let lines = [
+        "agent could not start session",
+        "agent reported a session that is not one of its instance's",
+        "unreadable agent message ignored",
+    ];
+    wait_for("the relay logging every message", DEADLINE, || {
+        let log = relay.proc.output();
+        lines.iter().all(|l| log.contains(l))
+            && log.matches("agent could not start session").count() == 2
+    })
+    .await;
+    let log = relay.proc.output();
+    // Each was logged on its own line, the peer's newlines escaped, and no line is forged.
+    let forged: Vec<&str> = log.lines().filter(|l| l.starts_with("FORGED")).collect();
+    assert!(forged.is_empty(), "forged log lines: {forged:#?}\n{log}");
+    for l in lines {
+        let line = log.lines().find(|x| x.contains(l)).unwrap();
+        assert!(line.contains(r"\nFORGED"), "{line}");
+    }
+    assert!(log.contains(r#""no such user\nFORGED"#), "{log}");
+    relay.still_serves(&mut agent).await;
+}

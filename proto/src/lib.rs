@@ -17,6 +17,7 @@
 //! - [`close`]: the close codes and their meaning.
 //! - [`token`]: stream-token claims.
 //! - [`api`], [`control`]: JSON bodies of the control-plane API and the agent control channel.
+//! - [`logtext`]: peer-supplied text clipped and escaped for a log line.
 
 #![forbid(unsafe_code)]
 
@@ -25,4 +26,5 @@ pub mod channel;
 pub mod close;
 pub mod control;
 pub mod frame;
+pub mod logtext;
 pub mod token;

@@ -360,9 +360,12 @@ fn init_tracing() {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// SIGTERM, SIGINT and SIGHUP, taken over before the relay starts: a SIGTERM sent the moment
-/// the relay logs that it listens must stop it cleanly, not kill it with the default action
-/// (which it did when the handlers were installed only after the start).
+/// The relay's SIGTERM, SIGINT and SIGHUP handlers.
+///
+/// Installed before the relay starts, so that from the first line that says it is listening
+/// (and `dev.json`) a signal takes the drain path: a SIGTERM that came before the handlers
+/// killed the process by the default action, with no drain and no store update. Signals that
+/// arrive before [`Signals::wait`] are kept and acted on there.
 struct Signals {
     rt: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,
@@ -371,34 +374,39 @@ struct Signals {
 }
 
 impl Signals {
-    fn register() -> anyhow::Result<Self> {
+    fn install() -> anyhow::Result<Signals> {
         use tokio::signal::unix::{SignalKind, signal};
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (term, int, hup) = rt.block_on(async {
-            anyhow::Ok((
-                signal(SignalKind::terminate())?,
-                signal(SignalKind::interrupt())?,
-                signal(SignalKind::hangup())?,
-            ))
-        })?;
+        let entered = rt.enter();
+        let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        drop(entered);
         Ok(Signals { rt, term, int, hup })
     }
 
     /// Waits for SIGTERM or SIGINT; reloads the certificate on SIGHUP.
-    fn wait(mut self, server: &Server) {
-        self.rt.block_on(async {
+    fn wait(self, server: &Server) {
+        let Signals { rt, mut term, mut int, mut hup } = self;
+        rt.block_on(async {
             loop {
                 tokio::select! {
-                    _ = self.term.recv() => break,
-                    _ = self.int.recv() => break,
-                    _ = self.hup.recv() => {
+                    _ = term.recv() => {
+                        tracing::info!(signal = "SIGTERM", "stop requested; draining");
+                        break;
+                    }
+                    _ = int.recv() => {
+                        tracing::info!(signal = "SIGINT", "stop requested; draining");
+                        break;
+                    }
+                    _ = hup.recv() => {
                         if let Err(e) = server.reload_tls() {
                             tracing::error!(err = %format!("{e:#}"), "certificate reload failed; keeping the old one");
                         }
                     }
                 }
             }
-        })
+        });
     }
 }
 
@@ -410,7 +418,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let control = a.relay.control();
     let drain = Duration::from_secs(a.data.drain);
-    let signals = Signals::register()?;
+    let signals = Signals::install()?;
     let server = Server::start(ServerConfig {
         data_dir: a.relay.data_dir.clone(),
         api_listen: a.relay.api_listen,
@@ -427,7 +435,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 
 fn dev(a: DevArgs) -> anyhow::Result<()> {
     let control = a.relay.control();
-    let signals = Signals::register()?;
+    let signals = Signals::install()?;
     let relay = DevRelay::start(DevOptions {
         data_dir: a.relay.data_dir.clone(),
         api_listen: a.relay.api_listen,

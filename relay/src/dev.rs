@@ -175,10 +175,16 @@ impl DevRelay {
             activation_code: demo.activation_code,
             ca_file: pki.ca_file.display().to_string(),
         };
+        // Written whole under another name and renamed: whoever waits for dev.json (scripts,
+        // the e2e suite) never reads a half-written one. It is written only now, with both
+        // listeners up and (in `hatch-relay dev`) the signal handlers installed.
+        let tmp = data_dir.join("dev.json.tmp");
         crate::certs::write_private(
-            &data_dir.join("dev.json"),
+            &tmp,
             format!("{}\n", serde_json::to_string_pretty(&info)?).as_bytes(),
         )?;
+        std::fs::rename(&tmp, data_dir.join("dev.json"))
+            .with_context(|| format!("renaming {} to dev.json", tmp.display()))?;
         Ok(DevRelay { info, server: Some(server), data_dir })
     }
 

@@ -3,7 +3,7 @@
 
 mod api_support;
 
-use api_support::{Agent, TestRelay, start_body, wait_until};
+use api_support::{Agent, DEADLINE, TestRelay, start_body, wait_until};
 use hatch_proto::api::StartSessionResponse;
 use hatch_proto::control::ToAgent;
 use hatch_proto::token::Role;
@@ -668,4 +668,36 @@ async fn agent_session_reports_raise_counts_of_its_own_lost_sessions_only() {
     // Both channels survived it all.
     assert!(tr.relay.server().control().agent_online(&a.id));
     assert!(tr.relay.server().control().agent_online(&b.id));
+}
+
+#[tokio::test]
+async fn an_agent_that_only_pings_is_dropped_after_the_heartbeat_deadline() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let tr = TestRelay::start_with(|o| o.heartbeat_interval = std::time::Duration::from_millis(50));
+    let mut agent = tr.agent().await;
+    let ws = agent.ws.as_mut().unwrap();
+    // Pings every 10 ms and reads every answer, but answers no heartbeat: pings are not
+    // liveness, so the relay closes the channel at the deadline (3 intervals) with 1001.
+    let mut ping = tokio::time::interval(std::time::Duration::from_millis(10));
+    let code = tokio::time::timeout(DEADLINE, async {
+        loop {
+            tokio::select! {
+                _ = ping.tick() => {
+                    if ws.send(Message::Ping(b"alive?".to_vec().into())).await.is_err() {
+                        return None;
+                    }
+                }
+                m = ws.next() => match m {
+                    Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return None,
+                },
+            }
+        }
+    })
+    .await
+    .expect("a channel that only pings was kept open");
+    assert_eq!(code, Some(1001));
+    wait_until(|| !tr.relay.server().control().agent_online(&agent.id)).await;
 }

@@ -1,11 +1,22 @@
 //! Agent control channels: which instance is online, and the WebSocket task of each.
 //!
-//! An instance is online while its control channel is up. A second channel from the same
+//! A channel starts with the agent's `hello` (whom it runs sessions as); the instance is online
+//! from then on while the channel is up, and a channel whose first message is not a hello, or
+//! that sends none within `heartbeat_timeout`, is closed with 1008. A second channel from the same
 //! instance replaces the first (the old one is closed with reason "replaced"). The relay sends
-//! a `heartbeat` every `heartbeat_interval`; any message from the agent (its heartbeats, its
-//! answers, WebSocket pings) counts as liveness, and a channel silent for `heartbeat_timeout` is
-//! closed. The relay never answers an agent's heartbeat with one of its own (that would loop);
-//! the agent learns the relay is alive from the relay's periodic heartbeats.
+//! a `heartbeat` every `heartbeat_interval`; a control message from the agent (its heartbeats,
+//! its answers, its reports) counts as liveness, and a channel that sent none for
+//! `heartbeat_timeout` is closed. WebSocket pings and pongs do not count: they cost the agent
+//! nothing and would keep a channel that answers no heartbeat open forever. The relay never
+//! answers an agent's heartbeat with one of its own (that would loop); the agent learns the
+//! relay is alive from the relay's periodic heartbeats.
+//!
+//! Writes are bounded. The WebSocket keeps at most [`MAX_AGENT_WRITE_BUFFER`] of unsent frames
+//! (past it tungstenite holds one pending pong, not one per ping), and after each ping the
+//! channel waits until its pong is written before it reads on: an agent that pings but does not
+//! read stops being read (TCP pushes back on it), and one whose writes stay behind for
+//! [`SEND_TIMEOUT`] is closed with 1008 and a log line. Before this, every automatic pong was
+//! queued while the channel kept reading: an agent flooding pings grew the relay by 200 MiB/s.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,6 +27,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use hatch_proto::close;
 use hatch_proto::control::{FromAgent, ToAgent};
+use hatch_proto::logtext::peer;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -24,8 +36,11 @@ use crate::plane::CloseReason;
 
 /// Messages queued for one agent before a send is refused (the agent is not reading).
 const AGENT_QUEUE: usize = 1024;
-/// How long one write to an agent may take before the channel is dropped.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one write to an agent (a message, or the pong to its ping) may take before the
+/// channel is closed as not read.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unsent bytes a control channel may hold (its WebSocket's `max_write_buffer_size`).
+pub const MAX_AGENT_WRITE_BUFFER: usize = 4 * MAX_AGENT_MESSAGE;
 /// Largest message accepted from an agent: its messages are small JSON objects.
 pub const MAX_AGENT_MESSAGE: usize = 64 * 1024;
 
@@ -173,6 +188,8 @@ pub(super) async fn run_channel(
     let deadline = tokio::time::sleep(cfg.heartbeat_timeout);
     tokio::pin!(deadline);
     let mut last_touch = tokio::time::Instant::now();
+    // The agent's writes are behind: closed with this (the frame may not get through).
+    let not_read = Some((close::POLICY_VIOLATION, "agent does not read its control channel"));
     let close: Option<(u16, &'static str)> = loop {
         tokio::select! {
             _ = &mut kicked => break Some((1000, "replaced by a newer control channel")),
@@ -184,15 +201,19 @@ pub(super) async fn run_channel(
             msg = rx.recv() => {
                 let Some(msg) = msg else { break None };
                 if !send(&mut sink, &msg).await {
-                    warn!(instance = %instance, "writing to agent failed or timed out");
-                    break None;
+                    warn!(instance = %instance, timeout = ?SEND_TIMEOUT,
+                        "agent does not read its control channel (a write failed or timed out); \
+                         closing");
+                    break not_read;
                 }
             }
             _ = beat.tick() => {
                 seq += 1;
                 if !send(&mut sink, &ToAgent::Heartbeat { seq }).await {
-                    warn!(instance = %instance, "writing heartbeat to agent failed");
-                    break None;
+                    warn!(instance = %instance, timeout = ?SEND_TIMEOUT,
+                        "agent does not read its control channel (a heartbeat write failed or \
+                         timed out); closing");
+                    break not_read;
                 }
             }
             m = stream.next() => {
@@ -204,9 +225,17 @@ pub(super) async fn run_channel(
                     }
                     Some(Ok(m)) => m,
                 };
-                deadline.as_mut().reset(tokio::time::Instant::now() + cfg.heartbeat_timeout);
+                let parsed = match &m {
+                    Message::Text(t) => Some(serde_json::from_str::<FromAgent>(t.as_str())),
+                    _ => None,
+                };
+                if let Some(Ok(_)) = parsed {
+                    // Only a control message is liveness (see the module doc).
+                    deadline.as_mut().reset(tokio::time::Instant::now() + cfg.heartbeat_timeout);
+                }
                 match m {
-                    Message::Text(t) => match serde_json::from_str::<FromAgent>(t.as_str()) {
+                    // `parsed` is Some for every text message: set just above.
+                    Message::Text(t) => match parsed.expect("parsed for every text message") {
                         Ok(FromAgent::Hello { .. }) => {
                             debug!(instance = %instance, "second hello on a control channel ignored");
                         }
@@ -218,9 +247,9 @@ pub(super) async fn run_channel(
                             }
                         }
                         Ok(FromAgent::SessionFailed { session_id, message }) => {
-                            // Both come from the agent: the log keeps a bounded part.
-                            warn!(instance = %instance, session = %super::clip(&session_id, 40),
-                                message = %super::clip(&message, 512),
+                            // Both come from the agent: clipped and escaped.
+                            warn!(instance = %instance, session = %peer(&session_id, 40),
+                                error = %peer(&message, 512),
                                 "agent could not start session");
                             shared.agent_failed(&instance, &session_id).await;
                         }
@@ -241,21 +270,40 @@ pub(super) async fn run_channel(
                                 .await;
                         }
                         Err(e) => {
-                            warn!(instance = %instance, err = %e, "unreadable agent message ignored");
+                            // serde's error quotes the agent's text (an unknown type, a bad
+                            // field): escaped and clipped with the message's head.
+                            let err = e.to_string();
+                            warn!(instance = %instance, err = %peer(&err, 200),
+                                text = %peer(t.as_str(), 100),
+                                "unreadable agent message ignored");
                         }
                     },
                     Message::Binary(_) => {
                         warn!(instance = %instance, "binary message on control channel ignored");
                     }
                     Message::Close(_) => break None,
-                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Ping(_) => {
+                        // tungstenite queued the pong; read on only once it is written, so
+                        // an agent that pings without reading is pushed back on by TCP.
+                        let flushed = tokio::time::timeout(SEND_TIMEOUT, sink.flush()).await;
+                        if !matches!(flushed, Ok(Ok(()))) {
+                            warn!(instance = %instance, timeout = ?SEND_TIMEOUT,
+                                "agent does not read its control channel (pongs to its pings \
+                                 are not taken); closing");
+                            break not_read;
+                        }
+                    }
+                    // Unsolicited (the relay sends no pings): ignored, and not liveness.
+                    Message::Pong(_) => {}
                 }
             }
         }
     };
     if let Some((code, reason)) = close {
         let frame = CloseFrame { code, reason: reason.into() };
-        let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+        // An agent that does not read gets a short wait for its close, not another full one.
+        let wait = if close == not_read { Duration::from_secs(1) } else { SEND_TIMEOUT };
+        let _ = tokio::time::timeout(wait, sink.send(Message::Close(Some(frame)))).await;
     }
     if shared.agents.detach(&instance, conn_id) {
         info!(instance = %instance, conn = conn_id, "agent control channel down");

@@ -927,6 +927,7 @@ async fn agent_connect(
     Ok(ws
         .max_message_size(super::agents::MAX_AGENT_MESSAGE)
         .max_frame_size(super::agents::MAX_AGENT_MESSAGE)
+        .max_write_buffer_size(super::agents::MAX_AGENT_WRITE_BUFFER)
         .on_upgrade(move |socket| super::agents::run_channel(shared, id, base, socket)))
 }
 

@@ -446,8 +446,8 @@ pub fn check_head(buf: &[u8], max_body: u64) -> Check {
         if http::HeaderName::from_bytes(name.as_bytes()).is_err()
             || http::HeaderValue::from_bytes(h.value).is_err()
         {
-            let name = super::clip(name, 40);
-            return refused(StatusCode::BAD_REQUEST, format!("malformed header field {name:?}"));
+            let name = hatch_proto::logtext::peer(name, 40);
+            return refused(StatusCode::BAD_REQUEST, format!("malformed header field {name}"));
         }
         if name.eq_ignore_ascii_case("transfer-encoding") {
             return refused(

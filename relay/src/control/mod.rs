@@ -634,11 +634,14 @@ impl Shared {
                 "agent's session report ignored: the relay recorded that session's end itself"
             ),
             Ok(None) => warn!(
-                // The id comes from the agent: at most 40 characters of it in the log.
-                instance = %instance, session = %clip(id, 40),
+                // The id comes from the agent: clipped and escaped.
+                instance = %instance, session = %hatch_proto::logtext::peer(id, 40),
                 "agent reported a session that is not one of its instance's; ignored"
             ),
-            Err(e) => warn!(err = %e, session = %id, "recording an agent's session report failed"),
+            Err(e) => warn!(
+                err = %e, session = %hatch_proto::logtext::peer(id, 40),
+                "recording an agent's session report failed"
+            ),
         }
     }
 }
@@ -653,21 +656,4 @@ const PRUNE_BATCHES: usize = 100;
 /// most runs).
 fn prune_interval(retention: Duration) -> Duration {
     (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
-}
-
-/// At most the first `chars` characters of `s`: what a log line keeps of a peer's string.
-pub(crate) fn clip(s: &str, chars: usize) -> &str {
-    s.char_indices().nth(chars).map_or(s, |(i, _)| &s[..i])
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn clip_keeps_whole_characters() {
-        assert_eq!(super::clip("s-0123", 40), "s-0123");
-        assert_eq!(super::clip("abcdef", 3), "abc");
-        // A multi-byte character is kept or dropped whole, never split.
-        assert_eq!(super::clip("aé€b", 3), "aé€");
-        assert_eq!(super::clip("", 0), "");
-    }
 }
