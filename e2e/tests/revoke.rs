@@ -73,35 +73,17 @@ async fn revoked_keys_detached_policies_and_disabled_users_end_live_sessions() {
     let (key_id, key) = user(&relay, home, "alice");
     let (_, bob) = user(&relay, home, "bob");
     let (_, carol) = user(&relay, home, "carol");
-    let cases: [(&str, &str, Box<dyn Fn()>); 3] = [
-        (
-            "key revoked",
-            key.as_str(),
-            Box::new(|| {
-                admin(&relay, &["keys", "revoke", &key_id]);
-            }),
-        ),
-        (
-            "policy detached",
-            bob.as_str(),
-            Box::new(|| {
-                admin(
-                    &relay,
-                    &["policies", "detach", "--account", account, "--user", "bob", "bob"],
-                );
-            }),
-        ),
-        (
-            "user disabled",
-            carol.as_str(),
-            Box::new(|| {
-                admin(&relay, &["users", "disable", "--account", account, "carol"]);
-            }),
-        ),
+    // Each case: what is done, the caller's key, the admin command that takes access away.
+    let detach = ["policies", "detach", "--account", account, "--user", "bob", "bob"];
+    let disable = ["users", "disable", "--account", account, "carol"];
+    let cases: [(&str, &str, Vec<&str>); 3] = [
+        ("key revoked", key.as_str(), vec!["keys", "revoke", &key_id]),
+        ("policy detached", bob.as_str(), detach.to_vec()),
+        ("user disabled", carol.as_str(), disable.to_vec()),
     ];
     for (what, key, revoke) in cases {
         let child = long_exec(&relay, home, key, &iid);
-        revoke();
+        admin(&relay, &revoke);
         let (code, err) = finished(child);
         assert_eq!(code, Some(77), "{what}: {err}");
         assert!(

@@ -154,3 +154,147 @@ pub fn recheck(
     }
     Ok(lost)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::admin;
+    use crate::control::credentials;
+    use crate::control::store::SqliteStore;
+
+    /// A store with one account, one instance (`env=dev`) and a live record per principal.
+    struct World {
+        _dir: tempfile::TempDir,
+        store: SqliteStore,
+        account: String,
+        instance: String,
+    }
+
+    fn world() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("hatch.db")).unwrap();
+        let account = admin::create_account(&store, "a").unwrap().id;
+        let tags = admin::parse_tags(&["env=dev"]).unwrap();
+        let (act, code) = admin::create_activation(
+            &store,
+            &account,
+            "eu-1",
+            tags,
+            1,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        let inst = store
+            .register_instance(
+                &act.id,
+                &credentials::hash(&code),
+                "i-00000000000000a1",
+                &credentials::hash("secret"),
+                None,
+                0,
+            )
+            .unwrap();
+        World { _dir: dir, store, account, instance: inst.id }
+    }
+
+    impl World {
+        /// A user with `doc` attached, and a live session record of theirs.
+        fn user(&self, name: &str, doc: &str) -> (String, SessionRecord) {
+            let u = admin::create_user(&self.store, &self.account, name).unwrap();
+            admin::put_policy(&self.store, &self.account, name, doc).unwrap();
+            admin::attach_policy(&self.store, &self.account, &u.id, name).unwrap();
+            let (k, _) = admin::create_access_key(&self.store, &self.account, Some(&u.id)).unwrap();
+            (u.id.clone(), self.record(&u.id, &k.id, "deploy"))
+        }
+
+        fn record(&self, principal: &str, key: &str, run_as: &str) -> SessionRecord {
+            SessionRecord {
+                id: credentials::new_id("s-"),
+                account_id: self.account.clone(),
+                principal: principal.into(),
+                access_key_id: key.into(),
+                source_ip: "10.0.0.1".into(),
+                instance_id: self.instance.clone(),
+                mode: "shell".into(),
+                command: None,
+                run_as: Some(run_as.into()),
+                state: "connected".into(),
+                created_at: 0,
+                expires_at: 600,
+                connected_at: Some(1),
+                closed_at: None,
+                close_reason: None,
+                bytes_client_to_agent: 0,
+                bytes_agent_to_client: 0,
+            }
+        }
+
+        fn lost(&self, recs: &[SessionRecord]) -> Vec<(String, Lost)> {
+            recheck(&self.store, &self.account, recs)
+                .unwrap()
+                .into_iter()
+                .map(|(r, why)| (r.id, why))
+                .collect()
+        }
+    }
+
+    const DEV_NOT_ROOT: &str = r#"{"Statement":[
+        {"Effect":"Allow","Action":"hatch:StartSession","Resource":"*",
+         "Condition":{"StringEquals":{"hatch:tag/env":"dev"}}},
+        {"Effect":"Deny","Action":"hatch:StartSession","Resource":"*",
+         "Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#;
+
+    #[test]
+    fn each_loss_of_access_is_named_and_everything_else_keeps_running() {
+        let w = world();
+        let s = &w.store;
+        let (owner_key, _) = admin::create_access_key(s, &w.account, None).unwrap();
+        let owner = w.record("owner", &owner_key.id, "root");
+        let (_, a) = w.user("alice", DEV_NOT_ROOT);
+        let (bob, b) = w.user("bob", DEV_NOT_ROOT);
+        let (_, c) = w.user("carol", DEV_NOT_ROOT);
+        let (_, d) = w.user("dave", DEV_NOT_ROOT);
+        let all = [owner.clone(), a.clone(), b.clone(), c.clone(), d.clone()];
+        assert_eq!(w.lost(&all), vec![]);
+
+        let g0 = s.iam_generation(&w.account).unwrap();
+        // alice's key revoked, bob disabled, carol's policy detached, dave's made stricter
+        // (the instance is no longer allowed).
+        assert!(s.revoke_access_key(&a.access_key_id, 5).unwrap());
+        assert!(s.set_user_disabled(&bob, Some(5)).unwrap());
+        assert!(s.detach_policy(&w.account, &c.principal, "carol").unwrap());
+        admin::put_policy(s, &w.account, "dave", &DEV_NOT_ROOT.replace("\"dev\"", "\"prod\""))
+            .unwrap();
+        assert_eq!(s.iam_generation(&w.account).unwrap(), g0 + 4, "every change counts");
+        assert_eq!(
+            w.lost(&all),
+            vec![
+                (a.id.clone(), Lost::KeyRevoked),
+                (b.id.clone(), Lost::UserDisabled),
+                (c.id.clone(), Lost::PolicyDenies),
+                (d.id.clone(), Lost::PolicyDenies),
+            ]
+        );
+        // A disabled user's key authenticates nothing; enabled again, it does.
+        let (_, secret) = admin::create_access_key(s, &w.account, Some(&bob)).unwrap();
+        assert!(s.access_key_owner(&credentials::hash(&secret)).unwrap().is_none());
+        assert!(s.set_user_disabled(&bob, None).unwrap());
+        assert!(s.access_key_owner(&credentials::hash(&secret)).unwrap().is_some());
+        // The owner's key revoked ends the owner's session too.
+        assert!(s.revoke_access_key(&owner_key.id, 6).unwrap());
+        assert_eq!(w.lost(std::slice::from_ref(&owner)), vec![(owner.id, Lost::KeyRevoked)]);
+    }
+
+    #[test]
+    fn the_effective_run_as_user_is_evaluated_again() {
+        // The policy denies root: a session running as root (the agent's default user when
+        // none was named) loses access once that Deny is added.
+        let w = world();
+        let (_, mut rec) =
+            w.user("ops", r#"{"Statement":{"Effect":"Allow","Action":"hatch:*","Resource":"*"}}"#);
+        rec.run_as = Some("root".into());
+        assert_eq!(w.lost(std::slice::from_ref(&rec)), vec![]);
+        admin::put_policy(&w.store, &w.account, "ops", DEV_NOT_ROOT).unwrap();
+        assert_eq!(w.lost(std::slice::from_ref(&rec)), vec![(rec.id.clone(), Lost::PolicyDenies)]);
+    }
+}

@@ -568,8 +568,10 @@ impl Shared {
         reason: CloseReason,
         why: &str,
     ) {
-        self.data.command(DataCommand::Terminate { session_id: id.to_owned(), code });
+        // The record first: the data plane's own report of the end (`terminated`) must find it
+        // closed already and only add the byte counts, not set its reason.
         self.close(id, reason, 0, 0).await;
+        self.data.command(DataCommand::Terminate { session_id: id.to_owned(), code });
         self.tell_agent_close(id, Some(instance), why).await;
     }
 
