@@ -1243,26 +1243,7 @@ mod tests {
         let (_d, s) = store();
         account(&s, "acct-1");
         for i in 0..5 {
-            s.insert_session(&SessionRecord {
-                id: format!("s-{i}"),
-                account_id: "acct-1".into(),
-                principal: "owner".into(),
-                access_key_id: "ak".into(),
-                source_ip: "127.0.0.1".into(),
-                instance_id: "i-1".into(),
-                mode: "shell".into(),
-                command: None,
-                run_as: None,
-                state: "pending".into(),
-                created_at: i,
-                expires_at: i + 600,
-                connected_at: None,
-                closed_at: None,
-                close_reason: None,
-                bytes_client_to_agent: 0,
-                bytes_agent_to_client: 0,
-            })
-            .unwrap();
+            s.insert_session(&pending(&format!("s-{i}"), i)).unwrap();
         }
         let page = s.sessions(Some("acct-1"), StateFilter::All, 2, None).unwrap();
         assert_eq!(page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s-4", "s-3"]);
