@@ -447,49 +447,70 @@ impl Shared {
     async fn reconcile(&self, seen: &mut Reconciled) {
         let now = unix_now();
         let since = seen.since;
-        let accounts: Vec<(String, Vec<String>)> = self
-            .live
-            .accounts()
-            .into_iter()
-            .map(|a| (a.clone(), self.live.of_account(&a)))
-            .collect();
-        let known = seen.generations.clone();
+        // One store look per account with live sessions (not per session): the switch and the
+        // IAM generation. Sessions are read only for the accounts that need a re-check.
+        let accounts = self.live.accounts();
         let res = self
             .blocking(move |s| {
                 let mut off = Vec::new();
-                let mut generations = HashMap::new();
-                let mut revoked = Vec::new();
-                for (a, ids) in accounts {
+                let mut current = Vec::with_capacity(accounts.len());
+                for a in accounts {
                     if s.account(&a)?.is_some_and(|acc| !acc.session_manager_enabled) {
                         off.push(a);
-                        continue;
+                    } else {
+                        let g = s.iam_generation(&a)?;
+                        current.push((a, g));
                     }
-                    let generation = s.iam_generation(&a)?;
-                    let same = known.get(&a).is_some_and(|&(g, _)| g == generation);
-                    let settled = known.get(&a).is_some_and(|&(_, settled)| settled);
-                    generations.insert(a.clone(), (generation, same));
-                    if same && settled {
-                        continue;
-                    }
-                    let mut recs = Vec::with_capacity(ids.len());
-                    for id in &ids {
-                        if let Some(r) = s.session(None, id)? {
-                            recs.push(r);
-                        }
-                    }
-                    revoked.extend(access::recheck(s, &a, &recs)?);
                 }
                 // Second granularity: look one second back so nothing closed in the same
                 // second as the last look is missed.
                 let closed = s.closed_since(since - 1)?;
-                Ok((off, closed, generations, revoked))
+                Ok((off, closed, current))
             })
             .await;
-        let (off, closed, generations, revoked) = match res {
+        let (off, closed, current) = match res {
             Ok(x) => x,
             Err(e) => {
                 warn!(err = %e, "reconciling with the store failed");
                 return;
+            }
+        };
+        let mut generations = HashMap::with_capacity(current.len());
+        let mut changed = Vec::new();
+        for (a, g) in current {
+            let before = seen.generations.get(&a).copied();
+            let same = before.is_some_and(|(b, _)| b == g);
+            if !(same && before.is_some_and(|(_, settled)| settled)) {
+                changed.push((a.clone(), self.live.of_account(&a)));
+            }
+            generations.insert(a, (g, same));
+        }
+        let revoked = if changed.is_empty() {
+            Vec::new()
+        } else {
+            let res = self
+                .blocking(move |s| {
+                    let mut revoked = Vec::new();
+                    for (a, ids) in changed {
+                        let mut recs = Vec::with_capacity(ids.len());
+                        for id in &ids {
+                            if let Some(r) = s.session(None, id)? {
+                                recs.push(r);
+                            }
+                        }
+                        revoked.extend(access::recheck(s, &a, &recs)?);
+                    }
+                    Ok(revoked)
+                })
+                .await;
+            match res {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not marked seen: the next look tries these accounts again.
+                    warn!(err = %e, "re-checking live sessions' access failed");
+                    generations.clear();
+                    Vec::new()
+                }
             }
         };
         seen.since = now;
