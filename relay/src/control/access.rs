@@ -286,6 +286,38 @@ mod tests {
     }
 
     #[test]
+    fn an_attached_deny_and_a_retagged_instance_raise_the_generation_and_end_sessions() {
+        // The relay re-checks an account's live sessions only when its IAM generation moved:
+        // every change that can take access away must move it. Attaching a deny-all policy (to
+        // quarantine a user) and retagging an instance out of `env=dev` both can.
+        let w = world();
+        let s = &w.store;
+        let (erin, e) = w.user("erin", DEV_NOT_ROOT);
+        let (_, f) = w.user("frank", DEV_NOT_ROOT);
+        const DENY_ALL: &str =
+            r#"{"Statement":{"Effect":"Deny","Action":"hatch:*","Resource":"*"}}"#;
+        admin::put_policy(s, &w.account, "quarantine", DENY_ALL).unwrap();
+
+        let g0 = s.iam_generation(&w.account).unwrap();
+        admin::attach_policy(s, &w.account, &erin, "quarantine").unwrap();
+        let g1 = s.iam_generation(&w.account).unwrap();
+        assert!(g1 > g0, "attaching a policy must raise the IAM generation ({g0} -> {g1})");
+        assert_eq!(w.lost(&[e.clone(), f.clone()]), vec![(e.id.clone(), Lost::PolicyDenies)]);
+        // Attaching it again changes nothing, so nothing is re-checked.
+        admin::attach_policy(s, &w.account, &erin, "quarantine").unwrap();
+        assert_eq!(s.iam_generation(&w.account).unwrap(), g1);
+
+        let prod = admin::parse_tags(&["env=prod"]).unwrap();
+        assert!(s.set_instance_tags(&w.instance, &prod).unwrap());
+        let g2 = s.iam_generation(&w.account).unwrap();
+        assert!(g2 > g1, "retagging an instance must raise the IAM generation ({g1} -> {g2})");
+        assert_eq!(w.lost(std::slice::from_ref(&f)), vec![(f.id.clone(), Lost::PolicyDenies)]);
+        // No such instance: false, and nothing moves.
+        assert!(!s.set_instance_tags("i-00000000000000ff", &prod).unwrap());
+        assert_eq!(s.iam_generation(&w.account).unwrap(), g2);
+    }
+
+    #[test]
     fn the_effective_run_as_user_is_evaluated_again() {
         // The policy denies root: a session running as root (the agent's default user when
         // none was named) loses access once that Deny is added.

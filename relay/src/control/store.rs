@@ -220,7 +220,8 @@ pub trait Store: Send + Sync + 'static {
     /// Disables (`Some(now)`) or enables (`None`) a user; false when no such user.
     fn set_user_disabled(&self, user_id: &str, disabled_at: Option<i64>) -> anyhow::Result<bool>;
     /// The account's IAM generation: a counter raised by every change that can take access
-    /// away (a key revoked, a policy replaced or detached, a user disabled), so a running relay
+    /// away (a key revoked, a policy replaced, attached or detached, a user disabled, an
+    /// instance's tags replaced), so a running relay
     /// re-checks the live sessions of that account only when it moved.
     fn iam_generation(&self, account_id: &str) -> anyhow::Result<i64>;
 
@@ -826,8 +827,9 @@ impl Store for SqliteStore {
     }
 
     fn attach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool> {
-        let conn = self.lock();
-        let exists: bool = conn.query_row(
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let exists: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM policies WHERE account_id = ?1 AND name = ?2)",
             [account_id, name],
             |r| r.get(0),
@@ -835,11 +837,17 @@ impl Store for SqliteStore {
         if !exists {
             return Ok(false);
         }
-        conn.execute(
+        let n = tx.execute(
             "INSERT OR IGNORE INTO policy_attachments (account_id, user_id, policy_name) \
              VALUES (?1, ?2, ?3)",
             [account_id, user_id, name],
         )?;
+        if n == 1 {
+            // An attached policy can take access away too: its Deny wins over every Allow (the
+            // usual way to quarantine a user is to attach a deny-all policy).
+            bump_iam(&tx, account_id)?;
+        }
+        tx.commit()?;
         Ok(true)
     }
 
@@ -994,11 +1002,21 @@ impl Store for SqliteStore {
     }
 
     fn set_instance_tags(&self, id: &str, tags: &Tags) -> anyhow::Result<bool> {
-        let n = self.lock().execute(
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let account: Option<String> = tx
+            .query_row("SELECT account_id FROM instances WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
+        let Some(account) = account else { return Ok(false) };
+        tx.execute(
             "UPDATE instances SET tags = ?2 WHERE id = ?1",
             params![id, serde_json::to_string(tags)?],
         )?;
-        Ok(n == 1)
+        // Policies condition on tags (`hatch:tag/env`): new tags may allow less, or bring an
+        // instance under a Deny.
+        bump_iam(&tx, &account)?;
+        tx.commit()?;
+        Ok(true)
     }
 
     fn touch_instance(&self, id: &str, now: i64) -> anyhow::Result<()> {
