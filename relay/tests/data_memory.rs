@@ -38,7 +38,10 @@ fn relay_child() {
     cfg.io = backend();
     cfg.shards = 1;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let plane = DataPlane::start(cfg, TokenVerifier::for_signer(&signer), tx).unwrap();
+    // The parent signs the tokens: accept its run, as a relay accepts its own control plane's.
+    let mut verifier = TokenVerifier::for_signer(&signer);
+    verifier.only_run(&std::env::var("HATCH_MEM_RUN").unwrap());
+    let plane = DataPlane::start(cfg, verifier, tx).unwrap();
     std::fs::write(dir.join("addr.tmp"), plane.local_addr().to_string()).unwrap();
     std::fs::rename(dir.join("addr.tmp"), dir.join("addr")).unwrap();
     std::thread::spawn(move || while rx.blocking_recv().is_some() {});
@@ -66,6 +69,7 @@ async fn idle_rss_per_session() {
         .args(["--exact", "relay_child", "--ignored", "--nocapture", "--test-threads=1"])
         .env("HATCH_MEM_CHILD", dir.path())
         .env("HATCH_MEM_KEY", hex::encode(&pkcs8))
+        .env("HATCH_MEM_RUN", signer.run())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
