@@ -83,8 +83,10 @@ struct Outbox {
     /// Nothing more may be written as WebSocket frames: our close frame went out, or the leg was
     /// left inside a frame that will never complete.
     shut: bool,
-    /// The pong owed for the newest ping: its payload (≤ 125 bytes) and length.
-    pong: Option<([u8; frame::MAX_CONTROL_PAYLOAD as usize], u8)>,
+    /// The pong owed for the newest ping: its payload (≤ 125 bytes). Boxed: every leg carries
+    /// an `Outbox`, and an inline 125-byte array cost ~700 B per idle session (two legs, and
+    /// the allocator's size class), where a pong is owed only for a moment after a ping.
+    pong: Option<Box<[u8]>>,
     /// A keepalive ping is owed (or being written).
     ping: bool,
 }
@@ -646,10 +648,8 @@ impl<S: Stream> Conn<S> {
     pub async fn send_pong(&self, payload: &[u8]) -> io::Result<()> {
         {
             let mut ob = self.outbox.borrow_mut();
-            let mut p = [0u8; frame::MAX_CONTROL_PAYLOAD as usize];
-            let n = payload.len().min(p.len());
-            p[..n].copy_from_slice(&payload[..n]);
-            ob.pong = Some((p, n as u8));
+            let n = payload.len().min(frame::MAX_CONTROL_PAYLOAD as usize);
+            ob.pong = Some(payload[..n].into());
         }
         self.flush_owed().await
     }
@@ -745,9 +745,10 @@ impl<S: Stream> Conn<S> {
             }
             // A server control frame's header is two bytes: FIN + opcode, then the length
             // (≤ 125, so no extended length and no mask).
-            if let Some((p, len)) = ob.pong.take() {
-                out[..2].copy_from_slice(&[0x80 | OpCode::Pong as u8, len]);
-                let len = usize::from(len);
+            if let Some(p) = ob.pong.take() {
+                // At most 125 bytes (`send_pong` clips), so the length fits the header's 7 bits.
+                let len = p.len().min(frame::MAX_CONTROL_PAYLOAD as usize);
+                out[..2].copy_from_slice(&[0x80 | OpCode::Pong as u8, len as u8]);
                 out[2..2 + len].copy_from_slice(&p[..len]);
                 n = 2 + len;
             }
