@@ -1360,26 +1360,7 @@ mod tests {
     fn progress_counts_survive_closing_what_a_crash_left_open() {
         let (_d, s) = store();
         account(&s, "acct-1");
-        s.insert_session(&SessionRecord {
-            id: "s-1".into(),
-            account_id: "acct-1".into(),
-            principal: "owner".into(),
-            access_key_id: "ak".into(),
-            source_ip: "127.0.0.1".into(),
-            instance_id: "i-1".into(),
-            mode: "shell".into(),
-            command: None,
-            run_as: None,
-            state: "pending".into(),
-            created_at: 1,
-            expires_at: 601,
-            connected_at: None,
-            closed_at: None,
-            close_reason: None,
-            bytes_client_to_agent: 0,
-            bytes_agent_to_client: 0,
-        })
-        .unwrap();
+        s.insert_session(&pending("s-1", 1)).unwrap();
         assert!(s.mark_connected("s-1", 2).unwrap());
         s.record_progress(&[("s-1".into(), 10, 200), ("s-gone".into(), 1, 1)]).unwrap();
         // An older report arriving late never lowers the counts.
