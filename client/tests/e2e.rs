@@ -331,6 +331,21 @@ impl Drop for Tmux {
     }
 }
 
+/// Asks the remote shell for its size (`stty size`) until it prints `rows_cols`: a resize
+/// reaches the remote PTY asynchronously.
+fn remote_size_becomes(tmux: &Tmux, rows_cols: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        tmux.type_text("clear; stty size");
+        tmux.send(&["Enter"]);
+        std::thread::sleep(Duration::from_millis(200));
+        if has_line(&tmux.screen(), rows_cols) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "size never became {rows_cols}:\n{}", tmux.screen());
+    }
+}
+
 fn has_line(screen: &str, line: &str) -> bool {
     screen.lines().any(|l| l.trim_end() == line)
 }
@@ -390,17 +405,7 @@ fn shell_session_on_a_real_terminal() {
     tmux.wait_for("the initial size", |s| has_line(s, "24 80"));
 
     tmux.resize(100, 30);
-    // The resize reaches the remote PTY asynchronously; ask until it shows.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        tmux.type_text("clear; stty size");
-        tmux.send(&["Enter"]);
-        std::thread::sleep(Duration::from_millis(200));
-        if has_line(&tmux.screen(), "30 100") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "size never changed:\n{}", tmux.screen());
-    }
+    remote_size_becomes(&tmux, "30 100");
 
     tmux.type_text("exit 3");
     tmux.send(&["Enter"]);
@@ -714,16 +719,7 @@ fn sigtstp_restores_the_terminal_and_fg_brings_raw_mode_and_the_new_size() {
     tmux.send(&["Enter"]);
     wait_state(hatch, "running", |s| s.is_some_and(|c| c != 'T'));
     tmux.wait_modes("raw mode after fg", |m| m.raw());
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        tmux.type_text("clear; stty size");
-        tmux.send(&["Enter"]);
-        std::thread::sleep(Duration::from_millis(200));
-        if has_line(&tmux.screen(), "30 100") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "size never changed:\n{}", tmux.screen());
-    }
+    remote_size_becomes(&tmux, "30 100");
     ctrl_c_reaches_the_remote(&tmux, hatch);
     exit_in_job_control_shell(&tmux, &st, hatch, 3);
 }
