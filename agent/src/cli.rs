@@ -201,7 +201,6 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let config = RunConfig {
         session: SessionConfig {
             tls: cfg.clone(),
-            default_user: args.default_user,
             allow_plaintext: args.danger_allow_plaintext,
             timing: SessionTiming::default(),
         },

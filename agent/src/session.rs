@@ -113,10 +113,6 @@ impl Default for SessionTiming {
 pub struct SessionConfig {
     /// TLS for the data legs (same trust as the control channel).
     pub tls: Arc<rustls::ClientConfig>,
-    /// `--default-user`: the user a session that names none runs as, announced to the relay
-    /// in the control channel's `hello` (see [`identity`]); the agent's own user when `None`.
-    /// Sessions themselves always run as the user their `session.open` names.
-    pub default_user: Option<String>,
     /// Accept `ws://` stream URLs (plaintext data legs: benchmarks on loopback only).
     pub allow_plaintext: bool,
     /// Timers.
@@ -934,7 +930,6 @@ mod tests {
     async fn a_token_that_is_not_a_header_value_fails_the_dial_with_words() {
         let cfg = SessionConfig {
             tls: crate::tls::client_config(None, true).unwrap(),
-            default_user: None,
             allow_plaintext: false,
             timing: SessionTiming::default(),
         };

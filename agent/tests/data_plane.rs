@@ -56,12 +56,7 @@ impl Relay {
             _plane: plane,
             signer,
             events,
-            cfg: SessionConfig {
-                tls: tls.clone(),
-                default_user: None,
-                allow_plaintext: false,
-                timing,
-            },
+            cfg: SessionConfig { tls: tls.clone(), allow_plaintext: false, timing },
             tls,
             _dir: dir,
         }

@@ -54,7 +54,6 @@ impl Agent {
                 let cfg = hatch_agent::control::RunConfig {
                     session: hatch_agent::session::SessionConfig {
                         tls: tls.clone(),
-                        default_user: None,
                         allow_plaintext: false,
                         timing: session_timing,
                     },

@@ -51,7 +51,7 @@ impl LegServer {
             listener,
             acceptor: TlsAcceptor::from(server),
             base: format!("wss://127.0.0.1:{port}"),
-            cfg: SessionConfig { tls, default_user: None, allow_plaintext: false, timing },
+            cfg: SessionConfig { tls, allow_plaintext: false, timing },
             ca_pem: ca,
             _dir: dir,
         }
