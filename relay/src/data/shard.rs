@@ -1,52 +1,51 @@
-//! One shard: a single-threaded runtime with its own `SO_REUSEPORT` listener, its sessions, its
-//! used-token set and its buffer pool. Nothing here is `Sync`; shards talk through channels.
+//! One shard: a single-threaded runtime with its own `SO_REUSEPORT` listener, its
+//! [session table](super::session), its socket deadlines and its buffer pool. Nothing here is
+//! `Sync`; shards talk through channels.
 //!
 //! ```text
 //!  accept ─▶ handshake (TLS + upgrade head, deadline) ─▶ verify token
 //!        ─▶ owner shard?  yes: admit        no: hand over (fd, TLS state, unread plaintext)
-//!  admit  ─▶ single use (jti) ─▶ 101 ─▶ wait for the peer leg ─▶ pair ─▶ two pumps
+//!  admit ─▶ table.handle_admit ─▶ actions: 101 / refuse / watch / pumps / ping / close / report
 //! ```
+//!
+//! The shard is the table's driver. Its loop takes control-plane commands and the one timer
+//! (armed at the earliest of the table's [`poll_timeout`](super::session::SessionTable::
+//! poll_timeout) and the socket deadlines); the accept, handshake, pump and closer tasks feed
+//! what they saw into the table directly ([`Shard::feed`]) and the shard carries out the
+//! actions it queued. Socket deadlines (a handshake's, a closing leg's linger) are entries in
+//! one heap, not timer tasks: at its time the socket is shut down, which completes whatever
+//! operation is pending on it (operations in flight are never dropped; see [`super::io`]).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hatch_proto::close;
 use hatch_proto::token::Role;
 use rustls::server::UnbufferedServerConnection;
-use slab::Slab;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::DataConfig;
 use super::io::{Listener, Stream};
 use super::metrics::ShardMetrics;
-use super::pair::{self, AGENT, CLIENT, Phase, Session};
 use super::pool::Pool;
-use super::tls::Conn;
+use super::pump::{self, CLOSE_LINGER, FRAME_FINISH_WAIT};
+use super::session::{Action, Admit, CloseCode, Key, Leg, LegEnd, Report, Rules, SessionTable};
+use super::tls::{Conn, Open};
 use super::upgrade::{self, Refusal};
-use crate::plane::{CloseReason, DataCommand, DataEvent, SessionEnd};
+use crate::plane::{DataCommand, DataEvent};
 use crate::token::{TokenError, TokenVerifier};
 
-/// How long a closing leg may take to send its close and FIN before its socket is shut down.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
-
-/// How long a closing leg's close frame waits for a forwarded frame to that leg, half written
-/// when the session ended, to complete (its sender wrote it whole and TCP split it, so the rest
-/// is normally in flight already). After that the leg is closed without a close frame: one
-/// inside the payload would corrupt it. Short, because a dripping sender would hold the close.
-pub const FRAME_FINISH_WAIT: Duration = Duration::from_secs(1);
-
-/// How often a shard reports the byte counts of its live sessions that changed
-/// ([`DataEvent::Progress`]). A relay killed without warning loses at most this much of each
-/// session's counts; shorter means more store writes for busy sessions (one row update per
-/// changed session per period, never per frame).
+/// How often a live session's changed byte counts are reported ([`DataEvent::Progress`]), at
+/// most: a relay killed without warning loses at most this much of each session's counts;
+/// shorter means more store writes for busy sessions (one row update per changed session per
+/// period, never per frame).
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Messages from the data plane's handle to a shard.
@@ -105,6 +104,58 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The table's clock: the runtime's (so that a paused test clock reaches the table too).
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Hard socket deadlines: at its time a connection is shut down, unless cancelled first.
+struct Deadlines<S> {
+    heap: BinaryHeap<Reverse<(std::time::Instant, u64)>>,
+    conns: HashMap<u64, Weak<Conn<S>>>,
+    next_id: u64,
+}
+
+impl<S> Deadlines<S> {
+    fn arm(&mut self, conn: &Rc<Conn<S>>, at: std::time::Instant) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.heap.push(Reverse((at, id)));
+        self.conns.insert(id, Rc::downgrade(conn));
+        id
+    }
+
+    fn cancel(&mut self, id: u64) {
+        self.conns.remove(&id);
+    }
+
+    /// The next live deadline (cancelled ones on top are dropped here).
+    fn next(&mut self) -> Option<std::time::Instant> {
+        while let Some(Reverse((t, id))) = self.heap.peek() {
+            if self.conns.contains_key(id) {
+                return Some(*t);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    /// The connections whose deadline has come (and that still exist).
+    fn expire(&mut self, now: std::time::Instant) -> Vec<Rc<Conn<S>>> {
+        let mut due = Vec::new();
+        while let Some(&Reverse((t, id))) = self.heap.peek() {
+            if t > now {
+                break;
+            }
+            self.heap.pop();
+            if let Some(c) = self.conns.remove(&id).and_then(|w| w.upgrade()) {
+                due.push(c);
+            }
+        }
+        due
+    }
+}
+
 /// A shard's state, shared by its tasks through `Rc`.
 pub struct Shard<S> {
     pub(crate) id: usize,
@@ -114,14 +165,16 @@ pub struct Shard<S> {
     pub(crate) pool: Rc<Pool>,
     pub(crate) metrics: Arc<ShardMetrics>,
     tls: RefCell<Option<Arc<rustls::ServerConfig>>>,
-    sessions: RefCell<Slab<Rc<Session<S>>>>,
-    index: RefCell<HashMap<String, usize>>,
-    /// Used token ids and their expiry (seconds): refused until then, also after the session.
-    used: RefCell<HashMap<String, u64>>,
-    /// Terminated sessions: code and until when later legs are refused.
-    terminated: RefCell<HashMap<String, (u16, u64)>>,
+    table: RefCell<SessionTable<Rc<Conn<S>>>>,
+    deadlines: RefCell<Deadlines<S>>,
+    /// The time the driver's timer is set for.
+    armed: Cell<Option<std::time::Instant>>,
+    /// Wakes the driver: a deadline earlier than `armed` appeared, or the table drained.
+    wake: Notify,
+    /// Shutting down and every session has ended.
+    drained: Cell<bool>,
+    open: Rc<Open>,
     peers: Vec<mpsc::Sender<Handoff>>,
-    stopping: Cell<bool>,
 }
 
 /// Runs a shard until it is shut down.
@@ -136,61 +189,91 @@ pub async fn run<L: Listener>(init: ShardInit) {
     let shard = Rc::new(Shard::<L::Stream> {
         id: init.id,
         tls: RefCell::new(init.cfg.tls.clone()),
+        table: RefCell::new(SessionTable::new(Rules::of(&init.cfg))),
         cfg: init.cfg,
         verifier: init.verifier,
         events: init.events,
         pool: Rc::new(Pool::new(init.metrics.clone())),
+        open: Rc::new(Open::new(init.metrics.clone())),
         metrics: init.metrics,
-        sessions: RefCell::new(Slab::new()),
-        index: RefCell::new(HashMap::new()),
-        used: RefCell::new(HashMap::new()),
-        terminated: RefCell::new(HashMap::new()),
+        deadlines: RefCell::new(Deadlines {
+            heap: BinaryHeap::new(),
+            conns: HashMap::new(),
+            next_id: 0,
+        }),
+        armed: Cell::new(None),
+        wake: Notify::new(),
+        drained: Cell::new(false),
         peers: init.peers,
-        stopping: Cell::new(false),
     });
-    let accept = tokio::task::spawn_local(accept_loop(shard.clone(), listener.clone()));
+    let mut accept = Some(tokio::task::spawn_local(accept_loop(shard.clone(), listener.clone())));
+    let mut listener = Some(listener);
     let handoffs = tokio::task::spawn_local(handoff_loop(shard.clone(), init.handoffs));
-    let watchdog = tokio::task::spawn_local(watchdog(shard.clone()));
-    let progress = tokio::task::spawn_local(progress(shard.clone()));
     let mut ctrl = init.ctrl;
-    let drain = loop {
-        match ctrl.recv().await {
-            Some(Ctrl::Command(DataCommand::Terminate { session_id, code })) => {
-                shard.terminate(&session_id, code);
-            }
-            Some(Ctrl::ReloadTls(cfg)) => {
-                *shard.tls.borrow_mut() = Some(cfg);
-                info!(shard = shard.id, "certificate reloaded");
-            }
-            Some(Ctrl::Shutdown(d)) => break d,
-            None => break Duration::ZERO,
+    // After the drain: how long the closers get to send 4009 and FIN (their own deadlines
+    // bound it; this only guards against a bug).
+    let mut give_up: Option<Instant> = None;
+    loop {
+        if shard.drained.get() && give_up.is_none() {
+            give_up = Some(Instant::now() + FRAME_FINISH_WAIT + CLOSE_LINGER * 2);
         }
-    };
-    shard.stopping.set(true);
-    listener.stop();
-    let _ = accept.await;
+        let next = shard.next_deadline();
+        shard.armed.set(next);
+        let sleep_to = [next.map(Instant::from_std), give_up].into_iter().flatten().min();
+        let timer = async {
+            match sleep_to {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = shard.open.none(), if give_up.is_some() => break,
+            cmd = ctrl.recv(), if accept.is_some() => match cmd {
+                Some(Ctrl::Command(DataCommand::Terminate { session_id, code })) => {
+                    match CloseCode::new(code) {
+                        Some(code) => shard.feed(|t, now| t.handle_terminate(now, &session_id, code)),
+                        None => warn!(session = %session_id, code, "terminate with a code not valid on the wire"),
+                    }
+                }
+                Some(Ctrl::ReloadTls(cfg)) => {
+                    *shard.tls.borrow_mut() = Some(cfg);
+                    info!(shard = shard.id, "certificate reloaded");
+                }
+                Some(Ctrl::Shutdown(drain)) => stop(&shard, &mut listener, &mut accept, drain).await,
+                None => stop(&shard, &mut listener, &mut accept, Duration::ZERO).await,
+            },
+            () = timer => {
+                if give_up.is_some_and(|t| Instant::now() >= t) {
+                    warn!(shard = shard.id, open = shard.open.count(), "legs still open after the drain");
+                    break;
+                }
+                shard.on_timer();
+            }
+            () = shard.wake.notified() => {}
+        }
+    }
+    handoffs.abort();
+}
+
+/// Stops accepting, then starts the table's drain.
+async fn stop<L: Listener>(
+    shard: &Rc<Shard<L::Stream>>,
+    listener: &mut Option<Rc<L>>,
+    accept: &mut Option<tokio::task::JoinHandle<()>>,
+    drain: Duration,
+) {
+    if let Some(l) = listener.as_ref() {
+        l.stop();
+    }
+    if let Some(a) = accept.take() {
+        let _ = a.await;
+    }
     // Close the listening socket now, so that the kernel routes new connections to the other
     // listeners of the port (a new relay process during a graceful restart) instead of queueing
     // them here until the drain ends.
-    drop(listener);
-    let deadline = Instant::now() + drain;
-    while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(shard.tick().min(deadline - Instant::now())).await;
-    }
-    let live: Vec<_> = shard.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
-    for s in &live {
-        shard.end(s, CloseReason::RelayShutdown, [Some(close::RELAY_SHUTDOWN); 2]);
-    }
-    // Let the closers send 4009 and FIN; their hard deadline bounds this.
-    let deadline = Instant::now() + FRAME_FINISH_WAIT + CLOSE_LINGER + Duration::from_millis(200);
-    while shard.metrics.open.load(std::sync::atomic::Ordering::Relaxed) > 0
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    handoffs.abort();
-    watchdog.abort();
-    progress.abort();
+    listener.take();
+    shard.feed(|t, now| t.handle_shutdown(now, drain));
 }
 
 async fn accept_loop<L: Listener>(shard: Rc<Shard<L::Stream>>, listener: Rc<L>) {
@@ -220,20 +303,8 @@ async fn handoff_loop<S: Stream>(shard: Rc<Shard<S>>, mut rx: mpsc::Receiver<Han
             }
         };
         let conn = Rc::new(shard.conn(io, h.tls, h.pending));
-        let timer = arm_shutdown(&conn, shard.cfg.handshake_timeout);
-        tokio::task::spawn_local(admit(shard.clone(), conn, h.adm, timer));
+        shard.admit(conn, h.adm);
     }
-}
-
-/// Shuts `conn` down after `after` unless aborted first: deadlines never drop a read.
-pub fn arm_shutdown<S: Stream>(conn: &Rc<Conn<S>>, after: Duration) -> JoinHandle<()> {
-    let weak: Weak<Conn<S>> = Rc::downgrade(conn);
-    tokio::task::spawn_local(async move {
-        tokio::time::sleep(after).await;
-        if let Some(c) = weak.upgrade() {
-            c.io.shutdown(Shutdown::Both);
-        }
-    })
 }
 
 enum HeadError {
@@ -273,32 +344,26 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
         None => None,
     };
     let conn = Rc::new(shard.conn(io, tls, Vec::new()));
-    let timer = arm_shutdown(&conn, shard.cfg.handshake_timeout);
-    let head = match read_head(&shard, &conn).await {
+    let deadline = shard.deadline(&conn, shard.cfg.handshake_timeout);
+    let head = read_head(&shard, &conn).await;
+    shard.deadlines.borrow_mut().cancel(deadline);
+    let head = match head {
         Ok(h) => h,
         Err(HeadError::Io) => {
-            timer.abort();
             shard.metrics.refused("handshake_failed");
             debug!(shard = shard.id, "handshake failed or timed out");
             conn.io.shutdown(Shutdown::Both);
             return;
         }
-        Err(HeadError::TooLarge) => {
-            timer.abort();
-            return refuse(&shard, conn, Refusal::HeadTooLarge).await;
-        }
+        Err(HeadError::TooLarge) => return refuse(shard, conn, Refusal::HeadTooLarge).await,
     };
     let req = match upgrade::parse(&head) {
         Ok(r) => r,
-        Err(r) => {
-            timer.abort();
-            return refuse(&shard, conn, r).await;
-        }
+        Err(r) => return refuse(shard, conn, r).await,
     };
     let claims = match shard.verifier.verify(&req.token, &req.session_id, req.role, now_secs()) {
         Ok(c) => c,
         Err(err) => {
-            timer.abort();
             warn!(session = %req.session_id, role = req.role.as_str(), reason = err.label(), "token refused");
             let r = match err {
                 TokenError::Expired => Refusal::TokenExpired,
@@ -306,7 +371,7 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
                 TokenError::PreviousRun => Refusal::TokenAlreadyUsed,
                 _ => Refusal::InvalidToken,
             };
-            return refuse(&shard, conn, r).await;
+            return refuse(shard, conn, r).await;
         }
     };
     let adm = Admission {
@@ -319,14 +384,13 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
     };
     let owner = owner_of(&adm.sid, shard.peers.len());
     if owner == shard.id {
-        return admit(shard, conn, adm, timer).await;
+        return shard.admit(conn, adm);
     }
-    // Hand over to the owner: no read is in flight (read_head returned), the timer only holds
-    // a weak reference, and all ciphertext read so far is inside rustls.
-    timer.abort();
+    // Hand over to the owner: no read is in flight (read_head returned), the deadline is
+    // cancelled, and all ciphertext read so far is inside rustls.
     let peer = &shard.peers[owner];
     if peer.capacity() == 0 || conn.holds_cipher() {
-        return refuse(&shard, conn, Refusal::Unavailable).await;
+        return refuse(shard, conn, Refusal::Unavailable).await;
     }
     let Ok(conn) = Rc::try_unwrap(conn) else {
         // Invariant: nothing else holds a strong reference before admission.
@@ -347,298 +411,229 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
     }
 }
 
-async fn refuse<S: Stream>(shard: &Rc<Shard<S>>, conn: Rc<Conn<S>>, r: Refusal) {
+async fn refuse<S: Stream>(shard: Rc<Shard<S>>, conn: Rc<Conn<S>>, r: Refusal) {
     shard.metrics.refused(r.label());
     debug!(shard = shard.id, status = r.parts().0, code = r.parts().2, "upgrade refused");
-    drop(arm_shutdown(&conn, CLOSE_LINGER));
+    shard.deadline(&conn, CLOSE_LINGER);
     let _ = conn.write_small(&r.response()).await;
     conn.finish().await;
-    pair::drain(shard, &conn).await;
+    pump::drain(&shard.pool, &conn).await;
 }
 
-async fn admit<S: Stream>(
+/// Writes the `101` of an admitted leg (within the handshake deadline) and tells the table.
+async fn accept<S: Stream>(
+    shard: Rc<Shard<S>>,
+    key: Key,
+    leg: Leg,
+    conn: Rc<Conn<S>>,
+    answer: Vec<u8>,
+) {
+    let deadline = shard.deadline(&conn, shard.cfg.handshake_timeout);
+    let r = conn.write_small(&answer).await;
+    shard.deadlines.borrow_mut().cancel(deadline);
+    if let Err(err) = &r {
+        debug!(shard = shard.id, %err, "101 not delivered");
+    }
+    shard.feed(|t, now| t.handle_upgraded(now, key, leg, r.is_ok()));
+}
+
+/// A leg of a terminated session: `101`, then the terminate code (so its client says why).
+async fn accept_and_close<S: Stream>(
     shard: Rc<Shard<S>>,
     conn: Rc<Conn<S>>,
-    adm: Admission,
-    timer: JoinHandle<()>,
+    answer: Vec<u8>,
+    code: CloseCode,
 ) {
-    if shard.stopping.get() {
-        timer.abort();
-        return refuse(&shard, conn, Refusal::Unavailable).await;
-    }
-    let now = now_secs();
-    if shard.used.borrow().contains_key(&adm.jti) {
-        timer.abort();
-        warn!(session = %adm.sid, role = adm.role.as_str(), "token replayed");
-        return refuse(&shard, conn, Refusal::TokenAlreadyUsed).await;
-    }
-    shard.used.borrow_mut().insert(adm.jti.clone(), adm.exp.max(now));
-    let terminated = shard.terminated.borrow().get(&adm.sid).map(|t| t.0);
-    if let Some(code) = terminated {
-        let r = conn.write_small(&upgrade::switching(&adm.accept, adm.hatch_v1)).await;
-        timer.abort();
-        if r.is_ok() {
-            close_leg(shard.clone(), conn, Some(code)).await;
-        }
-        return;
-    }
-    let slot = if adm.role == Role::Client { CLIENT } else { AGENT };
-    let existing = shard.index.borrow().get(&adm.sid).copied();
-    let s = match existing {
-        Some(k) => shard.sessions.borrow()[k].clone(),
-        None => {
-            let s = Rc::new(Session::new(adm.sid.clone()));
-            let k = shard.sessions.borrow_mut().insert(s.clone());
-            s.key.set(k);
-            shard.index.borrow_mut().insert(adm.sid.clone(), k);
-            ShardMetrics::add(&shard.metrics.sessions, 1);
-            s
-        }
-    };
-    if s.legs[slot].borrow().is_some() {
-        timer.abort();
-        warn!(session = %adm.sid, role = adm.role.as_str(), "second leg for one role");
-        return refuse(&shard, conn, Refusal::TokenAlreadyUsed).await;
-    }
-    *s.legs[slot].borrow_mut() = Some(conn.clone());
-    let r = conn.write_small(&upgrade::switching(&adm.accept, adm.hatch_v1)).await;
-    timer.abort();
-    if s.ended() {
-        return;
-    }
-    if let Err(err) = r {
-        debug!(session = %adm.sid, %err, "101 not delivered");
-        shard.gone(&s, slot);
-        return;
-    }
-    debug!(session = %adm.sid, role = adm.role.as_str(), shard = shard.id, "leg admitted");
-    s.ready[slot].set(true);
-    conn.last_rx.set(Instant::now());
-    if s.ready[CLIENT].get() && s.ready[AGENT].get() {
-        let now = Instant::now();
-        s.phase.set(Phase::Paired);
-        s.paired.set(Some(now));
-        s.last_c2a.set(now);
-        ShardMetrics::add(&shard.metrics.paired, 1);
-        let _ = shard
-            .events
-            .send(DataEvent::Connected { session_id: s.sid.clone(), at: SystemTime::now() });
-        info!(session = %s.sid, shard = shard.id, "session paired");
-        for i in [CLIENT, AGENT] {
-            if let Some(c) = s.leg(i) {
-                c.read_now();
-            }
-        }
-        pair::start_pumps(&shard, &s);
-    } else {
-        tokio::task::spawn_local(watch_waiting(shard.clone(), s.clone(), conn, slot));
+    let deadline = shard.deadline(&conn, shard.cfg.handshake_timeout);
+    let r = conn.write_small(&answer).await;
+    shard.deadlines.borrow_mut().cancel(deadline);
+    if r.is_ok() {
+        pump::close_leg(shard, conn, Some(code)).await;
     }
 }
 
 /// Notices a waiting leg whose peer hangs up before the other leg arrives, so the session ends
-/// as closed by that side at once instead of at the pair timeout. Reads nothing: the bytes the
+/// as lost by that side at once instead of at the pair timeout. Reads nothing: the bytes the
 /// leg sent meanwhile stay in the socket for the pump.
-async fn watch_waiting<S: Stream>(
-    shard: Rc<Shard<S>>,
-    s: Rc<Session<S>>,
-    conn: Rc<Conn<S>>,
-    slot: usize,
-) {
-    let waiting = || s.phase.get() == Phase::Waiting;
+async fn watch_waiting<S: Stream>(shard: Rc<Shard<S>>, key: Key, leg: Leg, conn: Rc<Conn<S>>) {
+    let waiting = || shard.table.borrow().is_waiting(key);
     loop {
         let gone = conn.io.hung_up(waiting).await;
         if !waiting() {
             return;
         }
         if gone {
-            debug!(session = %s.sid, leg = slot, "waiting leg hung up");
-            shard.gone(&s, slot);
-            return;
+            debug!(shard = shard.id, leg = leg.as_str(), "waiting leg hung up");
+            return shard.feed(|t, now| t.handle_leg_closed(now, key, leg, LegEnd::Lost));
         }
-    }
-}
-
-/// Closes one leg: the close frame (if any; only between frames, see [`FRAME_FINISH_WAIT`]),
-/// TLS close_notify and FIN, then reads until the peer's FIN unless its pump does; a hard
-/// deadline shuts the socket down regardless.
-async fn close_leg<S: Stream>(shard: Rc<Shard<S>>, conn: Rc<Conn<S>>, code: Option<u16>) {
-    let linger = if conn.mid_frame() { FRAME_FINISH_WAIT + CLOSE_LINGER } else { CLOSE_LINGER };
-    drop(arm_shutdown(&conn, linger));
-    match code {
-        Some(code) => {
-            if !conn.send_close(&pair::close_frame(code), FRAME_FINISH_WAIT).await {
-                debug!(code, "leg closed without a close frame (inside a frame, or gone)");
-            }
-        }
-        // A leg that gets no close frame (it went away) needs no frame finished either.
-        None => conn.abandon_frame(),
-    }
-    conn.finish().await;
-    if !conn.reading.get() {
-        pair::drain(&shard, &conn).await;
     }
 }
 
 impl<S: Stream> Shard<S> {
     fn conn(&self, io: S, tls: Option<UnbufferedServerConnection>, pending: Vec<u8>) -> Conn<S> {
-        Conn::new(io, tls, self.pool.clone(), pending, self.metrics.clone())
+        Conn::new(io, tls, self.pool.clone(), pending, self.open.clone())
     }
 
-    /// The watchdog's period: a fraction of the shortest configured timer.
-    fn tick(&self) -> Duration {
-        let c = &self.cfg;
-        let mut t = c.pair_timeout.min(c.ping_interval).min(c.dead_after);
-        if let Some(i) = c.idle_timeout {
-            t = t.min(i);
-        }
-        if let Some(m) = c.max_duration {
-            t = t.min(m);
-        }
-        (t / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
+    /// Shuts `conn` down `after` from now unless the returned deadline is cancelled first.
+    fn deadline(&self, conn: &Rc<Conn<S>>, after: Duration) -> u64 {
+        let id = self.deadlines.borrow_mut().arm(conn, now() + after);
+        self.check_timer();
+        id
     }
 
-    /// Leg `i` went away: the session ends as closed by that side; the other leg gets 4005.
-    pub fn gone(self: &Rc<Self>, s: &Rc<Session<S>>, i: usize) {
-        let mut codes = [None, None];
-        codes[1 - i] = Some(close::PEER_GONE);
-        self.end(s, pair::gone_reason(i), codes);
+    /// The earliest of the table's and the sockets' deadlines.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        let table = self.table.borrow().poll_timeout();
+        let socket = self.deadlines.borrow_mut().next();
+        [table, socket].into_iter().flatten().min()
     }
 
-    /// Ends a session once: reports it, then closes each leg with its code.
-    pub fn end(self: &Rc<Self>, s: &Rc<Session<S>>, reason: CloseReason, codes: [Option<u16>; 2]) {
-        if s.ended() {
-            return;
+    /// Wakes the driver if a deadline earlier than its timer appeared.
+    fn check_timer(&self) {
+        let next = self.table.borrow().poll_timeout();
+        let socket = self.deadlines.borrow().heap.peek().map(|Reverse((t, _))| *t);
+        let Some(next) = [next, socket].into_iter().flatten().min() else { return };
+        if self.armed.get().is_none_or(|armed| next < armed) {
+            // Set now, so that a burst of earlier deadlines wakes the driver once.
+            self.armed.set(Some(next));
+            self.wake.notify_one();
         }
-        s.phase.set(Phase::Ended);
-        {
-            let mut sessions = self.sessions.borrow_mut();
-            if sessions.contains(s.key.get()) {
-                sessions.remove(s.key.get());
-            }
+    }
+
+    fn on_timer(self: &Rc<Self>) {
+        let due = self.deadlines.borrow_mut().expire(now());
+        for c in due {
+            c.io.shutdown(Shutdown::Both);
         }
-        self.index.borrow_mut().remove(&s.sid);
-        ShardMetrics::dec(&self.metrics.sessions);
-        let start = s.paired.get().unwrap_or(s.created);
-        let end = SessionEnd {
-            session_id: s.sid.clone(),
-            reason,
-            bytes_client_to_agent: s.bytes[CLIENT].get(),
-            bytes_agent_to_client: s.bytes[AGENT].get(),
-            duration: start.elapsed(),
+        self.feed(|t, now| t.handle_timeout(now));
+    }
+
+    /// A verified leg on its owner shard goes to the table.
+    fn admit(self: &Rc<Self>, conn: Rc<Conn<S>>, adm: Admission) {
+        let input = Admit {
+            leg: Leg::of_role(adm.role),
+            // The token's expiry on the table's clock.
+            expires: now() + Duration::from_secs(adm.exp.saturating_sub(now_secs())),
+            sid: adm.sid,
+            jti: adm.jti,
         };
-        info!(
-            session = %s.sid, reason = reason.as_str(), c2a = end.bytes_client_to_agent,
-            a2c = end.bytes_agent_to_client, "session ended"
-        );
-        let _ = self.events.send(DataEvent::Ended(end));
-        for (i, code) in codes.into_iter().enumerate() {
-            if let Some(c) = s.legs[i].borrow_mut().take() {
-                tokio::task::spawn_local(close_leg(self.clone(), c, code));
-            }
-        }
+        // The 101 for this leg, should the table accept it (it answers at once, below).
+        let mut answer = Some(upgrade::switching(&adm.accept, adm.hatch_v1));
+        self.feed_with(|t, now| t.handle_admit(now, input, conn), &mut answer);
     }
 
-    fn terminate(self: &Rc<Self>, sid: &str, code: u16) {
-        let until = now_secs() + hatch_proto::token::TOKEN_LIFETIME_SECS;
-        self.terminated.borrow_mut().insert(sid.to_owned(), (code, until));
-        let s = self.index.borrow().get(sid).map(|&k| self.sessions.borrow()[k].clone());
-        if let Some(s) = s {
-            info!(session = %sid, code, "session terminated");
-            self.end(&s, CloseReason::Terminated, [Some(code), Some(code)]);
-        }
+    /// Feeds one input to the table, then carries out what it queued.
+    pub(crate) fn feed(
+        self: &Rc<Self>,
+        input: impl FnOnce(&mut SessionTable<Rc<Conn<S>>>, std::time::Instant),
+    ) {
+        self.feed_with(input, &mut None);
     }
-}
 
-/// Every [`PROGRESS_INTERVAL`], reports the byte counts of each live session whose counts
-/// changed since its last report.
-async fn progress<S: Stream>(shard: Rc<Shard<S>>) {
-    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        for (_, s) in shard.sessions.borrow().iter() {
-            if s.ended() {
-                continue;
-            }
-            let now = [s.bytes[CLIENT].get(), s.bytes[AGENT].get()];
-            if now == [s.reported[CLIENT].get(), s.reported[AGENT].get()] {
-                continue;
-            }
-            s.reported[CLIENT].set(now[CLIENT]);
-            s.reported[AGENT].set(now[AGENT]);
-            let _ = shard.events.send(DataEvent::Progress {
-                session_id: s.sid.clone(),
-                bytes_client_to_agent: now[CLIENT],
-                bytes_agent_to_client: now[AGENT],
-            });
+    /// [`Shard::feed`] for an admission, with the `101` its acceptance writes.
+    fn feed_with(
+        self: &Rc<Self>,
+        input: impl FnOnce(&mut SessionTable<Rc<Conn<S>>>, std::time::Instant),
+        answer: &mut Option<Vec<u8>>,
+    ) {
+        input(&mut self.table.borrow_mut(), now());
+        loop {
+            let action = self.table.borrow_mut().poll_action();
+            let Some(action) = action else { break };
+            self.carry_out(action, answer);
         }
+        let live = self.table.borrow().len() as u64;
+        self.metrics.sessions.store(live, std::sync::atomic::Ordering::Relaxed);
+        self.check_timer();
     }
-}
 
-async fn watchdog<S: Stream>(shard: Rc<Shard<S>>) {
-    let tick = shard.tick();
-    let mut last_purge = Instant::now();
-    loop {
-        tokio::time::sleep(tick).await;
-        let now = Instant::now();
-        let cfg = shard.cfg.clone();
-        let live: Vec<_> = shard.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
-        for s in live {
-            match s.phase.get() {
-                Phase::Ended => {}
-                Phase::Waiting => {
-                    if now.duration_since(s.created) >= cfg.pair_timeout {
-                        info!(session = %s.sid, "peer never came");
-                        shard.end(&s, CloseReason::PairTimeout, [Some(close::PEER_NEVER_CAME); 2]);
-                    }
+    fn carry_out(self: &Rc<Self>, action: Action<Rc<Conn<S>>>, answer: &mut Option<Vec<u8>>) {
+        use tokio::task::spawn_local;
+        match action {
+            Action::Refuse { handle, refusal } => {
+                spawn_local(refuse(self.clone(), handle, refusal));
+            }
+            Action::Accept { key, leg, handle } => match answer.take() {
+                Some(a) => drop(spawn_local(accept(self.clone(), key, leg, handle, a))),
+                // Only an admission queues an acceptance, and it comes with its answer.
+                None => warn!(shard = self.id, "acceptance without an answer"),
+            },
+            Action::AcceptAndClose { handle, code } => match answer.take() {
+                Some(a) => drop(spawn_local(accept_and_close(self.clone(), handle, a, code))),
+                None => warn!(shard = self.id, "acceptance without an answer"),
+            },
+            Action::Watch { key, leg, handle } => {
+                spawn_local(watch_waiting(self.clone(), key, leg, handle));
+            }
+            Action::StartPumps { key, client, agent } => {
+                ShardMetrics::add(&self.metrics.paired, 1);
+                let sid = self.table.borrow().sid(key).unwrap_or_default().to_owned();
+                pump::start(self, key, &sid, client, agent);
+            }
+            Action::Ping { handle } => {
+                // One ping owed at a time: a leg that sends now and then but does not read
+                // cannot make writers pile up behind its write gate.
+                if handle.owe_ping() {
+                    spawn_local(async move {
+                        let _ = handle.flush_owed().await;
+                    });
                 }
-                Phase::Paired => check_paired(&shard, &s, now, &cfg),
             }
-        }
-        if now.duration_since(last_purge) >= Duration::from_secs(10) {
-            last_purge = now;
-            let secs = now_secs();
-            shard.used.borrow_mut().retain(|_, exp| *exp >= secs);
-            shard.terminated.borrow_mut().retain(|_, t| t.1 >= secs);
+            Action::Close { handle, code } => {
+                spawn_local(pump::close_leg(self.clone(), handle, code));
+            }
+            Action::Report(r) => {
+                let event = match r {
+                    Report::Connected { sid } => {
+                        DataEvent::Connected { session_id: sid, at: SystemTime::now() }
+                    }
+                    Report::Progress { sid, bytes } => DataEvent::Progress {
+                        session_id: sid,
+                        bytes_client_to_agent: bytes[0],
+                        bytes_agent_to_client: bytes[1],
+                    },
+                    Report::Ended(end) => DataEvent::Ended(end),
+                };
+                let _ = self.events.send(event);
+            }
+            Action::Drained => {
+                self.drained.set(true);
+                self.wake.notify_one();
+            }
         }
     }
 }
 
-fn check_paired<S: Stream>(
-    shard: &Rc<Shard<S>>,
-    s: &Rc<Session<S>>,
-    now: Instant,
-    cfg: &DataConfig,
-) {
-    if let Some(max) = cfg.max_duration
-        && s.paired.get().is_some_and(|p| now.duration_since(p) >= max)
-    {
-        shard.end(s, CloseReason::MaxDuration, [Some(close::MAX_DURATION); 2]);
-        return;
+impl<S: Stream> pump::Host for Rc<Shard<S>> {
+    type S = S;
+
+    fn pool(&self) -> &Pool {
+        &self.pool
     }
-    if let Some(idle) = cfg.idle_timeout
-        && now.duration_since(s.last_c2a.get()) >= idle
-    {
-        shard.end(s, CloseReason::IdleTimeout, [Some(close::IDLE_TIMEOUT); 2]);
-        return;
+
+    fn metrics(&self) -> &ShardMetrics {
+        &self.metrics
     }
-    for i in [CLIENT, AGENT] {
-        let Some(c) = s.leg(i) else { continue };
-        let silent = now.duration_since(c.last_rx.get());
-        if silent >= cfg.dead_after {
-            info!(session = %s.sid, leg = i, "leg silent too long");
-            shard.gone(s, i);
-            return;
-        }
-        // One ping owed at a time: a leg that sends now and then but does not read cannot
-        // make writers pile up behind its write gate.
-        if silent >= cfg.ping_interval && !c.pinged.get() {
-            c.pinged.set(true);
-            if c.owe_ping() {
-                tokio::task::spawn_local(async move {
-                    let _ = c.flush_owed().await;
-                });
-            }
-        }
+
+    fn max_payload(&self) -> u64 {
+        self.cfg.max_payload
+    }
+
+    fn live(&self, key: Key) -> bool {
+        self.table.borrow().is_live(key)
+    }
+
+    fn bytes(&self, now: std::time::Instant, key: Key, leg: Leg, payload: u64) {
+        self.table.borrow_mut().handle_bytes(now, key, leg, payload);
+        self.check_timer();
+    }
+
+    fn leg_ended(&self, key: Key, leg: Leg, how: LegEnd) {
+        self.feed(|t, now| t.handle_leg_closed(now, key, leg, how));
+    }
+
+    fn shutdown_at(&self, conn: &Rc<Conn<S>>, at: Instant) {
+        self.deadlines.borrow_mut().arm(conn, at.into_std());
+        self.check_timer();
     }
 }

@@ -56,10 +56,6 @@ pub struct Conn<S> {
     cipher: RefCell<Option<(Vec<u8>, Range<usize>)>>,
     /// The last socket read filled its buffer: read again before waiting for readiness.
     more: Cell<bool>,
-    /// Last time anything arrived on this leg.
-    pub(crate) last_rx: Cell<Instant>,
-    /// A keepalive ping was sent and nothing arrived since.
-    pub(crate) pinged: Cell<bool>,
     /// A task is reading this leg (its pump); otherwise the closer drains it.
     pub(crate) reading: Cell<bool>,
     /// Frames the relay makes for this leg, held while a forwarded frame to it is half written.
@@ -117,12 +113,58 @@ enum Step {
     Failed(io::Error),
 }
 
-/// Counts the connection in the shard's open gauge while it lives on that shard.
-struct OpenGuard(Arc<ShardMetrics>);
+/// The connections alive on one shard: counted in its open gauge, with a signal when the
+/// last one is gone (what a shutting-down shard waits for).
+pub struct Open {
+    n: Cell<usize>,
+    none: Notify,
+    metrics: Arc<ShardMetrics>,
+}
+
+impl Open {
+    /// No connection yet; `metrics.open` follows the count.
+    pub fn new(metrics: Arc<ShardMetrics>) -> Self {
+        Open { n: Cell::new(0), none: Notify::new(), metrics }
+    }
+
+    /// Connections alive.
+    pub fn count(&self) -> usize {
+        self.n.get()
+    }
+
+    /// Returns once no connection is alive.
+    pub async fn none(&self) {
+        loop {
+            let gone = self.none.notified();
+            tokio::pin!(gone);
+            gone.as_mut().enable();
+            if self.n.get() == 0 {
+                return;
+            }
+            gone.await;
+        }
+    }
+}
+
+/// Counts the connection in [`Open`] while it lives on that shard.
+struct OpenGuard(Rc<Open>);
+
+impl OpenGuard {
+    fn new(open: Rc<Open>) -> Self {
+        open.n.set(open.n.get() + 1);
+        ShardMetrics::add(&open.metrics.open, 1);
+        OpenGuard(open)
+    }
+}
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        ShardMetrics::dec(&self.0.open);
+        let open = &self.0;
+        open.n.set(open.n.get().saturating_sub(1));
+        ShardMetrics::dec(&open.metrics.open);
+        if open.n.get() == 0 {
+            open.none.notify_waiters();
+        }
     }
 }
 
@@ -133,11 +175,10 @@ impl<S: Stream> Conn<S> {
         tls: Option<UnbufferedServerConnection>,
         pool: Rc<Pool>,
         pending: Vec<u8>,
-        metrics: Arc<ShardMetrics>,
+        open: Rc<Open>,
     ) -> Self {
-        ShardMetrics::add(&metrics.open, 1);
         Conn {
-            _open: OpenGuard(metrics),
+            _open: OpenGuard::new(open),
             io,
             tls: tls.map(|c| Tls {
                 conn: RefCell::new(c),
@@ -151,8 +192,6 @@ impl<S: Stream> Conn<S> {
             pending: RefCell::new(pending),
             cipher: RefCell::new(None),
             more: Cell::new(false),
-            last_rx: Cell::new(Instant::now()),
-            pinged: Cell::new(false),
             reading: Cell::new(false),
             outbox: RefCell::default(),
             frame_done: Notify::new(),

@@ -1,0 +1,1261 @@
+//! The session table: every rule of a session's life on its owner shard, as a pure state
+//! machine.
+//!
+//! No sockets, no clock, no tasks: the shard (the driver) feeds in what happened — a leg
+//! admitted, its `101` written, bytes read, a leg closed, a terminate command, the time — and
+//! carries out the [`Action`]s the table queues, then arms one timer at
+//! [`SessionTable::poll_timeout`]. The table is generic over the leg handle `H` the driver
+//! gives it (the shard's `Rc` of a connection; a number in the tests) and hands it back in
+//! the actions that concern that leg.
+//!
+//! ```text
+//!            admit ─▶ Upgrading ─(101 written)─▶ Ready ─┐ both Ready
+//!                                                       ▼
+//!   (pair timeout 4004)  Waiting ──────────────────▶ Paired ──▶ pumps, pings, progress
+//!        │                  │                          │
+//!        └──── any leg closed, lost, terminate, idle 4007, max 4008, dead leg, 4009 ──▶ Ended
+//! ```
+//!
+//! An ended session leaves the table at once; what outlives it is in two sets the table also
+//! owns: the used token ids (a token opens one leg, ever, until it expires) and the terminated
+//! sessions (a later leg is answered `101` and closed with the terminate code, so its client
+//! learns why).
+//!
+//! Deadlines live in a binary heap keyed by time, one entry per session at the earliest of
+//! its deadlines (pair timeout, maximum duration, idle timeout, a leg's ping or death, the
+//! next progress report). Bytes arriving move deadlines *later* without touching the heap:
+//! when an entry comes due, the session is checked and re-armed at its real next deadline
+//! ("lazy" timers, as TCP keepalive does). So the work per tick is the sessions due, never a
+//! walk over all of them, and the hot path ([`SessionTable::handle_bytes`]) is a slab lookup
+//! and a few stores.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use hatch_proto::close;
+use slab::Slab;
+use tracing::{debug, info, warn};
+
+use super::upgrade::Refusal;
+use crate::plane::{CloseReason, SessionEnd};
+
+/// How long after its first due entry the table purges the used-token and terminated sets:
+/// one wake-up then removes every entry that expired meanwhile, instead of one per entry. An
+/// entry kept this much longer refuses nothing more (its token has expired by then).
+pub const PURGE_SLACK: Duration = Duration::from_secs(5);
+
+/// Which side of a session a leg is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leg {
+    /// The `hatch` client (or a browser).
+    Client,
+    /// The agent.
+    Agent,
+}
+
+impl Leg {
+    /// Both legs, client first.
+    pub const BOTH: [Leg; 2] = [Leg::Client, Leg::Agent];
+
+    /// The other leg of the session.
+    pub fn other(self) -> Leg {
+        match self {
+            Leg::Client => Leg::Agent,
+            Leg::Agent => Leg::Client,
+        }
+    }
+
+    /// Index into per-leg arrays (client 0, agent 1).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The name used in logs and in the token's role.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Leg::Client => "client",
+            Leg::Agent => "agent",
+        }
+    }
+
+    /// The leg a token's role opens.
+    pub fn of_role(role: hatch_proto::token::Role) -> Leg {
+        match role {
+            hatch_proto::token::Role::Client => Leg::Client,
+            hatch_proto::token::Role::Agent => Leg::Agent,
+        }
+    }
+}
+
+/// A WebSocket close code the relay may put in a close frame: valid on the wire by
+/// construction (RFC 6455 §7.4), so no path can send 1005 or 1006.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CloseCode(u16);
+
+impl CloseCode {
+    /// 1000: normal closure.
+    pub const NORMAL: CloseCode = CloseCode(close::NORMAL);
+    /// 1002: the leg broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: CloseCode = CloseCode(close::PROTOCOL_ERROR);
+    /// 1007: a text payload that was not UTF-8.
+    pub const INVALID_PAYLOAD: CloseCode = CloseCode(close::INVALID_PAYLOAD);
+    /// 4004: the other leg never came.
+    pub const PEER_NEVER_CAME: CloseCode = CloseCode(close::PEER_NEVER_CAME);
+    /// 4005: the other leg went away.
+    pub const PEER_GONE: CloseCode = CloseCode(close::PEER_GONE);
+    /// 4007: no client input for the idle timeout.
+    pub const IDLE_TIMEOUT: CloseCode = CloseCode(close::IDLE_TIMEOUT);
+    /// 4008: the maximum session duration.
+    pub const MAX_DURATION: CloseCode = CloseCode(close::MAX_DURATION);
+    /// 4009: the relay is shutting down.
+    pub const RELAY_SHUTDOWN: CloseCode = CloseCode(close::RELAY_SHUTDOWN);
+
+    /// The code, if it may appear on the wire.
+    pub fn new(code: u16) -> Option<CloseCode> {
+        close::is_valid_on_wire(code).then_some(CloseCode(code))
+    }
+
+    /// The code a peer's frame violation calls for (1002 where the decoder named none that
+    /// may be sent).
+    pub fn violation(code: u16) -> CloseCode {
+        CloseCode::new(code).unwrap_or(CloseCode::PROTOCOL_ERROR)
+    }
+
+    /// The numeric code.
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+/// How a leg ended, as its pump (or the watcher of a waiting leg) saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegEnd {
+    /// It sent a close frame with this code (1000 when the frame carried none); both legs get
+    /// the code.
+    Closed(CloseCode),
+    /// It sent a close frame the relay could not parse; it gets `code`, the other leg 4005.
+    BadClose(CloseCode),
+    /// It broke the WebSocket protocol; it gets `code`, the other leg 4005.
+    Violation(CloseCode),
+    /// It went away without a close frame: end of stream, a failed read or write, or a
+    /// hang-up while it waited for its peer. The other leg gets 4005.
+    Lost,
+}
+
+/// The timing rules the table enforces (from the data plane's configuration).
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// How long the first leg waits for the other (4004).
+    pub pair_timeout: Duration,
+    /// No client → agent data for this long ends the session (4007).
+    pub idle_timeout: Option<Duration>,
+    /// Longest session, counted from pairing (4008).
+    pub max_duration: Option<Duration>,
+    /// A leg silent this long is pinged (once, until it sends again).
+    pub ping_interval: Duration,
+    /// A leg silent this long is dead: the session ends as lost by that side.
+    pub dead_after: Duration,
+    /// How long after its first uncounted bytes a live session's counts are reported.
+    pub progress_interval: Duration,
+    /// How long a terminated session's later legs are refused (a token's lifetime).
+    pub terminated_for: Duration,
+}
+
+impl Rules {
+    /// The rules of a data plane configuration.
+    pub fn of(cfg: &super::DataConfig) -> Rules {
+        Rules {
+            pair_timeout: cfg.pair_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_duration: cfg.max_duration,
+            ping_interval: cfg.ping_interval,
+            dead_after: cfg.dead_after,
+            progress_interval: super::shard::PROGRESS_INTERVAL,
+            terminated_for: Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS),
+        }
+    }
+}
+
+/// A leg whose token verified, asking to join its session.
+#[derive(Debug, Clone)]
+pub struct Admit {
+    /// Session id.
+    pub sid: String,
+    /// Which leg the token opens.
+    pub leg: Leg,
+    /// The token's id (single use).
+    pub jti: String,
+    /// When the token expires (its id is remembered until then).
+    pub expires: Instant,
+}
+
+/// A session's place in the table. Stale keys (the session ended, its slot reused) are
+/// ignored by every `handle_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    slot: u32,
+    generation: u32,
+}
+
+/// What the table reports to the control plane (the driver adds wall-clock times).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// Both legs are in.
+    Connected {
+        /// Session id.
+        sid: String,
+    },
+    /// A live session's byte counts changed since the last report.
+    Progress {
+        /// Session id.
+        sid: String,
+        /// Payload bytes client → agent, agent → client.
+        bytes: [u64; 2],
+    },
+    /// The session ended (exactly once per session).
+    Ended(SessionEnd),
+}
+
+/// Something the driver must do.
+#[must_use]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action<H> {
+    /// Answer the upgrade with this refusal and close the connection.
+    Refuse {
+        /// The leg.
+        handle: H,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// Answer `101`, then report [`SessionTable::handle_upgraded`].
+    Accept {
+        /// The session.
+        key: Key,
+        /// Which leg.
+        leg: Leg,
+        /// The leg.
+        handle: H,
+    },
+    /// Answer `101` and close at once with `code`: a leg of a terminated session.
+    AcceptAndClose {
+        /// The leg.
+        handle: H,
+        /// The terminate code.
+        code: CloseCode,
+    },
+    /// Watch a leg waiting for its peer for a hang-up, without reading it; report it with
+    /// [`SessionTable::handle_leg_closed`] and [`LegEnd::Lost`]. Stop once
+    /// [`SessionTable::is_waiting`] no longer holds.
+    Watch {
+        /// The session.
+        key: Key,
+        /// Which leg.
+        leg: Leg,
+        /// The leg.
+        handle: H,
+    },
+    /// Both legs are in: start one pump per direction.
+    StartPumps {
+        /// The session.
+        key: Key,
+        /// The client leg.
+        client: H,
+        /// The agent leg.
+        agent: H,
+    },
+    /// Send the leg a keepalive ping.
+    Ping {
+        /// The leg.
+        handle: H,
+    },
+    /// Close the leg: a close frame with `code` (none: the leg went away), then close_notify
+    /// and FIN. The table has let go of the leg.
+    Close {
+        /// The leg.
+        handle: H,
+        /// The close frame's code.
+        code: Option<CloseCode>,
+    },
+    /// Tell the control plane.
+    Report(Report),
+    /// Shutting down, and the last session has ended.
+    Drained,
+}
+
+#[derive(Debug)]
+struct Slot<H> {
+    handle: Option<H>,
+    /// Its `101` was written.
+    ready: bool,
+    /// Last time anything arrived on it.
+    last_rx: Instant,
+    /// A keepalive ping was sent and nothing arrived since.
+    pinged: bool,
+}
+
+impl<H> Slot<H> {
+    fn empty(now: Instant) -> Self {
+        Slot { handle: None, ready: false, last_rx: now, pinged: false }
+    }
+}
+
+#[derive(Debug)]
+struct Session<H> {
+    sid: String,
+    generation: u32,
+    created: Instant,
+    paired: Option<Instant>,
+    legs: [Slot<H>; 2],
+    /// Payload bytes read from each leg (client → agent, agent → client).
+    bytes: [u64; 2],
+    /// `bytes` as last reported.
+    reported: [u64; 2],
+    /// Last client → agent data (the idle timeout's clock).
+    last_c2a: Instant,
+    /// When uncounted bytes are due to be reported.
+    progress_due: Option<Instant>,
+    /// The time of this session's live entry in the heap.
+    armed: Option<Instant>,
+}
+
+/// Why a session ends, and the code (if any) each leg's close frame carries.
+struct Ending {
+    reason: CloseReason,
+    codes: [Option<CloseCode>; 2],
+}
+
+impl Ending {
+    fn both(reason: CloseReason, code: CloseCode) -> Self {
+        Ending { reason, codes: [Some(code); 2] }
+    }
+
+    /// `leg` ended as `how`.
+    fn of_leg(leg: Leg, how: LegEnd) -> Self {
+        let mut codes = [None, None];
+        let reason = match how {
+            LegEnd::Closed(code) => {
+                codes = [Some(code); 2];
+                closed_reason(leg, code)
+            }
+            LegEnd::BadClose(code) | LegEnd::Violation(code) => {
+                codes[leg.index()] = Some(code);
+                codes[leg.other().index()] = Some(CloseCode::PEER_GONE);
+                CloseReason::Error
+            }
+            LegEnd::Lost => {
+                codes[leg.other().index()] = Some(CloseCode::PEER_GONE);
+                match leg {
+                    Leg::Client => CloseReason::ClientLost,
+                    Leg::Agent => CloseReason::AgentLost,
+                }
+            }
+        };
+        Ending { reason, codes }
+    }
+}
+
+/// The reason recorded when `leg` closes first with `code`: the agent's 1000 is the exit, its
+/// 1008 and 1011 a session it refused or could not start (after an ERROR message).
+fn closed_reason(leg: Leg, code: CloseCode) -> CloseReason {
+    match (leg, code.get()) {
+        (Leg::Client, _) => CloseReason::ClientClosed,
+        (Leg::Agent, close::NORMAL) => CloseReason::Exit,
+        (Leg::Agent, close::POLICY_VIOLATION | close::INTERNAL_ERROR) => CloseReason::Error,
+        (Leg::Agent, _) => CloseReason::AgentClosed,
+    }
+}
+
+/// What a remembered id is kept for.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Expiry {
+    Used(String),
+    Terminated(String),
+}
+
+/// The sessions of one shard (see the module docs).
+#[derive(Debug)]
+pub struct SessionTable<H> {
+    rules: Rules,
+    sessions: Slab<Session<H>>,
+    index: HashMap<String, usize>,
+    next_generation: u32,
+    /// Session deadlines (lazy: an entry whose time is not its session's `armed` is stale).
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// Used token ids and until when they are kept.
+    used: HashMap<String, Instant>,
+    /// Terminated sessions: the code later legs get, and until when.
+    terminated: HashMap<String, (CloseCode, Instant)>,
+    expiries: BinaryHeap<Reverse<(Instant, Expiry)>>,
+    /// Shutting down: the end of the drain period, once it has not yet passed.
+    drain_until: Option<Instant>,
+    stopping: bool,
+    drained: bool,
+    actions: VecDeque<Action<H>>,
+}
+
+impl<H: Clone> SessionTable<H> {
+    /// An empty table enforcing `rules`.
+    pub fn new(rules: Rules) -> Self {
+        SessionTable {
+            rules,
+            sessions: Slab::new(),
+            index: HashMap::new(),
+            next_generation: 0,
+            timers: BinaryHeap::new(),
+            used: HashMap::new(),
+            terminated: HashMap::new(),
+            expiries: BinaryHeap::new(),
+            drain_until: None,
+            stopping: false,
+            drained: false,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Live sessions (waiting or paired).
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Whether the session is live.
+    pub fn is_live(&self, key: Key) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Whether the session is live and still waiting for a leg.
+    pub fn is_waiting(&self, key: Key) -> bool {
+        self.get(key).is_some_and(|s| s.paired.is_none())
+    }
+
+    /// The session's id, while it lives.
+    pub fn sid(&self, key: Key) -> Option<&str> {
+        self.get(key).map(|s| s.sid.as_str())
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_action(&mut self) -> Option<Action<H>> {
+        self.actions.pop_front()
+    }
+
+    /// When [`SessionTable::handle_timeout`] must next be called, if ever. May be early (a
+    /// deadline that activity has moved): then the call finds nothing due and re-arms.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let session = self.timers.peek().map(|Reverse((t, _))| *t);
+        let expiry = self.expiries.peek().map(|Reverse((t, _))| *t + PURGE_SLACK);
+        [session, expiry, self.drain_until].into_iter().flatten().min()
+    }
+
+    /// A leg with a verified token asks to join its session.
+    pub fn handle_admit(&mut self, now: Instant, adm: Admit, handle: H) {
+        if self.stopping {
+            return self
+                .actions
+                .push_back(Action::Refuse { handle, refusal: Refusal::Unavailable });
+        }
+        if self.used.contains_key(&adm.jti) {
+            warn!(session = %adm.sid, role = adm.leg.as_str(), "token replayed");
+            return self
+                .actions
+                .push_back(Action::Refuse { handle, refusal: Refusal::TokenAlreadyUsed });
+        }
+        let keep = adm.expires.max(now);
+        self.expiries.push(Reverse((keep, Expiry::Used(adm.jti.clone()))));
+        self.used.insert(adm.jti, keep);
+        if let Some(&(code, _)) = self.terminated.get(&adm.sid) {
+            debug!(session = %adm.sid, role = adm.leg.as_str(), "leg of a terminated session");
+            return self.actions.push_back(Action::AcceptAndClose { handle, code });
+        }
+        let key = match self.index.get(&adm.sid) {
+            Some(&slot) => self.key_of(slot),
+            None => self.create(now, adm.sid.clone()),
+        };
+        let s = &mut self.sessions[key.slot as usize];
+        let slot = &mut s.legs[adm.leg.index()];
+        if slot.handle.is_some() {
+            warn!(session = %adm.sid, role = adm.leg.as_str(), "second leg for one role");
+            return self
+                .actions
+                .push_back(Action::Refuse { handle, refusal: Refusal::TokenAlreadyUsed });
+        }
+        slot.handle = Some(handle.clone());
+        self.actions.push_back(Action::Accept { key, leg: adm.leg, handle });
+    }
+
+    /// The `101` of an [`Action::Accept`] was written (`ok`) or failed.
+    pub fn handle_upgraded(&mut self, now: Instant, key: Key, leg: Leg, ok: bool) {
+        let Some(s) = live_mut(&mut self.sessions, key) else { return };
+        if !ok {
+            debug!(session = %s.sid, role = leg.as_str(), "101 not delivered");
+            return self.end(now, key, Ending::of_leg(leg, LegEnd::Lost));
+        }
+        let slot = &mut s.legs[leg.index()];
+        slot.ready = true;
+        slot.last_rx = now;
+        debug!(session = %s.sid, role = leg.as_str(), "leg admitted");
+        let [c, a] = &s.legs;
+        match (c.ready, a.ready, &c.handle, &a.handle) {
+            (true, true, Some(client), Some(agent)) => {
+                s.paired = Some(now);
+                s.last_c2a = now;
+                info!(session = %s.sid, "session paired");
+                let (client, agent) = (client.clone(), agent.clone());
+                let sid = s.sid.clone();
+                self.actions.push_back(Action::Report(Report::Connected { sid }));
+                self.actions.push_back(Action::StartPumps { key, client, agent });
+                self.arm(key);
+            }
+            _ => {
+                let handle = s.legs[leg.index()].handle.clone();
+                if let Some(handle) = handle {
+                    self.actions.push_back(Action::Watch { key, leg, handle });
+                }
+            }
+        }
+    }
+
+    /// `payload` data bytes (and perhaps control frames) arrived on `leg` and went on. Any
+    /// arrival is liveness; only client data resets the idle timeout. Queues no action (this
+    /// is the hot path: a pump calls it once per read); it may move
+    /// [`SessionTable::poll_timeout`] earlier.
+    pub fn handle_bytes(&mut self, now: Instant, key: Key, leg: Leg, payload: u64) {
+        let interval = self.rules.progress_interval;
+        let Some(s) = self.get_mut(key) else { return };
+        let slot = &mut s.legs[leg.index()];
+        slot.last_rx = now;
+        // A leg that answers a ping is due its next one sooner than its death was.
+        let rearm = std::mem::take(&mut slot.pinged);
+        if payload > 0 {
+            s.bytes[leg.index()] += payload;
+            if leg == Leg::Client {
+                s.last_c2a = now;
+            }
+        }
+        if payload > 0 && s.progress_due.is_none() {
+            s.progress_due = Some(now + interval);
+            self.arm(key);
+        } else if rearm {
+            self.arm(key);
+        }
+    }
+
+    /// `leg` ended as `how`: the session ends.
+    pub fn handle_leg_closed(&mut self, now: Instant, key: Key, leg: Leg, how: LegEnd) {
+        if let Some(s) = self.get(key) {
+            debug!(session = %s.sid, role = leg.as_str(), ?how, "leg ended");
+            self.end(now, key, Ending::of_leg(leg, how));
+        }
+    }
+
+    /// The control plane ends the session with `code` (4006, 4010, 4012), and its later legs
+    /// are answered with the same code while a token could still open one.
+    pub fn handle_terminate(&mut self, now: Instant, sid: &str, code: CloseCode) {
+        let until = now + self.rules.terminated_for;
+        self.terminated.insert(sid.to_owned(), (code, until));
+        self.expiries.push(Reverse((until, Expiry::Terminated(sid.to_owned()))));
+        if let Some(&slot) = self.index.get(sid) {
+            info!(session = %sid, code = code.get(), "session terminated");
+            let key = self.key_of(slot);
+            self.end(now, key, Ending::both(CloseReason::Terminated, code));
+        }
+    }
+
+    /// Stop admitting legs; let live sessions run for `drain`, then close them with 4009.
+    pub fn handle_shutdown(&mut self, now: Instant, drain: Duration) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        self.drain_until = Some(now + drain);
+        self.check_drained();
+    }
+
+    /// Time has passed: enforce every deadline due by `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((t, key))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(s) = self.get_mut(key) else { continue };
+            if s.armed != Some(t) {
+                continue;
+            }
+            s.armed = None;
+            self.check(now, key);
+        }
+        while let Some(Reverse((t, _))) = self.expiries.peek() {
+            if *t > now {
+                break;
+            }
+            let Some(Reverse((_, what))) = self.expiries.pop() else { break };
+            match what {
+                // Only if not renewed since (a later entry for the same id keeps it).
+                Expiry::Used(jti) => {
+                    if self.used.get(&jti).is_some_and(|&until| until <= now) {
+                        self.used.remove(&jti);
+                    }
+                }
+                Expiry::Terminated(sid) => {
+                    if self.terminated.get(&sid).is_some_and(|&(_, until)| until <= now) {
+                        self.terminated.remove(&sid);
+                    }
+                }
+            }
+        }
+        if let Some(until) = self.drain_until
+            && now >= until
+        {
+            self.drain_until = None;
+            let live: Vec<usize> = self.sessions.iter().map(|(slot, _)| slot).collect();
+            for slot in live {
+                let key = self.key_of(slot);
+                self.end(
+                    now,
+                    key,
+                    Ending::both(CloseReason::RelayShutdown, CloseCode::RELAY_SHUTDOWN),
+                );
+            }
+        }
+    }
+
+    fn create(&mut self, now: Instant, sid: String) -> Key {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let slot = self.sessions.insert(Session {
+            sid: sid.clone(),
+            generation,
+            created: now,
+            paired: None,
+            legs: [Slot::empty(now), Slot::empty(now)],
+            bytes: [0; 2],
+            reported: [0; 2],
+            last_c2a: now,
+            progress_due: None,
+            armed: None,
+        });
+        self.index.insert(sid, slot);
+        let key = Key { slot: slot as u32, generation };
+        self.arm(key);
+        key
+    }
+
+    fn key_of(&self, slot: usize) -> Key {
+        Key { slot: slot as u32, generation: self.sessions[slot].generation }
+    }
+
+    fn get(&self, key: Key) -> Option<&Session<H>> {
+        self.sessions.get(key.slot as usize).filter(|s| s.generation == key.generation)
+    }
+
+    fn get_mut(&mut self, key: Key) -> Option<&mut Session<H>> {
+        live_mut(&mut self.sessions, key)
+    }
+
+    /// Makes sure the session's heap entry is no later than its next deadline.
+    fn arm(&mut self, key: Key) {
+        let rules = &self.rules;
+        let Some(s) = self.sessions.get_mut(key.slot as usize) else { return };
+        let Some(due) = next_deadline(s, rules) else { return };
+        if s.armed.is_none_or(|t| due < t) {
+            s.armed = Some(due);
+            self.timers.push(Reverse((due, key)));
+        }
+    }
+
+    /// Enforces the session's rules at `now`, then re-arms it.
+    fn check(&mut self, now: Instant, key: Key) {
+        let rules = &self.rules;
+        let Some(s) = live_mut(&mut self.sessions, key) else { return };
+        let Some(paired) = s.paired else {
+            if now >= s.created + rules.pair_timeout {
+                info!(session = %s.sid, "peer never came");
+                let e = Ending::both(CloseReason::PairTimeout, CloseCode::PEER_NEVER_CAME);
+                return self.end(now, key, e);
+            }
+            return self.arm(key);
+        };
+        if rules.max_duration.is_some_and(|max| now >= paired + max) {
+            let e = Ending::both(CloseReason::MaxDuration, CloseCode::MAX_DURATION);
+            return self.end(now, key, e);
+        }
+        if rules.idle_timeout.is_some_and(|idle| now >= s.last_c2a + idle) {
+            let e = Ending::both(CloseReason::IdleTimeout, CloseCode::IDLE_TIMEOUT);
+            return self.end(now, key, e);
+        }
+        for leg in Leg::BOTH {
+            let slot = &mut s.legs[leg.index()];
+            if now >= slot.last_rx + rules.dead_after {
+                info!(session = %s.sid, role = leg.as_str(), "leg silent too long");
+                return self.end(now, key, Ending::of_leg(leg, LegEnd::Lost));
+            }
+            if now >= slot.last_rx + rules.ping_interval && !slot.pinged {
+                slot.pinged = true;
+                if let Some(handle) = slot.handle.clone() {
+                    self.actions.push_back(Action::Ping { handle });
+                }
+            }
+        }
+        if s.progress_due.is_some_and(|t| now >= t) {
+            s.progress_due = None;
+            if s.bytes != s.reported {
+                s.reported = s.bytes;
+                let (sid, bytes) = (s.sid.clone(), s.bytes);
+                self.actions.push_back(Action::Report(Report::Progress { sid, bytes }));
+            }
+        }
+        self.arm(key);
+    }
+
+    /// Ends a live session: it leaves the table, is reported, and each leg is closed.
+    fn end(&mut self, now: Instant, key: Key, ending: Ending) {
+        if self.get(key).is_none() {
+            return;
+        }
+        let s = self.sessions.remove(key.slot as usize);
+        self.index.remove(&s.sid);
+        let start = s.paired.unwrap_or(s.created);
+        let end = SessionEnd {
+            session_id: s.sid,
+            reason: ending.reason,
+            bytes_client_to_agent: s.bytes[0],
+            bytes_agent_to_client: s.bytes[1],
+            duration: now.saturating_duration_since(start),
+        };
+        info!(
+            session = %end.session_id, reason = ending.reason.as_str(),
+            c2a = end.bytes_client_to_agent, a2c = end.bytes_agent_to_client, "session ended"
+        );
+        self.actions.push_back(Action::Report(Report::Ended(end)));
+        let [c, a] = s.legs;
+        for (slot, code) in [c, a].into_iter().zip(ending.codes) {
+            if let Some(handle) = slot.handle {
+                self.actions.push_back(Action::Close { handle, code });
+            }
+        }
+        self.check_drained();
+    }
+
+    fn check_drained(&mut self) {
+        if self.stopping && !self.drained && self.sessions.is_empty() {
+            self.drained = true;
+            self.drain_until = None;
+            self.actions.push_back(Action::Drained);
+        }
+    }
+}
+
+/// The session at `key`, if it is still that session (a field borrow, so that the caller can
+/// queue actions while it holds it).
+fn live_mut<H>(sessions: &mut Slab<Session<H>>, key: Key) -> Option<&mut Session<H>> {
+    sessions.get_mut(key.slot as usize).filter(|s| s.generation == key.generation)
+}
+
+/// The earliest of a session's deadlines.
+fn next_deadline<H>(s: &Session<H>, rules: &Rules) -> Option<Instant> {
+    let Some(paired) = s.paired else { return Some(s.created + rules.pair_timeout) };
+    let mut due = [
+        rules.max_duration.map(|d| paired + d),
+        rules.idle_timeout.map(|d| s.last_c2a + d),
+        s.progress_due,
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    for slot in &s.legs {
+        let mut t = slot.last_rx + rules.dead_after;
+        if !slot.pinged {
+            t = t.min(slot.last_rx + rules.ping_interval);
+        }
+        due = Some(due.map_or(t, |d| d.min(t)));
+    }
+    due
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every rule in virtual time: `t0` plus offsets, no clock, no sleeping. Each test asserts
+    //! the exact actions the driver would carry out. Handles are numbers: client legs 1, 3,
+    //! ...; agent legs 2, 4, ....
+
+    use super::*;
+
+    const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+    fn rules() -> Rules {
+        Rules {
+            pair_timeout: SECS(10),
+            idle_timeout: Some(SECS(100)),
+            max_duration: None,
+            ping_interval: SECS(30),
+            dead_after: SECS(90),
+            progress_interval: SECS(2),
+            terminated_for: SECS(600),
+        }
+    }
+
+    struct Case {
+        t: SessionTable<u32>,
+        t0: Instant,
+    }
+
+    impl Case {
+        fn new(rules: Rules) -> Case {
+            Case { t: SessionTable::new(rules), t0: Instant::now() }
+        }
+
+        fn at(&self, secs: f64) -> Instant {
+            self.t0 + Duration::from_secs_f64(secs)
+        }
+
+        fn actions(&mut self) -> Vec<Action<u32>> {
+            std::iter::from_fn(|| self.t.poll_action()).collect()
+        }
+
+        fn admit(&mut self, secs: f64, sid: &str, leg: Leg, jti: &str, handle: u32) {
+            let adm =
+                Admit { sid: sid.into(), leg, jti: jti.into(), expires: self.at(secs) + SECS(600) };
+            self.t.handle_admit(self.at(secs), adm, handle);
+        }
+
+        /// Admits and upgrades both legs at `secs`; returns the key.
+        fn pair(&mut self, secs: f64, sid: &str, client: u32, agent: u32) -> Key {
+            self.admit(secs, sid, Leg::Client, &format!("{sid}-c"), client);
+            let key = match self.actions().as_slice() {
+                [Action::Accept { key, .. }] => *key,
+                a => panic!("{a:?}"),
+            };
+            self.t.handle_upgraded(self.at(secs), key, Leg::Client, true);
+            self.admit(secs, sid, Leg::Agent, &format!("{sid}-a"), agent);
+            self.t.handle_upgraded(self.at(secs), key, Leg::Agent, true);
+            let a = self.actions();
+            assert_eq!(a.len(), 4, "{a:?}");
+            assert!(
+                matches!(a[3], Action::StartPumps { client: c, agent: g, .. } if c == client && g == agent)
+            );
+            key
+        }
+
+        /// Runs the timer at `secs` and returns what it did.
+        fn tick(&mut self, secs: f64) -> Vec<Action<u32>> {
+            self.t.handle_timeout(self.at(secs));
+            self.actions()
+        }
+
+        /// Runs the timer at every deadline it asks for up to `secs`, as the driver does.
+        fn run_until(&mut self, secs: f64) -> Vec<Action<u32>> {
+            let end = self.at(secs);
+            let mut out = Vec::new();
+            while let Some(t) = self.t.poll_timeout().filter(|&t| t <= end) {
+                self.t.handle_timeout(t);
+                out.extend(self.actions());
+            }
+            out
+        }
+    }
+
+    fn ended(sid: &str, reason: CloseReason, c2a: u64, a2c: u64, secs: u64) -> Action<u32> {
+        Action::Report(Report::Ended(SessionEnd {
+            session_id: sid.into(),
+            reason,
+            bytes_client_to_agent: c2a,
+            bytes_agent_to_client: a2c,
+            duration: SECS(secs),
+        }))
+    }
+
+    fn close(handle: u32, code: Option<CloseCode>) -> Action<u32> {
+        Action::Close { handle, code }
+    }
+
+    #[test]
+    fn a_leg_alone_waits_then_gets_4004_at_the_pair_timeout() {
+        let mut c = Case::new(rules());
+        c.admit(0.0, "s", Leg::Client, "j1", 1);
+        let key = match c.actions().as_slice() {
+            [Action::Accept { key, leg: Leg::Client, handle: 1 }] => *key,
+            a => panic!("{a:?}"),
+        };
+        c.t.handle_upgraded(c.at(0.0), key, Leg::Client, true);
+        assert_eq!(c.actions(), [Action::Watch { key, leg: Leg::Client, handle: 1 }]);
+        assert!(c.t.is_waiting(key));
+        assert_eq!(c.t.poll_timeout(), Some(c.at(10.0)));
+        assert_eq!(c.tick(9.999), []);
+        assert_eq!(
+            c.tick(10.0),
+            [
+                ended("s", CloseReason::PairTimeout, 0, 0, 10),
+                close(1, Some(CloseCode::PEER_NEVER_CAME))
+            ]
+        );
+        assert!(!c.t.is_live(key));
+        assert!(c.t.is_empty());
+    }
+
+    #[test]
+    fn the_second_leg_pairs_reports_and_starts_the_pumps() {
+        let mut c = Case::new(rules());
+        c.admit(0.0, "s", Leg::Agent, "ja", 2);
+        let key = match c.actions().as_slice() {
+            [Action::Accept { key, .. }] => *key,
+            a => panic!("{a:?}"),
+        };
+        c.t.handle_upgraded(c.at(0.0), key, Leg::Agent, true);
+        assert_eq!(c.actions(), [Action::Watch { key, leg: Leg::Agent, handle: 2 }]);
+        c.admit(3.0, "s", Leg::Client, "jc", 1);
+        assert_eq!(c.actions(), [Action::Accept { key, leg: Leg::Client, handle: 1 }]);
+        c.t.handle_upgraded(c.at(3.0), key, Leg::Client, true);
+        assert_eq!(
+            c.actions(),
+            [
+                Action::Report(Report::Connected { sid: "s".into() }),
+                Action::StartPumps { key, client: 1, agent: 2 }
+            ]
+        );
+        assert!(c.t.is_live(key) && !c.t.is_waiting(key));
+        // The pair timeout no longer applies.
+        assert_eq!(c.run_until(20.0), []);
+    }
+
+    #[test]
+    fn idle_counts_client_data_only() {
+        let mut c = Case::new(rules());
+        let key = c.pair(0.0, "s", 1, 2);
+        // The agent talks all along and the client answers pings (liveness without data):
+        // neither resets the idle clock; the client's one keystroke at 50 s does.
+        let mut out = Vec::new();
+        for s in (5..=200).step_by(5) {
+            let s = f64::from(s);
+            out.extend(c.run_until(s));
+            if !c.t.is_live(key) {
+                break;
+            }
+            c.t.handle_bytes(c.at(s), key, Leg::Agent, 100);
+            c.t.handle_bytes(c.at(s), key, Leg::Client, if s == 50.0 { 1 } else { 0 });
+        }
+        let end: Vec<_> = out
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Report(Report::Progress { .. })))
+            .collect();
+        assert_eq!(
+            end,
+            [
+                ended("s", CloseReason::IdleTimeout, 1, 100 * 29, 150),
+                close(1, Some(CloseCode::IDLE_TIMEOUT)),
+                close(2, Some(CloseCode::IDLE_TIMEOUT)),
+            ]
+        );
+    }
+
+    #[test]
+    fn max_duration_ends_a_busy_session() {
+        let mut c = Case::new(Rules { max_duration: Some(SECS(60)), ..rules() });
+        let key = c.pair(0.0, "s", 1, 2);
+        for s in 1..=59 {
+            c.t.handle_bytes(c.at(f64::from(s)), key, Leg::Client, 1);
+            c.t.handle_bytes(c.at(f64::from(s)), key, Leg::Agent, 1);
+        }
+        let out: Vec<_> = c
+            .run_until(61.0)
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Report(Report::Progress { .. })))
+            .collect();
+        assert_eq!(
+            out,
+            [
+                ended("s", CloseReason::MaxDuration, 59, 59, 60),
+                close(1, Some(CloseCode::MAX_DURATION)),
+                close(2, Some(CloseCode::MAX_DURATION)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_silent_leg_is_pinged_once_then_declared_dead() {
+        let mut c = Case::new(Rules { idle_timeout: None, ..rules() });
+        let key = c.pair(0.0, "s", 1, 2);
+        // The client keeps talking; the agent is silent from the start.
+        let mut out = Vec::new();
+        for s in 1..=100 {
+            let s = f64::from(s);
+            out.extend(c.run_until(s).into_iter().map(|a| (s, a)));
+            if c.t.is_live(key) {
+                c.t.handle_bytes(c.at(s), key, Leg::Client, 0);
+            }
+        }
+        assert_eq!(
+            out,
+            [
+                (30.0, Action::Ping { handle: 2 }),
+                (90.0, ended("s", CloseReason::AgentLost, 0, 0, 90)),
+                (90.0, close(1, Some(CloseCode::PEER_GONE))),
+                (90.0, close(2, None)),
+            ]
+        );
+    }
+
+    #[test]
+    fn anything_from_a_pinged_leg_makes_it_alive_again() {
+        let mut c = Case::new(Rules { idle_timeout: None, ..rules() });
+        let key = c.pair(0.0, "s", 1, 2);
+        assert_eq!(c.run_until(30.0), [Action::Ping { handle: 1 }, Action::Ping { handle: 2 }]);
+        // Pongs (no data) from both at 40 s: the next pings are due 30 s later.
+        c.t.handle_bytes(c.at(40.0), key, Leg::Client, 0);
+        c.t.handle_bytes(c.at(40.0), key, Leg::Agent, 0);
+        assert_eq!(c.run_until(69.9), []);
+        assert_eq!(c.run_until(70.0), [Action::Ping { handle: 1 }, Action::Ping { handle: 2 }]);
+        assert!(c.t.is_live(key));
+    }
+
+    #[test]
+    fn terminate_before_pairing_closes_the_leg_and_answers_later_legs_with_the_code() {
+        let mut c = Case::new(rules());
+        let code = CloseCode::new(close::TERMINATED).unwrap();
+        c.admit(0.0, "s", Leg::Client, "jc", 1);
+        let key = match c.actions().as_slice() {
+            [Action::Accept { key, .. }] => *key,
+            a => panic!("{a:?}"),
+        };
+        c.t.handle_upgraded(c.at(0.0), key, Leg::Client, true);
+        let _ = c.actions();
+        c.t.handle_terminate(c.at(1.0), "s", code);
+        assert_eq!(
+            c.actions(),
+            [ended("s", CloseReason::Terminated, 0, 0, 1), close(1, Some(code))]
+        );
+        c.admit(2.0, "s", Leg::Agent, "ja", 2);
+        assert_eq!(c.actions(), [Action::AcceptAndClose { handle: 2, code }]);
+        // A session terminated before any leg came: its first leg learns it too.
+        c.t.handle_terminate(c.at(2.0), "t", code);
+        assert_eq!(c.actions(), []);
+        c.admit(3.0, "t", Leg::Client, "jt", 3);
+        assert_eq!(c.actions(), [Action::AcceptAndClose { handle: 3, code }]);
+        // Once a token could no longer open a leg, the session id is forgotten.
+        assert_eq!(c.run_until(2.0 + 600.0 + PURGE_SLACK.as_secs_f64()), []);
+        c.admit(700.0, "t", Leg::Client, "jt2", 5);
+        assert!(matches!(c.actions().as_slice(), [Action::Accept { handle: 5, .. }]));
+    }
+
+    #[test]
+    fn terminate_after_pairing_closes_both_legs_with_the_code() {
+        let mut c = Case::new(rules());
+        let code = CloseCode::new(close::ACCESS_REVOKED).unwrap();
+        let key = c.pair(0.0, "s", 1, 2);
+        c.t.handle_bytes(c.at(1.0), key, Leg::Client, 7);
+        c.t.handle_terminate(c.at(5.0), "s", code);
+        assert_eq!(
+            c.actions(),
+            [
+                ended("s", CloseReason::Terminated, 7, 0, 5),
+                close(1, Some(code)),
+                close(2, Some(code))
+            ]
+        );
+        // Stale inputs for the ended session change nothing.
+        c.t.handle_bytes(c.at(6.0), key, Leg::Client, 1);
+        c.t.handle_leg_closed(c.at(6.0), key, Leg::Agent, LegEnd::Lost);
+        assert_eq!(c.actions(), []);
+    }
+
+    #[test]
+    fn a_token_opens_one_leg_ever_until_it_expires() {
+        let mut c = Case::new(rules());
+        let key = c.pair(0.0, "s", 1, 2);
+        // Replayed while the session lives.
+        c.admit(1.0, "s", Leg::Client, "s-c", 3);
+        assert_eq!(c.actions(), [Action::Refuse { handle: 3, refusal: Refusal::TokenAlreadyUsed }]);
+        // A second leg for a role that has one, with a fresh token.
+        c.admit(1.0, "s", Leg::Client, "fresh", 5);
+        assert_eq!(c.actions(), [Action::Refuse { handle: 5, refusal: Refusal::TokenAlreadyUsed }]);
+        c.t.handle_leg_closed(c.at(2.0), key, Leg::Client, LegEnd::Closed(CloseCode::NORMAL));
+        let _ = c.actions();
+        // Replayed after the session ended: still refused, and opens no new session.
+        c.admit(3.0, "s", Leg::Client, "s-c", 7);
+        assert_eq!(c.actions(), [Action::Refuse { handle: 7, refusal: Refusal::TokenAlreadyUsed }]);
+        assert!(c.t.is_empty());
+        // After its expiry (600 s after issue) and the purge, the id is forgotten (the token
+        // check refuses such a token as expired before it gets here).
+        let _ = c.run_until(601.0 + PURGE_SLACK.as_secs_f64());
+        c.admit(700.0, "s", Leg::Client, "s-c", 9);
+        assert!(matches!(c.actions().as_slice(), [Action::Accept { handle: 9, .. }]));
+    }
+
+    #[test]
+    fn how_a_leg_ended_decides_the_reason_and_each_legs_code() {
+        let code = |c| CloseCode::new(c).unwrap();
+        let cases = [
+            (
+                Leg::Agent,
+                LegEnd::Closed(CloseCode::NORMAL),
+                CloseReason::Exit,
+                [Some(CloseCode::NORMAL); 2],
+            ),
+            (
+                Leg::Client,
+                LegEnd::Closed(CloseCode::NORMAL),
+                CloseReason::ClientClosed,
+                [Some(CloseCode::NORMAL); 2],
+            ),
+            (Leg::Agent, LegEnd::Closed(code(1011)), CloseReason::Error, [Some(code(1011)); 2]),
+            (Leg::Agent, LegEnd::Closed(code(1008)), CloseReason::Error, [Some(code(1008)); 2]),
+            (
+                Leg::Agent,
+                LegEnd::Closed(code(4011)),
+                CloseReason::AgentClosed,
+                [Some(code(4011)); 2],
+            ),
+            (
+                Leg::Client,
+                LegEnd::Violation(CloseCode::PROTOCOL_ERROR),
+                CloseReason::Error,
+                [Some(CloseCode::PROTOCOL_ERROR), Some(CloseCode::PEER_GONE)],
+            ),
+            (
+                Leg::Agent,
+                LegEnd::Violation(code(1009)),
+                CloseReason::Error,
+                [Some(CloseCode::PEER_GONE), Some(code(1009))],
+            ),
+            (
+                Leg::Client,
+                LegEnd::BadClose(CloseCode::PROTOCOL_ERROR),
+                CloseReason::Error,
+                [Some(CloseCode::PROTOCOL_ERROR), Some(CloseCode::PEER_GONE)],
+            ),
+            (
+                Leg::Client,
+                LegEnd::Lost,
+                CloseReason::ClientLost,
+                [None, Some(CloseCode::PEER_GONE)],
+            ),
+            (Leg::Agent, LegEnd::Lost, CloseReason::AgentLost, [Some(CloseCode::PEER_GONE), None]),
+        ];
+        for (leg, how, reason, [cc, ac]) in cases {
+            let mut c = Case::new(rules());
+            let key = c.pair(0.0, "s", 1, 2);
+            c.t.handle_leg_closed(c.at(4.0), key, leg, how);
+            assert_eq!(
+                c.actions(),
+                [ended("s", reason, 0, 0, 4), close(1, cc), close(2, ac)],
+                "{leg:?} {how:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_101_that_fails_ends_the_session_as_lost_by_that_leg() {
+        let mut c = Case::new(rules());
+        c.admit(0.0, "s", Leg::Agent, "ja", 2);
+        let key = match c.actions().as_slice() {
+            [Action::Accept { key, .. }] => *key,
+            a => panic!("{a:?}"),
+        };
+        c.t.handle_upgraded(c.at(0.0), key, Leg::Agent, true);
+        let _ = c.actions();
+        c.admit(1.0, "s", Leg::Client, "jc", 1);
+        let _ = c.actions();
+        c.t.handle_upgraded(c.at(1.0), key, Leg::Client, false);
+        assert_eq!(
+            c.actions(),
+            [
+                ended("s", CloseReason::ClientLost, 0, 0, 1),
+                close(1, None),
+                close(2, Some(CloseCode::PEER_GONE))
+            ]
+        );
+        // The session ended while the other leg's 101 was in flight: its report is ignored.
+        c.t.handle_upgraded(c.at(1.0), key, Leg::Agent, true);
+        assert_eq!(c.actions(), []);
+    }
+
+    #[test]
+    fn progress_is_reported_on_the_sessions_own_deadline_when_counts_changed() {
+        let mut c = Case::new(rules());
+        let key = c.pair(0.0, "s", 1, 2);
+        c.t.handle_bytes(c.at(1.0), key, Leg::Client, 5);
+        c.t.handle_bytes(c.at(1.5), key, Leg::Agent, 50);
+        assert_eq!(c.run_until(2.9), []);
+        assert_eq!(
+            c.run_until(3.0),
+            [Action::Report(Report::Progress { sid: "s".into(), bytes: [5, 50] })]
+        );
+        // Liveness alone (pongs) reports nothing.
+        c.t.handle_bytes(c.at(4.0), key, Leg::Client, 0);
+        assert_eq!(c.run_until(29.0), []);
+        c.t.handle_bytes(c.at(29.0), key, Leg::Agent, 1);
+        assert_eq!(
+            c.run_until(31.0),
+            [Action::Report(Report::Progress { sid: "s".into(), bytes: [5, 51] })]
+        );
+    }
+
+    #[test]
+    fn shutdown_refuses_new_legs_drains_then_closes_with_4009() {
+        let mut c = Case::new(rules());
+        let a = c.pair(0.0, "a", 1, 2);
+        let _b = c.pair(0.0, "b", 3, 4);
+        c.t.handle_shutdown(c.at(1.0), SECS(10));
+        assert_eq!(c.actions(), []);
+        c.admit(2.0, "c", Leg::Client, "jc", 5);
+        assert_eq!(c.actions(), [Action::Refuse { handle: 5, refusal: Refusal::Unavailable }]);
+        // One session ends by itself during the drain.
+        c.t.handle_leg_closed(c.at(3.0), a, Leg::Agent, LegEnd::Closed(CloseCode::NORMAL));
+        assert_eq!(c.actions().len(), 3);
+        assert_eq!(c.run_until(10.9), []);
+        assert_eq!(
+            c.tick(11.0),
+            [
+                ended("b", CloseReason::RelayShutdown, 0, 0, 11),
+                close(3, Some(CloseCode::RELAY_SHUTDOWN)),
+                close(4, Some(CloseCode::RELAY_SHUTDOWN)),
+                Action::Drained,
+            ]
+        );
+        assert_eq!(c.run_until(100.0), []);
+    }
+
+    #[test]
+    fn shutdown_with_nothing_live_is_drained_at_once_and_a_drain_can_end_early() {
+        let mut c = Case::new(rules());
+        c.t.handle_shutdown(c.at(0.0), SECS(10));
+        assert_eq!(c.actions(), [Action::Drained]);
+        let mut c = Case::new(rules());
+        let key = c.pair(0.0, "s", 1, 2);
+        c.t.handle_shutdown(c.at(1.0), SECS(10));
+        c.t.handle_leg_closed(c.at(2.0), key, Leg::Client, LegEnd::Lost);
+        assert_eq!(
+            c.actions(),
+            [
+                ended("s", CloseReason::ClientLost, 0, 0, 2),
+                close(1, None),
+                close(2, Some(CloseCode::PEER_GONE)),
+                Action::Drained,
+            ]
+        );
+    }
+
+    #[test]
+    fn activity_does_not_grow_the_timer_heap() {
+        // The hot path must not push a heap entry per read: 1,000 sessions, 100 reads each.
+        let mut c = Case::new(rules());
+        let keys: Vec<_> =
+            (0..1000).map(|i| c.pair(0.0, &format!("s{i}"), 2 * i + 1, 2 * i + 2)).collect();
+        for r in 0..100 {
+            let now = 0.01 * f64::from(r);
+            for &k in &keys {
+                c.t.handle_bytes(c.at(now), k, Leg::Client, 1);
+                c.t.handle_bytes(c.at(now), k, Leg::Agent, 1);
+            }
+        }
+        assert!(c.t.timers.len() <= 2 * keys.len(), "{}", c.t.timers.len());
+        // Nothing is due before the first progress report: a tick in between does no work.
+        let before = c.t.timers.len();
+        assert_eq!(c.tick(1.5), []);
+        assert_eq!(c.t.timers.len(), before);
+    }
+}
