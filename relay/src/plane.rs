@@ -38,8 +38,9 @@ pub enum CloseReason {
     PairTimeout,
     /// The relay shut down.
     RelayShutdown,
-    /// A protocol violation, an internal failure, or the agent refusing or failing to start
-    /// the session (`session.failed`, or its leg closed with 1008 or 1011).
+    /// A protocol violation (WebSocket, or TLS: a record not under the session's key, an
+    /// oversized record), an internal failure, or the agent refusing or failing to start the
+    /// session (`session.failed`, or its leg closed with 1008 or 1011).
     Error,
 }
 

@@ -1,10 +1,14 @@
 //! Per-shard pool of read and ciphertext buffers.
 //!
 //! A connection takes a buffer only once its socket is readable (or it has bytes to write) and
-//! gives it back as soon as the bytes have moved on, so an idle session pins no buffer. The pool
-//! is shard-local (`Rc`, no lock) and keeps at most [`KEEP`] free buffers.
+//! lets go of it as soon as the bytes have moved on, so an idle session pins no buffer. A
+//! [`Buf`] returns itself to its pool when dropped, so no path (an error, an early return) can
+//! leak one; it lends its `Vec` only to the I/O interface, which moves buffers by value. The
+//! pool is shard-local (`Rc`, no lock) and keeps at most [`KEEP`] free buffers.
 
 use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use super::metrics::ShardMetrics;
@@ -16,7 +20,7 @@ pub const BUF_SIZE: usize = 32 * 1024;
 /// Free buffers kept for reuse; more are freed.
 const KEEP: usize = 256;
 
-/// The pool. Buffers always have `len() == BUF_SIZE` (zeroed once, at allocation).
+/// The pool. Buffers always have `len() == BUF_SIZE` when taken (zeroed once, at allocation).
 pub struct Pool {
     free: RefCell<Vec<Vec<u8>>>,
     /// Where the buffers taken and not given back are counted (`hatch_data_buffers_in_use`):
@@ -30,15 +34,14 @@ impl Pool {
         Pool { free: RefCell::default(), metrics }
     }
 
-    /// A buffer of [`BUF_SIZE`] bytes.
-    pub fn take(&self) -> Vec<u8> {
+    /// A buffer of [`BUF_SIZE`] bytes; it comes back when dropped.
+    pub fn take(self: &Rc<Self>) -> Buf {
         ShardMetrics::add(&self.metrics.buffers, 1);
-        self.free.borrow_mut().pop().unwrap_or_else(|| vec![0u8; BUF_SIZE])
+        let vec = self.free.borrow_mut().pop().unwrap_or_else(|| vec![0u8; BUF_SIZE]);
+        Buf { vec, pool: self.clone() }
     }
 
-    /// Returns a buffer taken from [`Pool::take`] (every taken buffer comes back here, also on
-    /// error paths, or the gauge shows it as held).
-    pub fn give(&self, mut buf: Vec<u8>) {
+    fn put(&self, mut buf: Vec<u8>) {
         ShardMetrics::dec(&self.metrics.buffers);
         if buf.capacity() < BUF_SIZE {
             return;
@@ -48,5 +51,89 @@ impl Pool {
         if free.len() < KEEP {
             free.push(buf);
         }
+    }
+}
+
+/// A pooled buffer (see the module docs).
+pub struct Buf {
+    vec: Vec<u8>,
+    pool: Rc<Pool>,
+}
+
+impl Buf {
+    /// Lends the buffer's `Vec` to an I/O operation, which gives it back with its result. (Were
+    /// the operation's future dropped, the `Vec` would be freed, not pooled: the I/O rules
+    /// forbid dropping one anyway.)
+    pub async fn lend<T, F>(mut self, op: impl FnOnce(Vec<u8>) -> F) -> (T, Buf)
+    where
+        F: Future<Output = (T, Vec<u8>)>,
+    {
+        let vec = std::mem::take(&mut self.vec);
+        let (r, vec) = op(vec).await;
+        self.vec = vec;
+        (r, self)
+    }
+
+    /// Grows the buffer (one TLS message larger than what is left of it); the pool shrinks it
+    /// back when it returns.
+    pub fn grow_to(&mut self, len: usize) {
+        if len > self.vec.len() {
+            self.vec.resize(len, 0);
+        }
+    }
+}
+
+impl Deref for Buf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.vec
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.vec
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.vec));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_use(p: &Pool) -> u64 {
+        p.metrics.buffers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_buffer_comes_back_when_dropped_also_after_growing_or_lending() {
+        let pool = Rc::new(Pool::new(Arc::default()));
+        let mut a = pool.take();
+        let b = pool.take();
+        assert_eq!(in_use(&pool), 2);
+        a.grow_to(BUF_SIZE + 100);
+        assert_eq!(a.len(), BUF_SIZE + 100);
+        drop(a);
+        drop(b);
+        assert_eq!(in_use(&pool), 0);
+        assert_eq!(pool.free.borrow().len(), 2);
+        // Reused, and back to its size.
+        let a = pool.take();
+        assert_eq!(a.len(), BUF_SIZE);
+        assert_eq!(pool.free.borrow().len(), 1);
+        let (n, a) = futures_lite_block_on(a.lend(|v| async move { (v.len(), v) }));
+        assert_eq!(n, BUF_SIZE);
+        drop(a);
+        assert_eq!(in_use(&pool), 0);
+    }
+
+    fn futures_lite_block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(f)
     }
 }

@@ -21,7 +21,6 @@ use tracing::{debug, warn};
 use super::forward::{self, Deframer, Event, MAX_TAIL};
 use super::io::Stream;
 use super::metrics::ShardMetrics;
-use super::pool::Pool;
 use super::session::{CloseCode, Key, Leg, LegEnd};
 use super::tls::Conn;
 
@@ -38,8 +37,6 @@ pub const FRAME_FINISH_WAIT: Duration = Duration::from_secs(1);
 pub trait Host: Clone + 'static {
     /// The shard's stream type.
     type S: Stream;
-    /// The shard's buffer pool.
-    fn pool(&self) -> &Pool;
     /// The shard's counters.
     fn metrics(&self) -> &ShardMetrics;
     /// Largest frame payload a leg may send.
@@ -97,14 +94,7 @@ async fn pump<H: Host>(
     drop(b);
     // The session has ended and its closer sent our close frame and FIN: read until the peer's
     // FIN (or the closer's hard deadline), so that closing never resets unread bytes.
-    drain(host.pool(), &a).await;
-}
-
-/// Reads and discards until the end of the stream or an error.
-pub async fn drain<S: Stream>(pool: &Pool, c: &Conn<S>) {
-    while let Ok(Some((buf, _))) = c.read_plain(&[]).await {
-        pool.give(buf);
-    }
+    a.drain().await;
 }
 
 /// Forwards from `a` to `b` until the session ends; ends it on any failure of either leg.
@@ -117,7 +107,6 @@ async fn forward_loop<H: Host>(
     from: Leg,
 ) {
     let to = from.other();
-    let pool = host.pool();
     let metrics = host.metrics();
     let cfg = ParseConfig { max_payload: host.max_payload(), masking: Masking::Required };
     let mut st = Deframer::default();
@@ -130,9 +119,6 @@ async fn forward_loop<H: Host>(
         // `b`'s closer can still send its close frame (it waits a bounded time for this).
         let finishing = !host.live(key);
         if finishing && !b.mid_frame() {
-            if let Ok(Some((buf, _))) = r {
-                pool.give(buf);
-            }
             return;
         }
         let (mut buf, len) = match r {
@@ -140,6 +126,10 @@ async fn forward_loop<H: Host>(
             Ok(None) => {
                 debug!(session = %sid, leg = from.as_str(), "leg closed without a close frame");
                 return host.leg_ended(key, from, LegEnd::Lost);
+            }
+            Err(err) if err.peer_fault() => {
+                warn!(session = %sid, leg = from.as_str(), %err, "leg refused: peer fault");
+                return host.leg_ended(key, from, LegEnd::PeerFault);
             }
             Err(err) => {
                 debug!(session = %sid, leg = from.as_str(), %err, "leg read failed");
@@ -172,12 +162,10 @@ async fn forward_loop<H: Host>(
                 let (res, b2) = b.write_forwarded(buf, step.out.clone(), step.mid_frame).await;
                 buf = b2;
                 if let Err(err) = res {
-                    pool.give(buf);
                     debug!(session = %sid, leg = to.as_str(), %err, "leg write failed");
                     return host.leg_ended(key, to, LegEnd::Lost);
                 }
                 if !host.live(key) && !step.mid_frame {
-                    pool.give(buf);
                     return;
                 }
             }
@@ -217,12 +205,10 @@ async fn forward_loop<H: Host>(
                     LegEnd::Violation(CloseCode::PROTOCOL_ERROR)
                 }
             };
-            pool.give(buf);
             return host.leg_ended(key, from, how);
         }
         clen = len - pos;
         carry[..clen].copy_from_slice(&buf[pos..len]);
-        pool.give(buf);
     }
 }
 
@@ -246,6 +232,6 @@ pub async fn close_leg<H: Host>(host: H, conn: Rc<Conn<H::S>>, code: Option<Clos
     }
     conn.finish().await;
     if !conn.reading.get() {
-        drain(host.pool(), &conn).await;
+        conn.drain().await;
     }
 }

@@ -141,6 +141,10 @@ pub enum LegEnd {
     /// It went away without a close frame: end of stream, a failed read or write, or a
     /// hang-up while it waited for its peer. The other leg gets 4005.
     Lost,
+    /// Its peer sent what the relay's TLS layer refuses (a record not under the session's
+    /// key, an oversized record): a hostile or broken peer, not a lost one. It gets no close
+    /// frame (its TLS has failed), the other leg 4005, and the session ends as an error.
+    PeerFault,
 }
 
 /// The timing rules the table enforces (from the data plane's configuration).
@@ -340,6 +344,10 @@ impl Ending {
             }
             LegEnd::BadClose(code) | LegEnd::Violation(code) => {
                 codes[leg.index()] = Some(code);
+                codes[leg.other().index()] = Some(CloseCode::PEER_GONE);
+                CloseReason::Error
+            }
+            LegEnd::PeerFault => {
                 codes[leg.other().index()] = Some(CloseCode::PEER_GONE);
                 CloseReason::Error
             }
@@ -1134,6 +1142,13 @@ mod tests {
                 [None, Some(CloseCode::PEER_GONE)],
             ),
             (Leg::Agent, LegEnd::Lost, CloseReason::AgentLost, [Some(CloseCode::PEER_GONE), None]),
+            (
+                Leg::Client,
+                LegEnd::PeerFault,
+                CloseReason::Error,
+                [None, Some(CloseCode::PEER_GONE)],
+            ),
+            (Leg::Agent, LegEnd::PeerFault, CloseReason::Error, [Some(CloseCode::PEER_GONE), None]),
         ];
         for (leg, how, reason, [cc, ac]) in cases {
             let mut c = Case::new(rules());

@@ -312,7 +312,7 @@ enum HeadError {
     TooLarge,
 }
 
-async fn read_head<S: Stream>(shard: &Shard<S>, conn: &Conn<S>) -> Result<Vec<u8>, HeadError> {
+async fn read_head<S: Stream>(conn: &Conn<S>) -> Result<Vec<u8>, HeadError> {
     let mut head = Vec::new();
     loop {
         let (buf, n) = match conn.read_plain(&[]).await {
@@ -320,7 +320,6 @@ async fn read_head<S: Stream>(shard: &Shard<S>, conn: &Conn<S>) -> Result<Vec<u8
             _ => return Err(HeadError::Io),
         };
         head.extend_from_slice(&buf[..n]);
-        shard.pool.give(buf);
         if let Some(end) = upgrade::head_end(&head[..head.len().min(upgrade::MAX_HEAD)]) {
             conn.set_pending(head.split_off(end));
             return Ok(head);
@@ -345,7 +344,7 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
     };
     let conn = Rc::new(shard.conn(io, tls, Vec::new()));
     let deadline = shard.deadline(&conn, shard.cfg.handshake_timeout);
-    let head = read_head(&shard, &conn).await;
+    let head = read_head(&conn).await;
     shard.deadlines.borrow_mut().cancel(deadline);
     let head = match head {
         Ok(h) => h,
@@ -417,7 +416,7 @@ async fn refuse<S: Stream>(shard: Rc<Shard<S>>, conn: Rc<Conn<S>>, r: Refusal) {
     shard.deadline(&conn, CLOSE_LINGER);
     let _ = conn.write_small(&r.response()).await;
     conn.finish().await;
-    pump::drain(&shard.pool, &conn).await;
+    conn.drain().await;
 }
 
 /// Writes the `101` of an admitted leg (within the handshake deadline) and tells the table.
@@ -606,10 +605,6 @@ impl<S: Stream> Shard<S> {
 
 impl<S: Stream> pump::Host for Rc<Shard<S>> {
     type S = S;
-
-    fn pool(&self) -> &Pool {
-        &self.pool
-    }
 
     fn metrics(&self) -> &ShardMetrics {
         &self.metrics

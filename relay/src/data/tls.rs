@@ -35,7 +35,7 @@ use hatch_proto::frame::{self, OpCode};
 
 use super::io::Stream;
 use super::metrics::ShardMetrics;
-use super::pool::Pool;
+use super::pool::{Buf, Pool};
 
 /// Largest plaintext of one TLS record (RFC 8446 §5.1).
 const MAX_FRAGMENT: usize = 16 * 1024;
@@ -53,7 +53,7 @@ pub struct Conn<S> {
     pending: RefCell<Vec<u8>>,
     /// Ciphertext read from the socket but not yet complete enough for rustls (a partial record),
     /// in a held pool buffer.
-    cipher: RefCell<Option<(Vec<u8>, Range<usize>)>>,
+    cipher: RefCell<Option<(Buf, Range<usize>)>>,
     /// The last socket read filled its buffer: read again before waiting for readiness.
     more: Cell<bool>,
     /// A task is reading this leg (its pump); otherwise the closer drains it.
@@ -92,13 +92,58 @@ struct Tls {
     conn: RefCell<UnbufferedServerConnection>,
     /// Encoded TLS bytes not yet sent (pool buffer, filled length), in the order rustls made them.
     /// Appended to while `conn` is borrowed; sent only by the write gate's holder.
-    out: RefCell<Option<(Vec<u8>, usize)>>,
+    out: RefCell<Option<(Buf, usize)>>,
     /// The peer's close_notify arrived (rustls reports it once; whoever sees it records it).
     peer_closed: Cell<bool>,
     /// Our close_notify went into `out`: nothing more is written.
     sent_close: Cell<bool>,
     /// rustls failed (or refused input): nobody calls into it again.
     failed: Cell<bool>,
+}
+
+/// Why a leg's read or write failed, and whose fault it was: a hostile or broken peer
+/// ([`LegError::Peer`], [`LegError::Tls`]) or the network and local state ([`LegError::Io`]).
+#[derive(Debug)]
+pub enum LegError {
+    /// The peer broke a rule of the relay's TLS layer (a record or handshake message it
+    /// refuses).
+    Peer(&'static str),
+    /// rustls refused the peer's input (a record not under the session's key, a malformed
+    /// message); an alert went out where it could.
+    Tls(rustls::Error),
+    /// The socket failed (a reset, the peer's network, a deadline's shutdown), or the leg was
+    /// already closed or failed on our side.
+    Io(io::Error),
+}
+
+/// A leg operation's result.
+pub type LegResult<T> = Result<T, LegError>;
+
+impl LegError {
+    fn local(what: &'static str) -> LegError {
+        LegError::Io(io::Error::other(what))
+    }
+
+    /// Whether the peer is at fault (it sent something the relay refuses).
+    pub fn peer_fault(&self) -> bool {
+        matches!(self, LegError::Peer(_) | LegError::Tls(_))
+    }
+}
+
+impl std::fmt::Display for LegError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LegError::Peer(what) => write!(f, "peer: {what}"),
+            LegError::Tls(e) => write!(f, "tls: {e}"),
+            LegError::Io(e) => write!(f, "io: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for LegError {
+    fn from(e: io::Error) -> Self {
+        LegError::Io(e)
+    }
 }
 
 /// What one pass of the reader over its input ended with.
@@ -110,7 +155,7 @@ enum Step {
     /// The peer sent close_notify.
     PeerClosed,
     /// rustls (or our own checks) refused the input; an alert may wait in `out`.
-    Failed(io::Error),
+    Failed(LegError),
 }
 
 /// The connections alive on one shard: counted in its open gauge, with a signal when the
@@ -201,13 +246,9 @@ impl<S: Stream> Conn<S> {
     /// Takes the connection apart for a handoff: stream, TLS state, unread plaintext. Callers
     /// check [`Conn::holds_cipher`] first: TLS bytes held outside rustls are dropped here.
     pub fn into_parts(self) -> (S, Option<UnbufferedServerConnection>, Vec<u8>) {
-        if let Some((buf, _)) = self.cipher.into_inner() {
-            self.pool.give(buf);
-        }
+        drop(self.cipher.into_inner());
         let tls = self.tls.map(|t| {
-            if let Some((buf, _)) = t.out.into_inner() {
-                self.pool.give(buf);
-            }
+            drop(t.out.into_inner());
             t.conn.into_inner()
         });
         (self.io, tls, self.pending.into_inner())
@@ -234,7 +275,7 @@ impl<S: Stream> Conn<S> {
     /// Reads plaintext: returns a pooled buffer holding `carry` followed by new bytes, and its
     /// filled length, or `None` at the end of the stream. Waits for readiness before taking a
     /// buffer, so a leg waiting for data pins none.
-    pub async fn read_plain(&self, carry: &[u8]) -> io::Result<Option<(Vec<u8>, usize)>> {
+    pub async fn read_plain(&self, carry: &[u8]) -> LegResult<Option<(Buf, usize)>> {
         {
             let mut p = self.pending.borrow_mut();
             if !p.is_empty() {
@@ -256,10 +297,9 @@ impl<S: Stream> Conn<S> {
                 }
                 let mut buf = self.pool.take();
                 buf[..carry.len()].copy_from_slice(carry);
-                let (r, buf) = self.io.read(buf, carry.len()).await;
+                let (r, buf) = buf.lend(|v| self.io.read(v, carry.len())).await;
                 match r {
                     Ok(0) => {
-                        self.pool.give(buf);
                         return Ok(None);
                     }
                     Ok(n) => {
@@ -267,12 +307,10 @@ impl<S: Stream> Conn<S> {
                         return Ok(Some((buf, carry.len() + n)));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.pool.give(buf);
                         self.more.set(false);
                     }
                     Err(e) => {
-                        self.pool.give(buf);
-                        return Err(e);
+                        return Err(e.into());
                     }
                 }
             },
@@ -282,22 +320,21 @@ impl<S: Stream> Conn<S> {
 
     /// The TLS read: ciphertext goes into a pool buffer after `carry`, rustls decrypts it in
     /// place, and the payloads are moved to the front (after `carry`) of that same buffer.
-    async fn read_tls(&self, tls: &Tls, carry: &[u8]) -> io::Result<Option<(Vec<u8>, usize)>> {
+    async fn read_tls(&self, tls: &Tls, carry: &[u8]) -> LegResult<Option<(Buf, usize)>> {
         if tls.peer_closed.get() {
             return Ok(None);
         }
         if tls.failed.get() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS connection failed"));
+            return Err(LegError::local("TLS connection failed"));
         }
         let c = carry.len();
         // A buffer with `carry` at the front and unprocessed ciphertext (a partial record) after
         // it, and where that ends.
-        let mut held: Option<(Vec<u8>, usize)> = None;
+        let mut held: Option<(Buf, usize)> = None;
         if let Some((mut buf, r)) = self.cipher.borrow_mut().take() {
             let n = r.len();
             if c + n >= buf.len() {
-                self.pool.give(buf);
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS record too large"));
+                return Err(LegError::Peer("TLS record too large"));
             }
             buf.copy_within(r, c);
             buf[..c].copy_from_slice(carry);
@@ -307,10 +344,8 @@ impl<S: Stream> Conn<S> {
             if !self.more.get()
                 && let Err(e) = self.io.readable().await
             {
-                if let Some((buf, _)) = held {
-                    self.pool.give(buf);
-                }
-                return Err(e);
+                drop(held);
+                return Err(e.into());
             }
             let (buf, filled) = match held.take() {
                 Some(h) => h,
@@ -323,33 +358,25 @@ impl<S: Stream> Conn<S> {
             if filled == buf.len() {
                 // Cannot happen for a record (at most ~18 KiB); a handshake message spread over
                 // more records than a buffer holds is refused.
-                self.pool.give(buf);
                 tls.failed.set(true);
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS input too large"));
+                return Err(LegError::Peer("TLS input too large"));
             }
-            let (r, mut buf) = self.io.read(buf, filled).await;
+            let (r, mut buf) = buf.lend(|v| self.io.read(v, filled)).await;
             let end = match r {
-                Ok(0) => {
-                    self.pool.give(buf);
-                    return Ok(None);
-                }
+                Ok(0) => return Ok(None),
                 Ok(n) => {
                     self.more.set(filled + n == buf.len());
                     filled + n
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.more.set(false);
+                    // Keep a partial record read before; an empty buffer goes back.
                     if filled > c {
                         held = Some((buf, filled));
-                    } else {
-                        self.pool.give(buf);
                     }
                     continue;
                 }
-                Err(e) => {
-                    self.pool.give(buf);
-                    return Err(e);
-                }
+                Err(e) => return Err(e.into()),
             };
             let mut start = c;
             let mut w = c;
@@ -358,16 +385,12 @@ impl<S: Stream> Conn<S> {
                     Step::NeedInput => break,
                     Step::Transmit => {
                         let _g = self.gate.lock().await;
-                        if let Err(e) = self.send_out().await {
-                            self.pool.give(buf);
-                            return Err(e);
-                        }
+                        self.send_out().await?;
                     }
                     Step::PeerClosed => {
                         if w > c {
                             return Ok(Some((buf, w)));
                         }
-                        self.pool.give(buf);
                         return Ok(None);
                     }
                     Step::Failed(e) => {
@@ -376,7 +399,6 @@ impl<S: Stream> Conn<S> {
                         if let Some(_g) = self.gate.try_lock() {
                             let _ = self.send_out().await;
                         }
-                        self.pool.give(buf);
                         return Err(e);
                     }
                 }
@@ -393,7 +415,6 @@ impl<S: Stream> Conn<S> {
             }
             // Nothing decrypted yet (handshake, or a record still arriving): keep what is left.
             if rest.is_empty() {
-                self.pool.give(buf);
             } else {
                 let n = rest.len();
                 buf.copy_within(rest, c);
@@ -445,8 +466,7 @@ impl<S: Stream> Conn<S> {
                         }
                     }
                     stuck.then(|| {
-                        Step::Failed(io::Error::new(
-                            io::ErrorKind::InvalidData,
+                        Step::Failed(LegError::Peer(
                             "TLS plaintext does not fit in front of its record",
                         ))
                     })
@@ -470,10 +490,7 @@ impl<S: Stream> Conn<S> {
                     tls.peer_closed.set(true);
                     Some(Step::PeerClosed)
                 }
-                _ => Some(Step::Failed(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "unexpected TLS state (early data)",
-                ))),
+                _ => Some(Step::Failed(LegError::Peer("unexpected TLS state (early data)"))),
             };
             *start += discard;
             match step {
@@ -486,8 +503,7 @@ impl<S: Stream> Conn<S> {
                     // across them. Writers call rustls with no input, which is only sound while
                     // it keeps none, so after the handshake this (legal, but never seen from
                     // a real client) fragmentation is refused.
-                    return Step::Failed(io::Error::new(
-                        io::ErrorKind::InvalidData,
+                    return Step::Failed(LegError::Peer(
                         "TLS handshake message fragmented after the handshake",
                     ));
                 }
@@ -515,7 +531,7 @@ impl<S: Stream> Conn<S> {
         &self,
         tls: &Tls,
         enc: &mut EncodeTlsData<'_, ServerConnectionData>,
-    ) -> io::Result<()> {
+    ) -> LegResult<()> {
         self.append_out(tls, |out| match enc.encode(out) {
             Ok(n) => Ok(n),
             Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
@@ -530,13 +546,13 @@ impl<S: Stream> Conn<S> {
         &self,
         tls: &Tls,
         mut f: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
-    ) -> io::Result<()> {
+    ) -> LegResult<()> {
         let mut out = tls.out.borrow_mut();
         let (buf, len) = out.get_or_insert_with(|| (self.pool.take(), 0));
         let n = match f(&mut buf[*len..]) {
             Ok(n) => n,
             Err(Some(need)) => {
-                buf.resize(*len + need, 0);
+                buf.grow_to(*len + need);
                 f(&mut buf[*len..]).map_err(|_| tls_other("TLS encoding failed"))?
             }
             Err(None) => return Err(tls_other("TLS encoding failed")),
@@ -546,32 +562,30 @@ impl<S: Stream> Conn<S> {
     }
 
     /// Sends `out` until it is empty. The caller holds the write gate.
-    async fn send_out(&self) -> io::Result<()> {
+    async fn send_out(&self) -> LegResult<()> {
         let Some(tls) = &self.tls else { return Ok(()) };
         loop {
             let next = tls.out.borrow_mut().take();
             let Some((buf, n)) = next else { return Ok(()) };
-            let (r, buf) = self.io.write_all(buf, 0..n).await;
-            self.pool.give(buf);
+            let (r, _buf) = buf.lend(|v| self.io.write_all(v, 0..n)).await;
             r?;
         }
     }
 
     /// Writes `buf[range]` as plaintext (encrypting it on a TLS leg), under the write gate.
-    /// Gives the buffer back.
-    pub async fn write_plain(
-        &self,
-        buf: Vec<u8>,
-        range: Range<usize>,
-    ) -> (io::Result<()>, Vec<u8>) {
+    /// Gives the buffer back (for the caller's next read).
+    pub async fn write_plain(&self, buf: Buf, range: Range<usize>) -> (LegResult<()>, Buf) {
         let _g = self.gate.lock().await;
         self.write_locked(buf, range).await
     }
 
     /// [`Conn::write_plain`] for a caller holding the write gate.
-    async fn write_locked(&self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>) {
+    async fn write_locked(&self, buf: Buf, range: Range<usize>) -> (LegResult<()>, Buf) {
         match &self.tls {
-            None => self.io.write_all(buf, range).await,
+            None => {
+                let (r, buf) = buf.lend(|v| self.io.write_all(v, range)).await;
+                (r.map_err(LegError::Io), buf)
+            }
             Some(tls) => {
                 let mut data = &buf[range];
                 loop {
@@ -591,7 +605,7 @@ impl<S: Stream> Conn<S> {
     }
 
     /// Encrypts from the front of `data` into `out` until all of it is in or `out` is full.
-    fn encrypt(&self, tls: &Tls, data: &mut &[u8]) -> io::Result<()> {
+    fn encrypt(&self, tls: &Tls, data: &mut &[u8]) -> LegResult<()> {
         let mut conn = self.usable(tls)?;
         loop {
             // No input: the reader leaves rustls with none pending (see `process`).
@@ -614,7 +628,7 @@ impl<S: Stream> Conn<S> {
                             // Full: send what is there first.
                             Err(EncryptError::InsufficientSize(_)) if *len > 0 => return Ok(()),
                             Err(EncryptError::InsufficientSize(s)) => {
-                                buf.resize(s.required_size, 0);
+                                buf.grow_to(s.required_size);
                             }
                             Err(e) => {
                                 tls.failed.set(true);
@@ -625,13 +639,10 @@ impl<S: Stream> Conn<S> {
                     return Ok(());
                 }
                 ConnectionState::Closed => {
-                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS connection closed"));
+                    return Err(LegError::local("TLS connection closed"));
                 }
                 ConnectionState::BlockedHandshake => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotConnected,
-                        "TLS handshake not complete",
-                    ));
+                    return Err(LegError::local("TLS handshake not complete"));
                 }
                 _ => return Err(tls_other("unexpected TLS state")),
             }
@@ -640,16 +651,16 @@ impl<S: Stream> Conn<S> {
 
     /// The connection for a writer: not after a failure or our close_notify, and not during the
     /// handshake (only the reader drives rustls then; writes start after the request head).
-    fn usable<'a>(&self, tls: &'a Tls) -> io::Result<RefMut<'a, UnbufferedServerConnection>> {
+    fn usable<'a>(&self, tls: &'a Tls) -> LegResult<RefMut<'a, UnbufferedServerConnection>> {
         if tls.failed.get() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS connection failed"));
+            return Err(LegError::local("TLS connection failed"));
         }
         if tls.sent_close.get() {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS close_notify sent"));
+            return Err(LegError::local("TLS close_notify sent"));
         }
         let conn = tls.conn.borrow_mut();
         if conn.is_handshaking() {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "TLS handshake not complete"));
+            return Err(LegError::local("TLS handshake not complete"));
         }
         Ok(conn)
     }
@@ -659,13 +670,13 @@ impl<S: Stream> Conn<S> {
     /// control frames owed to the leg follow at once, under the same hold of the write gate.
     pub async fn write_forwarded(
         &self,
-        buf: Vec<u8>,
+        buf: Buf,
         range: Range<usize>,
         mid_frame: bool,
-    ) -> (io::Result<()>, Vec<u8>) {
+    ) -> (LegResult<()>, Buf) {
         let _g = self.gate.lock().await;
         if self.outbox.borrow().shut {
-            return (Err(io::Error::new(io::ErrorKind::BrokenPipe, "leg closed")), buf);
+            return (Err(LegError::local("leg closed")), buf);
         }
         let (r, buf) = self.write_locked(buf, range).await;
         if r.is_err() {
@@ -684,7 +695,7 @@ impl<S: Stream> Conn<S> {
     /// Answers a ping with `payload` (≤ 125 bytes): now, or once the frame this leg is inside
     /// is complete (replacing a pong still owed). Waits for the write gate, so a leg that does
     /// not read stops being read (its pings stay in the kernel).
-    pub async fn send_pong(&self, payload: &[u8]) -> io::Result<()> {
+    pub async fn send_pong(&self, payload: &[u8]) -> LegResult<()> {
         {
             let mut ob = self.outbox.borrow_mut();
             let n = payload.len().min(frame::MAX_CONTROL_PAYLOAD as usize);
@@ -705,7 +716,7 @@ impl<S: Stream> Conn<S> {
     }
 
     /// Writes the control frames owed to the leg unless it is inside a frame.
-    pub async fn flush_owed(&self) -> io::Result<()> {
+    pub async fn flush_owed(&self) -> LegResult<()> {
         let _g = self.gate.lock().await;
         if self.outbox.borrow().mid_frame {
             return Ok(());
@@ -733,8 +744,7 @@ impl<S: Stream> Conn<S> {
                 let mut buf = self.pool.take();
                 let n = close.len().min(buf.len());
                 buf[..n].copy_from_slice(&close[..n]);
-                let (r, buf) = self.write_locked(buf, 0..n).await;
-                self.pool.give(buf);
+                let (r, _) = self.write_locked(buf, 0..n).await;
                 return r.is_ok();
             }
             let done = self.frame_done.notified();
@@ -772,7 +782,7 @@ impl<S: Stream> Conn<S> {
 
     /// Writes what is owed (pong first: it answers the peer; then our ping). The caller holds the
     /// write gate and has checked that the leg is not inside a frame.
-    async fn write_owed(&self) -> io::Result<()> {
+    async fn write_owed(&self) -> LegResult<()> {
         let mut out = [0u8; 2 * (2 + frame::MAX_CONTROL_PAYLOAD as usize)];
         let mut n = 0;
         {
@@ -801,18 +811,22 @@ impl<S: Stream> Conn<S> {
         }
         let mut buf = self.pool.take();
         buf[..n].copy_from_slice(&out[..n]);
-        let (r, buf) = self.write_locked(buf, 0..n).await;
-        self.pool.give(buf);
+        let (r, _) = self.write_locked(buf, 0..n).await;
         r
     }
 
+    /// Reads and discards until the end of the stream or an error (a closing leg's last
+    /// bytes, so that closing never resets them).
+    pub async fn drain(&self) {
+        while let Ok(Some(_)) = self.read_plain(&[]).await {}
+    }
+
     /// Writes a small relay-made message (HTTP response, control frame).
-    pub async fn write_small(&self, bytes: &[u8]) -> io::Result<()> {
+    pub async fn write_small(&self, bytes: &[u8]) -> LegResult<()> {
         let mut buf = self.pool.take();
         let n = bytes.len().min(buf.len());
         buf[..n].copy_from_slice(&bytes[..n]);
-        let (r, buf) = self.write_plain(buf, 0..n).await;
-        self.pool.give(buf);
+        let (r, _) = self.write_plain(buf, 0..n).await;
         r
     }
 
@@ -862,12 +876,12 @@ fn holds_whole_record(b: &[u8]) -> bool {
         && RECORD_HEADER + usize::from(u16::from_be_bytes([b[3], b[4]])) <= b.len()
 }
 
-fn tls_other(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+fn tls_other(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> LegError {
+    LegError::Io(io::Error::other(e))
 }
 
-fn tls_err(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+fn tls_err(e: rustls::Error) -> LegError {
+    LegError::Tls(e)
 }
 
 /// Serializes writers of one connection. Shard-local: a flag and a wake-up, no lock.
