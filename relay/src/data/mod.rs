@@ -26,6 +26,8 @@ use tracing::{info, warn};
 use crate::plane::{DataCommand, DataEvent};
 use crate::token::TokenVerifier;
 
+pub mod conn;
+pub mod error;
 pub mod forward;
 pub mod io;
 pub mod metrics;

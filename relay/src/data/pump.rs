@@ -18,11 +18,11 @@ use hatch_proto::frame::{self, Masking, OpCode, ParseConfig};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::conn::Conn;
 use super::forward::{self, Deframer, Event, MAX_TAIL};
 use super::io::Stream;
 use super::metrics::ShardMetrics;
 use super::session::{CloseCode, Key, Leg, LegEnd};
-use super::tls::Conn;
 
 /// How long a closing leg may take to send its close and FIN before its socket is shut down.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);

@@ -32,12 +32,12 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::DataConfig;
+use super::conn::{Conn, Open};
 use super::io::{Listener, Stream};
 use super::metrics::ShardMetrics;
 use super::pool::Pool;
 use super::pump::{self, CLOSE_LINGER, FRAME_FINISH_WAIT};
 use super::session::{Action, Admit, CloseCode, Key, Leg, LegEnd, Report, Rules, SessionTable};
-use super::tls::{Conn, Open};
 use super::upgrade::{self, Refusal};
 use crate::plane::{DataCommand, DataEvent};
 use crate::token::{TokenError, TokenVerifier};
