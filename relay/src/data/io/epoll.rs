@@ -30,6 +30,19 @@ impl super::Stream for EpollStream {
             }
             r => r,
         };
+        // A short read drained the socket (TCP hands over everything queued, up to the space
+        // given). tokio keeps its readiness until a read fails with WouldBlock, so without this
+        // the next read would cost two more syscalls (tokio's try, then ours) to learn so.
+        // Clearing is safe against a race: bytes arriving after the read raise a new edge,
+        // which tokio's driver records at its next turn, after this clear.
+        if let Ok(n) = &r
+            && *n > 0
+            && off + n < buf.len()
+        {
+            let _ = self.0.try_io(tokio::io::Interest::READABLE, || {
+                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+            });
+        }
         (r, buf)
     }
 
