@@ -453,4 +453,351 @@ mod tests {
         let r = step(&mut frag, 0, len, &mut Deframer::default(), &ParseConfig::SERVER);
         assert_eq!(r.event, Some(Event::BadFragment));
     }
+
+    // Property tests. The step is the one decoder that sees a peer's bytes at the relay's
+    // speed, so beyond the cases above: whatever the bytes, state, range and limit, it stays
+    // inside its range and never panics; and however the reads cut a valid stream, driven as
+    // the relay's pump drives it, the same bytes and events come out, and they are the
+    // original messages as server frames.
+
+    use proptest::prelude::*;
+
+    use crate::frame::Masking;
+
+    /// Masked client frames, built from messages the way a client sends them.
+    #[derive(Debug, Clone)]
+    enum Item {
+        /// A data message, cut into frames at these byte offsets, with a ping before the
+        /// fragment at each index in `pings` (control frames may come between fragments).
+        Message {
+            text: bool,
+            payload: Vec<u8>,
+            cuts: Vec<usize>,
+            pings: Vec<usize>,
+        },
+        Ping(Vec<u8>),
+        Pong(Vec<u8>),
+    }
+
+    /// An event with its payload copied out of the buffer, and how many forwarded bytes had
+    /// gone out when it came (so the order of data and events is compared too).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Seen {
+        Ping(usize, Vec<u8>),
+        Pong(usize),
+        Close(usize, Vec<u8>),
+        Violation(usize, u16, FrameError),
+        BadUtf8(usize),
+        BadFragment(usize),
+    }
+
+    /// What one leg's pump forwarded and saw.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Run {
+        out: Vec<u8>,
+        payload: u64,
+        frames: u64,
+        events: Vec<Seen>,
+        /// Bytes left unconsumed when the input ran out (0 if an event ended the leg first).
+        tail: usize,
+    }
+
+    /// Drives `step` as `forward_loop` in `relay/src/data/pair.rs` does: each read lands in a
+    /// fresh buffer behind the carried tail (at most `MAX_TAIL` bytes), the step runs from `pos`
+    /// again after every ping or pong, and a close or a violation ends the leg. Reads end at
+    /// the `cuts` offsets of `input`. Each buffer has spare bytes after the read, as a pooled
+    /// one has, and the step must leave them alone.
+    fn pump(input: &[u8], cuts: &[usize], cfg: &ParseConfig) -> Run {
+        let mut ends: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
+        ends.push(input.len());
+        ends.sort_unstable();
+        let mut st = Deframer::default();
+        let mut carry = [0u8; MAX_TAIL];
+        let mut clen = 0usize;
+        let mut at = 0;
+        let mut run = Run { out: Vec::new(), payload: 0, frames: 0, events: Vec::new(), tail: 0 };
+        'reads: for read_end in ends {
+            if read_end == at {
+                continue;
+            }
+            let mut buf = carry[..clen].to_vec();
+            buf.extend_from_slice(&input[at..read_end]);
+            at = read_end;
+            let len = buf.len();
+            buf.resize(len + 32, 0xA5);
+            let mut pos = 0;
+            loop {
+                let s = step(&mut buf, pos, len, &mut st, cfg);
+                assert!(buf[len..].iter().all(|&b| b == 0xA5), "wrote past the read");
+                run.out.extend_from_slice(&buf[s.out.clone()]);
+                run.payload += s.payload;
+                run.frames += u64::from(s.frames);
+                pos = s.consumed;
+                let n = run.out.len();
+                let seen = match s.event {
+                    None => break,
+                    Some(Event::Ping(r)) => Seen::Ping(n, buf[r].to_vec()),
+                    Some(Event::Pong) => Seen::Pong(n),
+                    Some(Event::Close(r)) => Seen::Close(n, buf[r].to_vec()),
+                    Some(Event::Violation(c, e)) => Seen::Violation(n, c, e),
+                    Some(Event::BadUtf8) => Seen::BadUtf8(n),
+                    Some(Event::BadFragment) => Seen::BadFragment(n),
+                };
+                let ends_leg = !matches!(seen, Seen::Ping(..) | Seen::Pong(_));
+                run.events.push(seen);
+                if ends_leg {
+                    break 'reads;
+                }
+            }
+            clen = len - pos;
+            assert!(clen <= MAX_TAIL, "a tail of {clen} bytes");
+            carry[..clen].copy_from_slice(&buf[pos..len]);
+            run.tail = clen;
+        }
+        if run.events.last().is_some_and(|e| !matches!(e, Seen::Ping(..) | Seen::Pong(_))) {
+            run.tail = 0;
+        }
+        run
+    }
+
+    /// Server frames as a client reads them: (fin, opcode, payload) each.
+    fn parse_server(mut b: &[u8]) -> Vec<(bool, OpCode, Vec<u8>)> {
+        let cfg = ParseConfig { max_payload: u64::MAX, masking: Masking::Forbidden };
+        let mut frames = Vec::new();
+        while !b.is_empty() {
+            let h = FrameHeader::parse(b, &cfg).unwrap().expect("a whole header");
+            let end = h.frame_len() as usize;
+            frames.push((h.fin, h.opcode, b[h.header_len..end].to_vec()));
+            b = &b[end..];
+        }
+        frames
+    }
+
+    /// A client's stream and what must come of it.
+    struct Sent {
+        /// The masked frames on the wire.
+        wire: Vec<u8>,
+        /// What a reader of the forwarded stream must get back: (text, payload) per message.
+        messages: Vec<(bool, Vec<u8>)>,
+        /// The ping payloads the relay must see, in order.
+        pings: Vec<Vec<u8>>,
+    }
+
+    /// The masked frames of `items`, with the mask keys taken in turn from `keys`.
+    fn client_stream(items: &[Item], keys: &[[u8; 4]]) -> Sent {
+        let mut wire = Vec::new();
+        let mut messages = Vec::new();
+        let mut pings = Vec::new();
+        let mut k = 0;
+        let mut key = || {
+            k += 1;
+            keys[k % keys.len()]
+        };
+        for item in items {
+            match item {
+                Item::Message { text, payload, cuts, pings: before } => {
+                    let mut at: Vec<usize> =
+                        cuts.iter().map(|&c| c % (payload.len() + 1)).collect();
+                    at.sort_unstable();
+                    at.dedup();
+                    at.retain(|&c| c != 0 && c != payload.len());
+                    at.insert(0, 0);
+                    at.push(payload.len());
+                    let last = at.len() - 2;
+                    for (i, w) in at.windows(2).enumerate() {
+                        if before.contains(&i) {
+                            let p = vec![i as u8; i];
+                            wire.extend(masked(true, OpCode::Ping, &p, key()));
+                            pings.push(p);
+                        }
+                        let op = match (i, text) {
+                            (0, true) => OpCode::Text,
+                            (0, false) => OpCode::Binary,
+                            _ => OpCode::Continuation,
+                        };
+                        wire.extend(masked(i == last, op, &payload[w[0]..w[1]], key()));
+                    }
+                    messages.push((*text, payload.clone()));
+                }
+                Item::Ping(p) => {
+                    wire.extend(masked(true, OpCode::Ping, p, key()));
+                    pings.push(p.clone());
+                }
+                Item::Pong(p) => wire.extend(masked(true, OpCode::Pong, p, key())),
+            }
+        }
+        Sent { wire, messages, pings }
+    }
+
+    fn any_item() -> impl Strategy<Value = Item> {
+        let control = proptest::collection::vec(any::<u8>(), 0..=125);
+        let cuts = proptest::collection::vec(any::<usize>(), 0..4);
+        let pings = proptest::collection::vec(0..4usize, 0..2);
+        prop_oneof![
+            4 => (proptest::collection::vec(any::<u8>(), 0..700), cuts.clone(), pings.clone())
+                .prop_map(|(payload, cuts, pings)| Item::Message {
+                    text: false, payload, cuts, pings
+                }),
+            // Text of any characters, multi-byte ones included; the frame cuts fall anywhere,
+            // also inside a character.
+            4 => (proptest::collection::vec(any::<char>(), 0..120), cuts, pings)
+                .prop_map(|(chars, cuts, pings)| Item::Message {
+                    text: true,
+                    payload: String::from_iter(chars).into_bytes(),
+                    cuts,
+                    pings,
+                }),
+            1 => control.clone().prop_map(Item::Ping),
+            1 => control.prop_map(Item::Pong),
+        ]
+    }
+
+    /// Bytes that reach many states: valid masked frames, cut short or with a byte changed,
+    /// or noise.
+    fn any_wire() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            (
+                proptest::collection::vec(any_item(), 0..4),
+                any::<[u8; 4]>(),
+                any::<prop::sample::Index>(),
+                any::<prop::sample::Index>(),
+                any::<u8>(),
+            )
+                .prop_map(|(items, key, cut, flip, xor)| {
+                    let mut wire = client_stream(&items, &[key]).wire;
+                    if !wire.is_empty() {
+                        let i = flip.index(wire.len());
+                        wire[i] ^= xor;
+                    }
+                    wire.truncate(cut.index(wire.len() + 1));
+                    wire
+                }),
+        ]
+    }
+
+    fn any_config() -> impl Strategy<Value = ParseConfig> {
+        (
+            prop_oneof![0..300u64, Just(frame::DEFAULT_MAX_PAYLOAD), any::<u64>()],
+            prop_oneof![
+                4 => Just(Masking::Required),
+                1 => Just(Masking::Forbidden),
+                1 => Just(Masking::Any),
+            ],
+        )
+            .prop_map(|(max_payload, masking)| ParseConfig { max_payload, masking })
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_state_and_range_stay_inside_the_range_without_panic(
+            prior in any_wire(),
+            prior_cfg in any_config(),
+            buf in any_wire(),
+            a in any::<prop::sample::Index>(),
+            b in any::<prop::sample::Index>(),
+            cfg in any_config(),
+        ) {
+            // A prior state: whatever feeding `prior` (stepping on after pings and pongs) left.
+            let mut st = Deframer::default();
+            let mut prior = prior;
+            let (mut pos, len) = (0, prior.len());
+            loop {
+                let s = step(&mut prior, pos, len, &mut st, &prior_cfg);
+                pos = s.consumed;
+                if !matches!(s.event, Some(Event::Ping(_) | Event::Pong)) {
+                    break;
+                }
+            }
+            let (x, y) = (a.index(buf.len() + 1), b.index(buf.len() + 1));
+            let (start, end) = (x.min(y), x.max(y));
+            let mut after = buf.clone();
+            let s = step(&mut after, start, end, &mut st, &cfg);
+            prop_assert!(start <= s.out.start && s.out.start <= s.out.end, "{:?}", s);
+            prop_assert!(s.out.end <= s.consumed && s.consumed <= end, "{:?}", s);
+            prop_assert_eq!(&after[..start], &buf[..start]);
+            prop_assert_eq!(&after[end..], &buf[end..]);
+            match &s.event {
+                Some(Event::Ping(r) | Event::Close(r)) => {
+                    prop_assert!(s.out.end <= r.start && r.end == s.consumed, "{:?}", s);
+                }
+                Some(Event::Violation(code, e)) => prop_assert_eq!(*code, e.close_code()),
+                None => prop_assert!(end - s.consumed <= MAX_TAIL, "{:?}", s),
+                _ => {}
+            }
+            // Every payload byte counted went out.
+            prop_assert!(s.payload <= (s.out.end - s.out.start) as u64, "{:?}", s);
+        }
+
+        #[test]
+        fn any_cuts_of_valid_frames_forward_what_one_read_forwards(
+            items in proptest::collection::vec(any_item(), 0..8),
+            keys in proptest::collection::vec(any::<[u8; 4]>(), 1..4),
+            close in proptest::option::of(proptest::collection::vec(any::<u8>(), 2..=125)),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+            small_reads in any::<bool>(),
+        ) {
+            let Sent { mut wire, messages, pings } = client_stream(&items, &keys);
+            if let Some(reason) = &close {
+                wire.extend(masked(true, OpCode::Close, reason, keys[0]));
+            }
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(wire.len() + 1)).collect();
+            if small_reads {
+                // Also reads of 1-7 bytes all through, so every header is cut.
+                let n = cuts.len() % 7 + 1;
+                cuts.extend((0..wire.len()).step_by(n));
+            }
+            let cfg = ParseConfig::SERVER;
+            let whole = pump(&wire, &[], &cfg);
+            let chunked = pump(&wire, &cuts, &cfg);
+            prop_assert_eq!(&chunked, &whole);
+            prop_assert_eq!(whole.tail, 0);
+
+            // The forwarded stream is the original messages as server frames, and the events
+            // are the pings and pongs in order, then the close.
+            let frames = parse_server(&whole.out);
+            prop_assert_eq!(whole.frames, frames.len() as u64);
+            let payload: usize = frames.iter().map(|f| f.2.len()).sum();
+            prop_assert_eq!(whole.payload, payload as u64);
+            let mut got: Vec<(bool, Vec<u8>)> = Vec::new();
+            let mut open = false;
+            for (fin, op, p) in frames {
+                match op {
+                    OpCode::Continuation => {
+                        prop_assert!(open);
+                        got.last_mut().unwrap().1.extend_from_slice(&p);
+                    }
+                    OpCode::Text | OpCode::Binary => {
+                        prop_assert!(!open);
+                        got.push((op == OpCode::Text, p));
+                    }
+                    _ => prop_assert!(false, "control frame forwarded: {:?}", op),
+                }
+                open = !fin;
+            }
+            prop_assert!(!open);
+            prop_assert_eq!(got, messages);
+            let got_pings: Vec<Vec<u8>> = whole
+                .events
+                .iter()
+                .filter_map(|e| match e {
+                    Seen::Ping(_, p) => Some(p.clone()),
+                    _ => None,
+                })
+                .collect();
+            prop_assert_eq!(got_pings, pings);
+            let last = whole.events.last();
+            match &close {
+                Some(reason) => prop_assert_eq!(
+                    last,
+                    Some(&Seen::Close(whole.out.len(), reason.clone()))
+                ),
+                None => prop_assert!(
+                    !matches!(last, Some(e) if !matches!(e, Seen::Ping(..) | Seen::Pong(_))),
+                    "{:?}",
+                    last
+                ),
+            }
+        }
+    }
 }
