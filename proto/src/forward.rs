@@ -73,7 +73,7 @@ pub struct Step {
     pub consumed: usize,
     /// Data payload bytes forwarded in this step.
     pub payload: u64,
-    /// Data frames completed in this step.
+    /// Data frames completed in this step (their last byte is in `out`).
     pub frames: u32,
     /// Why the step stopped early, if it did.
     pub event: Option<Event>,
@@ -236,12 +236,13 @@ pub fn step(
         st.partial = Some(Partial { mask, remaining: h.payload_len, offset: 0, fin: h.fin });
         if h.payload_len == 0 {
             st.partial = None;
-            frames += 1;
             if st.text && h.fin && st.utf8_carry_len != 0 {
+                // Held back like any bad frame, so not counted.
                 w = hdr_at.unwrap_or(w);
                 event = Some(Event::BadUtf8);
                 break;
             }
+            frames += 1;
             hdr_at = None;
         }
     }
@@ -429,6 +430,20 @@ mod tests {
                 other => panic!("{input:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_empty_last_fragment_after_half_a_character_is_held_back_and_not_counted() {
+        // Found by the `forward_step` fuzz target: a text message whose last fragment is empty
+        // while a UTF-8 sequence is incomplete is bad (1007); its frame is held back, so it must
+        // not count as a forwarded frame either (the counters matched `out` in every other case).
+        let mut input = masked(false, OpCode::Text, b"h\xCA", [0x37, 0xfa, 0x61, 0x3d]);
+        input.extend(masked(true, OpCode::Continuation, b"", [0x80; 4]));
+        let len = input.len();
+        let s = step(&mut input, 0, len, &mut Deframer::default(), &ParseConfig::SERVER);
+        assert_eq!(s.event, Some(Event::BadUtf8));
+        assert_eq!(&input[s.out.clone()], &server(false, OpCode::Text, b"h\xCA")[..]);
+        assert_eq!((s.payload, s.frames, s.mid_frame), (2, 1, false), "{s:?}");
     }
 
     #[test]
