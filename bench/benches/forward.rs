@@ -1,11 +1,11 @@
-//! One forward step of the relay (`hatch_relay::data::forward::step`): masked client frames in a
+//! One forward step of the relay (`hatch_proto::forward::step`): masked client frames in a
 //! read buffer become server frames in place (unmask, re-header into the headroom, compact).
 //!
 //! `cargo bench -p hatch-bench --bench forward`
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use hatch_proto::forward::{Deframer, step};
 use hatch_proto::frame::{self, OpCode, ParseConfig};
-use hatch_relay::data::forward::{Deframer, step};
 
 /// `count` masked binary frames of `size` bytes each, back to back.
 fn frames(size: usize, count: usize) -> Vec<u8> {

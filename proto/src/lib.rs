@@ -8,11 +8,13 @@
 //!                                                       │
 //!          payload in place ◀── frame::unmask ◀─────────┘
 //!                 │
-//!                 ├──▶ (relay) re-frame with frame::encode_header_before, forward unchanged
+//!                 ├──▶ (relay) forward::step re-frames in place, forwards unchanged
 //!                 └──▶ (client, agent) channel::Message::decode ──▶ DATA / RESIZE / EXIT / ...
 //! ```
 //!
 //! - [`frame`]: WebSocket frame headers (RFC 6455 §5), in-place unmasking, close payloads.
+//! - [`forward`]: the relay's forward step, masked client frames re-framed in place as server
+//!   frames, with the per-direction state carried between reads.
 //! - [`channel`]: the end-to-end `hatch.v1` messages between client and agent.
 //! - [`close`]: the close codes and their meaning.
 //! - [`token`]: stream-token claims.
@@ -25,6 +27,7 @@ pub mod api;
 pub mod channel;
 pub mod close;
 pub mod control;
+pub mod forward;
 pub mod frame;
 pub mod logtext;
 pub mod token;
