@@ -370,7 +370,7 @@ impl<S: Stream> Conn<S> {
         }
     }
     /// Writes forwarded frame bytes; `mid_frame`: afterwards the leg is inside a frame (see
-    /// [`Step::mid_frame`](super::forward::Step::mid_frame)). When a frame completes, the
+    /// [`Step::mid_frame`](hatch_proto::forward::Step::mid_frame)). When a frame completes, the
     /// control frames owed to the leg follow at once, under the same hold of the write gate.
     pub async fn write_forwarded(
         &self,

@@ -28,7 +28,6 @@ use crate::token::TokenVerifier;
 
 pub mod conn;
 pub mod error;
-pub mod forward;
 pub mod io;
 pub mod metrics;
 pub mod pool;

@@ -14,12 +14,12 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use hatch_proto::close;
+use hatch_proto::forward::{self, Deframer, Event, MAX_TAIL};
 use hatch_proto::frame::{self, Masking, OpCode, ParseConfig};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::conn::Conn;
-use super::forward::{self, Deframer, Event, MAX_TAIL};
 use super::io::Stream;
 use super::metrics::ShardMetrics;
 use super::session::{CloseCode, Key, Leg, LegEnd};
