@@ -310,18 +310,19 @@ fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 }
 
 fn run_shard(backend: IoBackend, init: shard::ShardInit) {
-    match backend {
-        IoBackend::Epoll => {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(err) => {
-                    warn!(%err, "cannot build shard runtime");
-                    return;
-                }
-            };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, shard::run::<io::epoll::EpollListener>(init));
+    if backend == IoBackend::Uring {
+        match io::uring::runtime() {
+            Ok(rt) => return rt.block_on(shard::run::<io::uring::UringListener>(init)),
+            Err(err) => warn!(%err, "io_uring ring setup failed; shard falls back to epoll"),
         }
-        IoBackend::Uring => io::uring::run_shard(init),
     }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            warn!(%err, "cannot build shard runtime");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, shard::run::<io::epoll::EpollListener>(init));
 }

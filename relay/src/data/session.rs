@@ -40,6 +40,12 @@ use tracing::{debug, info, warn};
 use super::upgrade::Refusal;
 use crate::plane::{CloseReason, SessionEnd};
 
+/// How often a live session's changed byte counts are reported ([`Report::Progress`]), at
+/// most: a relay killed without warning loses at most this much of each session's counts;
+/// shorter means more store writes for busy sessions (one row update per changed session per
+/// period, never per frame).
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
 /// How long after its first due entry the table purges the used-token and terminated sets:
 /// one wake-up then removes every entry that expired meanwhile, instead of one per entry. An
 /// entry kept this much longer refuses nothing more (its token has expired by then).
@@ -175,7 +181,7 @@ impl Rules {
             max_duration: cfg.max_duration,
             ping_interval: cfg.ping_interval,
             dead_after: cfg.dead_after,
-            progress_interval: super::shard::PROGRESS_INTERVAL,
+            progress_interval: PROGRESS_INTERVAL,
             terminated_for: Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS),
         }
     }
@@ -544,10 +550,11 @@ impl<H: Clone> SessionTable<H> {
                 s.last_c2a = now;
             }
         }
-        if payload > 0 && s.progress_due.is_none() {
+        let first_uncounted = payload > 0 && s.progress_due.is_none();
+        if first_uncounted {
             s.progress_due = Some(now + interval);
-            self.arm(key);
-        } else if rearm {
+        }
+        if first_uncounted || rearm {
             self.arm(key);
         }
     }

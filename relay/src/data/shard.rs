@@ -42,12 +42,6 @@ use super::upgrade::{self, Refusal};
 use crate::plane::{DataCommand, DataEvent};
 use crate::token::{TokenError, TokenVerifier};
 
-/// How often a live session's changed byte counts are reported ([`DataEvent::Progress`]), at
-/// most: a relay killed without warning loses at most this much of each session's counts;
-/// shorter means more store writes for busy sessions (one row update per changed session per
-/// period, never per frame).
-pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
-
 /// Messages from the data plane's handle to a shard.
 pub enum Ctrl {
     /// A control-plane command.
@@ -158,12 +152,12 @@ impl<S> Deadlines<S> {
 
 /// A shard's state, shared by its tasks through `Rc`.
 pub struct Shard<S> {
-    pub(crate) id: usize,
-    pub(crate) cfg: Arc<DataConfig>,
+    id: usize,
+    cfg: Arc<DataConfig>,
     verifier: TokenVerifier,
     events: mpsc::UnboundedSender<DataEvent>,
-    pub(crate) pool: Rc<Pool>,
-    pub(crate) metrics: Arc<ShardMetrics>,
+    pool: Rc<Pool>,
+    metrics: Arc<ShardMetrics>,
     tls: RefCell<Option<Arc<rustls::ServerConfig>>>,
     table: RefCell<SessionTable<Rc<Conn<S>>>>,
     deadlines: RefCell<Deadlines<S>>,
@@ -522,7 +516,7 @@ impl<S: Stream> Shard<S> {
     }
 
     /// Feeds one input to the table, then carries out what it queued.
-    pub(crate) fn feed(
+    fn feed(
         self: &Rc<Self>,
         input: impl FnOnce(&mut SessionTable<Rc<Conn<S>>>, std::time::Instant),
     ) {

@@ -25,9 +25,6 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio_uring::buf::BoundedBuf;
-use tracing::warn;
-
-use super::super::shard::{self, ShardInit};
 
 /// Entries of each shard's submission queue.
 const RING_ENTRIES: u32 = 1024;
@@ -48,19 +45,9 @@ pub fn probe() -> io::Result<()> {
     urb.build(8).map(drop)
 }
 
-/// Runs a shard on a tokio-uring runtime (falling back to epoll if the ring cannot be set up).
-pub fn run_shard(init: ShardInit) {
-    match tokio_uring::Runtime::new(&ring_builder()) {
-        Ok(rt) => rt.block_on(shard::run::<UringListener>(init)),
-        Err(err) => {
-            warn!(%err, "io_uring ring setup failed; shard falls back to epoll");
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, shard::run::<super::epoll::EpollListener>(init));
-        }
-    }
+/// A tokio-uring runtime for one shard, with the ring set up as [`probe`] checks it can be.
+pub fn runtime() -> io::Result<tokio_uring::Runtime> {
+    tokio_uring::Runtime::new(&ring_builder())
 }
 
 /// The raw fd, for `AsyncFd` (which does not own it: the stream does).
