@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use hatch_proto::frame::{self, OpCode};
 
-use super::error::{LegError, LegResult};
+use super::error::{LegError, LegResult, PeerRule};
 use super::io::Stream;
 use super::metrics::ShardMetrics;
 use super::pool::{Buf, Pool};
@@ -202,7 +202,9 @@ impl<S: Stream> Conn<S> {
                 }
                 let mut buf = self.pool.take();
                 buf[..carry.len()].copy_from_slice(carry);
-                let (r, buf) = buf.lend(|v| self.io.read(v, carry.len())).await;
+                let (v, lent) = buf.lend();
+                let (r, v) = self.io.read(v, carry.len()).await;
+                let buf = lent.back(v);
                 match r {
                     Ok(0) => {
                         return Ok(None);
@@ -239,7 +241,7 @@ impl<S: Stream> Conn<S> {
         if let Some((mut buf, r)) = self.cipher.borrow_mut().take() {
             let n = r.len();
             if c + n >= buf.len() {
-                return Err(LegError::Peer("TLS record too large"));
+                return Err(LegError::Peer(PeerRule::RecordTooLarge));
             }
             buf.copy_within(r, c);
             buf[..c].copy_from_slice(carry);
@@ -264,9 +266,11 @@ impl<S: Stream> Conn<S> {
                 // Cannot happen for a record (at most ~18 KiB); a handshake message spread over
                 // more records than a buffer holds is refused.
                 tls.fail();
-                return Err(LegError::Peer("TLS input too large"));
+                return Err(LegError::Peer(PeerRule::InputTooLarge));
             }
-            let (r, mut buf) = buf.lend(|v| self.io.read(v, filled)).await;
+            let (v, lent) = buf.lend();
+            let (r, v) = self.io.read(v, filled).await;
+            let mut buf = lent.back(v);
             let end = match r {
                 Ok(0) => return Ok(None),
                 Ok(n) => {
@@ -333,7 +337,9 @@ impl<S: Stream> Conn<S> {
         loop {
             let next = tls.take_out();
             let Some((buf, n)) = next else { return Ok(()) };
-            let (r, _buf) = buf.lend(|v| self.io.write_all(v, 0..n)).await;
+            let (v, lent) = buf.lend();
+            let (r, v) = self.io.write_all(v, 0..n).await;
+            drop(lent.back(v));
             r?;
         }
     }
@@ -349,7 +355,9 @@ impl<S: Stream> Conn<S> {
     async fn write_locked(&self, buf: Buf, range: Range<usize>) -> (LegResult<()>, Buf) {
         match &self.tls {
             None => {
-                let (r, buf) = buf.lend(|v| self.io.write_all(v, range)).await;
+                let (v, lent) = buf.lend();
+                let (r, v) = self.io.write_all(v, range).await;
+                let buf = lent.back(v);
                 (r.map_err(LegError::Io), buf)
             }
             Some(tls) => {

@@ -61,17 +61,16 @@ pub struct Buf {
 }
 
 impl Buf {
-    /// Lends the buffer's `Vec` to an I/O operation, which gives it back with its result. (Were
-    /// the operation's future dropped, the `Vec` would be freed, not pooled: the I/O rules
-    /// forbid dropping one anyway.)
-    pub async fn lend<T, F>(mut self, op: impl FnOnce(Vec<u8>) -> F) -> (T, Buf)
-    where
-        F: Future<Output = (T, Vec<u8>)>,
-    {
+    /// Lends the buffer's `Vec` to an I/O operation (the I/O interface moves buffers by value):
+    /// the `Vec` and the pool it goes back to. [`Lent::back`] makes it a `Buf` again. Were the
+    /// operation's future dropped, the `Vec` would be freed, not pooled, and the in-use gauge
+    /// would keep counting it; the I/O rules forbid dropping one anyway. (A plain pair, not an
+    /// async wrapper: it sits in every read and write future of every leg.)
+    pub fn lend(mut self) -> (Vec<u8>, Lent) {
         let vec = std::mem::take(&mut self.vec);
-        let (r, vec) = op(vec).await;
-        self.vec = vec;
-        (r, self)
+        let pool = self.pool.clone();
+        std::mem::forget(self);
+        (vec, Lent(pool))
     }
 
     /// Grows the buffer (one TLS message larger than what is left of it); the pool shrinks it
@@ -80,6 +79,16 @@ impl Buf {
         if len > self.vec.len() {
             self.vec.resize(len, 0);
         }
+    }
+}
+
+/// The pool a lent buffer goes back to.
+pub struct Lent(Rc<Pool>);
+
+impl Lent {
+    /// The buffer, back from its I/O operation.
+    pub fn back(self, vec: Vec<u8>) -> Buf {
+        Buf { vec, pool: self.0 }
     }
 }
 
@@ -127,13 +136,10 @@ mod tests {
         let a = pool.take();
         assert_eq!(a.len(), BUF_SIZE);
         assert_eq!(pool.free.borrow().len(), 1);
-        let (n, a) = futures_lite_block_on(a.lend(|v| async move { (v.len(), v) }));
-        assert_eq!(n, BUF_SIZE);
-        drop(a);
+        let (v, lent) = a.lend();
+        assert_eq!((v.len(), in_use(&pool)), (BUF_SIZE, 1));
+        drop(lent.back(v));
         assert_eq!(in_use(&pool), 0);
-    }
-
-    fn futures_lite_block_on<F: Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(f)
+        assert_eq!(pool.free.borrow().len(), 2);
     }
 }

@@ -43,6 +43,8 @@ pub trait Host: Clone + 'static {
     fn max_payload(&self) -> u64;
     /// Whether the session still lives.
     fn live(&self, key: Key) -> bool;
+    /// The session's id, for a log line (not kept in the pump: it costs memory per leg).
+    fn sid(&self, key: Key) -> String;
     /// `payload` data bytes (perhaps none: control frames only) arrived on `leg` at `now`.
     fn bytes(&self, now: std::time::Instant, key: Key, leg: Leg, payload: u64);
     /// `leg` ended as `how`.
@@ -63,49 +65,22 @@ pub fn close_frame(code: CloseCode) -> Vec<u8> {
 }
 
 /// Starts both pumps of a freshly paired session.
-pub fn start<H: Host>(
-    host: &H,
-    key: Key,
-    sid: &str,
-    client: Rc<Conn<H::S>>,
-    agent: Rc<Conn<H::S>>,
-) {
+pub fn start<H: Host>(host: &H, key: Key, client: Rc<Conn<H::S>>, agent: Rc<Conn<H::S>>) {
     for c in [&client, &agent] {
         // A readiness edge may have been consumed while the leg waited for its peer.
         c.read_now();
     }
     let (c, a) = (client.clone(), agent.clone());
-    tokio::task::spawn_local(pump(host.clone(), key, sid.into(), c, a, Leg::Client));
-    tokio::task::spawn_local(pump(host.clone(), key, sid.into(), agent, client, Leg::Agent));
+    tokio::task::spawn_local(pump(host.clone(), key, c, a, Leg::Client));
+    tokio::task::spawn_local(pump(host.clone(), key, agent, client, Leg::Agent));
 }
 
-async fn pump<H: Host>(
-    host: H,
-    key: Key,
-    sid: Box<str>,
-    a: Rc<Conn<H::S>>,
-    b: Rc<Conn<H::S>>,
-    from: Leg,
-) {
+/// One direction of a session: forwards from `a` to `b` until the session ends (ending it on
+/// any failure of either leg), then reads `a` until its end. One async fn, not a loop inside a
+/// wrapper: the task's size is the largest state of its future, and a wrapper would hold every
+/// argument twice (it is two pumps per idle session; see the memory figures in ARCHITECTURE.md).
+async fn pump<H: Host>(host: H, key: Key, a: Rc<Conn<H::S>>, b: Rc<Conn<H::S>>, from: Leg) {
     a.reading.set(true);
-    forward_loop(&host, key, &sid, &a, &b, from).await;
-    // A frame to `b` left half written will not be completed by anyone now.
-    b.abandon_frame();
-    drop(b);
-    // The session has ended and its closer sent our close frame and FIN: read until the peer's
-    // FIN (or the closer's hard deadline), so that closing never resets unread bytes.
-    a.drain().await;
-}
-
-/// Forwards from `a` to `b` until the session ends; ends it on any failure of either leg.
-async fn forward_loop<H: Host>(
-    host: &H,
-    key: Key,
-    sid: &str,
-    a: &Conn<H::S>,
-    b: &Conn<H::S>,
-    from: Leg,
-) {
     let to = from.other();
     let metrics = host.metrics();
     let cfg = ParseConfig { max_payload: host.max_payload(), masking: Masking::Required };
@@ -113,27 +88,30 @@ async fn forward_loop<H: Host>(
     let mut carry = [0u8; MAX_TAIL];
     let mut clen = 0usize;
     let bytes_counter = if from == Leg::Client { &metrics.bytes_c2a } else { &metrics.bytes_a2c };
-    loop {
+    'pump: loop {
         let r = a.read_plain(&carry[..clen]).await;
         // After the end, only the rest of a frame that `b` is inside is forwarded, so that
         // `b`'s closer can still send its close frame (it waits a bounded time for this).
         let finishing = !host.live(key);
         if finishing && !b.mid_frame() {
-            return;
+            break 'pump;
         }
         let (mut buf, len) = match r {
             Ok(Some(x)) => x,
             Ok(None) => {
-                debug!(session = %sid, leg = from.as_str(), "leg closed without a close frame");
-                return host.leg_ended(key, from, LegEnd::Lost);
+                debug!(session = %host.sid(key), leg = from.as_str(), "leg closed without a close frame");
+                host.leg_ended(key, from, LegEnd::Lost);
+                break 'pump;
             }
             Err(err) if err.peer_fault() => {
-                warn!(session = %sid, leg = from.as_str(), %err, "leg refused: peer fault");
-                return host.leg_ended(key, from, LegEnd::PeerFault);
+                warn!(session = %host.sid(key), leg = from.as_str(), %err, "leg refused: peer fault");
+                host.leg_ended(key, from, LegEnd::PeerFault);
+                break 'pump;
             }
             Err(err) => {
-                debug!(session = %sid, leg = from.as_str(), %err, "leg read failed");
-                return host.leg_ended(key, from, LegEnd::Lost);
+                debug!(session = %host.sid(key), leg = from.as_str(), %err, "leg read failed");
+                host.leg_ended(key, from, LegEnd::Lost);
+                break 'pump;
             }
         };
         // While finishing, the carry is empty (a frame's payload was being streamed) and what
@@ -162,11 +140,12 @@ async fn forward_loop<H: Host>(
                 let (res, b2) = b.write_forwarded(buf, step.out.clone(), step.mid_frame).await;
                 buf = b2;
                 if let Err(err) = res {
-                    debug!(session = %sid, leg = to.as_str(), %err, "leg write failed");
-                    return host.leg_ended(key, to, LegEnd::Lost);
+                    debug!(session = %host.sid(key), leg = to.as_str(), %err, "leg write failed");
+                    host.leg_ended(key, to, LegEnd::Lost);
+                    break 'pump;
                 }
                 if !host.live(key) && !step.mid_frame {
-                    return;
+                    break 'pump;
                 }
             }
             pos = step.consumed;
@@ -185,7 +164,7 @@ async fn forward_loop<H: Host>(
                         LegEnd::Closed(CloseCode::violation(code))
                     }
                     Err(err) => {
-                        warn!(session = %sid, leg = from.as_str(), %err, "bad close frame");
+                        warn!(session = %host.sid(key), leg = from.as_str(), %err, "bad close frame");
                         LegEnd::BadClose(CloseCode::violation(err.close_code()))
                     }
                 },
@@ -193,23 +172,30 @@ async fn forward_loop<H: Host>(
                 // gets no close frame: this pump gives that frame up as it returns, and the
                 // closer then sends none.
                 Event::Violation(code, err) => {
-                    warn!(session = %sid, leg = from.as_str(), %err, "protocol violation");
+                    warn!(session = %host.sid(key), leg = from.as_str(), %err, "protocol violation");
                     LegEnd::Violation(CloseCode::violation(code))
                 }
                 Event::BadUtf8 => {
-                    warn!(session = %sid, leg = from.as_str(), "text frame with invalid utf-8");
+                    warn!(session = %host.sid(key), leg = from.as_str(), "text frame with invalid utf-8");
                     LegEnd::Violation(CloseCode::INVALID_PAYLOAD)
                 }
                 Event::BadFragment => {
-                    warn!(session = %sid, leg = from.as_str(), "bad fragmentation");
+                    warn!(session = %host.sid(key), leg = from.as_str(), "bad fragmentation");
                     LegEnd::Violation(CloseCode::PROTOCOL_ERROR)
                 }
             };
-            return host.leg_ended(key, from, how);
+            host.leg_ended(key, from, how);
+            break 'pump;
         }
         clen = len - pos;
         carry[..clen].copy_from_slice(&buf[pos..len]);
     }
+    // A frame to `b` left half written will not be completed by anyone now.
+    b.abandon_frame();
+    drop(b);
+    // The session has ended and its closer sent our close frame and FIN: read until the peer's
+    // FIN (or the closer's hard deadline), so that closing never resets unread bytes.
+    a.drain().await;
 }
 
 /// Closes one leg: the close frame (if any; only between frames, see [`FRAME_FINISH_WAIT`]),

@@ -31,6 +31,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::num::NonZeroU64;
+use std::ops::Add;
 use std::time::{Duration, Instant};
 
 use hatch_proto::close;
@@ -50,6 +52,27 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 /// one wake-up then removes every entry that expired meanwhile, instead of one per entry. An
 /// entry kept this much longer refuses nothing more (its token has expired by then).
 pub const PURGE_SLACK: Duration = Duration::from_secs(5);
+
+/// A time inside the table: nanoseconds since the first time it was given, plus one (so that
+/// `Option<Tick>` is one word). Half the size of an `Instant`, which matters where one is kept
+/// per session or per heap entry (memory per idle session, ARCHITECTURE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Tick(NonZeroU64);
+
+impl Tick {
+    fn saturating_duration_since(self, earlier: Tick) -> Duration {
+        Duration::from_nanos(self.0.get().saturating_sub(earlier.0.get()))
+    }
+}
+
+impl Add<Duration> for Tick {
+    type Output = Tick;
+
+    fn add(self, d: Duration) -> Tick {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Tick(self.0.saturating_add(nanos))
+    }
+}
 
 /// Which side of a session a leg is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -195,7 +218,7 @@ pub struct Admit {
     /// Which leg the token opens.
     pub leg: Leg,
     /// The token's id (single use).
-    pub jti: String,
+    pub jti: TokenId,
     /// When the token expires (its id is remembered until then).
     pub expires: Instant,
 }
@@ -299,13 +322,13 @@ struct Slot<H> {
     /// Its `101` was written.
     ready: bool,
     /// Last time anything arrived on it.
-    last_rx: Instant,
+    last_rx: Tick,
     /// A keepalive ping was sent and nothing arrived since.
     pinged: bool,
 }
 
 impl<H> Slot<H> {
-    fn empty(now: Instant) -> Self {
+    fn empty(now: Tick) -> Self {
         Slot { handle: None, ready: false, last_rx: now, pinged: false }
     }
 }
@@ -314,19 +337,19 @@ impl<H> Slot<H> {
 struct Session<H> {
     sid: String,
     generation: u32,
-    created: Instant,
-    paired: Option<Instant>,
+    created: Tick,
+    paired: Option<Tick>,
     legs: [Slot<H>; 2],
     /// Payload bytes read from each leg (client → agent, agent → client).
     bytes: [u64; 2],
     /// `bytes` as last reported.
     reported: [u64; 2],
     /// Last client → agent data (the idle timeout's clock).
-    last_c2a: Instant,
+    last_c2a: Tick,
     /// When uncounted bytes are due to be reported.
-    progress_due: Option<Instant>,
+    progress_due: Option<Tick>,
     /// The time of this session's live entry in the heap.
-    armed: Option<Instant>,
+    armed: Option<Tick>,
 }
 
 /// Why a session ends, and the code (if any) each leg's close frame carries.
@@ -380,11 +403,25 @@ fn closed_reason(leg: Leg, code: CloseCode) -> CloseReason {
     }
 }
 
-/// What a remembered id is kept for.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Expiry {
-    Used(String),
-    Terminated(String),
+/// A token's id, as the single-use set keeps it: 16 bytes, no allocation. Our tokens' ids are
+/// 32 hex digits (16 random bytes), taken as they are; any other id (none is issued) is
+/// reduced to the first 16 bytes of its SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TokenId(u128);
+
+impl TokenId {
+    /// The id of a token whose `jti` claim is `jti`.
+    pub fn of(jti: &str) -> TokenId {
+        if jti.len() == 32
+            && let Ok(n) = u128::from_str_radix(jti, 16)
+        {
+            return TokenId(n);
+        }
+        let d = ring::digest::digest(&ring::digest::SHA256, jti.as_bytes());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d.as_ref()[..16]);
+        TokenId(u128::from_be_bytes(b))
+    }
 }
 
 /// The sessions of one shard (see the module docs).
@@ -395,14 +432,17 @@ pub struct SessionTable<H> {
     index: HashMap<String, usize>,
     next_generation: u32,
     /// Session deadlines (lazy: an entry whose time is not its session's `armed` is stale).
-    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    timers: BinaryHeap<Reverse<(Tick, Key)>>,
     /// Used token ids and until when they are kept.
-    used: HashMap<String, Instant>,
+    used: HashMap<TokenId, Tick>,
+    used_expiries: BinaryHeap<Reverse<(Tick, TokenId)>>,
     /// Terminated sessions: the code later legs get, and until when.
-    terminated: HashMap<String, (CloseCode, Instant)>,
-    expiries: BinaryHeap<Reverse<(Instant, Expiry)>>,
+    terminated: HashMap<String, (CloseCode, Tick)>,
+    terminated_expiries: BinaryHeap<Reverse<(Tick, String)>>,
     /// Shutting down: the end of the drain period, once it has not yet passed.
-    drain_until: Option<Instant>,
+    drain_until: Option<Tick>,
+    /// What `Tick` counts from: the first time the table was given.
+    epoch: Option<Instant>,
     stopping: bool,
     drained: bool,
     actions: VecDeque<Action<H>>,
@@ -418,9 +458,11 @@ impl<H: Clone> SessionTable<H> {
             next_generation: 0,
             timers: BinaryHeap::new(),
             used: HashMap::new(),
+            used_expiries: BinaryHeap::new(),
             terminated: HashMap::new(),
-            expiries: BinaryHeap::new(),
+            terminated_expiries: BinaryHeap::new(),
             drain_until: None,
+            epoch: None,
             stopping: false,
             drained: false,
             actions: VecDeque::new(),
@@ -461,12 +503,15 @@ impl<H: Clone> SessionTable<H> {
     /// deadline that activity has moved): then the call finds nothing due and re-arms.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let session = self.timers.peek().map(|Reverse((t, _))| *t);
-        let expiry = self.expiries.peek().map(|Reverse((t, _))| *t + PURGE_SLACK);
-        [session, expiry, self.drain_until].into_iter().flatten().min()
+        let used = self.used_expiries.peek().map(|Reverse((t, _))| *t + PURGE_SLACK);
+        let terminated = self.terminated_expiries.peek().map(|Reverse((t, _))| *t + PURGE_SLACK);
+        let next = [session, used, terminated, self.drain_until].into_iter().flatten().min()?;
+        Some(self.epoch? + Duration::from_nanos(next.0.get() - 1))
     }
 
     /// A leg with a verified token asks to join its session.
     pub fn handle_admit(&mut self, now: Instant, adm: Admit, handle: H) {
+        let now = self.tick(now);
         if self.stopping {
             return self
                 .actions
@@ -478,8 +523,8 @@ impl<H: Clone> SessionTable<H> {
                 .actions
                 .push_back(Action::Refuse { handle, refusal: Refusal::TokenAlreadyUsed });
         }
-        let keep = adm.expires.max(now);
-        self.expiries.push(Reverse((keep, Expiry::Used(adm.jti.clone()))));
+        let keep = self.tick(adm.expires).max(now);
+        self.used_expiries.push(Reverse((keep, adm.jti)));
         self.used.insert(adm.jti, keep);
         if let Some(&(code, _)) = self.terminated.get(&adm.sid) {
             debug!(session = %adm.sid, role = adm.leg.as_str(), "leg of a terminated session");
@@ -503,6 +548,7 @@ impl<H: Clone> SessionTable<H> {
 
     /// The `101` of an [`Action::Accept`] was written (`ok`) or failed.
     pub fn handle_upgraded(&mut self, now: Instant, key: Key, leg: Leg, ok: bool) {
+        let now = self.tick(now);
         let Some(s) = live_mut(&mut self.sessions, key) else { return };
         if !ok {
             debug!(session = %s.sid, role = leg.as_str(), "101 not delivered");
@@ -538,6 +584,7 @@ impl<H: Clone> SessionTable<H> {
     /// is the hot path: a pump calls it once per read); it may move
     /// [`SessionTable::poll_timeout`] earlier.
     pub fn handle_bytes(&mut self, now: Instant, key: Key, leg: Leg, payload: u64) {
+        let now = self.tick(now);
         let interval = self.rules.progress_interval;
         let Some(s) = self.get_mut(key) else { return };
         let slot = &mut s.legs[leg.index()];
@@ -561,6 +608,7 @@ impl<H: Clone> SessionTable<H> {
 
     /// `leg` ended as `how`: the session ends.
     pub fn handle_leg_closed(&mut self, now: Instant, key: Key, leg: Leg, how: LegEnd) {
+        let now = self.tick(now);
         if let Some(s) = self.get(key) {
             debug!(session = %s.sid, role = leg.as_str(), ?how, "leg ended");
             self.end(now, key, Ending::of_leg(leg, how));
@@ -570,9 +618,10 @@ impl<H: Clone> SessionTable<H> {
     /// The control plane ends the session with `code` (4006, 4010, 4012), and its later legs
     /// are answered with the same code while a token could still open one.
     pub fn handle_terminate(&mut self, now: Instant, sid: &str, code: CloseCode) {
+        let now = self.tick(now);
         let until = now + self.rules.terminated_for;
         self.terminated.insert(sid.to_owned(), (code, until));
-        self.expiries.push(Reverse((until, Expiry::Terminated(sid.to_owned()))));
+        self.terminated_expiries.push(Reverse((until, sid.to_owned())));
         if let Some(&slot) = self.index.get(sid) {
             info!(session = %sid, code = code.get(), "session terminated");
             let key = self.key_of(slot);
@@ -582,6 +631,7 @@ impl<H: Clone> SessionTable<H> {
 
     /// Stop admitting legs; let live sessions run for `drain`, then close them with 4009.
     pub fn handle_shutdown(&mut self, now: Instant, drain: Duration) {
+        let now = self.tick(now);
         if self.stopping {
             return;
         }
@@ -592,6 +642,7 @@ impl<H: Clone> SessionTable<H> {
 
     /// Time has passed: enforce every deadline due by `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.tick(now);
         while let Some(Reverse((t, key))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -604,23 +655,23 @@ impl<H: Clone> SessionTable<H> {
             s.armed = None;
             self.check(now, key);
         }
-        while let Some(Reverse((t, _))) = self.expiries.peek() {
+        // An id renewed since its entry was queued has a later entry of its own.
+        while let Some(&Reverse((t, jti))) = self.used_expiries.peek() {
+            if t > now {
+                break;
+            }
+            self.used_expiries.pop();
+            if self.used.get(&jti).is_some_and(|&until| until <= now) {
+                self.used.remove(&jti);
+            }
+        }
+        while let Some(Reverse((t, _))) = self.terminated_expiries.peek() {
             if *t > now {
                 break;
             }
-            let Some(Reverse((_, what))) = self.expiries.pop() else { break };
-            match what {
-                // Only if not renewed since (a later entry for the same id keeps it).
-                Expiry::Used(jti) => {
-                    if self.used.get(&jti).is_some_and(|&until| until <= now) {
-                        self.used.remove(&jti);
-                    }
-                }
-                Expiry::Terminated(sid) => {
-                    if self.terminated.get(&sid).is_some_and(|&(_, until)| until <= now) {
-                        self.terminated.remove(&sid);
-                    }
-                }
+            let Some(Reverse((_, sid))) = self.terminated_expiries.pop() else { break };
+            if self.terminated.get(&sid).is_some_and(|&(_, until)| until <= now) {
+                self.terminated.remove(&sid);
             }
         }
         if let Some(until) = self.drain_until
@@ -639,7 +690,15 @@ impl<H: Clone> SessionTable<H> {
         }
     }
 
-    fn create(&mut self, now: Instant, sid: String) -> Key {
+    /// `now` on the table's clock (the first time given starts it).
+    fn tick(&mut self, now: Instant) -> Tick {
+        let epoch = *self.epoch.get_or_insert(now);
+        let nanos =
+            u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX - 1);
+        Tick(NonZeroU64::MIN.saturating_add(nanos))
+    }
+
+    fn create(&mut self, now: Tick, sid: String) -> Key {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let slot = self.sessions.insert(Session {
@@ -684,7 +743,7 @@ impl<H: Clone> SessionTable<H> {
     }
 
     /// Enforces the session's rules at `now`, then re-arms it.
-    fn check(&mut self, now: Instant, key: Key) {
+    fn check(&mut self, now: Tick, key: Key) {
         let rules = &self.rules;
         let Some(s) = live_mut(&mut self.sessions, key) else { return };
         let Some(paired) = s.paired else {
@@ -728,7 +787,7 @@ impl<H: Clone> SessionTable<H> {
     }
 
     /// Ends a live session: it leaves the table, is reported, and each leg is closed.
-    fn end(&mut self, now: Instant, key: Key, ending: Ending) {
+    fn end(&mut self, now: Tick, key: Key, ending: Ending) {
         if self.get(key).is_none() {
             return;
         }
@@ -772,7 +831,7 @@ fn live_mut<H>(sessions: &mut Slab<Session<H>>, key: Key) -> Option<&mut Session
 }
 
 /// The earliest of a session's deadlines.
-fn next_deadline<H>(s: &Session<H>, rules: &Rules) -> Option<Instant> {
+fn next_deadline<H>(s: &Session<H>, rules: &Rules) -> Option<Tick> {
     let Some(paired) = s.paired else { return Some(s.created + rules.pair_timeout) };
     let mut due = [
         rules.max_duration.map(|d| paired + d),
@@ -833,8 +892,12 @@ mod tests {
         }
 
         fn admit(&mut self, secs: f64, sid: &str, leg: Leg, jti: &str, handle: u32) {
-            let adm =
-                Admit { sid: sid.into(), leg, jti: jti.into(), expires: self.at(secs) + SECS(600) };
+            let adm = Admit {
+                sid: sid.into(),
+                leg,
+                jti: TokenId::of(jti),
+                expires: self.at(secs) + SECS(600),
+            };
             self.t.handle_admit(self.at(secs), adm, handle);
         }
 
@@ -886,6 +949,16 @@ mod tests {
 
     fn close(handle: u32, code: Option<CloseCode>) -> Action<u32> {
         Action::Close { handle, code }
+    }
+
+    #[test]
+    fn token_ids_are_kept_as_16_bytes_and_never_confused() {
+        let hex = "00112233445566778899aabbccddeeff";
+        assert_eq!(TokenId::of(hex), TokenId(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff));
+        // Other shapes are digested, so they cannot collide with a hex id by construction.
+        assert_ne!(TokenId::of("x"), TokenId::of("y"));
+        assert_ne!(TokenId::of(&hex.to_uppercase()[..31]), TokenId::of(&hex[..31]));
+        assert_eq!(TokenId::of("abc"), TokenId::of("abc"));
     }
 
     #[test]

@@ -37,7 +37,9 @@ use super::io::{Listener, Stream};
 use super::metrics::ShardMetrics;
 use super::pool::Pool;
 use super::pump::{self, CLOSE_LINGER, FRAME_FINISH_WAIT};
-use super::session::{Action, Admit, CloseCode, Key, Leg, LegEnd, Report, Rules, SessionTable};
+use super::session::{
+    Action, Admit, CloseCode, Key, Leg, LegEnd, Report, Rules, SessionTable, TokenId,
+};
 use super::upgrade::{self, Refusal};
 use crate::plane::{DataCommand, DataEvent};
 use crate::token::{TokenError, TokenVerifier};
@@ -297,7 +299,8 @@ async fn handoff_loop<S: Stream>(shard: Rc<Shard<S>>, mut rx: mpsc::Receiver<Han
             }
         };
         let conn = Rc::new(shard.conn(io, h.tls, h.pending));
-        shard.admit(conn, h.adm);
+        let deadline = shard.deadline(&conn, shard.cfg.handshake_timeout);
+        shard.admit(conn, h.adm, deadline);
     }
 }
 
@@ -337,22 +340,31 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
         None => None,
     };
     let conn = Rc::new(shard.conn(io, tls, Vec::new()));
+    // The handshake deadline lasts until the 101 is written (see `accept`), or until the leg
+    // is refused or handed over.
     let deadline = shard.deadline(&conn, shard.cfg.handshake_timeout);
     let head = read_head(&conn).await;
-    shard.deadlines.borrow_mut().cancel(deadline);
+    let cancel = || shard.deadlines.borrow_mut().cancel(deadline);
     let head = match head {
         Ok(h) => h,
         Err(HeadError::Io) => {
+            cancel();
             shard.metrics.refused("handshake_failed");
             debug!(shard = shard.id, "handshake failed or timed out");
             conn.io.shutdown(Shutdown::Both);
             return;
         }
-        Err(HeadError::TooLarge) => return refuse(shard, conn, Refusal::HeadTooLarge).await,
+        Err(HeadError::TooLarge) => {
+            cancel();
+            return refuse(shard, conn, Refusal::HeadTooLarge).await;
+        }
     };
     let req = match upgrade::parse(&head) {
         Ok(r) => r,
-        Err(r) => return refuse(shard, conn, r).await,
+        Err(r) => {
+            cancel();
+            return refuse(shard, conn, r).await;
+        }
     };
     let claims = match shard.verifier.verify(&req.token, &req.session_id, req.role, now_secs()) {
         Ok(c) => c,
@@ -364,6 +376,7 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
                 TokenError::PreviousRun => Refusal::TokenAlreadyUsed,
                 _ => Refusal::InvalidToken,
             };
+            cancel();
             return refuse(shard, conn, r).await;
         }
     };
@@ -377,8 +390,9 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
     };
     let owner = owner_of(&adm.sid, shard.peers.len());
     if owner == shard.id {
-        return shard.admit(conn, adm);
+        return shard.admit(conn, adm, deadline);
     }
+    cancel();
     // Hand over to the owner: no read is in flight (read_head returned), the deadline is
     // cancelled, and all ciphertext read so far is inside rustls.
     let peer = &shard.peers[owner];
@@ -413,17 +427,23 @@ async fn refuse<S: Stream>(shard: Rc<Shard<S>>, conn: Rc<Conn<S>>, r: Refusal) {
     conn.drain().await;
 }
 
+/// The `101` of a leg being admitted, and its handshake deadline (which lasts until the 101
+/// is written).
+struct Upgrade {
+    response: Vec<u8>,
+    deadline: u64,
+}
+
 /// Writes the `101` of an admitted leg (within the handshake deadline) and tells the table.
 async fn accept<S: Stream>(
     shard: Rc<Shard<S>>,
     key: Key,
     leg: Leg,
     conn: Rc<Conn<S>>,
-    answer: Vec<u8>,
+    up: Upgrade,
 ) {
-    let deadline = shard.deadline(&conn, shard.cfg.handshake_timeout);
-    let r = conn.write_small(&answer).await;
-    shard.deadlines.borrow_mut().cancel(deadline);
+    let r = conn.write_small(&up.response).await;
+    shard.deadlines.borrow_mut().cancel(up.deadline);
     if let Err(err) = &r {
         debug!(shard = shard.id, %err, "101 not delivered");
     }
@@ -434,12 +454,11 @@ async fn accept<S: Stream>(
 async fn accept_and_close<S: Stream>(
     shard: Rc<Shard<S>>,
     conn: Rc<Conn<S>>,
-    answer: Vec<u8>,
+    up: Upgrade,
     code: CloseCode,
 ) {
-    let deadline = shard.deadline(&conn, shard.cfg.handshake_timeout);
-    let r = conn.write_small(&answer).await;
-    shard.deadlines.borrow_mut().cancel(deadline);
+    let r = conn.write_small(&up.response).await;
+    shard.deadlines.borrow_mut().cancel(up.deadline);
     if r.is_ok() {
         pump::close_leg(shard, conn, Some(code)).await;
     }
@@ -502,16 +521,17 @@ impl<S: Stream> Shard<S> {
     }
 
     /// A verified leg on its owner shard goes to the table.
-    fn admit(self: &Rc<Self>, conn: Rc<Conn<S>>, adm: Admission) {
+    fn admit(self: &Rc<Self>, conn: Rc<Conn<S>>, adm: Admission, deadline: u64) {
         let input = Admit {
             leg: Leg::of_role(adm.role),
             // The token's expiry on the table's clock.
             expires: now() + Duration::from_secs(adm.exp.saturating_sub(now_secs())),
             sid: adm.sid,
-            jti: adm.jti,
+            jti: TokenId::of(&adm.jti),
         };
         // The 101 for this leg, should the table accept it (it answers at once, below).
-        let mut answer = Some(upgrade::switching(&adm.accept, adm.hatch_v1));
+        let response = upgrade::switching(&adm.accept, adm.hatch_v1);
+        let mut answer = Some(Upgrade { response, deadline });
         self.feed_with(|t, now| t.handle_admit(now, input, conn), &mut answer);
     }
 
@@ -527,7 +547,7 @@ impl<S: Stream> Shard<S> {
     fn feed_with(
         self: &Rc<Self>,
         input: impl FnOnce(&mut SessionTable<Rc<Conn<S>>>, std::time::Instant),
-        answer: &mut Option<Vec<u8>>,
+        answer: &mut Option<Upgrade>,
     ) {
         input(&mut self.table.borrow_mut(), now());
         loop {
@@ -540,10 +560,13 @@ impl<S: Stream> Shard<S> {
         self.check_timer();
     }
 
-    fn carry_out(self: &Rc<Self>, action: Action<Rc<Conn<S>>>, answer: &mut Option<Vec<u8>>) {
+    fn carry_out(self: &Rc<Self>, action: Action<Rc<Conn<S>>>, answer: &mut Option<Upgrade>) {
         use tokio::task::spawn_local;
         match action {
             Action::Refuse { handle, refusal } => {
+                if let Some(up) = answer.take() {
+                    self.deadlines.borrow_mut().cancel(up.deadline);
+                }
                 spawn_local(refuse(self.clone(), handle, refusal));
             }
             Action::Accept { key, leg, handle } => match answer.take() {
@@ -560,8 +583,7 @@ impl<S: Stream> Shard<S> {
             }
             Action::StartPumps { key, client, agent } => {
                 ShardMetrics::add(&self.metrics.paired, 1);
-                let sid = self.table.borrow().sid(key).unwrap_or_default().to_owned();
-                pump::start(self, key, &sid, client, agent);
+                pump::start(self, key, client, agent);
             }
             Action::Ping { handle } => {
                 // One ping owed at a time: a leg that sends now and then but does not read
@@ -610,6 +632,10 @@ impl<S: Stream> pump::Host for Rc<Shard<S>> {
 
     fn live(&self, key: Key) -> bool {
         self.table.borrow().is_live(key)
+    }
+
+    fn sid(&self, key: Key) -> String {
+        self.table.borrow().sid(key).unwrap_or("(ended)").to_owned()
     }
 
     fn bytes(&self, now: std::time::Instant, key: Key, leg: Leg, payload: u64) {

@@ -25,7 +25,7 @@ use std::rc::Rc;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, EncryptError};
 
-use super::error::{LegError, LegResult};
+use super::error::{LegError, LegResult, PeerRule};
 use super::pool::{Buf, Pool};
 
 /// Largest plaintext of one TLS record (RFC 8446 §5.1).
@@ -155,11 +155,7 @@ impl Tls {
                             }
                         }
                     }
-                    stuck.then(|| {
-                        Step::Failed(LegError::Peer(
-                            "TLS plaintext does not fit in front of its record",
-                        ))
-                    })
+                    stuck.then(|| Step::Failed(LegError::Peer(PeerRule::PlaintextDoesNotFit)))
                 }
                 ConnectionState::EncodeTlsData(mut enc) => {
                     self.append_encoded(pool, &mut enc).err().map(Step::Failed)
@@ -180,7 +176,7 @@ impl Tls {
                     self.peer_closed.set(true);
                     Some(Step::PeerClosed)
                 }
-                _ => Some(Step::Failed(LegError::Peer("unexpected TLS state (early data)"))),
+                _ => Some(Step::Failed(LegError::Peer(PeerRule::UnexpectedState))),
             };
             *start += discard;
             match step {
@@ -193,9 +189,7 @@ impl Tls {
                     // across them. Writers call rustls with no input, which is only sound while
                     // it keeps none, so after the handshake this (legal, but never seen from
                     // a real client) fragmentation is refused.
-                    return Step::Failed(LegError::Peer(
-                        "TLS handshake message fragmented after the handshake",
-                    ));
+                    return Step::Failed(LegError::Peer(PeerRule::FragmentedAfterHandshake));
                 }
                 Some(s) => return s,
             }
@@ -353,5 +347,5 @@ fn tls_other(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> LegError
 }
 
 fn tls_err(e: rustls::Error) -> LegError {
-    LegError::Tls(e)
+    LegError::from(e)
 }
