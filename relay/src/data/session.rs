@@ -48,6 +48,9 @@ use crate::plane::{CloseReason, SessionEnd};
 /// period, never per frame).
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
+/// The grain of session deadlines ([`Rules::grain`]).
+pub const TIMER_GRAIN: Duration = Duration::from_millis(100);
+
 /// How long after its first due entry the table purges the used-token and terminated sets:
 /// one wake-up then removes every entry that expired meanwhile, instead of one per entry. An
 /// entry kept this much longer refuses nothing more (its token has expired by then).
@@ -62,6 +65,20 @@ struct Tick(NonZeroU64);
 impl Tick {
     fn saturating_duration_since(self, earlier: Tick) -> Duration {
         Duration::from_nanos(self.0.get().saturating_sub(earlier.0.get()))
+    }
+
+    /// The first multiple of `grain` (counted from the epoch) at or after this time.
+    fn ceil_to(self, grain: Duration) -> Tick {
+        let g = u64::try_from(grain.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let n = self.0.get() - 1;
+        Tick(NonZeroU64::MIN.saturating_add(n.div_ceil(g).saturating_mul(g)))
+    }
+
+    /// The first multiple of `grain` strictly after this time.
+    fn next_multiple_of(self, grain: Duration) -> Tick {
+        let g = u64::try_from(grain.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let n = self.0.get() - 1;
+        Tick(NonZeroU64::MIN.saturating_add((n / g + 1).saturating_mul(g)))
     }
 }
 
@@ -193,6 +210,9 @@ pub struct Rules {
     pub progress_interval: Duration,
     /// How long a terminated session's later legs are refused (a token's lifetime).
     pub terminated_for: Duration,
+    /// Session deadlines are rounded up to a multiple of this, so that sessions due at nearly
+    /// the same time wake the shard once (a rule fires at most this much late).
+    pub grain: Duration,
 }
 
 impl Rules {
@@ -206,6 +226,7 @@ impl Rules {
             dead_after: cfg.dead_after,
             progress_interval: PROGRESS_INTERVAL,
             terminated_for: Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS),
+            grain: TIMER_GRAIN,
         }
     }
 }
@@ -599,7 +620,10 @@ impl<H: Clone> SessionTable<H> {
         }
         let first_uncounted = payload > 0 && s.progress_due.is_none();
         if first_uncounted {
-            s.progress_due = Some(now + interval);
+            // On the shard-wide grid of the interval, not `now + interval`: every session due
+            // in one period reports at the same moment, so the control plane writes them in one
+            // store call instead of one per session (a loss bound of one interval either way).
+            s.progress_due = Some(now.next_multiple_of(interval));
         }
         if first_uncounted || rearm {
             self.arm(key);
@@ -736,6 +760,7 @@ impl<H: Clone> SessionTable<H> {
         let rules = &self.rules;
         let Some(s) = self.sessions.get_mut(key.slot as usize) else { return };
         let Some(due) = next_deadline(s, rules) else { return };
+        let due = due.ceil_to(rules.grain);
         if s.armed.is_none_or(|t| due < t) {
             s.armed = Some(due);
             self.timers.push(Reverse((due, key)));
@@ -870,6 +895,7 @@ mod tests {
             dead_after: SECS(90),
             progress_interval: SECS(2),
             terminated_for: SECS(600),
+            grain: Duration::from_millis(100),
         }
     }
 
@@ -1269,14 +1295,15 @@ mod tests {
     }
 
     #[test]
-    fn progress_is_reported_on_the_sessions_own_deadline_when_counts_changed() {
+    fn progress_is_reported_on_the_interval_grid_when_counts_changed() {
         let mut c = Case::new(rules());
         let key = c.pair(0.0, "s", 1, 2);
         c.t.handle_bytes(c.at(1.0), key, Leg::Client, 5);
         c.t.handle_bytes(c.at(1.5), key, Leg::Agent, 50);
-        assert_eq!(c.run_until(2.9), []);
+        // Due at the next multiple of the 2 s interval after the first uncounted bytes.
+        assert_eq!(c.run_until(1.9), []);
         assert_eq!(
-            c.run_until(3.0),
+            c.run_until(2.0),
             [Action::Report(Report::Progress { sid: "s".into(), bytes: [5, 50] })]
         );
         // Liveness alone (pongs) reports nothing.
@@ -1284,9 +1311,37 @@ mod tests {
         assert_eq!(c.run_until(29.0), []);
         c.t.handle_bytes(c.at(29.0), key, Leg::Agent, 1);
         assert_eq!(
-            c.run_until(31.0),
+            c.run_until(30.0),
             [Action::Report(Report::Progress { sid: "s".into(), bytes: [5, 51] })]
         );
+    }
+
+    #[test]
+    fn sessions_due_close_together_wake_the_shard_once() {
+        // 100 sessions whose bytes arrive spread over one progress interval all report at the
+        // same moment; their pings (due 30 s after spread-out arrivals) come in 100 ms steps.
+        let mut c = Case::new(Rules { idle_timeout: None, ..rules() });
+        let keys: Vec<_> =
+            (0..100).map(|i| c.pair(0.0, &format!("s{i}"), 2 * i + 1, 2 * i + 2)).collect();
+        for (i, &k) in keys.iter().enumerate() {
+            let at = 0.01 * i as f64;
+            c.t.handle_bytes(c.at(at), k, Leg::Client, 1);
+            c.t.handle_bytes(c.at(at), k, Leg::Agent, 1);
+        }
+        assert_eq!(c.t.poll_timeout(), Some(c.at(2.0)));
+        let reports = c.tick(2.0);
+        assert_eq!(reports.len(), 100);
+        assert!(reports.iter().all(|a| matches!(a, Action::Report(Report::Progress { .. }))));
+        let mut wakes = 0;
+        while let Some(t) = c.t.poll_timeout().filter(|&t| t <= c.at(31.0)) {
+            c.t.handle_timeout(t);
+            let _ = c.actions();
+            wakes += 1;
+        }
+        // One wake at 10 s (the pair deadlines armed before pairing, now early), then the pings
+        // due from 30.00 s to 30.99 s in 100 ms steps (30.0, 30.1, ..., 31.0): 12 wakes for
+        // 100 sessions, where exact deadlines would be 101.
+        assert_eq!(wakes, 12);
     }
 
     #[test]
