@@ -127,7 +127,7 @@ impl Shared {
 /// `go`, reports `Done`, holds the sessions until stdin closes.
 pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> anyhow::Result<()> {
     let tls = hatch_relay::certs::client_config_with_ca(&spec.ca_file)?;
-    let dialer = Dialer::new(tls, spec.sources.clone());
+    let dialer = Dialer::new(tls, spec.sources.clone()).danger_plaintext(spec.danger_plaintext);
     let sh = Shared::new();
     tokio::task::spawn_local(sh.clone().progress(ctl.clone()));
     tokio::task::spawn_local(sh.clone().watch_end(ctl.clone()));
@@ -183,6 +183,7 @@ pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> any
         setup_wall_s: (last - t0).as_secs_f64(),
         setup: Buckets::of(&sh.setup.borrow()),
         errors: sh.errors.borrow().clone(),
+        connections: dialer.connections(),
     });
     let _ = ctl.wait_for(|c| *c != Ctl::Wait).await;
     if *ctl.borrow() >= Ctl::End {
@@ -204,6 +205,7 @@ pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> any
         rtt: Buckets::of(&sh.rtt.borrow()),
         bytes: sh.bytes.get(),
         errors: sh.errors.borrow().clone(),
+        connections: dialer.connections(),
     });
     let _ = ctl.wait_for(|c| *c == Ctl::Stop).await;
     Ok(())
@@ -414,7 +416,7 @@ async fn recv_data(ws: &mut Ws) -> Result<usize, Failure> {
 /// `session.open` becomes an echoing data connection. Ends when stdin closes.
 pub async fn run_agents(spec: AgentSpec, ctl: watch::Receiver<Ctl>) -> anyhow::Result<()> {
     let tls = hatch_relay::certs::client_config_with_ca(&spec.ca_file)?;
-    let dialer = Dialer::new(tls, spec.sources.clone());
+    let dialer = Dialer::new(tls, spec.sources.clone()).danger_plaintext(spec.danger_plaintext);
     let sh = Shared::new();
     tokio::task::spawn_local(sh.clone().watch_end(ctl.clone()));
     let spec = Rc::new(spec);
@@ -464,6 +466,7 @@ pub async fn run_agents(spec: AgentSpec, ctl: watch::Receiver<Ctl>) -> anyhow::R
         rtt: Buckets::default(),
         bytes: sh.bytes.get(),
         errors: sh.errors.borrow().clone(),
+        connections: dialer.connections(),
     });
     Ok(())
 }
