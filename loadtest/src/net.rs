@@ -65,6 +65,8 @@ impl std::fmt::Display for Failure {
 /// Where connections come from, which CA they trust, and whether plaintext URLs are allowed.
 #[derive(Clone)]
 pub struct Dialer {
+    /// The configuration `tls` was made from (for [`Dialer::own_process`]).
+    cfg: Arc<rustls::ClientConfig>,
     tls: TlsConnector,
     /// Source addresses used in turn; empty means let the kernel choose.
     sources: Arc<Vec<Ipv4Addr>>,
@@ -82,11 +84,23 @@ impl Dialer {
     /// or agent process does.
     pub fn new(tls: Arc<rustls::ClientConfig>, sources: Vec<Ipv4Addr>) -> Self {
         Dialer {
+            cfg: tls.clone(),
             tls: TlsConnector::from(tls),
             sources: Arc::new(sources),
             danger_plaintext: false,
             counts: Rc::default(),
         }
+    }
+
+    /// The same dialer with a resumption store of its own, as a separate client process has:
+    /// TLS sessions its connections get are resumed only by its own later connections. Counts
+    /// stay shared with this dialer.
+    pub fn own_process(&self) -> Self {
+        let mut cfg = (*self.cfg).clone();
+        // rustls keeps up to 8 TLS 1.3 tickets per server; one server here.
+        cfg.resumption = rustls::client::Resumption::in_memory_sessions(8);
+        let cfg = Arc::new(cfg);
+        Dialer { cfg: cfg.clone(), tls: TlsConnector::from(cfg), ..self.clone() }
     }
 
     /// Connections this dialer (and its clones) made, by scheme and how TLS was set up:

@@ -7,6 +7,11 @@
 //! came back. Agent: register, hold the control channel (answer heartbeats), and on
 //! `session.open` dial the data URL with the agent token and echo DATA back at once (or through
 //! `cat` in a PTY).
+//!
+//! TLS sessions are resumed where a real client would resume them: each simulated session has
+//! the resumption store of one `hatch` process (its data leg resumes its API call's session) and
+//! each simulated agent that of one `hatch-agent` process (its data legs resume the session of
+//! its control channel or of a previous leg). No store is shared across sessions or agents.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -150,7 +155,9 @@ pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> any
                     n: spec.first + i,
                     spec: spec.clone(),
                     sh: sh.clone(),
-                    dialer: dialer.clone(),
+                    // Each session is its own `hatch` process: its data leg can resume the TLS
+                    // session of its own API call, not those of other sessions.
+                    dialer: dialer.own_process(),
                 };
                 let (go_rx, ctl, done_tx, measured_tx) =
                     (go_rx.clone(), ctl.clone(), done_tx.clone(), measured_tx.clone());
@@ -424,8 +431,9 @@ pub async fn run_agents(spec: AgentSpec, ctl: watch::Receiver<Ctl>) -> anyhow::R
     let (reg_tx, mut reg_rx) = mpsc::unbounded_channel::<Option<String>>();
     let counter = Rc::new(Cell::new(0usize));
     for i in 0..spec.instances {
+        // Each agent is its own `hatch-agent` process, with its own resumption store.
         let (spec, sh, dialer, sem, ctl) =
-            (spec.clone(), sh.clone(), dialer.clone(), sem.clone(), ctl.clone());
+            (spec.clone(), sh.clone(), dialer.own_process(), sem.clone(), ctl.clone());
         let (reg_tx, counter) = (reg_tx.clone(), counter.clone());
         tokio::task::spawn_local(async move {
             let permit = sem.acquire_owned().await;

@@ -106,6 +106,11 @@ fn relay_run_reports_relay_floor_ratio_rss_and_cpu() {
     assert_eq!(count(c, "agent.wss_"), 6 + 2, "{c}"); // + 2 control channels
     assert_eq!(count(c, "agent.https_"), 2, "{c}"); // registrations
     assert_eq!(count(c, "plain"), 0, "{c}");
+    // Where a real client resumes: each client's data leg resumes its own API call's session,
+    // each agent's control channel its registration's and its data legs one of those.
+    assert_eq!(c["client.https_full"], 6, "{c}");
+    assert_eq!(c["client.wss_resumed"], 6, "{c}");
+    assert_eq!(c["agent.wss_resumed"], 6 + 2, "{c}");
 }
 
 /// The sum of the `connections` counts whose key contains `part`.
