@@ -24,6 +24,9 @@ use crate::control::{ControlConfig, ControlPlane, DataLink, signing};
 use crate::data::{DataArgs, DataPlane};
 use crate::plane::DataCommand;
 
+/// Most blocking threads of the control plane's runtime (see where it is built).
+const STORE_THREADS: usize = 4;
+
 /// ALPN of the API: HTTP/1.1 only (WebSocket upgrades need it).
 const API_ALPN: &[&[u8]] = &[b"http/1.1"];
 
@@ -156,6 +159,12 @@ impl Server {
             .spawn(move || {
                 let rt = match tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
+                    // The blocking pool runs the store's calls, which take turns on one SQLite
+                    // connection: tokio's default of up to 512 threads let a burst of API
+                    // requests start a thread each (stack page faults) only to park them on
+                    // the store's mutex (futex wake-ups), about a fifth of the relay's CPU
+                    // per session setup. A few threads keep the store busy; the rest queue.
+                    .max_blocking_threads(STORE_THREADS)
                     .thread_name("hatch-control")
                     .enable_all()
                     .build()
