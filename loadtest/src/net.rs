@@ -105,7 +105,7 @@ impl Dialer {
 
     /// Connections this dialer (and its clones) made, by scheme and how TLS was set up:
     /// `https_full`, `https_resumed`, `wss_full`, `wss_resumed`, `ws_plain`, `http_plain`. A
-    /// resumed handshake is one where rustls took a session from the shared resumption store
+    /// resumed handshake is one where rustls took a session from the dialer's resumption store
     /// and the server accepted it: no certificate sent, signed or verified.
     pub fn connections(&self) -> crate::report::Errors {
         self.counts.borrow().clone()
