@@ -66,6 +66,11 @@ pub struct RunArgs {
     /// Activation code the simulated agents register with (external relay).
     #[arg(long, env = "HATCH_ACTIVATION_CODE")]
     pub activation_code: Option<String>,
+    /// Run the relay's data plane, the simulated clients' and agents' data legs and the floor
+    /// without TLS (plain WebSocket), to compare with plaintext relays. The API and the agents'
+    /// control channels keep TLS. Loopback benchmarks only.
+    #[arg(long)]
+    pub danger_plaintext: bool,
     /// Skip the floor phase (then no ratio is reported).
     #[arg(long)]
     pub skip_floor: bool,
@@ -140,6 +145,9 @@ pub enum Command {
         /// Threads, each a single-threaded runtime with its own SO_REUSEPORT listener.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Serve plain WebSocket, no TLS.
+        #[arg(long)]
+        danger_plaintext: bool,
     },
     /// Run the relay (`hatch_relay::cli::run`) in this process with the given arguments.
     #[command(hide = true)]
@@ -154,8 +162,8 @@ pub enum Command {
 pub fn main(args: Args) -> ExitCode {
     match args.command {
         Some(Command::Worker) => crate::worker::main(),
-        Some(Command::FloorProcess { cert, key, threads }) => {
-            crate::floor::process_main(&cert, &key, threads)
+        Some(Command::FloorProcess { cert, key, threads, danger_plaintext }) => {
+            crate::floor::process_main(&cert, &key, threads, danger_plaintext)
         }
         Some(Command::RelayProcess { args }) => crate::run::relay_process_main(args),
         None => crate::run::main(args.run),

@@ -2,6 +2,7 @@
 //! message with the same bytes at once, like a simulated agent, and runs in its own process with
 //! as many threads (each a single-threaded runtime with its own `SO_REUSEPORT` listener) as the
 //! relay has shards, so the floor sees the same process and core topology as the relay run.
+//! With `--danger-plaintext` it serves plain WebSocket, as the relay's data plane then does.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -12,8 +13,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 
@@ -23,9 +26,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Listen backlog: setup bursts of thousands of connections must not be dropped.
 const BACKLOG: i32 = 4096;
 
-/// Entry point of `hatch-loadtest floor-process`.
-pub fn process_main(cert: &Path, key: &Path, threads: usize) -> ExitCode {
-    match serve_until_stdin_closes(cert, key, threads) {
+/// Entry point of `hatch-loadtest floor-process`; `danger_plaintext` serves plain WebSocket.
+pub fn process_main(cert: &Path, key: &Path, threads: usize, danger_plaintext: bool) -> ExitCode {
+    match serve_until_stdin_closes(cert, key, threads, danger_plaintext) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hatch-loadtest floor-process: {e:#}");
@@ -34,9 +37,18 @@ pub fn process_main(cert: &Path, key: &Path, threads: usize) -> ExitCode {
     }
 }
 
-fn serve_until_stdin_closes(cert: &Path, key: &Path, threads: usize) -> anyhow::Result<()> {
+fn serve_until_stdin_closes(
+    cert: &Path,
+    key: &Path,
+    threads: usize,
+    danger_plaintext: bool,
+) -> anyhow::Result<()> {
     crate::proc::raise_nofile()?;
-    let tls = hatch_relay::certs::server_config(cert, key, &[b"http/1.1"])?;
+    let tls = if danger_plaintext {
+        None
+    } else {
+        Some(hatch_relay::certs::server_config(cert, key, &[b"http/1.1"])?)
+    };
     let listeners = bind_reuseport("127.0.0.1:0".parse().expect("literal address"), threads)?;
     let addr = listeners[0].local_addr()?;
     for l in listeners {
@@ -81,8 +93,9 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<std::net
     Ok(out)
 }
 
-/// Accepts and echoes on one listener until the runtime stops.
-pub async fn serve(listener: std::net::TcpListener, tls: Arc<rustls::ServerConfig>) {
+/// Accepts and echoes on one listener until the runtime stops; `tls` `None` serves plain
+/// WebSocket (`--danger-plaintext`).
+pub async fn serve(listener: std::net::TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -90,7 +103,7 @@ pub async fn serve(listener: std::net::TcpListener, tls: Arc<rustls::ServerConfi
             return;
         }
     };
-    let acceptor = TlsAcceptor::from(tls);
+    let acceptor = tls.map(TlsAcceptor::from);
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(x) => x,
@@ -109,20 +122,41 @@ pub async fn serve(listener: std::net::TcpListener, tls: Arc<rustls::ServerConfi
     }
 }
 
-async fn echo(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream) -> anyhow::Result<()> {
-    let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let tls = acceptor.accept(tcp).await?;
-        let ws = tokio_tungstenite::accept_hdr_async_with_config(
-            tls,
-            answer_hatch_v1,
-            Some(crate::net::ws_config()),
-        )
-        .await?;
-        anyhow::Ok(ws)
-    })
-    .await
-    .context("handshake timeout")??;
-    let mut ws = ws;
+async fn echo(acceptor: Option<TlsAcceptor>, tcp: tokio::net::TcpStream) -> anyhow::Result<()> {
+    match acceptor {
+        Some(a) => {
+            let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                upgrade(a.accept(tcp).await?).await
+            })
+            .await
+            .context("handshake timeout")??;
+            echo_loop(ws).await
+        }
+        None => {
+            let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade(tcp))
+                .await
+                .context("handshake timeout")??;
+            echo_loop(ws).await
+        }
+    }
+}
+
+/// The WebSocket upgrade on `stream` (TLS or plain).
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+) -> anyhow::Result<WebSocketStream<S>> {
+    Ok(tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        answer_hatch_v1,
+        Some(crate::net::ws_config()),
+    )
+    .await?)
+}
+
+/// Echoes every DATA message until the peer closes.
+async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    mut ws: WebSocketStream<S>,
+) -> anyhow::Result<()> {
     // No read deadline: the parent ends the process, which closes every connection.
     while let Some(msg) = ws.next().await {
         match msg? {

@@ -1,7 +1,10 @@
-//! Dialing: TCP from a chosen 127.x source address, TLS with the run's CA, the WebSocket upgrade
-//! with a bearer token, and small HTTPS JSON requests to the API.
+//! Dialing: TCP from a chosen 127.x source address, TLS with the run's CA (or none for `ws://`
+//! and `http://` URLs when the run allows plaintext), the WebSocket upgrade with a bearer token,
+//! and small HTTPS JSON requests to the API.
 
+use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,13 +14,15 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// A client-side WebSocket over TLS over TCP.
-pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
+/// A client connection: TLS over TCP, or plain TCP for a `ws://` / `http://` URL.
+pub type Conn = MaybeTlsStream<TcpStream>;
+
+/// A client-side WebSocket over TLS (or, `--danger-plaintext`, plain) TCP.
+pub type Ws = WebSocketStream<Conn>;
 
 /// Largest API response body read: 64 KiB (session and register answers are a few hundred
 /// bytes; anything larger is a fault of the relay under test).
@@ -57,25 +62,83 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Where connections come from and which CA they trust.
+/// Where connections come from, which CA they trust, and whether plaintext URLs are allowed.
 #[derive(Clone)]
 pub struct Dialer {
+    /// The configuration `tls` was made from (for [`Dialer::own_process`]).
+    cfg: Arc<rustls::ClientConfig>,
     tls: TlsConnector,
     /// Source addresses used in turn; empty means let the kernel choose.
     sources: Arc<Vec<Ipv4Addr>>,
+    /// `ws://` and `http://` URLs are dialed without TLS (`--danger-plaintext`); otherwise
+    /// they fail as `plaintext_refused`, as a real agent refuses them without
+    /// `--danger-allow-plaintext`.
+    danger_plaintext: bool,
+    /// Connections made, by `<scheme>_<full|resumed|plain>` (see [`Dialer::connections`]).
+    counts: Rc<RefCell<crate::report::Errors>>,
 }
 
 impl Dialer {
-    /// A dialer trusting `tls`'s roots and binding to `sources` in turn.
+    /// A dialer trusting `tls`'s roots and binding to `sources` in turn. Every connection it
+    /// makes shares `tls`, and with it rustls's in-memory resumption store, as one real client
+    /// or agent process does.
     pub fn new(tls: Arc<rustls::ClientConfig>, sources: Vec<Ipv4Addr>) -> Self {
-        Dialer { tls: TlsConnector::from(tls), sources: Arc::new(sources) }
+        Dialer {
+            cfg: tls.clone(),
+            tls: TlsConnector::from(tls),
+            sources: Arc::new(sources),
+            danger_plaintext: false,
+            counts: Rc::default(),
+        }
     }
 
-    /// TCP + TLS to `uri`'s host and port; `n` picks the source address.
-    pub async fn tls(&self, uri: &Uri, n: usize) -> Result<TlsStream<TcpStream>, Failure> {
+    /// The same dialer with a resumption store of its own, as a separate client process has:
+    /// TLS sessions its connections get are resumed only by its own later connections. Counts
+    /// stay shared with this dialer.
+    pub fn own_process(&self) -> Self {
+        let mut cfg = (*self.cfg).clone();
+        // rustls keeps up to 8 TLS 1.3 tickets per server; one server here.
+        cfg.resumption = rustls::client::Resumption::in_memory_sessions(8);
+        let cfg = Arc::new(cfg);
+        Dialer { cfg: cfg.clone(), tls: TlsConnector::from(cfg), ..self.clone() }
+    }
+
+    /// Connections this dialer (and its clones) made, by scheme and how TLS was set up:
+    /// `https_full`, `https_resumed`, `wss_full`, `wss_resumed`, `ws_plain`, `http_plain`. A
+    /// resumed handshake is one where rustls took a session from the dialer's resumption store
+    /// and the server accepted it: no certificate sent, signed or verified.
+    pub fn connections(&self) -> crate::report::Errors {
+        self.counts.borrow().clone()
+    }
+
+    fn count(&self, scheme: &str, how: &str) {
+        *self.counts.borrow_mut().entry(format!("{scheme}_{how}")).or_default() += 1;
+    }
+
+    /// The same dialer, allowing `ws://` and `http://` URLs when `allow` is set.
+    pub fn danger_plaintext(mut self, allow: bool) -> Self {
+        self.danger_plaintext = allow;
+        self
+    }
+
+    /// TCP to `uri`'s host and port, then TLS unless the scheme is `ws` or `http` (allowed
+    /// only with `--danger-plaintext`); `n` picks the source address.
+    pub async fn connect(&self, uri: &Uri, n: usize) -> Result<Conn, Failure> {
+        let scheme = uri.scheme_str().unwrap_or_default();
+        let plain = match uri.scheme_str() {
+            Some("wss" | "https") => false,
+            Some("ws" | "http") if self.danger_plaintext => true,
+            Some(s @ ("ws" | "http")) => {
+                return Err(Failure::new(
+                    "plaintext_refused",
+                    format!("a {s}:// URL without --danger-plaintext"),
+                ));
+            }
+            s => return Err(Failure::new("bad_url", format!("scheme {s:?}"))),
+        };
         let host = uri.host().ok_or_else(|| Failure::new("bad_url", "no host"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(443);
+        let port = uri.port_u16().unwrap_or(if plain { 80 } else { 443 });
         let ip: IpAddr = match host {
             "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
             h => h.parse().map_err(|_| Failure::new("bad_url", format!("host {h} not an IP")))?,
@@ -97,12 +160,23 @@ impl Dialer {
         }
         let tcp = sock.connect(addr).await.map_err(|e| Failure::new("connect", e))?;
         let _ = tcp.set_nodelay(true);
+        if plain {
+            self.count(scheme, "plain");
+            return Ok(MaybeTlsStream::Plain(tcp));
+        }
         let name = rustls_pki_types::ServerName::try_from(host.to_owned())
             .map_err(|e| Failure::new("bad_url", e))?;
-        self.tls.connect(name, tcp).await.map_err(|e| Failure::new("tls", e))
+        let tls = self.tls.connect(name, tcp).await.map_err(|e| Failure::new("tls", e))?;
+        let how = match tls.get_ref().1.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        };
+        self.count(scheme, how);
+        Ok(MaybeTlsStream::Rustls(tls))
     }
 
-    /// Dials a `wss://` data URL, offering `hatch.v1`, with `Authorization: Bearer <token>`.
+    /// Dials a `wss://` (or allowed `ws://`) data URL, offering `hatch.v1`, with
+    /// `Authorization: Bearer <token>`.
     pub async fn ws(&self, url: &str, token: Option<&str>, n: usize) -> Result<Ws, Failure> {
         self.ws_with(url, token, n, true).await
     }
@@ -127,8 +201,8 @@ impl Dialer {
             req.headers_mut().insert(http::header::AUTHORIZATION, v);
         }
         let uri = req.uri().clone();
-        let tls = self.tls(&uri, n).await?;
-        let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, tls, Some(ws_config()))
+        let conn = self.connect(&uri, n).await?;
+        let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, conn, Some(ws_config()))
             .await
             .map_err(|e| {
                 use tokio_tungstenite::tungstenite::Error;
@@ -166,8 +240,8 @@ impl Dialer {
         n: usize,
     ) -> Result<(StatusCode, Bytes), Failure> {
         let uri: Uri = url.parse().map_err(|e| Failure::new("bad_url", e))?;
-        let tls = self.tls(&uri, n).await?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let stream = self.connect(&uri, n).await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Failure::new("api_http", e))?;
         tokio::task::spawn_local(async move {

@@ -34,6 +34,34 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / hz as f64)
 }
 
+/// CPU time (user + system) in seconds of each live thread of `pid`, summed by thread name with
+/// ASCII digits dropped (`hatch-data-0` and `hatch-data-1` become `hatch-data-`).
+pub fn thread_cpu_seconds(pid: u32) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&hz| hz > 0)
+        .unwrap_or(100);
+    let mut out = std::collections::BTreeMap::new();
+    let dir = format!("/proc/{pid}/task");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = entry?.path();
+        // A thread may exit between the listing and the read: skip it.
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else { continue };
+        let (Some(name), Some(ticks)) = (parse_comm(&stat), parse_cpu_ticks(&stat)) else {
+            continue;
+        };
+        let name: String = name.chars().filter(|c| !c.is_ascii_digit()).collect();
+        *out.entry(name).or_insert(0.0) += ticks as f64 / hz as f64;
+    }
+    Ok(out)
+}
+
+/// The command name of a `stat` line: between the first `(` and the last `)`.
+fn parse_comm(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
+}
+
 /// utime + stime in clock ticks. The command name (field 2) may hold spaces and parentheses, so
 /// fields are counted from the last `)`.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
@@ -71,6 +99,7 @@ mod tests {
         let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 5 0 0";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
         assert_eq!(parse_cpu_ticks("42 (x) S 1"), None);
+        assert_eq!(parse_comm(stat), Some("a) b (c)"));
     }
 
     #[test]
@@ -79,5 +108,6 @@ mod tests {
         assert!(rss_bytes(pid).unwrap() > 0);
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(raise_nofile().unwrap() > 0);
+        assert!(!thread_cpu_seconds(pid).unwrap().is_empty());
     }
 }

@@ -100,6 +100,15 @@ pub struct Setup {
     pub sessions_per_s: f64,
     /// 99th percentile of one session's setup (API call, dial, first echo), milliseconds.
     pub p99_ms: f64,
+    /// Relay CPU (user + system) from the clients' start until every session is up, per
+    /// session up, microseconds.
+    #[serde(default)]
+    pub relay_cpu_us_per_session: Option<f64>,
+    /// The same by relay thread name with digits dropped (`hatch-data-`: the data-plane shards;
+    /// `hatch-control`: the API, the control channels and the store's blocking threads).
+    /// Threads that exited meanwhile are missing here but counted in the total.
+    #[serde(default)]
+    pub relay_cpu_us_per_session_by_thread: BTreeMap<String, f64>,
 }
 
 /// The open-file limit and what, if anything, capped the session count.
@@ -137,6 +146,10 @@ pub struct Report {
     pub payload_bytes: usize,
     /// DATA messages per second per session.
     pub rate_per_s: f64,
+    /// Data legs and floor: `tls`, or `plaintext` (`--danger-plaintext`; the API and the
+    /// agents' control channels keep TLS).
+    #[serde(default)]
+    pub transport: String,
     /// Round trips through the relay.
     pub relay: Option<Side>,
     /// Round trips to the direct echo server.
@@ -149,10 +162,19 @@ pub struct Report {
     pub relay_rss_bytes: Option<u64>,
     /// (Relay RSS with sessions up − RSS before them) / sessions, bytes.
     pub rss_per_session_bytes: Option<u64>,
-    /// Relay CPU seconds per million relayed messages (each round trip is two).
+    /// Relay CPU seconds per million relayed messages (each round trip is two), which is
+    /// also microseconds per relayed message.
     pub cpu_s_per_million_msgs: Option<f64>,
+    /// Relay CPU microseconds per round trip (two relayed messages).
+    #[serde(default)]
+    pub cpu_us_per_round_trip: Option<f64>,
     /// Errors by kind, relay and floor phases together (prefixed `floor.` for the floor).
     pub errors_by_kind: Errors,
+    /// Connections of the relay phase by who made them, scheme and TLS handshake kind:
+    /// `client.https_full`, `client.wss_resumed`, `agent.ws_plain`, ... (clients: during setup;
+    /// agents: over their life, registration and control channel included).
+    #[serde(default)]
+    pub connections: Errors,
     /// Open-file limit, worker counts and cap.
     pub limits: Limits,
     /// The same run with the other I/O backend (`--compare-io`).
@@ -177,11 +199,16 @@ impl Report {
         let one = |r: &Report, s: &mut String| {
             let _ = writeln!(
                 s,
-                "hatch-loadtest: {} sessions ({} asked), mode {}, io {}, {} shards, {} B at {}/s \
-                 for {} s",
+                "hatch-loadtest: {} sessions ({} asked), mode {}, {}, io {}, {} shards, {} B at \
+                 {}/s for {} s",
                 r.sessions,
                 r.sessions_requested,
                 r.mode,
+                if r.transport == "plaintext" {
+                    "PLAINTEXT data legs and floor (--danger-plaintext)"
+                } else {
+                    "TLS"
+                },
                 r.io,
                 r.shards,
                 r.payload_bytes,
@@ -218,16 +245,34 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "  setup: {:.0} sessions/s, p99 {:.1} ms",
-                r.setup.sessions_per_s, r.setup.p99_ms
+                "  setup: {:.0} sessions/s, p99 {:.1} ms; relay CPU {} per setup{}",
+                r.setup.sessions_per_s,
+                r.setup.p99_ms,
+                r.setup.relay_cpu_us_per_session.map_or("n/a".to_owned(), |c| format!("{c:.0} us")),
+                if r.setup.relay_cpu_us_per_session_by_thread.is_empty() {
+                    String::new()
+                } else {
+                    let parts: Vec<String> = r
+                        .setup
+                        .relay_cpu_us_per_session_by_thread
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v:.0}"))
+                        .collect();
+                    format!(" ({})", parts.join(", "))
+                }
             );
+            if !r.connections.is_empty() {
+                let _ = writeln!(s, "  connections: {:?}", r.connections);
+            }
             if let Some(rss) = r.relay_rss_bytes {
                 let _ = writeln!(
                     s,
-                    "  relay RSS: {:.1} MiB, {} per session; CPU {} s per million messages",
+                    "  relay RSS: {:.1} MiB, {} per session; CPU {} s per million messages ({} us \
+                     per round trip)",
                     rss as f64 / 1048576.0,
                     r.rss_per_session_bytes.map_or("n/a".to_owned(), |b| format!("{b} B")),
-                    r.cpu_s_per_million_msgs.map_or("n/a".to_owned(), |c| format!("{c:.2}"))
+                    r.cpu_s_per_million_msgs.map_or("n/a".to_owned(), |c| format!("{c:.2}")),
+                    r.cpu_us_per_round_trip.map_or("n/a".to_owned(), |c| format!("{c:.1}"))
                 );
             }
             let _ = writeln!(

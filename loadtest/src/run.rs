@@ -77,6 +77,8 @@ struct Measured {
     up: usize,
     bytes: u64,
     errors: Errors,
+    /// Client connections made during setup, by scheme and TLS handshake kind.
+    connections: Errors,
 }
 
 /// Runs the whole load test and returns its report.
@@ -138,6 +140,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         shards,
         payload_bytes: payload,
         rate_per_s: args.rate,
+        transport: if args.danger_plaintext { "plaintext" } else { "tls" }.into(),
         limits,
         ..Report::default()
     };
@@ -220,6 +223,7 @@ impl Plan<'_> {
                     mode: self.args.mode,
                     ca_file: ca.to_owned(),
                     sources: sources.clone(),
+                    danger_plaintext: self.args.danger_plaintext,
                     setup_concurrency: SETUP_CONCURRENCY,
                     lifetime_s: self.lifetime_s(),
                 });
@@ -240,6 +244,7 @@ impl Plan<'_> {
             .arg(&pki.key_file)
             .arg("--threads")
             .arg(self.shards.to_string())
+            .args(self.args.danger_plaintext.then_some("--danger-plaintext"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -254,12 +259,14 @@ impl Plan<'_> {
         });
         let line = rx.recv_timeout(START_TIMEOUT).context("echo server did not start")?;
         let addr = line.trim().strip_prefix("listening ").context("echo server did not start")?;
-        let url = format!("wss://{addr}/echo");
+        let scheme = if self.args.danger_plaintext { "ws" } else { "wss" };
+        let url = format!("{scheme}://{addr}/echo");
         let mut pool = Pool::default();
         for spec in self.client_specs(Target::Floor { url }, &pki.ca_file) {
             pool.spawn(&exe, &spec)?;
         }
-        let m = pool.measure(self, "floor", None)?;
+        let label = if self.args.danger_plaintext { "floor plaintext" } else { "floor" };
+        let m = pool.measure(self, label, None)?;
         pool.send_all("end");
         drop(server.stdin.take());
         stop_process(&mut server);
@@ -307,7 +314,7 @@ impl Plan<'_> {
         };
         let mut guard = KillOnDrop(relay.as_ref().map(|c| c.id()));
         let pid = relay.as_ref().map(|c| c.id());
-        let label = format!("relay {}", report.io);
+        let label = format!("relay {} {}", report.io, report.transport);
 
         // Agents first: every instance online before the first session is started.
         let mut agents = Pool::default();
@@ -322,6 +329,7 @@ impl Plan<'_> {
                 instances: count,
                 mode: self.args.mode,
                 sources: Vec::new(),
+                danger_plaintext: self.args.danger_plaintext,
                 lifetime_s: self.lifetime_s(),
             });
             agents.spawn(&exe, &spec)?;
@@ -357,16 +365,20 @@ impl Plan<'_> {
             access_key: info.access_key.clone(),
             instances,
         };
+        let cpu_setup_start = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
+        let threads_setup_start = pid.and_then(|p| crate::proc::thread_cpu_seconds(p).ok());
         for spec in self.client_specs(target, Path::new(&info.ca_file)) {
             clients.spawn(&exe, &spec)?;
         }
         let mut at_go = None;
+        let mut threads_at_go = None;
         let m = clients.measure(
             self,
             &label,
             Some(
                 (&mut |_| {
                     at_go = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
+                    threads_at_go = pid.and_then(|p| crate::proc::thread_cpu_seconds(p).ok());
                 }) as &mut dyn FnMut(()),
             ),
         )?;
@@ -380,18 +392,40 @@ impl Plan<'_> {
             guard.0 = None;
         }
         clients.finish();
+        let mut connections: Errors =
+            m.connections.iter().map(|(k, v)| (format!("client.{k}"), *v)).collect();
         for (_, ev) in agents.finish() {
-            if let Event::Done { errors: e, .. } = ev {
+            if let Event::Done { errors: e, connections: c, .. } = ev {
                 report::merge_errors(&mut errors, &e);
+                for (k, v) in c {
+                    *connections.entry(format!("agent.{k}")).or_default() += v;
+                }
             }
         }
+        report.connections = connections;
         report::merge_errors(&mut errors, &m.errors);
 
         let mut side = Side::of(&m.rtt, m.errors.values().sum(), m.up);
         side.throughput_mb_s_per_session = self.throughput(&m);
+        // The relay does nothing but set up sessions between the clients' start and `go` (the
+        // agents' heartbeats aside), so its CPU over that time, per session up, is a setup's.
+        let per_setup = |a: f64, b: f64| (m.up > 0).then(|| (b - a) / m.up as f64 * 1e6);
         report.setup = Setup {
             sessions_per_s: if m.setup_wall_s > 0.0 { m.up as f64 / m.setup_wall_s } else { 0.0 },
             p99_ms: m.setup.value_at_quantile(0.99) as f64 / 1000.0,
+            relay_cpu_us_per_session: match (cpu_setup_start, at_go) {
+                (Some(a), Some(b)) => per_setup(a, b),
+                _ => None,
+            },
+            relay_cpu_us_per_session_by_thread: match (&threads_setup_start, &threads_at_go) {
+                (Some(a), Some(b)) => b
+                    .iter()
+                    .filter_map(|(k, &t)| {
+                        per_setup(a.get(k).copied().unwrap_or(0.0), t).map(|us| (k.clone(), us))
+                    })
+                    .collect(),
+                _ => Default::default(),
+            },
         };
         report.relay_rss_bytes = rss_end;
         report.rss_per_session_bytes = match (rss_before, rss_end) {
@@ -403,6 +437,7 @@ impl Plan<'_> {
             (Some(a), Some(b)) if side.count > 0 => Some((b - a) / (2 * side.count) as f64 * 1e6),
             _ => None,
         };
+        report.cpu_us_per_round_trip = report.cpu_s_per_million_msgs.map(|c| 2.0 * c);
         report.relay = Some(side);
         report.errors_by_kind = errors;
         Ok(report)
@@ -419,7 +454,7 @@ impl Plan<'_> {
         let mut child = Command::new(exe)
             .arg("relay-process")
             .arg("--")
-            .args(relay_args(&dir, io, self.shards))
+            .args(relay_args(&dir, io, self.shards, self.args.danger_plaintext))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -453,8 +488,9 @@ impl Plan<'_> {
     }
 }
 
-/// Arguments of the relay process: `dev` on loopback port 0 with this backend and shard count.
-fn relay_args(dir: &Path, io: Option<Io>, shards: usize) -> Vec<String> {
+/// Arguments of the relay process: `dev` on loopback port 0 with this backend and shard count,
+/// and with `danger_plaintext` a data plane without TLS (the API keeps it).
+fn relay_args(dir: &Path, io: Option<Io>, shards: usize, danger_plaintext: bool) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "dev".into(),
         "--data-dir".into(),
@@ -474,6 +510,9 @@ fn relay_args(dir: &Path, io: Option<Io>, shards: usize) -> Vec<String> {
     ];
     if let Some(io) = io {
         args.extend(["--io".into(), io.as_str().into()]);
+    }
+    if danger_plaintext {
+        args.push("--danger-plaintext".into());
     }
     args
 }
@@ -609,6 +648,7 @@ impl Pool {
             up: 0,
             bytes: 0,
             errors: Errors::new(),
+            connections: Errors::new(),
         };
         let mut ups = vec![0usize; n];
         let mut interval = new_hist();
@@ -639,9 +679,10 @@ impl Pool {
             let (i, ev) = self.next(setup_deadline)?;
             match ev {
                 Event::Progress { up, .. } => ups[i] = up,
-                Event::Ready { up, setup_wall_s, setup, errors } => {
+                Event::Ready { up, setup_wall_s, setup, errors, connections } => {
                     ups[i] = up;
                     m.up += up;
+                    report::merge_errors(&mut m.connections, &connections);
                     m.setup_wall_s = m.setup_wall_s.max(setup_wall_s);
                     setup.add_to(&mut m.setup);
                     report::merge_errors(&mut m.errors, &errors);
@@ -670,7 +711,7 @@ impl Pool {
                     msgs += k;
                     rtt.add_to(&mut interval);
                 }
-                Event::Done { up, rtt, bytes, errors } => {
+                Event::Done { up, rtt, bytes, errors, .. } => {
                     up_end += up;
                     rtt.add_to(&mut m.rtt);
                     m.bytes += bytes;

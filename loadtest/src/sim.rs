@@ -7,6 +7,11 @@
 //! came back. Agent: register, hold the control channel (answer heartbeats), and on
 //! `session.open` dial the data URL with the agent token and echo DATA back at once (or through
 //! `cat` in a PTY).
+//!
+//! TLS sessions are resumed where a real client would resume them: each simulated session has
+//! the resumption store of one `hatch` process (its data leg resumes its API call's session) and
+//! each simulated agent that of one `hatch-agent` process (its data legs resume the session of
+//! its control channel or of a previous leg). No store is shared across sessions or agents.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -127,7 +132,7 @@ impl Shared {
 /// `go`, reports `Done`, holds the sessions until stdin closes.
 pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> anyhow::Result<()> {
     let tls = hatch_relay::certs::client_config_with_ca(&spec.ca_file)?;
-    let dialer = Dialer::new(tls, spec.sources.clone());
+    let dialer = Dialer::new(tls, spec.sources.clone()).danger_plaintext(spec.danger_plaintext);
     let sh = Shared::new();
     tokio::task::spawn_local(sh.clone().progress(ctl.clone()));
     tokio::task::spawn_local(sh.clone().watch_end(ctl.clone()));
@@ -150,7 +155,9 @@ pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> any
                     n: spec.first + i,
                     spec: spec.clone(),
                     sh: sh.clone(),
-                    dialer: dialer.clone(),
+                    // Each session is its own `hatch` process: its data leg can resume the TLS
+                    // session of its own API call, not those of other sessions.
+                    dialer: dialer.own_process(),
                 };
                 let (go_rx, ctl, done_tx, measured_tx) =
                     (go_rx.clone(), ctl.clone(), done_tx.clone(), measured_tx.clone());
@@ -183,6 +190,7 @@ pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> any
         setup_wall_s: (last - t0).as_secs_f64(),
         setup: Buckets::of(&sh.setup.borrow()),
         errors: sh.errors.borrow().clone(),
+        connections: dialer.connections(),
     });
     let _ = ctl.wait_for(|c| *c != Ctl::Wait).await;
     if *ctl.borrow() >= Ctl::End {
@@ -204,6 +212,7 @@ pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> any
         rtt: Buckets::of(&sh.rtt.borrow()),
         bytes: sh.bytes.get(),
         errors: sh.errors.borrow().clone(),
+        connections: dialer.connections(),
     });
     let _ = ctl.wait_for(|c| *c == Ctl::Stop).await;
     Ok(())
@@ -414,7 +423,7 @@ async fn recv_data(ws: &mut Ws) -> Result<usize, Failure> {
 /// `session.open` becomes an echoing data connection. Ends when stdin closes.
 pub async fn run_agents(spec: AgentSpec, ctl: watch::Receiver<Ctl>) -> anyhow::Result<()> {
     let tls = hatch_relay::certs::client_config_with_ca(&spec.ca_file)?;
-    let dialer = Dialer::new(tls, spec.sources.clone());
+    let dialer = Dialer::new(tls, spec.sources.clone()).danger_plaintext(spec.danger_plaintext);
     let sh = Shared::new();
     tokio::task::spawn_local(sh.clone().watch_end(ctl.clone()));
     let spec = Rc::new(spec);
@@ -422,8 +431,9 @@ pub async fn run_agents(spec: AgentSpec, ctl: watch::Receiver<Ctl>) -> anyhow::R
     let (reg_tx, mut reg_rx) = mpsc::unbounded_channel::<Option<String>>();
     let counter = Rc::new(Cell::new(0usize));
     for i in 0..spec.instances {
+        // Each agent is its own `hatch-agent` process, with its own resumption store.
         let (spec, sh, dialer, sem, ctl) =
-            (spec.clone(), sh.clone(), dialer.clone(), sem.clone(), ctl.clone());
+            (spec.clone(), sh.clone(), dialer.own_process(), sem.clone(), ctl.clone());
         let (reg_tx, counter) = (reg_tx.clone(), counter.clone());
         tokio::task::spawn_local(async move {
             let permit = sem.acquire_owned().await;
@@ -464,6 +474,7 @@ pub async fn run_agents(spec: AgentSpec, ctl: watch::Receiver<Ctl>) -> anyhow::R
         rtt: Buckets::default(),
         bytes: sh.bytes.get(),
         errors: sh.errors.borrow().clone(),
+        connections: dialer.connections(),
     });
     Ok(())
 }

@@ -46,6 +46,9 @@ pub struct ClientSpec {
     pub ca_file: PathBuf,
     /// Source addresses for data connections (empty: kernel's choice).
     pub sources: Vec<Ipv4Addr>,
+    /// `ws://` stream URLs are dialed without TLS (`--danger-plaintext`).
+    #[serde(default)]
+    pub danger_plaintext: bool,
     /// Setups in flight at most.
     pub setup_concurrency: usize,
     /// The worker exits after this many seconds whatever happens.
@@ -89,6 +92,9 @@ pub struct AgentSpec {
     pub mode: Mode,
     /// Source addresses for data connections (empty: kernel's choice).
     pub sources: Vec<Ipv4Addr>,
+    /// `ws://` data URLs in `session.open` are dialed without TLS (`--danger-plaintext`).
+    #[serde(default)]
+    pub danger_plaintext: bool,
     /// The worker exits after this many seconds whatever happens.
     pub lifetime_s: f64,
 }
@@ -123,6 +129,10 @@ pub enum Event {
         setup: Buckets,
         /// Failures by kind.
         errors: Errors,
+        /// Connections made during setup, by scheme and TLS handshake kind
+        /// ([`crate::net::Dialer::connections`]).
+        #[serde(default)]
+        connections: Errors,
     },
     /// The measurement is over (clients) or the worker is stopping (agents).
     Done {
@@ -134,6 +144,9 @@ pub enum Event {
         bytes: u64,
         /// Failures by kind.
         errors: Errors,
+        /// Connections made over the worker's life, by scheme and TLS handshake kind.
+        #[serde(default)]
+        connections: Errors,
     },
     /// The worker could not run at all.
     Fatal {

@@ -95,7 +95,56 @@ fn relay_run_reports_relay_floor_ratio_rss_and_cpu() {
     assert!(v["relay_rss_bytes"].as_u64().unwrap() > 0);
     assert!(v["cpu_s_per_million_msgs"].as_f64().is_some());
     assert!(v["setup"]["sessions_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["setup"]["relay_cpu_us_per_session"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["errors_by_kind"], serde_json::json!({}));
+    assert_eq!(v["transport"], "tls");
+    // Every leg over TLS: one API call and one data leg per client session, one data leg per
+    // agent session; none in plaintext.
+    let c = &v["connections"];
+    assert_eq!(count(c, "client.https_"), 6, "{c}");
+    assert_eq!(count(c, "client.wss_"), 6, "{c}");
+    assert_eq!(count(c, "agent.wss_"), 6 + 2, "{c}"); // + 2 control channels
+    assert_eq!(count(c, "agent.https_"), 2, "{c}"); // registrations
+    assert_eq!(count(c, "plain"), 0, "{c}");
+    // Where a real client resumes: each client's data leg resumes its own API call's session,
+    // each agent's control channel its registration's and its data legs one of those.
+    assert_eq!(c["client.https_full"], 6, "{c}");
+    assert_eq!(c["client.wss_resumed"], 6, "{c}");
+    assert_eq!(c["agent.wss_resumed"], 6 + 2, "{c}");
+}
+
+/// The sum of the `connections` counts whose key contains `part`.
+fn count(connections: &serde_json::Value, part: &str) -> u64 {
+    connections
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.contains(part))
+        .map(|(_, n)| n.as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn danger_plaintext_runs_data_legs_and_floor_without_tls_and_the_api_with_it() {
+    let out = loadtest()
+        .args(["--sessions", "5", "--instances", "1", "--ramp", "100", "--duration", "1"])
+        .args(["--json", "-q", "--shards", "1", "--danger-plaintext"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["transport"], "plaintext");
+    assert_eq!(v["errors_by_kind"], serde_json::json!({}), "{v}");
+    assert_eq!(v["relay"]["sessions_up"], 5, "{v}");
+    assert_eq!(v["floor"]["sessions_up"], 5, "{v}");
+    assert!(v["cpu_us_per_round_trip"].as_f64().is_some(), "{v}");
+    let c = &v["connections"];
+    assert_eq!(c["client.ws_plain"], 5, "{c}");
+    assert_eq!(c["agent.ws_plain"], 5, "{c}");
+    // The API and the control channel keep TLS.
+    assert_eq!(count(c, "client.https_"), 5, "{c}");
+    assert_eq!(count(c, "agent.wss_"), 1, "{c}");
+    assert_eq!(count(c, "client.wss_"), 0, "{c}");
 }
 
 #[test]

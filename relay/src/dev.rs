@@ -149,7 +149,9 @@ impl DevRelay {
             Some(d) => d.clone(),
             None => parse_data_args(&opts.data_args)?,
         };
-        anyhow::ensure!(!data.danger_plaintext, "the development relay always serves TLS");
+        // `--danger-plaintext` turns TLS off on the data plane only (the load test's plaintext
+        // runs); the API, and with it the agents' control channels, keep TLS.
+        let data_scheme = if data.danger_plaintext { "ws" } else { "wss" };
         let server = Server::start(ServerConfig {
             data_dir: data_dir.clone(),
             api_listen: opts.api_listen,
@@ -165,7 +167,7 @@ impl DevRelay {
                 server.api_addr().port()
             ),
             data_url: format!(
-                "wss://{}:{}",
+                "{data_scheme}://{}:{}",
                 url_host(server.data_addr()),
                 server.data_addr().port()
             ),

@@ -24,6 +24,9 @@ use crate::control::{ControlConfig, ControlPlane, DataLink, signing};
 use crate::data::{DataArgs, DataPlane};
 use crate::plane::DataCommand;
 
+/// Most blocking threads of the control plane's runtime (see where it is built).
+const STORE_THREADS: usize = 4;
+
 /// ALPN of the API: HTTP/1.1 only (WebSocket upgrades need it).
 const API_ALPN: &[&[u8]] = &[b"http/1.1"];
 
@@ -36,11 +39,13 @@ pub struct ServerConfig {
     pub api_listen: SocketAddr,
     /// Where the data plane listens (port 0 picks one).
     pub data_listen: SocketAddr,
-    /// Certificate and key PEM files; `None` serves plaintext (`--danger-plaintext`).
+    /// Certificate and key PEM files; `None` serves both planes plaintext (`serve
+    /// --danger-plaintext`).
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Control-plane settings (the data port is filled in once the data plane is bound).
     pub control: ControlConfig,
-    /// Data-plane settings (`--danger-plaintext` in them turns TLS off for both planes).
+    /// Data-plane settings. `--danger-plaintext` in them turns TLS off on the data plane; the
+    /// API keeps TLS when `tls` is given (`dev --danger-plaintext`, the load test).
     pub data: DataArgs,
 }
 
@@ -72,6 +77,8 @@ pub struct Server {
     data_addr: SocketAddr,
     tls_files: Option<(PathBuf, PathBuf)>,
     api_tls: TlsSlot,
+    /// The data plane serves TLS (a certificate reload reaches it too).
+    data_tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<Duration>>,
     thread: Option<std::thread::JoinHandle<()>>,
     control: ControlPlane,
@@ -103,17 +110,26 @@ impl Server {
         ensure_data_dir(&cfg.data_dir)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&store_path(&cfg.data_dir))?);
         let (signer, verifier) = signing::load_or_create(&cfg.data_dir)?;
-        let tls = if cfg.data.danger_plaintext { None } else { cfg.tls.clone() };
+        let tls = cfg.tls.clone();
         let (api_tls, data_tls) = match &tls {
             Some((cert, key)) => {
+                // One configuration, and so one TLS session cache, for the API and the data
+                // plane: a client's data leg can resume the session of its API call.
                 let c = crate::certs::server_config(cert, key, API_ALPN)?;
-                (TlsSlot::tls(c.clone()), Some(c))
+                let data = (!cfg.data.danger_plaintext).then(|| c.clone());
+                if data.is_none() {
+                    warn!(
+                        "serving the data plane WITHOUT TLS (--danger-plaintext); the API keeps TLS"
+                    );
+                }
+                (TlsSlot::tls(c), data)
             }
             None => {
                 warn!("serving the API and the data plane WITHOUT TLS (--danger-plaintext)");
                 (TlsSlot::danger_plaintext(), None)
             }
         };
+        let data_is_tls = data_tls.is_some();
 
         let api_std = std::net::TcpListener::bind(cfg.api_listen)
             .with_context(|| format!("binding the API listener on {}", cfg.api_listen))?;
@@ -130,7 +146,7 @@ impl Server {
 
         let mut control_cfg = cfg.control.clone();
         control_cfg.data_port = data_addr.port();
-        control_cfg.data_scheme = if tls.is_some() { "wss" } else { "ws" };
+        control_cfg.data_scheme = if data_is_tls { "wss" } else { "ws" };
         let control = ControlPlane::new(control_cfg, store, signer, data)?;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();
@@ -143,6 +159,12 @@ impl Server {
             .spawn(move || {
                 let rt = match tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
+                    // The blocking pool runs the store's calls, which take turns on one SQLite
+                    // connection: tokio's default of up to 512 threads let a burst of API
+                    // requests start a thread each (stack page faults) only to park them on
+                    // the store's mutex (futex wake-ups), about a fifth of the relay's CPU
+                    // per session setup. A few threads keep the store busy; the rest queue.
+                    .max_blocking_threads(STORE_THREADS)
                     .thread_name("hatch-control")
                     .enable_all()
                     .build()
@@ -202,6 +224,7 @@ impl Server {
             data_addr,
             tls_files: tls,
             api_tls,
+            data_tls: data_is_tls,
             stop: Some(stop_tx),
             thread: Some(thread),
             control,
@@ -229,7 +252,10 @@ impl Server {
         let Some((cert, key)) = &self.tls_files else { return Ok(()) };
         let cfg = crate::certs::server_config(cert, key, API_ALPN)?;
         self.api_tls.replace(cfg.clone());
-        if let Some(p) = self.plane.lock().as_ref() {
+        // A plaintext data plane stays plaintext: its URLs say `ws://`.
+        if self.data_tls
+            && let Some(p) = self.plane.lock().as_ref()
+        {
             p.reload_tls(cfg);
         }
         info!(cert = %cert.display(), "certificate reloaded");

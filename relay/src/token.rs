@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 
+use base64::Engine;
 use hatch_proto::token::{Claims, Role, TOKEN_LIFETIME_SECS};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use thiserror::Error;
@@ -58,7 +59,9 @@ impl TokenError {
 /// The control plane's signing key.
 pub struct TokenSigner {
     kid: String,
-    key: EncodingKey,
+    /// Parsed once: `jsonwebtoken::encode` takes the PKCS#8 bytes and re-derives the key pair
+    /// from them for every token, which was 40 % of issuing one.
+    pair: Ed25519KeyPair,
     public: Vec<u8>,
     /// This process's run id, put in every token (`run`).
     run: String,
@@ -87,8 +90,8 @@ impl TokenSigner {
             .map_err(|e| anyhow::anyhow!("invalid ed25519 key: {e}"))?;
         Ok(TokenSigner {
             kid: kid.to_owned(),
-            key: EncodingKey::from_ed_der(pkcs8),
             public: pair.public_key().as_ref().to_vec(),
+            pair,
             run: new_run()?,
         })
     }
@@ -132,7 +135,17 @@ impl TokenSigner {
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &self.key)?;
+        // What `jsonwebtoken::encode` builds (base64url of the JSON header and claims, the
+        // Ed25519 signature of both joined by a dot), signed with the key pair parsed once.
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut token = format!(
+            "{}.{}",
+            b64.encode(serde_json::to_vec(&header)?),
+            b64.encode(serde_json::to_vec(&claims)?)
+        );
+        let sig = self.pair.sign(token.as_bytes());
+        token.push('.');
+        token.push_str(&b64.encode(sig.as_ref()));
         Ok((token, claims))
     }
 }
@@ -216,6 +229,18 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn issued_token_is_what_jsonwebtoken_encodes() {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        let signer = TokenSigner::from_pkcs8("k1", pkcs8.as_ref()).unwrap();
+        let (token, claims) = signer.issue("s-1", Role::Client, "i-1", "a-1", 1000).unwrap();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("k1".into());
+        // Ed25519 signatures are deterministic: the same key and message give the same bytes.
+        let key = jsonwebtoken::EncodingKey::from_ed_der(pkcs8.as_ref());
+        assert_eq!(token, jsonwebtoken::encode(&header, &claims, &key).unwrap());
+    }
 
     #[test]
     fn issued_token_verifies_for_its_session_and_role_only() {
