@@ -73,13 +73,6 @@ impl Tick {
         let n = self.0.get() - 1;
         Tick(NonZeroU64::MIN.saturating_add(n.div_ceil(g).saturating_mul(g)))
     }
-
-    /// The first multiple of `grain` strictly after this time.
-    fn next_multiple_of(self, grain: Duration) -> Tick {
-        let g = u64::try_from(grain.as_nanos()).unwrap_or(u64::MAX).max(1);
-        let n = self.0.get() - 1;
-        Tick(NonZeroU64::MIN.saturating_add((n / g + 1).saturating_mul(g)))
-    }
 }
 
 impl Add<Duration> for Tick {
@@ -620,10 +613,10 @@ impl<H: Clone> SessionTable<H> {
         }
         let first_uncounted = payload > 0 && s.progress_due.is_none();
         if first_uncounted {
-            // On the shard-wide grid of the interval, not `now + interval`: every session due
-            // in one period reports at the same moment, so the control plane writes them in one
-            // store call instead of one per session (a loss bound of one interval either way).
-            s.progress_due = Some(now.next_multiple_of(interval));
+            // Rounded up to the timer grain like every deadline: the sessions due in one grain
+            // report together, so the control plane writes them in one store call (not one
+            // per session, nor all sessions at once every interval, which stalls the shard).
+            s.progress_due = Some(now + interval);
         }
         if first_uncounted || rearm {
             self.arm(key);
@@ -1295,15 +1288,14 @@ mod tests {
     }
 
     #[test]
-    fn progress_is_reported_on_the_interval_grid_when_counts_changed() {
+    fn progress_is_reported_an_interval_after_the_first_uncounted_bytes() {
         let mut c = Case::new(rules());
         let key = c.pair(0.0, "s", 1, 2);
         c.t.handle_bytes(c.at(1.0), key, Leg::Client, 5);
         c.t.handle_bytes(c.at(1.5), key, Leg::Agent, 50);
-        // Due at the next multiple of the 2 s interval after the first uncounted bytes.
-        assert_eq!(c.run_until(1.9), []);
+        assert_eq!(c.run_until(2.9), []);
         assert_eq!(
-            c.run_until(2.0),
+            c.run_until(3.0),
             [Action::Report(Report::Progress { sid: "s".into(), bytes: [5, 50] })]
         );
         // Liveness alone (pongs) reports nothing.
@@ -1311,15 +1303,15 @@ mod tests {
         assert_eq!(c.run_until(29.0), []);
         c.t.handle_bytes(c.at(29.0), key, Leg::Agent, 1);
         assert_eq!(
-            c.run_until(30.0),
+            c.run_until(31.0),
             [Action::Report(Report::Progress { sid: "s".into(), bytes: [5, 51] })]
         );
     }
 
     #[test]
     fn sessions_due_close_together_wake_the_shard_once() {
-        // 100 sessions whose bytes arrive spread over one progress interval all report at the
-        // same moment; their pings (due 30 s after spread-out arrivals) come in 100 ms steps.
+        // 100 sessions whose bytes arrive spread over one second report in ten batches, one
+        // per 100 ms grain; so do their pings (due 30 s after the spread-out arrivals).
         let mut c = Case::new(Rules { idle_timeout: None, ..rules() });
         let keys: Vec<_> =
             (0..100).map(|i| c.pair(0.0, &format!("s{i}"), 2 * i + 1, 2 * i + 2)).collect();
@@ -1328,10 +1320,17 @@ mod tests {
             c.t.handle_bytes(c.at(at), k, Leg::Client, 1);
             c.t.handle_bytes(c.at(at), k, Leg::Agent, 1);
         }
-        assert_eq!(c.t.poll_timeout(), Some(c.at(2.0)));
-        let reports = c.tick(2.0);
-        assert_eq!(reports.len(), 100);
-        assert!(reports.iter().all(|a| matches!(a, Action::Report(Report::Progress { .. }))));
+        let mut reports = 0;
+        let mut wakes = 0;
+        while let Some(t) = c.t.poll_timeout().filter(|&t| t <= c.at(3.0)) {
+            c.t.handle_timeout(t);
+            let a = c.actions();
+            assert!(a.iter().all(|a| matches!(a, Action::Report(Report::Progress { .. }))));
+            reports += a.len();
+            wakes += 1;
+        }
+        // 2.0, 2.1, ..., 3.0 s (the last arrivals at 0.99 s are due at 2.99, rounded to 3.0).
+        assert_eq!((reports, wakes), (100, 11));
         let mut wakes = 0;
         while let Some(t) = c.t.poll_timeout().filter(|&t| t <= c.at(31.0)) {
             c.t.handle_timeout(t);
