@@ -36,6 +36,11 @@ pub struct RunArgs {
     /// DATA payload in bytes (default 16; 16384 in throughput mode).
     #[arg(long)]
     pub payload: Option<usize>,
+    /// Messages in flight per session in throughput mode (1–64). The echo is latency-bound with
+    /// a small window: 4 × 16 KiB measures round trips as much as bulk transfer; a real bulk
+    /// transfer (a file through `cat`) has TCP's window of megabytes in flight.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub window: u16,
     /// Measurement time in seconds, after every session is up.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,

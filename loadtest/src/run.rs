@@ -219,6 +219,7 @@ impl Plan<'_> {
                     ramp: self.args.ramp / n as f64,
                     rate: self.args.rate,
                     payload: self.payload,
+                    window: usize::from(self.args.window),
                     duration_s: self.args.duration,
                     mode: self.args.mode,
                     ca_file: ca.to_owned(),

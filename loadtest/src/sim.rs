@@ -39,9 +39,6 @@ const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// One API call must finish within this.
 const API_TIMEOUT: Duration = Duration::from_secs(20);
-/// Messages in flight per session in throughput mode. With 16 KiB messages that is 64 KiB,
-/// well inside the relay's 256 KiB per-direction bound, so the echo can never deadlock on it.
-const THROUGHPUT_WINDOW: usize = 4;
 /// Registrations and control-channel dials in flight at once.
 const REGISTER_CONCURRENCY: usize = 16;
 
@@ -346,11 +343,11 @@ impl Session {
 
     async fn throughput(&self, ws: &mut Ws, payload: &Bytes, end: Instant) -> Result<(), Failure> {
         let size = self.spec.payload as u64;
-        let mut sent = std::collections::VecDeque::with_capacity(THROUGHPUT_WINDOW);
+        let mut sent = std::collections::VecDeque::with_capacity(self.spec.window);
         let mut got: u64 = 0;
         let mut acked: u64 = 0;
         while Instant::now() < end {
-            while sent.len() < THROUGHPUT_WINDOW {
+            while sent.len() < self.spec.window.max(1) {
                 ws.send(Message::Binary(payload.clone()))
                     .await
                     .map_err(|e| Failure::new("send", e))?;

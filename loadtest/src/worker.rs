@@ -38,6 +38,9 @@ pub struct ClientSpec {
     pub rate: f64,
     /// DATA payload bytes.
     pub payload: usize,
+    /// Messages in flight per session in throughput mode.
+    #[serde(default = "default_window")]
+    pub window: usize,
     /// Measurement time, seconds.
     pub duration_s: f64,
     /// Session behaviour.
@@ -53,6 +56,10 @@ pub struct ClientSpec {
     pub setup_concurrency: usize,
     /// The worker exits after this many seconds whatever happens.
     pub lifetime_s: f64,
+}
+
+fn default_window() -> usize {
+    4
 }
 
 /// Where the clients' sessions go.
