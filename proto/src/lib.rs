@@ -30,4 +30,5 @@ pub mod control;
 pub mod forward;
 pub mod frame;
 pub mod logtext;
+pub mod resume;
 pub mod token;
