@@ -426,7 +426,10 @@ pub struct TokenId(u128);
 impl TokenId {
     /// The id of a token whose `jti` claim is `jti`.
     pub fn of(jti: &str) -> TokenId {
+        // Lowercase hex only, as issued: `from_str_radix` alone would also take a sign or
+        // upper case, so two different ids could map to one.
         if jti.len() == 32
+            && jti.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             && let Ok(n) = u128::from_str_radix(jti, 16)
         {
             return TokenId(n);
@@ -978,6 +981,10 @@ mod tests {
         assert_ne!(TokenId::of("x"), TokenId::of("y"));
         assert_ne!(TokenId::of(&hex.to_uppercase()[..31]), TokenId::of(&hex[..31]));
         assert_eq!(TokenId::of("abc"), TokenId::of("abc"));
+        // Spellings of the same number are different ids.
+        let plus = format!("+{}", &hex[1..]);
+        assert_ne!(TokenId::of(&plus), TokenId::of(hex));
+        assert_ne!(TokenId::of(&hex.to_uppercase()), TokenId::of(hex));
     }
 
     #[test]
