@@ -923,13 +923,18 @@ mod tests {
             self.t.handle_admit(self.at(secs), adm, handle);
         }
 
+        /// Admits a leg that the table must accept (one `Accept`, nothing else); its key.
+        fn accept(&mut self, secs: f64, sid: &str, leg: Leg, jti: &str, handle: u32) -> Key {
+            self.admit(secs, sid, leg, jti, handle);
+            match self.actions().as_slice() {
+                [Action::Accept { key, leg: l, handle: h }] if *l == leg && *h == handle => *key,
+                a => panic!("{a:?}"),
+            }
+        }
+
         /// Admits and upgrades both legs at `secs`; returns the key.
         fn pair(&mut self, secs: f64, sid: &str, client: u32, agent: u32) -> Key {
-            self.admit(secs, sid, Leg::Client, &format!("{sid}-c"), client);
-            let key = match self.actions().as_slice() {
-                [Action::Accept { key, .. }] => *key,
-                a => panic!("{a:?}"),
-            };
+            let key = self.accept(secs, sid, Leg::Client, &format!("{sid}-c"), client);
             self.t.handle_upgraded(self.at(secs), key, Leg::Client, true);
             self.admit(secs, sid, Leg::Agent, &format!("{sid}-a"), agent);
             self.t.handle_upgraded(self.at(secs), key, Leg::Agent, true);
@@ -990,11 +995,7 @@ mod tests {
     #[test]
     fn a_leg_alone_waits_then_gets_4004_at_the_pair_timeout() {
         let mut c = Case::new(rules());
-        c.admit(0.0, "s", Leg::Client, "j1", 1);
-        let key = match c.actions().as_slice() {
-            [Action::Accept { key, leg: Leg::Client, handle: 1 }] => *key,
-            a => panic!("{a:?}"),
-        };
+        let key = c.accept(0.0, "s", Leg::Client, "j1", 1);
         c.t.handle_upgraded(c.at(0.0), key, Leg::Client, true);
         assert_eq!(c.actions(), [Action::Watch { key, leg: Leg::Client, handle: 1 }]);
         assert!(c.t.is_waiting(key));
@@ -1014,11 +1015,7 @@ mod tests {
     #[test]
     fn the_second_leg_pairs_reports_and_starts_the_pumps() {
         let mut c = Case::new(rules());
-        c.admit(0.0, "s", Leg::Agent, "ja", 2);
-        let key = match c.actions().as_slice() {
-            [Action::Accept { key, .. }] => *key,
-            a => panic!("{a:?}"),
-        };
+        let key = c.accept(0.0, "s", Leg::Agent, "ja", 2);
         c.t.handle_upgraded(c.at(0.0), key, Leg::Agent, true);
         assert_eq!(c.actions(), [Action::Watch { key, leg: Leg::Agent, handle: 2 }]);
         c.admit(3.0, "s", Leg::Client, "jc", 1);
@@ -1130,11 +1127,7 @@ mod tests {
     fn terminate_before_pairing_closes_the_leg_and_answers_later_legs_with_the_code() {
         let mut c = Case::new(rules());
         let code = CloseCode::new(close::TERMINATED).unwrap();
-        c.admit(0.0, "s", Leg::Client, "jc", 1);
-        let key = match c.actions().as_slice() {
-            [Action::Accept { key, .. }] => *key,
-            a => panic!("{a:?}"),
-        };
+        let key = c.accept(0.0, "s", Leg::Client, "jc", 1);
         c.t.handle_upgraded(c.at(0.0), key, Leg::Client, true);
         let _ = c.actions();
         c.t.handle_terminate(c.at(1.0), "s", code);
@@ -1271,11 +1264,7 @@ mod tests {
     #[test]
     fn a_101_that_fails_ends_the_session_as_lost_by_that_leg() {
         let mut c = Case::new(rules());
-        c.admit(0.0, "s", Leg::Agent, "ja", 2);
-        let key = match c.actions().as_slice() {
-            [Action::Accept { key, .. }] => *key,
-            a => panic!("{a:?}"),
-        };
+        let key = c.accept(0.0, "s", Leg::Agent, "ja", 2);
         c.t.handle_upgraded(c.at(0.0), key, Leg::Agent, true);
         let _ = c.actions();
         c.admit(1.0, "s", Leg::Client, "jc", 1);
