@@ -598,12 +598,13 @@ impl<H: Clone> SessionTable<H> {
 
     /// `payload` data bytes (and perhaps control frames) arrived on `leg` and went on. Any
     /// arrival is liveness; only client data resets the idle timeout. Queues no action (this
-    /// is the hot path: a pump calls it once per read); it may move
-    /// [`SessionTable::poll_timeout`] earlier.
-    pub fn handle_bytes(&mut self, now: Instant, key: Key, leg: Leg, payload: u64) {
+    /// is the hot path: a pump calls it once per read). Returns whether
+    /// [`SessionTable::poll_timeout`] may have moved earlier (rarely: the first uncounted
+    /// bytes, or an answer to a ping), so that the driver looks at its timer only then.
+    pub fn handle_bytes(&mut self, now: Instant, key: Key, leg: Leg, payload: u64) -> bool {
         let now = self.tick(now);
         let interval = self.rules.progress_interval;
-        let Some(s) = self.get_mut(key) else { return };
+        let Some(s) = self.get_mut(key) else { return false };
         let slot = &mut s.legs[leg.index()];
         slot.last_rx = now;
         // A leg that answers a ping is due its next one sooner than its death was.
@@ -621,9 +622,7 @@ impl<H: Clone> SessionTable<H> {
             // per session, nor all sessions at once every interval, which stalls the shard).
             s.progress_due = Some(now + interval);
         }
-        if first_uncounted || rearm {
-            self.arm(key);
-        }
+        (first_uncounted || rearm) && self.arm(key)
     }
 
     /// `leg` ended as `how`: the session ends.
@@ -752,15 +751,18 @@ impl<H: Clone> SessionTable<H> {
     }
 
     /// Makes sure the session's heap entry is no later than its next deadline.
-    fn arm(&mut self, key: Key) {
+    /// Returns whether it queued an earlier entry.
+    fn arm(&mut self, key: Key) -> bool {
         let rules = &self.rules;
-        let Some(s) = self.sessions.get_mut(key.slot as usize) else { return };
-        let Some(due) = next_deadline(s, rules) else { return };
+        let Some(s) = self.sessions.get_mut(key.slot as usize) else { return false };
+        let Some(due) = next_deadline(s, rules) else { return false };
         let due = due.ceil_to(rules.grain);
-        if s.armed.is_none_or(|t| due < t) {
-            s.armed = Some(due);
-            self.timers.push(Reverse((due, key)));
+        if s.armed.is_some_and(|t| due >= t) {
+            return false;
         }
+        s.armed = Some(due);
+        self.timers.push(Reverse((due, key)));
+        true
     }
 
     /// Enforces the session's rules at `now`, then re-arms it.
@@ -773,7 +775,8 @@ impl<H: Clone> SessionTable<H> {
                 let e = Ending::both(CloseReason::PairTimeout, CloseCode::PEER_NEVER_CAME);
                 return self.end(now, key, e);
             }
-            return self.arm(key);
+            self.arm(key);
+            return;
         };
         if rules.max_duration.is_some_and(|max| now >= paired + max) {
             let e = Ending::both(CloseReason::MaxDuration, CloseCode::MAX_DURATION);
@@ -1116,8 +1119,11 @@ mod tests {
         let key = c.pair(0.0, "s", 1, 2);
         assert_eq!(c.run_until(30.0), [Action::Ping { handle: 1 }, Action::Ping { handle: 2 }]);
         // Pongs (no data) from both at 40 s: the next pings are due 30 s later.
-        c.t.handle_bytes(c.at(40.0), key, Leg::Client, 0);
-        c.t.handle_bytes(c.at(40.0), key, Leg::Agent, 0);
+        // The first answer moves the session's deadline earlier (from the death at 90 s to the
+        // next ping at 70 s); the second is due at the same 70 s, and a second arrival at the same time changes nothing.
+        assert!(c.t.handle_bytes(c.at(40.0), key, Leg::Client, 0));
+        assert!(!c.t.handle_bytes(c.at(40.0), key, Leg::Agent, 0));
+        assert!(!c.t.handle_bytes(c.at(40.0), key, Leg::Agent, 0));
         assert_eq!(c.run_until(69.9), []);
         assert_eq!(c.run_until(70.0), [Action::Ping { handle: 1 }, Action::Ping { handle: 2 }]);
         assert!(c.t.is_live(key));
@@ -1393,8 +1399,10 @@ mod tests {
         for r in 0..100 {
             let now = 0.01 * f64::from(r);
             for &k in &keys {
-                c.t.handle_bytes(c.at(now), k, Leg::Client, 1);
-                c.t.handle_bytes(c.at(now), k, Leg::Agent, 1);
+                // Only a session's first bytes move its deadline earlier (the progress report):
+                // the driver looks at its timer then, not on every read.
+                assert_eq!(c.t.handle_bytes(c.at(now), k, Leg::Client, 1), r == 0);
+                assert!(!c.t.handle_bytes(c.at(now), k, Leg::Agent, 1));
             }
         }
         assert!(c.t.timers.len() <= 2 * keys.len(), "{}", c.t.timers.len());

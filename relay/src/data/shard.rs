@@ -639,8 +639,9 @@ impl<S: Stream> pump::Host for Rc<Shard<S>> {
     }
 
     fn bytes(&self, now: std::time::Instant, key: Key, leg: Leg, payload: u64) {
-        self.table.borrow_mut().handle_bytes(now, key, leg, payload);
-        self.check_timer();
+        if self.table.borrow_mut().handle_bytes(now, key, leg, payload) {
+            self.check_timer();
+        }
     }
 
     fn leg_ended(&self, key: Key, leg: Leg, how: LegEnd) {

@@ -102,11 +102,6 @@ impl Tls {
         self.failed.set(true);
     }
 
-    /// Whether rustls is still in the handshake.
-    pub fn is_handshaking(&self) -> bool {
-        self.conn.borrow().is_handshaking()
-    }
-
     /// Runs rustls over `buf[*start..]` until it needs more input or bytes must be sent.
     /// Decrypted payloads are appended at `buf[*w..]` (always in front of `*start`: a record's
     /// plaintext is shorter than the record); `*start` advances by what rustls discards.
