@@ -84,6 +84,11 @@ pub struct RunArgs {
     /// Most concurrent sessions; further `session.open`s are refused.
     #[arg(long, default_value_t = control::DEFAULT_MAX_SESSIONS)]
     pub max_sessions: usize,
+    /// Bytes of output a session may have in flight before the client acknowledges them (at
+    /// least 1024): the replay buffer a resume is served from. The PTY is not read while the
+    /// window is full.
+    #[arg(long, default_value_t = hatch_proto::resume::DEFAULT_WINDOW)]
+    pub window: usize,
 }
 
 /// Sets up logging to stderr (`RUST_LOG` wins over `-v`).
@@ -203,6 +208,10 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<()> {
             tls: cfg.clone(),
             allow_plaintext: args.danger_allow_plaintext,
             timing: SessionTiming::default(),
+            link: hatch_proto::resume::LinkConfig {
+                window: args.window.max(1024),
+                ..Default::default()
+            },
         },
         state,
         tls: cfg,

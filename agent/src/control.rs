@@ -512,7 +512,12 @@ mod tests {
     async fn unreported_session_ends_are_bounded_oldest_dropped_first() {
         let (report, _rx) = mpsc::channel(1);
         let tls = crate::tls::client_config(None, true).unwrap();
-        let cfg = SessionConfig { tls, allow_plaintext: false, timing: Default::default() };
+        let cfg = SessionConfig {
+            tls,
+            allow_plaintext: false,
+            timing: Default::default(),
+            link: Default::default(),
+        };
         let mut s = Sessions {
             tasks: JoinSet::new(),
             live: HashMap::new(),

@@ -21,10 +21,11 @@
 //! is one task; the only per-session memory is one 16 KiB read buffer and the WebSocket's
 //! bounded buffers.
 
+use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,10 +36,11 @@ use hatch_proto::channel::{self, Message};
 use hatch_proto::close;
 use hatch_proto::control::ToAgent;
 use hatch_proto::logtext::peer;
+use hatch_proto::resume::{Deliver, Link, LinkConfig, OffsetError, Replay, Resume};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, User};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -117,6 +119,8 @@ pub struct SessionConfig {
     pub allow_plaintext: bool,
     /// Timers.
     pub timing: SessionTiming,
+    /// Bytes in flight per direction and when to acknowledge (`--window`).
+    pub link: LinkConfig,
 }
 
 /// One `session.open`.
@@ -299,8 +303,9 @@ pub async fn run_counted(
     let pid = child.id().unwrap_or(0);
     info!(session = %peer(&sid, 40), pid, program = %launch.program, mode = spec.mode.as_str(), "session started");
 
+    let flow = Flow::new(cfg.link);
     let outcome =
-        pump(&mut io, &mut child, &mut sink, &mut stream, cancel, &cfg.timing, counts).await;
+        pump(&mut io, &mut child, &mut sink, &mut stream, cancel, &cfg.timing, &flow, counts).await;
     let end = match outcome {
         Outcome::Exited(status) => {
             let code = exit_code(status);
@@ -308,17 +313,34 @@ pub async fn run_counted(
             // Background jobs that outlive the leader get the hang-up a terminal would give
             // them (nohup'd ones survive, as with ssh).
             hang_up_session(pid);
-            let exit = Message::Exit(code).to_vec();
-            let len = exit.len();
-            let sent =
-                timeout(cfg.timing.exit_timeout, sink.send(WsMessage::Binary(exit.into()))).await;
-            if matches!(sent, Ok(Ok(()))) {
-                counts.add_sent(len);
-                close_leg(&mut sink, &mut stream, close::NORMAL, "exited", &cfg.timing).await;
-            } else {
-                counts.set_lost();
+            // EXIT is the end of the output: it is replayed like output until the client has
+            // acknowledged it, so a client that resumes late still gets every byte and the
+            // status.
+            flow.exit.store(i64::from(code), Ordering::Relaxed);
+            flow.link().tx.finish();
+            let sent = timeout(
+                cfg.timing.exit_timeout,
+                deliver_exit(&mut sink, &mut stream, &flow, code, counts),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => {
+                    close_leg(&mut sink, &mut stream, close::NORMAL, "exited", &cfg.timing).await
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "EXIT not acknowledged");
+                    counts.set_lost();
+                }
+                Err(_) => counts.set_lost(),
             }
             SessionEnd::Exited(code)
+        }
+        Outcome::Broken(e) => {
+            hang_up(io, &mut child, pid, &cfg.timing).await;
+            warn!(session = %peer(&sid, 40), error = %e, "the session cannot be resumed exactly");
+            close_leg(&mut sink, &mut stream, close::RESUME_FAILED, "resume failed", &cfg.timing)
+                .await;
+            SessionEnd::Lost(format!("the session could not be resumed: {e}"))
         }
         Outcome::Lost(why) => {
             hang_up(io, &mut child, pid, &cfg.timing).await;
@@ -378,12 +400,13 @@ async fn dial(
     Ok(ws)
 }
 
-/// WebSocket buffers of a data leg: small eager read buffer, writes go out at once (a
-/// keystroke echo must not wait for a buffer to fill), bounded inbound messages.
+/// WebSocket buffers of a data leg: small eager read buffer, bounded inbound messages. Every
+/// send is flushed at once (a keystroke echo must not wait for a buffer to fill); the write
+/// buffer only lets an acknowledgement ride in the same write as the output before it.
 fn leg_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(MAX_DATA + 64)
-        .write_buffer_size(0)
+        .write_buffer_size(MAX_DATA + 64)
         .max_write_buffer_size(4 * MAX_DATA)
         .max_message_size(Some(MAX_INBOUND_MESSAGE))
         .max_frame_size(Some(MAX_INBOUND_MESSAGE))
@@ -559,6 +582,9 @@ enum Outcome {
     Cancelled(Cancel),
     /// The client sent something that is not hatch.v1.
     BadMessage(String),
+    /// The client's offsets cannot be right (an ACK beyond what was sent, a resume from bytes
+    /// already dropped): the session cannot go on exactly.
+    Broken(OffsetError),
 }
 
 /// Why `pump_in` stopped.
@@ -566,6 +592,161 @@ enum InEnd {
     Closed(Option<CloseFrame>),
     Gone(String),
     Bad(String),
+    Broken(OffsetError),
+}
+
+/// The offsets of a session and what its two pumps share while a leg is up. Both pumps run in
+/// the session's one task (the locks are never contended nor held across an await; they are
+/// locks only because the task may move between threads).
+struct Flow {
+    link: Mutex<Link>,
+    /// What `pump_in` wants sent before more output: the answer to the client's RESUME and
+    /// what is sent again after it.
+    answers: Mutex<VecDeque<Vec<u8>>>,
+    /// Wakes `pump_out`: room opened, an acknowledgement may be due, or answers are queued.
+    wake: Notify,
+    /// A send to the leg is pending (a slow reader is not a dead leg).
+    sending: AtomicBool,
+    /// Output reads so far: the drain after the child's exit ends only once output has stopped
+    /// moving, and a leg whose output is still moving is a slow reader, not a dead leg.
+    progress: AtomicU64,
+    /// The EXIT status once it was sent (the end of the output, replayed like it); `NO_EXIT`
+    /// before.
+    exit: AtomicI64,
+}
+
+/// [`Flow::exit`] before the child exited.
+const NO_EXIT: i64 = i64::MIN;
+
+impl Flow {
+    fn new(cfg: LinkConfig) -> Self {
+        Flow {
+            link: Mutex::new(Link::new(cfg)),
+            answers: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            sending: AtomicBool::new(false),
+            progress: AtomicU64::new(0),
+            exit: AtomicI64::new(NO_EXIT),
+        }
+    }
+
+    fn link(&self) -> MutexGuard<'_, Link> {
+        // A panic while holding it would have ended the task; the state is still consistent.
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_answers(&self) -> Vec<Vec<u8>> {
+        self.answers.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
+    }
+
+    fn sending(&self) -> bool {
+        self.sending.load(Ordering::Relaxed)
+    }
+
+    fn set_sending(&self, on: bool) {
+        self.sending.store(on, Ordering::Relaxed);
+    }
+
+    fn progress(&self) -> u64 {
+        self.progress.load(Ordering::Relaxed)
+    }
+
+    fn exit_status(&self) -> Option<i32> {
+        i32::try_from(self.exit.load(Ordering::Relaxed)).ok()
+    }
+
+    /// Handles a RESUME from the client: queues the answer and what must be sent again.
+    fn on_resume(&self, peer: Resume) -> Result<(), OffsetError> {
+        let exit = self.exit_status();
+        let mut link = self.link();
+        if let Some((answer, replay)) = link.on_resume(peer)? {
+            let msgs = replay_messages(answer, replay, exit);
+            self.answers.lock().unwrap_or_else(|p| p.into_inner()).extend(msgs);
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// A RESUME and what follows it as encoded messages: the output again in DATA messages of at
+/// most [`MAX_DATA`] bytes, then EXIT if the end must be sent again.
+fn replay_messages(resume: Resume, replay: Replay<'_>, exit: Option<i32>) -> Vec<Vec<u8>> {
+    let Resume { received, from, reply } = resume;
+    let mut out = vec![Message::Resume { received, from, reply }.to_vec()];
+    for part in [replay.data.0, replay.data.1] {
+        out.extend(part.chunks(MAX_DATA).map(|c| Message::Data(c).to_vec()));
+    }
+    if replay.end {
+        out.push(Message::Exit(exit.unwrap_or(255)).to_vec());
+    }
+    out
+}
+
+/// Sends EXIT and waits until the client has acknowledged everything, EXIT included (it
+/// acknowledges an end at once), answering a RESUME meanwhile.
+async fn deliver_exit(
+    sink: &mut Sink,
+    stream: &mut Stream,
+    flow: &Flow,
+    code: i32,
+    counts: &LegCounts,
+) -> Result<(), String> {
+    let ack = flow.link().rx.take_ack();
+    send_all(sink, [Message::Exit(code).to_vec()].into_iter().chain(ack_msg(ack)), counts).await?;
+    loop {
+        let answers = flow.take_answers();
+        if !answers.is_empty() {
+            send_all(sink, answers, counts).await?;
+        }
+        if flow.link().tx.all_acked() {
+            return Ok(());
+        }
+        let msg = match stream.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(format!("leg failed: {e}")),
+            None => return Err("leg connection ended".into()),
+        };
+        if let WsMessage::Binary(b) = &msg {
+            counts.add_received(b.len());
+        }
+        match msg {
+            WsMessage::Binary(b) => match Message::decode(&b) {
+                Ok(Message::Ack(n)) => flow.link().on_ack(n).map_err(|e| e.to_string())?,
+                Ok(Message::Resume { received, from, reply }) => {
+                    flow.on_resume(Resume { received, from, reply }).map_err(|e| e.to_string())?
+                }
+                // Input after the command ended goes nowhere.
+                _ => {}
+            },
+            WsMessage::Close(_) => return Err("leg closed before EXIT was acknowledged".into()),
+            _ => {}
+        }
+    }
+}
+
+fn ack_msg(ack: Option<u64>) -> Option<Vec<u8>> {
+    ack.map(|n| Message::Ack(n).to_vec())
+}
+
+/// Sends messages in one flush (an acknowledgement rides in the same write as the output it
+/// follows), counting them.
+async fn send_all(
+    sink: &mut Sink,
+    msgs: impl IntoIterator<Item = Vec<u8>>,
+    counts: &LegCounts,
+) -> Result<(), String> {
+    for m in msgs {
+        let len = m.len();
+        if let Err(e) = sink.feed(WsMessage::Binary(m.into())).await {
+            counts.set_lost();
+            return Err(format!("sending output: {e}"));
+        }
+        counts.add_sent(len);
+    }
+    sink.flush().await.map_err(|e| {
+        counts.set_lost();
+        format!("sending output: {e}")
+    })
 }
 
 /// The command's side of a session: a PTY, or pipes when the client is not a terminal.
@@ -644,6 +825,7 @@ impl Input<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     io: &mut Io,
     child: &mut tokio::process::Child,
@@ -651,6 +833,7 @@ async fn pump(
     stream: &mut Stream,
     mut cancel: oneshot::Receiver<Cancel>,
     timing: &SessionTiming,
+    flow: &Flow,
     counts: &LegCounts,
 ) -> Outcome {
     let (output, input) = match io {
@@ -660,15 +843,10 @@ async fn pump(
         }
         Io::Pipes { input, output } => (Output::Pipe(output), Input::Pipe(input.take())),
     };
-    let sending = AtomicBool::new(false);
-    // Output reads so far: the drain after the child's exit ends only once output has stopped
-    // moving, and a leg whose output is still moving is a slow reader, not a dead leg, so a
-    // slow client gets every byte instead of a cut.
-    let progress = AtomicU64::new(0);
     let mut progress_at_arm = 0;
     let mut exited_at = Instant::now();
-    let out = pump_out(&output, sink, timing.ping_interval, &sending, &progress, counts);
-    let inp = pump_in(input, stream, timing.dead_after, &sending, &progress, counts);
+    let out = pump_out(&output, sink, timing.ping_interval, flow, counts);
+    let inp = pump_in(input, stream, timing.dead_after, flow, counts);
     tokio::pin!(out, inp);
     let mut out_done = false;
     let mut status: Option<ExitStatus> = None;
@@ -687,15 +865,15 @@ async fn pump(
             st = child.wait(), if status.is_none() => match st {
                 Ok(st) => {
                     status = Some(st);
-                    progress_at_arm = progress.load(Ordering::Relaxed);
+                    progress_at_arm = flow.progress();
                     exited_at = Instant::now();
                     drain.as_mut().reset(Instant::now() + timing.drain_timeout);
                 }
                 Err(e) => return Outcome::Lost(format!("waiting for the child: {e}")),
             },
             () = &mut drain, if status.is_some() => {
-                let now = progress.load(Ordering::Relaxed);
-                let moving = now != progress_at_arm || sending.load(Ordering::Relaxed);
+                let now = flow.progress();
+                let moving = now != progress_at_arm || flow.sending();
                 if moving && exited_at.elapsed() < timing.exit_timeout {
                     // Output is still moving (or waiting for the client): not stuck. A
                     // background job that writes forever is cut at the exit timeout.
@@ -714,6 +892,7 @@ async fn pump(
                 }),
                 InEnd::Gone(why) => Outcome::Lost(why),
                 InEnd::Bad(why) => Outcome::BadMessage(why),
+                InEnd::Broken(e) => Outcome::Broken(e),
             },
             c = &mut cancel, if cancel_open => match c {
                 Ok(c) => return Outcome::Cancelled(c),
@@ -724,41 +903,68 @@ async fn pump(
     }
 }
 
-/// PTY → leg. Ends with `Ok` when the PTY hangs up (no process holds it any more).
+/// PTY → leg, and everything else the agent sends: acknowledgements (riding with output where
+/// there is output), answers to a RESUME, pings. Ends with `Ok` when the PTY hangs up (no
+/// process holds it any more). The PTY is read only while the window has room: a client that
+/// does not acknowledge stops the command's output, as a slow terminal would.
 async fn pump_out(
     pty: &Output<'_>,
     sink: &mut Sink,
     ping_interval: Duration,
-    sending: &AtomicBool,
-    progress: &AtomicU64,
+    flow: &Flow,
     counts: &LegCounts,
 ) -> Result<(), String> {
     let mut buf = vec![0u8; 1 + MAX_DATA];
     buf[0] = channel::TYPE_DATA;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     loop {
+        let answers = flow.take_answers();
+        if !answers.is_empty() {
+            flow.set_sending(true);
+            let sent = send_all(sink, answers, counts).await;
+            flow.set_sending(false);
+            sent?;
+        }
+        let (room, ack_at) = {
+            let link = flow.link();
+            (link.tx.room().min(MAX_DATA), link.rx.poll_timeout())
+        };
         tokio::select! {
-            r = pty.read(&mut buf[1..]) => {
+            r = pty.read(&mut buf[1..1 + room]), if room > 0 => {
                 let n = match r {
                     Ok(0) => return Ok(()),
                     Ok(n) => n,
                     Err(e) => return Err(format!("reading the terminal: {e}")),
                 };
-                progress.fetch_add(1, Ordering::Relaxed);
-                let msg = WsMessage::Binary(Bytes::copy_from_slice(&buf[..1 + n]));
-                sending.store(true, Ordering::Relaxed);
-                let sent = sink.send(msg).await;
-                sending.store(false, Ordering::Relaxed);
-                if let Err(e) = sent {
-                    counts.set_lost();
-                    return Err(format!("sending output: {e}"));
+                flow.progress.fetch_add(1, Ordering::Relaxed);
+                let ack = {
+                    let mut link = flow.link();
+                    let took = link.tx.push(&buf[1..1 + n]);
+                    debug_assert_eq!(took, n, "read no more than the window's room");
+                    // Whatever was received rides along with the output.
+                    link.rx.take_ack()
+                };
+                flow.set_sending(true);
+                let sent = send_all(sink, [buf[..1 + n].to_vec()].into_iter().chain(ack_msg(ack)), counts).await;
+                flow.set_sending(false);
+                sent?;
+            }
+            () = flow.wake.notified() => {
+                let ack = flow.link().rx.poll_ack(Instant::now().into_std());
+                if ack.is_some() {
+                    send_all(sink, ack_msg(ack), counts).await?;
                 }
-                counts.add_sent(1 + n);
+            }
+            () = sleep_until_some(ack_at) => {
+                let ack = flow.link().rx.poll_ack(Instant::now().into_std());
+                if ack.is_some() {
+                    send_all(sink, ack_msg(ack), counts).await?;
+                }
             }
             _ = ping.tick() => {
-                sending.store(true, Ordering::Relaxed);
+                flow.set_sending(true);
                 let sent = sink.send(WsMessage::Ping(Bytes::new())).await;
-                sending.store(false, Ordering::Relaxed);
+                flow.set_sending(false);
                 if let Err(e) = sent {
                     counts.set_lost();
                     return Err(format!("sending a ping: {e}"));
@@ -768,25 +974,34 @@ async fn pump_out(
     }
 }
 
+/// Sleeps until `at`; forever without one.
+async fn sleep_until_some(at: Option<std::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Leg → PTY.
 async fn pump_in(
     mut pty: Input<'_>,
     stream: &mut Stream,
     dead_after: Duration,
-    sending: &AtomicBool,
-    progress: &AtomicU64,
+    flow: &Flow,
     counts: &LegCounts,
 ) -> InEnd {
     let mut pty_open = true;
     loop {
-        let output_before = progress.load(Ordering::Relaxed);
+        let output_before = flow.progress();
         let msg = match timeout(dead_after, stream.next()).await {
             // Output waiting for, or still flowing to, a slow reader during the whole window
-            // (a send can be between two writes at the instant the timer fires): the leg is
-            // flow-controlled, not dead.
+            // (a send can be between two writes at the instant the timer fires), or waiting
+            // for the reader's acknowledgement (the window is full): the leg is flow-controlled,
+            // not dead.
             Err(_)
-                if sending.load(Ordering::Relaxed)
-                    || progress.load(Ordering::Relaxed) != output_before =>
+                if flow.sending()
+                    || flow.progress() != output_before
+                    || flow.link().tx.room() == 0 =>
             {
                 continue;
             }
@@ -809,19 +1024,36 @@ async fn pump_in(
             WsMessage::Text(t) => counts.add_received(t.len()),
             _ => {}
         }
+        let now = Instant::now().into_std();
         match msg {
             WsMessage::Binary(b) => match Message::decode(&b) {
-                Ok(Message::Data(d)) if pty_open => {
-                    // An empty DATA is the end of the client's input.
-                    let done = if d.is_empty() { pty.end().await } else { pty.write_all(d).await };
-                    if let Err(e) = done {
-                        // The child has gone and the terminal with it; the exit path follows.
+                // An empty DATA is the end of the client's input.
+                Ok(Message::Data([])) => {
+                    let new = flow.link().on_end(now);
+                    flow.wake.notify_one();
+                    if new
+                        && pty_open
+                        && let Err(e) = pty.end().await
+                    {
                         debug!(?e, "terminal no longer accepts input");
                         pty_open = false;
                     }
                 }
-                // Input after the command stopped reading is dropped.
-                Ok(Message::Data(_)) => {}
+                Ok(Message::Data(d)) => {
+                    let deliver = flow.link().on_data(now, d.len());
+                    flow.wake.notify_one();
+                    match deliver {
+                        Deliver::From(i) if pty_open && i < d.len() => {
+                            if let Err(e) = pty.write_all(&d[i..]).await {
+                                // The child has gone and the terminal with it; the exit path
+                                // follows. Input after that is dropped.
+                                debug!(?e, "terminal no longer accepts input");
+                                pty_open = false;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 Ok(Message::Resize { cols, rows }) => {
                     if cols == 0 || rows == 0 {
                         debug!(cols, rows, "ignoring an empty window size");
@@ -829,12 +1061,24 @@ async fn pump_in(
                         debug!(?e, "resize failed");
                     }
                 }
+                Ok(Message::Ack(n)) => {
+                    if let Err(e) = flow.link().on_ack(n) {
+                        return InEnd::Broken(e);
+                    }
+                    // Room may have opened.
+                    flow.wake.notify_one();
+                }
+                Ok(Message::Resume { received, from, reply }) => {
+                    if let Err(e) = flow.on_resume(Resume { received, from, reply }) {
+                        return InEnd::Broken(e);
+                    }
+                }
                 Ok(Message::Error { code, message }) => {
                     // The text is the client's (up to a whole message, 1 MiB): only its head
                     // goes to the log.
                     warn!(code, error = %peer(message, 200), "client reported an error");
                 }
-                Ok(Message::Ack(_) | Message::Exit(_) | Message::Unknown { .. }) => {}
+                Ok(Message::Exit(_) | Message::Unknown { .. }) => {}
                 Err(e) => return InEnd::Bad(e.to_string()),
             },
             WsMessage::Text(_) => {
@@ -932,6 +1176,7 @@ mod tests {
             tls: crate::tls::client_config(None, true).unwrap(),
             allow_plaintext: false,
             timing: SessionTiming::default(),
+            link: LinkConfig::default(),
         };
         let spec = SessionSpec {
             session_id: "s-1".into(),

@@ -6,8 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{DEADLINE, Ws, eventually, processes_in_session, read_until, send};
-use futures_util::StreamExt;
+use common::{DEADLINE, Leg, eventually, processes_in_session, read_end, read_until, send};
 use hatch_agent::session::{self, SessionConfig, SessionEnd, SessionSpec};
 use hatch_proto::api::Mode;
 use hatch_proto::channel::Message;
@@ -18,7 +17,6 @@ use hatch_relay::plane::{CloseReason, DataEvent};
 use hatch_relay::token::{TokenSigner, TokenVerifier};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::Connector;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 struct Relay {
@@ -56,7 +54,12 @@ impl Relay {
             _plane: plane,
             signer,
             events,
-            cfg: SessionConfig { tls: tls.clone(), allow_plaintext: false, timing },
+            cfg: SessionConfig {
+                tls: tls.clone(),
+                allow_plaintext: false,
+                timing,
+                link: Default::default(),
+            },
             tls,
             _dir: dir,
         }
@@ -94,7 +97,7 @@ impl Relay {
         })
     }
 
-    async fn client(&self, sid: &str) -> Ws {
+    async fn client(&self, sid: &str) -> Leg {
         let mut req = self.url(sid, Role::Client).into_client_request().unwrap();
         let bearer = format!("Bearer {}", self.token(sid, Role::Client));
         req.headers_mut().insert("authorization", bearer.parse().unwrap());
@@ -105,7 +108,7 @@ impl Relay {
             true,
             Some(Connector::Rustls(self.tls.clone())),
         );
-        tokio::time::timeout(DEADLINE, fut).await.unwrap().unwrap().0
+        tokio::time::timeout(DEADLINE, fut).await.unwrap().unwrap().0.into()
     }
 
     async fn next_end(&mut self) -> hatch_relay::plane::SessionEnd {
@@ -114,23 +117,6 @@ impl Relay {
                 DataEvent::Ended(e) => return e,
                 DataEvent::Connected { .. } | DataEvent::Progress { .. } => {}
             }
-        }
-    }
-}
-
-/// Reads to the end: (EXIT status, close code).
-async fn read_end(ws: &mut Ws) -> (Option<i32>, Option<u16>) {
-    let mut exit = None;
-    loop {
-        match tokio::time::timeout(DEADLINE, ws.next()).await.expect("leg still open") {
-            Some(Ok(WsMessage::Binary(b))) => {
-                if let Ok(Message::Exit(code)) = Message::decode(&b) {
-                    exit = Some(code);
-                }
-            }
-            Some(Ok(WsMessage::Close(f))) => return (exit, f.map(|f| u16::from(f.code))),
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => return (exit, None),
         }
     }
 }
@@ -145,7 +131,8 @@ async fn shell_through_the_data_plane_resize_echo_and_exit_status() {
     let mut out = String::new();
     read_until(&mut ws, &mut out, "43 132\r\nout-42\r\n").await;
     send(&mut ws, Message::Data(b"exit 3\n")).await;
-    assert_eq!(read_end(&mut ws).await, (Some(3), Some(close::NORMAL)));
+    let (_, exit, code) = read_end(&mut ws).await;
+    assert_eq!((exit, code), (Some(3), Some(close::NORMAL)));
     assert_eq!(agent.await.unwrap(), SessionEnd::Exited(3));
     let end = relay.next_end().await;
     assert_eq!(end.session_id, "s-dp-shell");
@@ -157,7 +144,8 @@ async fn exec_kill_9_through_the_data_plane_gives_137() {
     let relay = Relay::start();
     let agent = relay.agent("s-dp-kill", Mode::Exec, Some(&["sh", "-c", "kill -9 $$"]));
     let mut ws = relay.client("s-dp-kill").await;
-    assert_eq!(read_end(&mut ws).await, (Some(137), Some(close::NORMAL)));
+    let (_, exit, code) = read_end(&mut ws).await;
+    assert_eq!((exit, code), (Some(137), Some(close::NORMAL)));
     assert_eq!(agent.await.unwrap(), SessionEnd::Exited(137));
 }
 

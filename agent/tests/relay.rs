@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{DEADLINE, Ws, eventually, processes_in_session, read_until, send};
-use futures_util::StreamExt;
+use common::{DEADLINE, Leg, eventually, processes_in_session, read_end, read_until, send};
 use hatch_proto::api::{ErrorBody, Mode, StartSessionRequest, StartSessionResponse};
 use hatch_proto::channel::Message;
 use hatch_proto::close;
@@ -20,7 +19,6 @@ use hatch_relay::dev::{DevOptions, DevRelay};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::Connector;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 struct Env {
@@ -139,7 +137,7 @@ impl Env {
 
     /// Starts a session once the agent is connected (polls TargetNotConnected away) and dials
     /// the client leg.
-    async fn open(&self, mode: Mode, command: Option<&[&str]>) -> Ws {
+    async fn open(&self, mode: Mode, command: Option<&[&str]>) -> Leg {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         let started = loop {
             match self.start_session(mode, command).await {
@@ -161,25 +159,7 @@ impl Env {
             true,
             Some(Connector::Rustls(self.tls.clone())),
         );
-        tokio::time::timeout(DEADLINE, fut).await.unwrap().unwrap().0
-    }
-}
-
-/// Reads to the end: (all output, EXIT status, close code).
-async fn read_end(ws: &mut Ws) -> (String, Option<i32>, Option<u16>) {
-    let mut out = String::new();
-    let mut exit = None;
-    loop {
-        match tokio::time::timeout(DEADLINE, ws.next()).await.expect("leg still open") {
-            Some(Ok(WsMessage::Binary(b))) => match Message::decode(&b).unwrap() {
-                Message::Data(d) => out.push_str(&String::from_utf8_lossy(d)),
-                Message::Exit(code) => exit = Some(code),
-                other => panic!("unexpected {other:?}"),
-            },
-            Some(Ok(WsMessage::Close(f))) => return (out, exit, f.map(|f| u16::from(f.code))),
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => return (out, exit, None),
-        }
+        tokio::time::timeout(DEADLINE, fut).await.unwrap().unwrap().0.into()
     }
 }
 

@@ -300,25 +300,38 @@ async fn exec_without_a_terminal_passes_binary_bytes_and_ends_on_empty_data() {
     let (_, client) = srv.accept().await;
     // Every byte value, including the ones a terminal would interpret (^C, ^D, \r, \n).
     let data: Vec<u8> = (0..4 * 256 * 1024).map(|i| (i % 251) as u8).collect();
-    // Output is read concurrently (cat's output would otherwise fill up and stall its input).
-    let (mut sink, mut stream) = client.ws.split();
+    // Output is read concurrently (cat's output would otherwise fill up and stall its input),
+    // and acknowledged as `hatch` does, or the agent's window would stop cat.
+    let (sink, mut stream) = client.ws.split();
+    let sink = std::sync::Arc::new(tokio::sync::Mutex::new(sink));
+    let acks = sink.clone();
     let reader = tokio::spawn(async move {
         let (mut out, mut exit) = (Vec::new(), None);
+        let mut acked = 0;
         while let Ok(Some(Ok(m))) = tokio::time::timeout(DEADLINE, stream.next()).await {
             if let WsMessage::Binary(b) = m {
                 match Message::decode(&b).unwrap() {
                     Message::Data(d) => out.extend_from_slice(d),
                     Message::Exit(code) => exit = Some(code),
+                    Message::Ack(_) => {}
                     other => panic!("unexpected {other:?}"),
+                }
+                let received = out.len() as u64 + u64::from(exit.is_some());
+                if received - acked >= 64 * 1024 || exit.is_some() {
+                    acked = received;
+                    let ack = Message::Ack(received).to_vec();
+                    let _ = acks.lock().await.send(WsMessage::Binary(ack.into())).await;
                 }
             }
         }
         (out, exit)
     });
     for chunk in data.chunks(16 * 1024) {
-        sink.send(WsMessage::Binary(Message::Data(chunk).to_vec().into())).await.unwrap();
+        let msg = WsMessage::Binary(Message::Data(chunk).to_vec().into());
+        sink.lock().await.send(msg).await.unwrap();
     }
-    sink.send(WsMessage::Binary(Message::Data(b"").to_vec().into())).await.unwrap();
+    let end = WsMessage::Binary(Message::Data(b"").to_vec().into());
+    sink.lock().await.send(end).await.unwrap();
     let (out, exit) = reader.await.unwrap();
     assert_eq!(out.len(), data.len());
     assert!(out == data, "bytes differ");
@@ -340,4 +353,50 @@ async fn empty_data_on_a_terminal_types_eof() {
     let done = client.finish().await;
     assert_eq!(done.exit, Some(0), "{done:?}");
     assert_eq!(task.await.unwrap(), SessionEnd::Exited(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_stops_at_the_window_until_the_client_acknowledges_and_exit_waits_for_it() {
+    const WINDOW: usize = 64 * 1024;
+    let mut srv = LegServer::start().await;
+    srv.cfg.link.window = WINDOW;
+    let cmd = ["sh", "-c", "head -c 1048576 /dev/zero | tr '\\0' y; exit 4"];
+    let (task, _cancel) = spawn_session(srv.spec("s-window", Mode::Exec, Some(&cmd)), &srv.cfg);
+    let (_, mut client) = srv.accept().await;
+    // A client that reads but acknowledges nothing gets exactly one window of output.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut quiet_since = None;
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_millis(100), client.ws.next());
+        match next.await {
+            Ok(Some(Ok(WsMessage::Binary(b)))) => match Message::decode(&b).unwrap() {
+                Message::Data(d) => {
+                    client.output.extend_from_slice(d);
+                    client.received += d.len() as u64;
+                    quiet_since = None;
+                }
+                other => panic!("unexpected {other:?} before any acknowledgement"),
+            },
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("leg ended: {other:?}"),
+            // Once the window has arrived, half a second without more output shows it stopped.
+            Err(_) if client.output.len() >= WINDOW => {
+                let since = *quiet_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= std::time::Duration::from_millis(500) {
+                    break;
+                }
+            }
+            Err(_) => assert!(tokio::time::Instant::now() < deadline, "no window of output"),
+        }
+    }
+    assert_eq!(client.output.len(), WINDOW, "output beyond the window before an acknowledgement");
+    // Acknowledged as it arrives (`finish` does, and EXIT at once), the rest comes, then EXIT.
+    let ack = Message::Ack(client.received).to_vec();
+    client.ws.send(WsMessage::Binary(ack.into())).await.unwrap();
+    let done = client.finish().await;
+    assert_eq!(done.output.len(), 1 << 20);
+    assert!(done.output.bytes().all(|b| b == b'y'));
+    assert_eq!(done.exit, Some(4), "close {:?}", done.close);
+    assert_eq!(done.close.map(|c| c.0), Some(close::NORMAL));
+    assert_eq!(task.await.unwrap(), SessionEnd::Exited(4));
 }

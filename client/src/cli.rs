@@ -73,6 +73,18 @@ pub struct SessionArgs {
     /// User to run the shell as (checked by policy as hatch:RunAs).
     #[arg(long, short = 'u', value_name = "USER")]
     pub user: Option<String>,
+    /// Flow control of the data stream.
+    #[command(flatten)]
+    pub stream: StreamArgs,
+}
+
+/// Flow control of `hatch session` and `hatch exec`.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct StreamArgs {
+    /// Bytes of input in flight before the agent acknowledges them (at least 64 KiB): the
+    /// replay buffer a resume is served from. Stdin is not read while it is full.
+    #[arg(long, value_name = "BYTES", default_value_t = hatch_proto::resume::DEFAULT_WINDOW)]
+    pub window: usize,
 }
 
 /// `hatch exec`.
@@ -84,6 +96,9 @@ pub struct ExecArgs {
     /// User to run the command as (checked by policy as hatch:RunAs).
     #[arg(long, short = 'u', value_name = "USER")]
     pub user: Option<String>,
+    /// Flow control of the data stream.
+    #[command(flatten)]
+    pub stream: StreamArgs,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

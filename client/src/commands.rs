@@ -11,7 +11,7 @@ use hatch_proto::api::{Mode, StartSessionRequest, StartSessionResponse, codes};
 use serde_json::Value;
 
 use crate::api::{self, Client};
-use crate::cli::{Cli, Command, ConfigureArgs, SessionsArgs, SessionsCommand};
+use crate::cli::{Cli, Command, ConfigureArgs, SessionsArgs, SessionsCommand, StreamArgs};
 use crate::config::{self, Env, Source};
 use crate::errors::{CliError, Subject};
 use crate::output;
@@ -47,7 +47,7 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
                 run_as: args.user,
                 term: env("TERM").filter(|_| terminal::stdin_is_tty()),
             };
-            session(&client, req).await
+            session(&client, req, args.stream).await
         }
         Command::Exec(args) => {
             let client = client(profile, env, verbose)?;
@@ -58,7 +58,7 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
                 run_as: args.user,
                 term: env("TERM").filter(|_| terminal::stdin_is_tty()),
             };
-            session(&client, req).await
+            session(&client, req, args.stream).await
         }
         Command::Sessions(args) => sessions(&client(profile, env, verbose)?, args).await,
         Command::Terminate { session_id } => {
@@ -113,7 +113,11 @@ fn checked_id(id: &str, what: &str) -> Result<String, CliError> {
     }
 }
 
-async fn session(client: &Client, req: StartSessionRequest) -> Result<u8, CliError> {
+async fn session(
+    client: &Client,
+    req: StartSessionRequest,
+    flow: StreamArgs,
+) -> Result<u8, CliError> {
     let instance = req.instance_id.clone();
     let subject = Subject {
         action: "hatch:StartSession",
@@ -132,7 +136,11 @@ async fn session(client: &Client, req: StartSessionRequest) -> Result<u8, CliErr
     };
     eprintln!("Starting session {} on {}", started.session_id, instance);
     let ws = stream::connect(&started, client.tls(), &instance).await?;
-    let opts = StreamOptions { instance, interactive: terminal::stdin_is_tty() };
+    let link = hatch_proto::resume::LinkConfig {
+        window: flow.window.max(stream::MIN_WINDOW),
+        ..Default::default()
+    };
+    let opts = StreamOptions { instance, interactive: terminal::stdin_is_tty(), link };
     stream::run(ws, &opts).await
 }
 

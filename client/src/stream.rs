@@ -25,6 +25,7 @@ use futures_util::{SinkExt, StreamExt};
 use hatch_proto::api::StartSessionResponse;
 use hatch_proto::channel::Message as Channel;
 use hatch_proto::close;
+use hatch_proto::resume::{Deliver, Link, LinkConfig, OffsetError, Replay, Resume};
 use http::header::{AUTHORIZATION, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use nix::libc::{SIGCONT, SIGTSTP};
 use tokio::io::AsyncWriteExt;
@@ -63,6 +64,8 @@ const MAX_WRITE_BUFFER: usize = 1 << 20;
 const STDIN_CHUNK: usize = 32 * 1024;
 /// Stdin chunks queued ahead of the WebSocket (bounded: 8 × 32 KiB).
 const STDIN_QUEUE: usize = 8;
+/// The smallest window the client accepts: a stdin chunk (and an escape's held bytes) must fit.
+pub const MIN_WINDOW: usize = 2 * STDIN_CHUNK;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -74,6 +77,8 @@ pub struct StreamOptions {
     pub instance: String,
     /// Put the terminal in raw mode, send RESIZE, honour `~` escapes: stdin is a terminal.
     pub interactive: bool,
+    /// Window and acknowledgements of the data stream (window at least [`MIN_WINDOW`]).
+    pub link: LinkConfig,
 }
 
 /// Dials the data plane; an HTTP refusal with a Hatch error body becomes [`CliError::Api`].
@@ -150,6 +155,8 @@ enum End {
     Closed(u16, String),
     Lost(String),
     Error(CliError),
+    /// The agent's offsets cannot be right: the stream cannot go on exactly.
+    Broken(OffsetError),
 }
 
 /// Runs the session on an open stream until it ends; returns the exit code (the remote
@@ -180,6 +187,11 @@ pub async fn run(ws: Ws, opts: &StreamOptions) -> Result<u8, CliError> {
         }
         End::Lost(detail) => Err(CliError::Lost(detail)),
         End::Error(e) => Err(e),
+        End::Broken(e) => Err(CliError::Closed {
+            code: close::RESUME_FAILED,
+            reason: e.to_string(),
+            instance: Some(opts.instance.clone()),
+        }),
     }
 }
 
@@ -228,6 +240,7 @@ async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option
         }
     }
 
+    let mut link = Link::new(opts.link);
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(STDIN_QUEUE);
     spawn_stdin_reader(tx);
     let mut stdin_open = true;
@@ -240,25 +253,57 @@ async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let end = loop {
+        // An acknowledgement due at once (the agent's EXIT, a full 64 KiB) goes before
+        // anything else is awaited.
+        if let Some(n) = link.rx.poll_ack(Instant::now().into_std())
+            && let Err(end) = send(&mut sink, Channel::Ack(n).to_vec()).await
+        {
+            break end;
+        }
         tokio::select! {
             msg = stream.next() => {
                 last_rx = Instant::now();
+                let now = last_rx.into_std();
                 match msg {
                     Some(Ok(Message::Binary(bytes))) => match Channel::decode(&bytes) {
                         Ok(Channel::Data(data)) => {
-                            if let Err(e) = write_out(&mut stdout, data).await {
+                            if let Deliver::From(i) = link.on_data(now, data.len())
+                                && i < data.len()
+                                && let Err(e) = write_out(&mut stdout, &data[i..]).await
+                            {
                                 break fail(e, "writing to stdout");
                             }
                         }
                         Ok(Channel::Exit(s)) => {
-                            status = Some(s);
-                            exit_deadline = Some(Instant::now() + CLOSE_AFTER_EXIT);
+                            // The end of the output: acknowledged at once (the agent waits for
+                            // it), delivered once however often a resume sends it again.
+                            if link.on_end(now) {
+                                status = Some(s);
+                                exit_deadline = Some(Instant::now() + CLOSE_AFTER_EXIT);
+                            }
+                        }
+                        Ok(Channel::Ack(n)) => {
+                            if let Err(e) = link.on_ack(n) {
+                                break broken(&mut sink, e).await;
+                            }
+                        }
+                        Ok(Channel::Resume { received, from, reply }) => {
+                            match link.on_resume(Resume { received, from, reply }) {
+                                Ok(Some((answer, replay))) => {
+                                    let msgs = replay_messages(answer, replay);
+                                    if let Err(end) = send_all(&mut sink, msgs).await {
+                                        break end;
+                                    }
+                                }
+                                Ok(None) => {}
+                                Err(e) => break broken(&mut sink, e).await,
+                            }
                         }
                         Ok(Channel::Error { code, message }) => {
                             stderr_lines.line(&format!("hatch: remote error {code}: {message}"));
                         }
-                        // RESIZE and ACK from the agent carry nothing for the client yet;
-                        // unknown types are ignored for forward compatibility.
+                        // RESIZE from the agent carries nothing for the client; unknown types
+                        // are ignored for forward compatibility.
                         Ok(_) => {}
                         Err(e) => {
                             stderr_lines.line(&format!("hatch: ignored a bad message: {e}"));
@@ -290,7 +335,9 @@ async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option
                                              frame".to_owned()),
                 }
             }
-            input = rx.recv(), if stdin_open => {
+            // Stdin is read only while the window has room for a whole chunk: an agent that
+            // acknowledges nothing stops the input, as a slow terminal would.
+            input = rx.recv(), if stdin_open && link.tx.room() >= STDIN_CHUNK + 16 => {
                 let chunk = match input {
                     Some(Ok(chunk)) => chunk,
                     Some(Err(e)) => break fail(e, "reading stdin"),
@@ -298,7 +345,9 @@ async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option
                 };
                 if chunk.is_empty() {
                     // End of input: tell the agent, keep reading output until EXIT and close.
+                    // The end takes an offset and is sent again on a resume until acknowledged.
                     stdin_open = false;
+                    link.tx.finish();
                     if let Err(end) = send(&mut sink, Channel::Data(&[]).to_vec()).await {
                         break end;
                     }
@@ -312,7 +361,7 @@ async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option
                 for action in actions {
                     match action {
                         Action::Send(bytes) => {
-                            if let Err(end) = send(&mut sink, Channel::Data(&bytes).to_vec()).await {
+                            if let Err(end) = send_data(&mut sink, &mut link, &bytes).await {
                                 done = Some(end);
                                 break;
                             }
@@ -377,6 +426,13 @@ async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option
                 let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
                 break End::Error(CliError::Signal("SIGHUP", 128 + 1));
             }
+            () = sleep_until_some(link.rx.poll_timeout()) => {
+                if let Some(n) = link.rx.poll_ack(Instant::now().into_std())
+                    && let Err(end) = send(&mut sink, Channel::Ack(n).to_vec()).await
+                {
+                    break end;
+                }
+            }
             _ = tick.tick() => {
                 if exit_deadline.is_some_and(|d| Instant::now() >= d) {
                     break End::Closed(close::NORMAL, "no close after EXIT".to_owned());
@@ -411,6 +467,64 @@ async fn recv(sig: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
 
 async fn send(sink: &mut Sink, payload: Vec<u8>) -> Result<(), End> {
     send_msg(sink, Message::Binary(payload.into())).await
+}
+
+/// Sends input as DATA, counted in the window, with an acknowledgement of the output received
+/// so far riding in the same write.
+async fn send_data(sink: &mut Sink, link: &mut Link, bytes: &[u8]) -> Result<(), End> {
+    let took = link.tx.push(bytes);
+    debug_assert_eq!(took, bytes.len(), "stdin is read only while the window has room");
+    let ack = link.rx.take_ack().map(|n| Channel::Ack(n).to_vec());
+    send_all(sink, std::iter::once(Channel::Data(bytes).to_vec()).chain(ack)).await
+}
+
+/// Sends messages in one flush.
+async fn send_all(sink: &mut Sink, msgs: impl IntoIterator<Item = Vec<u8>>) -> Result<(), End> {
+    let all = async {
+        for m in msgs {
+            sink.feed(Message::Binary(m.into())).await?;
+        }
+        sink.flush().await
+    };
+    match timeout(SEND_TIMEOUT, all).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Lost(e.to_string())),
+        Err(_) => {
+            Err(End::Lost(format!("the relay took no data for {} s", SEND_TIMEOUT.as_secs())))
+        }
+    }
+}
+
+/// A RESUME and what follows it: the input again in DATA messages of at most a stdin chunk,
+/// then the end of input (an empty DATA) if it must be sent again.
+fn replay_messages(resume: Resume, replay: Replay<'_>) -> Vec<Vec<u8>> {
+    let Resume { received, from, reply } = resume;
+    let mut out = vec![Channel::Resume { received, from, reply }.to_vec()];
+    for part in [replay.data.0, replay.data.1] {
+        out.extend(part.chunks(STDIN_CHUNK).map(|c| Channel::Data(c).to_vec()));
+    }
+    if replay.end {
+        out.push(Channel::Data(&[]).to_vec());
+    }
+    out
+}
+
+/// The agent's offsets cannot be right: close with [`close::RESUME_FAILED`].
+async fn broken(sink: &mut Sink, e: OffsetError) -> End {
+    let frame = tungstenite::protocol::CloseFrame {
+        code: close::RESUME_FAILED.into(),
+        reason: "resume failed".into(),
+    };
+    let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(Some(frame)))).await;
+    End::Broken(e)
+}
+
+/// Sleeps until `at`; forever without one.
+async fn sleep_until_some(at: Option<std::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn send_msg(sink: &mut Sink, msg: Message) -> Result<(), End> {

@@ -56,6 +56,7 @@ impl Agent {
                         tls: tls.clone(),
                         allow_plaintext: false,
                         timing: session_timing,
+                        link: Default::default(),
                     },
                     state,
                     tls,

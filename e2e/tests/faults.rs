@@ -148,13 +148,20 @@ async fn agent_killed_client_killed_and_relay_killed() {
         send_bin(&mut leg_c, &m).await;
         sent += m.len() as u64;
     }
-    // cat echoes every data byte; the messages carrying them are what the agent sent.
-    let (mut echoed, mut received) = (0u64, 0u64);
-    while echoed < 6037 {
+    // cat echoes every data byte; the messages carrying them, and the acknowledgements of
+    // the input riding with them, are what the agent sent.
+    // The agent acknowledges with the output it sends, so the last echo is followed by the
+    // acknowledgement of all 6037 bytes.
+    let (mut echoed, mut received, mut acked) = (0u64, 0u64, 0u64);
+    while echoed < 6037 || acked < 6037 {
         let m = recv_bin(&mut leg_c).await;
+        received += m.len() as u64;
+        if m[0] == 0x04 {
+            acked = u64::from_be_bytes(m[1..9].try_into().unwrap());
+            continue;
+        }
         assert_eq!(m[0], 0x01, "{m:?}");
         echoed += m.len() as u64 - 1;
-        received += m.len() as u64;
     }
     assert_eq!(echoed, 6037);
     let before = relay.session(&cat_sid).await;

@@ -18,6 +18,15 @@ pub struct Args {
     pub run: RunArgs,
 }
 
+/// `--acks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Acks {
+    /// Offsets and delayed acknowledgements, as `hatch` and `hatch-agent` keep them.
+    On,
+    /// No acknowledgements.
+    Off,
+}
+
 /// Options of a load-test run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -41,6 +50,11 @@ pub struct RunArgs {
     /// transfer (a file through `cat`) has TCP's window of megabytes in flight.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub window: u16,
+    /// Acknowledgements in the hatch.v1 stream, as the real client and agent send them
+    /// (`off`: none, to measure what they cost). The floor's echo server acknowledges as the
+    /// agent does, so that the ratio compares like with like.
+    #[arg(long, value_enum, default_value_t = Acks::On)]
+    pub acks: Acks,
     /// Measurement time in seconds, after every session is up.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
@@ -153,6 +167,9 @@ pub enum Command {
         /// Serve plain WebSocket, no TLS.
         #[arg(long)]
         danger_plaintext: bool,
+        /// Acknowledge echoed bytes as the agent does (an ACK with each echo).
+        #[arg(long)]
+        acks: bool,
     },
     /// Run the relay (`hatch_relay::cli::run`) in this process with the given arguments.
     #[command(hide = true)]
@@ -167,8 +184,8 @@ pub enum Command {
 pub fn main(args: Args) -> ExitCode {
     match args.command {
         Some(Command::Worker) => crate::worker::main(),
-        Some(Command::FloorProcess { cert, key, threads, danger_plaintext }) => {
-            crate::floor::process_main(&cert, &key, threads, danger_plaintext)
+        Some(Command::FloorProcess { cert, key, threads, danger_plaintext, acks }) => {
+            crate::floor::process_main(&cert, &key, threads, danger_plaintext, acks)
         }
         Some(Command::RelayProcess { args }) => crate::run::relay_process_main(args),
         None => crate::run::main(args.run),

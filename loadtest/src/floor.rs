@@ -26,9 +26,16 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Listen backlog: setup bursts of thousands of connections must not be dropped.
 const BACKLOG: i32 = 4096;
 
-/// Entry point of `hatch-loadtest floor-process`; `danger_plaintext` serves plain WebSocket.
-pub fn process_main(cert: &Path, key: &Path, threads: usize, danger_plaintext: bool) -> ExitCode {
-    match serve_until_stdin_closes(cert, key, threads, danger_plaintext) {
+/// Entry point of `hatch-loadtest floor-process`; `danger_plaintext` serves plain WebSocket,
+/// `acks` acknowledges echoed bytes as the agent does.
+pub fn process_main(
+    cert: &Path,
+    key: &Path,
+    threads: usize,
+    danger_plaintext: bool,
+    acks: bool,
+) -> ExitCode {
+    match serve_until_stdin_closes(cert, key, threads, danger_plaintext, acks) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hatch-loadtest floor-process: {e:#}");
@@ -42,6 +49,7 @@ fn serve_until_stdin_closes(
     key: &Path,
     threads: usize,
     danger_plaintext: bool,
+    acks: bool,
 ) -> anyhow::Result<()> {
     crate::proc::raise_nofile()?;
     let tls = if danger_plaintext {
@@ -58,7 +66,7 @@ fn serve_until_stdin_closes(
             match rt {
                 Ok(rt) => {
                     let local = tokio::task::LocalSet::new();
-                    local.block_on(&rt, serve(l, tls));
+                    local.block_on(&rt, serve(l, tls, acks));
                 }
                 Err(e) => eprintln!("floor: runtime: {e}"),
             }
@@ -95,7 +103,11 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<std::net
 
 /// Accepts and echoes on one listener until the runtime stops; `tls` `None` serves plain
 /// WebSocket (`--danger-plaintext`).
-pub async fn serve(listener: std::net::TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+pub async fn serve(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    acks: bool,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -117,12 +129,16 @@ pub async fn serve(listener: std::net::TcpListener, tls: Option<Arc<rustls::Serv
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         tokio::task::spawn_local(async move {
-            let _ = echo(acceptor, tcp).await;
+            let _ = echo(acceptor, tcp, acks).await;
         });
     }
 }
 
-async fn echo(acceptor: Option<TlsAcceptor>, tcp: tokio::net::TcpStream) -> anyhow::Result<()> {
+async fn echo(
+    acceptor: Option<TlsAcceptor>,
+    tcp: tokio::net::TcpStream,
+    acks: bool,
+) -> anyhow::Result<()> {
     match acceptor {
         Some(a) => {
             let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -130,13 +146,13 @@ async fn echo(acceptor: Option<TlsAcceptor>, tcp: tokio::net::TcpStream) -> anyh
             })
             .await
             .context("handshake timeout")??;
-            echo_loop(ws).await
+            echo_loop(ws, acks).await
         }
         None => {
             let ws = tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade(tcp))
                 .await
                 .context("handshake timeout")??;
-            echo_loop(ws).await
+            echo_loop(ws, acks).await
         }
     }
 }
@@ -153,15 +169,26 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     .await?)
 }
 
-/// Echoes every DATA message until the peer closes.
+/// Echoes every DATA message until the peer closes; with `acks`, an acknowledgement of what
+/// arrived rides with each echo, as the agent sends it.
 async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(
     mut ws: WebSocketStream<S>,
+    acks: bool,
 ) -> anyhow::Result<()> {
+    let mut received = 0u64;
     // No read deadline: the parent ends the process, which closes every connection.
     while let Some(msg) = ws.next().await {
         match msg? {
             Message::Binary(b) if b.first() == Some(&hatch_proto::channel::TYPE_DATA) => {
-                ws.send(Message::Binary(b)).await?;
+                received += b.len() as u64 - 1;
+                if acks {
+                    ws.feed(Message::Binary(b)).await?;
+                    let ack = hatch_proto::channel::Message::Ack(received).to_vec();
+                    ws.feed(Message::Binary(ack.into())).await?;
+                    ws.flush().await?;
+                } else {
+                    ws.send(Message::Binary(b)).await?;
+                }
             }
             Message::Close(_) => break,
             _ => {}

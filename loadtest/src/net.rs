@@ -35,7 +35,9 @@ const MAX_API_BODY: usize = 64 * 1024;
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        // Every send flushes; the buffer only lets an acknowledgement share a write with the
+        // DATA it follows.
+        .write_buffer_size(4096)
         .max_message_size(Some(2 << 20))
         .max_frame_size(Some(1 << 20))
 }

@@ -225,6 +225,7 @@ impl Plan<'_> {
                     ca_file: ca.to_owned(),
                     sources: sources.clone(),
                     danger_plaintext: self.args.danger_plaintext,
+                    acks: self.args.acks == crate::cli::Acks::On,
                     setup_concurrency: SETUP_CONCURRENCY,
                     lifetime_s: self.lifetime_s(),
                 });
@@ -246,6 +247,7 @@ impl Plan<'_> {
             .arg("--threads")
             .arg(self.shards.to_string())
             .args(self.args.danger_plaintext.then_some("--danger-plaintext"))
+            .args((self.args.acks == crate::cli::Acks::On).then_some("--acks"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -331,6 +333,7 @@ impl Plan<'_> {
                 mode: self.args.mode,
                 sources: Vec::new(),
                 danger_plaintext: self.args.danger_plaintext,
+                acks: self.args.acks == crate::cli::Acks::On,
                 lifetime_s: self.lifetime_s(),
             });
             agents.spawn(&exe, &spec)?;

@@ -23,6 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use hatch_proto::api::{Mode as ApiMode, StartSessionRequest, StartSessionResponse};
 use hatch_proto::channel::Message as Chan;
 use hatch_proto::control::{FromAgent, RegisterRequest, RegisterResponse, ToAgent};
+use hatch_proto::resume::{Link, LinkConfig};
 use hdrhistogram::Histogram;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
@@ -234,7 +235,9 @@ impl Session {
     ) {
         let start = Instant::now();
         let payload = self.payload();
-        let res = tokio::time::timeout(SETUP_TIMEOUT, self.setup(&payload)).await;
+        // The offsets a real client keeps (`--acks on`), or none.
+        let mut acks = self.spec.acks.then(|| Link::new(LinkConfig::default()));
+        let res = tokio::time::timeout(SETUP_TIMEOUT, self.setup(&payload, &mut acks)).await;
         drop(permit);
         let mut ws = match res {
             Ok(Ok(ws)) => ws,
@@ -258,8 +261,10 @@ impl Session {
         };
         let end = go_at + Duration::from_secs_f64(self.spec.duration_s);
         let res = match self.spec.mode {
-            Mode::Echo | Mode::Pty => self.keystrokes(&mut ws, &payload, go_at, end).await,
-            Mode::Throughput => self.throughput(&mut ws, &payload, end).await,
+            Mode::Echo | Mode::Pty => {
+                self.keystrokes(&mut ws, &payload, go_at, end, &mut acks).await
+            }
+            Mode::Throughput => self.throughput(&mut ws, &payload, end, &mut acks).await,
         };
         if let Err(f) = res {
             self.sh.error(&f);
@@ -278,7 +283,7 @@ impl Session {
         Bytes::from(v)
     }
 
-    async fn setup(&self, payload: &Bytes) -> Result<Ws, Failure> {
+    async fn setup(&self, payload: &Bytes, acks: &mut Option<Link>) -> Result<Ws, Failure> {
         let mut ws = match &self.spec.target {
             Target::Floor { url } => self.dialer.ws(url, None, self.n).await?,
             Target::Relay { api_url, access_key, instances } => {
@@ -312,7 +317,7 @@ impl Session {
                 ws
             }
         };
-        round_trip(&mut ws, payload, self.spec.payload, &self.sh).await?;
+        round_trip(&mut ws, payload, self.spec.payload, acks).await?;
         Ok(ws)
     }
 
@@ -322,14 +327,23 @@ impl Session {
         payload: &Bytes,
         go: Instant,
         end: Instant,
+        acks: &mut Option<Link>,
     ) -> Result<(), Failure> {
         let period = Duration::from_secs_f64(1.0 / self.spec.rate.max(0.001));
         // Spread the sessions' sends over the period so they do not all fire together.
         let mut next = go + period.mul_f64(rand::random::<f64>());
         while next < end {
+            // Between keystrokes, a delayed acknowledgement of the echoes goes out when due,
+            // as `hatch` sends it.
+            let ack_at = acks.as_ref().and_then(|l| l.rx.poll_timeout());
+            if let Some(at) = ack_at.map(Instant::from_std).filter(|&at| at < next) {
+                tokio::time::sleep_until(at).await;
+                send_due_ack(ws, acks).await?;
+                continue;
+            }
             tokio::time::sleep_until(next).await;
             let t = Instant::now();
-            round_trip(ws, payload, self.spec.payload, &self.sh).await?;
+            round_trip(ws, payload, self.spec.payload, acks).await?;
             self.sh.round_trip(t.elapsed().as_micros() as u64);
             self.sh.bytes.set(self.sh.bytes.get() + self.spec.payload as u64);
             next += period;
@@ -341,19 +355,23 @@ impl Session {
         Ok(())
     }
 
-    async fn throughput(&self, ws: &mut Ws, payload: &Bytes, end: Instant) -> Result<(), Failure> {
+    async fn throughput(
+        &self,
+        ws: &mut Ws,
+        payload: &Bytes,
+        end: Instant,
+        acks: &mut Option<Link>,
+    ) -> Result<(), Failure> {
         let size = self.spec.payload as u64;
         let mut sent = std::collections::VecDeque::with_capacity(self.spec.window);
         let mut got: u64 = 0;
         let mut acked: u64 = 0;
         while Instant::now() < end {
             while sent.len() < self.spec.window.max(1) {
-                ws.send(Message::Binary(payload.clone()))
-                    .await
-                    .map_err(|e| Failure::new("send", e))?;
+                send_data(ws, payload, acks).await?;
                 sent.push_back(Instant::now());
             }
-            got += recv_data(ws).await? as u64;
+            got += recv_data(ws, acks).await? as u64;
             while got >= (acked + 1) * size {
                 acked += 1;
                 if let Some(t) = sent.pop_front() {
@@ -365,7 +383,7 @@ impl Session {
         // Drain what is still in flight so the next phase starts clean.
         let _ = tokio::time::timeout(ECHO_TIMEOUT, async {
             while got < (acked + sent.len() as u64) * size {
-                got += recv_data(ws).await? as u64;
+                got += recv_data(ws, acks).await? as u64;
             }
             Ok::<(), Failure>(())
         })
@@ -375,12 +393,17 @@ impl Session {
 }
 
 /// Sends `msg` and waits until `expect` DATA bytes came back.
-async fn round_trip(ws: &mut Ws, msg: &Bytes, expect: usize, _sh: &Shared) -> Result<(), Failure> {
-    ws.send(Message::Binary(msg.clone())).await.map_err(|e| Failure::new("send", e))?;
+async fn round_trip(
+    ws: &mut Ws,
+    msg: &Bytes,
+    expect: usize,
+    acks: &mut Option<Link>,
+) -> Result<(), Failure> {
+    send_data(ws, msg, acks).await?;
     tokio::time::timeout(ECHO_TIMEOUT, async {
         let mut got = 0;
         while got < expect {
-            got += recv_data(ws).await?;
+            got += recv_data(ws, acks).await?;
         }
         Ok(())
     })
@@ -388,15 +411,58 @@ async fn round_trip(ws: &mut Ws, msg: &Bytes, expect: usize, _sh: &Shared) -> Re
     .map_err(|_| Failure::new("echo_timeout", ""))?
 }
 
-/// Receives messages until one DATA arrives; returns its length. Ping, pong, RESIZE, ACK and
-/// unknown messages are skipped; close, EXIT and ERROR end the session with their kind.
-async fn recv_data(ws: &mut Ws) -> Result<usize, Failure> {
+/// Sends one DATA message (already encoded); with offsets, counts it and lets an
+/// acknowledgement of what arrived ride in the same write, as `hatch` does.
+async fn send_data(ws: &mut Ws, msg: &Bytes, acks: &mut Option<Link>) -> Result<(), Failure> {
+    let send = |e| Failure::new("send", e);
+    let ack = acks.as_mut().and_then(|l| {
+        let took = l.tx.push(&msg[1..]);
+        if took < msg.len() - 1 {
+            return Some(Err(Failure::new("window_full", "the agent acknowledged nothing")));
+        }
+        l.rx.take_ack().map(Ok)
+    });
+    match ack {
+        None => ws.send(Message::Binary(msg.clone())).await.map_err(send),
+        Some(Err(f)) => Err(f),
+        Some(Ok(n)) => {
+            ws.feed(Message::Binary(msg.clone())).await.map_err(send)?;
+            ws.feed(Message::Binary(Chan::Ack(n).to_vec().into())).await.map_err(send)?;
+            ws.flush().await.map_err(send)
+        }
+    }
+}
+
+/// Sends the acknowledgement that is due, if one is.
+async fn send_due_ack(ws: &mut Ws, acks: &mut Option<Link>) -> Result<(), Failure> {
+    let now = Instant::now().into_std();
+    if let Some(n) = acks.as_mut().and_then(|l| l.rx.poll_ack(now)) {
+        let ack = Chan::Ack(n).to_vec();
+        ws.send(Message::Binary(ack.into())).await.map_err(|e| Failure::new("send", e))?;
+    }
+    Ok(())
+}
+
+/// Receives messages until one DATA arrives; returns its length. Ping, pong, RESIZE and
+/// unknown messages are skipped, ACKs counted; close, EXIT and ERROR end the session with
+/// their kind.
+async fn recv_data(ws: &mut Ws, acks: &mut Option<Link>) -> Result<usize, Failure> {
     loop {
         match ws.next().await {
             None => return Err(Failure::new("eof", "connection ended without close")),
             Some(Err(e)) => return Err(Failure::new("recv", e)),
             Some(Ok(Message::Binary(b))) => match Chan::decode(&b) {
-                Ok(Chan::Data(d)) => return Ok(d.len()),
+                Ok(Chan::Data(d)) => {
+                    if let Some(l) = acks.as_mut() {
+                        l.on_data(Instant::now().into_std(), d.len());
+                    }
+                    return Ok(d.len());
+                }
+                Ok(Chan::Ack(n)) => {
+                    if let Some(l) = acks.as_mut() {
+                        l.on_ack(n).map_err(|e| Failure::new("bad_ack", e))?;
+                    }
+                }
                 Ok(Chan::Exit(s)) => return Err(Failure::new("exit", s)),
                 Ok(Chan::Error { code, message }) => {
                     return Err(Failure::new(format!("error_{code}"), message));
@@ -545,10 +611,11 @@ async fn control_loop(
             Ok(ToAgent::SessionOpen { stream_url, token, .. }) => {
                 let n = counter.get();
                 counter.set(n + 1);
-                let (sh, dialer, ctl, mode) = (sh.clone(), dialer.clone(), ctl.clone(), spec.mode);
+                let (sh, dialer, ctl, spec) =
+                    (sh.clone(), dialer.clone(), ctl.clone(), spec.clone());
                 tokio::task::spawn_local(async move {
                     if let Err(f) =
-                        agent_session(&dialer, &stream_url, &token, n, mode, &sh, ctl).await
+                        agent_session(&dialer, &stream_url, &token, n, &spec, &sh, ctl).await
                     {
                         sh.error(&Failure::new(format!("agent_{}", f.kind), f.detail));
                     }
@@ -565,7 +632,7 @@ async fn agent_session(
     url: &str,
     token: &str,
     n: usize,
-    mode: Mode,
+    spec: &AgentSpec,
     sh: &Shared,
     mut ctl: watch::Receiver<Ctl>,
 ) -> Result<(), Failure> {
@@ -573,17 +640,22 @@ async fn agent_session(
         .await
         .map_err(|_| Failure::new("dial_timeout", ""))??;
     sh.up.set(sh.up.get() + 1);
-    let res = if mode == Mode::Pty {
+    let res = if spec.mode == Mode::Pty {
         crate::pty::serve_cat(&mut ws, &mut ctl).await
     } else {
-        echo(&mut ws, &mut ctl).await
+        echo(&mut ws, &mut ctl, spec.acks.then(|| Link::new(LinkConfig::default()))).await
     };
     sh.up.set(sh.up.get() - 1);
     res
 }
 
-/// Echoes every DATA message back as it came (the same bytes, no copy).
-async fn echo(ws: &mut Ws, ctl: &mut watch::Receiver<Ctl>) -> Result<(), Failure> {
+/// Echoes every DATA message back as it came (the same bytes, no copy); with offsets, counts
+/// both ways as `hatch-agent` does and lets an acknowledgement ride with each echo.
+async fn echo(
+    ws: &mut Ws,
+    ctl: &mut watch::Receiver<Ctl>,
+    mut acks: Option<Link>,
+) -> Result<(), Failure> {
     loop {
         let msg = tokio::select! {
             m = ws.next() => m,
@@ -591,7 +663,25 @@ async fn echo(ws: &mut Ws, ctl: &mut watch::Receiver<Ctl>) -> Result<(), Failure
         };
         match msg {
             Some(Ok(Message::Binary(b))) if b.first() == Some(&hatch_proto::channel::TYPE_DATA) => {
-                ws.send(Message::Binary(b)).await.map_err(|e| Failure::new("send", e))?;
+                let Some(l) = acks.as_mut() else {
+                    ws.send(Message::Binary(b)).await.map_err(|e| Failure::new("send", e))?;
+                    continue;
+                };
+                l.on_data(Instant::now().into_std(), b.len() - 1);
+                if l.tx.push(&b[1..]) < b.len() - 1 {
+                    return Err(Failure::new("window_full", "the client acknowledged nothing"));
+                }
+                let send = |e| Failure::new("send", e);
+                ws.feed(Message::Binary(b)).await.map_err(send)?;
+                if let Some(n) = l.rx.take_ack() {
+                    ws.feed(Message::Binary(Chan::Ack(n).to_vec().into())).await.map_err(send)?;
+                }
+                ws.flush().await.map_err(send)?;
+            }
+            Some(Ok(Message::Binary(b))) => {
+                if let (Some(l), Ok(Chan::Ack(n))) = (acks.as_mut(), Chan::decode(&b)) {
+                    l.on_ack(n).map_err(|e| Failure::new("bad_ack", e))?;
+                }
             }
             Some(Ok(Message::Close(_))) | None => return Ok(()),
             Some(Err(e)) => return Err(Failure::new("recv", e)),

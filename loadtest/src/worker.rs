@@ -52,6 +52,9 @@ pub struct ClientSpec {
     /// `ws://` stream URLs are dialed without TLS (`--danger-plaintext`).
     #[serde(default)]
     pub danger_plaintext: bool,
+    /// Keep offsets and send acknowledgements as `hatch` does (`--acks on`).
+    #[serde(default)]
+    pub acks: bool,
     /// Setups in flight at most.
     pub setup_concurrency: usize,
     /// The worker exits after this many seconds whatever happens.
@@ -102,6 +105,9 @@ pub struct AgentSpec {
     /// `ws://` data URLs in `session.open` are dialed without TLS (`--danger-plaintext`).
     #[serde(default)]
     pub danger_plaintext: bool,
+    /// Keep offsets and send acknowledgements as `hatch-agent` does (`--acks on`).
+    #[serde(default)]
+    pub acks: bool,
     /// The worker exits after this many seconds whatever happens.
     pub lifetime_s: f64,
 }

@@ -11,7 +11,12 @@
 //! 0x03 EXIT    i32 status              (signal n as 128+n)
 //! 0x04 ACK     u64 cumulative DATA bytes received
 //! 0x05 ERROR   u16 code, UTF-8 message
+//! 0x06 RESUME  u64 received, u64 from, u8 flags (bit 0: reply)
 //! ```
+//!
+//! Offsets (ACK, RESUME) count the DATA body bytes of one direction from the start of the
+//! session, and one more for the direction's end: the empty DATA that ends the client's input,
+//! the EXIT that ends the agent's output. [`crate::resume`] keeps them.
 //!
 //! Decoding borrows from the input (no copy); unknown types decode to [`Message::Unknown`] so
 //! that newer peers can add messages without breaking older ones.
@@ -31,6 +36,10 @@ pub const TYPE_EXIT: u8 = 0x03;
 pub const TYPE_ACK: u8 = 0x04;
 /// Type byte of ERROR.
 pub const TYPE_ERROR: u8 = 0x05;
+/// Type byte of RESUME.
+pub const TYPE_RESUME: u8 = 0x06;
+/// RESUME flag: this RESUME answers the peer's (it asks for no answer).
+pub const RESUME_REPLY: u8 = 0x01;
 
 /// ERROR code: the requested run-as user does not exist or the agent cannot switch to it.
 pub const ERROR_RUN_AS: u16 = 0x0001;
@@ -55,7 +64,7 @@ pub enum Message<'a> {
     },
     /// The remote process ended with this status (a signal `n` as `128 + n`).
     Exit(i32),
-    /// Cumulative count of DATA payload bytes received so far.
+    /// Cumulative count of bytes received so far (DATA bodies, and one for the end).
     Ack(u64),
     /// A failure the peer reports in words.
     Error {
@@ -63,6 +72,16 @@ pub enum Message<'a> {
         code: u16,
         /// What went wrong, for a person.
         message: &'a str,
+    },
+    /// The first message on a leg that replaced a lost one, or the answer to one: what this
+    /// side has received, and the offset of the next DATA byte it sends after this message.
+    Resume {
+        /// Bytes received from the peer so far: the peer sends again from here.
+        received: u64,
+        /// Offset of the first DATA byte that follows this message.
+        from: u64,
+        /// This answers the peer's RESUME (a RESUME that is not a reply asks for one).
+        reply: bool,
     },
     /// A type this version does not know; ignore it.
     Unknown {
@@ -93,6 +112,9 @@ pub enum ChannelError {
     /// An ERROR message's text was not valid UTF-8.
     #[error("error message is not valid utf-8")]
     InvalidUtf8,
+    /// A RESUME's flags byte had bits other than [`RESUME_REPLY`] set.
+    #[error("resume flags {0:#04x} has unknown bits set")]
+    ResumeFlags(u8),
 }
 
 impl<'a> Message<'a> {
@@ -123,6 +145,18 @@ impl<'a> Message<'a> {
                     std::str::from_utf8(&body[2..]).map_err(|_| ChannelError::InvalidUtf8)?;
                 Ok(Message::Error { code, message })
             }
+            TYPE_RESUME => {
+                let b: [u8; 17] = fixed(body, "resume")?;
+                let flags = b[16];
+                if flags & !RESUME_REPLY != 0 {
+                    return Err(ChannelError::ResumeFlags(flags));
+                }
+                Ok(Message::Resume {
+                    received: u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+                    from: u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")),
+                    reply: flags == RESUME_REPLY,
+                })
+            }
             kind => Ok(Message::Unknown { kind, body }),
         }
     }
@@ -135,6 +169,7 @@ impl<'a> Message<'a> {
             Message::Exit(_) => 4,
             Message::Ack(_) => 8,
             Message::Error { message, .. } => 2 + message.len(),
+            Message::Resume { .. } => 17,
             Message::Unknown { body, .. } => body.len(),
         }
     }
@@ -164,6 +199,12 @@ impl<'a> Message<'a> {
                 out.push(TYPE_ERROR);
                 out.extend_from_slice(&code.to_be_bytes());
                 out.extend_from_slice(message.as_bytes());
+            }
+            Message::Resume { received, from, reply } => {
+                out.push(TYPE_RESUME);
+                out.extend_from_slice(&received.to_be_bytes());
+                out.extend_from_slice(&from.to_be_bytes());
+                out.push(if reply { RESUME_REPLY } else { 0 });
             }
             Message::Unknown { kind, body } => {
                 out.push(kind);
@@ -248,8 +289,18 @@ mod tests {
     }
 
     #[test]
+    fn resume_golden() {
+        let mut wire = vec![0x06, 0, 0, 0, 0, 0, 0, 0x30, 0x39];
+        wire.extend_from_slice(&[0, 0, 0, 0x01, 0, 0, 0, 0x05, 0x00]);
+        golden(Message::Resume { received: 12345, from: (1 << 32) + 5, reply: false }, &wire);
+        let mut wire = vec![0x06, 0, 0, 0, 0, 0, 0, 0, 0];
+        wire.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x07, 0x01]);
+        golden(Message::Resume { received: 0, from: 7, reply: true }, &wire);
+    }
+
+    #[test]
     fn unknown_types_are_reported_not_rejected() {
-        golden(Message::Unknown { kind: 0x06, body: &[0x01, 0x02] }, &[0x06, 0x01, 0x02]);
+        golden(Message::Unknown { kind: 0x07, body: &[0x01, 0x02] }, &[0x07, 0x01, 0x02]);
         golden(Message::Unknown { kind: 0x00, body: &[] }, &[0x00]);
         golden(Message::Unknown { kind: 0xFF, body: b"future" }, b"\xfffuture");
     }
@@ -265,6 +316,12 @@ mod tests {
         assert_eq!(Message::decode(&[0x04, 0, 0, 0, 0, 0, 0, 0]), bad("ack", 7, 8));
         assert_eq!(Message::decode(&[0x05, 0x00]), bad("error", 1, 2));
         assert_eq!(Message::decode(&[0x05]), bad("error", 0, 2));
+        assert_eq!(Message::decode(&[0x06, 0, 0]), bad("resume", 2, 17));
+        let mut resume = vec![0x06];
+        resume.extend_from_slice(&[0; 16]);
+        assert_eq!(Message::decode(&[&resume[..], &[0, 0]].concat()), bad("resume", 18, 17));
+        resume.push(0x03);
+        assert_eq!(Message::decode(&resume), Err(ChannelError::ResumeFlags(0x03)));
         assert_eq!(
             Message::decode(&[0x05, 0x00, 0x01, 0xC3, 0x28]),
             Err(ChannelError::InvalidUtf8)
@@ -290,14 +347,15 @@ mod tests {
     proptest! {
         #[test]
         fn encode_then_decode_round_trips((kind, bytes, a, b, status, n, text) in any_message()) {
-            let msg = match kind % 7 {
+            let msg = match kind % 8 {
                 0 => Message::Data(&bytes),
                 1 => Message::Resize { cols: a, rows: b },
                 2 => Message::Exit(status),
                 3 => Message::Ack(n),
                 4 => Message::Error { code: a, message: &text },
-                // Any type byte outside 0x01..=0x05 is unknown.
-                _ => Message::Unknown { kind: if (1..=5).contains(&kind) { 0x80 } else { kind }, body: &bytes },
+                5 => Message::Resume { received: n, from: n ^ u64::from(a), reply: b % 2 == 1 },
+                // Any type byte outside 0x01..=0x06 is unknown.
+                _ => Message::Unknown { kind: if (1..=6).contains(&kind) { 0x80 } else { kind }, body: &bytes },
             };
             let wire = msg.to_vec();
             prop_assert_eq!(wire.len(), msg.encoded_len());
@@ -306,7 +364,7 @@ mod tests {
 
         #[test]
         fn any_bytes_decode_or_reject_without_panic(
-            kind in proptest::option::of(prop_oneof![0u8..=6, any::<u8>()]),
+            kind in proptest::option::of(prop_oneof![0u8..=7, any::<u8>()]),
             body in proptest::collection::vec(any::<u8>(), 0..40),
         ) {
             // Mostly known types, so that their length and UTF-8 checks are exercised.

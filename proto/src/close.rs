@@ -41,7 +41,8 @@ pub const TERMINATED: u16 = 4006;
 pub const IDLE_TIMEOUT: u16 = 4007;
 /// The session reached its maximum duration.
 pub const MAX_DURATION: u16 = 4008;
-/// The relay is shutting down.
+/// The relay is shutting down: its sessions live on, and both sides resume on a new leg
+/// (through the restarted relay, or another one).
 pub const RELAY_SHUTDOWN: u16 = 4009;
 /// Session management was switched off for the account.
 pub const SESSION_MANAGER_DISABLED: u16 = 4010;
@@ -50,6 +51,19 @@ pub const AGENT_SHUTDOWN: u16 = 4011;
 /// The caller who started the session lost the access it needed: their access key was revoked,
 /// their user disabled, or their policies no longer allow the session.
 pub const ACCESS_REVOKED: u16 = 4012;
+/// The session cannot be resumed exactly: the peer asked for bytes that were already dropped,
+/// or resumed after bytes that never arrived ([`crate::resume::OffsetError`]).
+pub const RESUME_FAILED: u16 = 4013;
+/// Another client attached to the session (`hatch attach --force`); this one is detached and
+/// must not reconnect.
+pub const ATTACHED_ELSEWHERE: u16 = 4014;
+
+/// Whether a leg closed with `code` should be replaced by a new one (the session lives on
+/// in the relay or in its store): the relay going down. A leg lost without a close frame
+/// (reset, silence) is resumable too.
+pub fn is_resumable(code: u16) -> bool {
+    code == RELAY_SHUTDOWN
+}
 
 /// A short lower-case description of a close code, for logs and for the CLI's messages.
 pub fn describe(code: u16) -> &'static str {
@@ -74,6 +88,8 @@ pub fn describe(code: u16) -> &'static str {
         SESSION_MANAGER_DISABLED => "session manager disabled for the account",
         AGENT_SHUTDOWN => "agent shutting down",
         ACCESS_REVOKED => "access revoked",
+        RESUME_FAILED => "the session could not be resumed without losing bytes",
+        ATTACHED_ELSEWHERE => "another client attached to the session",
         _ => "unknown close code",
     }
 }
@@ -104,7 +120,7 @@ mod tests {
 
     #[test]
     fn every_hatch_code_has_words() {
-        for code in 4001..=4011 {
+        for code in 4001..=4014 {
             assert_ne!(describe(code), "unknown close code", "{code}");
         }
     }

@@ -51,7 +51,7 @@ impl LegServer {
             listener,
             acceptor: TlsAcceptor::from(server),
             base: format!("wss://127.0.0.1:{port}"),
-            cfg: SessionConfig { tls, allow_plaintext: false, timing },
+            cfg: SessionConfig { tls, allow_plaintext: false, timing, link: Default::default() },
             ca_pem: ca,
             _dir: dir,
         }
@@ -106,7 +106,7 @@ pub async fn accept_leg(acceptor: TlsAcceptor, tcp: TcpStream) -> (String, Clien
         .await
         .unwrap()
         .unwrap();
-    (path, Client { ws, output: Vec::new() })
+    (path, Client { ws, output: Vec::new(), received: 0, acked: 0 })
 }
 
 /// What the client saw when the leg ended.
@@ -118,13 +118,38 @@ pub struct Finished {
     pub close: Option<(u16, String)>,
 }
 
-/// The client side of one session.
+/// The client side of one session. It acknowledges output as `hatch` does (every 64 KiB, and
+/// EXIT at once), so the agent's window never stalls it and the agent can end the session.
 pub struct Client {
     pub ws: WebSocketStream<TlsStream<TcpStream>>,
     pub output: Vec<u8>,
+    pub received: u64,
+    acked: u64,
 }
 
 impl Client {
+    /// Counts a DATA body and acknowledges when 64 KiB are unacknowledged.
+    async fn got_data(&mut self, d: &[u8]) {
+        self.output.extend_from_slice(d);
+        self.received += d.len() as u64;
+        if self.received - self.acked >= hatch_proto::resume::DEFAULT_ACK_BYTES {
+            self.ack().await;
+        }
+    }
+
+    /// Counts the agent's EXIT (one offset) and acknowledges everything at once.
+    async fn got_exit(&mut self) {
+        self.received += 1;
+        self.ack().await;
+    }
+
+    async fn ack(&mut self) {
+        self.acked = self.received;
+        // The leg may be closing already; the agent then ends without the acknowledgement.
+        let ack = Message::Ack(self.received).to_vec();
+        let _ = self.ws.send(WsMessage::Binary(ack.into())).await;
+    }
+
     pub async fn send(&mut self, m: Message<'_>) {
         self.ws.send(WsMessage::Binary(m.to_vec().into())).await.unwrap();
     }
@@ -167,7 +192,8 @@ impl Client {
                 .unwrap();
             if let WsMessage::Binary(b) = msg {
                 match Message::decode(&b).unwrap() {
-                    Message::Data(d) => self.output.extend_from_slice(d),
+                    Message::Data(d) => self.got_data(d).await,
+                    Message::Ack(_) => {}
                     other => panic!("unexpected {other:?}; got {:?}", self.text()),
                 }
             }
@@ -187,7 +213,8 @@ impl Client {
                 .unwrap();
             if let WsMessage::Binary(b) = msg {
                 match Message::decode(&b).unwrap() {
-                    Message::Data(d) => self.output.extend_from_slice(d),
+                    Message::Data(d) => self.got_data(d).await,
+                    Message::Ack(_) => {}
                     other => panic!("{other:?} before {needle:?}; got {:?}", self.text()),
                 }
             }
@@ -212,9 +239,14 @@ impl Client {
                 WsMessage::Binary(b) => match Message::decode(&b).unwrap() {
                     Message::Data(d) => {
                         assert!(exit.is_none(), "DATA after EXIT");
-                        self.output.extend_from_slice(d)
+                        self.got_data(d).await
                     }
-                    Message::Exit(code) => exit = Some(code),
+                    Message::Exit(code) => {
+                        assert!(exit.is_none(), "a second EXIT");
+                        exit = Some(code);
+                        self.got_exit().await;
+                    }
+                    Message::Ack(_) => {}
                     Message::Error { code, message } => errors.push((code, message.to_owned())),
                     other => panic!("unexpected {other:?}"),
                 },
@@ -286,25 +318,70 @@ pub fn arc<T>(t: T) -> Arc<T> {
 /// A client-side leg, dialled through a relay's data plane.
 pub type Ws = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
-/// Sends one channel message on a client-side leg.
-pub async fn send(ws: &mut Ws, m: Message<'_>) {
-    ws.send(WsMessage::Binary(m.to_vec().into())).await.unwrap();
+/// A client-side leg that counts what it received, so that it can acknowledge the agent's
+/// EXIT as `hatch` does (the agent ends a session once its EXIT is acknowledged).
+pub struct Leg {
+    pub ws: Ws,
+    received: u64,
 }
 
-/// Reads DATA until `needle` appears in the output.
-pub async fn read_until(ws: &mut Ws, out: &mut String, needle: &str) {
+impl From<Ws> for Leg {
+    fn from(ws: Ws) -> Self {
+        Leg { ws, received: 0 }
+    }
+}
+
+/// Sends one channel message on a client-side leg.
+pub async fn send(leg: &mut Leg, m: Message<'_>) {
+    leg.ws.send(WsMessage::Binary(m.to_vec().into())).await.unwrap();
+}
+
+/// Reads DATA until `needle` appears in the output (ACKs are skipped).
+pub async fn read_until(leg: &mut Leg, out: &mut String, needle: &str) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !out.contains(needle) {
-        let m = tokio::time::timeout_at(deadline, ws.next())
+        let m = tokio::time::timeout_at(deadline, leg.ws.next())
             .await
             .unwrap_or_else(|_| panic!("no {needle:?} in {out:?}"))
             .unwrap_or_else(|| panic!("leg ended before {needle:?}: {out:?}"))
             .unwrap();
         if let WsMessage::Binary(b) = m {
             match Message::decode(&b).unwrap() {
-                Message::Data(d) => out.push_str(&String::from_utf8_lossy(d)),
+                Message::Data(d) => {
+                    leg.received += d.len() as u64;
+                    out.push_str(&String::from_utf8_lossy(d));
+                }
+                Message::Ack(_) => {}
                 other => panic!("unexpected {other:?} before {needle:?}; output {out:?}"),
             }
+        }
+    }
+}
+
+/// Reads to the end: (the rest of the output, EXIT status, close code). EXIT is acknowledged.
+pub async fn read_end(leg: &mut Leg) -> (String, Option<i32>, Option<u16>) {
+    let mut out = String::new();
+    let mut exit = None;
+    loop {
+        match tokio::time::timeout(DEADLINE, leg.ws.next()).await.expect("leg still open") {
+            Some(Ok(WsMessage::Binary(b))) => match Message::decode(&b).unwrap() {
+                Message::Data(d) => {
+                    leg.received += d.len() as u64;
+                    out.push_str(&String::from_utf8_lossy(d));
+                }
+                Message::Exit(code) => {
+                    assert!(exit.is_none(), "a second EXIT");
+                    exit = Some(code);
+                    leg.received += 1;
+                    let ack = Message::Ack(leg.received).to_vec();
+                    let _ = leg.ws.send(WsMessage::Binary(ack.into())).await;
+                }
+                Message::Ack(_) => {}
+                other => panic!("unexpected {other:?}"),
+            },
+            Some(Ok(WsMessage::Close(f))) => return (out, exit, f.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (out, exit, None),
         }
     }
 }
