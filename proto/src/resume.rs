@@ -32,8 +32,13 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_WINDOW: usize = 2 * 1024 * 1024;
 /// Default: acknowledge once this many bytes are unacknowledged...
 pub const DEFAULT_ACK_BYTES: u64 = 64 * 1024;
-/// ... or this long after the first of them arrived.
-pub const DEFAULT_ACK_DELAY: Duration = Duration::from_millis(200);
+/// ... or this long after the first of them arrived, unless a message going the other way
+/// carried the acknowledgement first. Long enough that typing at one key every two seconds
+/// or faster never sends an acknowledgement of its own (each keystroke carries the one for
+/// the echo before it; measured: 200 ms cost 22% more relay CPU per round trip at one key a
+/// second, docs/BENCHMARKING.md); short enough that an idle session's replay buffer is
+/// freed within seconds. Bulk output is acknowledged by the byte rule.
+pub const DEFAULT_ACK_DELAY: Duration = Duration::from_secs(2);
 
 /// Why an acknowledgement or a resume from the peer cannot be right. Either ends the session
 /// with [`crate::close::RESUME_FAILED`]: the bytes cannot be delivered exactly once.
