@@ -401,6 +401,11 @@ impl Sessions {
                 let spec = SessionSpec::from_message(open).expect("matched session.open");
                 self.open(spec)
             }
+            // TODO(issue 14): handed to the live session in the next step.
+            ToAgent::SessionResume { session_id, .. } => {
+                debug!(session = %peer(&session_id, 40), "session.resume not handled yet");
+                None
+            }
         }
     }
 

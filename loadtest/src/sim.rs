@@ -621,7 +621,7 @@ async fn control_loop(
                     }
                 });
             }
-            Ok(ToAgent::SessionClose { .. }) => {}
+            Ok(ToAgent::SessionClose { .. } | ToAgent::SessionResume { .. }) => {}
             Err(_) => sh.error(&Failure::new("control_bad_message", "")),
         }
     }

@@ -64,6 +64,20 @@ pub struct StartSessionResponse {
     pub expires_at: String,
 }
 
+/// `POST /v1/sessions/{id}/resume` body (optional: an empty body is `{}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeSessionRequest {
+    /// Take the session over even when another client is attached to it (that client's leg is
+    /// closed with 4014 and does not reconnect). Without it, a session whose client leg is
+    /// attached answers 409 `SessionAttached`.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/sessions/{id}/resume` answer (200): a token for a new client leg of a live
+/// session. The same shape as [`StartSessionResponse`].
+pub type ResumeSessionResponse = StartSessionResponse;
+
 /// One session as the API describes it (`GET /v1/sessions/{id}`, lists, terminate).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {

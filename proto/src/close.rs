@@ -58,11 +58,15 @@ pub const RESUME_FAILED: u16 = 4013;
 /// must not reconnect.
 pub const ATTACHED_ELSEWHERE: u16 = 4014;
 
-/// Whether a leg closed with `code` should be replaced by a new one (the session lives on
-/// in the relay or in its store): the relay going down. A leg lost without a close frame
-/// (reset, silence) is resumable too.
+/// The other side's leg was lost: the session waits (the resume window) for both sides to put
+/// up new legs; this side resumes as after a lost connection.
+pub const PEER_RESUMING: u16 = 4015;
+
+/// Whether a leg closed with `code` should be replaced by a new one (the session lives on in
+/// the relay or in its store): the relay going down, or the other side resuming. A leg lost
+/// without a close frame (reset, silence) is resumable too.
 pub fn is_resumable(code: u16) -> bool {
-    code == RELAY_SHUTDOWN
+    matches!(code, RELAY_SHUTDOWN | PEER_RESUMING)
 }
 
 /// A short lower-case description of a close code, for logs and for the CLI's messages.
@@ -90,6 +94,7 @@ pub fn describe(code: u16) -> &'static str {
         ACCESS_REVOKED => "access revoked",
         RESUME_FAILED => "the session could not be resumed without losing bytes",
         ATTACHED_ELSEWHERE => "another client attached to the session",
+        PEER_RESUMING => "the other side is reconnecting",
         _ => "unknown close code",
     }
 }
@@ -120,7 +125,7 @@ mod tests {
 
     #[test]
     fn every_hatch_code_has_words() {
-        for code in 4001..=4014 {
+        for code in 4001..=4015 {
             assert_ne!(describe(code), "unknown close code", "{code}");
         }
     }

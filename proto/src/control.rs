@@ -46,6 +46,17 @@ pub enum ToAgent {
         /// Sequence number.
         seq: u64,
     },
+    /// The answer to [`FromAgent::SessionResume`]: dial `stream_url` with `token` (role agent,
+    /// a resume token) to put up a new leg for a live session, then send RESUME on it.
+    #[serde(rename = "session.resume")]
+    SessionResume {
+        /// Session id.
+        session_id: String,
+        /// `wss://.../v1/stream/{sid}?role=agent`.
+        stream_url: String,
+        /// Bearer token for the new agent leg.
+        token: String,
+    },
 }
 
 /// Agent → relay.
@@ -81,6 +92,15 @@ pub enum FromAgent {
         session_id: String,
         /// What went wrong.
         message: String,
+    },
+    /// The agent lost a session's data leg (no close frame, or a resumable close code) and
+    /// asks for a token to put up a new one. The relay answers [`ToAgent::SessionResume`]
+    /// when the session is live (or resumable) and of this instance, [`ToAgent::SessionClose`]
+    /// when it ended (or never existed).
+    #[serde(rename = "session.resume")]
+    SessionResume {
+        /// Session id.
+        session_id: String,
     },
     /// A session whose data leg died without a close from the relay (the relay was lost, e.g.
     /// killed): the payload bytes the agent counted on that leg, sent once the control channel

@@ -59,6 +59,11 @@ pub struct Claims {
     /// used tokens on disk. Absent (empty) in tokens of relays that predate it.
     #[serde(default)]
     pub run: String,
+    /// A resume token: it opens a new leg of a session that was paired before (after a lost
+    /// leg or a relay restart). The relay then keeps the session for the resume window, not
+    /// the pair timeout, while the other leg comes back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub res: bool,
 }
 
 impl Claims {

@@ -120,6 +120,21 @@ pub enum DataEvent {
         /// Payload bytes forwarded agent → client so far.
         bytes_agent_to_client: u64,
     },
+    /// A paired session lost its legs (one without a close frame, the other closed with 4015)
+    /// and waits for both to come back within the resume window: state `detached`.
+    Detached {
+        /// Session id.
+        session_id: String,
+        /// When it lost them.
+        at: SystemTime,
+    },
+    /// A detached session has both legs again: state `connected`.
+    Resumed {
+        /// Session id.
+        session_id: String,
+        /// When the second leg came back.
+        at: SystemTime,
+    },
     /// The session ended (sent exactly once per session that had at least one leg).
     Ended(SessionEnd),
 }

@@ -120,6 +120,20 @@ impl TokenSigner {
         account: &str,
         now: u64,
     ) -> anyhow::Result<(String, Claims)> {
+        self.issue_with(session_id, role, instance, account, now, false)
+    }
+
+    /// [`TokenSigner::issue`], for a new leg of a session that was paired before when
+    /// `resume` (the `res` claim).
+    pub fn issue_with(
+        &self,
+        session_id: &str,
+        role: Role,
+        instance: &str,
+        account: &str,
+        now: u64,
+        resume: bool,
+    ) -> anyhow::Result<(String, Claims)> {
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut jti)
             .map_err(|_| anyhow::anyhow!("rng failed"))?;
@@ -132,6 +146,7 @@ impl TokenSigner {
             exp: now + TOKEN_LIFETIME_SECS,
             jti: hex::encode(jti),
             run: self.run.clone(),
+            res: resume,
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());

@@ -239,6 +239,8 @@ pub(super) async fn run_channel(
                         Ok(FromAgent::Hello { .. }) => {
                             debug!(instance = %instance, "second hello on a control channel ignored");
                         }
+                        // TODO(issue 14): answered in the next step.
+                        Ok(FromAgent::SessionResume { .. }) => {}
                         Ok(FromAgent::Heartbeat { .. }) => {
                             // Record liveness in the store at most once a minute.
                             if last_touch.elapsed() >= Duration::from_secs(60) {

@@ -362,6 +362,8 @@ impl Shared {
 
     async fn on_event(&self, ev: DataEvent) {
         match ev {
+            // TODO(issue 14): state `detached` in the next step.
+            DataEvent::Detached { .. } | DataEvent::Resumed { .. } => {}
             DataEvent::Connected { session_id, at } => {
                 if self.live.connected(&session_id) {
                     let at = unix_of(at);

@@ -78,6 +78,9 @@ pub struct DataConfig {
     pub dead_after: Duration,
     /// Largest frame payload (above it: close 1009).
     pub max_payload: u64,
+    /// How long a paired session that lost a leg is kept for both sides to put up new legs
+    /// (`detached`); `None`: a lost leg ends the session.
+    pub resume_window: Option<Duration>,
 }
 
 impl DataConfig {
@@ -97,6 +100,7 @@ impl DataConfig {
             ping_interval: Duration::from_secs(30),
             dead_after: Duration::from_secs(90),
             max_payload: hatch_proto::frame::DEFAULT_MAX_PAYLOAD,
+            resume_window: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -132,6 +136,11 @@ pub struct DataArgs {
     /// Seconds to let sessions finish on SIGTERM before closing them with 4009.
     #[arg(long, default_value_t = 10)]
     pub drain: u64,
+    /// Seconds a session that lost a leg (no close frame, silence, a relay restart) is kept
+    /// for both sides to resume it; then it ends with the reason it would have ended with.
+    /// 0 = off: a lost leg ends the session.
+    #[arg(long, default_value_t = 600)]
+    pub resume_window: u64,
     /// Serve plain WS without TLS. Benchmarks on loopback only.
     #[arg(long)]
     pub danger_plaintext: bool,
@@ -153,6 +162,7 @@ impl DataArgs {
         c.handshake_timeout = Duration::from_secs(self.handshake_timeout.max(1));
         c.idle_timeout = secs(self.idle_timeout);
         c.max_duration = secs(self.max_duration);
+        c.resume_window = secs(self.resume_window);
         c.drain = Duration::from_secs(self.drain);
         c
     }
