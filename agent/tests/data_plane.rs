@@ -115,7 +115,7 @@ impl Relay {
         loop {
             match tokio::time::timeout(DEADLINE, self.events.recv()).await.unwrap().unwrap() {
                 DataEvent::Ended(e) => return e,
-                DataEvent::Connected { .. } | DataEvent::Progress { .. } => {}
+                _ => {}
             }
         }
     }

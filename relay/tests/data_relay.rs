@@ -397,6 +397,7 @@ async fn live_session_byte_counts_are_reported_on_the_progress_tick(io: IoBacken
             }
             DataEvent::Ended(e) => panic!("session ended: {e:?}"),
             DataEvent::Connected { .. } => {}
+            other => panic!("unexpected {other:?}"),
         }
     };
     assert_eq!(got, (4, 6));
