@@ -113,9 +113,9 @@ impl Relay {
 
     async fn next_end(&mut self) -> hatch_relay::plane::SessionEnd {
         loop {
-            match tokio::time::timeout(DEADLINE, self.events.recv()).await.unwrap().unwrap() {
-                DataEvent::Ended(e) => return e,
-                _ => {}
+            let ev = tokio::time::timeout(DEADLINE, self.events.recv()).await.unwrap().unwrap();
+            if let DataEvent::Ended(e) = ev {
+                return e;
             }
         }
     }
