@@ -14,7 +14,7 @@ use data_support::*;
 use futures_util::{SinkExt, StreamExt};
 use hatch_proto::token::Role;
 use hatch_relay::data::IoBackend;
-use hatch_relay::plane::{CloseReason, DataCommand};
+use hatch_relay::plane::{CloseReason, DataCommand, DataEvent};
 use tokio_tungstenite::tungstenite::Message;
 
 both_backends!(
@@ -165,7 +165,8 @@ async fn close_inside_a_frame_that_never_ends_sends_no_close_frame(io: IoBackend
 }
 
 async fn peer_gone_inside_a_frame_sends_no_close_frame(io: IoBackend) {
-    let mut relay = Relay::start(io, |_| {});
+    // Resuming off: the lost leg ends the session.
+    let mut relay = Relay::start(io, |c| c.resume_window = None);
     let (mut c, mut a) = raw_pair(&relay, "s-drip-gone").await;
     let _rest = drip_first_half(&mut c, &mut a).await;
     drop(a);
@@ -311,3 +312,51 @@ async fn pings_alone_do_not_hold_off_the_idle_timeout(io: IoBackend) {
     assert_eq!(recv_close(&mut a).await, 4007);
     assert_eq!(relay.next_end().await.reason, CloseReason::IdleTimeout);
 }
+
+async fn a_lost_leg_detaches_and_both_sides_resume_on_new_legs(io: IoBackend) {
+    let mut relay = Relay::start(io, |_| {});
+    let (mut c, mut a) = relay.pair("s-resume").await;
+    assert!(matches!(relay.next_event().await, DataEvent::Connected { .. }));
+    send_bin(&mut c, b"\x01before").await;
+    assert_eq!(recv_bin(&mut a).await, b"\x01before");
+    // The client's connection is lost (no close frame): the agent is told to resume.
+    drop(c);
+    assert_eq!(recv_close(&mut a).await, hatch_proto::close::PEER_RESUMING);
+    assert!(matches!(relay.next_event().await, DataEvent::Detached { .. }));
+    // An ordinary token cannot join a detached session's role twice; resume tokens can.
+    let (sid, c_tok) = ("s-resume", relay.resume_token("s-resume", Role::Client));
+    let mut c = relay.dial(sid, Role::Client, &c_tok).await.expect("client resumes");
+    let a_tok = relay.resume_token(sid, Role::Agent);
+    let mut a = relay.dial(sid, Role::Agent, &a_tok).await.expect("agent resumes");
+    assert!(matches!(relay.next_event().await, DataEvent::Resumed { .. }));
+    send_bin(&mut c, b"\x01after").await;
+    assert_eq!(recv_bin(&mut a).await, b"\x01after");
+    send_bin(&mut a, b"\x01back").await;
+    assert_eq!(recv_bin(&mut c).await, b"\x01back");
+    // A used resume token is refused like any other.
+    let again = relay.dial(sid, Role::Client, &c_tok).await.expect_err("replayed token");
+    assert_eq!(refusal(again).0, 409);
+    close_with(&mut a, 1000).await;
+    assert_eq!(recv_close(&mut c).await, 1000);
+    let end = relay.next_end().await;
+    assert_eq!(end.reason, CloseReason::Exit);
+    // Counts run across the resume: 7 + 6 bytes client → agent, 5 agent → client.
+    assert_eq!((end.bytes_client_to_agent, end.bytes_agent_to_client), (13, 5));
+}
+
+async fn a_detached_session_ends_with_4005_when_the_window_passes(io: IoBackend) {
+    let mut relay = Relay::start(io, |c| c.resume_window = Some(Duration::from_secs(1)));
+    let (c, mut a) = relay.pair("s-window").await;
+    // Paired first (a session that never paired is not resumable).
+    assert!(matches!(relay.next_event().await, DataEvent::Connected { .. }));
+    drop(c);
+    assert_eq!(recv_close(&mut a).await, hatch_proto::close::PEER_RESUMING);
+    // Only the agent comes back: it waits, then learns the client never did.
+    let tok = relay.resume_token("s-window", Role::Agent);
+    let mut a = relay.dial("s-window", Role::Agent, &tok).await.expect("agent resumes");
+    assert_eq!(recv_close(&mut a).await, hatch_proto::close::PEER_GONE);
+    assert_eq!(relay.next_end().await.reason, CloseReason::ClientLost);
+}
+
+both_backends!(a_lost_leg_detaches_and_both_sides_resume_on_new_legs);
+both_backends!(a_detached_session_ends_with_4005_when_the_window_passes);

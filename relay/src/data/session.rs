@@ -12,9 +12,23 @@
 //!            admit ─▶ Upgrading ─(101 written)─▶ Ready ─┐ both Ready
 //!                                                       ▼
 //!   (pair timeout 4004)  Waiting ──────────────────▶ Paired ──▶ pumps, pings, progress
-//!        │                  │                          │
-//!        └──── any leg closed, lost, terminate, idle 4007, max 4008, dead leg, 4009 ──▶ Ended
+//!        │                  │                        │   ▲
+//!        │                  │    a leg lost (no close │   │ both legs back with
+//!        │                  │    frame, dead leg),    ▼   │ resume tokens
+//!        │                  │    resume window on:  Detached ──(window over)──┐
+//!        └──── any leg closed, terminate, idle 4007, max 4008, 4009 ──────────┴─▶ Ended
 //! ```
+//!
+//! A detached session has no legs: the lost one is closed without a close frame, the other
+//! with 4015 (the other side is reconnecting), and both sides put up new legs with resume
+//! tokens (`res` claim). It keeps its slot and counts under a new [`Key`], so that the old
+//! pumps see their session gone and stop. A resume token for a session the table does not
+//! know (the relay restarted) creates it detached; a resume token for a role whose leg is
+//! present displaces that leg (4014: the client attached elsewhere; an agent's new leg
+//! replaces one it has given up on), and the session detaches and re-pairs. With the window
+//! on, a relay shutting down closes paired and detached sessions with 4009 and keeps them
+//! out of the store's closed records (they resume on the next relay); they leave the table
+//! without an end.
 //!
 //! An ended session leaves the table at once; what outlives it is in two sets the table also
 //! owns: the used token ids (a token opens one leg, ever, until it expires) and the terminated
@@ -149,6 +163,10 @@ impl CloseCode {
     pub const MAX_DURATION: CloseCode = CloseCode(close::MAX_DURATION);
     /// 4009: the relay is shutting down.
     pub const RELAY_SHUTDOWN: CloseCode = CloseCode(close::RELAY_SHUTDOWN);
+    /// 4014: another leg of this role took the session over.
+    pub const ATTACHED_ELSEWHERE: CloseCode = CloseCode(close::ATTACHED_ELSEWHERE);
+    /// 4015: the other leg was lost; resume.
+    pub const PEER_RESUMING: CloseCode = CloseCode(close::PEER_RESUMING);
 
     /// The code, if it may appear on the wire.
     pub fn new(code: u16) -> Option<CloseCode> {
@@ -206,6 +224,9 @@ pub struct Rules {
     /// Session deadlines are rounded up to a multiple of this, so that sessions due at nearly
     /// the same time wake the shard once (a rule fires at most this much late).
     pub grain: Duration,
+    /// How long a paired session that lost a leg waits for both legs to come back; `None`: a
+    /// lost leg ends it.
+    pub resume_window: Option<Duration>,
 }
 
 impl Rules {
@@ -220,6 +241,7 @@ impl Rules {
             progress_interval: PROGRESS_INTERVAL,
             terminated_for: Duration::from_secs(hatch_proto::token::TOKEN_LIFETIME_SECS),
             grain: TIMER_GRAIN,
+            resume_window: cfg.resume_window,
         }
     }
 }
@@ -235,6 +257,8 @@ pub struct Admit {
     pub jti: TokenId,
     /// When the token expires (its id is remembered until then).
     pub expires: Instant,
+    /// A resume token: a new leg of a session that was paired before.
+    pub resume: bool,
 }
 
 /// A session's place in the table. Stale keys (the session ended, its slot reused) are
@@ -250,6 +274,17 @@ pub struct Key {
 pub enum Report {
     /// Both legs are in.
     Connected {
+        /// Session id.
+        sid: String,
+    },
+    /// The session lost its legs and waits for both to come back (or the relay is stopping
+    /// with it paired: it resumes on the next relay).
+    Detached {
+        /// Session id.
+        sid: String,
+    },
+    /// A detached session has both legs again.
+    Resumed {
         /// Session id.
         sid: String,
     },
@@ -353,6 +388,10 @@ struct Session<H> {
     generation: u32,
     created: Tick,
     paired: Option<Tick>,
+    /// When it first paired (the maximum duration counts from here, across resumes).
+    first_paired: Option<Tick>,
+    /// Detached: since when, and how it ends if the window passes without both legs back.
+    detached: Option<(Tick, Ending)>,
     legs: [Slot<H>; 2],
     /// Payload bytes read from each leg (client → agent, agent → client).
     bytes: [u64; 2],
@@ -367,6 +406,7 @@ struct Session<H> {
 }
 
 /// Why a session ends, and the code (if any) each leg's close frame carries.
+#[derive(Debug, Clone, Copy)]
 struct Ending {
     reason: CloseReason,
     codes: [Option<CloseCode>; 2],
@@ -547,19 +587,44 @@ impl<H: Clone> SessionTable<H> {
             debug!(session = %adm.sid, role = adm.leg.as_str(), "leg of a terminated session");
             return self.actions.push_back(Action::AcceptAndClose { handle, code });
         }
+        let resumable = adm.resume && self.rules.resume_window.is_some();
         let key = match self.index.get(&adm.sid) {
             Some(&slot) => self.key_of(slot),
-            None => self.create(now, adm.sid.clone()),
+            None => {
+                let key = self.create(now, adm.sid.clone());
+                if resumable {
+                    // A session this relay does not know, resumed: it was paired on a relay
+                    // that stopped. It waits for both legs for the window, as if just detached.
+                    let s = &mut self.sessions[key.slot as usize];
+                    s.first_paired = Some(now);
+                    let ending = Ending::both(CloseReason::RelayShutdown, CloseCode::PEER_GONE);
+                    s.detached = Some((now, ending));
+                    info!(session = %adm.sid, role = adm.leg.as_str(), "resuming a session of an earlier relay");
+                    self.arm(key);
+                }
+                key
+            }
         };
+        let mut key = key;
+        let occupied = self.sessions[key.slot as usize].legs[adm.leg.index()].handle.is_some();
+        if occupied {
+            if !resumable || self.sessions[key.slot as usize].first_paired.is_none() {
+                warn!(session = %adm.sid, role = adm.leg.as_str(), "second leg for one role");
+                return self
+                    .actions
+                    .push_back(Action::Refuse { handle, refusal: Refusal::TokenAlreadyUsed });
+            }
+            // A resume token for a role whose leg is here: that leg is given up on (the agent
+            // lost it, or a client attached elsewhere with --force). It goes, 4014, and the
+            // session re-pairs with the new one.
+            info!(session = %adm.sid, role = adm.leg.as_str(), "leg displaced by a resume");
+            let ending = Ending::of_leg(adm.leg, LegEnd::Lost);
+            key = self.detach(now, key, ending, Some((adm.leg, CloseCode::ATTACHED_ELSEWHERE)));
+        }
         let s = &mut self.sessions[key.slot as usize];
         let slot = &mut s.legs[adm.leg.index()];
-        if slot.handle.is_some() {
-            warn!(session = %adm.sid, role = adm.leg.as_str(), "second leg for one role");
-            return self
-                .actions
-                .push_back(Action::Refuse { handle, refusal: Refusal::TokenAlreadyUsed });
-        }
         slot.handle = Some(handle.clone());
+        slot.ready = false;
         self.actions.push_back(Action::Accept { key, leg: adm.leg, handle });
     }
 
@@ -569,7 +634,7 @@ impl<H: Clone> SessionTable<H> {
         let Some(s) = live_mut(&mut self.sessions, key) else { return };
         if !ok {
             debug!(session = %s.sid, role = leg.as_str(), "101 not delivered");
-            return self.end(now, key, Ending::of_leg(leg, LegEnd::Lost));
+            return self.leg_lost(now, key, leg);
         }
         let slot = &mut s.legs[leg.index()];
         slot.ready = true;
@@ -579,11 +644,18 @@ impl<H: Clone> SessionTable<H> {
         match (c.ready, a.ready, &c.handle, &a.handle) {
             (true, true, Some(client), Some(agent)) => {
                 s.paired = Some(now);
+                s.first_paired.get_or_insert(now);
                 s.last_c2a = now;
-                info!(session = %s.sid, "session paired");
                 let (client, agent) = (client.clone(), agent.clone());
                 let sid = s.sid.clone();
-                self.actions.push_back(Action::Report(Report::Connected { sid }));
+                let report = if s.detached.take().is_some() {
+                    info!(session = %s.sid, "session resumed");
+                    Report::Resumed { sid }
+                } else {
+                    info!(session = %s.sid, "session paired");
+                    Report::Connected { sid }
+                };
+                self.actions.push_back(Action::Report(report));
                 self.actions.push_back(Action::StartPumps { key, client, agent });
                 self.arm(key);
             }
@@ -625,13 +697,78 @@ impl<H: Clone> SessionTable<H> {
         (first_uncounted || rearm) && self.arm(key)
     }
 
-    /// `leg` ended as `how`: the session ends.
+    /// `leg` ended as `how`: the session ends, or detaches when the leg was lost (no close
+    /// frame) and resuming is on.
     pub fn handle_leg_closed(&mut self, now: Instant, key: Key, leg: Leg, how: LegEnd) {
         let now = self.tick(now);
         if let Some(s) = self.get(key) {
             debug!(session = %s.sid, role = leg.as_str(), ?how, "leg ended");
+            if how == LegEnd::Lost {
+                return self.leg_lost(now, key, leg);
+            }
             self.end(now, key, Ending::of_leg(leg, how));
         }
+    }
+
+    /// `leg` is gone without a close frame: a paired session detaches (with the window on), a
+    /// detached one forgets the leg that had come back, a waiting one ends.
+    fn leg_lost(&mut self, now: Tick, key: Key, leg: Leg) {
+        let Some(s) = self.get_mut(key) else { return };
+        if s.detached.is_some() {
+            debug!(session = %s.sid, role = leg.as_str(), "returning leg lost again; still detached");
+            let slot = std::mem::replace(&mut s.legs[leg.index()], Slot::empty(now));
+            if let Some(handle) = slot.handle {
+                self.actions.push_back(Action::Close { handle, code: None });
+            }
+            return;
+        }
+        let ending = Ending::of_leg(leg, LegEnd::Lost);
+        if s.paired.is_some() && self.rules.resume_window.is_some() {
+            self.detach(now, key, ending, None);
+        } else {
+            self.end(now, key, ending);
+        }
+    }
+
+    /// Detaches a session: its legs are closed (the lost one with `ending`'s code for it, or
+    /// `displaced`'s code, the other with 4015) and it waits, under a new key, for both to come
+    /// back until the window passes; then it ends as `ending` says. Returns the new key.
+    fn detach(
+        &mut self,
+        now: Tick,
+        key: Key,
+        ending: Ending,
+        displaced: Option<(Leg, CloseCode)>,
+    ) -> Key {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let s = &mut self.sessions[key.slot as usize];
+        let was_detached = s.detached.is_some();
+        s.generation = generation;
+        s.paired = None;
+        s.armed = None;
+        if !was_detached {
+            s.detached = Some((now, ending));
+        }
+        let legs = std::mem::replace(&mut s.legs, [Slot::empty(now), Slot::empty(now)]);
+        for (leg, slot) in Leg::BOTH.into_iter().zip(legs) {
+            let Some(handle) = slot.handle else { continue };
+            let code = match displaced {
+                Some((l, code)) if l == leg => Some(code),
+                // The lost leg gets no close frame (it is gone); the other is told to resume.
+                _ if ending.codes[leg.index()].is_none() => None,
+                _ => Some(CloseCode::PEER_RESUMING),
+            };
+            self.actions.push_back(Action::Close { handle, code });
+        }
+        if !was_detached {
+            info!(session = %s.sid, reason = ending.reason.as_str(), "session detached");
+            let sid = s.sid.clone();
+            self.actions.push_back(Action::Report(Report::Detached { sid }));
+        }
+        let key = Key { slot: key.slot, generation };
+        self.arm(key);
+        key
     }
 
     /// The control plane ends the session with `code` (4006, 4010, 4012), and its later legs
@@ -700,11 +837,17 @@ impl<H: Clone> SessionTable<H> {
             let live: Vec<usize> = self.sessions.iter().map(|(slot, _)| slot).collect();
             for slot in live {
                 let key = self.key_of(slot);
-                self.end(
-                    now,
-                    key,
-                    Ending::both(CloseReason::RelayShutdown, CloseCode::RELAY_SHUTDOWN),
-                );
+                let resumable = self.rules.resume_window.is_some()
+                    && self.sessions[slot].first_paired.is_some();
+                if resumable {
+                    self.suspend(key);
+                } else {
+                    self.end(
+                        now,
+                        key,
+                        Ending::both(CloseReason::RelayShutdown, CloseCode::RELAY_SHUTDOWN),
+                    );
+                }
             }
         }
     }
@@ -725,6 +868,8 @@ impl<H: Clone> SessionTable<H> {
             generation,
             created: now,
             paired: None,
+            first_paired: None,
+            detached: None,
             legs: [Slot::empty(now), Slot::empty(now)],
             bytes: [0; 2],
             reported: [0; 2],
@@ -769,6 +914,25 @@ impl<H: Clone> SessionTable<H> {
     fn check(&mut self, now: Tick, key: Key) {
         let rules = &self.rules;
         let Some(s) = live_mut(&mut self.sessions, key) else { return };
+        if let Some((since, ending)) = s.detached {
+            let window = rules.resume_window.unwrap_or_default();
+            if now >= since + window {
+                info!(session = %s.sid, "not resumed within the window");
+                // Whichever leg came back learns that the other never did.
+                let e = Ending { codes: [Some(CloseCode::PEER_GONE); 2], ..ending };
+                return self.end(now, key, e);
+            }
+            if rules.max_duration.is_some_and(|max| s.first_paired.is_some_and(|p| now >= p + max))
+            {
+                let e = Ending::both(CloseReason::MaxDuration, CloseCode::MAX_DURATION);
+                return self.end(now, key, e);
+            }
+            if let Some(report) = progress(s, now) {
+                self.actions.push_back(report);
+            }
+            self.arm(key);
+            return;
+        }
         let Some(paired) = s.paired else {
             if now >= s.created + rules.pair_timeout {
                 info!(session = %s.sid, "peer never came");
@@ -778,7 +942,8 @@ impl<H: Clone> SessionTable<H> {
             self.arm(key);
             return;
         };
-        if rules.max_duration.is_some_and(|max| now >= paired + max) {
+        let first = s.first_paired.unwrap_or(paired);
+        if rules.max_duration.is_some_and(|max| now >= first + max) {
             let e = Ending::both(CloseReason::MaxDuration, CloseCode::MAX_DURATION);
             return self.end(now, key, e);
         }
@@ -790,7 +955,7 @@ impl<H: Clone> SessionTable<H> {
             let slot = &mut s.legs[leg.index()];
             if now >= slot.last_rx + rules.dead_after {
                 info!(session = %s.sid, role = leg.as_str(), "leg silent too long");
-                return self.end(now, key, Ending::of_leg(leg, LegEnd::Lost));
+                return self.leg_lost(now, key, leg);
             }
             if now >= slot.last_rx + rules.ping_interval && !slot.pinged {
                 slot.pinged = true;
@@ -799,13 +964,8 @@ impl<H: Clone> SessionTable<H> {
                 }
             }
         }
-        if s.progress_due.is_some_and(|t| now >= t) {
-            s.progress_due = None;
-            if s.bytes != s.reported {
-                s.reported = s.bytes;
-                let (sid, bytes) = (s.sid.clone(), s.bytes);
-                self.actions.push_back(Action::Report(Report::Progress { sid, bytes }));
-            }
+        if let Some(report) = progress(s, now) {
+            self.actions.push_back(report);
         }
         self.arm(key);
     }
@@ -817,7 +977,7 @@ impl<H: Clone> SessionTable<H> {
         }
         let s = self.sessions.remove(key.slot as usize);
         self.index.remove(&s.sid);
-        let start = s.paired.unwrap_or(s.created);
+        let start = s.first_paired.or(s.paired).unwrap_or(s.created);
         let end = SessionEnd {
             session_id: s.sid,
             reason: ending.reason,
@@ -839,6 +999,29 @@ impl<H: Clone> SessionTable<H> {
         self.check_drained();
     }
 
+    /// The relay stops with this session paired or detached: its legs are closed with 4009
+    /// (both sides resume on the next relay) and it leaves the table without an end, reported
+    /// detached, so that the store keeps it resumable.
+    fn suspend(&mut self, key: Key) {
+        let s = self.sessions.remove(key.slot as usize);
+        self.index.remove(&s.sid);
+        info!(session = %s.sid, "session left for the next relay to resume");
+        if s.detached.is_none() {
+            self.actions.push_back(Action::Report(Report::Detached { sid: s.sid.clone() }));
+        }
+        if s.bytes != s.reported {
+            let (sid, bytes) = (s.sid.clone(), s.bytes);
+            self.actions.push_back(Action::Report(Report::Progress { sid, bytes }));
+        }
+        for slot in s.legs {
+            if let Some(handle) = slot.handle {
+                let code = Some(CloseCode::RELAY_SHUTDOWN);
+                self.actions.push_back(Action::Close { handle, code });
+            }
+        }
+        self.check_drained();
+    }
+
     fn check_drained(&mut self) {
         if self.stopping && !self.drained && self.sessions.is_empty() {
             self.drained = true;
@@ -854,11 +1037,30 @@ fn live_mut<H>(sessions: &mut Slab<Session<H>>, key: Key) -> Option<&mut Session
     sessions.get_mut(key.slot as usize).filter(|s| s.generation == key.generation)
 }
 
+/// The progress report due at `now`, if one is (the counts changed since the last).
+fn progress<H>(s: &mut Session<H>, now: Tick) -> Option<Action<H>> {
+    if s.progress_due.is_none_or(|t| now < t) {
+        return None;
+    }
+    s.progress_due = None;
+    if s.bytes == s.reported {
+        return None;
+    }
+    s.reported = s.bytes;
+    Some(Action::Report(Report::Progress { sid: s.sid.clone(), bytes: s.bytes }))
+}
+
 /// The earliest of a session's deadlines.
 fn next_deadline<H>(s: &Session<H>, rules: &Rules) -> Option<Tick> {
+    if let Some((since, _)) = s.detached {
+        let window = since + rules.resume_window.unwrap_or_default();
+        let max = rules.max_duration.zip(s.first_paired).map(|(d, p)| p + d);
+        return [Some(window), max, s.progress_due].into_iter().flatten().min();
+    }
     let Some(paired) = s.paired else { return Some(s.created + rules.pair_timeout) };
+    let first = s.first_paired.unwrap_or(paired);
     let mut due = [
-        rules.max_duration.map(|d| paired + d),
+        rules.max_duration.map(|d| first + d),
         rules.idle_timeout.map(|d| s.last_c2a + d),
         s.progress_due,
     ]
@@ -895,6 +1097,7 @@ mod tests {
             progress_interval: SECS(2),
             terminated_for: SECS(600),
             grain: Duration::from_millis(100),
+            resume_window: None,
         }
     }
 
@@ -922,6 +1125,19 @@ mod tests {
                 leg,
                 jti: TokenId::of(jti),
                 expires: self.at(secs) + SECS(600),
+                resume: false,
+            };
+            self.t.handle_admit(self.at(secs), adm, handle);
+        }
+
+        /// Admits a leg with a resume token.
+        fn admit_resume(&mut self, secs: f64, sid: &str, leg: Leg, jti: &str, handle: u32) {
+            let adm = Admit {
+                sid: sid.into(),
+                leg,
+                jti: TokenId::of(jti),
+                expires: self.at(secs) + SECS(600),
+                resume: true,
             };
             self.t.handle_admit(self.at(secs), adm, handle);
         }
@@ -1388,6 +1604,197 @@ mod tests {
                 Action::Drained,
             ]
         );
+    }
+
+    fn resumable() -> Rules {
+        Rules { resume_window: Some(SECS(60)), ..rules() }
+    }
+
+    /// Both legs of a detached session come back at `secs` (resume tokens); the new key.
+    fn resume_both(c: &mut Case, secs: f64, sid: &str, client: u32, agent: u32) -> Key {
+        c.admit_resume(secs, sid, Leg::Client, &format!("{sid}-rc{client}"), client);
+        let a = c.actions();
+        let [Action::Accept { key, .. }] = a.as_slice() else { panic!("{a:?}") };
+        let key = *key;
+        c.t.handle_upgraded(c.at(secs), key, Leg::Client, true);
+        c.admit_resume(secs, sid, Leg::Agent, &format!("{sid}-ra{agent}"), agent);
+        c.t.handle_upgraded(c.at(secs), key, Leg::Agent, true);
+        let a = c.actions();
+        assert_eq!(a.len(), 4, "{a:?}");
+        assert_eq!(a[2], Action::Report(Report::Resumed { sid: sid.into() }));
+        assert!(
+            matches!(a[3], Action::StartPumps { client: x, agent: y, .. } if x == client && y == agent)
+        );
+        key
+    }
+
+    #[test]
+    fn a_lost_leg_detaches_the_session_and_both_legs_resume_it_with_its_counts() {
+        let mut c = Case::new(resumable());
+        let key = c.pair(0.0, "s", 1, 2);
+        c.t.handle_bytes(c.at(1.0), key, Leg::Client, 5);
+        c.t.handle_bytes(c.at(1.0), key, Leg::Agent, 7);
+        c.t.handle_leg_closed(c.at(3.0), key, Leg::Client, LegEnd::Lost);
+        assert_eq!(
+            c.actions(),
+            [
+                close(1, None),
+                close(2, Some(CloseCode::PEER_RESUMING)),
+                Action::Report(Report::Detached { sid: "s".into() }),
+            ]
+        );
+        // The old key is gone (its pumps stop); the session waits for the window.
+        assert!(!c.t.is_live(key));
+        assert_eq!(c.t.len(), 1);
+        assert_eq!(
+            c.run_until(62.9),
+            [Action::Report(Report::Progress { sid: "s".into(), bytes: [5, 7] })]
+        );
+        let key = resume_both(&mut c, 30.0, "s", 3, 4);
+        c.t.handle_bytes(c.at(31.0), key, Leg::Client, 1);
+        c.t.handle_leg_closed(c.at(40.0), key, Leg::Agent, LegEnd::Closed(CloseCode::NORMAL));
+        assert_eq!(
+            c.actions(),
+            [
+                ended("s", CloseReason::Exit, 6, 7, 40),
+                close(3, Some(CloseCode::NORMAL)),
+                close(4, Some(CloseCode::NORMAL)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_detached_session_not_resumed_within_the_window_ends_as_it_was_lost() {
+        let mut c = Case::new(resumable());
+        let key = c.pair(0.0, "s", 1, 2);
+        // The agent's leg falls silent past the dead-leg time (90 s), the client's does not:
+        // detached at 90.
+        let _ = c.run_until(50.0);
+        c.t.handle_bytes(c.at(50.0), key, Leg::Client, 0);
+        let _ = c.run_until(80.0);
+        c.t.handle_bytes(c.at(80.0), key, Leg::Client, 0);
+        let a = c.run_until(90.0);
+        assert!(a.contains(&Action::Report(Report::Detached { sid: "s".into() })), "{a:?}");
+        assert!(
+            a.contains(&close(2, None)) && a.contains(&close(1, Some(CloseCode::PEER_RESUMING))),
+            "{a:?}"
+        );
+        // Only the client comes back; it waits, then learns the agent never did.
+        c.admit_resume(100.0, "s", Leg::Client, "r1", 3);
+        let a = c.actions();
+        let [Action::Accept { key, .. }] = a.as_slice() else { panic!("{a:?}") };
+        c.t.handle_upgraded(c.at(100.0), *key, Leg::Client, true);
+        assert_eq!(c.actions(), [Action::Watch { key: *key, leg: Leg::Client, handle: 3 }]);
+        assert_eq!(c.run_until(149.9), []);
+        assert_eq!(
+            c.run_until(150.0),
+            [ended("s", CloseReason::AgentLost, 0, 0, 150), close(3, Some(CloseCode::PEER_GONE))]
+        );
+        assert!(c.t.is_empty());
+    }
+
+    #[test]
+    fn a_returning_leg_lost_again_leaves_the_session_detached() {
+        let mut c = Case::new(resumable());
+        let key = c.pair(0.0, "s", 1, 2);
+        c.t.handle_leg_closed(c.at(1.0), key, Leg::Agent, LegEnd::Lost);
+        let _ = c.actions();
+        c.admit_resume(2.0, "s", Leg::Client, "r1", 3);
+        let a = c.actions();
+        let [Action::Accept { key, .. }] = a.as_slice() else { panic!("{a:?}") };
+        let key = *key;
+        c.t.handle_upgraded(c.at(2.0), key, Leg::Client, true);
+        let _ = c.actions();
+        c.t.handle_leg_closed(c.at(3.0), key, Leg::Client, LegEnd::Lost);
+        assert_eq!(c.actions(), [close(3, None)]);
+        assert_eq!(c.t.len(), 1);
+        resume_both(&mut c, 4.0, "s", 5, 6);
+    }
+
+    #[test]
+    fn a_resume_token_for_a_session_this_relay_does_not_know_waits_for_the_window() {
+        let mut c = Case::new(resumable());
+        c.admit_resume(0.0, "s", Leg::Agent, "r1", 2);
+        let a = c.actions();
+        let [Action::Accept { key, .. }] = a.as_slice() else { panic!("{a:?}") };
+        c.t.handle_upgraded(c.at(0.0), *key, Leg::Agent, true);
+        let _ = c.actions();
+        // Far past the pair timeout (10 s): a resumed session waits for the window (60 s).
+        assert_eq!(c.run_until(59.9), []);
+        resume_both_after_agent(&mut c, 30.0);
+        // And without the other leg, the window's end says the relay's restart ended it.
+        let mut c = Case::new(resumable());
+        c.admit_resume(0.0, "t", Leg::Client, "r2", 1);
+        let _ = c.actions();
+        assert_eq!(
+            c.run_until(60.0),
+            [
+                ended("t", CloseReason::RelayShutdown, 0, 0, 60),
+                close(1, Some(CloseCode::PEER_GONE))
+            ]
+        );
+        // With resuming off, a resume token is an ordinary first leg.
+        let mut c = Case::new(rules());
+        let key = c.accept(0.0, "u", Leg::Client, "r3", 1);
+        c.t.handle_upgraded(c.at(0.0), key, Leg::Client, true);
+        let _ = c.actions();
+        let a = c.run_until(10.0);
+        assert_eq!(a[0], ended("u", CloseReason::PairTimeout, 0, 0, 10));
+    }
+
+    /// The client of session "s" comes back at `secs` to an agent leg (handle 2) waiting.
+    fn resume_both_after_agent(c: &mut Case, secs: f64) {
+        c.admit_resume(secs, "s", Leg::Client, "rc", 1);
+        let a = c.actions();
+        let [Action::Accept { key, .. }] = a.as_slice() else { panic!("{a:?}") };
+        c.t.handle_upgraded(c.at(secs), *key, Leg::Client, true);
+        let a = c.actions();
+        assert_eq!(a[0], Action::Report(Report::Resumed { sid: "s".into() }), "{a:?}");
+        assert!(matches!(a[1], Action::StartPumps { client: 1, agent: 2, .. }), "{a:?}");
+    }
+
+    #[test]
+    fn a_resume_token_for_an_attached_role_displaces_that_leg_with_4014() {
+        let mut c = Case::new(resumable());
+        let key = c.pair(0.0, "s", 1, 2);
+        c.admit_resume(5.0, "s", Leg::Client, "r1", 3);
+        let a = c.actions();
+        assert_eq!(a[0], close(1, Some(CloseCode::ATTACHED_ELSEWHERE)), "{a:?}");
+        assert_eq!(a[1], close(2, Some(CloseCode::PEER_RESUMING)), "{a:?}");
+        assert_eq!(a[2], Action::Report(Report::Detached { sid: "s".into() }), "{a:?}");
+        assert!(matches!(a[3], Action::Accept { leg: Leg::Client, handle: 3, .. }), "{a:?}");
+        assert!(!c.t.is_live(key));
+        // An ordinary token for an attached role is still refused.
+        let mut c = Case::new(resumable());
+        c.pair(0.0, "s", 1, 2);
+        c.admit(1.0, "s", Leg::Client, "j9", 3);
+        assert_eq!(c.actions(), [Action::Refuse { handle: 3, refusal: Refusal::TokenAlreadyUsed }]);
+    }
+
+    #[test]
+    fn a_relay_stopping_with_resuming_on_leaves_paired_sessions_for_the_next_relay() {
+        let mut c = Case::new(resumable());
+        let key = c.pair(0.0, "s", 1, 2);
+        c.t.handle_bytes(c.at(0.5), key, Leg::Client, 3);
+        let waiting = c.accept(0.0, "w", Leg::Client, "w1", 5);
+        c.t.handle_upgraded(c.at(0.0), waiting, Leg::Client, true);
+        let _ = c.actions();
+        c.t.handle_shutdown(c.at(1.0), SECS(5));
+        let a = c.run_until(6.0);
+        assert!(a.contains(&Action::Report(Report::Detached { sid: "s".into() })), "{a:?}");
+        assert!(
+            a.contains(&Action::Report(Report::Progress { sid: "s".into(), bytes: [3, 0] })),
+            "{a:?}"
+        );
+        assert!(a.contains(&close(1, Some(CloseCode::RELAY_SHUTDOWN))), "{a:?}");
+        assert!(a.contains(&close(2, Some(CloseCode::RELAY_SHUTDOWN))), "{a:?}");
+        // The never-paired session ends as before; the paired one has no end record.
+        assert!(a.contains(&ended("w", CloseReason::RelayShutdown, 0, 0, 6)), "{a:?}");
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Report(Report::Ended(e)) if e.session_id == "s")),
+            "{a:?}"
+        );
+        assert_eq!(a.last(), Some(&Action::Drained));
     }
 
     #[test]

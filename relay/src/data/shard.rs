@@ -69,6 +69,7 @@ struct Admission {
     role: Role,
     jti: String,
     exp: u64,
+    resume: bool,
     accept: String,
     hatch_v1: bool,
 }
@@ -385,6 +386,7 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
         role: req.role,
         jti: claims.jti,
         exp: claims.exp,
+        resume: claims.res,
         accept: req.accept,
         hatch_v1: req.hatch_v1,
     };
@@ -528,6 +530,7 @@ impl<S: Stream> Shard<S> {
             expires: now() + Duration::from_secs(adm.exp.saturating_sub(now_secs())),
             sid: adm.sid,
             jti: TokenId::of(&adm.jti),
+            resume: adm.resume,
         };
         // The 101 for this leg, should the table accept it (it answers at once, below).
         let response = upgrade::switching(&adm.accept, adm.hatch_v1);
@@ -601,6 +604,12 @@ impl<S: Stream> Shard<S> {
                 let event = match r {
                     Report::Connected { sid } => {
                         DataEvent::Connected { session_id: sid, at: SystemTime::now() }
+                    }
+                    Report::Detached { sid } => {
+                        DataEvent::Detached { session_id: sid, at: SystemTime::now() }
+                    }
+                    Report::Resumed { sid } => {
+                        DataEvent::Resumed { session_id: sid, at: SystemTime::now() }
                     }
                     Report::Progress { sid, bytes } => DataEvent::Progress {
                         session_id: sid,

@@ -79,6 +79,24 @@ impl Relay {
         self.signer.issue(sid, role, "i-1", "a-1", now()).unwrap().0
     }
 
+    /// A resume token (`res` claim) for a new leg of `sid`.
+    pub fn resume_token(&self, sid: &str, role: Role) -> String {
+        self.signer.issue_with(sid, role, "i-1", "a-1", now(), true).unwrap().0
+    }
+
+    /// The next event that is not a progress report.
+    pub async fn next_event(&mut self) -> DataEvent {
+        loop {
+            let ev = tokio::time::timeout(WAIT, self.events.recv())
+                .await
+                .expect("no event reported")
+                .expect("event channel closed");
+            if !matches!(ev, DataEvent::Progress { .. }) {
+                return ev;
+            }
+        }
+    }
+
     pub fn url(&self, sid: &str, role: Role) -> String {
         let scheme = if self.tls { "wss" } else { "ws" };
         format!("{scheme}://localhost:{}/v1/stream/{sid}?role={}", self.addr.port(), role.as_str())
