@@ -262,6 +262,7 @@ pub fn fast_timing() -> (ControlTiming, SessionTiming) {
             hangup_grace: ms(2_000),
             close_timeout: ms(2_000),
             exit_timeout: ms(5_000),
+            resume_for: ms(30_000),
         },
     )
 }

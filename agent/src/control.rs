@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::register::ApiUrl;
-use crate::session::{self, Cancel, LegCounts, SessionConfig, SessionEnd, SessionSpec};
+use crate::session::{self, Cancel, LegCounts, ResumeLink, SessionConfig, SessionEnd, SessionSpec};
 use crate::state::State;
 
 /// Default cap on concurrent sessions of one agent. Each session holds two descriptors (PTY
@@ -366,12 +366,21 @@ fn json(m: &FromAgent) -> WsMessage {
     )
 }
 
+/// What the control channel holds of one live session.
+struct Live {
+    /// Ends it (`session.close`, shutdown).
+    cancel: oneshot::Sender<Cancel>,
+    /// Brings it the answer to its `session.resume` (one at a time: a session asks once per
+    /// lost leg, and a stale answer is dropped).
+    resume: mpsc::Sender<(String, String)>,
+}
+
 /// The live sessions of the agent.
 struct Sessions {
     /// Each task ends with its session id and, when the relay may have lost the session's end,
     /// a `session.report`.
     tasks: JoinSet<(String, Option<FromAgent>)>,
-    live: HashMap<String, oneshot::Sender<Cancel>>,
+    live: HashMap<String, Live>,
     cfg: Arc<SessionConfig>,
     report: mpsc::Sender<FromAgent>,
     max: usize,
@@ -386,10 +395,10 @@ impl Sessions {
             ToAgent::Heartbeat { seq } => Some(json(&FromAgent::Heartbeat { seq })),
             ToAgent::SessionClose { session_id, reason } => {
                 match self.live.remove(&session_id) {
-                    Some(tx) => {
+                    Some(live) => {
                         info!(session = %peer(&session_id, 40), reason = %peer(&reason, 200),
                             "closing session on request");
-                        let _ = tx.send(Cancel { code: close::TERMINATED, reason });
+                        let _ = live.cancel.send(Cancel { code: close::TERMINATED, reason });
                     }
                     None => {
                         debug!(session = %peer(&session_id, 40), "session.close for no live session")
@@ -401,9 +410,17 @@ impl Sessions {
                 let spec = SessionSpec::from_message(open).expect("matched session.open");
                 self.open(spec)
             }
-            // TODO(issue 14): handed to the live session in the next step.
-            ToAgent::SessionResume { session_id, .. } => {
-                debug!(session = %peer(&session_id, 40), "session.resume not handled yet");
+            ToAgent::SessionResume { session_id, stream_url, token } => {
+                match self.live.get(&session_id) {
+                    Some(live) => {
+                        if live.resume.try_send((stream_url, token)).is_err() {
+                            debug!(session = %peer(&session_id, 40), "session.resume not awaited; dropped");
+                        }
+                    }
+                    None => {
+                        debug!(session = %peer(&session_id, 40), "session.resume for no live session")
+                    }
+                }
                 None
             }
         }
@@ -423,14 +440,16 @@ impl Sessions {
             }));
         }
         let (tx, rx) = oneshot::channel();
-        self.live.insert(id.clone(), tx);
+        let (resume_tx, resume_rx) = mpsc::channel(1);
+        self.live.insert(id.clone(), Live { cancel: tx, resume: resume_tx });
+        let link = ResumeLink { ask: self.report.clone(), answers: resume_rx };
         let cfg = self.cfg.clone();
         let report = self.report.clone();
         let span = info_span!("session", session = %peer(&id, 40));
         self.tasks.spawn(
             async move {
                 let counts = LegCounts::default();
-                let end = session::run_counted(spec, &cfg, rx, &counts).await;
+                let end = session::run_counted(spec, &cfg, rx, &counts, Some(link)).await;
                 let exit_code = match end {
                     SessionEnd::Exited(code) => Some(code),
                     _ => None,
@@ -478,7 +497,7 @@ impl Sessions {
             Err(e) => {
                 // A panicking session task is a bug; its entry is found stale below.
                 warn!(error = %e, "session task ended abnormally");
-                self.live.retain(|_, tx| !tx.is_closed());
+                self.live.retain(|_, live| !live.cancel.is_closed());
                 None
             }
         }
@@ -490,8 +509,9 @@ impl Sessions {
         if n > 0 {
             info!(sessions = n, "closing live sessions");
         }
-        for (_, tx) in self.live.drain() {
-            let _ = tx
+        for (_, live) in self.live.drain() {
+            let _ = live
+                .cancel
                 .send(Cancel { code: close::AGENT_SHUTDOWN, reason: "agent shutting down".into() });
         }
         let waited = timeout(grace, async {

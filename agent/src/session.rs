@@ -34,13 +34,13 @@ use futures_util::{SinkExt, StreamExt};
 use hatch_proto::api::Mode;
 use hatch_proto::channel::{self, Message};
 use hatch_proto::close;
-use hatch_proto::control::ToAgent;
+use hatch_proto::control::{FromAgent, ToAgent};
 use hatch_proto::logtext::peer;
 use hatch_proto::resume::{Deliver, Link, LinkConfig, OffsetError, Replay, Resume};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, User};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -90,6 +90,10 @@ pub struct SessionTiming {
     pub close_timeout: Duration,
     /// How long EXIT may wait behind output a slow client has not read yet.
     pub exit_timeout: Duration,
+    /// How long a session whose leg was lost keeps asking for a new one (the relay's resume
+    /// window decides; this bounds an agent cut off from every relay). The shell lives on
+    /// meanwhile, its output held in the window.
+    pub resume_for: Duration,
 }
 
 impl Default for SessionTiming {
@@ -106,6 +110,7 @@ impl Default for SessionTiming {
             // A client paging through the last screens of output (`| less`) still gets the
             // exit status; a leg that cannot take 17 bytes in 10 minutes is abandoned.
             exit_timeout: Duration::from_secs(600),
+            resume_for: Duration::from_secs(600),
         }
     }
 }
@@ -153,6 +158,18 @@ impl SessionSpec {
             _ => None,
         }
     }
+}
+
+/// How a session asks for a new leg when its leg is lost: `ask` carries
+/// [`FromAgent::SessionResume`] to the control channel, `answers` brings back the stream URL
+/// and token of [`hatch_proto::control::ToAgent::SessionResume`]. Without it a lost leg ends
+/// the session.
+#[derive(Debug)]
+pub struct ResumeLink {
+    /// To the control channel.
+    pub ask: mpsc::Sender<FromAgent>,
+    /// `(stream_url, token)` answers.
+    pub answers: mpsc::Receiver<(String, String)>,
 }
 
 /// Why the agent ends a session on its own (a `session.close` or the agent shutting down).
@@ -229,16 +246,19 @@ pub async fn run(
     cfg: &SessionConfig,
     cancel: oneshot::Receiver<Cancel>,
 ) -> SessionEnd {
-    run_counted(spec, cfg, cancel, &LegCounts::default()).await
+    run_counted(spec, cfg, cancel, &LegCounts::default(), None).await
 }
 
-/// [`run`], counting what the data leg carries into `counts`.
+/// [`run`], counting what the data leg carries into `counts`, and putting up a new leg through
+/// `resume` when one is lost (no close frame, or a resumable close code).
 pub async fn run_counted(
     spec: SessionSpec,
     cfg: &SessionConfig,
     cancel: oneshot::Receiver<Cancel>,
     counts: &LegCounts,
+    mut resume: Option<ResumeLink>,
 ) -> SessionEnd {
+    let mut cancel = Some(cancel);
     let sid = spec.session_id.clone();
     if !spec.stream_url.starts_with("wss://") && !cfg.allow_plaintext {
         return SessionEnd::Failed(format!(
@@ -247,7 +267,9 @@ pub async fn run_counted(
             spec.stream_url
         ));
     }
-    let ws = match timeout(cfg.timing.dial_timeout, dial(&spec, &cfg.tls)).await {
+    let ws = match timeout(cfg.timing.dial_timeout, dial(&spec.stream_url, &spec.token, &cfg.tls))
+        .await
+    {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => return SessionEnd::Failed(format!("dialing the data leg: {e}")),
         Err(_) => {
@@ -304,8 +326,26 @@ pub async fn run_counted(
     info!(session = %peer(&sid, 40), pid, program = %launch.program, mode = spec.mode.as_str(), "session started");
 
     let flow = Flow::new(cfg.link);
-    let outcome =
-        pump(&mut io, &mut child, &mut sink, &mut stream, cancel, &cfg.timing, &flow, counts).await;
+    let outcome = loop {
+        let outcome = pump(
+            &mut io,
+            &mut child,
+            &mut sink,
+            &mut stream,
+            &mut cancel,
+            &cfg.timing,
+            &flow,
+            counts,
+        )
+        .await;
+        let Outcome::Resumable(why) = outcome else { break outcome };
+        let Some(link) = resume.as_mut() else { break Outcome::Lost(why) };
+        info!(session = %peer(&sid, 40), why = %why, "data leg lost; resuming on a new one");
+        match reattach(&sid, cfg, link, &mut cancel, &flow, counts).await {
+            Ok(ws) => (sink, stream) = ws.split(),
+            Err(end) => break end,
+        }
+    };
     let end = match outcome {
         Outcome::Exited(status) => {
             let code = exit_code(status);
@@ -318,20 +358,46 @@ pub async fn run_counted(
             // status.
             flow.exit.store(i64::from(code), Ordering::Relaxed);
             flow.link().tx.finish();
-            let sent = timeout(
-                cfg.timing.exit_timeout,
-                deliver_exit(&mut sink, &mut stream, &flow, code, counts),
-            )
-            .await;
-            match sent {
-                Ok(Ok(())) => {
-                    close_leg(&mut sink, &mut stream, close::NORMAL, "exited", &cfg.timing).await
+            let deadline = Instant::now() + cfg.timing.exit_timeout;
+            let mut send_exit = true;
+            loop {
+                let sent = tokio::time::timeout_at(
+                    deadline,
+                    deliver_exit(&mut sink, &mut stream, &flow, send_exit.then_some(code), counts),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(())) => {
+                        close_leg(&mut sink, &mut stream, close::NORMAL, "exited", &cfg.timing)
+                            .await;
+                        break;
+                    }
+                    Ok(Err(ExitWait::Closed(e))) => {
+                        debug!(error = %e, "EXIT not acknowledged");
+                        break;
+                    }
+                    Ok(Err(ExitWait::Lost(e))) => {
+                        // The leg was lost with EXIT unacknowledged: on a new leg the replay
+                        // carries the output and EXIT again.
+                        debug!(error = %e, "EXIT not acknowledged");
+                        let Some(link) = resume.as_mut() else {
+                            counts.set_lost();
+                            break;
+                        };
+                        match reattach(&sid, cfg, link, &mut cancel, &flow, counts).await {
+                            Ok(ws) => (sink, stream) = ws.split(),
+                            Err(_) => {
+                                counts.set_lost();
+                                break;
+                            }
+                        }
+                        send_exit = false;
+                    }
+                    Err(_) => {
+                        counts.set_lost();
+                        break;
+                    }
                 }
-                Ok(Err(e)) => {
-                    debug!(error = %e, "EXIT not acknowledged");
-                    counts.set_lost();
-                }
-                Err(_) => counts.set_lost(),
             }
             SessionEnd::Exited(code)
         }
@@ -342,7 +408,7 @@ pub async fn run_counted(
                 .await;
             SessionEnd::Lost(format!("the session could not be resumed: {e}"))
         }
-        Outcome::Lost(why) => {
+        Outcome::Lost(why) | Outcome::Resumable(why) => {
             hang_up(io, &mut child, pid, &cfg.timing).await;
             // If the peer sent a close, tungstenite queued the answer; flush it.
             let _ = timeout(cfg.timing.close_timeout, sink.close()).await;
@@ -377,16 +443,97 @@ pub async fn run_counted(
     end
 }
 
-/// Dials the data leg: WSS, bearer token, subprotocol `hatch.v1`.
+/// Asks for a new leg until one is up: a resume token through the control channel, then the
+/// dial and RESUME with what the client has not acknowledged. Asks again with backoff (the
+/// control channel may be reconnecting to a restarted relay) until [`SessionTiming::resume_for`]
+/// passes or the session is cancelled (`session.close`: it ended meanwhile).
+async fn reattach(
+    sid: &str,
+    cfg: &SessionConfig,
+    link: &mut ResumeLink,
+    cancel: &mut Option<oneshot::Receiver<Cancel>>,
+    flow: &Flow,
+    counts: &LegCounts,
+) -> Result<Ws, Outcome> {
+    let deadline = Instant::now() + cfg.timing.resume_for;
+    let mut backoff = RESUME_ASK_FIRST;
+    // Answers to an earlier loss are stale: their tokens were for the leg just lost.
+    while link.answers.try_recv().is_ok() {}
+    loop {
+        if link.ask.try_send(FromAgent::SessionResume { session_id: sid.to_owned() }).is_err() {
+            debug!("resume request not queued: the control channel's queue is full");
+        }
+        let wait =
+            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+        tokio::select! {
+            answer = link.answers.recv() => {
+                let Some((url, token)) = answer else {
+                    return Err(Outcome::Lost("the agent is shutting down".into()));
+                };
+                if !url.starts_with("wss://") && !cfg.allow_plaintext {
+                    return Err(Outcome::Lost(format!("refusing to dial {url:?}: not wss://")));
+                }
+                match timeout(cfg.timing.dial_timeout, dial(&url, &token, &cfg.tls)).await {
+                    Ok(Ok(ws)) => {
+                        let (mut sink, stream) = ws.split();
+                        let msgs = {
+                            let mut l = flow.link();
+                            let (resume, replay) = l.reconnected();
+                            replay_messages(resume, replay, flow.exit_status())
+                        };
+                        match send_all(&mut sink, msgs, counts).await {
+                            Ok(()) => {
+                                info!(session = %peer(sid, 40), "data leg resumed");
+                                return Ok(sink.reunite(stream).expect("halves of one stream"));
+                            }
+                            Err(e) => debug!(error = %e, "new leg failed at once"),
+                        }
+                    }
+                    Ok(Err(e)) => debug!(error = %e, "dialing the new leg failed"),
+                    Err(_) => debug!("dialing the new leg timed out"),
+                }
+            }
+            () = wait => {}
+            c = recv_cancel(cancel) => return Err(Outcome::Cancelled(c)),
+        }
+        if Instant::now() >= deadline {
+            return Err(Outcome::Lost(format!(
+                "no new data leg within {:?}",
+                cfg.timing.resume_for
+            )));
+        }
+        backoff = (backoff * 2).min(RESUME_ASK_MAX);
+    }
+}
+
+/// First wait for an answer to a resume request, doubled after each unanswered one...
+const RESUME_ASK_FIRST: Duration = Duration::from_millis(500);
+/// ... up to this.
+const RESUME_ASK_MAX: Duration = Duration::from_secs(5);
+
+/// The cancellation, when one comes; never once its sender is gone.
+async fn recv_cancel(cancel: &mut Option<oneshot::Receiver<Cancel>>) -> Cancel {
+    if let Some(rx) = cancel.as_mut() {
+        if let Ok(c) = rx.await {
+            return c;
+        }
+        // The sender was dropped without a reason: nobody can cancel any more.
+        *cancel = None;
+    }
+    std::future::pending().await
+}
+
+/// Dials a data leg: WSS, bearer token, subprotocol `hatch.v1`.
 async fn dial(
-    spec: &SessionSpec,
+    url: &str,
+    token: &str,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<Ws, tungstenite::Error> {
-    let mut req = spec.stream_url.as_str().into_client_request()?;
+    let mut req = url.into_client_request()?;
     let headers = req.headers_mut();
     // A token that is not a header value (from the control channel) fails the dial as an
     // HTTP format error, not as a URL problem.
-    let bearer = http::HeaderValue::try_from(format!("Bearer {}", spec.token))?;
+    let bearer = http::HeaderValue::try_from(format!("Bearer {token}"))?;
     headers.insert(http::header::AUTHORIZATION, bearer);
     headers
         .insert(http::header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(SUBPROTOCOL));
@@ -576,8 +723,11 @@ fn groups_of(name: &std::ffi::CStr, gid: Gid) -> nix::Result<Vec<Gid>> {
 enum Outcome {
     /// The child exited (output drained or the drain timed out).
     Exited(ExitStatus),
-    /// The data leg closed, failed or went silent.
+    /// The data leg closed for good (a close frame that is not resumable).
     Lost(String),
+    /// The data leg went away without a close frame (ended, failed, silent) or closed with a
+    /// resumable code (4009, 4015): a new one may carry the session on.
+    Resumable(String),
     /// The agent ends the session.
     Cancelled(Cancel),
     /// The client sent something that is not hatch.v1.
@@ -682,46 +832,69 @@ fn replay_messages(resume: Resume, replay: Replay<'_>, exit: Option<i32>) -> Vec
     out
 }
 
-/// Sends EXIT and waits until the client has acknowledged everything, EXIT included (it
+/// Sends EXIT (unless `code` is `None`: a resume's replay carried it) and waits until the
+/// client has acknowledged everything, EXIT included (it
 /// acknowledges an end at once), answering a RESUME meanwhile.
 async fn deliver_exit(
     sink: &mut Sink,
     stream: &mut Stream,
     flow: &Flow,
-    code: i32,
+    code: Option<i32>,
     counts: &LegCounts,
-) -> Result<(), String> {
-    let ack = flow.link().rx.take_ack();
-    send_all(sink, [Message::Exit(code).to_vec()].into_iter().chain(ack_msg(ack)), counts).await?;
+) -> Result<(), ExitWait> {
+    if let Some(code) = code {
+        let ack = flow.link().rx.take_ack();
+        let msgs = [Message::Exit(code).to_vec()].into_iter().chain(ack_msg(ack));
+        send_all(sink, msgs, counts).await.map_err(ExitWait::Lost)?;
+    }
     loop {
         let answers = flow.take_answers();
         if !answers.is_empty() {
-            send_all(sink, answers, counts).await?;
+            send_all(sink, answers, counts).await.map_err(ExitWait::Lost)?;
         }
         if flow.link().tx.all_acked() {
             return Ok(());
         }
         let msg = match stream.next().await {
             Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(format!("leg failed: {e}")),
-            None => return Err("leg connection ended".into()),
+            Some(Err(e)) => return Err(ExitWait::Lost(format!("leg failed: {e}"))),
+            None => return Err(ExitWait::Lost("leg connection ended".into())),
         };
         if let WsMessage::Binary(b) = &msg {
             counts.add_received(b.len());
         }
         match msg {
             WsMessage::Binary(b) => match Message::decode(&b) {
-                Ok(Message::Ack(n)) => flow.link().on_ack(n).map_err(|e| e.to_string())?,
-                Ok(Message::Resume { received, from, reply }) => {
-                    flow.on_resume(Resume { received, from, reply }).map_err(|e| e.to_string())?
+                Ok(Message::Ack(n)) => {
+                    flow.link().on_ack(n).map_err(|e| ExitWait::Closed(e.to_string()))?
                 }
+                Ok(Message::Resume { received, from, reply }) => flow
+                    .on_resume(Resume { received, from, reply })
+                    .map_err(|e| ExitWait::Closed(e.to_string()))?,
                 // Input after the command ended goes nowhere.
                 _ => {}
             },
-            WsMessage::Close(_) => return Err("leg closed before EXIT was acknowledged".into()),
+            WsMessage::Close(f) => {
+                let code = f.map_or(close::NORMAL, |f| u16::from(f.code));
+                let why = format!("leg closed with {code} before EXIT was acknowledged");
+                return Err(if close::is_resumable(code) {
+                    ExitWait::Lost(why)
+                } else {
+                    ExitWait::Closed(why)
+                });
+            }
             _ => {}
         }
     }
+}
+
+/// Why EXIT was not acknowledged.
+#[derive(Debug)]
+enum ExitWait {
+    /// The leg went away (or closed resumably): a new one may still deliver EXIT.
+    Lost(String),
+    /// The leg closed for good, or the client's offsets are wrong.
+    Closed(String),
 }
 
 fn ack_msg(ack: Option<u64>) -> Option<Vec<u8>> {
@@ -831,7 +1004,7 @@ async fn pump(
     child: &mut tokio::process::Child,
     sink: &mut Sink,
     stream: &mut Stream,
-    mut cancel: oneshot::Receiver<Cancel>,
+    cancel: &mut Option<oneshot::Receiver<Cancel>>,
     timing: &SessionTiming,
     flow: &Flow,
     counts: &LegCounts,
@@ -852,7 +1025,6 @@ async fn pump(
     let mut status: Option<ExitStatus> = None;
     let drain = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(drain);
-    let mut cancel_open = true;
     loop {
         if let (true, Some(st)) = (out_done, status) {
             return Outcome::Exited(st);
@@ -860,7 +1032,8 @@ async fn pump(
         tokio::select! {
             r = &mut out, if !out_done => match r {
                 Ok(()) => out_done = true,
-                Err(e) => return Outcome::Lost(e),
+                // A failed send: the connection is gone.
+                Err(e) => return Outcome::Resumable(e),
             },
             st = child.wait(), if status.is_none() => match st {
                 Ok(st) => {
@@ -885,20 +1058,17 @@ async fn pump(
                 return Outcome::Exited(status.expect("guarded by the branch condition"));
             }
             r = &mut inp => return match r {
-                InEnd::Closed(frame) => Outcome::Lost(match frame {
-                    Some(f) => format!("leg closed with {} ({}) {}", u16::from(f.code),
-                        close::describe(f.code.into()), f.reason),
-                    None => "leg closed".to_owned(),
-                }),
-                InEnd::Gone(why) => Outcome::Lost(why),
+                InEnd::Closed(Some(f)) => {
+                    let code = u16::from(f.code);
+                    let why = format!("leg closed with {code} ({}) {}", close::describe(code), f.reason);
+                    if close::is_resumable(code) { Outcome::Resumable(why) } else { Outcome::Lost(why) }
+                }
+                InEnd::Closed(None) => Outcome::Lost("leg closed".to_owned()),
+                InEnd::Gone(why) => Outcome::Resumable(why),
                 InEnd::Bad(why) => Outcome::BadMessage(why),
                 InEnd::Broken(e) => Outcome::Broken(e),
             },
-            c = &mut cancel, if cancel_open => match c {
-                Ok(c) => return Outcome::Cancelled(c),
-                // The sender was dropped without a reason: nobody can cancel any more.
-                Err(_) => cancel_open = false,
-            },
+            c = recv_cancel(cancel) => return Outcome::Cancelled(c),
         }
     }
 }

@@ -43,6 +43,9 @@ impl Relay {
         let mut cfg = DataConfig::new("127.0.0.1:0".parse().unwrap(), Some(server));
         cfg.io = IoBackend::Epoll;
         cfg.shards = 1;
+        // These sessions run without a control channel to resume through: a lost leg ends
+        // them (resuming is covered by e2e/tests/resume.rs).
+        cfg.resume_window = None;
         let (signer, _) = TokenSigner::generate("k1").unwrap();
         let (tx, events) = mpsc::unbounded_channel();
         let plane = DataPlane::start(cfg, TokenVerifier::for_signer(&signer), tx).unwrap();

@@ -41,7 +41,11 @@ fn start_relay(dir: &std::path::Path, api: SocketAddr, data: SocketAddr) -> DevR
         api_listen: api,
         data_listen: data,
         heartbeat_interval: Duration::from_secs(1),
-        data_args: vec!["--shards".into(), "1".into(), "--io".into(), "epoll".into()],
+        // A lost leg ends its session here, as without resuming: these check how the agent
+        // ends sessions (resuming is e2e/tests/resume.rs).
+        data_args: ["--shards", "1", "--io", "epoll", "--resume-window", "0"]
+            .map(String::from)
+            .to_vec(),
         ..Default::default()
     })
     .unwrap()

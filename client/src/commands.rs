@@ -141,7 +141,8 @@ async fn session(
         ..Default::default()
     };
     let opts = StreamOptions { instance, interactive: terminal::stdin_is_tty(), link };
-    stream::run(ws, &opts).await
+    let resume = stream::Reconnect { client, session_id: started.session_id.clone() };
+    stream::run(ws, &opts, Some(&resume)).await
 }
 
 /// When the instance's agent was last seen, in words, from `GET /v1/instances`; `None` when

@@ -128,6 +128,10 @@ pub enum CliError {
     /// The connection to the relay dropped without a close.
     #[error("connection lost: {0}")]
     Lost(String),
+    /// The connection was lost and the session could not be resumed (it ended meanwhile, the
+    /// resume window passed, or the caller may no longer resume it).
+    #[error("not resumed: {0}")]
+    NotResumed(String),
     /// The session ended normally but the agent never said how the command exited.
     #[error("session ended without an exit status")]
     NoExitStatus,
@@ -157,6 +161,7 @@ impl CliError {
             | CliError::Connect { .. }
             | CliError::Timeout { .. }
             | CliError::Lost(_)
+            | CliError::NotResumed(_)
             | CliError::NoExitStatus
             | CliError::Disconnected => exit::TRANSPORT,
             CliError::Closed { code, .. } => close_exit_code(*code),
@@ -214,6 +219,10 @@ impl CliError {
             CliError::Lost(detail) => format!(
                 "ConnectionLost: connection to the relay lost ({detail}); the remote command \
                  may still be running until the relay notices"
+            ),
+            CliError::NotResumed(why) => format!(
+                "NotResumed: the connection to the relay was lost and the session could not be \
+                 resumed: {why}"
             ),
             CliError::NoExitStatus => "NoExitStatus: the session ended without an exit status \
                                        from the agent; check the session with `hatch sessions \
@@ -350,6 +359,9 @@ fn close_label(code: u16) -> String {
         close::RELAY_SHUTDOWN => "RelayShutdown",
         close::SESSION_MANAGER_DISABLED => "SessionManagerDisabled",
         close::ACCESS_REVOKED => "AccessRevoked",
+        close::RESUME_FAILED => "ResumeFailed",
+        close::ATTACHED_ELSEWHERE => "AttachedElsewhere",
+        close::PEER_RESUMING => "PeerResuming",
         _ => "Closed",
     };
     format!("{name} (close {code})")

@@ -161,13 +161,17 @@ enum End {
 
 /// Runs the session on an open stream until it ends; returns the exit code (the remote
 /// status) or the failure. Raw mode, when `interactive`, is on only inside this function.
-pub async fn run(ws: Ws, opts: &StreamOptions) -> Result<u8, CliError> {
+pub async fn run(
+    ws: Ws,
+    opts: &StreamOptions,
+    resume: Option<&Reconnect<'_>>,
+) -> Result<u8, CliError> {
     let guard = if opts.interactive {
         Some(RawGuard::enable().map_err(|e| CliError::Local(format!("raw mode: {e}")))?)
     } else {
         None
     };
-    let (status, end) = pump(ws, opts, guard.as_ref()).await;
+    let (status, end) = pump(ws, opts, guard.as_ref(), resume).await;
     if guard.is_some() && (status.is_none() || matches!(end, End::Error(_))) {
         // The failure line follows on stderr: start it on a line of its own, not after the
         // remote prompt.
@@ -200,7 +204,67 @@ pub fn exit_status_to_code(status: i32) -> u8 {
     u8::try_from(status).unwrap_or(255)
 }
 
-async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option<i32>, End) {
+/// How a session gets a new connection when its connection is lost: the session's resume
+/// call (`POST /v1/sessions/{id}/resume`) and the dial of the stream URL it answers.
+pub struct Reconnect<'a> {
+    /// The API client.
+    pub client: &'a crate::api::Client,
+    /// The session.
+    pub session_id: String,
+}
+
+impl Reconnect<'_> {
+    /// One attempt: a resume token (taking the session over: this process's own connection
+    /// is the one that was lost), then the WebSocket.
+    async fn once(&self, instance: &str) -> Result<Ws, CliError> {
+        let subject = Subject {
+            action: "hatch:StartSession",
+            instance: Some(instance.to_owned()),
+            ..Subject::default()
+        };
+        let path = format!("/v1/sessions/{}/resume", self.session_id);
+        let body = hatch_proto::api::ResumeSessionRequest { force: true };
+        let r: StartSessionResponse = self.client.post(&path, &body, &subject).await?;
+        connect(&r, self.client.tls(), instance).await
+    }
+}
+
+/// First reconnect delay ceiling (full jitter below it), doubled per failed attempt...
+const RECONNECT_BASE: Duration = Duration::from_millis(250);
+/// ... up to this.
+const RECONNECT_CAP: Duration = Duration::from_secs(5);
+/// How long the client keeps trying (the relay's resume window decides; past it the relay
+/// answers SessionEnded). Bounds a client cut off from every relay.
+pub const RECONNECT_FOR: Duration = Duration::from_secs(600);
+
+/// Whether a failed attempt is final: the session ended, is not this caller's, or may no
+/// longer be resumed by them. Anything else (the relay restarting, the network) is retried.
+fn final_failure(e: &CliError) -> bool {
+    match e {
+        CliError::Api(a) => {
+            matches!(a.status, 401 | 403 | 404)
+                || (a.status == 409 && a.body.code != "TokenAlreadyUsed")
+        }
+        CliError::Tls { .. } | CliError::BadResponse { .. } => true,
+        _ => false,
+    }
+}
+
+/// Whether the loop's end calls for a new connection rather than the end of the session.
+fn resumable(end: &End) -> bool {
+    match end {
+        End::Lost(_) => true,
+        End::Closed(code, _) => close::is_resumable(*code),
+        _ => false,
+    }
+}
+
+async fn pump(
+    ws: Ws,
+    opts: &StreamOptions,
+    guard: Option<&RawGuard>,
+    resume: Option<&Reconnect<'_>>,
+) -> (Option<i32>, End) {
     let (mut sink, mut stream) = ws.split();
     let mut status: Option<i32> = None;
     let mut stdout = tokio::io::stdout();
@@ -252,202 +316,272 @@ async fn pump(ws: Ws, opts: &StreamOptions, guard: Option<&RawGuard>) -> (Option
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let end = loop {
-        // An acknowledgement due at once (the agent's EXIT, a full 64 KiB) goes before
-        // anything else is awaited.
-        if let Some(n) = link.rx.poll_ack(Instant::now().into_std())
-            && let Err(end) = send(&mut sink, Channel::Ack(n).to_vec()).await
-        {
-            break end;
-        }
-        tokio::select! {
-            msg = stream.next() => {
-                last_rx = Instant::now();
-                let now = last_rx.into_std();
-                match msg {
-                    Some(Ok(Message::Binary(bytes))) => match Channel::decode(&bytes) {
-                        Ok(Channel::Data(data)) => {
-                            if let Deliver::From(i) = link.on_data(now, data.len())
-                                && i < data.len()
-                                && let Err(e) = write_out(&mut stdout, &data[i..]).await
-                            {
-                                break fail(e, "writing to stdout");
-                            }
-                        }
-                        Ok(Channel::Exit(s)) => {
-                            // The end of the output: acknowledged at once (the agent waits for
-                            // it), delivered once however often a resume sends it again.
-                            if link.on_end(now) {
-                                status = Some(s);
-                                exit_deadline = Some(Instant::now() + CLOSE_AFTER_EXIT);
-                            }
-                        }
-                        Ok(Channel::Ack(n)) => {
-                            if let Err(e) = link.on_ack(n) {
-                                break broken(&mut sink, e).await;
-                            }
-                        }
-                        Ok(Channel::Resume { received, from, reply }) => {
-                            match link.on_resume(Resume { received, from, reply }) {
-                                Ok(Some((answer, replay))) => {
-                                    let msgs = replay_messages(answer, replay);
-                                    if let Err(end) = send_all(&mut sink, msgs).await {
-                                        break end;
-                                    }
-                                }
-                                Ok(None) => {}
-                                Err(e) => break broken(&mut sink, e).await,
-                            }
-                        }
-                        Ok(Channel::Error { code, message }) => {
-                            stderr_lines.line(&format!("hatch: remote error {code}: {message}"));
-                        }
-                        // RESIZE from the agent carries nothing for the client; unknown types
-                        // are ignored for forward compatibility.
-                        Ok(_) => {}
-                        Err(e) => {
-                            stderr_lines.line(&format!("hatch: ignored a bad message: {e}"));
-                        }
-                    },
-                    Some(Ok(Message::Close(frame))) => {
-                        let (code, reason) = frame
-                            .map(|f| (u16::from(f.code), f.reason.to_string()))
-                            .unwrap_or((close::NORMAL, String::new()));
-                        // Let tungstenite flush its close reply, briefly.
-                        let _ = timeout(Duration::from_millis(200), stream.next()).await;
-                        break End::Closed(code, reason);
-                    }
-                    // tungstenite queued the pong; read on once it is written, so a relay that
-                    // pings without reading is pushed back on rather than answered without end.
-                    Some(Ok(Message::Ping(_))) => {
-                        match timeout(SEND_TIMEOUT, sink.flush()).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => break End::Lost(e.to_string()),
-                            Err(_) => break End::Lost(format!(
-                                "the relay took no data for {} s", SEND_TIMEOUT.as_secs()
-                            )),
-                        }
-                    }
-                    // Text is not part of hatch.v1.
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break End::Lost(e.to_string()),
-                    None => break End::Lost("the relay closed the connection without a close \
-                                             frame".to_owned()),
-                }
+    let end = 'session: loop {
+        let end = loop {
+            // An acknowledgement due at once (the agent's EXIT, a full 64 KiB) goes before
+            // anything else is awaited.
+            if let Some(n) = link.rx.poll_ack(Instant::now().into_std())
+                && let Err(end) = send(&mut sink, Channel::Ack(n).to_vec()).await
+            {
+                break end;
             }
-            // Stdin is read only while the window has room for a whole chunk: an agent that
-            // acknowledges nothing stops the input, as a slow terminal would.
-            input = rx.recv(), if stdin_open && link.tx.room() >= STDIN_CHUNK + 16 => {
-                let chunk = match input {
-                    Some(Ok(chunk)) => chunk,
-                    Some(Err(e)) => break fail(e, "reading stdin"),
-                    None => Vec::new(),
-                };
-                if chunk.is_empty() {
-                    // End of input: tell the agent, keep reading output until EXIT and close.
-                    // The end takes an offset and is sent again on a resume until acknowledged.
-                    stdin_open = false;
-                    link.tx.finish();
-                    if let Err(end) = send(&mut sink, Channel::Data(&[]).to_vec()).await {
+            tokio::select! {
+                msg = stream.next() => {
+                    last_rx = Instant::now();
+                    let now = last_rx.into_std();
+                    match msg {
+                        Some(Ok(Message::Binary(bytes))) => match Channel::decode(&bytes) {
+                            Ok(Channel::Data(data)) => {
+                                if let Deliver::From(i) = link.on_data(now, data.len())
+                                    && i < data.len()
+                                    && let Err(e) = write_out(&mut stdout, &data[i..]).await
+                                {
+                                    break fail(e, "writing to stdout");
+                                }
+                            }
+                            Ok(Channel::Exit(s)) => {
+                                // The end of the output: acknowledged at once (the agent waits for
+                                // it), delivered once however often a resume sends it again.
+                                if link.on_end(now) {
+                                    status = Some(s);
+                                    exit_deadline = Some(Instant::now() + CLOSE_AFTER_EXIT);
+                                }
+                            }
+                            Ok(Channel::Ack(n)) => {
+                                if let Err(e) = link.on_ack(n) {
+                                    break broken(&mut sink, e).await;
+                                }
+                            }
+                            Ok(Channel::Resume { received, from, reply }) => {
+                                match link.on_resume(Resume { received, from, reply }) {
+                                    Ok(Some((answer, replay))) => {
+                                        let msgs = replay_messages(answer, replay);
+                                        if let Err(end) = send_all(&mut sink, msgs).await {
+                                            break end;
+                                        }
+                                    }
+                                    Ok(None) => {}
+                                    Err(e) => break broken(&mut sink, e).await,
+                                }
+                            }
+                            Ok(Channel::Error { code, message }) => {
+                                stderr_lines.line(&format!("hatch: remote error {code}: {message}"));
+                            }
+                            // RESIZE from the agent carries nothing for the client; unknown types
+                            // are ignored for forward compatibility.
+                            Ok(_) => {}
+                            Err(e) => {
+                                stderr_lines.line(&format!("hatch: ignored a bad message: {e}"));
+                            }
+                        },
+                        Some(Ok(Message::Close(frame))) => {
+                            let (code, reason) = frame
+                                .map(|f| (u16::from(f.code), f.reason.to_string()))
+                                .unwrap_or((close::NORMAL, String::new()));
+                            // Let tungstenite flush its close reply, briefly.
+                            let _ = timeout(Duration::from_millis(200), stream.next()).await;
+                            break End::Closed(code, reason);
+                        }
+                        // tungstenite queued the pong; read on once it is written, so a relay that
+                        // pings without reading is pushed back on rather than answered without end.
+                        Some(Ok(Message::Ping(_))) => {
+                            match timeout(SEND_TIMEOUT, sink.flush()).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => break End::Lost(e.to_string()),
+                                Err(_) => break End::Lost(format!(
+                                    "the relay took no data for {} s", SEND_TIMEOUT.as_secs()
+                                )),
+                            }
+                        }
+                        // Text is not part of hatch.v1.
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break End::Lost(e.to_string()),
+                        None => break End::Lost("the relay closed the connection without a close \
+                                                 frame".to_owned()),
+                    }
+                }
+                // Stdin is read only while the window has room for a whole chunk: an agent that
+                // acknowledges nothing stops the input, as a slow terminal would.
+                input = rx.recv(), if stdin_open && link.tx.room() >= STDIN_CHUNK + 16 => {
+                    let chunk = match input {
+                        Some(Ok(chunk)) => chunk,
+                        Some(Err(e)) => break fail(e, "reading stdin"),
+                        None => Vec::new(),
+                    };
+                    if chunk.is_empty() {
+                        // End of input: tell the agent, keep reading output until EXIT and close.
+                        // The end takes an offset and is sent again on a resume until acknowledged.
+                        stdin_open = false;
+                        link.tx.finish();
+                        if let Err(end) = send(&mut sink, Channel::Data(&[]).to_vec()).await {
+                            break end;
+                        }
+                        continue;
+                    }
+                    let actions = match escape.as_mut() {
+                        Some(esc) => esc.feed(&chunk),
+                        None => vec![Action::Send(chunk)],
+                    };
+                    let mut done = None;
+                    for action in actions {
+                        match action {
+                            Action::Send(bytes) => {
+                                if let Err(end) = send_data(&mut sink, &mut link, &bytes).await {
+                                    done = Some(end);
+                                    break;
+                                }
+                            }
+                            Action::Help => stderr_lines.raw(HELP),
+                            Action::Suspend => {
+                                stderr_lines.raw(SUSPEND_LINE);
+                                if let Some(Err(e)) = guard.map(RawGuard::stop_self) {
+                                    done = Some(fail(e, "suspending"));
+                                    break;
+                                }
+                            }
+                            Action::Disconnect => {
+                                let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
+                                done = Some(End::Error(CliError::Disconnected));
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(end) = done {
                         break end;
                     }
-                    continue;
                 }
-                let actions = match escape.as_mut() {
-                    Some(esc) => esc.feed(&chunk),
-                    None => vec![Action::Send(chunk)],
-                };
-                let mut done = None;
-                for action in actions {
-                    match action {
-                        Action::Send(bytes) => {
-                            if let Err(end) = send_data(&mut sink, &mut link, &bytes).await {
-                                done = Some(end);
-                                break;
+                _ = winch.recv() => {
+                    if opts.interactive {
+                        let now = terminal::size();
+                        if let Some((cols, rows)) = now.filter(|_| now != size) {
+                            size = now;
+                            if let Err(end) = send(&mut sink, Channel::Resize { cols, rows }.to_vec()).await {
+                                break end;
                             }
-                        }
-                        Action::Help => stderr_lines.raw(HELP),
-                        Action::Suspend => {
-                            stderr_lines.raw(SUSPEND_LINE);
-                            if let Some(Err(e)) = guard.map(RawGuard::stop_self) {
-                                done = Some(fail(e, "suspending"));
-                                break;
-                            }
-                        }
-                        Action::Disconnect => {
-                            let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
-                            done = Some(End::Error(CliError::Disconnected));
-                            break;
                         }
                     }
                 }
-                if let Some(end) = done {
-                    break end;
+                Some(()) = recv(&mut tstp) => {
+                    let _ = stdout.flush().await;
+                    if let Some(Err(e)) = guard.map(RawGuard::stop_self) {
+                        break fail(e, "suspending");
+                    }
                 }
-            }
-            _ = winch.recv() => {
-                if opts.interactive {
-                    let now = terminal::size();
-                    if let Some((cols, rows)) = now.filter(|_| now != size) {
-                        size = now;
-                        if let Err(end) = send(&mut sink, Channel::Resize { cols, rows }.to_vec()).await {
+                Some(()) = recv(&mut cont) => {
+                    if let Some(Err(e)) = guard.map(RawGuard::resume) {
+                        break fail(e, "raw mode after SIGCONT");
+                    }
+                    // The silence while stopped was this process's, not the relay's: what the relay
+                    // sent meanwhile waits unread in the socket.
+                    last_rx = Instant::now();
+                    // Always sent: the size may have changed while stopped, and a RESIZE makes
+                    // full-screen programs on the remote side redraw, as after `fg` locally.
+                    size = terminal::size();
+                    if let Some((cols, rows)) = size
+                        && let Err(end) = send(&mut sink, Channel::Resize { cols, rows }.to_vec()).await
+                    {
+                        break end;
+                    }
+                }
+                _ = term.recv() => {
+                    let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
+                    break End::Error(CliError::Signal("SIGTERM", 128 + 15));
+                }
+                _ = hup.recv() => {
+                    let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
+                    break End::Error(CliError::Signal("SIGHUP", 128 + 1));
+                }
+                () = sleep_until_some(link.rx.poll_timeout()) => {
+                    if let Some(n) = link.rx.poll_ack(Instant::now().into_std())
+                        && let Err(end) = send(&mut sink, Channel::Ack(n).to_vec()).await
+                    {
+                        break end;
+                    }
+                }
+                _ = tick.tick() => {
+                    if exit_deadline.is_some_and(|d| Instant::now() >= d) {
+                        break End::Closed(close::NORMAL, "no close after EXIT".to_owned());
+                    }
+                    let silent = last_rx.elapsed();
+                    if silent >= DEAD_AFTER {
+                        break End::Lost(format!("no answer from the relay for {} s", silent.as_secs()));
+                    }
+                    // One probe every PING_EVERY while silent, not one per tick.
+                    if silent >= PING_AFTER && last_ping.elapsed() >= PING_EVERY {
+                        last_ping = Instant::now();
+                        if let Err(end) = send_msg(&mut sink, Message::Ping(Default::default())).await {
                             break end;
                         }
                     }
                 }
             }
-            Some(()) = recv(&mut tstp) => {
-                let _ = stdout.flush().await;
-                if let Some(Err(e)) = guard.map(RawGuard::stop_self) {
-                    break fail(e, "suspending");
+        };
+        // Lost before the remote side said how it ended: put up a new connection and resume.
+        let Some(re) = resume.filter(|_| status.is_none() && resumable(&end)) else {
+            break 'session end;
+        };
+        let _ = stdout.flush().await;
+        let why = match &end {
+            End::Lost(d) => d.clone(),
+            End::Closed(code, _) => close::describe(*code).to_owned(),
+            _ => String::new(),
+        };
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        let ws = loop {
+            attempt += 1;
+            stderr_lines.status(&format!(
+                "hatch: connection lost ({why}); reconnecting (attempt {attempt})"
+            ));
+            match re.once(&opts.instance).await {
+                Ok(ws) => break ws,
+                Err(e) if final_failure(&e) => {
+                    stderr_lines.end_status();
+                    break 'session End::Error(CliError::NotResumed(e.message(false)));
                 }
-            }
-            Some(()) = recv(&mut cont) => {
-                if let Some(Err(e)) = guard.map(RawGuard::resume) {
-                    break fail(e, "raw mode after SIGCONT");
-                }
-                // The silence while stopped was this process's, not the relay's: what the relay
-                // sent meanwhile waits unread in the socket.
-                last_rx = Instant::now();
-                // Always sent: the size may have changed while stopped, and a RESIZE makes
-                // full-screen programs on the remote side redraw, as after `fg` locally.
-                size = terminal::size();
-                if let Some((cols, rows)) = size
-                    && let Err(end) = send(&mut sink, Channel::Resize { cols, rows }.to_vec()).await
-                {
-                    break end;
-                }
-            }
-            _ = term.recv() => {
-                let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
-                break End::Error(CliError::Signal("SIGTERM", 128 + 15));
-            }
-            _ = hup.recv() => {
-                let _ = timeout(Duration::from_millis(500), sink.send(Message::Close(None))).await;
-                break End::Error(CliError::Signal("SIGHUP", 128 + 1));
-            }
-            () = sleep_until_some(link.rx.poll_timeout()) => {
-                if let Some(n) = link.rx.poll_ack(Instant::now().into_std())
-                    && let Err(end) = send(&mut sink, Channel::Ack(n).to_vec()).await
-                {
-                    break end;
-                }
-            }
-            _ = tick.tick() => {
-                if exit_deadline.is_some_and(|d| Instant::now() >= d) {
-                    break End::Closed(close::NORMAL, "no close after EXIT".to_owned());
-                }
-                let silent = last_rx.elapsed();
-                if silent >= DEAD_AFTER {
-                    break End::Lost(format!("no answer from the relay for {} s", silent.as_secs()));
-                }
-                // One probe every PING_EVERY while silent, not one per tick.
-                if silent >= PING_AFTER && last_ping.elapsed() >= PING_EVERY {
-                    last_ping = Instant::now();
-                    if let Err(end) = send_msg(&mut sink, Message::Ping(Default::default())).await {
-                        break end;
+                Err(e) => {
+                    if started.elapsed() >= RECONNECT_FOR {
+                        stderr_lines.end_status();
+                        break 'session End::Error(CliError::NotResumed(format!(
+                            "no connection within {} s: {}",
+                            RECONNECT_FOR.as_secs(),
+                            e.message(false)
+                        )));
                     }
                 }
+            }
+            // Full jitter: sessions cut off together (a relay restart) do not come back at once.
+            let ceiling = RECONNECT_BASE.saturating_mul(1 << attempt.min(5)).min(RECONNECT_CAP);
+            let wait = ceiling.mul_f64(rand::random::<f64>());
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = term.recv() => break 'session End::Error(CliError::Signal("SIGTERM", 128 + 15)),
+                _ = hup.recv() => break 'session End::Error(CliError::Signal("SIGHUP", 128 + 1)),
+            }
+        };
+        (sink, stream) = ws.split();
+        last_rx = Instant::now();
+        let msgs = {
+            let (r, replay) = link.reconnected();
+            replay_messages(r, replay)
+        };
+        if let Err(end) = send_all(&mut sink, msgs).await {
+            // Lost again at once: the next round tries again.
+            stderr_lines.end_status();
+            if resumable(&end) {
+                continue 'session;
+            }
+            break 'session end;
+        }
+        stderr_lines.end_status();
+        stderr_lines.line("hatch: reconnected; the session goes on");
+        // The window size again: full-screen programs redraw, as after a resize.
+        if opts.interactive {
+            size = terminal::size();
+            if let Some((cols, rows)) = size
+                && let Err(end) = send(&mut sink, Channel::Resize { cols, rows }.to_vec()).await
+            {
+                break 'session end;
             }
         }
     };
@@ -575,6 +709,16 @@ struct LocalLines {
 }
 
 impl LocalLines {
+    /// A status line that the next one replaces (one line, however many attempts).
+    fn status(&mut self, text: &str) {
+        self.raw(&format!("\r{text}\x1b[K"));
+    }
+
+    /// Ends a status line.
+    fn end_status(&mut self) {
+        self.raw(if self.raw { "\r\n" } else { "\n" });
+    }
+
     fn line(&mut self, text: &str) {
         if self.raw {
             self.raw(&format!("\r\n{text}\r\n"));

@@ -793,3 +793,165 @@ pub fn client_hello(tls: &Arc<rustls::ClientConfig>) -> Vec<u8> {
     }
     out
 }
+
+/// Reads a client leg to its end as `hatch` does: DATA is collected and acknowledged every
+/// 64 KiB, EXIT at once (the agent ends the session only once its EXIT is acknowledged).
+/// Returns (output, EXIT status, close code).
+pub async fn read_session(ws: &mut Ws) -> (Vec<u8>, Option<i32>, Option<u16>) {
+    use hatch_proto::channel::Message as Chan;
+    let (mut out, mut exit, mut received, mut acked) = (Vec::new(), None, 0u64, 0u64);
+    loop {
+        let msg = tokio::time::timeout(DEADLINE, ws.next()).await.expect("leg silent");
+        match msg {
+            Some(Ok(Message::Binary(b))) => match Chan::decode(&b).expect("hatch.v1 message") {
+                Chan::Data(d) => {
+                    out.extend_from_slice(d);
+                    received += d.len() as u64;
+                }
+                Chan::Exit(s) => {
+                    assert!(exit.is_none(), "a second EXIT");
+                    exit = Some(s);
+                    received += 1;
+                }
+                _ => {}
+            },
+            Some(Ok(Message::Close(f))) => return (out, exit, f.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (out, exit, None),
+        }
+        if received - acked >= hatch_proto::resume::DEFAULT_ACK_BYTES
+            || (exit.is_some() && received > acked)
+        {
+            acked = received;
+            let ack = Chan::Ack(received).to_vec();
+            let _ = ws.send(Message::binary(ack)).await;
+        }
+    }
+}
+
+/// A TCP proxy on loopback in front of the relay's data plane (the relay advertises it with
+/// `--public-data-url`), which cuts the connections through it on demand with a reset, as a
+/// network drop or a NAT timeout does.
+pub struct CutProxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    target: Arc<Mutex<Option<SocketAddr>>>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    /// Listens on a free loopback port; forwards to the target set with
+    /// [`CutProxy::set_target`].
+    pub async fn start() -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (t, c) = (target.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let Some(to) = *t.lock().unwrap() else { continue };
+                let task = tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(to).await else { return };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    // Dropped (cut) with SO_LINGER 0: both ends see a reset. (The deprecation
+                    // is about a lingering close blocking the thread; a zero linger resets at
+                    // once and never blocks.)
+                    #[allow(deprecated)]
+                    {
+                        let _ = inbound.set_linger(Some(Duration::ZERO));
+                        let _ = outbound.set_linger(Some(Duration::ZERO));
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                let mut open = c.lock().unwrap();
+                open.retain(|h| !h.is_finished());
+                open.push(task.abort_handle());
+            }
+        });
+        CutProxy { addr, target, conns, accept }
+    }
+
+    /// Where new connections go.
+    pub fn set_target(&self, to: SocketAddr) {
+        *self.target.lock().unwrap() = Some(to);
+    }
+
+    /// Cuts every connection open now; returns how many there were.
+    pub fn cut_all(&self) -> usize {
+        let mut open = self.conns.lock().unwrap();
+        let n = open.iter().filter(|h| !h.is_finished()).count();
+        for h in open.drain(..) {
+            h.abort();
+        }
+        n
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut_all();
+    }
+}
+
+/// Reads a child's stdout on a thread, stopping (so that the child blocks writing, and the
+/// session's flow control holds everything upstream) once `pause_at` bytes are in, until
+/// [`GatedReader::release`].
+pub struct GatedReader {
+    got: Arc<Mutex<Vec<u8>>>,
+    go: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GatedReader {
+    /// Starts reading `from`.
+    pub fn start(mut from: impl Read + Send + 'static, pause_at: usize) -> GatedReader {
+        let got: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let (go, wait) = std::sync::mpsc::channel();
+        let g = got.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut paused = false;
+            loop {
+                if !paused && g.lock().unwrap().len() >= pause_at {
+                    paused = true;
+                    if wait.recv().is_err() {
+                        return;
+                    }
+                }
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => g.lock().unwrap().extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        GatedReader { got, go, thread: Some(thread) }
+    }
+
+    /// Bytes read so far.
+    pub fn len(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    /// Whether nothing was read yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads on to the end.
+    pub fn release(&self) {
+        let _ = self.go.send(());
+    }
+
+    /// Everything, once the stream ended.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.release();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.got.lock().unwrap())
+    }
+}

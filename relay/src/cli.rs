@@ -445,6 +445,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         pending_timeout: control.pending_timeout,
         session_retention: control.session_retention,
         max_api_connections: control.max_api_connections,
+        public_data_url: control.public_data_url.clone(),
         data: Some(a.data.clone()),
         ..DevOptions::default()
     })?;

@@ -64,6 +64,9 @@ pub struct DevOptions {
     pub session_retention: Duration,
     /// Most connections the API listener holds at once.
     pub max_api_connections: usize,
+    /// Base URL of the data plane in stream URLs (`--public-data-url`); by default the host
+    /// the caller used for the API, with the data port.
+    pub public_data_url: Option<String>,
     /// Extra data-plane flags, as on the command line (`["--shards", "2", "--io", "epoll"]`).
     pub data_args: Vec<String>,
     /// Data-plane options already parsed (wins over `data_args`).
@@ -97,6 +100,7 @@ impl Default for DevOptions {
             pending_timeout: c.pending_timeout,
             session_retention: c.session_retention,
             max_api_connections: c.max_api_connections,
+            public_data_url: None,
             data_args: Vec::new(),
             data: None,
         }
@@ -143,6 +147,7 @@ impl DevRelay {
             pending_timeout: opts.pending_timeout,
             session_retention: opts.session_retention,
             max_api_connections: opts.max_api_connections,
+            public_data_url: opts.public_data_url.clone(),
             ..ControlConfig::default()
         };
         let data = match &opts.data {

@@ -136,6 +136,12 @@ pub struct DataArgs {
     /// Seconds to let sessions finish on SIGTERM before closing them with 4009.
     #[arg(long, default_value_t = 10)]
     pub drain: u64,
+    /// Seconds of silence after which a leg is pinged.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ping_interval: u64,
+    /// Seconds of silence after which a leg is dead (lost: the session detaches or ends).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..))]
+    pub dead_after: u64,
     /// Seconds a session that lost a leg (no close frame, silence, a relay restart) is kept
     /// for both sides to resume it; then it ends with the reason it would have ended with.
     /// 0 = off: a lost leg ends the session.
@@ -163,6 +169,8 @@ impl DataArgs {
         c.idle_timeout = secs(self.idle_timeout);
         c.max_duration = secs(self.max_duration);
         c.resume_window = secs(self.resume_window);
+        c.ping_interval = Duration::from_secs(self.ping_interval);
+        c.dead_after = Duration::from_secs(self.dead_after.max(self.ping_interval + 1));
         c.drain = Duration::from_secs(self.drain);
         c
     }

@@ -1,0 +1,164 @@
+//! Durable sessions with the real binaries over real TLS (issue 14): output is exact and
+//! complete, and the remote process the same, whatever breaks between the client and the
+//! agent — a relay killed or stopped and started again, connections cut mid-stream, a client
+//! stopped past the dead-leg time, a client that joins late.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use hatch_e2e::*;
+
+/// `seq 1 n` as it prints.
+fn seq(n: u32) -> Vec<u8> {
+    (1..=n).map(|i| format!("{i}\n")).collect::<String>().into_bytes()
+}
+
+/// A relay and one real agent on it; the agent's instance id.
+async fn relay_and_agent(extra: &[&str]) -> (Relay, Proc, String, tempfile::TempDir) {
+    let relay = Relay::start(extra);
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, iid) = start_agent(&relay, dir.path(), &[]);
+    wait_online(&relay, &iid, true).await;
+    (relay, agent, iid, dir)
+}
+
+/// Waits for a child's exit (60 s at most) and returns its status.
+fn wait_child(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("hatch still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `hatch exec -i <iid> -- seq 1 300000` with its stdout read through a gate that stops at
+/// 300 kB (so that the session is mid-stream, held by flow control, when `break_it` runs on
+/// the relay), then released; returns the relay `break_it` gave back, the exit status, stdout
+/// and stderr.
+async fn seq_through<F, Fut>(
+    relay: Relay,
+    iid: &str,
+    home: &std::path::Path,
+    break_it: F,
+) -> (Relay, std::process::ExitStatus, Vec<u8>, String)
+where
+    F: FnOnce(Relay) -> Fut,
+    Fut: std::future::Future<Output = Relay>,
+{
+    let err_path = home.join("hatch.err");
+    let mut cmd = hatch(&relay, home, &relay.info.access_key);
+    cmd.args(["exec", "-i", iid, "--", "seq", "1", "300000"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let reader = GatedReader::start(child.stdout.take().unwrap(), 300_000);
+    wait_for("300 kB of output", DEADLINE, || reader.len() >= 300_000).await;
+    let relay = break_it(relay).await;
+    reader.release();
+    let st = tokio::task::spawn_blocking(move || wait_child(&mut child, Duration::from_secs(90)))
+        .await
+        .unwrap();
+    let out = reader.finish();
+    (relay, st, out, std::fs::read_to_string(&err_path).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_output_is_exact_across_a_relay_sigkill_and_restart() {
+    let (relay, _agent, iid, home) = relay_and_agent(&[]).await;
+    // Killed (SIGKILL), then started again on the same ports and data directory.
+    let (_relay, st, out, err) =
+        seq_through(relay, &iid, home.path(), |r| async move { r.restart() }).await;
+    eprintln!("hatch stderr: {err}");
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(out == seq(300_000), "{} bytes, want {}", out.len(), seq(300_000).len());
+    assert!(err.contains("reconnected"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_output_is_exact_across_a_graceful_relay_restart() {
+    let (relay, _agent, iid, home) = relay_and_agent(&["--drain", "1"]).await;
+    let (_relay, st, out, err) = seq_through(relay, &iid, home.path(), |mut old| async move {
+        old.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let exited = old.proc.wait_exit(DEADLINE);
+        assert!(exited.success(), "relay exit {exited}");
+        old.restart()
+    })
+    .await;
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(out == seq(300_000), "{} bytes, want {}", out.len(), seq(300_000).len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_output_is_exact_when_the_connections_are_cut_mid_stream() {
+    let proxy = CutProxy::start().await;
+    let public = format!("wss://127.0.0.1:{}", proxy.addr.port());
+    let (relay, _agent, iid, home) = relay_and_agent(&["--public-data-url", &public]).await;
+    proxy.set_target(relay.data_addr());
+    let (_relay, st, out, err) = seq_through(relay, &iid, home.path(), |r| async {
+        // Both legs (client and agent) go through the proxy: both are cut, twice.
+        assert_eq!(proxy.cut_all(), 2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.cut_all();
+        r
+    })
+    .await;
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(out == seq(300_000), "{} bytes, want {}", out.len(), seq(300_000).len());
+    assert!(err.contains("reconnected"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stopped_past_the_dead_leg_time_resumes_with_no_byte_lost() {
+    let (relay, _agent, iid, home) =
+        relay_and_agent(&["--ping-interval", "1", "--dead-after", "3"]).await;
+    let err_path = home.path().join("hatch.err");
+    let mut cmd = hatch(&relay, home.path(), &relay.info.access_key);
+    // Without a terminal: pipes, so `cat` echoes exactly what it reads.
+    cmd.args(["exec", "-i", &iid, "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let reader = GatedReader::start(child.stdout.take().unwrap(), usize::MAX);
+    use std::io::Write;
+    stdin.write_all(b"before the stop\n").unwrap();
+    wait_for("the first line echoed", DEADLINE, || reader.len() >= 16).await;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // Stopped well past the relay's dead-leg time (3 s): the relay drops its leg.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    stdin.write_all(b"after the stop\n").unwrap();
+    drop(stdin);
+    let st = tokio::task::spawn_blocking(move || wait_child(&mut child, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&reader.finish()), "before the stop\nafter the stop\n");
+    assert!(err.contains("reconnected"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_whose_client_joins_10_s_late_still_gets_all_its_output() {
+    let (relay, _agent, iid, _home) = relay_and_agent(&[]).await;
+    let body = format!(r#"{{"instance_id":"{iid}","mode":"exec","command":["seq","1","100000"]}}"#);
+    let r = relay.call("POST", "/v1/sessions", Some(&relay.info.access_key), Some(&body)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let v = r.json();
+    // The agent starts the command at once; the client's leg comes 10 s later.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut ws = leg(&relay, v["stream_url"].as_str().unwrap(), v["token"].as_str().unwrap())
+        .await
+        .expect("client leg refused");
+    let (out, exit, close) = read_session(&mut ws).await;
+    assert!(out == seq(100_000), "{} bytes, want {}", out.len(), seq(100_000).len());
+    assert_eq!((exit, close), (Some(0), Some(1000)));
+}
