@@ -821,8 +821,7 @@ impl Flow {
 /// A RESUME and what follows it as encoded messages: the output again in DATA messages of at
 /// most [`MAX_DATA`] bytes, then EXIT if the end must be sent again.
 fn replay_messages(resume: Resume, replay: Replay<'_>, exit: Option<i32>) -> Vec<Vec<u8>> {
-    let Resume { received, from, reply } = resume;
-    let mut out = vec![Message::Resume { received, from, reply }.to_vec()];
+    let mut out = vec![Message::Resume(resume).to_vec()];
     for part in [replay.data.0, replay.data.1] {
         out.extend(part.chunks(MAX_DATA).map(|c| Message::Data(c).to_vec()));
     }
@@ -868,9 +867,9 @@ async fn deliver_exit(
                 Ok(Message::Ack(n)) => {
                     flow.link().on_ack(n).map_err(|e| ExitWait::Closed(e.to_string()))?
                 }
-                Ok(Message::Resume { received, from, reply }) => flow
-                    .on_resume(Resume { received, from, reply })
-                    .map_err(|e| ExitWait::Closed(e.to_string()))?,
+                Ok(Message::Resume(r)) => {
+                    flow.on_resume(r).map_err(|e| ExitWait::Closed(e.to_string()))?
+                }
                 // Input after the command ended goes nowhere.
                 _ => {}
             },
@@ -1238,8 +1237,8 @@ async fn pump_in(
                     // Room may have opened.
                     flow.wake.notify_one();
                 }
-                Ok(Message::Resume { received, from, reply }) => {
-                    if let Err(e) = flow.on_resume(Resume { received, from, reply }) {
+                Ok(Message::Resume(r)) => {
+                    if let Err(e) = flow.on_resume(r) {
                         return InEnd::Broken(e);
                     }
                 }

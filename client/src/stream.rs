@@ -352,8 +352,8 @@ async fn pump(
                                     break broken(&mut sink, e).await;
                                 }
                             }
-                            Ok(Channel::Resume { received, from, reply }) => {
-                                match link.on_resume(Resume { received, from, reply }) {
+                            Ok(Channel::Resume(r)) => {
+                                match link.on_resume(r) {
                                     Ok(Some((answer, replay))) => {
                                         let msgs = replay_messages(answer, replay);
                                         if let Err(end) = send_all(&mut sink, msgs).await {
@@ -632,8 +632,7 @@ async fn send_all(sink: &mut Sink, msgs: impl IntoIterator<Item = Vec<u8>>) -> R
 /// A RESUME and what follows it: the input again in DATA messages of at most a stdin chunk,
 /// then the end of input (an empty DATA) if it must be sent again.
 fn replay_messages(resume: Resume, replay: Replay<'_>) -> Vec<Vec<u8>> {
-    let Resume { received, from, reply } = resume;
-    let mut out = vec![Channel::Resume { received, from, reply }.to_vec()];
+    let mut out = vec![Channel::Resume(resume).to_vec()];
     for part in [replay.data.0, replay.data.1] {
         out.extend(part.chunks(STDIN_CHUNK).map(|c| Channel::Data(c).to_vec()));
     }

@@ -11,7 +11,7 @@
 //! 0x03 EXIT    i32 status              (signal n as 128+n)
 //! 0x04 ACK     u64 cumulative DATA bytes received
 //! 0x05 ERROR   u16 code, UTF-8 message
-//! 0x06 RESUME  u64 received, u64 from, u8 flags (bit 0: reply)
+//! 0x06 RESUME  u64 received, u64 from, u8 flags (bit 0: reply, bit 1: fresh)
 //! ```
 //!
 //! Offsets (ACK, RESUME) count the DATA body bytes of one direction from the start of the
@@ -40,6 +40,9 @@ pub const TYPE_ERROR: u8 = 0x05;
 pub const TYPE_RESUME: u8 = 0x06;
 /// RESUME flag: this RESUME answers the peer's (it asks for no answer).
 pub const RESUME_REPLY: u8 = 0x01;
+/// RESUME flag: a client with no state of its own (`hatch attach` from a new process) asks
+/// for whatever the agent still holds; its offsets start where the answer says.
+pub const RESUME_FRESH: u8 = 0x02;
 
 /// ERROR code: the requested run-as user does not exist or the agent cannot switch to it.
 pub const ERROR_RUN_AS: u16 = 0x0001;
@@ -75,14 +78,7 @@ pub enum Message<'a> {
     },
     /// The first message on a leg that replaced a lost one, or the answer to one: what this
     /// side has received, and the offset of the next DATA byte it sends after this message.
-    Resume {
-        /// Bytes received from the peer so far: the peer sends again from here.
-        received: u64,
-        /// Offset of the first DATA byte that follows this message.
-        from: u64,
-        /// This answers the peer's RESUME (a RESUME that is not a reply asks for one).
-        reply: bool,
-    },
+    Resume(crate::resume::Resume),
     /// A type this version does not know; ignore it.
     Unknown {
         /// The type byte.
@@ -112,7 +108,7 @@ pub enum ChannelError {
     /// An ERROR message's text was not valid UTF-8.
     #[error("error message is not valid utf-8")]
     InvalidUtf8,
-    /// A RESUME's flags byte had bits other than [`RESUME_REPLY`] set.
+    /// A RESUME's flags byte had bits other than [`RESUME_REPLY`] and [`RESUME_FRESH`] set.
     #[error("resume flags {0:#04x} has unknown bits set")]
     ResumeFlags(u8),
 }
@@ -148,14 +144,15 @@ impl<'a> Message<'a> {
             TYPE_RESUME => {
                 let b: [u8; 17] = fixed(body, "resume")?;
                 let flags = b[16];
-                if flags & !RESUME_REPLY != 0 {
+                if flags & !(RESUME_REPLY | RESUME_FRESH) != 0 {
                     return Err(ChannelError::ResumeFlags(flags));
                 }
-                Ok(Message::Resume {
+                Ok(Message::Resume(crate::resume::Resume {
                     received: u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
                     from: u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")),
-                    reply: flags == RESUME_REPLY,
-                })
+                    reply: flags & RESUME_REPLY != 0,
+                    fresh: flags & RESUME_FRESH != 0,
+                }))
             }
             kind => Ok(Message::Unknown { kind, body }),
         }
@@ -169,7 +166,7 @@ impl<'a> Message<'a> {
             Message::Exit(_) => 4,
             Message::Ack(_) => 8,
             Message::Error { message, .. } => 2 + message.len(),
-            Message::Resume { .. } => 17,
+            Message::Resume(_) => 17,
             Message::Unknown { body, .. } => body.len(),
         }
     }
@@ -200,11 +197,12 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&code.to_be_bytes());
                 out.extend_from_slice(message.as_bytes());
             }
-            Message::Resume { received, from, reply } => {
+            Message::Resume(r) => {
                 out.push(TYPE_RESUME);
-                out.extend_from_slice(&received.to_be_bytes());
-                out.extend_from_slice(&from.to_be_bytes());
-                out.push(if reply { RESUME_REPLY } else { 0 });
+                out.extend_from_slice(&r.received.to_be_bytes());
+                out.extend_from_slice(&r.from.to_be_bytes());
+                let reply = if r.reply { RESUME_REPLY } else { 0 };
+                out.push(reply | if r.fresh { RESUME_FRESH } else { 0 });
             }
             Message::Unknown { kind, body } => {
                 out.push(kind);
@@ -292,10 +290,22 @@ mod tests {
     fn resume_golden() {
         let mut wire = vec![0x06, 0, 0, 0, 0, 0, 0, 0x30, 0x39];
         wire.extend_from_slice(&[0, 0, 0, 0x01, 0, 0, 0, 0x05, 0x00]);
-        golden(Message::Resume { received: 12345, from: (1 << 32) + 5, reply: false }, &wire);
+        let r = crate::resume::Resume {
+            received: 12345,
+            from: (1 << 32) + 5,
+            reply: false,
+            fresh: false,
+        };
+        golden(Message::Resume(r), &wire);
         let mut wire = vec![0x06, 0, 0, 0, 0, 0, 0, 0, 0];
         wire.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x07, 0x01]);
-        golden(Message::Resume { received: 0, from: 7, reply: true }, &wire);
+        let r = crate::resume::Resume { received: 0, from: 7, reply: true, fresh: false };
+        golden(Message::Resume(r), &wire);
+        let mut wire = vec![0x06];
+        wire.extend_from_slice(&[0; 16]);
+        wire.push(0x02);
+        let r = crate::resume::Resume { received: 0, from: 0, reply: false, fresh: true };
+        golden(Message::Resume(r), &wire);
     }
 
     #[test]
@@ -320,8 +330,8 @@ mod tests {
         let mut resume = vec![0x06];
         resume.extend_from_slice(&[0; 16]);
         assert_eq!(Message::decode(&[&resume[..], &[0, 0]].concat()), bad("resume", 18, 17));
-        resume.push(0x03);
-        assert_eq!(Message::decode(&resume), Err(ChannelError::ResumeFlags(0x03)));
+        resume.push(0x04);
+        assert_eq!(Message::decode(&resume), Err(ChannelError::ResumeFlags(0x04)));
         assert_eq!(
             Message::decode(&[0x05, 0x00, 0x01, 0xC3, 0x28]),
             Err(ChannelError::InvalidUtf8)
@@ -353,7 +363,12 @@ mod tests {
                 2 => Message::Exit(status),
                 3 => Message::Ack(n),
                 4 => Message::Error { code: a, message: &text },
-                5 => Message::Resume { received: n, from: n ^ u64::from(a), reply: b % 2 == 1 },
+                5 => Message::Resume(crate::resume::Resume {
+                    received: n,
+                    from: n ^ u64::from(a),
+                    reply: b % 2 == 1,
+                    fresh: b % 4 >= 2,
+                }),
                 // Any type byte outside 0x01..=0x06 is unknown.
                 _ => Message::Unknown { kind: if (1..=6).contains(&kind) { 0x80 } else { kind }, body: &bytes },
             };

@@ -306,6 +306,9 @@ pub struct Resume {
     pub from: u64,
     /// It answers a RESUME.
     pub reply: bool,
+    /// Sent by a client with no state (a new process attaching): `received` and `from` mean
+    /// nothing; the answer sets both sides' offsets.
+    pub fresh: bool,
 }
 
 /// What a message from the peer means for the caller.
@@ -326,6 +329,8 @@ pub struct Link {
     pub rx: Receiver,
     /// This side put up a new leg and has not yet seen the peer's RESUME on it.
     awaiting: bool,
+    /// This side attached with no state ([`Link::attach`]) and waits for the offsets.
+    fresh: bool,
 }
 
 /// Window and acknowledgement rule of a [`Link`].
@@ -356,6 +361,7 @@ impl Link {
             tx: Sender::new(cfg.window),
             rx: Receiver::new(cfg.ack_bytes, cfg.ack_delay),
             awaiting: false,
+            fresh: false,
         }
     }
 
@@ -365,8 +371,28 @@ impl Link {
         self.awaiting = true;
         // The RESUME carries the acknowledgement.
         let _ = self.rx.take_ack();
-        let resume = Resume { received: self.rx.received(), from: self.tx.acked(), reply: false };
+        let resume = Resume {
+            received: self.rx.received(),
+            from: self.tx.acked(),
+            reply: false,
+            fresh: false,
+        };
         (resume, self.tx.replay())
+    }
+
+    /// A link for a client attaching from a new process, with nothing received and nothing to
+    /// send again: send the returned RESUME and nothing else until the answer, which says
+    /// where both directions stand ([`Link::on_resume`] adopts it).
+    pub fn attach(cfg: LinkConfig) -> (Link, Resume) {
+        let mut link = Link::new(cfg);
+        link.awaiting = true;
+        link.fresh = true;
+        (link, Resume { received: 0, from: 0, reply: false, fresh: true })
+    }
+
+    /// This side attached fresh and has not yet had the answer: send nothing.
+    pub fn holding(&self) -> bool {
+        self.fresh
     }
 
     /// This side waits for the peer's RESUME.
@@ -395,6 +421,29 @@ impl Link {
     /// A RESUME arrived. Returns the RESUME to answer with and what to send again after it,
     /// when the peer asked for an answer.
     pub fn on_resume(&mut self, peer: Resume) -> Result<Option<(Resume, Replay<'_>)>, OffsetError> {
+        if self.fresh && peer.reply {
+            // The answer to an attach: the peer's output continues at `from`, and it has
+            // received `received` of this direction (from the client before this one).
+            self.fresh = false;
+            self.awaiting = false;
+            self.rx.received = peer.from;
+            self.rx.acked = peer.from;
+            self.tx.acked = peer.received;
+            self.tx.data_acked = peer.received;
+            return Ok(None);
+        }
+        if peer.fresh {
+            // A new client with nothing: everything still held goes to it, and its input
+            // continues this side's count.
+            self.awaiting = false;
+            let _ = self.rx.take_ack();
+            let received = self.rx.received();
+            self.rx.skip = 0;
+            let held = self.tx.acked();
+            let replay = self.tx.resume_from(held)?;
+            let answer = Resume { received, from: held, reply: true, fresh: false };
+            return Ok(Some((answer, replay)));
+        }
         self.rx.resume_at(peer.from)?;
         self.awaiting = false;
         if peer.reply {
@@ -410,7 +459,7 @@ impl Link {
         let _ = self.rx.take_ack();
         let received = self.rx.received();
         let replay = self.tx.resume_from(peer.received)?;
-        Ok(Some((Resume { received, from: peer.received, reply: true }, replay)))
+        Ok(Some((Resume { received, from: peer.received, reply: true, fresh: false }, replay)))
     }
 }
 
@@ -547,13 +596,13 @@ mod tests {
         assert_eq!(b.on_data(t0, 5), Deliver::From(0));
         // A's leg is replaced: it resumes, and drops B's messages until B's RESUME.
         let (ra, replay) = a.reconnected();
-        assert_eq!(ra, Resume { received: 0, from: 0, reply: false });
+        assert_eq!(ra, Resume { received: 0, from: 0, reply: false, fresh: false });
         assert_eq!([replay.data.0, replay.data.1].concat(), b"hello");
         assert!(a.awaiting());
         assert_eq!(a.on_data(t0, 3), Deliver::Drop);
         b.tx.push(b"xyz");
         let (rb, replay) = b.on_resume(ra).unwrap().expect("answered");
-        assert_eq!(rb, Resume { received: 5, from: 0, reply: true });
+        assert_eq!(rb, Resume { received: 5, from: 0, reply: true, fresh: false });
         assert_eq!([replay.data.0, replay.data.1].concat(), b"xyz");
         // B drops the five bytes that A sent again.
         assert_eq!(b.on_data(t0, 5), Deliver::From(5));
@@ -562,6 +611,38 @@ mod tests {
         assert_eq!(a.tx.acked(), 5);
         assert_eq!(a.on_data(t0, 3), Deliver::From(0));
         assert_eq!(a.rx.received(), 3);
+    }
+
+    #[test]
+    fn a_fresh_client_gets_what_the_agent_holds_and_carries_on_its_counts() {
+        let t0 = Instant::now();
+        let (mut agent, mut old) =
+            (Link::new(LinkConfig::default()), Link::new(LinkConfig::default()));
+        // The old client typed 4 bytes and acknowledged 3 of the agent's 10.
+        old.tx.push(b"ls\r\n");
+        assert_eq!(agent.on_data(t0, 4), Deliver::From(0));
+        agent.tx.push(b"0123456789");
+        agent.on_ack(3).unwrap();
+        // A new process attaches with nothing.
+        let (mut new, hello) = Link::attach(LinkConfig::default());
+        assert!(new.holding() && hello.fresh);
+        let (answer, replay) = agent.on_resume(hello).unwrap().expect("answered");
+        assert_eq!(answer, Resume { received: 4, from: 3, reply: true, fresh: false });
+        assert_eq!([replay.data.0, replay.data.1].concat(), b"3456789");
+        assert_eq!(new.on_resume(answer).unwrap(), None);
+        assert!(!new.holding());
+        assert_eq!(new.on_data(t0, 7), Deliver::From(0));
+        assert_eq!(new.rx.received(), 10);
+        // Its acknowledgement and its input continue the agent's counts.
+        agent.on_ack(new.rx.take_ack().unwrap()).unwrap();
+        assert!(agent.tx.all_acked());
+        new.tx.push(b"x");
+        assert_eq!(new.tx.sent(), 5);
+        assert_eq!(agent.on_data(t0, 1), Deliver::From(0));
+        if let Some(n) = agent.rx.take_ack() {
+            new.on_ack(n).unwrap();
+        }
+        assert!(new.tx.all_acked());
     }
 
     /// What travels in the model of the relay below.
