@@ -306,8 +306,11 @@ async fn resume_refusals_say_why_with_stable_codes() {
     let pending = relay.start_session(&alice, &inst, &mut ws).await;
     let v = relay.resume(&pending, &alice, None).await.assert_error(409, "SessionEnded");
     assert!(v["message"].as_str().unwrap().contains("never connected"), "{v}");
+    // Terminating a detached session ends it like a connected one.
     let r = relay.call("DELETE", &format!("/v1/sessions/{sid}"), &alice, None).await;
     assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["close_reason"], "terminated", "{}", r.text);
+    assert_eq!(relay.link.terminated(&sid), Some(hatch_proto::close::TERMINATED));
     assert!(matches!(next_message(&mut ws).await, Some(ToAgent::SessionClose { .. })));
     let v = relay.resume(&sid, &alice, Some(r#"{"force":true}"#)).await;
     v.assert_error(409, "SessionEnded");
@@ -378,6 +381,8 @@ async fn revocation_ends_detached_sessions() {
     wait_until(|| relay.state(&sid) == "closed").await;
     let rec = relay.store.session(None, &sid).unwrap().unwrap();
     assert_eq!(rec.close_reason.as_deref(), Some("access_revoked"));
+    // The record is closed first, then the data plane told.
+    wait_until(|| relay.link.terminated(&sid).is_some()).await;
     assert_eq!(relay.link.terminated(&sid), Some(hatch_proto::close::ACCESS_REVOKED));
     let told = next_message(&mut ws).await;
     assert!(
@@ -580,6 +585,8 @@ async fn restart_with_a_window_keeps_paired_sessions_resumable_until_it_ends() {
     let rec = relay.store.session(None, left).unwrap().unwrap();
     assert_eq!(rec.close_reason.as_deref(), Some("relay_shutdown"));
     assert_eq!((rec.bytes_client_to_agent, rec.bytes_agent_to_client), (7, 70));
+    // The record is closed first, then the data plane told.
+    wait_until(|| relay.link.terminated(left).is_some()).await;
     assert_eq!(relay.link.terminated(left), Some(hatch_proto::close::PEER_NEVER_CAME));
     // The resumed ones are the data plane's now: left alone.
     assert_eq!(relay.state(resumed), "connected");
