@@ -267,6 +267,22 @@ mod tests {
         );
     }
 
+    /// A session waiting to be resumed shows the relay's state as it is, with no reason yet.
+    #[test]
+    fn sessions_table_shows_a_detached_session() {
+        let answer = json!({"sessions": [
+            {"session_id": "s-00000000000000ab", "instance_id": "i-0123456789abcdef",
+             "state": "detached", "mode": "shell", "run_as": "deploy", "principal": "owner",
+             "created_at": NOW - 60, "detached_at": NOW - 5},
+        ]});
+        let rows = items(&answer, "sessions");
+        assert_eq!(
+            table(&rows, SESSION_COLUMNS, NOW),
+            "SESSION             INSTANCE            STATE     MODE   RUN AS  OWNER  STARTED    REASON\n\
+             s-00000000000000ab  i-0123456789abcdef  detached  shell  deploy  owner  1 min ago  -\n"
+        );
+    }
+
     #[test]
     fn empty_list_prints_only_the_header() {
         let answer = json!({"sessions": []});

@@ -86,7 +86,9 @@ fn gone(pid: u32) -> bool {
 
 #[tokio::test]
 async fn agent_killed_client_killed_and_relay_killed() {
-    let relay = Relay::start(&[]);
+    // Without a resume window: lost legs end their sessions, and a restart closes what the
+    // killed relay left open (`relay_shutdown`, the agent's counts completing the record).
+    let relay = Relay::start(&["--resume-window", "0"]);
     let tmp = tempfile::tempdir().unwrap();
     let (agent, iid) = start_agent(&relay, tmp.path(), &[]);
     wait_online(&relay, &iid, true).await;
@@ -212,7 +214,9 @@ async fn agent_killed_client_killed_and_relay_killed() {
 
 #[tokio::test]
 async fn relay_sigterm_closes_legs_with_4009_and_records_relay_shutdown() {
-    let relay = Relay::start(&["--drain", "0"]);
+    // Without a resume window, a shutdown closes its sessions (with one, they stay open in the
+    // store for the next start: relay/tests/control_serve.rs).
+    let relay = Relay::start(&["--drain", "0", "--resume-window", "0"]);
     let tmp = tempfile::tempdir().unwrap();
     let (agent, iid) = start_agent(&relay, tmp.path(), &[]);
     wait_online(&relay, &iid, true).await;

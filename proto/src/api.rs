@@ -99,7 +99,8 @@ pub struct SessionInfo {
     /// recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_as: Option<String>,
-    /// `pending` (token issued), `connected` (both legs paired) or `closed`.
+    /// `pending` (token issued), `connected` (both legs paired), `detached` (paired before, its
+    /// legs lost: resumable within the relay's resume window) or `closed`.
     pub state: String,
     /// RFC 3339 UTC.
     pub created_at: String,
@@ -109,6 +110,9 @@ pub struct SessionInfo {
     /// RFC 3339 UTC, once closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed_at: Option<String>,
+    /// RFC 3339 UTC, when it last became `detached` (kept once it is connected again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_at: Option<String>,
     /// Why it closed: `exit`, `client_closed`, `agent_closed`, `terminated`, `idle_timeout`,
     /// `max_duration`, `pair_timeout`, `relay_shutdown`, `error`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,6 +191,10 @@ pub mod codes {
     pub const SESSION_NOT_FOUND: &str = "SessionNotFound";
     /// The instance's agent is not connected (409).
     pub const TARGET_NOT_CONNECTED: &str = "TargetNotConnected";
+    /// The session cannot be resumed: it is closed, or it never paired (409).
+    pub const SESSION_ENDED: &str = "SessionEnded";
+    /// The session has a client attached; resume with `force` to take it over (409).
+    pub const SESSION_ATTACHED: &str = "SessionAttached";
     /// The token or access key is missing, malformed or not valid here (401).
     pub const INVALID_TOKEN: &str = "InvalidToken";
     /// The token has expired (401).

@@ -147,6 +147,9 @@ impl Server {
         let mut control_cfg = cfg.control.clone();
         control_cfg.data_port = data_addr.port();
         control_cfg.data_scheme = if data_is_tls { "wss" } else { "ws" };
+        // One window for both planes: the data plane keeps detached sessions for it, the
+        // control plane keeps a restart's paired sessions resumable for it.
+        control_cfg.resume_window = Duration::from_secs(cfg.data.resume_window);
         let control = ControlPlane::new(control_cfg, store, signer, data)?;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();

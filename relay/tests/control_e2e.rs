@@ -130,15 +130,63 @@ async fn legs_closing_are_recorded_with_reason_and_bytes() {
     );
 }
 
+/// Without a resume window, a shutdown closes what is open as `relay_shutdown`.
 #[tokio::test]
 async fn shutdown_records_open_sessions_as_relay_shutdown() {
-    let tr = TestRelay::start();
+    let tr = TestRelay::start_with(|o| o.data_args = vec!["--resume-window".into(), "0".into()]);
     let mut agent = tr.agent().await;
     let (sid, _client, _leg) = open_session(&tr, &mut agent).await;
     let TestRelay { relay, dir: _dir, store, .. } = tr;
     relay.shutdown(std::time::Duration::ZERO);
     let s = store.session(None, &sid).unwrap().unwrap();
     assert_eq!((s.state.as_str(), s.close_reason.as_deref()), ("closed", Some("relay_shutdown")));
+}
+
+/// With a resume window (the default), a shutdown leaves a paired session open for the next
+/// start, with its byte counts; one that never paired is closed. The next start keeps the
+/// paired one `detached` and its owner can resume it.
+#[tokio::test]
+async fn shutdown_with_a_window_leaves_paired_sessions_for_the_next_start() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let (sid, mut client, mut leg) = open_session(&tr, &mut agent).await;
+    wait_until(|| session_state(&tr, &sid).0 == "connected").await;
+    client.send(Message::Binary(vec![0x01, b'h', b'i'].into())).await.unwrap();
+    let got =
+        tokio::time::timeout(api_support::DEADLINE, leg.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(got.into_data().as_ref(), &[0x01, b'h', b'i']);
+    let r = tr
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(tr.owner_key()),
+            Some(&api_support::start_body(&agent.id)),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let pending = r.json()["session_id"].as_str().unwrap().to_owned();
+    let owner_key = tr.owner_key().to_owned();
+    let TestRelay { relay, dir, store, tls } = tr;
+    relay.shutdown(std::time::Duration::ZERO);
+    let s = store.session(None, &sid).unwrap().unwrap();
+    assert_eq!((s.state.as_str(), s.close_reason.as_deref()), ("detached", None));
+    assert_eq!(s.bytes_client_to_agent, 3);
+    let p = store.session(None, &pending).unwrap().unwrap();
+    assert_eq!((p.state.as_str(), p.close_reason.as_deref()), ("closed", Some("relay_shutdown")));
+
+    let again = hatch_relay::dev::DevRelay::start(hatch_relay::dev::DevOptions {
+        data_dir: dir.path().join("relay"),
+        ..Default::default()
+    })
+    .unwrap();
+    let tr = TestRelay { relay: again, dir, store, tls };
+    let r = tr.call("GET", &format!("/v1/sessions/{sid}"), Some(&owner_key), None).await;
+    assert_eq!(r.json()["state"], "detached", "{}", r.text);
+    let r = tr.call("POST", &format!("/v1/sessions/{sid}/resume"), Some(&owner_key), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // The tokens of the previous run open nothing on the new one; the resume token is of it.
+    let s: hatch_proto::api::ResumeSessionResponse = serde_json::from_str(&r.text).unwrap();
+    assert!(s.stream_url.ends_with(&format!("/v1/stream/{sid}?role=client")), "{}", r.text);
 }
 
 #[tokio::test]

@@ -77,6 +77,54 @@ pub fn start_context(rec: &SessionRecord, inst: &Instance) -> Context {
     }
 }
 
+/// Why a caller may not resume a session (`POST /v1/sessions/{id}/resume`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeRefused {
+    /// Not the caller's own session: answered as an unknown one, so that nobody learns that
+    /// another principal's session exists.
+    NotFound,
+    /// The caller's policies no longer allow StartSession of it (or its instance is gone).
+    Denied,
+    /// Closed, or never paired (`pending`: nothing to resume; start a new session).
+    Ended,
+    /// A client is attached (`connected`) and `force` was not given.
+    Attached,
+}
+
+/// Whether `principal`, acting under `grants` from `source_ip`, may resume `rec` now: only its
+/// own principal (the user, or the owner, that started it), allowed StartSession on its
+/// instance exactly as a new start with the same run-as user and mode would be (the user is
+/// the one recorded; for records without one, the agent's default user, as a start names it),
+/// and only a session that paired and has not closed.
+pub fn may_resume(
+    principal: &str,
+    grants: &Grants,
+    source_ip: IpAddr,
+    rec: &SessionRecord,
+    inst: Option<&Instance>,
+    agent_default_user: Option<&str>,
+    force: bool,
+) -> Result<(), ResumeRefused> {
+    if rec.principal != principal {
+        return Err(ResumeRefused::NotFound);
+    }
+    let Some(inst) = inst else { return Err(ResumeRefused::Denied) };
+    let mut ctx = start_context(rec, inst);
+    ctx.source_ip = Some(source_ip);
+    if ctx.run_as.is_none() {
+        ctx.run_as = agent_default_user.map(str::to_owned);
+    }
+    if !grants.may(policy::START_SESSION, &rec.account_id, inst, &ctx) {
+        return Err(ResumeRefused::Denied);
+    }
+    match rec.state.as_str() {
+        "detached" => Ok(()),
+        "connected" if force => Ok(()),
+        "connected" => Err(ResumeRefused::Attached),
+        _ => Err(ResumeRefused::Ended),
+    }
+}
+
 /// Why a live session's caller no longer has access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lost {
@@ -226,6 +274,7 @@ mod tests {
                 close_reason: None,
                 bytes_client_to_agent: 0,
                 bytes_agent_to_client: 0,
+                detached_at: None,
             }
         }
 

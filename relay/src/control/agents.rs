@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::Shared;
+use super::sessions::Rate;
 use crate::plane::CloseReason;
 
 /// Messages queued for one agent before a send is refused (the agent is not reading).
@@ -43,6 +44,12 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_AGENT_WRITE_BUFFER: usize = 4 * MAX_AGENT_MESSAGE;
 /// Largest message accepted from an agent: its messages are small JSON objects.
 pub const MAX_AGENT_MESSAGE: usize = 64 * 1024;
+/// `session.resume` requests one instance's agent may make: a burst of 1000 (every session an
+/// instance holds under the default `--max-sessions-per-instance`, all asked for at once after
+/// a relay restart), then 100 a second. Beyond it a request is dropped with a log line and a
+/// metric (the agent asks again after its own deadline), so one agent cannot make the relay
+/// read the store and sign tokens without bound.
+pub const RESUME_RATE: Rate = Rate { per_sec: 100.0, burst: 1000 };
 
 struct Conn {
     id: u64,
@@ -188,6 +195,8 @@ pub(super) async fn run_channel(
     let deadline = tokio::time::sleep(cfg.heartbeat_timeout);
     tokio::pin!(deadline);
     let mut last_touch = tokio::time::Instant::now();
+    // `session.resume` requests dropped for the rate on this channel: logged at 1, 2, 4, ...
+    let mut resumes_dropped = 0u64;
     // The agent's writes are behind: closed with this (the frame may not get through).
     let not_read = Some((close::POLICY_VIOLATION, "agent does not read its control channel"));
     let close: Option<(u16, &'static str)> = loop {
@@ -239,8 +248,28 @@ pub(super) async fn run_channel(
                         Ok(FromAgent::Hello { .. }) => {
                             debug!(instance = %instance, "second hello on a control channel ignored");
                         }
-                        // TODO(issue 14): answered in the next step.
-                        Ok(FromAgent::SessionResume { .. }) => {}
+                        Ok(FromAgent::SessionResume { session_id }) => {
+                            let now = std::time::Instant::now();
+                            let rate = cfg.agent_resume_rate;
+                            if shared.resume_rate.take(&instance, rate, now).is_err() {
+                                shared.metrics.resume_dropped();
+                                resumes_dropped += 1;
+                                if resumes_dropped.is_power_of_two() {
+                                    warn!(instance = %instance, dropped = resumes_dropped,
+                                        session = %peer(&session_id, 40),
+                                        "agent asks to resume sessions faster than allowed; \
+                                         requests dropped");
+                                }
+                            } else if let Some(answer) =
+                                shared.agent_resume(&instance, &session_id).await
+                                && !send(&mut sink, &answer).await
+                            {
+                                warn!(instance = %instance, timeout = ?SEND_TIMEOUT,
+                                    "agent does not read its control channel (a resume answer \
+                                     write failed or timed out); closing");
+                                break not_read;
+                            }
+                        }
                         Ok(FromAgent::Heartbeat { .. }) => {
                             // Record liveness in the store at most once a minute.
                             if last_touch.elapsed() >= Duration::from_secs(60) {

@@ -21,8 +21,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hatch_proto::api::{
-    AccountSettings, InstanceInfo, InstanceList, Mode, SessionInfo, SessionList,
-    StartSessionRequest, StartSessionResponse, codes,
+    AccountSettings, InstanceInfo, InstanceList, Mode, ResumeSessionRequest, ResumeSessionResponse,
+    SessionInfo, SessionList, StartSessionRequest, StartSessionResponse, codes,
 };
 use hatch_proto::control::{RegisterRequest, RegisterResponse, ToAgent};
 use hatch_proto::token::Role;
@@ -30,7 +30,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
-use super::access::Grants;
+use super::access::{self, Grants, ResumeRefused};
 use super::policy::{self, Context};
 use super::sessions::{Admission, LimitHit};
 use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
@@ -214,6 +214,24 @@ async fn read_body<S: Send + Sync>(
     }
 }
 
+/// A JSON body that may be left out: an empty body (or only white space) is `T::default()`,
+/// anything else as [`ApiJson`].
+pub struct OptionalJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(req, state, BODY_TIMEOUT).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(OptionalJson)
+            .map_err(|e| ApiError::invalid(format!("request body: {e}")))
+    }
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
@@ -238,6 +256,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/sessions", post(start_session).get(list_sessions))
         .route("/v1/sessions/{id}", get(describe_session).delete(terminate_session))
+        .route("/v1/sessions/{id}/resume", post(resume_session))
         .route("/v1/instances", get(list_instances))
         .route("/v1/account/settings", get(get_settings).put(put_settings))
         .route("/v1/agent/register", post(register))
@@ -268,8 +287,8 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let (open, pending) = shared.live.counts();
-    let mut text = shared.metrics.render(open, pending, shared.agents.online());
+    let (open, pending, detached) = shared.live.counts();
+    let mut text = shared.metrics.render(open, pending, detached, shared.agents.online());
     text.push_str(&shared.data.metrics());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -445,6 +464,7 @@ fn session_info(s: &SessionRecord) -> SessionInfo {
         created_at: rfc3339(s.created_at),
         connected_at: s.connected_at.map(rfc3339),
         closed_at: s.closed_at.map(rfc3339),
+        detached_at: s.detached_at.map(rfc3339),
         close_reason: s.close_reason.clone(),
         bytes_client_to_agent: s.bytes_client_to_agent,
         bytes_agent_to_client: s.bytes_agent_to_client,
@@ -525,6 +545,103 @@ fn limit_hit(hit: LimitHit, inst: &Instance) -> ApiError {
     ApiError::new(StatusCode::TOO_MANY_REQUESTS, codes::THROTTLED, msg)
 }
 
+/// The 403 of an account whose session-manager switch is off.
+fn switch_on(caller: &Caller) -> Result<(), ApiError> {
+    if caller.account.session_manager_enabled {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        codes::SESSION_MANAGER_DISABLED,
+        format!("session management is switched off for account {}", caller.account.id),
+    ))
+}
+
+/// `POST /v1/sessions/{id}/resume`: a resume token for a new client leg of the caller's own
+/// session, under the same rate, switch and policy as a start ([`access::may_resume`]).
+async fn resume_session(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<OptionalJson<ResumeSessionRequest>, ApiError>,
+) -> Result<Response, ApiError> {
+    // A resume signs a token as a start does: the same per-key rate.
+    start_rate(&shared, &caller)?;
+    let Path(id) = id.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let OptionalJson(req) = body?;
+    switch_on(&caller)?;
+    if !valid_id(&id, "s-") {
+        return Err(ApiError::session_not_found(&id));
+    }
+    let account = caller.account.id.clone();
+    let sid = id.clone();
+    let (rec, inst) = shared
+        .blocking(move |s| {
+            let Some(rec) = s.session(Some(&account), &sid)? else { return Ok((None, None)) };
+            let inst = s.instance(&account, &rec.instance_id)?;
+            Ok((Some(rec), inst))
+        })
+        .await?;
+    let rec = rec.ok_or_else(|| ApiError::session_not_found(&id))?;
+    let agent = shared.agents.run_as(&rec.instance_id);
+    let default_user = agent.as_ref().map(|a| a.default_user.as_str());
+    let verdict = access::may_resume(
+        caller.principal(),
+        &caller.grants,
+        caller.source_ip,
+        &rec,
+        inst.as_ref(),
+        default_user,
+        req.force,
+    );
+    if let Err(why) = verdict {
+        info!(session = %rec.id, user = caller.principal(), ?why, "session resume refused");
+        return Err(match why {
+            ResumeRefused::NotFound => ApiError::session_not_found(&id),
+            ResumeRefused::Denied => ApiError::denied(match &inst {
+                Some(i) => format!(
+                    "your policy does not allow hatch:StartSession on {}",
+                    policy::instance_hrn(&i.region, &i.account_id, &i.id)
+                ),
+                None => format!("the instance of {id} is no longer registered"),
+            }),
+            ResumeRefused::Ended => ApiError::new(
+                StatusCode::CONFLICT,
+                codes::SESSION_ENDED,
+                if rec.state == "pending" {
+                    format!("session {id} never connected; start a new session")
+                } else {
+                    format!("session {id} has ended; start a new session")
+                },
+            ),
+            ResumeRefused::Attached => ApiError::new(
+                StatusCode::CONFLICT,
+                codes::SESSION_ATTACHED,
+                format!("session {id} has a client attached; resume with force to take it over"),
+            ),
+        });
+    }
+    let now = u64::try_from(unix_now()).unwrap_or(0);
+    let (token, claims) = shared
+        .signer
+        .issue_with(&rec.id, Role::Client, &rec.instance_id, &rec.account_id, now, true)
+        .map_err(ApiError::internal)?;
+    shared.metrics.resume_token(true);
+    info!(session = %rec.id, instance = %rec.instance_id, user = caller.principal(),
+        state = %rec.state, force = req.force, "session resume token issued");
+    let base = data_base(&shared, &headers);
+    Ok(json(
+        StatusCode::OK,
+        &ResumeSessionResponse {
+            session_id: rec.id.clone(),
+            stream_url: format!("{base}/v1/stream/{}?role=client", rec.id),
+            token,
+            expires_at: rfc3339(claims.exp as i64),
+        },
+    ))
+}
+
 async fn start_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
@@ -534,13 +651,7 @@ async fn start_session(
     start_rate(&shared, &caller)?;
     let ApiJson(req) = body?;
     validate_start(&req)?;
-    if !caller.account.session_manager_enabled {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            codes::SESSION_MANAGER_DISABLED,
-            format!("session management is switched off for account {}", caller.account.id),
-        ));
-    }
+    switch_on(&caller)?;
     let account_id = caller.account.id.clone();
     let iid = req.instance_id.clone();
     let inst = shared
@@ -622,6 +733,7 @@ async fn start_session(
         close_reason: None,
         bytes_client_to_agent: 0,
         bytes_agent_to_client: 0,
+        detached_at: None,
     };
     if let Err(e) = shared.blocking(move |s| s.insert_session(&rec)).await {
         shared.live.remove(&sid);

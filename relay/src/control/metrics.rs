@@ -14,6 +14,9 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(u16, String), u64>>,
     token_failures: Mutex<BTreeMap<String, u64>>,
     sessions_pruned: AtomicU64,
+    resume_tokens_client: AtomicU64,
+    resume_tokens_agent: AtomicU64,
+    resume_requests_dropped: AtomicU64,
     api_connections_open: AtomicU64,
     api_connections_refused: AtomicU64,
 }
@@ -37,6 +40,18 @@ impl Metrics {
     /// A bearer credential (access key, instance secret) refused, by reason.
     pub fn auth_failed(&self, reason: &str) {
         *lock(&self.token_failures).entry(reason.to_owned()).or_default() += 1;
+    }
+
+    /// A resume token was issued: to a client (`POST /v1/sessions/{id}/resume`) or an agent
+    /// (`session.resume`).
+    pub fn resume_token(&self, client: bool) {
+        let c = if client { &self.resume_tokens_client } else { &self.resume_tokens_agent };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An agent's `session.resume` was dropped for exceeding the rate.
+    pub fn resume_dropped(&self) {
+        self.resume_requests_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Closed session records deleted for being older than the retention.
@@ -63,8 +78,15 @@ impl Metrics {
         self.sessions_started.load(Ordering::Relaxed)
     }
 
-    /// Renders the Prometheus text exposition of these counters plus the gauges given.
-    pub fn render(&self, active: usize, pending: usize, agents_online: usize) -> String {
+    /// Renders the Prometheus text exposition of these counters plus the gauges given: open
+    /// sessions (`active`), of which `pending` and `detached`.
+    pub fn render(
+        &self,
+        active: usize,
+        pending: usize,
+        detached: usize,
+        agents_online: usize,
+    ) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = writeln!(out, "# HELP hatch_sessions_active Sessions not yet closed, by state.");
@@ -73,8 +95,23 @@ impl Metrics {
         let _ = writeln!(
             out,
             "hatch_sessions_active{{state=\"connected\"}} {}",
-            active.saturating_sub(pending)
+            active.saturating_sub(pending).saturating_sub(detached)
         );
+        let _ = writeln!(out, "hatch_sessions_active{{state=\"detached\"}} {detached}");
+        let _ = writeln!(
+            out,
+            "# HELP hatch_resume_tokens_total Resume tokens issued, by the role of the new leg."
+        );
+        let _ = writeln!(out, "# TYPE hatch_resume_tokens_total counter");
+        for (role, v) in
+            [("agent", &self.resume_tokens_agent), ("client", &self.resume_tokens_client)]
+        {
+            let _ = writeln!(
+                out,
+                "hatch_resume_tokens_total{{role=\"{role}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(out, "# HELP hatch_sessions_started_total Sessions created.");
         let _ = writeln!(out, "# TYPE hatch_sessions_started_total counter");
         let _ = writeln!(out, "hatch_sessions_started_total {}", self.started());
@@ -108,6 +145,12 @@ impl Metrics {
                 "counter",
                 "Closed session records deleted after the retention.",
                 &self.sessions_pruned,
+            ),
+            (
+                "hatch_agent_resume_dropped_total",
+                "counter",
+                "Agents' session.resume requests dropped: beyond the rate per instance.",
+                &self.resume_requests_dropped,
             ),
             (
                 "hatch_api_connections_open",

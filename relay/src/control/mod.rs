@@ -6,7 +6,14 @@
 //!                                   └─▶ TokenSigner ─▶ agents::Hub ── session.open ──▶ agent
 //!  data plane ── DataEvent (channel) ──▶ on_event ──▶ store + sessions
 //!  terminate / account switch ──▶ DataLink::command(DataCommand::Terminate) ──▶ data plane
+//!  client ── POST /v1/sessions/{id}/resume ─┐
+//!  agent ─── session.resume ────────────────┴▶ resume token (`res`) for a new leg
 //! ```
+//!
+//! Durable sessions: a paired session whose legs the data plane lost is `detached` (it keeps
+//! it for the resume window); both sides ask for resume tokens and dial new legs. With a resume
+//! window, a relay restart keeps its paired sessions too: they come back `detached` and are
+//! closed as `relay_shutdown` only when the window ends without them being resumed.
 //!
 //! - [`store`]: the persistent record behind the narrow [`store::Store`] trait (SQLite here).
 //! - [`credentials`]: secret generation and hashing.
@@ -54,7 +61,8 @@ pub const CLOSE_DISABLED: u16 = 4010;
 pub const CLOSE_ACCESS_REVOKED: u16 = hatch_proto::close::ACCESS_REVOKED;
 /// Close code when the agent could not start the session (the peer is gone).
 pub const CLOSE_PEER_GONE: u16 = 4005;
-/// Close code sent for a pending session closed by the sweep (its peer never came).
+/// Close code sent for a pending session closed by the sweep (its peer never came), and for a
+/// session recovered at start whose other leg did not come back within the resume window.
 pub const CLOSE_PAIR_TIMEOUT: u16 = 4004;
 
 /// How the control plane reaches the data plane. The server implements it over
@@ -112,6 +120,11 @@ pub struct ControlConfig {
     /// another process (an account switched off, a session terminated) and applies them to
     /// live sessions.
     pub reconcile_interval: Duration,
+    /// The data plane's resume window (`--resume-window`); zero: off. With it, a restart keeps
+    /// paired sessions resumable for this long (`detached`), and a shutdown leaves them open.
+    pub resume_window: Duration,
+    /// `session.resume` requests per instance ([`agents::RESUME_RATE`] unless a test sets it).
+    pub agent_resume_rate: sessions::Rate,
 }
 
 impl Default for ControlConfig {
@@ -134,6 +147,8 @@ impl Default for ControlConfig {
             max_api_connections: 4096,
             max_body_bytes: 64 * 1024,
             reconcile_interval: Duration::from_secs(2),
+            resume_window: Duration::from_secs(600),
+            agent_resume_rate: agents::RESUME_RATE,
         }
     }
 }
@@ -156,6 +171,8 @@ pub(crate) struct Shared {
     agents: agents::Hub,
     live: sessions::LiveSessions,
     start_rate: sessions::StartRate,
+    /// `session.resume` requests per instance (`cfg.agent_resume_rate`).
+    resume_rate: sessions::StartRate,
     metrics: metrics::Metrics,
     shutdown: CancellationToken,
 }
@@ -176,17 +193,43 @@ fn unix_of(t: SystemTime) -> i64 {
 }
 
 impl ControlPlane {
-    /// Builds the control plane. Sessions a previous run left open are closed as
-    /// `relay_shutdown` (their legs died with that process).
+    /// Builds the control plane. Sessions a previous run left open lost their legs with that
+    /// process: without a resume window they are closed as `relay_shutdown`; with one, those
+    /// that never paired are, and the paired ones become `detached` until the window ends
+    /// (closed as `relay_shutdown` then, unless both sides resumed them).
     pub fn new(
         cfg: ControlConfig,
         store: Arc<dyn Store>,
         signer: TokenSigner,
         data: Arc<dyn DataLink>,
     ) -> anyhow::Result<Self> {
-        let n = store.close_all_open(CloseReason::RelayShutdown.as_str(), unix_now())?;
-        if n > 0 {
-            info!(sessions = n, "closed sessions left open by a previous run");
+        let live = sessions::LiveSessions::default();
+        let reason = CloseReason::RelayShutdown.as_str();
+        if cfg.resume_window.is_zero() {
+            let n = store.close_all_open(reason, unix_now())?;
+            if n > 0 {
+                info!(sessions = n, "closed sessions left open by a previous run");
+            }
+        } else {
+            let (closed, recovered) = store.recover_open(reason, unix_now())?;
+            let deadline = Instant::now() + cfg.resume_window;
+            for r in &recovered {
+                let who = sessions::Admission {
+                    account: &r.account_id,
+                    instance: &r.instance_id,
+                    principal: &r.principal,
+                };
+                live.recover(&r.id, who, deadline);
+            }
+            if closed > 0 || !recovered.is_empty() {
+                info!(
+                    closed,
+                    resumable = recovered.len(),
+                    window_s = cfg.resume_window.as_secs(),
+                    "sessions left open by a previous run: pending ones closed, paired ones \
+                     detached for the resume window"
+                );
+            }
         }
         Ok(ControlPlane {
             shared: Arc::new(Shared {
@@ -195,8 +238,9 @@ impl ControlPlane {
                 signer,
                 data,
                 agents: agents::Hub::default(),
-                live: sessions::LiveSessions::default(),
+                live,
                 start_rate: sessions::StartRate::default(),
+                resume_rate: sessions::StartRate::default(),
                 metrics: metrics::Metrics::default(),
                 shutdown: CancellationToken::new(),
             }),
@@ -281,20 +325,26 @@ impl ControlPlane {
     }
 
     /// Stops the agent channels and background tasks, and records every session still open
-    /// as `relay_shutdown`. Call after the data plane has shut down and its events were
-    /// consumed.
+    /// as `relay_shutdown`; with a resume window, only those that never paired (the paired ones
+    /// stay open in the store, for the next start to keep resumable). Call after the data
+    /// plane has shut down and its events were consumed.
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
         let s = self.shared.clone();
         let now = unix_now();
+        let keep = !s.cfg.resume_window.is_zero();
         let ids = s.live.all();
         for id in &ids {
+            if keep && s.live.state(id) != Some(sessions::LiveState::Pending) {
+                continue;
+            }
             s.live.remove(id);
             s.metrics.session_closed(CloseReason::RelayShutdown.as_str());
         }
         let store = s.store.clone();
         let res = tokio::task::spawn_blocking(move || {
-            store.close_all_open(CloseReason::RelayShutdown.as_str(), now)
+            let reason = CloseReason::RelayShutdown.as_str();
+            if keep { store.close_pending(reason, now) } else { store.close_all_open(reason, now) }
         })
         .await;
         match res {
@@ -361,16 +411,61 @@ impl Shared {
     }
 
     async fn on_event(&self, ev: DataEvent) {
+        use sessions::LiveState;
         match ev {
-            // TODO(issue 14): state `detached` in the next step.
-            DataEvent::Detached { .. } | DataEvent::Resumed { .. } => {}
-            DataEvent::Connected { session_id, at } => {
-                if self.live.connected(&session_id) {
+            DataEvent::Detached { session_id, at } => {
+                if self.live.set_state(&session_id, LiveState::Detached).is_some() {
+                    debug!(session = %session_id, "session detached");
                     let at = unix_of(at);
                     let sid = session_id.clone();
-                    if let Err(e) = self.blocking(move |s| s.mark_connected(&sid, at)).await {
-                        warn!(session = %session_id, err = %e, "recording connect failed");
+                    if let Err(e) = self.blocking(move |s| s.mark_detached(&sid, at)).await {
+                        warn!(session = %session_id, err = %e, "recording detach failed");
                     }
+                }
+            }
+            DataEvent::Resumed { session_id, .. } => {
+                if self.live.set_state(&session_id, LiveState::Connected).is_some() {
+                    debug!(session = %session_id, "session resumed");
+                    self.record_resumed(&session_id).await;
+                }
+            }
+            DataEvent::Connected { session_id, at } => {
+                match self.live.set_state(&session_id, LiveState::Connected) {
+                    Some(LiveState::Pending) => {
+                        let at = unix_of(at);
+                        let sid = session_id.clone();
+                        if let Err(e) = self.blocking(move |s| s.mark_connected(&sid, at)).await {
+                            warn!(session = %session_id, err = %e, "recording connect failed");
+                        }
+                    }
+                    // A session recovered at start: this data plane never saw it, so the
+                    // pairing of its two resumed legs is a first one here.
+                    Some(LiveState::Detached) => self.record_resumed(&session_id).await,
+                    Some(LiveState::Connected) | None => {}
+                }
+            }
+            DataEvent::Ended(end)
+                if end.reason == CloseReason::RelayShutdown
+                    && !self.cfg.resume_window.is_zero()
+                    && self
+                        .live
+                        .state(&end.session_id)
+                        .is_some_and(|s| s != LiveState::Pending) =>
+            {
+                // The data plane shutting down: with a resume window the session outlives this
+                // process. Its counts are kept and its record left open (`detached`), for the
+                // next start to keep resumable.
+                debug!(session = %end.session_id, "session kept open across the relay shutdown");
+                self.live.remove(&end.session_id);
+                let mut rows = vec![(
+                    end.session_id.clone(),
+                    end.bytes_client_to_agent,
+                    end.bytes_agent_to_client,
+                )];
+                self.record_progress(&mut rows).await;
+                let (sid, at) = (end.session_id.clone(), unix_now());
+                if let Err(e) = self.blocking(move |s| s.mark_detached(&sid, at)).await {
+                    warn!(session = %end.session_id, err = %e, "recording detach failed");
                 }
             }
             DataEvent::Ended(end) => {
@@ -390,8 +485,30 @@ impl Shared {
         }
     }
 
+    /// Records a detached session connected again.
+    async fn record_resumed(&self, id: &str) {
+        let sid = id.to_owned();
+        if let Err(e) = self.blocking(move |s| s.mark_resumed(&sid)).await {
+            warn!(session = %id, err = %e, "recording resume failed");
+        }
+    }
+
     async fn sweep(&self) {
-        for id in self.live.overdue(Instant::now()) {
+        let now = Instant::now();
+        for id in self.live.recovered_overdue(now) {
+            info!(session = %id, window_s = self.cfg.resume_window.as_secs(),
+                "session kept across a relay restart not resumed within the window; closing");
+            // As for the pending sweep: the record first, then a leg that came back alone.
+            let closed = self.close(&id, CloseReason::RelayShutdown, 0, 0).await;
+            self.data.command(DataCommand::Terminate {
+                session_id: id.clone(),
+                code: CLOSE_PAIR_TIMEOUT,
+            });
+            if closed {
+                self.tell_agent_close(&id, None, "not resumed within the resume window").await;
+            }
+        }
+        for id in self.live.overdue(now) {
             info!(session = %id, "legs not paired before the pending timeout; closing");
             // Recorded before the data plane is told: its own end of a leg that was waiting
             // (`terminated`) then finds the record closed and leaves the reason alone.
@@ -629,6 +746,78 @@ impl Shared {
         self.data
             .command(DataCommand::Terminate { session_id: id.to_owned(), code: CLOSE_PEER_GONE });
         self.close(id, agents::AGENT_FAILED, 0, 0).await;
+    }
+
+    /// An agent's `session.resume`: a resume token for a new agent leg of one of its instance's
+    /// paired, open sessions (`connected` or `detached`), or a `session.close` saying why not.
+    /// Another instance's session is answered as an unknown one and never gets a token. `None`
+    /// (no answer; the agent asks again) when the store cannot be read or the channel is gone.
+    async fn agent_resume(&self, instance: &str, id: &str) -> Option<ToAgent> {
+        let (sid, inst) = (id.to_owned(), instance.to_owned());
+        let res = self
+            .blocking(move |s| {
+                let Some(rec) = s.session(None, &sid)? else { return Ok(None) };
+                if rec.instance_id != inst {
+                    return Ok(None);
+                }
+                let enabled =
+                    s.account(&rec.account_id)?.is_some_and(|a| a.session_manager_enabled);
+                Ok(Some((rec, enabled)))
+            })
+            .await;
+        let why = match res {
+            Err(e) => {
+                warn!(instance = %instance, session = %hatch_proto::logtext::peer(id, 40),
+                    err = %e, "reading a session an agent asks to resume failed");
+                return None;
+            }
+            Ok(None) => "no such session on this instance",
+            Ok(Some((_, false))) => "session manager disabled",
+            Ok(Some((rec, true))) => match rec.state.as_str() {
+                "connected" | "detached" => {
+                    return self.agent_resume_token(instance, &rec).await;
+                }
+                "pending" => "session never paired: nothing to resume",
+                _ => "session closed",
+            },
+        };
+        info!(instance = %instance, session = %hatch_proto::logtext::peer(id, 40), reason = why,
+            "agent's session resume refused");
+        Some(ToAgent::SessionClose { session_id: id.to_owned(), reason: why.to_owned() })
+    }
+
+    async fn agent_resume_token(
+        &self,
+        instance: &str,
+        rec: &store::SessionRecord,
+    ) -> Option<ToAgent> {
+        // The agent's own host for the data plane, as for session.open: never a client's.
+        let base = self.agents.data_base(instance)?;
+        let now = u64::try_from(unix_now()).unwrap_or(0);
+        let issued = self.signer.issue_with(
+            &rec.id,
+            hatch_proto::token::Role::Agent,
+            &rec.instance_id,
+            &rec.account_id,
+            now,
+            true,
+        );
+        match issued {
+            Ok((token, _)) => {
+                self.metrics.resume_token(false);
+                info!(instance = %instance, session = %rec.id, state = %rec.state,
+                    "agent resume token issued");
+                Some(ToAgent::SessionResume {
+                    session_id: rec.id.clone(),
+                    stream_url: format!("{base}/v1/stream/{}?role=agent", rec.id),
+                    token,
+                })
+            }
+            Err(e) => {
+                warn!(session = %rec.id, err = %e, "issuing an agent resume token failed");
+                None
+            }
+        }
     }
 
     /// An agent's counts of a session whose data leg died without a close from the relay

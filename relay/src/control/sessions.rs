@@ -1,21 +1,23 @@
 //! Live sessions in memory: which sessions are open, on which instance and account and for which
 //! principal, so that limits, the account switch and the pending sweep need no store query. The
-//! store remains the record; this map is rebuilt empty at start (every session left open by a
-//! previous run is closed as `relay_shutdown`, since the data plane's legs died with that
-//! process).
+//! store remains the record. At start this map holds only what a previous run left resumable:
+//! with a resume window, its paired sessions come back as `detached`
+//! ([`LiveSessions::recover`]) with a deadline, kept in deadline order, after which those no
+//! leg came back for are closed; without one, everything a previous run left open was closed
+//! as `relay_shutdown` and the map starts empty.
 //!
 //! Also the admission rules of new sessions that are not about policy: [`Limits`] on open
 //! sessions per instance, account and principal ([`LiveSessions::admit`]), and the rate of
 //! session starts per access key ([`StartRate`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Admission limits of new sessions.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Open (pending or connected) sessions per instance.
+    /// Open (pending, connected or detached) sessions per instance.
     pub per_instance: usize,
     /// Open sessions per account.
     pub per_account: usize,
@@ -70,13 +72,27 @@ pub struct Admission<'a> {
     pub principal: &'a str,
 }
 
+/// Where an open session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveState {
+    /// Token issued, its legs not both paired yet.
+    Pending,
+    /// Both legs paired.
+    Connected,
+    /// Paired before, its legs lost: waiting for new ones within the resume window.
+    Detached,
+}
+
 #[derive(Debug, Clone)]
 struct Live {
     account: String,
     instance: String,
     /// Key of `per_user`: account and principal (principals are unique only in an account).
     user: String,
-    connected: bool,
+    state: LiveState,
+    /// For a session recovered at start: when it is closed unless a leg pair came back (its
+    /// key in [`Inner::recovered`]).
+    recovered_deadline: Option<Instant>,
     /// When a session still pending with no report from the data plane is closed as
     /// `pair_timeout`: token expiry plus the data plane's pair timeout, after which no leg can
     /// be waiting any more.
@@ -89,6 +105,8 @@ struct Inner {
     per_instance: HashMap<String, usize>,
     per_account: HashMap<String, usize>,
     per_user: HashMap<String, usize>,
+    /// Sessions recovered at start, by deadline: the sweep looks at the front only.
+    recovered: BTreeSet<(Instant, String)>,
 }
 
 /// The open sessions of this relay.
@@ -102,8 +120,8 @@ pub struct LiveSessions {
 pub struct Removed {
     /// Its instance.
     pub instance: String,
-    /// Whether both legs had paired.
-    pub connected: bool,
+    /// Its state when removed.
+    pub state: LiveState,
 }
 
 impl LiveSessions {
@@ -142,22 +160,58 @@ impl LiveSessions {
                 account: who.account.to_owned(),
                 instance: who.instance.to_owned(),
                 user,
-                connected: false,
+                state: LiveState::Pending,
+                recovered_deadline: None,
                 pending_deadline,
             },
         );
         Ok(())
     }
 
-    /// Marks a session connected; false when it is not open.
-    pub fn connected(&self, id: &str) -> bool {
-        match self.lock().by_id.get_mut(id) {
-            Some(l) => {
-                l.connected = true;
-                true
-            }
-            None => false,
+    /// Takes back a session a previous run left paired, as `detached` until `deadline`, under
+    /// no limit (it held its slot before the restart). A session already open is left alone.
+    pub fn recover(&self, id: &str, who: Admission<'_>, deadline: Instant) {
+        let mut g = self.lock();
+        if g.by_id.contains_key(id) {
+            return;
         }
+        let user = format!("{}/{}", who.account, who.principal);
+        *g.per_instance.entry(who.instance.to_owned()).or_default() += 1;
+        *g.per_account.entry(who.account.to_owned()).or_default() += 1;
+        *g.per_user.entry(user.clone()).or_default() += 1;
+        g.recovered.insert((deadline, id.to_owned()));
+        g.by_id.insert(
+            id.to_owned(),
+            Live {
+                account: who.account.to_owned(),
+                instance: who.instance.to_owned(),
+                user,
+                state: LiveState::Detached,
+                recovered_deadline: Some(deadline),
+                pending_deadline: deadline,
+            },
+        );
+    }
+
+    /// Sets an open session's state; returns the state before (`None` when it is not open).
+    /// Connected again, a recovered session is the data plane's from then on: its deadline
+    /// here is dropped.
+    pub fn set_state(&self, id: &str, state: LiveState) -> Option<LiveState> {
+        let mut g = self.lock();
+        let l = g.by_id.get_mut(id)?;
+        let before = l.state;
+        l.state = state;
+        let dropped =
+            if state == LiveState::Connected { l.recovered_deadline.take() } else { None };
+        if let Some(d) = dropped {
+            g.recovered.remove(&(d, id.to_owned()));
+        }
+        Some(before)
+    }
+
+    /// An open session's state.
+    pub fn state(&self, id: &str) -> Option<LiveState> {
+        self.lock().by_id.get(id).map(|l| l.state)
     }
 
     /// Removes a session; `None` when it was not open.
@@ -167,7 +221,26 @@ impl LiveSessions {
         dec(&mut g.per_instance, &live.instance);
         dec(&mut g.per_account, &live.account);
         dec(&mut g.per_user, &live.user);
-        Some(Removed { instance: live.instance, connected: live.connected })
+        if let Some(d) = live.recovered_deadline {
+            g.recovered.remove(&(d, id.to_owned()));
+        }
+        Some(Removed { instance: live.instance, state: live.state })
+    }
+
+    /// Recovered sessions whose deadline passed at `now`, no leg pair having come back for
+    /// them: only the front of the deadline order is read.
+    pub fn recovered_overdue(&self, now: Instant) -> Vec<String> {
+        self.lock()
+            .recovered
+            .iter()
+            .take_while(|(d, _)| *d <= now)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Recovered sessions still waiting.
+    pub fn recovered_waiting(&self) -> usize {
+        self.lock().recovered.len()
     }
 
     /// Whether a session is open.
@@ -200,15 +273,16 @@ impl LiveSessions {
         self.lock()
             .by_id
             .iter()
-            .filter(|(_, l)| !l.connected && now >= l.pending_deadline)
+            .filter(|(_, l)| l.state == LiveState::Pending && now >= l.pending_deadline)
             .map(|(k, _)| k.clone())
             .collect()
     }
 
-    /// `(open, pending)` counts.
-    pub fn counts(&self) -> (usize, usize) {
+    /// `(open, pending, detached)` counts.
+    pub fn counts(&self) -> (usize, usize, usize) {
         let g = self.lock();
-        (g.by_id.len(), g.by_id.values().filter(|l| !l.connected).count())
+        let count = |s: LiveState| g.by_id.values().filter(|l| l.state == s).count();
+        (g.by_id.len(), count(LiveState::Pending), count(LiveState::Detached))
     }
 }
 
@@ -297,14 +371,15 @@ mod tests {
         live.admit("s3", who("a", "i2", "owner"), lim, t).unwrap();
         assert_eq!(live.admit("s4", who("a", "i3", "owner"), lim, t), Err(LimitHit::Account(3)));
         live.admit("s4", who("b", "i3", "owner"), lim, t).unwrap();
-        assert!(live.connected("s1"));
+        assert_eq!(live.set_state("s1", LiveState::Connected), Some(LiveState::Pending));
         let mut overdue = live.overdue(t);
         overdue.sort();
         assert_eq!(overdue, ["s2", "s3", "s4"]);
-        assert_eq!(live.remove("s1"), Some(Removed { instance: "i1".into(), connected: true }));
+        let removed = Removed { instance: "i1".into(), state: LiveState::Connected };
+        assert_eq!(live.remove("s1"), Some(removed));
         assert_eq!(live.remove("s1"), None);
         live.admit("s5", who("a", "i1", "owner"), lim, t).unwrap();
-        assert_eq!(live.counts(), (4, 4));
+        assert_eq!(live.counts(), (4, 4, 0));
         assert_eq!(live.of_account("b"), vec!["s4".to_owned()]);
     }
 
@@ -317,7 +392,7 @@ mod tests {
         let t = Instant::now();
         live.admit("s1", who("a", "i1", "u-1"), lim, t).unwrap();
         live.admit("s2", who("a", "i2", "u-1"), lim, t).unwrap();
-        assert!(live.connected("s2"));
+        assert!(live.set_state("s2", LiveState::Connected).is_some());
         assert_eq!(live.admit("s3", who("a", "i3", "u-1"), lim, t), Err(LimitHit::User(2)));
         live.admit("s3", who("a", "i1", "u-2"), lim, t).unwrap();
         live.admit("s4", who("a", "i1", "owner"), lim, t).unwrap();
@@ -326,7 +401,37 @@ mod tests {
         live.admit("s6", who("a", "i3", "u-1"), lim, t).unwrap();
         assert_eq!(live.admit("s7", who("a", "i3", "u-1"), lim, t), Err(LimitHit::User(2)));
         // The refused admissions left no trace in the other counts.
-        assert_eq!(live.counts(), (5, 4));
+        assert_eq!(live.counts(), (5, 4, 0));
+    }
+
+    /// Sessions recovered at start count under the limits (without being refused by them),
+    /// are not pending, and come due in deadline order; one connected again or removed is no
+    /// longer due.
+    #[test]
+    fn recovered_sessions_count_and_come_due_in_order() {
+        let live = LiveSessions::default();
+        let lim = lim(2, 100, 100);
+        let t = Instant::now();
+        let (d1, d2) = (t + Duration::from_secs(1), t + Duration::from_secs(2));
+        live.recover("r2", who("a", "i1", "u-1"), d2);
+        live.recover("r1", who("a", "i1", "u-1"), d1);
+        live.recover("r3", who("a", "i1", "u-1"), d2);
+        // Already open: left as it is.
+        live.recover("r3", who("a", "i1", "u-1"), d1);
+        assert_eq!(live.counts(), (3, 0, 3));
+        assert_eq!(live.admit("s1", who("a", "i1", "u-1"), lim, t), Err(LimitHit::Instance(2)));
+        assert!(live.overdue(t + Duration::from_secs(9)).is_empty());
+        assert!(live.recovered_overdue(t).is_empty());
+        assert_eq!(live.recovered_overdue(d1), ["r1"]);
+        assert_eq!(live.recovered_overdue(d2), ["r1", "r2", "r3"]);
+        assert_eq!(live.set_state("r2", LiveState::Connected), Some(LiveState::Detached));
+        live.remove("r1");
+        assert_eq!(live.recovered_overdue(d2), ["r3"]);
+        assert_eq!(live.recovered_waiting(), 1);
+        // Detached again later (by the data plane): the deadline is not taken back.
+        live.set_state("r2", LiveState::Detached);
+        assert_eq!(live.recovered_overdue(d2), ["r3"]);
+        assert_eq!(live.counts(), (2, 0, 2));
     }
 
     #[test]

@@ -141,7 +141,8 @@ pub struct SessionRecord {
     pub command: Option<Vec<String>>,
     /// Run-as user, if asked for.
     pub run_as: Option<String>,
-    /// `pending`, `connected` or `closed`.
+    /// `pending`, `connected`, `detached` (paired before, its legs lost, waiting within the
+    /// resume window for new ones) or `closed`.
     pub state: String,
     /// Seconds since the Unix epoch.
     pub created_at: i64,
@@ -157,6 +158,9 @@ pub struct SessionRecord {
     pub bytes_client_to_agent: u64,
     /// Payload bytes agent → client.
     pub bytes_agent_to_client: u64,
+    /// When it last became `detached` (kept once it is connected again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_at: Option<i64>,
 }
 
 /// Which sessions to list.
@@ -164,7 +168,7 @@ pub struct SessionRecord {
 pub enum StateFilter {
     /// Every state.
     All,
-    /// `pending` or `connected`.
+    /// `pending`, `connected` or `detached`.
     Active,
     /// `closed`.
     Closed,
@@ -287,6 +291,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> anyhow::Result<Vec<SessionRecord>>;
     /// `pending` → `connected`; false when it was not pending.
     fn mark_connected(&self, id: &str, at: i64) -> anyhow::Result<bool>;
+    /// `connected` → `detached` at `at`; false when it was not connected.
+    fn mark_detached(&self, id: &str, at: i64) -> anyhow::Result<bool>;
+    /// `detached` → `connected`; false when it was not detached.
+    fn mark_resumed(&self, id: &str) -> anyhow::Result<bool>;
+    /// Relay start with a resume window: in one transaction, closes the `pending` sessions as
+    /// `reason` (never paired: nothing to resume) and makes every `connected` or `detached`
+    /// one `detached` at `at`; returns how many were closed, and the detached records.
+    fn recover_open(&self, reason: &str, at: i64) -> anyhow::Result<(usize, Vec<SessionRecord>)>;
+    /// Closes the `pending` sessions only (relay shutdown with a resume window); returns how
+    /// many.
+    fn close_pending(&self, reason: &str, at: i64) -> anyhow::Result<usize>;
     /// Closes a session unless already closed; false when it was (then only larger byte
     /// counts are recorded).
     fn close_session(
@@ -423,6 +438,10 @@ CREATE INDEX sessions_closed_at ON sessions (closed_at) WHERE closed_at IS NOT N
     r#"
 ALTER TABLE users ADD COLUMN disabled_at INTEGER;
 ALTER TABLE accounts ADD COLUMN iam_generation INTEGER NOT NULL DEFAULT 0;
+"#,
+    // Durable sessions: state `detached` (a `state` value, no schema change) and when.
+    r#"
+ALTER TABLE sessions ADD COLUMN detached_at INTEGER;
 "#,
 ];
 
@@ -643,7 +662,7 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
 
 const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip, instance_id, \
      mode, command, run_as, state, created_at, expires_at, connected_at, closed_at, \
-     close_reason, bytes_client_to_agent, bytes_agent_to_client";
+     close_reason, bytes_client_to_agent, bytes_agent_to_client, detached_at";
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     let command = r.get::<_, Option<String>>(7)?.map(|c| from_json(7, &c)).transpose()?;
@@ -667,6 +686,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         close_reason: r.get(14)?,
         bytes_client_to_agent: u64::try_from(c2a).unwrap_or(0),
         bytes_agent_to_client: u64::try_from(a2c).unwrap_or(0),
+        detached_at: r.get(17)?,
     })
 }
 
@@ -1046,7 +1066,7 @@ impl Store for SqliteStore {
         self.cached(
             &format!(
                 "INSERT INTO sessions ({SESSION_COLS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
-                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
                  (SELECT COALESCE(MAX(seq), 0) + 1 FROM sessions))"
             ),
             params![
@@ -1066,7 +1086,8 @@ impl Store for SqliteStore {
                 s.closed_at,
                 s.close_reason,
                 to_i64(s.bytes_client_to_agent),
-                to_i64(s.bytes_agent_to_client)
+                to_i64(s.bytes_agent_to_client),
+                s.detached_at
             ],
         )?;
         Ok(())
@@ -1115,6 +1136,55 @@ impl Store for SqliteStore {
         Ok(n == 1)
     }
 
+    fn mark_detached(&self, id: &str, at: i64) -> anyhow::Result<bool> {
+        let n = self.cached(
+            "UPDATE sessions SET state = 'detached', detached_at = ?2 \
+             WHERE id = ?1 AND state = 'connected'",
+            params![id, at],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn mark_resumed(&self, id: &str) -> anyhow::Result<bool> {
+        let n = self.cached(
+            "UPDATE sessions SET state = 'connected' WHERE id = ?1 AND state = 'detached'",
+            params![id],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn recover_open(&self, reason: &str, at: i64) -> anyhow::Result<(usize, Vec<SessionRecord>)> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let closed = tx.execute(
+            "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
+             WHERE state = 'pending'",
+            params![reason, at],
+        )?;
+        tx.execute(
+            "UPDATE sessions SET state = 'detached', detached_at = ?1 \
+             WHERE state IN ('connected', 'detached')",
+            params![at],
+        )?;
+        let recs = {
+            let mut st = tx.prepare(&format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE state = 'detached' ORDER BY seq"
+            ))?;
+            st.query_map([], session_row)?.collect::<Result<Vec<_>, _>>()?
+        };
+        tx.commit()?;
+        Ok((closed, recs))
+    }
+
+    fn close_pending(&self, reason: &str, at: i64) -> anyhow::Result<usize> {
+        let n = self.lock().execute(
+            "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
+             WHERE state = 'pending'",
+            params![reason, at],
+        )?;
+        Ok(n)
+    }
+
     fn close_session(
         &self,
         id: &str,
@@ -1125,8 +1195,11 @@ impl Store for SqliteStore {
     ) -> anyhow::Result<bool> {
         let conn = self.lock();
         let n = conn.execute(
+            // Counts only grow: a close that brings none (terminate, a sweep) keeps those a
+            // progress report recorded.
             "UPDATE sessions SET state = 'closed', close_reason = ?2, closed_at = ?3, \
-             bytes_client_to_agent = ?4, bytes_agent_to_client = ?5 \
+             bytes_client_to_agent = MAX(bytes_client_to_agent, ?4), \
+             bytes_agent_to_client = MAX(bytes_agent_to_client, ?5) \
              WHERE id = ?1 AND state != 'closed'",
             params![id, reason, at, to_i64(c2a), to_i64(a2c)],
         )?;
@@ -1285,13 +1358,73 @@ mod tests {
         assert_eq!(page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s-2", "s-1"]);
         assert!(s.mark_connected("s-1", 5).unwrap());
         assert!(!s.mark_connected("s-1", 5).unwrap());
+        // A close that brings lower counts than a progress report keeps the higher ones.
+        s.record_progress(&[("s-1".into(), 3, 9)]).unwrap();
         assert!(s.close_session("s-1", "exit", 3, 4, 6).unwrap());
+        assert_eq!(s.session(None, "s-1").unwrap().unwrap().bytes_agent_to_client, 9);
         assert!(!s.close_session("s-1", "error", 0, 0, 7).unwrap());
         let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
         assert_eq!((got.close_reason.as_deref(), got.bytes_client_to_agent), (Some("exit"), 3));
         assert_eq!(s.sessions(None, StateFilter::Closed, 10, None).unwrap().len(), 1);
         assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 4);
         assert_eq!(s.close_all_open("relay_shutdown", 9).unwrap(), 4);
+    }
+
+    /// A store written by the relay before durable sessions (four migrations) opens, gains
+    /// `detached_at`, and keeps its sessions; a session then goes connected → detached →
+    /// connected, and a start with a resume window closes only what never paired.
+    #[test]
+    fn detached_state_migrates_an_old_store_and_recovers_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hatch.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..4] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.execute_batch(
+                "PRAGMA user_version = 4; \
+                 INSERT INTO accounts (id, name, created_at) VALUES ('acct-1', 'a', 1); \
+                 INSERT INTO sessions (id, account_id, principal, access_key_id, source_ip, \
+                 instance_id, mode, state, created_at, expires_at, connected_at, seq) VALUES \
+                 ('s-old', 'acct-1', 'owner', 'ak', '127.0.0.1', 'i-1', 'shell', 'connected', \
+                 1, 601, 2, 1);",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let old = s.session(None, "s-old").unwrap().unwrap();
+        assert_eq!((old.state.as_str(), old.detached_at), ("connected", None));
+
+        assert!(s.mark_detached("s-old", 10).unwrap());
+        assert!(!s.mark_detached("s-old", 11).unwrap());
+        let got = s.session(None, "s-old").unwrap().unwrap();
+        assert_eq!((got.state.as_str(), got.detached_at), ("detached", Some(10)));
+        // Detached is open: listed as active, not as closed.
+        assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 1);
+        assert!(s.mark_resumed("s-old").unwrap());
+        assert!(!s.mark_resumed("s-old").unwrap());
+        assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, "connected");
+
+        s.insert_session(&pending("s-pend", 3)).unwrap();
+        s.insert_session(&pending("s-det", 4)).unwrap();
+        assert!(s.mark_connected("s-det", 5).unwrap());
+        assert!(s.mark_detached("s-det", 6).unwrap());
+        s.insert_session(&pending("s-done", 4)).unwrap();
+        assert!(s.close_session("s-done", "exit", 1, 1, 7).unwrap());
+        let (closed, recs) = s.recover_open("relay_shutdown", 20).unwrap();
+        assert_eq!(closed, 1);
+        let ids: Vec<(&str, Option<i64>)> =
+            recs.iter().map(|r| (r.id.as_str(), r.detached_at)).collect();
+        assert_eq!(ids, [("s-old", Some(20)), ("s-det", Some(20))]);
+        let pend = s.session(None, "s-pend").unwrap().unwrap();
+        assert_eq!(pend.close_reason.as_deref(), Some("relay_shutdown"));
+        let done = s.session(None, "s-done").unwrap().unwrap();
+        assert_eq!(done.close_reason.as_deref(), Some("exit"));
+
+        s.insert_session(&pending("s-pend2", 8)).unwrap();
+        assert_eq!(s.close_pending("relay_shutdown", 21).unwrap(), 1);
+        assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, "detached");
     }
 
     fn pending(id: &str, created_at: i64) -> SessionRecord {
@@ -1313,6 +1446,7 @@ mod tests {
             close_reason: None,
             bytes_client_to_agent: 0,
             bytes_agent_to_client: 0,
+            detached_at: None,
         }
     }
 
@@ -1406,6 +1540,7 @@ mod tests {
         other.id = "s-2".into();
         other.state = "pending".into();
         other.close_reason = None;
+        (other.bytes_client_to_agent, other.bytes_agent_to_client) = (0, 0);
         s.insert_session(&other).unwrap();
         assert!(!s.record_lost_counts("s-2", "i-1", "relay_shutdown", 50, 50).unwrap());
         assert!(s.close_session("s-2", "client_closed", 1, 2, 10).unwrap());

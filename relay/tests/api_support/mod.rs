@@ -191,7 +191,7 @@ pub async fn request_with_host(
     Resp { status, text: String::from_utf8_lossy(&bytes).into_owned(), request_id, retry_after }
 }
 
-type Ws =
+pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A test agent speaking the real control channel over WSS.
