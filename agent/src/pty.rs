@@ -65,6 +65,23 @@ impl Pty {
         }
     }
 
+    /// Writes some of `buf` (at least one byte unless it is empty), waiting while the PTY's
+    /// input queue is full; how much.
+    pub async fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let mut guard = self.master.writable().await?;
+            match guard.try_io(|m| nix::unistd::write(m.get_ref(), buf).map_err(io::Error::from)) {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
     /// Writes all of `buf`, waiting while the PTY's input queue is full (this wait is the
     /// backpressure towards the client: the data leg is not read meanwhile).
     pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {

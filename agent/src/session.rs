@@ -36,7 +36,7 @@ use hatch_proto::channel::{self, Message};
 use hatch_proto::close;
 use hatch_proto::control::{FromAgent, ToAgent};
 use hatch_proto::logtext::peer;
-use hatch_proto::resume::{Deliver, Link, LinkConfig, OffsetError, Replay, Resume};
+use hatch_proto::resume::{Link, LinkConfig, OffsetError, Replay, Resume};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, User};
 use tokio::net::TcpStream;
@@ -956,25 +956,27 @@ impl Output<'_> {
 /// Where input is written to.
 enum Input<'a> {
     Pty(&'a Pty),
-    Pipe(Option<tokio::net::unix::pipe::Sender>),
+    /// The command's stdin, `None` once closed; borrowed, so that it outlives a lost leg.
+    Pipe(&'a mut Option<tokio::net::unix::pipe::Sender>),
 }
 
 impl Input<'_> {
-    async fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+    /// Writes some of `buf` (all of it once the input is closed: it goes nowhere); how much.
+    async fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Input::Pty(p) => p.write_all(buf).await,
-            Input::Pipe(None) => Ok(()),
-            Input::Pipe(Some(w)) => {
-                while !buf.is_empty() {
-                    w.writable().await?;
-                    match w.try_write(buf) {
-                        Ok(n) => buf = &buf[n..],
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
+            Input::Pty(p) => p.write(buf).await,
+            Input::Pipe(None) => Ok(buf.len()),
+            Input::Pipe(Some(w)) => loop {
+                if buf.is_empty() {
+                    return Ok(0);
                 }
-                Ok(())
-            }
+                w.writable().await?;
+                match w.try_write(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            },
         }
     }
 
@@ -983,7 +985,7 @@ impl Input<'_> {
         match self {
             Input::Pty(p) => p.write_all(&[p.eof_char()]).await,
             Input::Pipe(w) => {
-                *w = None;
+                **w = None;
                 Ok(())
             }
         }
@@ -1013,7 +1015,7 @@ async fn pump(
             let p: &Pty = p;
             (Output::Pty(p), Input::Pty(p))
         }
-        Io::Pipes { input, output } => (Output::Pipe(output), Input::Pipe(input.take())),
+        Io::Pipes { input, output } => (Output::Pipe(output), Input::Pipe(input)),
     };
     let mut progress_at_arm = 0;
     let mut exited_at = Instant::now();
@@ -1113,21 +1115,27 @@ async fn pump_out(
                     // Whatever was received rides along with the output.
                     link.rx.take_ack()
                 };
+                // An answer to a RESUME queued meanwhile goes first: the output just read
+                // follows what it sends again, and the answer's `from` must be where the
+                // DATA after it starts.
+                let msgs = flow.take_answers().into_iter().chain([buf[..1 + n].to_vec()]);
                 flow.set_sending(true);
-                let sent = send_all(sink, [buf[..1 + n].to_vec()].into_iter().chain(ack_msg(ack)), counts).await;
+                let sent = send_all(sink, msgs.chain(ack_msg(ack)), counts).await;
                 flow.set_sending(false);
                 sent?;
             }
             () = flow.wake.notified() => {
+                let answers = flow.take_answers();
                 let ack = flow.link().rx.poll_ack(Instant::now().into_std());
-                if ack.is_some() {
-                    send_all(sink, ack_msg(ack), counts).await?;
+                if !answers.is_empty() || ack.is_some() {
+                    send_all(sink, answers.into_iter().chain(ack_msg(ack)), counts).await?;
                 }
             }
             () = sleep_until_some(ack_at) => {
+                let answers = flow.take_answers();
                 let ack = flow.link().rx.poll_ack(Instant::now().into_std());
-                if ack.is_some() {
-                    send_all(sink, ack_msg(ack), counts).await?;
+                if !answers.is_empty() || ack.is_some() {
+                    send_all(sink, answers.into_iter().chain(ack_msg(ack)), counts).await?;
                 }
             }
             _ = ping.tick() => {
@@ -1209,19 +1217,31 @@ async fn pump_in(
                     }
                 }
                 Ok(Message::Data(d)) => {
-                    let deliver = flow.link().on_data(now, d.len());
-                    flow.wake.notify_one();
-                    match deliver {
-                        Deliver::From(i) if pty_open && i < d.len() => {
-                            if let Err(e) = pty.write_all(&d[i..]).await {
-                                // The child has gone and the terminal with it; the exit path
-                                // follows. Input after that is dropped.
-                                debug!(?e, "terminal no longer accepts input");
-                                pty_open = false;
+                    // Counted as it is written, part by part: if the session's leg is lost
+                    // while the command is not reading, what was not written is sent again
+                    // after the resume, and nothing is written twice.
+                    let Some(dup) = flow.link().peek_data(d.len()) else { continue };
+                    flow.link().rx.commit(now, dup, 0);
+                    let mut rest = &d[dup..];
+                    while !rest.is_empty() {
+                        let n = if pty_open {
+                            match pty.write(rest).await {
+                                Ok(n) => n,
+                                Err(e) => {
+                                    // The child has gone and the terminal with it; the exit
+                                    // path follows. Input after that is dropped.
+                                    debug!(?e, "terminal no longer accepts input");
+                                    pty_open = false;
+                                    rest.len()
+                                }
                             }
-                        }
-                        _ => {}
+                        } else {
+                            rest.len()
+                        };
+                        flow.link().rx.commit(Instant::now().into_std(), 0, n);
+                        rest = &rest[n..];
                     }
+                    flow.wake.notify_one();
                 }
                 Ok(Message::Resize { cols, rows }) => {
                     if cols == 0 || rows == 0 {

@@ -120,7 +120,7 @@ async fn a_client_stopped_past_the_dead_leg_time_resumes_with_no_byte_lost() {
     let err_path = home.path().join("hatch.err");
     let mut cmd = hatch(&relay, home.path(), &relay.info.access_key);
     // Without a terminal: pipes, so `cat` echoes exactly what it reads.
-    cmd.args(["exec", "-i", &iid, "--", "cat"])
+    cmd.args(["-v", "exec", "-i", &iid, "--", "cat"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&err_path).unwrap());
@@ -141,8 +141,13 @@ async fn a_client_stopped_past_the_dead_leg_time_resumes_with_no_byte_lost() {
         .await
         .unwrap();
     let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    eprintln!("agent log: {}", _agent.output());
     assert_eq!(st.code(), Some(0), "{err}");
-    assert_eq!(String::from_utf8_lossy(&reader.finish()), "before the stop\nafter the stop\n");
+    assert_eq!(
+        String::from_utf8_lossy(&reader.finish()),
+        "before the stop\nafter the stop\n",
+        "{err}"
+    );
     assert!(err.contains("reconnected"), "{err}");
 }
 

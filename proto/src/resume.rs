@@ -244,6 +244,23 @@ impl Receiver {
         dup as usize
     }
 
+    /// How many of the first `n` bytes about to be delivered arrived before (after a resume),
+    /// without counting anything: for a caller that delivers in parts and counts each part
+    /// once it is delivered ([`Receiver::commit`]), so that a delivery cut short is neither
+    /// lost nor doubled.
+    pub fn dup_prefix(&self, n: usize) -> usize {
+        self.skip.min(n as u64) as usize
+    }
+
+    /// `dup` bytes were dropped as arrived before, and `new` delivered, at `now`.
+    pub fn commit(&mut self, now: Instant, dup: usize, new: usize) {
+        self.skip -= (dup as u64).min(self.skip);
+        if new > 0 {
+            self.received += new as u64;
+            self.since.get_or_insert(now);
+        }
+    }
+
     /// The peer's end arrived at `now`: true when it is new (deliver it), false when it is a
     /// replay of one delivered before.
     pub fn handle_end(&mut self, now: Instant) -> bool {
@@ -408,6 +425,12 @@ impl Link {
         Deliver::From(self.rx.handle_data(now, n))
     }
 
+    /// How many of the first `n` bytes of a DATA body arrived before, counting nothing yet
+    /// ([`Receiver::dup_prefix`]); `None` while this side waits for the peer's RESUME.
+    pub fn peek_data(&self, n: usize) -> Option<usize> {
+        (!self.awaiting).then(|| self.rx.dup_prefix(n))
+    }
+
     /// The peer's end (empty DATA, EXIT) arrived: true to deliver it.
     pub fn on_end(&mut self, now: Instant) -> bool {
         !self.awaiting && self.rx.handle_end(now)
@@ -447,10 +470,9 @@ impl Link {
         self.rx.resume_at(peer.from)?;
         self.awaiting = false;
         if peer.reply {
-            // The answer to this side's RESUME, which carried everything this side holds.
-            if peer.received < self.tx.acked() {
-                return Err(OffsetError::Gap { from: peer.received, held_from: self.tx.acked() });
-            }
+            // The answer to this side's RESUME, which carried everything this side holds. Its
+            // `received` may be below an acknowledgement the peer sent after it (both are
+            // cumulative): that is stale, not a gap.
             return self.tx.handle_ack(peer.received).map(|()| None);
         }
         // The peer replaced its leg: what this side sent meanwhile may be lost, and so may what
