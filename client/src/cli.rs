@@ -30,6 +30,9 @@ pub enum Command {
     Session(SessionArgs),
     /// Run one command on an instance, streaming stdin, stdout and its exit status.
     Exec(ExecArgs),
+    /// Reattach a session whose client went away (a closed terminal, a killed `hatch`), like
+    /// `tmux attach`: the same shell, with the output it still holds.
+    Attach(AttachArgs),
     /// List your sessions, or show one.
     Sessions(SessionsArgs),
     /// Terminate a session (both sides are closed).
@@ -73,6 +76,20 @@ pub struct SessionArgs {
     /// User to run the shell as (checked by policy as hatch:RunAs).
     #[arg(long, short = 'u', value_name = "USER")]
     pub user: Option<String>,
+    /// Flow control of the data stream.
+    #[command(flatten)]
+    pub stream: StreamArgs,
+}
+
+/// `hatch attach`.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Session id, `s-...` (see `hatch sessions --active`).
+    pub session_id: String,
+    /// Take the session over even when another client is attached to it (that client is
+    /// detached with close 4014 and does not reconnect).
+    #[arg(long)]
+    pub force: bool,
     /// Flow control of the data stream.
     #[command(flatten)]
     pub stream: StreamArgs,

@@ -11,7 +11,9 @@ use hatch_proto::api::{Mode, StartSessionRequest, StartSessionResponse, codes};
 use serde_json::Value;
 
 use crate::api::{self, Client};
-use crate::cli::{Cli, Command, ConfigureArgs, SessionsArgs, SessionsCommand, StreamArgs};
+use crate::cli::{
+    AttachArgs, Cli, Command, ConfigureArgs, SessionsArgs, SessionsCommand, StreamArgs,
+};
 use crate::config::{self, Env, Source};
 use crate::errors::{CliError, Subject};
 use crate::output;
@@ -60,6 +62,7 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
             };
             session(&client, req, args.stream).await
         }
+        Command::Attach(args) => attach(&client(profile, env, verbose)?, args).await,
         Command::Sessions(args) => sessions(&client(profile, env, verbose)?, args).await,
         Command::Terminate { session_id } => {
             let client = client(profile, env, verbose)?;
@@ -140,8 +143,42 @@ async fn session(
         window: flow.window.max(stream::MIN_WINDOW),
         ..Default::default()
     };
-    let opts = StreamOptions { instance, interactive: terminal::stdin_is_tty(), link };
-    let resume = stream::Reconnect { client, session_id: started.session_id.clone() };
+    let opts =
+        StreamOptions { instance, interactive: terminal::stdin_is_tty(), link, attach: false };
+    let resume = stream::Reconnect {
+        client,
+        session_id: started.session_id.clone(),
+        window: Duration::from_secs(started.resume_window_s.unwrap_or(0)),
+    };
+    stream::run(ws, &opts, Some(&resume)).await
+}
+
+/// `hatch attach`: a resume token for the caller's own session (refused while another client
+/// is attached, unless `--force`), then the stream as a client with no state of its own.
+async fn attach(client: &Client, args: AttachArgs) -> Result<u8, CliError> {
+    let sid = checked_id(&args.session_id, "session")?;
+    let subject =
+        Subject { action: "hatch:StartSession", session: Some(sid.clone()), ..Subject::default() };
+    let info: hatch_proto::api::SessionInfo =
+        client.get(&format!("/v1/sessions/{sid}"), &subject).await?;
+    let body = hatch_proto::api::ResumeSessionRequest { force: args.force };
+    let subject = Subject { instance: Some(info.instance_id.clone()), ..subject };
+    let started: StartSessionResponse =
+        client.post(&format!("/v1/sessions/{sid}/resume"), &body, &subject).await?;
+    eprintln!("Attaching to session {sid} on {}", info.instance_id);
+    let ws = stream::connect(&started, client.tls(), &info.instance_id).await?;
+    let link = hatch_proto::resume::LinkConfig {
+        window: args.stream.window.max(stream::MIN_WINDOW),
+        ..Default::default()
+    };
+    let opts = StreamOptions {
+        instance: info.instance_id,
+        interactive: terminal::stdin_is_tty(),
+        link,
+        attach: true,
+    };
+    let window = Duration::from_secs(started.resume_window_s.unwrap_or(0));
+    let resume = stream::Reconnect { client, session_id: sid, window };
     stream::run(ws, &opts, Some(&resume)).await
 }
 

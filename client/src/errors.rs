@@ -287,6 +287,14 @@ fn api_words(code: &str, status: u16, body: &ErrorBody, subject: &Subject) -> St
         codes::SESSION_NOT_FOUND => {
             format!("no session {session} is visible to you; list sessions with `hatch sessions`")
         }
+        codes::SESSION_ATTACHED => format!(
+            "another client is attached to {session}; `hatch attach --force {session}` takes \
+             it over (that client is detached)"
+        ),
+        codes::SESSION_ENDED => format!(
+            "{session} has ended (or was never connected): there is nothing to attach to or \
+             resume; start a new session"
+        ),
         codes::TARGET_NOT_CONNECTED => {
             let seen = match &subject.last_seen {
                 Some(when) => format!("agent on {instance} last seen {when}"),

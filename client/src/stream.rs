@@ -79,6 +79,9 @@ pub struct StreamOptions {
     pub interactive: bool,
     /// Window and acknowledgements of the data stream (window at least [`MIN_WINDOW`]).
     pub link: LinkConfig,
+    /// This process attaches to a session another client had (`hatch attach`): it starts
+    /// with a fresh RESUME and sends no input until the agent's answer.
+    pub attach: bool,
 }
 
 /// Dials the data plane; an HTTP refusal with a Hatch error body becomes [`CliError::Api`].
@@ -211,6 +214,9 @@ pub struct Reconnect<'a> {
     pub client: &'a crate::api::Client,
     /// The session.
     pub session_id: String,
+    /// How long the relay keeps the session for a resume (its answer's `resume_window_s`):
+    /// how long to keep trying. Zero: a lost connection ends the session.
+    pub window: Duration,
 }
 
 impl Reconnect<'_> {
@@ -233,10 +239,6 @@ impl Reconnect<'_> {
 const RECONNECT_BASE: Duration = Duration::from_millis(250);
 /// ... up to this.
 const RECONNECT_CAP: Duration = Duration::from_secs(5);
-/// How long the client keeps trying (the relay's resume window decides; past it the relay
-/// answers SessionEnded). Bounds a client cut off from every relay.
-pub const RECONNECT_FOR: Duration = Duration::from_secs(600);
-
 /// Whether a failed attempt is final: the session ended, is not this caller's, or may no
 /// longer be resumed by them. Anything else (the relay restarting, the network) is retried.
 fn final_failure(e: &CliError) -> bool {
@@ -304,7 +306,15 @@ async fn pump(
         }
     }
 
-    let mut link = Link::new(opts.link);
+    let mut link = if opts.attach {
+        let (link, hello) = Link::attach(opts.link);
+        if let Err(end) = send(&mut sink, Channel::Resume(hello).to_vec()).await {
+            return (None, end);
+        }
+        link
+    } else {
+        Link::new(opts.link)
+    };
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(STDIN_QUEUE);
     spawn_stdin_reader(tx);
     let mut stdin_open = true;
@@ -402,7 +412,7 @@ async fn pump(
                 }
                 // Stdin is read only while the window has room for a whole chunk: an agent that
                 // acknowledges nothing stops the input, as a slow terminal would.
-                input = rx.recv(), if stdin_open && link.tx.room() >= STDIN_CHUNK + 16 => {
+                input = rx.recv(), if stdin_open && !link.holding() && link.tx.room() >= STDIN_CHUNK + 16 => {
                     let chunk = match input {
                         Some(Ok(chunk)) => chunk,
                         Some(Err(e)) => break fail(e, "reading stdin"),
@@ -517,7 +527,9 @@ async fn pump(
             }
         };
         // Lost before the remote side said how it ended: put up a new connection and resume.
-        let Some(re) = resume.filter(|_| status.is_none() && resumable(&end)) else {
+        let Some(re) =
+            resume.filter(|r| !r.window.is_zero() && status.is_none() && resumable(&end))
+        else {
             break 'session end;
         };
         let _ = stdout.flush().await;
@@ -540,11 +552,13 @@ async fn pump(
                     break 'session End::Error(CliError::NotResumed(e.message(false)));
                 }
                 Err(e) => {
-                    if started.elapsed() >= RECONNECT_FOR {
+                    // The relay keeps the session for its window from when it noticed the loss, no
+                    // later than this side: past it there is nothing to resume.
+                    if started.elapsed() >= re.window {
                         stderr_lines.end_status();
                         break 'session End::Error(CliError::NotResumed(format!(
-                            "no connection within {} s: {}",
-                            RECONNECT_FOR.as_secs(),
+                            "no connection within the relay\'s resume window ({} s): {}",
+                            re.window.as_secs(),
                             e.message(false)
                         )));
                     }

@@ -626,7 +626,9 @@ fn max_duration_is_reported_in_words_with_75() {
 
 #[test]
 fn relay_going_away_mid_session_exits_255_in_words() {
-    let world = World::start();
+    // Without a resume window the client does not wait for the relay to come back (with one,
+    // it reconnects: e2e/tests/resume.rs).
+    let world = World::start_with(&["--resume-window", "0"]);
     let (tmux, status) = interactive(&world, 80, 24);
     tmux.wait_for("the start line", |s| s.contains("Starting session s-"));
     tmux.type_text("echo live-$((3+4))");

@@ -901,7 +901,8 @@ impl Drop for CutProxy {
 /// session's flow control holds everything upstream) once `pause_at` bytes are in, until
 /// [`GatedReader::release`].
 pub struct GatedReader {
-    got: Arc<Mutex<Vec<u8>>>,
+    /// What was read so far.
+    pub got: Arc<Mutex<Vec<u8>>>,
     go: std::sync::mpsc::Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
 }

@@ -167,3 +167,133 @@ async fn an_exec_whose_client_joins_10_s_late_still_gets_all_its_output() {
     assert!(out == seq(100_000), "{} bytes, want {}", out.len(), seq(100_000).len());
     assert_eq!((exit, close), (Some(0), Some(1000)));
 }
+
+/// A `hatch` process (session or attach) with stdin and stdout piped and stderr in a file.
+struct Cli {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    out: GatedReader,
+    err: std::path::PathBuf,
+}
+
+impl Cli {
+    fn spawn(relay: &Relay, home: &std::path::Path, args: &[&str], name: &str) -> Cli {
+        let err = home.join(format!("{name}.err"));
+        let mut cmd = hatch(relay, home, &relay.info.access_key);
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err).unwrap());
+        let mut child = cmd.spawn().unwrap();
+        let stdin = child.stdin.take();
+        let out = GatedReader::start(child.stdout.take().unwrap(), usize::MAX);
+        Cli { child, stdin, out, err }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Asks the shell for its pid (a marker unique to `tag`) and waits for the answer.
+    async fn shell_pid(&mut self, tag: &str) -> u32 {
+        self.type_line(&format!("echo {tag}=$$ end\n"));
+        let needle = format!("{tag}=");
+        let out = &self.out;
+        let mut pid = None;
+        wait_for("the shell's pid", DEADLINE, || {
+            let text = String::from_utf8_lossy(&out.got.lock().unwrap()).into_owned();
+            pid = text.rfind(&needle).and_then(|i| {
+                let rest = &text[i + needle.len()..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                rest[digits.len()..].starts_with(" end").then(|| digits.parse().ok()).flatten()
+            });
+            pid.is_some()
+        })
+        .await;
+        pid.unwrap()
+    }
+
+    async fn exit(mut self) -> (std::process::ExitStatus, String) {
+        drop(self.stdin.take());
+        let mut child = self.child;
+        let st =
+            tokio::task::spawn_blocking(move || wait_child(&mut child, DEADLINE)).await.unwrap();
+        let err = std::fs::read_to_string(&self.err).unwrap_or_default();
+        (st, err)
+    }
+}
+
+/// The session id `hatch` printed on stderr ("Starting session s-... on i-...").
+async fn session_id_of(cli: &Cli) -> String {
+    let mut sid = None;
+    wait_for("the session id on stderr", DEADLINE, || {
+        sid = cli.stderr().split_whitespace().find(|w| w.starts_with("s-")).map(str::to_owned);
+        sid.is_some()
+    })
+    .await;
+    sid.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_client_is_replaced_by_hatch_attach_with_the_same_shell() {
+    let (relay, _agent, iid, home) = relay_and_agent(&[]).await;
+    let mut first = Cli::spawn(&relay, home.path(), &["session", "-i", &iid], "first");
+    let sid = session_id_of(&first).await;
+    let pid = first.shell_pid("before").await;
+    // The client process is killed: the session waits for another.
+    first.child.kill().unwrap();
+    let _ = first.child.wait();
+    // Attached from a new process: the same shell.
+    let mut second = Cli::spawn(&relay, home.path(), &["attach", &sid], "second");
+    assert_eq!(second.shell_pid("after").await, pid, "{}", second.stderr());
+    // A third without --force is refused while the second is attached...
+    let third = Cli::spawn(&relay, home.path(), &["attach", &sid], "third");
+    let (st, err) = third.exit().await;
+    assert_ne!(st.code(), Some(0));
+    assert!(err.contains("SessionAttached"), "{err}");
+    // ... and with it takes over: the second is detached with 4014 and ends.
+    let mut fourth = Cli::spawn(&relay, home.path(), &["attach", "--force", &sid], "fourth");
+    assert_eq!(fourth.shell_pid("taken").await, pid, "{}", fourth.stderr());
+    let (st, err) = second.exit().await;
+    assert_eq!(st.code(), Some(255), "{err}");
+    assert!(err.contains("AttachedElsewhere"), "{err}");
+    fourth.type_line("exit 3\n");
+    let (st, err) = fourth.exit().await;
+    assert_eq!(st.code(), Some(3), "{err}");
+    // The session has ended: attach says so.
+    let late = Cli::spawn(&relay, home.path(), &["attach", &sid], "late");
+    let (st, err) = late.exit().await;
+    assert_ne!(st.code(), Some(0));
+    assert!(err.contains("SessionEnded"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_after_the_resume_window_is_refused_with_session_ended() {
+    let (relay, _agent, iid, home) = relay_and_agent(&["--resume-window", "2"]).await;
+    let mut first = Cli::spawn(&relay, home.path(), &["session", "-i", &iid], "first");
+    let sid = session_id_of(&first).await;
+    first.shell_pid("before").await;
+    first.child.kill().unwrap();
+    let _ = first.child.wait();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let s = relay.session(&sid).await;
+        if s["state"] == "closed" {
+            assert_eq!(s["close_reason"], "client_lost", "{s}");
+            break;
+        }
+        assert!(Instant::now() < end, "still {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let late = Cli::spawn(&relay, home.path(), &["attach", &sid], "late");
+    let (st, err) = late.exit().await;
+    assert_eq!(st.code(), Some(255), "{err}");
+    assert!(err.contains("SessionEnded"), "{err}");
+}

@@ -62,6 +62,10 @@ pub struct StartSessionResponse {
     pub token: String,
     /// Token expiry, RFC 3339 UTC.
     pub expires_at: String,
+    /// Seconds the relay keeps a session whose connection was lost for the client to resume
+    /// it; absent or 0: a lost connection ends the session (the client does not try).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_window_s: Option<u64>,
 }
 
 /// `POST /v1/sessions/{id}/resume` body (optional: an empty body is `{}`).

@@ -444,7 +444,12 @@ impl Link {
     /// A RESUME arrived. Returns the RESUME to answer with and what to send again after it,
     /// when the peer asked for an answer.
     pub fn on_resume(&mut self, peer: Resume) -> Result<Option<(Resume, Replay<'_>)>, OffsetError> {
-        if self.fresh && peer.reply {
+        if self.fresh && !peer.reply {
+            // The agent's own RESUME (its leg was replaced too): this side has nothing to
+            // answer with; the answer to this side's RESUME sets the offsets.
+            return Ok(None);
+        }
+        if self.fresh {
             // The answer to an attach: the peer's output continues at `from`, and it has
             // received `received` of this direction (from the client before this one).
             self.fresh = false;

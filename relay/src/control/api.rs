@@ -638,6 +638,7 @@ async fn resume_session(
             stream_url: format!("{base}/v1/stream/{}?role=client", rec.id),
             token,
             expires_at: rfc3339(claims.exp as i64),
+            resume_window_s: Some(shared.cfg.resume_window.as_secs()),
         },
     ))
 }
@@ -771,6 +772,7 @@ async fn start_session(
             stream_url: format!("{base}/v1/stream/{sid}?role=client"),
             token: client_token,
             expires_at: rfc3339(claims.exp as i64),
+            resume_window_s: Some(shared.cfg.resume_window.as_secs()),
         },
     ))
 }
