@@ -297,3 +297,17 @@ async fn attach_after_the_resume_window_is_refused_with_session_ended() {
     assert_eq!(st.code(), Some(255), "{err}");
     assert!(err.contains("SessionEnded"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_keeps_its_pid_across_a_relay_restart() {
+    let (relay, _agent, iid, home) = relay_and_agent(&[]).await;
+    let mut cli = Cli::spawn(&relay, home.path(), &["session", "-i", &iid], "shell");
+    let pid = cli.shell_pid("before").await;
+    // Killed and started again; the client and the agent come back by themselves.
+    let _relay = relay.restart();
+    assert_eq!(cli.shell_pid("after").await, pid, "{}", cli.stderr());
+    cli.type_line("exit 7\n");
+    let (st, err) = cli.exit().await;
+    assert_eq!(st.code(), Some(7), "{err}");
+    assert!(err.contains("reconnected"), "{err}");
+}
