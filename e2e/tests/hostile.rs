@@ -135,9 +135,32 @@ async fn hostile_tokens_are_refused_with_their_code() {
         Some((409, "TokenAlreadyUsed".into())),
         "replayed during the session"
     );
+    // The client's connection is lost: the session waits for resume tokens (state
+    // `detached`), and the original ones stay refused while it does and after it ends.
     drop(c);
+    let end = std::time::Instant::now() + DEADLINE;
+    while relay.session(&s.id).await["state"] != "detached" {
+        assert!(std::time::Instant::now() < end, "never detached");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        leg(&relay, &s.client_url, &s.client_token).await.err(),
+        Some((409, "TokenAlreadyUsed".into())),
+        "client token replayed while the session is detached"
+    );
+    drop(a);
+    let r = relay
+        .call("DELETE", &format!("/v1/sessions/{}", s.id), Some(&relay.info.access_key), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
     let rec = relay.closed_session(&s.id).await;
-    assert_eq!(rec["close_reason"], "client_lost", "{rec}");
+    assert_eq!(rec["close_reason"], "terminated", "{rec}");
+    let told = agent.next().await;
+    assert!(
+        matches!(&told, Some(hatch_proto::control::ToAgent::SessionClose { session_id, .. })
+            if *session_id == s.id),
+        "{told:?}"
+    );
     for (what, url, token) in
         [("client", &s.client_url, &s.client_token), ("agent", &s.agent_url, &s.agent_token)]
     {
