@@ -195,18 +195,34 @@ async fn relay_answers_pings_itself(io: IoBackend) {
 }
 
 async fn silent_leg_is_pinged_then_declared_dead(io: IoBackend) {
-    let mut relay = Relay::start(io, |c| {
-        c.ping_interval = Duration::from_millis(100);
-        // Long enough for the (polled) client leg to answer its own pings on a loaded machine.
-        c.dead_after = Duration::from_millis(1500);
-    });
-    let mut c =
-        relay.dial("s-dead", Role::Client, &relay.token("s-dead", Role::Client)).await.unwrap();
-    let mut a = Raw::upgrade(&relay, "s-dead", Role::Agent).await;
-    // The raw agent sees a ping and never answers.
-    assert_eq!(a.read_frame().await.0, 0x9);
-    assert_eq!(recv_close(&mut c).await, 4005);
-    assert_eq!(relay.next_end().await.reason, CloseReason::AgentLost);
+    // Resuming off: the dead leg ends the session (4005); on: it detaches it (4015, the
+    // client is told to resume).
+    for (window, code) in [(None, 4005), (Some(Duration::from_secs(60)), 4015)] {
+        let mut relay = Relay::start(io, |c| {
+            c.ping_interval = Duration::from_millis(100);
+            // Long enough for the (polled) client leg to answer its own pings on a loaded
+            // machine.
+            c.dead_after = Duration::from_millis(1500);
+            c.resume_window = window;
+        });
+        let mut c =
+            relay.dial("s-dead", Role::Client, &relay.token("s-dead", Role::Client)).await.unwrap();
+        let mut a = Raw::upgrade(&relay, "s-dead", Role::Agent).await;
+        // The raw agent sees a ping and never answers.
+        assert_eq!(a.read_frame().await.0, 0x9);
+        assert_eq!(recv_close(&mut c).await, code);
+        if window.is_none() {
+            assert_eq!(relay.next_end().await.reason, CloseReason::AgentLost);
+        } else {
+            loop {
+                match relay.next_event().await {
+                    hatch_relay::plane::DataEvent::Detached { .. } => break,
+                    hatch_relay::plane::DataEvent::Connected { .. } => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
 }
 
 async fn slow_reader_costs_bounded_memory_and_loses_nothing(io: IoBackend) {

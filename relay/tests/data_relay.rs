@@ -91,7 +91,8 @@ async fn agent_close_codes_are_forwarded_and_recorded_by_cause(io: IoBackend) {
 }
 
 async fn agent_drop_closes_client_with_peer_gone(io: IoBackend) {
-    let mut relay = Relay::start(io, |_| {});
+    // Resuming off (on: data_control.rs, a lost leg detaches the session with 4015).
+    let mut relay = Relay::start(io, |c| c.resume_window = None);
     let (mut c, a) = relay.pair("s-adrop").await;
     drop(a);
     assert_eq!(recv_close(&mut c).await, 4005);
@@ -212,14 +213,30 @@ async fn terminate_closes_both_and_refuses_later_legs(io: IoBackend) {
 }
 
 async fn shutdown_closes_live_legs_with_4009(io: IoBackend) {
-    let mut relay = Relay::start(io, |c| c.shards = 2);
-    let (mut c, mut a) = relay.pair("s-down").await;
-    let plane = relay.plane.take().unwrap();
-    let stop = tokio::task::spawn_blocking(move || plane.shutdown(Duration::from_millis(100)));
-    assert_eq!(recv_close(&mut c).await, 4009);
-    assert_eq!(recv_close(&mut a).await, 4009);
-    stop.await.unwrap();
-    assert_eq!(relay.next_end().await.reason, CloseReason::RelayShutdown);
+    // Resuming off, the session ends `relay_shutdown`; on, it is left detached for the next
+    // relay (no end). The legs get 4009 either way.
+    for window in [None, Some(Duration::from_secs(60))] {
+        let mut relay = Relay::start(io, |c| {
+            c.shards = 2;
+            c.resume_window = window;
+        });
+        let (mut c, mut a) = relay.pair("s-down").await;
+        assert!(matches!(relay.next_event().await, DataEvent::Connected { .. }));
+        let plane = relay.plane.take().unwrap();
+        let stop = tokio::task::spawn_blocking(move || plane.shutdown(Duration::from_millis(100)));
+        assert_eq!(recv_close(&mut c).await, 4009);
+        assert_eq!(recv_close(&mut a).await, 4009);
+        stop.await.unwrap();
+        match relay.next_event().await {
+            DataEvent::Ended(e) if window.is_none() => {
+                assert_eq!(e.reason, CloseReason::RelayShutdown)
+            }
+            DataEvent::Detached { session_id, .. } if window.is_some() => {
+                assert_eq!(session_id, "s-down")
+            }
+            other => panic!("window {window:?}: {other:?}"),
+        }
+    }
 }
 
 async fn idle_timeout_closes_with_4007(io: IoBackend) {
