@@ -83,7 +83,7 @@ async fn exec_output_is_exact_across_a_relay_sigkill_and_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_output_is_exact_across_a_graceful_relay_restart() {
     let (relay, _agent, iid, home) = relay_and_agent(&["--drain", "1"]).await;
-    let (_relay, st, out, err) = seq_through(relay, &iid, home.path(), |mut old| async move {
+    let (relay, st, out, err) = seq_through(relay, &iid, home.path(), |mut old| async move {
         old.proc.signal(nix::sys::signal::Signal::SIGTERM);
         let exited = old.proc.wait_exit(DEADLINE);
         assert!(exited.success(), "relay exit {exited}");
@@ -92,6 +92,13 @@ async fn exec_output_is_exact_across_a_graceful_relay_restart() {
     .await;
     assert_eq!(st.code(), Some(0), "{err}");
     assert!(out == seq(300_000), "{} bytes, want {}", out.len(), seq(300_000).len());
+    // The record counts what went through both relays: the second one's counts add to what
+    // the first recorded as it stopped (the output, plus a type byte per DATA message).
+    let sid = err.split_whitespace().find(|w| w.starts_with("s-")).expect("session id");
+    let rec = relay.closed_session(sid).await;
+    assert_eq!(rec["close_reason"], "exit", "{rec}");
+    let a2c = rec["bytes_agent_to_client"].as_u64().unwrap();
+    assert!(a2c > seq(300_000).len() as u64, "{rec}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

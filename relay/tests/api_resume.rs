@@ -575,6 +575,22 @@ async fn restart_with_a_window_keeps_paired_sessions_resumable_until_it_ends() {
     wait_until(|| relay.state(resumed) == "connected").await;
     relay.send(DataEvent::Resumed { session_id: was_detached.into(), at: SystemTime::now() });
     wait_until(|| relay.state(was_detached) == "connected").await;
+    // This data plane counts a resumed session from 0: its counts add to the 7 / 70 the
+    // previous run recorded.
+    relay.send(DataEvent::Progress {
+        session_id: was_detached.into(),
+        bytes_client_to_agent: 3,
+        bytes_agent_to_client: 30,
+    });
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let rec = relay.store.session(None, was_detached).unwrap().unwrap();
+        if (rec.bytes_client_to_agent, rec.bytes_agent_to_client) == (10, 100) {
+            break;
+        }
+        assert!(Instant::now() < end, "counts {rec:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let end = Instant::now() + DEADLINE + WINDOW;
     while relay.state(left) != "closed" {

@@ -219,7 +219,12 @@ impl ControlPlane {
                     instance: &r.instance_id,
                     principal: &r.principal,
                 };
-                live.recover(&r.id, who, deadline);
+                live.recover(
+                    &r.id,
+                    who,
+                    deadline,
+                    [r.bytes_client_to_agent, r.bytes_agent_to_client],
+                );
             }
             if closed > 0 || !recovered.is_empty() {
                 info!(
@@ -304,11 +309,14 @@ impl ControlPlane {
                             session_id,
                             bytes_client_to_agent,
                             bytes_agent_to_client,
-                        } => progress.push((
-                            session_id,
-                            bytes_client_to_agent,
-                            bytes_agent_to_client,
-                        )),
+                        } => {
+                            let (c2a, a2c) = shared.live.with_base(
+                                &session_id,
+                                bytes_client_to_agent,
+                                bytes_agent_to_client,
+                            );
+                            progress.push((session_id, c2a, a2c))
+                        }
                         other => {
                             shared.record_progress(&mut progress).await;
                             shared.on_event(other).await;
@@ -456,12 +464,13 @@ impl Shared {
                 // process. Its counts are kept and its record left open (`detached`), for the
                 // next start to keep resumable.
                 debug!(session = %end.session_id, "session kept open across the relay shutdown");
-                self.live.remove(&end.session_id);
-                let mut rows = vec![(
-                    end.session_id.clone(),
+                let (c2a, a2c) = self.live.with_base(
+                    &end.session_id,
                     end.bytes_client_to_agent,
                     end.bytes_agent_to_client,
-                )];
+                );
+                self.live.remove(&end.session_id);
+                let mut rows = vec![(end.session_id.clone(), c2a, a2c)];
                 self.record_progress(&mut rows).await;
                 let (sid, at) = (end.session_id.clone(), unix_now());
                 if let Err(e) = self.blocking(move |s| s.mark_detached(&sid, at)).await {
@@ -470,16 +479,17 @@ impl Shared {
             }
             DataEvent::Ended(end) => {
                 debug!(session = %end.session_id, reason = end.reason.as_str(), "session ended");
-                self.close(
+                let (c2a, a2c) = self.live.with_base(
                     &end.session_id,
-                    end.reason,
                     end.bytes_client_to_agent,
                     end.bytes_agent_to_client,
-                )
-                .await;
+                );
+                self.close(&end.session_id, end.reason, c2a, a2c).await;
             }
             DataEvent::Progress { session_id, bytes_client_to_agent, bytes_agent_to_client } => {
-                let mut rows = vec![(session_id, bytes_client_to_agent, bytes_agent_to_client)];
+                let (c2a, a2c) =
+                    self.live.with_base(&session_id, bytes_client_to_agent, bytes_agent_to_client);
+                let mut rows = vec![(session_id, c2a, a2c)];
                 self.record_progress(&mut rows).await;
             }
         }

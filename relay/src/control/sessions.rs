@@ -97,6 +97,9 @@ struct Live {
     /// `pair_timeout`: token expiry plus the data plane's pair timeout, after which no leg can
     /// be waiting any more.
     pending_deadline: Instant,
+    /// Byte counts (client → agent, agent → client) a previous run of the relay recorded for a
+    /// session recovered at start: this data plane counts from 0, so its reports add to them.
+    base: [u64; 2],
 }
 
 #[derive(Default)]
@@ -163,6 +166,7 @@ impl LiveSessions {
                 state: LiveState::Pending,
                 recovered_deadline: None,
                 pending_deadline,
+                base: [0; 2],
             },
         );
         Ok(())
@@ -170,7 +174,7 @@ impl LiveSessions {
 
     /// Takes back a session a previous run left paired, as `detached` until `deadline`, under
     /// no limit (it held its slot before the restart). A session already open is left alone.
-    pub fn recover(&self, id: &str, who: Admission<'_>, deadline: Instant) {
+    pub fn recover(&self, id: &str, who: Admission<'_>, deadline: Instant, base: [u64; 2]) {
         let mut g = self.lock();
         if g.by_id.contains_key(id) {
             return;
@@ -189,8 +193,16 @@ impl LiveSessions {
                 state: LiveState::Detached,
                 recovered_deadline: Some(deadline),
                 pending_deadline: deadline,
+                base,
             },
         );
+    }
+
+    /// The data plane's counts of `id` as the session's own: plus what a previous run of the
+    /// relay counted when it was recovered at start.
+    pub fn with_base(&self, id: &str, c2a: u64, a2c: u64) -> (u64, u64) {
+        let base = self.lock().by_id.get(id).map_or([0; 2], |l| l.base);
+        (base[0].saturating_add(c2a), base[1].saturating_add(a2c))
     }
 
     /// Sets an open session's state; returns the state before (`None` when it is not open).
@@ -413,11 +425,11 @@ mod tests {
         let lim = lim(2, 100, 100);
         let t = Instant::now();
         let (d1, d2) = (t + Duration::from_secs(1), t + Duration::from_secs(2));
-        live.recover("r2", who("a", "i1", "u-1"), d2);
-        live.recover("r1", who("a", "i1", "u-1"), d1);
-        live.recover("r3", who("a", "i1", "u-1"), d2);
+        live.recover("r2", who("a", "i1", "u-1"), d2, [0; 2]);
+        live.recover("r1", who("a", "i1", "u-1"), d1, [0; 2]);
+        live.recover("r3", who("a", "i1", "u-1"), d2, [0; 2]);
         // Already open: left as it is.
-        live.recover("r3", who("a", "i1", "u-1"), d1);
+        live.recover("r3", who("a", "i1", "u-1"), d1, [0; 2]);
         assert_eq!(live.counts(), (3, 0, 3));
         assert_eq!(live.admit("s1", who("a", "i1", "u-1"), lim, t), Err(LimitHit::Instance(2)));
         assert!(live.overdue(t + Duration::from_secs(9)).is_empty());
