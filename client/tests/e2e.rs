@@ -838,3 +838,45 @@ fn measure_exec_round_trip() {
         times[0], times[10], times[19]
     );
 }
+
+#[test]
+fn a_relay_restart_mid_session_shows_one_status_line_and_keeps_the_shell() {
+    let world = World::start();
+    let (tmux, status) = interactive(&world, 80, 24);
+    tmux.wait_for("the start line", |s| s.contains("Starting session s-"));
+    tmux.type_text("echo pid-$$-end");
+    tmux.send(&["Enter"]);
+    let pid_of = |s: &str| {
+        s.lines()
+            .filter_map(|l| l.trim_end().strip_prefix("pid-")?.strip_suffix("-end"))
+            .next_back()
+            .map(str::to_owned)
+    };
+    let screen = tmux.wait_for("the shell's pid", |s| pid_of(s).is_some());
+    let pid = pid_of(&screen).expect("pid line");
+    // The relay stops (legs closed with 4009) and starts again on the same ports and data
+    // directory: `hatch` reconnects by itself.
+    let World { agent, relay, home } = world;
+    let (api, data) = (relay.server().api_addr(), relay.server().data_addr());
+    let dir = relay.data_dir().to_owned();
+    drop(relay);
+    let relay = DevRelay::start(DevOptions {
+        data_dir: dir,
+        api_listen: api,
+        data_listen: data,
+        ..Default::default()
+    })
+    .unwrap();
+    let screen = tmux.wait_for("the resume", |s| s.contains("hatch: reconnected"));
+    // One status line however many attempts: it is rewritten in place.
+    assert_eq!(screen.matches("reconnecting (attempt").count(), 1, "{screen}");
+    tmux.type_text("echo again-$$-end");
+    tmux.send(&["Enter"]);
+    let screen = tmux.wait_for("the same shell", |s| s.contains(&format!("again-{pid}-end")));
+    assert!(screen.contains(&format!("again-{pid}-end")), "{screen}");
+    tmux.type_text("exit 4");
+    tmux.send(&["Enter"]);
+    assert_eq!(wait_file(&status), "4");
+    assert_terminal_restored(&status);
+    drop((agent, relay, home));
+}
