@@ -306,6 +306,8 @@ async fn pump(
         }
     }
 
+    // A new connection is up and the agent's RESUME has not come back yet.
+    let mut resuming = false;
     let mut link = if opts.attach {
         let (link, hello) = Link::attach(opts.link);
         if let Err(end) = send(&mut sink, Channel::Resume(hello).to_vec()).await {
@@ -372,6 +374,12 @@ async fn pump(
                                     }
                                     Ok(None) => {}
                                     Err(e) => break broken(&mut sink, e).await,
+                                }
+                                // The agent is there again: the session goes on (until now only
+                                // the relay had answered).
+                                if std::mem::take(&mut resuming) {
+                                    stderr_lines.end_status();
+                                    stderr_lines.line("hatch: reconnected; the session goes on");
                                 }
                             }
                             Ok(Channel::Error { code, message }) => {
@@ -587,8 +595,13 @@ async fn pump(
             }
             break 'session end;
         }
-        stderr_lines.end_status();
-        stderr_lines.line("hatch: reconnected; the session goes on");
+        // Connected to the relay: the session goes on once the agent's RESUME comes back (it
+        // may itself be reconnecting, or gone for good: then the relay says so at the end of
+        // its window).
+        stderr_lines.status(&format!(
+            "hatch: connection lost ({why}); connected again, waiting for the agent"
+        ));
+        resuming = true;
         // The window size again: full-screen programs redraw, as after a resize.
         if opts.interactive {
             size = terminal::size();

@@ -869,7 +869,7 @@ fn a_relay_restart_mid_session_shows_one_status_line_and_keeps_the_shell() {
     .unwrap();
     let screen = tmux.wait_for("the resume", |s| s.contains("hatch: reconnected"));
     // One status line however many attempts: it is rewritten in place.
-    assert_eq!(screen.matches("reconnecting (attempt").count(), 1, "{screen}");
+    assert_eq!(screen.matches("hatch: connection lost").count(), 1, "{screen}");
     tmux.type_text("echo again-$$-end");
     tmux.send(&["Enter"]);
     let screen = tmux.wait_for("the same shell", |s| s.contains(&format!("again-{pid}-end")));
