@@ -18,7 +18,7 @@
 //! send that does not complete in [`SEND_TIMEOUT`], or silence longer than [`DEAD_AFTER`]
 //! (pings go out after [`PING_AFTER`] of silence), is a lost connection (exit 255).
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -270,7 +270,7 @@ async fn pump(
     let (mut sink, mut stream) = ws.split();
     let mut status: Option<i32> = None;
     let mut stdout = tokio::io::stdout();
-    let mut stderr_lines = LocalLines { raw: opts.interactive };
+    let mut stderr_lines = LocalLines::new(opts.interactive);
 
     let fail = |e: std::io::Error, what: &str| End::Error(CliError::Local(format!("{what}: {e}")));
     let mut winch = match signal(SignalKind::window_change()) {
@@ -550,9 +550,10 @@ async fn pump(
         let mut attempt = 0u32;
         let ws = loop {
             attempt += 1;
-            stderr_lines.status(&format!(
-                "hatch: connection lost ({why}); reconnecting (attempt {attempt})"
-            ));
+            stderr_lines.status(
+                "reconnecting",
+                &format!("hatch: connection lost ({why}); reconnecting (attempt {attempt})"),
+            );
             match re.once(&opts.instance).await {
                 Ok(ws) => break ws,
                 Err(e) if final_failure(&e) => {
@@ -598,9 +599,10 @@ async fn pump(
         // Connected to the relay: the session goes on once the agent's RESUME comes back (it
         // may itself be reconnecting, or gone for good: then the relay says so at the end of
         // its window).
-        stderr_lines.status(&format!(
-            "hatch: connection lost ({why}); connected again, waiting for the agent"
-        ));
+        stderr_lines.status(
+            "waiting",
+            &format!("hatch: connection lost ({why}); connected again, waiting for the agent"),
+        );
         resuming = true;
         // The window size again: full-screen programs redraw, as after a resize.
         if opts.interactive {
@@ -612,6 +614,8 @@ async fn pump(
             }
         }
     };
+    // A status line still showing (the agent never answered) ends before the last words.
+    stderr_lines.end_status();
     let _ = stdout.flush().await;
     (status, end)
 }
@@ -732,17 +736,34 @@ fn spawn_stdin_reader(tx: mpsc::Sender<std::io::Result<Vec<u8>>>) {
 /// Messages to stderr while the session runs: in raw mode a line needs `\r\n`.
 struct LocalLines {
     raw: bool,
+    /// stderr is a terminal: a status line is rewritten in place.
+    tty: bool,
+    /// A status line is showing (a terminal), or the status of this `kind` was printed (not a
+    /// terminal: each kind once, as a line of its own, so that a log gets no control codes
+    /// and no line per attempt).
+    status: Option<&'static str>,
 }
 
 impl LocalLines {
-    /// A status line that the next one replaces (one line, however many attempts).
-    fn status(&mut self, text: &str) {
-        self.raw(&format!("\r{text}\x1b[K"));
+    fn new(raw: bool) -> LocalLines {
+        LocalLines { raw, tty: std::io::stderr().is_terminal(), status: None }
     }
 
-    /// Ends a status line.
+    /// A status line of `kind` that the next one replaces (one line, however many attempts).
+    fn status(&mut self, kind: &'static str, text: &str) {
+        if self.tty {
+            self.raw(&format!("\r{text}\x1b[K"));
+        } else if self.status != Some(kind) {
+            eprintln!("{text}");
+        }
+        self.status = Some(kind);
+    }
+
+    /// Ends a status line, if one is showing.
     fn end_status(&mut self) {
-        self.raw(if self.raw { "\r\n" } else { "\n" });
+        if self.status.take().is_some() && self.tty {
+            self.raw(if self.raw { "\r\n" } else { "\n" });
+        }
     }
 
     fn line(&mut self, text: &str) {
