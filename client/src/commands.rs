@@ -148,7 +148,7 @@ async fn session(
     let resume = stream::Reconnect {
         client,
         session_id: started.session_id.clone(),
-        window: Duration::from_secs(started.resume_window_s.unwrap_or(0)),
+        window: stream::reconnect_window(started.resume_window_s),
     };
     stream::run(ws, &opts, Some(&resume)).await
 }
@@ -177,7 +177,7 @@ async fn attach(client: &Client, args: AttachArgs) -> Result<u8, CliError> {
         link,
         attach: true,
     };
-    let window = Duration::from_secs(started.resume_window_s.unwrap_or(0));
+    let window = stream::reconnect_window(started.resume_window_s);
     let resume = stream::Reconnect { client, session_id: sid, window };
     stream::run(ws, &opts, Some(&resume)).await
 }

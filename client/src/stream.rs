@@ -235,6 +235,13 @@ impl Reconnect<'_> {
     }
 }
 
+/// How long to keep reconnecting, from the relay's `resume_window_s`: none or 0 is off, and
+/// a relay's value past a day is taken as a day (every wait on a peer has a deadline).
+pub fn reconnect_window(secs: Option<u64>) -> Duration {
+    const LONGEST: u64 = 24 * 3600;
+    Duration::from_secs(secs.unwrap_or(0).min(LONGEST))
+}
+
 /// First reconnect delay ceiling (full jitter below it), doubled per failed attempt...
 const RECONNECT_BASE: Duration = Duration::from_millis(250);
 /// ... up to this.
@@ -785,6 +792,13 @@ impl LocalLines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reconnect_window_is_the_relays_up_to_a_day() {
+        assert_eq!(reconnect_window(None), Duration::ZERO);
+        assert_eq!(reconnect_window(Some(600)), Duration::from_secs(600));
+        assert_eq!(reconnect_window(Some(u64::MAX)), Duration::from_secs(86_400));
+    }
 
     #[test]
     fn remote_status_to_exit_code() {

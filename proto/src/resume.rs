@@ -115,7 +115,11 @@ impl Sender {
 
     /// The offset of the next byte to send (bytes sent so far, with the end).
     pub fn sent(&self) -> u64 {
-        self.data_acked + self.unacked.len() as u64 + u64::from(self.ended)
+        // Saturating: an attach adopts the peer's offsets, which a hostile peer may put near
+        // the top of the range; a wrong offset is then refused, never an overflow.
+        self.data_acked
+            .saturating_add(self.unacked.len() as u64)
+            .saturating_add(u64::from(self.ended))
     }
 
     /// Offsets the peer has acknowledged.
@@ -166,7 +170,7 @@ impl Sender {
             return Err(OffsetError::BeyondSent { claimed: upto, sent });
         }
         if upto > self.acked {
-            let data_sent = self.data_acked + self.unacked.len() as u64;
+            let data_sent = self.data_acked.saturating_add(self.unacked.len() as u64);
             let n = (upto.min(data_sent) - self.data_acked) as usize;
             self.unacked.drain(..n);
             self.data_acked += n as u64;
@@ -238,7 +242,7 @@ impl Receiver {
         self.skip -= dup;
         let new = n as u64 - dup;
         if new > 0 {
-            self.received += new;
+            self.received = self.received.saturating_add(new);
             self.since.get_or_insert(now);
         }
         dup as usize
@@ -256,7 +260,7 @@ impl Receiver {
     pub fn commit(&mut self, now: Instant, dup: usize, new: usize) {
         self.skip -= (dup as u64).min(self.skip);
         if new > 0 {
-            self.received += new as u64;
+            self.received = self.received.saturating_add(new as u64);
             self.since.get_or_insert(now);
         }
     }
@@ -268,7 +272,7 @@ impl Receiver {
             self.skip -= 1;
             return false;
         }
-        self.received += 1;
+        self.received = self.received.saturating_add(1);
         self.since.get_or_insert(now);
         self.urgent = true;
         true
@@ -301,11 +305,6 @@ impl Receiver {
         self.acked = self.received;
         self.since = None;
         Some(self.received)
-    }
-
-    /// Something is received and not yet acknowledged.
-    pub fn ack_pending(&self) -> bool {
-        self.received != self.acked
     }
 
     /// When [`Receiver::poll_ack`] must next be called, if ever.
@@ -670,6 +669,22 @@ mod tests {
             new.on_ack(n).unwrap();
         }
         assert!(new.tx.all_acked());
+    }
+
+    #[test]
+    fn offsets_a_hostile_peer_puts_at_the_top_of_the_range_do_not_overflow() {
+        let t0 = Instant::now();
+        let (mut link, hello) = Link::attach(LinkConfig::default());
+        assert!(hello.fresh);
+        let top = Resume { received: u64::MAX, from: u64::MAX, reply: true, fresh: false };
+        assert_eq!(link.on_resume(top).unwrap(), None);
+        assert_eq!(link.on_data(t0, 10), Deliver::From(0));
+        assert!(link.on_end(t0));
+        assert_eq!(link.rx.received(), u64::MAX);
+        link.tx.push(b"abc");
+        link.tx.finish();
+        assert_eq!(link.tx.sent(), u64::MAX);
+        assert!(link.on_ack(u64::MAX).is_ok());
     }
 
     /// What travels in the model of the relay below.

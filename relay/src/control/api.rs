@@ -574,16 +574,7 @@ async fn resume_session(
     if !valid_id(&id, "s-") {
         return Err(ApiError::session_not_found(&id));
     }
-    let account = caller.account.id.clone();
-    let sid = id.clone();
-    let (rec, inst) = shared
-        .blocking(move |s| {
-            let Some(rec) = s.session(Some(&account), &sid)? else { return Ok((None, None)) };
-            let inst = s.instance(&account, &rec.instance_id)?;
-            Ok((Some(rec), inst))
-        })
-        .await?;
-    let rec = rec.ok_or_else(|| ApiError::session_not_found(&id))?;
+    let (rec, inst) = session_and_instance(&shared, &caller, &id).await?;
     let agent = shared.agents.run_as(&rec.instance_id);
     let default_user = agent.as_ref().map(|a| a.default_user.as_str());
     let verdict = access::may_resume(
@@ -845,6 +836,25 @@ fn visible(caller: &Caller, s: &SessionRecord, instances: &[Instance], action: &
     })
 }
 
+/// The caller's account's session `id` and its instance (`None` when the instance is gone);
+/// `SessionNotFound` when the account has no such session.
+async fn session_and_instance(
+    shared: &Shared,
+    caller: &Caller,
+    id: &str,
+) -> Result<(SessionRecord, Option<Instance>), ApiError> {
+    let account = caller.account.id.clone();
+    let sid = id.to_owned();
+    let (rec, inst) = shared
+        .blocking(move |s| {
+            let Some(rec) = s.session(Some(&account), &sid)? else { return Ok((None, None)) };
+            let inst = s.instance(&account, &rec.instance_id)?;
+            Ok((Some(rec), inst))
+        })
+        .await?;
+    Ok((rec.ok_or_else(|| ApiError::session_not_found(id))?, inst))
+}
+
 async fn load_session(
     shared: &Shared,
     caller: &Caller,
@@ -855,16 +865,7 @@ async fn load_session(
     if !valid_id(&id, "s-") {
         return Err(ApiError::session_not_found(&id));
     }
-    let account = caller.account.id.clone();
-    let sid = id.clone();
-    let (rec, inst) = shared
-        .blocking(move |s| {
-            let Some(rec) = s.session(Some(&account), &sid)? else { return Ok((None, None)) };
-            let inst = s.instance(&account, &rec.instance_id)?;
-            Ok((Some(rec), inst))
-        })
-        .await?;
-    let rec = rec.ok_or_else(|| ApiError::session_not_found(&id))?;
+    let (rec, inst) = session_and_instance(shared, caller, &id).await?;
     let instances: Vec<Instance> = inst.into_iter().collect();
     if !visible(caller, &rec, &instances, action) {
         // Sessions a user may not describe are not shown to exist.
