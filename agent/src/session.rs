@@ -507,9 +507,9 @@ async fn reattach(
 }
 
 /// First wait for an answer to a resume request, doubled after each unanswered one...
-const RESUME_ASK_FIRST: Duration = Duration::from_millis(500);
+pub const RESUME_ASK_FIRST: Duration = Duration::from_millis(500);
 /// ... up to this.
-const RESUME_ASK_MAX: Duration = Duration::from_secs(5);
+pub const RESUME_ASK_MAX: Duration = Duration::from_secs(5);
 
 /// The cancellation, when one comes; never once its sender is gone.
 async fn recv_cancel(cancel: &mut Option<oneshot::Receiver<Cancel>>) -> Cancel {
@@ -821,14 +821,12 @@ impl Flow {
 /// A RESUME and what follows it as encoded messages: the output again in DATA messages of at
 /// most [`MAX_DATA`] bytes, then EXIT if the end must be sent again.
 fn replay_messages(resume: Resume, replay: Replay<'_>, exit: Option<i32>) -> Vec<Vec<u8>> {
-    let mut out = vec![Message::Resume(resume).to_vec()];
-    for part in [replay.data.0, replay.data.1] {
-        out.extend(part.chunks(MAX_DATA).map(|c| Message::Data(c).to_vec()));
-    }
-    if replay.end {
-        out.push(Message::Exit(exit.unwrap_or(255)).to_vec());
-    }
-    out
+    hatch_proto::channel::replay_messages(
+        resume,
+        replay,
+        MAX_DATA,
+        Message::Exit(exit.unwrap_or(255)),
+    )
 }
 
 /// Sends EXIT (unless `code` is `None`: a resume's replay carried it) and waits until the

@@ -243,9 +243,17 @@ pub fn reconnect_window(secs: Option<u64>) -> Duration {
 }
 
 /// First reconnect delay ceiling (full jitter below it), doubled per failed attempt...
-const RECONNECT_BASE: Duration = Duration::from_millis(250);
+pub const RECONNECT_BASE: Duration = Duration::from_millis(250);
 /// ... up to this.
-const RECONNECT_CAP: Duration = Duration::from_secs(5);
+pub const RECONNECT_CAP: Duration = Duration::from_secs(5);
+
+/// The wait after the `attempt`-th failed reconnect (from 1): uniform below a ceiling that
+/// doubles from [`RECONNECT_BASE`] up to [`RECONNECT_CAP`] (full jitter: sessions cut off
+/// together, by a relay restart, do not come back at once).
+pub fn reconnect_delay(attempt: u32) -> Duration {
+    let ceiling = RECONNECT_BASE.saturating_mul(1 << attempt.min(5)).min(RECONNECT_CAP);
+    ceiling.mul_f64(rand::random::<f64>())
+}
 /// Whether a failed attempt is final: the session ended, is not this caller's, or may no
 /// longer be resumed by them. Anything else (the relay restarting, the network) is retried.
 fn final_failure(e: &CliError) -> bool {
@@ -580,9 +588,7 @@ async fn pump(
                     }
                 }
             }
-            // Full jitter: sessions cut off together (a relay restart) do not come back at once.
-            let ceiling = RECONNECT_BASE.saturating_mul(1 << attempt.min(5)).min(RECONNECT_CAP);
-            let wait = ceiling.mul_f64(rand::random::<f64>());
+            let wait = reconnect_delay(attempt);
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 _ = term.recv() => break 'session End::Error(CliError::Signal("SIGTERM", 128 + 15)),
@@ -670,14 +676,7 @@ async fn send_all(sink: &mut Sink, msgs: impl IntoIterator<Item = Vec<u8>>) -> R
 /// A RESUME and what follows it: the input again in DATA messages of at most a stdin chunk,
 /// then the end of input (an empty DATA) if it must be sent again.
 fn replay_messages(resume: Resume, replay: Replay<'_>) -> Vec<Vec<u8>> {
-    let mut out = vec![Channel::Resume(resume).to_vec()];
-    for part in [replay.data.0, replay.data.1] {
-        out.extend(part.chunks(STDIN_CHUNK).map(|c| Channel::Data(c).to_vec()));
-    }
-    if replay.end {
-        out.push(Channel::Data(&[]).to_vec());
-    }
-    out
+    hatch_proto::channel::replay_messages(resume, replay, STDIN_CHUNK, Channel::Data(&[]))
 }
 
 /// The agent's offsets cannot be right: close with [`close::RESUME_FAILED`].

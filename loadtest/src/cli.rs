@@ -27,6 +27,23 @@ pub enum Acks {
     Off,
 }
 
+/// `--chaos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Chaos {
+    /// Kill the relay process (SIGKILL) a third of the way into the measurement and start it
+    /// again at once on the same ports and data directory, as a supervisor would.
+    RelayRestart,
+}
+
+impl Chaos {
+    /// The name in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Chaos::RelayRestart => "relay-restart",
+        }
+    }
+}
+
 /// Options of a load-test run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -55,6 +72,12 @@ pub struct RunArgs {
     /// agent does, so that the ratio compares like with like.
     #[arg(long, value_enum, default_value_t = Acks::On)]
     pub acks: Acks,
+    /// Break something mid-measurement and report how the sessions came through: sessions
+    /// resumed of sessions live, bytes lost or out of order (every keystroke carries its
+    /// sequence number), resume time. Exits 1 unless every live session came through whole.
+    /// Echo mode with `--acks on`, against the relay this run starts.
+    #[arg(long, value_enum)]
+    pub chaos: Option<Chaos>,
     /// Measurement time in seconds, after every session is up.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,

@@ -52,6 +52,92 @@ pub fn merge_errors(into: &mut Errors, from: &Errors) {
     }
 }
 
+/// What the echoes of a worker's sessions carried, and how their lost connections were taken
+/// up. Every keystroke's payload begins with its sequence number, so a byte echoed out of
+/// place is seen.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StreamStats {
+    /// Payload bytes sent by the measured keystrokes.
+    pub bytes_sent: u64,
+    /// Of them, echoed back (delivered once, as the client counts them).
+    pub bytes_echoed: u64,
+    /// Echoed bytes that were not the next byte sent: reordered, duplicated or corrupted.
+    pub bytes_out_of_order: u64,
+    /// Sessions whose connection was lost at least once.
+    pub sessions_lost: usize,
+    /// Of them, sessions that took up every loss again (the agent's RESUME came back).
+    pub sessions_resumed: usize,
+    /// Losses taken up (a session may lose its connection more than once).
+    pub resumes: u64,
+    /// Keystrokes whose round trip spanned a loss (not in the latency figures).
+    pub round_trips_interrupted: u64,
+    /// From the client noticing the loss to the agent's RESUME on the new connection,
+    /// microseconds.
+    pub resume_time: Buckets,
+}
+
+impl StreamStats {
+    /// Adds another worker's figures.
+    pub fn merge(&mut self, o: &StreamStats) {
+        self.bytes_sent += o.bytes_sent;
+        self.bytes_echoed += o.bytes_echoed;
+        self.bytes_out_of_order += o.bytes_out_of_order;
+        self.sessions_lost += o.sessions_lost;
+        self.sessions_resumed += o.sessions_resumed;
+        self.resumes += o.resumes;
+        self.round_trips_interrupted += o.round_trips_interrupted;
+        self.resume_time.0.extend_from_slice(&o.resume_time.0);
+    }
+}
+
+/// What a `--chaos` run did to the sessions and how they came through.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Chaos {
+    /// `relay-restart`: the relay process is killed (SIGKILL) and started again on the same
+    /// ports and data directory.
+    pub scenario: String,
+    /// When, seconds after the measurement started.
+    pub at_s: f64,
+    /// From the kill until the new relay process had written its `dev.json` (it serves then),
+    /// milliseconds.
+    pub relay_down_ms: f64,
+    /// Sessions up when the measurement started.
+    pub sessions_live: usize,
+    /// Sessions whose connection was lost.
+    pub sessions_lost: usize,
+    /// Of them, sessions that took up every loss again.
+    pub sessions_resumed: usize,
+    /// Sessions still up at the end of the measurement.
+    pub sessions_up_at_end: usize,
+    /// Payload bytes sent.
+    pub bytes_sent: u64,
+    /// Sent but never echoed back.
+    pub bytes_lost: u64,
+    /// Echoed out of place (reordered, duplicated, corrupted).
+    pub bytes_out_of_order: u64,
+    /// Keystrokes whose round trip spanned the restart (left out of the latency figures).
+    pub round_trips_interrupted: u64,
+    /// Resume time (loss noticed by the client to the agent's RESUME on the new connection),
+    /// milliseconds.
+    pub resume_p50_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub resume_p99_ms: f64,
+    /// Largest, milliseconds.
+    pub resume_max_ms: f64,
+}
+
+impl Chaos {
+    /// Whether every live session came through whole: each one lost its connection and took
+    /// it up again, and every byte came back once, in order.
+    pub fn whole(&self) -> bool {
+        self.sessions_lost == self.sessions_live
+            && self.sessions_resumed == self.sessions_live
+            && self.sessions_up_at_end == self.sessions_live
+            && self.bytes_lost == 0
+            && self.bytes_out_of_order == 0
+    }
+}
+
 /// The latency figures of one side (relay or floor).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Side {
@@ -177,6 +263,9 @@ pub struct Report {
     pub connections: Errors,
     /// Open-file limit, worker counts and cap.
     pub limits: Limits,
+    /// What `--chaos` did and how the sessions came through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<Chaos>,
     /// The same run with the other I/O backend (`--compare-io`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub other_io: Option<Box<Report>>,
@@ -285,6 +374,29 @@ impl Report {
                 r.limits.agent_workers,
                 r.limits.capped_by.as_ref().map_or(String::new(), |c| format!("; capped by {c}"))
             );
+            if let Some(c) = &r.chaos {
+                let _ = writeln!(
+                    s,
+                    "  chaos {} at {:.1} s (relay down {:.0} ms): {} of {} live sessions resumed \
+                     ({} lost their connection, {} up at the end); resume p50 {:.0} ms, p99 {:.0} \
+                     ms, max {:.0} ms; {} of {} bytes lost, {} out of order; {} round trips \
+                     spanned it",
+                    c.scenario,
+                    c.at_s,
+                    c.relay_down_ms,
+                    c.sessions_resumed,
+                    c.sessions_live,
+                    c.sessions_lost,
+                    c.sessions_up_at_end,
+                    c.resume_p50_ms,
+                    c.resume_p99_ms,
+                    c.resume_max_ms,
+                    c.bytes_lost,
+                    c.bytes_sent,
+                    c.bytes_out_of_order,
+                    c.round_trips_interrupted
+                );
+            }
             if !r.errors_by_kind.is_empty() {
                 let _ = writeln!(s, "  errors: {:?}", r.errors_by_kind);
             }

@@ -20,7 +20,7 @@ use hatch_relay::dev::DevInfo;
 
 use crate::cli::{Io, Mode, RunArgs};
 use crate::proc::FD_RESERVE;
-use crate::report::{self, Errors, Limits, Report, Setup, Side, new_hist};
+use crate::report::{self, Chaos, Errors, Limits, Report, Setup, Side, StreamStats, new_hist};
 use crate::worker::{AgentSpec, ClientSpec, Event, Spec, Target};
 
 /// API connections a client worker may have open during setup, on top of its sessions.
@@ -31,6 +31,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Grace after the measurement for workers to report.
 const REPORT_GRACE: Duration = Duration::from_secs(30);
+/// More of it after a chaos: a session may take this long to take up its connection.
+const RESUME_GRACE: Duration = Duration::from_secs(60);
 
 /// Entry point of a run.
 pub fn main(args: RunArgs) -> ExitCode {
@@ -43,6 +45,18 @@ pub fn main(args: RunArgs) -> ExitCode {
                 }
             } else {
                 print!("{}", report.text());
+            }
+            let broken: Vec<&Report> = std::iter::once(&report)
+                .chain(report.other_io.as_deref())
+                .filter(|r| r.chaos.as_ref().is_some_and(|c| !c.whole()))
+                .collect();
+            if !broken.is_empty() {
+                eprintln!(
+                    "hatch-loadtest: FAIL: not every live session came through the chaos whole \
+                     (io {})",
+                    broken.iter().map(|r| r.io.as_str()).collect::<Vec<_>>().join(", ")
+                );
+                return ExitCode::FAILURE;
             }
             if let Some(path) = &args.baseline {
                 match report::check_baseline(&report, path, args.max_regression) {
@@ -79,6 +93,10 @@ struct Measured {
     errors: Errors,
     /// Client connections made during setup, by scheme and TLS handshake kind.
     connections: Errors,
+    /// What the echoes carried, and the losses taken up.
+    stream: StreamStats,
+    /// Sessions still up when the measurement ended.
+    up_end: usize,
 }
 
 /// Runs the whole load test and returns its report.
@@ -91,6 +109,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(args.rate > 0.0 && args.ramp > 0.0, "--rate and --ramp must be positive");
     anyhow::ensure!(args.duration > 0.0, "--duration must be positive");
     anyhow::ensure!((1..=1 << 20).contains(&payload), "--payload must be 1 B to 1 MiB");
+    if args.chaos.is_some() {
+        anyhow::ensure!(
+            args.api.is_none() && !args.skip_relay,
+            "--chaos breaks the relay this run starts: not with --api or --skip-relay"
+        );
+        anyhow::ensure!(
+            args.mode == Mode::Echo && args.acks == crate::cli::Acks::On,
+            "--chaos needs --mode echo and --acks on (a resume replays what is unacknowledged)"
+        );
+    }
     let per_proc = (nofile.saturating_sub(FD_RESERVE) as usize).saturating_sub(SETUP_CONCURRENCY);
     anyhow::ensure!(per_proc > 100, "open-file limit {nofile} is too low for a load test");
     // The relay holds two connections per session plus one control channel per agent.
@@ -226,6 +254,7 @@ impl Plan<'_> {
                     sources: sources.clone(),
                     danger_plaintext: self.args.danger_plaintext,
                     acks: self.args.acks == crate::cli::Acks::On,
+                    resume: self.args.chaos.is_some(),
                     setup_concurrency: SETUP_CONCURRENCY,
                     lifetime_s: self.lifetime_s(),
                 });
@@ -269,7 +298,7 @@ impl Plan<'_> {
             pool.spawn(&exe, &spec)?;
         }
         let label = if self.args.danger_plaintext { "floor plaintext" } else { "floor" };
-        let m = pool.measure(self, label, None)?;
+        let m = pool.measure(self, label, None, None)?;
         pool.send_all("end");
         drop(server.stdin.take());
         stop_process(&mut server);
@@ -334,6 +363,7 @@ impl Plan<'_> {
                 sources: Vec::new(),
                 danger_plaintext: self.args.danger_plaintext,
                 acks: self.args.acks == crate::cli::Acks::On,
+                resume: self.args.chaos.is_some(),
                 lifetime_s: self.lifetime_s(),
             });
             agents.spawn(&exe, &spec)?;
@@ -376,6 +406,19 @@ impl Plan<'_> {
         }
         let mut at_go = None;
         let mut threads_at_go = None;
+        let mut restarted = None;
+        let chaos_at = Duration::from_secs_f64(self.args.duration / 3.0);
+        let mut restart = || -> anyhow::Result<()> {
+            let Some(old) = relay.as_mut() else { return Ok(()) };
+            let (child, down) = self.restart_relay(&exe, io, old, &info)?;
+            guard.0 = Some(child.id());
+            relay = Some(child);
+            restarted = Some(down);
+            if !self.args.quiet {
+                eprintln!("[{label}] relay killed and started again: down {down:?}");
+            }
+            Ok(())
+        };
         let m = clients.measure(
             self,
             &label,
@@ -385,7 +428,13 @@ impl Plan<'_> {
                     threads_at_go = pid.and_then(|p| crate::proc::thread_cpu_seconds(p).ok());
                 }) as &mut dyn FnMut(()),
             ),
+            self.args
+                .chaos
+                .map(|_| (chaos_at, &mut restart as &mut dyn FnMut() -> anyhow::Result<()>)),
         )?;
+        // After a restart the process measured at `go` is gone: its CPU and memory figures
+        // would mix two processes, so they are left out.
+        let pid = if restarted.is_some() { None } else { pid };
         let cpu_end = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
         let rss_end = pid.and_then(|p| crate::proc::rss_bytes(p).ok());
         clients.send_all("end");
@@ -442,32 +491,122 @@ impl Plan<'_> {
             _ => None,
         };
         report.cpu_us_per_round_trip = report.cpu_s_per_million_msgs.map(|c| 2.0 * c);
+        if let Some(chaos) = self.args.chaos {
+            let mut h = new_hist();
+            m.stream.resume_time.add_to(&mut h);
+            let ms = |us: u64| us as f64 / 1000.0;
+            report.chaos = Some(Chaos {
+                scenario: chaos.as_str().into(),
+                at_s: chaos_at.as_secs_f64(),
+                relay_down_ms: restarted.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+                sessions_live: m.up,
+                sessions_lost: m.stream.sessions_lost,
+                sessions_resumed: m.stream.sessions_resumed,
+                sessions_up_at_end: m.up_end,
+                bytes_sent: m.stream.bytes_sent,
+                bytes_lost: m.stream.bytes_sent.saturating_sub(m.stream.bytes_echoed),
+                bytes_out_of_order: m.stream.bytes_out_of_order,
+                round_trips_interrupted: m.stream.round_trips_interrupted,
+                resume_p50_ms: ms(h.value_at_quantile(0.50)),
+                resume_p99_ms: ms(h.value_at_quantile(0.99)),
+                resume_max_ms: ms(h.max()),
+            });
+        }
         report.relay = Some(side);
         report.errors_by_kind = errors;
         Ok(report)
     }
 
     fn start_relay(&self, exe: &Path, io: Option<Io>) -> anyhow::Result<(Child, DevInfo)> {
-        let name = io.map_or("default", Io::as_str);
-        let dir = self.work.join(format!("relay-{name}"));
+        let dir = self.relay_dir(io);
         let _ = std::fs::remove_file(dir.join("dev.json"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let log_path = self.work.join(format!("relay-{name}.log"));
-        let log = std::fs::File::create(&log_path)
+        let listen = ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned());
+        let child = self.launch_relay(exe, io, &listen, false)?;
+        self.wait_for_relay(child, io, None)
+    }
+
+    /// Kills the relay (SIGKILL: no close frame, nothing written at the end) and starts it
+    /// again at once on the same ports and data directory, as a supervisor would. Returns the
+    /// new process and the time from the kill until it serves (its new `dev.json`).
+    fn restart_relay(
+        &self,
+        exe: &Path,
+        io: Option<Io>,
+        old: &mut Child,
+        info: &DevInfo,
+    ) -> anyhow::Result<(Child, Duration)> {
+        let dev_json = self.relay_dir(io).join("dev.json");
+        let before =
+            std::fs::metadata(&dev_json).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let killed = Instant::now();
+        let _ = old.kill();
+        let _ = old.wait();
+        let addr = |url: &str| url.split_once("://").map_or(url, |(_, a)| a).to_owned();
+        let listen = (addr(&info.api_url), addr(&info.data_url));
+        let child = self.launch_relay(exe, io, &listen, true)?;
+        let (child, _) = self.wait_for_relay(child, io, before)?;
+        Ok((child, killed.elapsed()))
+    }
+
+    fn relay_dir(&self, io: Option<Io>) -> PathBuf {
+        self.work.join(format!("relay-{}", io.map_or("default", Io::as_str)))
+    }
+
+    fn relay_log(&self, io: Option<Io>) -> PathBuf {
+        self.work.join(format!("relay-{}.log", io.map_or("default", Io::as_str)))
+    }
+
+    /// Starts the relay process on `listen` (API, data plane); `append` keeps the log of an
+    /// earlier process.
+    fn launch_relay(
+        &self,
+        exe: &Path,
+        io: Option<Io>,
+        listen: &(String, String),
+        append: bool,
+    ) -> anyhow::Result<Child> {
+        let log_path = self.relay_log(io);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut child = Command::new(exe)
+        let mut args = relay_args(&self.relay_dir(io), io, self.shards, self.args.danger_plaintext);
+        for (flag, addr) in [("--api-listen", &listen.0), ("--data-listen", &listen.1)] {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args[i + 1] = addr.clone();
+            }
+        }
+        Command::new(exe)
             .arg("relay-process")
             .arg("--")
-            .args(relay_args(&dir, io, self.shards, self.args.danger_plaintext))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting the relay process")?;
+            .context("starting the relay process")
+    }
+
+    /// Waits until the relay has written a `dev.json` (a new one: not the file with inode
+    /// `stale`, an earlier process's) and returns what it says.
+    fn wait_for_relay(
+        &self,
+        mut child: Child,
+        io: Option<Io>,
+        stale: Option<u64>,
+    ) -> anyhow::Result<(Child, DevInfo)> {
         let deadline = Instant::now() + START_TIMEOUT;
-        let dev_json = dir.join("dev.json");
+        let dev_json = self.relay_dir(io).join("dev.json");
+        let log_path = self.relay_log(io);
         loop {
-            if let Ok(text) = std::fs::read_to_string(&dev_json)
+            let fresh = std::fs::metadata(&dev_json)
+                .is_ok_and(|m| Some(std::os::unix::fs::MetadataExt::ino(&m)) != stale);
+            if fresh
+                && let Ok(text) = std::fs::read_to_string(&dev_json)
                 && let Ok(info) = serde_json::from_str::<DevInfo>(&text)
             {
                 return Ok((child, info));
@@ -487,7 +626,7 @@ impl Plan<'_> {
                     tail(&log_path)
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
@@ -624,24 +763,34 @@ impl Pool {
 
     /// The next event before `deadline`; a worker exiting early is an error.
     fn next(&mut self, deadline: Instant) -> anyhow::Result<(usize, Event)> {
+        self.poll(deadline)?.context("timed out waiting for the workers")
+    }
+
+    /// The next event before `deadline`, or `None` at it; a worker exiting early is an error.
+    fn poll(&mut self, deadline: Instant) -> anyhow::Result<Option<(usize, Event)>> {
         let rx = self.rx.as_ref().context("no workers")?;
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(Msg::Ev(i, ev)) => Ok((i, ev)),
+            Ok(Msg::Ev(i, ev)) => Ok(Some((i, ev))),
             Ok(Msg::Exit(i)) => {
                 self.exited += 1;
                 bail!("worker {i} exited early (its stderr is above)");
             }
-            Err(_) => bail!("timed out waiting for the workers"),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("every worker is gone"),
         }
     }
 
     /// Waits for every client worker's `Ready`, says `go`, prints progress, and collects `Done`.
+    ///
+    /// `mid`, when given, runs once that long after `go` (the chaos), and the workers get
+    /// [`RESUME_GRACE`] longer to report.
     fn measure(
         &mut self,
         plan: &Plan<'_>,
         label: &str,
         mut at_go: Option<&mut dyn FnMut(())>,
+        mut mid: Option<(Duration, &mut dyn FnMut() -> anyhow::Result<()>)>,
     ) -> anyhow::Result<Measured> {
         let n = self.len();
         let args = plan.args;
@@ -653,6 +802,8 @@ impl Pool {
             bytes: 0,
             errors: Errors::new(),
             connections: Errors::new(),
+            stream: StreamStats::default(),
+            up_end: 0,
         };
         let mut ups = vec![0usize; n];
         let mut interval = new_hist();
@@ -704,19 +855,30 @@ impl Pool {
             f(());
         }
         self.send_all("go");
-        let deadline = Instant::now() + Duration::from_secs_f64(args.duration) + REPORT_GRACE;
+        let go = Instant::now();
+        let grace = if mid.is_some() { REPORT_GRACE + RESUME_GRACE } else { REPORT_GRACE };
+        let deadline = go + Duration::from_secs_f64(args.duration) + grace;
         let mut done = 0;
         let mut up_end = 0;
         while done < n {
-            let (i, ev) = self.next(deadline)?;
+            let due = mid.as_ref().map(|(after, _)| go + *after);
+            let got = self.poll(due.map_or(deadline, |d| d.min(deadline)))?;
+            let Some((i, ev)) = got else {
+                match mid.take() {
+                    Some((_, f)) => f()?,
+                    None => bail!("timed out waiting for the workers"),
+                }
+                continue;
+            };
             match ev {
                 Event::Progress { up, msgs: k, rtt } => {
                     ups[i] = up;
                     msgs += k;
                     rtt.add_to(&mut interval);
                 }
-                Event::Done { up, rtt, bytes, errors, .. } => {
+                Event::Done { up, rtt, bytes, errors, stream, .. } => {
                     up_end += up;
+                    m.stream.merge(&stream);
                     rtt.add_to(&mut m.rtt);
                     m.bytes += bytes;
                     report::merge_errors(&mut m.errors, &errors);
@@ -730,6 +892,7 @@ impl Pool {
         if up_end < m.up && !args.quiet {
             eprintln!("[{label}] {} sessions failed during the measurement", m.up - up_end);
         }
+        m.up_end = up_end;
         Ok(m)
     }
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::cli::Mode;
-use crate::report::{Buckets, Errors};
+use crate::report::{Buckets, Errors, StreamStats};
 
 /// What a worker simulates.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +55,10 @@ pub struct ClientSpec {
     /// Keep offsets and send acknowledgements as `hatch` does (`--acks on`).
     #[serde(default)]
     pub acks: bool,
+    /// Take up a lost connection again as `hatch` does (`--chaos`): a resume token, a new
+    /// leg, RESUME and the replay of what the agent has not acknowledged. Needs `acks`.
+    #[serde(default)]
+    pub resume: bool,
     /// Setups in flight at most.
     pub setup_concurrency: usize,
     /// The worker exits after this many seconds whatever happens.
@@ -108,6 +112,10 @@ pub struct AgentSpec {
     /// Keep offsets and send acknowledgements as `hatch-agent` does (`--acks on`).
     #[serde(default)]
     pub acks: bool,
+    /// Reconnect a lost control channel and take up lost data legs again as `hatch-agent`
+    /// does (`--chaos`), with its backoff. Needs `acks`.
+    #[serde(default)]
+    pub resume: bool,
     /// The worker exits after this many seconds whatever happens.
     pub lifetime_s: f64,
 }
@@ -160,6 +168,9 @@ pub enum Event {
         /// Connections made over the worker's life, by scheme and TLS handshake kind.
         #[serde(default)]
         connections: Errors,
+        /// What the echoes carried and how lost connections were taken up (clients).
+        #[serde(default)]
+        stream: StreamStats,
     },
     /// The worker could not run at all.
     Fatal {

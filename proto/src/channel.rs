@@ -219,6 +219,25 @@ impl<'a> Message<'a> {
     }
 }
 
+/// A RESUME and what follows it, encoded: the bytes to send again in DATA messages of at most
+/// `chunk` bytes (at least 1), then `end` (the direction's end: an empty DATA from a client,
+/// EXIT from an agent) when the replay must send the end again.
+pub fn replay_messages(
+    resume: crate::resume::Resume,
+    replay: crate::resume::Replay<'_>,
+    chunk: usize,
+    end: Message<'_>,
+) -> Vec<Vec<u8>> {
+    let mut out = vec![Message::Resume(resume).to_vec()];
+    for part in [replay.data.0, replay.data.1] {
+        out.extend(part.chunks(chunk.max(1)).map(|c| Message::Data(c).to_vec()));
+    }
+    if replay.end {
+        out.push(end.to_vec());
+    }
+    out
+}
+
 fn fixed<const N: usize>(body: &[u8], kind: &'static str) -> Result<[u8; N], ChannelError> {
     body.try_into().map_err(|_| ChannelError::BadLength { kind, got: body.len(), expected: N })
 }
@@ -237,6 +256,24 @@ mod tests {
         let mut appended = vec![0xEE];
         msg.encode(&mut appended);
         assert_eq!(&appended[1..], wire, "encode appends");
+    }
+
+    #[test]
+    fn a_replay_is_the_resume_then_both_slices_in_chunks_then_the_end() {
+        use crate::resume::{Replay, Resume};
+        let resume = Resume { received: 7, from: 2, reply: true, fresh: false };
+        let replay = Replay { data: (b"abcd", b"ef"), end: true };
+        let got = replay_messages(resume, replay, 3, Message::Exit(5));
+        let want: Vec<Vec<u8>> = vec![
+            Message::Resume(resume).to_vec(),
+            Message::Data(b"abc").to_vec(),
+            Message::Data(b"d").to_vec(),
+            Message::Data(b"ef").to_vec(),
+            Message::Exit(5).to_vec(),
+        ];
+        assert_eq!(got, want);
+        let none = Replay { data: (b"", b""), end: false };
+        assert_eq!(replay_messages(resume, none, 0, Message::Data(b"")).len(), 1);
     }
 
     #[test]
