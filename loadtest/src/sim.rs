@@ -530,11 +530,11 @@ impl Session {
         let mut attempt = 0u32;
         let ws = loop {
             attempt += 1;
-            match self.resume_once(&sid).await {
+            // Every attempt has a deadline: the API call its own, the dial this one.
+            let once = tokio::time::timeout(SETUP_TIMEOUT, self.resume_once(&sid)).await;
+            match once.unwrap_or_else(|_| Err(Failure::new("dial_timeout", ""))) {
                 Ok(ws) => break ws,
-                Err(e) if e.kind.starts_with("api_") && e.kind != "api_timeout" => {
-                    return Err(Failure::new(format!("resume_{}", e.kind), e.detail));
-                }
+                Err(e) if e.kind.starts_with("resume_") => return Err(e),
                 Err(e) if started.elapsed() >= RESUME_FOR => {
                     return Err(Failure::new("resume_timeout", e));
                 }
@@ -549,13 +549,9 @@ impl Session {
         };
         let msgs = {
             let (r, replay) = link.reconnected();
-            hatch_proto::channel::replay_messages(r, replay, 16 * 1024, Chan::Data(&[]))
+            hatch_proto::channel::replay_messages(r, replay, REPLAY_CHUNK, Chan::Data(&[]))
         };
-        let send = |e| Failure::new("send", e);
-        for m in msgs {
-            c.ws.feed(Message::Binary(m.into())).await.map_err(send)?;
-        }
-        c.ws.flush().await.map_err(send)
+        send_all(&mut c.ws, msgs).await
     }
 
     /// One resume: `POST /v1/sessions/{id}/resume` (taking the session over: this session's
@@ -570,7 +566,16 @@ impl Session {
         let (status, body) =
             self.dialer.post_json(&url, Some(access_key), body, API_TIMEOUT, self.n).await?;
         if !status.is_success() {
-            return Err(api_error(status, &body));
+            let f = api_error(status, &body);
+            // Final as `hatch` takes it: the session ended, is not ours, or may not be resumed
+            // by us. Anything else (the relay starting, throttling) is tried again.
+            let last = matches!(status.as_u16(), 401 | 403 | 404)
+                || (status.as_u16() == 409 && f.kind != "api_TokenAlreadyUsed");
+            return Err(if last {
+                Failure::new(format!("resume_{}", f.kind), f.detail)
+            } else {
+                f
+            });
         }
         let r: StartSessionResponse =
             serde_json::from_slice(&body).map_err(|e| Failure::new("api_body", e))?;
@@ -607,6 +612,9 @@ impl Session {
         Ok(())
     }
 }
+
+/// Largest DATA message of a replay.
+const REPLAY_CHUNK: usize = 16 * 1024;
 
 /// How long a session keeps trying to take up a lost connection.
 const RESUME_FOR: Duration = Duration::from_secs(60);
@@ -679,14 +687,10 @@ async fn recv_data(c: &mut Conn, check: bool) -> Result<usize, Failure> {
                         let msgs = hatch_proto::channel::replay_messages(
                             answer,
                             replay,
-                            16 * 1024,
+                            REPLAY_CHUNK,
                             Chan::Data(&[]),
                         );
-                        let send = |e| Failure::new("send", e);
-                        for m in msgs {
-                            c.ws.feed(Message::Binary(m.into())).await.map_err(send)?;
-                        }
-                        c.ws.flush().await.map_err(send)?;
+                        send_all(&mut c.ws, msgs).await?;
                     }
                     if !l.awaiting() {
                         return Ok(0);
@@ -1013,7 +1017,7 @@ impl DataLeg {
                         let Some(l) = link.as_mut() else { break Ok(None) };
                         let msgs = {
                             let (r, replay) = l.reconnected();
-                            hatch_proto::channel::replay_messages(r, replay, 16 * 1024, Chan::Exit(255))
+                            hatch_proto::channel::replay_messages(r, replay, REPLAY_CHUNK, Chan::Exit(255))
                         };
                         if send_all(&mut ws, msgs).await.is_ok() {
                             break Ok(Some(ws));
@@ -1092,7 +1096,7 @@ async fn echo(
                             let msgs = hatch_proto::channel::replay_messages(
                                 answer,
                                 replay,
-                                16 * 1024,
+                                REPLAY_CHUNK,
                                 Chan::Exit(255),
                             );
                             send_all(ws, msgs).await?;
