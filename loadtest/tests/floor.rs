@@ -180,3 +180,41 @@ fn baseline_check_fails_above_one_and_a_half_times_the_baseline_ratio() {
     // The report is still printed.
     assert!(String::from_utf8_lossy(&out.stdout).contains("p99 ratio relay/floor"));
 }
+
+/// `--chaos relay-restart` end to end, on one backend: the relay process is SIGKILLed mid-run
+/// and started again; every session resumes and every echoed byte is checked.
+fn chaos_relay_restart_loses_nothing(io: &str) {
+    let out = loadtest()
+        .args(["--sessions", "24", "--instances", "3", "--ramp", "100", "--duration", "3"])
+        .args(["--chaos", "relay-restart", "--skip-floor", "--json", "-q", "--shards", "1"])
+        .args(["--io", io])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{v}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let c = &v["chaos"];
+    assert_eq!(c["scenario"], "relay-restart", "{c}");
+    assert_eq!(c["sessions_live"], 24, "{c}");
+    assert_eq!(c["sessions_lost"], 24, "{c}");
+    assert_eq!(c["sessions_resumed"], 24, "{c}");
+    assert_eq!(c["sessions_up_at_end"], 24, "{c}");
+    assert!(c["bytes_sent"].as_u64().unwrap() > 0, "{c}");
+    assert_eq!(c["bytes_lost"], 0, "{c}");
+    assert_eq!(c["bytes_out_of_order"], 0, "{c}");
+    assert!(c["relay_down_ms"].as_f64().unwrap() > 0.0, "{c}");
+    let (p50, max) = (c["resume_p50_ms"].as_f64().unwrap(), c["resume_max_ms"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= max, "{c}");
+    // The chaos run reports no relay CPU: it would mix two processes.
+    assert!(v["cpu_s_per_million_msgs"].is_null(), "{v}");
+}
+
+#[test]
+fn chaos_relay_restart_on_epoll_resumes_every_session_and_loses_no_byte() {
+    chaos_relay_restart_loses_nothing("epoll");
+}
+
+#[test]
+fn chaos_relay_restart_on_io_uring_resumes_every_session_and_loses_no_byte() {
+    chaos_relay_restart_loses_nothing("uring");
+}
