@@ -156,17 +156,27 @@ pub fn spawn(launch: &Launch, slave: PtySlave) -> io::Result<tokio::process::Chi
 pub struct Pipes {
     /// The command's stdin; dropping it is end of input.
     pub input: tokio::net::unix::pipe::Sender,
-    /// The command's stdout and stderr, merged (the channel has one output stream, as a
-    /// terminal would).
+    /// The command's stdout, and its stderr too unless `errors` is there.
     pub output: tokio::net::unix::pipe::Receiver,
+    /// The command's stderr, when it is kept apart.
+    pub errors: Option<tokio::net::unix::pipe::Receiver>,
 }
 
 /// Starts `launch` as the leader of a new session with no controlling terminal: stdin a pipe,
-/// stdout and stderr one pipe. Bytes pass unchanged (no line discipline).
-pub fn spawn_piped(launch: &Launch) -> io::Result<(tokio::process::Child, Pipes)> {
+/// stdout a pipe, stderr a pipe of its own when `split_stderr`, else the stdout pipe (for a
+/// client that knows only DATA). Bytes pass unchanged (no line discipline).
+pub fn spawn_piped(
+    launch: &Launch,
+    split_stderr: bool,
+) -> io::Result<(tokio::process::Child, Pipes)> {
     let (child_in, agent_in) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (agent_out, child_out) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let child_err = child_out.try_clone()?;
+    let (agent_err, child_err) = if split_stderr {
+        let (a, c) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        (Some(a), c)
+    } else {
+        (None, child_out.try_clone()?)
+    };
     let child = spawn_on(launch, child_in, child_out, child_err, false)?;
     // The agent's ends become non-blocking (their own open file descriptions; the child's
     // ends stay blocking). They were close-on-exec from the start, so no other session's
@@ -174,8 +184,26 @@ pub fn spawn_piped(launch: &Launch) -> io::Result<(tokio::process::Child, Pipes)
     let pipes = Pipes {
         input: tokio::net::unix::pipe::Sender::from_owned_fd(agent_in)?,
         output: tokio::net::unix::pipe::Receiver::from_owned_fd(agent_out)?,
+        errors: agent_err.map(tokio::net::unix::pipe::Receiver::from_owned_fd).transpose()?,
     };
     Ok((child, pipes))
+}
+
+/// What a shell says and exits with when `program` cannot be started for `err` (`ENOENT`: 127,
+/// not executable: 126), as `bash -c` would; `None` for a failure that is not the command's
+/// (the identity switch, resources), which stays an agent error.
+pub fn not_started(program: &str, err: &io::Error) -> Option<(i32, String)> {
+    let (status, words) = match err.raw_os_error()? {
+        libc::ENOENT if !program.contains('/') => (127, "command not found"),
+        libc::ENOENT => (127, "No such file or directory"),
+        libc::ENOTDIR => (127, "Not a directory"),
+        libc::EACCES => (126, "Permission denied"),
+        libc::EISDIR => (126, "Is a directory"),
+        libc::ENOEXEC => (126, "cannot execute binary file: Exec format error"),
+        libc::ETXTBSY => (126, "Text file busy"),
+        _ => return None,
+    };
+    Some((status, format!("hatch-agent: {program}: {words}")))
 }
 
 fn spawn_on(

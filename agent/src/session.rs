@@ -36,7 +36,7 @@ use hatch_proto::channel::{self, Message};
 use hatch_proto::close;
 use hatch_proto::control::{FromAgent, ToAgent};
 use hatch_proto::logtext::peer;
-use hatch_proto::resume::{Link, LinkConfig, OffsetError, Replay, Resume};
+use hatch_proto::resume::{Link, LinkConfig, OffsetError, Replay, Resume, Stream as Which};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, User};
 use tokio::net::TcpStream;
@@ -146,15 +146,34 @@ pub struct SessionSpec {
     pub run_as: Option<String>,
     /// Client's `TERM`.
     pub term: Option<String>,
+    /// exec: a PTY (`Some(true)`), pipes with stderr apart (`Some(false)`), or as before the
+    /// field (`None`: a PTY when `term` is given, else pipes with stderr merged).
+    pub tty: Option<bool>,
 }
 
 impl SessionSpec {
     /// The spec of a `session.open` message; `None` for other messages.
     pub fn from_message(msg: ToAgent) -> Option<SessionSpec> {
         match msg {
-            ToAgent::SessionOpen { session_id, stream_url, token, mode, command, run_as, term } => {
-                Some(SessionSpec { session_id, stream_url, token, mode, command, run_as, term })
-            }
+            ToAgent::SessionOpen {
+                session_id,
+                stream_url,
+                token,
+                mode,
+                command,
+                run_as,
+                term,
+                tty,
+            } => Some(SessionSpec {
+                session_id,
+                stream_url,
+                token,
+                mode,
+                command,
+                run_as,
+                term,
+                tty,
+            }),
             _ => None,
         }
     }
@@ -282,34 +301,79 @@ pub async fn run_counted(
     debug!(session = %peer(&sid, 40), "data leg connected");
     let (mut sink, mut stream) = ws.split();
 
+    // What the command's side is: as `ssh host cmd`, a command gets a PTY only when asked
+    // (`hatch exec -t`); otherwise pipes, bytes unchanged, end of input an empty DATA, and
+    // stderr apart as STDERR when the client said it knows that message (`tty` present).
+    let (use_pty, split_stderr) = match (spec.mode, spec.tty) {
+        (Mode::Shell, _) => (true, false),
+        (Mode::Exec, Some(tty)) => (tty, !tty),
+        (Mode::Exec, None) => (spec.term.is_some(), false),
+    };
+    let exec = spec.mode == Mode::Exec;
     let setup = async {
-        let launch = prepare(&spec).await?;
-        if spec.mode == Mode::Exec && spec.term.is_none() {
-            // No TERM: the client's input is not a terminal (a pipe or a file), so neither is
-            // the command's, as with `ssh host cmd`: bytes pass unchanged, end of input is an
-            // empty DATA.
-            let (child, pipes) = pty::spawn_piped(&launch).map_err(|e| {
-                (channel::ERROR_SPAWN, format!("cannot start {}: {e}", launch.program))
-            })?;
-            let io = Io::Pipes { input: Some(pipes.input), output: pipes.output };
-            return Ok::<_, (u16, String)>((io, child, launch));
+        let launch = prepare(&spec).await.map_err(|(code, why)| Setup::Refused(code, why))?;
+        let cannot_start = |e: std::io::Error| match pty::not_started(&launch.program, &e) {
+            Some((status, words)) if exec => Setup::NotStarted(status, words),
+            _ => Setup::Refused(
+                channel::ERROR_SPAWN,
+                format!("cannot start {}: {e}", launch.program),
+            ),
+        };
+        if !use_pty {
+            let (child, pipes) = pty::spawn_piped(&launch, split_stderr).map_err(cannot_start)?;
+            let io =
+                Io::Pipes { input: Some(pipes.input), output: pipes.output, errors: pipes.errors };
+            return Ok::<_, Setup>((io, child, launch));
         }
-        let (pty, slave) = Pty::open()
-            .map_err(|e| (channel::ERROR_SPAWN, format!("cannot open a pseudo-terminal: {e}")))?;
+        let (pty, slave) = Pty::open().map_err(|e| {
+            Setup::Refused(channel::ERROR_SPAWN, format!("cannot open a pseudo-terminal: {e}"))
+        })?;
         // 80x24 until the client's first RESIZE (a new PTY is 0x0, which confuses programs
         // that start before it arrives).
-        pty.resize(DEFAULT_COLS, DEFAULT_ROWS)
-            .map_err(|e| (channel::ERROR_SPAWN, format!("cannot size the pseudo-terminal: {e}")))?;
-        let child = pty::spawn(&launch, slave)
-            .map_err(|e| (channel::ERROR_SPAWN, format!("cannot start {}: {e}", launch.program)))?;
-        Ok::<_, (u16, String)>((Io::Pty(pty), child, launch))
+        pty.resize(DEFAULT_COLS, DEFAULT_ROWS).map_err(|e| {
+            Setup::Refused(channel::ERROR_SPAWN, format!("cannot size the pseudo-terminal: {e}"))
+        })?;
+        let child = pty::spawn(&launch, slave).map_err(cannot_start)?;
+        Ok::<_, Setup>((Io::Pty(pty), child, launch))
     };
+    let flow = Flow::new(cfg.link);
     let (mut io, mut child, launch) = match setup.await {
         Ok(x) => x,
-        Err((code, message)) => {
+        Err(Setup::NotStarted(code, words)) => {
+            // As a shell: the words on the command's stderr (the terminal with -t), then the
+            // status, delivered like any command's output and exit.
+            info!(session = %peer(&sid, 40), code, error = %peer(&words, 512), "command not started");
+            let line = if use_pty { format!("{words}\r\n") } else { format!("{words}\n") };
+            let msg = {
+                let mut l = flow.link();
+                if split_stderr {
+                    l.tx.push_stderr(line.as_bytes());
+                    Message::Stderr(line.as_bytes()).to_vec()
+                } else {
+                    l.tx.push(line.as_bytes());
+                    Message::Data(line.as_bytes()).to_vec()
+                }
+            };
+            // Lost or not, the line is in the replay buffer and goes again on a new leg.
+            let _ = send_all(&mut sink, [msg], counts).await;
+            finish(
+                code,
+                &mut sink,
+                &mut stream,
+                &flow,
+                &sid,
+                cfg,
+                &mut resume,
+                &mut cancel,
+                counts,
+            )
+            .await;
+            return SessionEnd::Exited(code);
+        }
+        Err(Setup::Refused(code, message)) => {
             warn!(session = %peer(&sid, 40), code, error = %peer(&message, 512), "session refused");
             let ws_code = if code == channel::ERROR_RUN_AS {
-                close::POLICY_VIOLATION
+                close::RUN_AS_UNAVAILABLE
             } else {
                 close::INTERNAL_ERROR
             };
@@ -325,7 +389,6 @@ pub async fn run_counted(
     let pid = child.id().unwrap_or(0);
     info!(session = %peer(&sid, 40), pid, program = %launch.program, mode = spec.mode.as_str(), "session started");
 
-    let flow = Flow::new(cfg.link);
     let outcome = loop {
         let outcome = pump(
             &mut io,
@@ -353,52 +416,18 @@ pub async fn run_counted(
             // Background jobs that outlive the leader get the hang-up a terminal would give
             // them (nohup'd ones survive, as with ssh).
             hang_up_session(pid);
-            // EXIT is the end of the output: it is replayed like output until the client has
-            // acknowledged it, so a client that resumes late still gets every byte and the
-            // status.
-            flow.exit.store(i64::from(code), Ordering::Relaxed);
-            flow.link().tx.finish();
-            let deadline = Instant::now() + cfg.timing.exit_timeout;
-            let mut send_exit = true;
-            loop {
-                let sent = tokio::time::timeout_at(
-                    deadline,
-                    deliver_exit(&mut sink, &mut stream, &flow, send_exit.then_some(code), counts),
-                )
-                .await;
-                match sent {
-                    Ok(Ok(())) => {
-                        close_leg(&mut sink, &mut stream, close::NORMAL, "exited", &cfg.timing)
-                            .await;
-                        break;
-                    }
-                    Ok(Err(ExitWait::Closed(e))) => {
-                        debug!(error = %e, "EXIT not acknowledged");
-                        break;
-                    }
-                    Ok(Err(ExitWait::Lost(e))) => {
-                        // The leg was lost with EXIT unacknowledged: on a new leg the replay
-                        // carries the output and EXIT again.
-                        debug!(error = %e, "EXIT not acknowledged");
-                        let Some(link) = resume.as_mut() else {
-                            counts.set_lost();
-                            break;
-                        };
-                        match reattach(&sid, cfg, link, &mut cancel, &flow, counts).await {
-                            Ok(ws) => (sink, stream) = ws.split(),
-                            Err(_) => {
-                                counts.set_lost();
-                                break;
-                            }
-                        }
-                        send_exit = false;
-                    }
-                    Err(_) => {
-                        counts.set_lost();
-                        break;
-                    }
-                }
-            }
+            finish(
+                code,
+                &mut sink,
+                &mut stream,
+                &flow,
+                &sid,
+                cfg,
+                &mut resume,
+                &mut cancel,
+                counts,
+            )
+            .await;
             SessionEnd::Exited(code)
         }
         Outcome::Broken(e) => {
@@ -441,6 +470,73 @@ pub async fn run_counted(
     };
     info!(session = %peer(&sid, 40), pid, end = ?end, "session ended");
     end
+}
+
+/// Why a session's command is not running.
+enum Setup {
+    /// The agent refuses or failed (an ERROR code and its words): ERROR, then a close.
+    Refused(u16, String),
+    /// The command could not be started as a shell would report it: this status, these words.
+    NotStarted(i32, String),
+}
+
+/// The end of the output: EXIT `code`, replayed like output until the client has acknowledged
+/// it (a client that resumes late still gets every byte and the status), then close 1000.
+/// Puts up new legs while EXIT is unacknowledged, within the exit timeout.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    code: i32,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    flow: &Flow,
+    sid: &str,
+    cfg: &SessionConfig,
+    resume: &mut Option<ResumeLink>,
+    cancel: &mut Option<oneshot::Receiver<Cancel>>,
+    counts: &LegCounts,
+) {
+    flow.exit.store(i64::from(code), Ordering::Relaxed);
+    flow.link().tx.finish();
+    let deadline = Instant::now() + cfg.timing.exit_timeout;
+    let mut send_exit = true;
+    loop {
+        let sent = tokio::time::timeout_at(
+            deadline,
+            deliver_exit(sink, stream, flow, send_exit.then_some(code), counts),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                close_leg(sink, stream, close::NORMAL, "exited", &cfg.timing).await;
+                return;
+            }
+            Ok(Err(ExitWait::Closed(e))) => {
+                debug!(error = %e, "EXIT not acknowledged");
+                return;
+            }
+            Ok(Err(ExitWait::Lost(e))) => {
+                // The leg was lost with EXIT unacknowledged: on a new leg the replay carries
+                // the output and EXIT again.
+                debug!(error = %e, "EXIT not acknowledged");
+                let Some(link) = resume.as_mut() else {
+                    counts.set_lost();
+                    return;
+                };
+                match reattach(sid, cfg, link, cancel, flow, counts).await {
+                    Ok(ws) => (*sink, *stream) = ws.split(),
+                    Err(_) => {
+                        counts.set_lost();
+                        return;
+                    }
+                }
+                send_exit = false;
+            }
+            Err(_) => {
+                counts.set_lost();
+                return;
+            }
+        }
+    }
 }
 
 /// Asks for a new leg until one is up: a resume token through the control channel, then the
@@ -926,27 +1022,52 @@ enum Io {
         /// `None` once the client ended its input.
         input: Option<tokio::net::unix::pipe::Sender>,
         output: tokio::net::unix::pipe::Receiver,
+        /// stderr, when it goes apart as STDERR.
+        errors: Option<tokio::net::unix::pipe::Receiver>,
     },
 }
 
 /// Where output is read from.
 enum Output<'a> {
     Pty(&'a Pty),
-    Pipe(&'a tokio::net::unix::pipe::Receiver),
+    /// stdout, and stderr when it is apart; `None` once that pipe reached its end.
+    Pipes(
+        Option<&'a tokio::net::unix::pipe::Receiver>,
+        Option<&'a tokio::net::unix::pipe::Receiver>,
+    ),
+}
+
+/// Waits until the pipe is readable; for ever when it is gone.
+async fn readable(r: Option<&tokio::net::unix::pipe::Receiver>) -> std::io::Result<()> {
+    match r {
+        Some(r) => r.readable().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Output<'_> {
-    /// Reads output; `Ok(0)` once no process holds the terminal or pipe open any more.
-    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Output::Pty(p) => p.read(buf).await,
-            Output::Pipe(r) => loop {
-                r.readable().await?;
-                match r.try_read(buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    other => return other,
-                }
-            },
+    /// Reads output, and which stream it came from; `Ok(0)` once no process holds the terminal
+    /// or any pipe open any more. Cancel-safe: a read that did not complete took nothing.
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<(Which, usize)> {
+        let (out, err) = match self {
+            Output::Pty(p) => return Ok((Which::Out, p.read(buf).await?)),
+            Output::Pipes(out, err) => (out, err),
+        };
+        loop {
+            // Readiness first (it takes no bytes), then the read from the one that is ready.
+            let stream = tokio::select! {
+                r = readable(*out), if out.is_some() => { r?; Which::Out }
+                r = readable(*err), if err.is_some() => { r?; Which::Err }
+                else => return Ok((Which::Out, 0)),
+            };
+            let pipe = if stream == Which::Out { &mut *out } else { &mut *err };
+            match pipe.expect("chosen because it is there").try_read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // One pipe's end is not the output's: the other may still carry bytes.
+                Ok(0) => *pipe = None,
+                Ok(n) => return Ok((stream, n)),
+                Err(e) => return Err(e),
+            }
         }
     }
 }
@@ -1013,11 +1134,13 @@ async fn pump(
             let p: &Pty = p;
             (Output::Pty(p), Input::Pty(p))
         }
-        Io::Pipes { input, output } => (Output::Pipe(output), Input::Pipe(input)),
+        Io::Pipes { input, output, errors } => {
+            (Output::Pipes(Some(&*output), errors.as_ref()), Input::Pipe(input))
+        }
     };
     let mut progress_at_arm = 0;
     let mut exited_at = Instant::now();
-    let out = pump_out(&output, sink, timing.ping_interval, flow, counts);
+    let out = pump_out(output, sink, timing.ping_interval, flow, counts);
     let inp = pump_in(input, stream, timing.dead_after, flow, counts);
     tokio::pin!(out, inp);
     let mut out_done = false;
@@ -1077,14 +1200,13 @@ async fn pump(
 /// process holds it any more). The PTY is read only while the window has room: a client that
 /// does not acknowledge stops the command's output, as a slow terminal would.
 async fn pump_out(
-    pty: &Output<'_>,
+    mut pty: Output<'_>,
     sink: &mut Sink,
     ping_interval: Duration,
     flow: &Flow,
     counts: &LegCounts,
 ) -> Result<(), String> {
     let mut buf = vec![0u8; 1 + MAX_DATA];
-    buf[0] = channel::TYPE_DATA;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     loop {
         let answers = flow.take_answers();
@@ -1100,15 +1222,24 @@ async fn pump_out(
         };
         tokio::select! {
             r = pty.read(&mut buf[1..1 + room]), if room > 0 => {
-                let n = match r {
-                    Ok(0) => return Ok(()),
-                    Ok(n) => n,
+                let (stream, n) = match r {
+                    Ok((_, 0)) => return Ok(()),
+                    Ok(read) => read,
                     Err(e) => return Err(format!("reading the terminal: {e}")),
                 };
                 flow.progress.fetch_add(1, Ordering::Relaxed);
                 let ack = {
                     let mut link = flow.link();
-                    let took = link.tx.push(&buf[1..1 + n]);
+                    let took = match stream {
+                        Which::Out => {
+                            buf[0] = channel::TYPE_DATA;
+                            link.tx.push(&buf[1..1 + n])
+                        }
+                        Which::Err => {
+                            buf[0] = channel::TYPE_STDERR;
+                            link.tx.push_stderr(&buf[1..1 + n])
+                        }
+                    };
                     debug_assert_eq!(took, n, "read no more than the window's room");
                     // Whatever was received rides along with the output.
                     link.rx.take_ack()
@@ -1265,7 +1396,8 @@ async fn pump_in(
                     // goes to the log.
                     warn!(code, error = %peer(message, 200), "client reported an error");
                 }
-                Ok(Message::Exit(_) | Message::Unknown { .. }) => {}
+                // Not the client's to send: ignored, as an unknown type would be.
+                Ok(Message::Exit(_) | Message::Stderr(_) | Message::Unknown { .. }) => {}
                 Err(e) => return InEnd::Bad(e.to_string()),
             },
             WsMessage::Text(_) => {
@@ -1373,6 +1505,7 @@ mod tests {
             command: None,
             run_as: None,
             term: None,
+            tty: None,
         };
         let (_tx, rx) = oneshot::channel();
         match run(spec, &cfg, rx).await {

@@ -98,6 +98,7 @@ fn open(
         command: s.command,
         run_as: run_as.map(str::to_owned).or(s.run_as),
         term: None,
+        tty: None,
     }
 }
 

@@ -91,6 +91,7 @@ impl Relay {
             command: command.map(|c| c.iter().map(|s| s.to_string()).collect()),
             run_as: Some(hatch_agent::session::identity(None).unwrap().default_user),
             term: None,
+            tty: None,
         };
         let cfg = self.cfg.clone();
         let (tx, rx) = oneshot::channel();

@@ -113,6 +113,7 @@ impl Env {
             command: command.map(|c| c.iter().map(|s| s.to_string()).collect()),
             run_as: None,
             term: None,
+            tty: None,
         };
         let tcp = tokio::net::TcpStream::connect(self.api).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();

@@ -78,6 +78,7 @@ async fn agent_rss_idle_and_with_50_sessions() {
             command: None,
             run_as: s.run_as,
             term: None,
+            tty: None,
         };
         ws.send(WsMessage::Text(serde_json::to_string(&open).unwrap().into())).await.unwrap();
         let (_, mut c) = srv.accept().await;

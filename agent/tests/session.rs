@@ -116,7 +116,7 @@ async fn unknown_run_as_user_gets_a_clear_error_and_close() {
     assert_eq!(done.errors.len(), 1, "{done:?}");
     assert_eq!(done.errors[0].0, channel::ERROR_RUN_AS);
     assert!(done.errors[0].1.contains("\"no-such-user-hatch\" does not exist"), "{done:?}");
-    assert_eq!(done.close.map(|c| c.0), Some(close::POLICY_VIOLATION));
+    assert_eq!(done.close.map(|c| c.0), Some(close::RUN_AS_UNAVAILABLE));
     assert!(matches!(task.await.unwrap(), SessionEnd::Failed(m) if m.contains("does not exist")));
 }
 
@@ -135,7 +135,7 @@ async fn session_open_naming_no_user_is_refused() {
     assert_eq!(done.errors.len(), 1, "{done:?}");
     assert_eq!(done.errors[0].0, channel::ERROR_RUN_AS);
     assert!(done.errors[0].1.contains("did not say which user"), "{done:?}");
-    assert_eq!(done.close.map(|c| c.0), Some(close::POLICY_VIOLATION));
+    assert_eq!(done.close.map(|c| c.0), Some(close::RUN_AS_UNAVAILABLE));
     assert!(matches!(task.await.unwrap(), SessionEnd::Failed(m) if m.contains("did not say")));
 }
 
@@ -185,18 +185,57 @@ async fn run_as_drops_privileges_when_root() {
     assert_eq!(task.await.unwrap(), SessionEnd::Exited(0));
 }
 
+/// As a shell: a command that does not exist exits 127, one that cannot be executed 126, with
+/// the shell's words on stderr (STDERR when the client keeps it apart, else the output).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_program_is_a_spawn_error() {
+async fn a_command_that_cannot_start_exits_127_or_126_with_words() {
     let srv = LegServer::start().await;
-    let spec = srv.spec("s-noprog", Mode::Exec, Some(&["/nonexistent/hatch-program"]));
-    let (task, _cancel) = spawn_session(spec, &srv.cfg);
-    let (_, client) = srv.accept().await;
-    let done = client.finish().await;
-    assert_eq!(done.errors.len(), 1, "{done:?}");
-    assert_eq!(done.errors[0].0, channel::ERROR_SPAWN);
-    assert!(done.errors[0].1.contains("/nonexistent/hatch-program"), "{done:?}");
-    assert_eq!(done.close.map(|c| c.0), Some(close::INTERNAL_ERROR));
-    assert!(matches!(task.await.unwrap(), SessionEnd::Failed(_)));
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("not-executable");
+    std::fs::write(&plain, "echo never\n").unwrap();
+    let plain = plain.to_str().unwrap().to_owned();
+    let cases: [(&str, Option<bool>, i32, String); 5] = [
+        (
+            "/nonexistent/hatch-program",
+            Some(false),
+            127,
+            "/nonexistent/hatch-program: No such file or directory".into(),
+        ),
+        (
+            "hatch-no-such-command",
+            Some(false),
+            127,
+            "hatch-no-such-command: command not found".into(),
+        ),
+        (&plain, Some(false), 126, format!("{plain}: Permission denied")),
+        ("/tmp", None, 126, "/tmp: Permission denied".into()),
+        (
+            "hatch-no-such-command",
+            Some(true),
+            127,
+            "hatch-no-such-command: command not found".into(),
+        ),
+    ];
+    for (i, (program, tty, status, words)) in cases.into_iter().enumerate() {
+        let mut spec = srv.spec(&format!("s-noprog-{i}"), Mode::Exec, Some(&[program]));
+        spec.tty = tty;
+        let (task, _cancel) = spawn_session(spec, &srv.cfg);
+        let (_, client) = srv.accept().await;
+        let done = client.finish().await;
+        assert!(done.errors.is_empty(), "{done:?}");
+        assert_eq!(done.exit, Some(status), "{program}: {done:?}");
+        let line = format!("hatch-agent: {words}");
+        match tty {
+            Some(false) => {
+                assert_eq!(done.stderr, format!("{line}\n"), "{done:?}");
+                assert_eq!(done.output, "", "{done:?}");
+            }
+            Some(true) => assert_eq!(done.output, format!("{line}\r\n"), "{done:?}"),
+            None => assert_eq!(done.output, format!("{line}\n"), "{done:?}"),
+        }
+        assert_eq!(done.close.map(|c| c.0), Some(close::NORMAL));
+        assert_eq!(task.await.unwrap(), SessionEnd::Exited(status));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,4 +438,27 @@ async fn output_stops_at_the_window_until_the_client_acknowledges_and_exit_waits
     assert_eq!(done.exit, Some(4), "close {:?}", done.close);
     assert_eq!(done.close.map(|c| c.0), Some(close::NORMAL));
     assert_eq!(task.await.unwrap(), SessionEnd::Exited(4));
+}
+
+/// Without a PTY (`tty: false`) stdout and stderr stay apart (stderr as STDERR), bytes pass
+/// unchanged (no CRLF), and the end of the client's input closes the command's stdin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_without_a_tty_keeps_stderr_apart_and_bytes_unchanged() {
+    let srv = LegServer::start().await;
+    let cmd = [
+        "sh",
+        "-c",
+        "printf 'out\\n'; printf 'err\\n' >&2; tr a-z A-Z; printf 'late\\n' >&2; exit 3",
+    ];
+    let mut spec = srv.spec("s-split", Mode::Exec, Some(&cmd));
+    spec.tty = Some(false);
+    let (task, _cancel) = spawn_session(spec, &srv.cfg);
+    let (_, mut client) = srv.accept().await;
+    client.send(Message::Data(b"line one\nline two\n")).await;
+    client.send(Message::Data(b"")).await;
+    let done = client.finish().await;
+    assert_eq!(done.output, "out\nLINE ONE\nLINE TWO\n", "{done:?}");
+    assert_eq!(done.stderr, "err\nlate\n", "{done:?}");
+    assert_eq!(done.exit, Some(3));
+    assert_eq!(task.await.unwrap(), SessionEnd::Exited(3));
 }

@@ -113,6 +113,10 @@ pub struct ExecArgs {
     /// User to run the command as (checked by policy as hatch:RunAs).
     #[arg(long, short = 'u', value_name = "USER")]
     pub user: Option<String>,
+    /// Run the command in a pseudo-terminal (for `top`, `sudo` prompts, `vim`), as `ssh -t`.
+    /// Without it the command gets pipes: bytes pass unchanged, stderr stays apart.
+    #[arg(long, short = 't')]
+    pub tty: bool,
     /// Flow control of the data stream.
     #[command(flatten)]
     pub stream: StreamArgs,

@@ -48,19 +48,24 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
                 command: None,
                 run_as: args.user,
                 term: env("TERM").filter(|_| terminal::stdin_is_tty()),
+                tty: None,
             };
-            session(&client, req, args.stream).await
+            session(&client, req, args.stream, terminal::stdin_is_tty()).await
         }
         Command::Exec(args) => {
             let client = client(profile, env, verbose)?;
+            // As `ssh host cmd`: a PTY only with -t (then TERM goes along, and raw mode, RESIZE
+            // and `~` escapes when stdin is a terminal too); otherwise pipes, stderr apart,
+            // and the local terminal left as it is.
             let req = StartSessionRequest {
                 instance_id: checked_id(&args.instance, "instance")?,
                 mode: Mode::Exec,
                 command: Some(args.command),
                 run_as: args.user,
-                term: env("TERM").filter(|_| terminal::stdin_is_tty()),
+                term: env("TERM").filter(|_| args.tty),
+                tty: Some(args.tty),
             };
-            session(&client, req, args.stream).await
+            session(&client, req, args.stream, args.tty && terminal::stdin_is_tty()).await
         }
         Command::Attach(args) => attach(&client(profile, env, verbose)?, args).await,
         Command::Sessions(args) => sessions(&client(profile, env, verbose)?, args).await,
@@ -120,6 +125,7 @@ async fn session(
     client: &Client,
     req: StartSessionRequest,
     flow: StreamArgs,
+    interactive: bool,
 ) -> Result<u8, CliError> {
     let instance = req.instance_id.clone();
     let subject = Subject {
@@ -137,14 +143,19 @@ async fn session(
         }
         Err(e) => return Err(e),
     };
-    eprintln!("Starting session {} on {}", started.session_id, instance);
+    // Say which session this is: always for a shell; for a command where a person reads it
+    // (or with -v), so that its stderr in a file or a pipe holds only the command's own bytes,
+    // as with `ssh host cmd`.
+    let shell = req.mode == Mode::Shell;
+    if shell || interactive || std::io::stderr().is_terminal() || client.verbose() {
+        eprintln!("Starting session {} on {}", started.session_id, instance);
+    }
     let ws = stream::connect(&started, client.tls(), &instance).await?;
     let link = hatch_proto::resume::LinkConfig {
         window: flow.window.max(stream::MIN_WINDOW),
         ..Default::default()
     };
-    let opts =
-        StreamOptions { instance, interactive: terminal::stdin_is_tty(), link, attach: false };
+    let opts = StreamOptions { instance, interactive, link, attach: false };
     let resume = stream::Reconnect {
         client,
         session_id: started.session_id.clone(),

@@ -29,6 +29,9 @@ pub mod exit {
     pub const NOPERM: u8 = 77;
     /// Missing or unreadable local configuration (`EX_CONFIG`).
     pub const CONFIG: u8 = 78;
+    /// The agent cannot run the session as the user asked for: no such user on the instance,
+    /// or an agent that cannot switch users (`EX_NOUSER`).
+    pub const NO_USER: u8 = 67;
     /// Aborted locally before the session started (128 + SIGINT, as a shell reports it).
     pub const ABORTED: u8 = 130;
     /// Transport failure, lost connection, `~.` disconnect (as OpenSSH).
@@ -346,6 +349,7 @@ fn close_exit_code(code: u16) -> u8 {
         | close::MAX_DURATION => exit::TEMPFAIL,
         close::PEER_NEVER_CAME => exit::UNAVAILABLE,
         close::SESSION_MANAGER_DISABLED | close::ACCESS_REVOKED => exit::NOPERM,
+        close::RUN_AS_UNAVAILABLE => exit::NO_USER,
         _ => exit::TRANSPORT,
     }
 }
@@ -370,6 +374,7 @@ fn close_label(code: u16) -> String {
         close::RESUME_FAILED => "ResumeFailed",
         close::ATTACHED_ELSEWHERE => "AttachedElsewhere",
         close::PEER_RESUMING => "PeerResuming",
+        close::RUN_AS_UNAVAILABLE => "RunAsUnavailable",
         _ => "Closed",
     };
     format!("{name} (close {code})")
@@ -407,6 +412,11 @@ fn close_words(code: u16, instance: &Option<String>) -> String {
         close::POLICY_VIOLATION => format!(
             "the agent{on} refused to start the session (its reason is in the remote error \
              above); check the user asked for with --user"
+        ),
+        close::RUN_AS_UNAVAILABLE => format!(
+            "the agent{on} cannot run the session as the user asked for (its reason is in the \
+             remote error above); name a user that exists there with --user, or run hatch-agent \
+             as root to switch users"
         ),
         close::INTERNAL_ERROR => format!(
             "the agent{on} could not start the session (its reason is in the remote error \
@@ -555,6 +565,11 @@ mod tests {
             (close::GOING_AWAY, 255, "AgentGoingAway (close 1001): the agent on i-1 went away"),
             (close::POLICY_VIOLATION, 255, "AgentRefused (close 1008): the agent on i-1 refused"),
             (close::INTERNAL_ERROR, 255, "AgentFailed (close 1011): the agent on i-1 could not"),
+            (
+                close::RUN_AS_UNAVAILABLE,
+                67,
+                "RunAsUnavailable (close 4016): the agent on i-1 cannot run the session as the user",
+            ),
             (close::IDLE_TIMEOUT, 75, "IdleTimeout (close 4007): the session was closed after"),
             (close::MAX_DURATION, 75, "maximum duration"),
             (close::RELAY_SHUTDOWN, 255, "the relay is shutting down"),

@@ -285,6 +285,7 @@ async fn pump(
     let (mut sink, mut stream) = ws.split();
     let mut status: Option<i32> = None;
     let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
     let mut stderr_lines = LocalLines::new(opts.interactive);
 
     let fail = |e: std::io::Error, what: &str| End::Error(CliError::Local(format!("{what}: {e}")));
@@ -364,6 +365,15 @@ async fn pump(
                                     && let Err(e) = write_out(&mut stdout, &data[i..]).await
                                 {
                                     break fail(e, "writing to stdout");
+                                }
+                            }
+                            // The command's stderr (no PTY): the same offsets as DATA.
+                            Ok(Channel::Stderr(data)) => {
+                                if let Deliver::From(i) = link.on_data(now, data.len())
+                                    && i < data.len()
+                                    && let Err(e) = write_err(&mut stderr, &data[i..]).await
+                                {
+                                    break fail(e, "writing to stderr");
                                 }
                             }
                             Ok(Channel::Exit(s)) => {
@@ -710,6 +720,11 @@ async fn send_msg(sink: &mut Sink, msg: Message) -> Result<(), End> {
 async fn write_out(stdout: &mut tokio::io::Stdout, data: &[u8]) -> std::io::Result<()> {
     stdout.write_all(data).await?;
     stdout.flush().await
+}
+
+async fn write_err(stderr: &mut tokio::io::Stderr, data: &[u8]) -> std::io::Result<()> {
+    stderr.write_all(data).await?;
+    stderr.flush().await
 }
 
 /// Reads stdin on its own thread (a blocking read cannot be cancelled; the thread ends with

@@ -476,7 +476,8 @@ fn exec_exits_with_the_remote_status() {
     let out = run(cmd);
     assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
     assert!(stdout(&out).contains("out"), "{}", stdout(&out));
-    assert!(stderr(&out).starts_with("Starting session s-"), "{}", stderr(&out));
+    // As `ssh host cmd`: stderr piped carries only the command's (here nothing).
+    assert_eq!(stderr(&out), "");
 }
 
 #[test]
@@ -879,4 +880,68 @@ fn a_relay_restart_mid_session_shows_one_status_line_and_keeps_the_shell() {
     assert_eq!(wait_file(&status), "4");
     assert_terminal_restored(&status);
     drop((agent, relay, home));
+}
+
+/// As `ssh host cmd`, from a real terminal (tmux): `exec` gets pipes unless `-t` asks for a
+/// PTY, so `cat f` returns `f` byte for byte (a PTY would turn LF into CRLF), and `-t` gives
+/// the command a terminal of its own.
+#[test]
+fn exec_from_a_terminal_has_no_pty_unless_asked_with_t() {
+    let world = World::start();
+    let dir = world.home.path();
+    // Every byte value, LF and CR among them.
+    let mut data = Vec::with_capacity(1 << 20);
+    let mut x: u32 = 0x9e37_79b9;
+    while data.len() < 1 << 20 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        data.extend_from_slice(&x.to_le_bytes());
+        data.push(b'\n');
+    }
+    let file = dir.join("f.bin");
+    std::fs::write(&file, &data).unwrap();
+    let (out, tty, st) = (dir.join("cat.out"), dir.join("tty.out"), dir.join("exec.status"));
+    let line = format!(
+        "{cat} > {out} 2> {out}.err; a=$?; {tty} > {tty_out}; echo \"$a $?\" > {st}.tmp; \
+         mv {st}.tmp {st}; sleep 60",
+        cat = world.hatch_line(&format!("exec -i {} -- cat {}", world.instance(), file.display())),
+        tty = world.hatch_line(&format!("exec -t -i {} -- tty", world.instance())),
+        out = out.display(),
+        tty_out = tty.display(),
+        st = st.display(),
+    );
+    let _tmux = Tmux::start(&format!("sh -c '{line}'"), 80, 24);
+    assert_eq!(wait_file(&st), "0 0");
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(got.len(), data.len(), "length differs");
+    assert!(got == data, "bytes differ");
+    assert_eq!(std::fs::read_to_string(out.with_extension("out.err")).unwrap(), "");
+    let tty = std::fs::read_to_string(&tty).unwrap();
+    assert!(tty.starts_with("/dev/pts/") && tty.ends_with("\r\n"), "{tty:?}");
+}
+
+/// stdout and stderr stay apart; a command that cannot start exits as a shell says (127 not
+/// found, 126 not executable) with the shell's words on stderr.
+#[test]
+fn exec_keeps_stderr_apart_and_exits_127_or_126_like_a_shell() {
+    let world = World::start();
+    let out = exec_output(&world, &["sh", "-c", "echo out; echo err >&2; exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!((stdout(&out).as_str(), stderr(&out).as_str()), ("out\n", "err\n"));
+
+    let out = exec_output(&world, &["/nonexistent"]);
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert_eq!(stderr(&out), "hatch-agent: /nonexistent: No such file or directory\n");
+
+    let out = exec_output(&world, &["no-such-command-hatch"]);
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "hatch-agent: no-such-command-hatch: command not found\n");
+
+    let plain = world.home.path().join("plain.txt");
+    std::fs::write(&plain, "echo never\n").unwrap();
+    let out = exec_output(&world, &[plain.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert_eq!(stderr(&out), format!("hatch-agent: {}: Permission denied\n", plain.display()));
 }

@@ -18,7 +18,8 @@ fn exec(relay: &Relay, dir: &Path, instance: &str) -> (std::process::Child, Stri
         .env("HATCH_API", &relay.info.api_url)
         .env("HATCH_ACCESS_KEY", &relay.info.access_key)
         .env("HATCH_CA", &relay.info.ca_file)
-        .args(["exec", "--instance", instance, "--", "sh", "-c", "echo $$; exec sleep 120"])
+        // -v: the start line (with the session id) on a piped stderr.
+        .args(["-v", "exec", "--instance", instance, "--", "sh", "-c", "echo $$; exec sleep 120"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -285,17 +286,19 @@ async fn a_run_as_user_that_does_not_exist_is_refused_in_words_and_recorded_erro
             .env("HATCH_API", &relay.info.api_url)
             .env("HATCH_ACCESS_KEY", &relay.info.access_key)
             .env("HATCH_CA", &relay.info.ca_file)
-            .args(["exec", "--instance", &iid, "--user", "nosuchuser-e2e", "--", "true"])
+            .args(["-v", "exec", "--instance", &iid, "--user", "nosuchuser-e2e", "--", "true"])
             .stdin(Stdio::null())
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         eprintln!("--user nosuchuser-e2e: hatch exited {:?}: {err}", out.status);
-        assert_eq!(out.status.code(), Some(255), "{err}");
+        // Its own close code and exit status (EX_NOUSER), not a generic refusal.
+        assert_eq!(out.status.code(), Some(67), "{err}");
         assert!(err.contains("nosuchuser-e2e"), "the agent's reason: {err}");
         assert!(
             err.contains(&format!(
-                "hatch: AgentRefused (close 1008): the agent on {iid} refused to start the session"
+                "hatch: RunAsUnavailable (close 4016): the agent on {iid} cannot run the session \
+                 as the user asked for"
             )),
             "{err}"
         );

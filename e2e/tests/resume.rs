@@ -53,7 +53,8 @@ where
 {
     let err_path = home.join("hatch.err");
     let mut cmd = hatch(&relay, home, &relay.info.access_key);
-    cmd.args(["exec", "-i", iid, "--", "seq", "1", "300000"])
+    // -v: the start line (with the session id) even though stderr is a file.
+    cmd.args(["-v", "exec", "-i", iid, "--", "seq", "1", "300000"])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&err_path).unwrap());
     let mut child = cmd.spawn().unwrap();

@@ -39,7 +39,8 @@ fn user_with(relay: &Relay, dir: &std::path::Path, name: &str, doc: &str) -> (St
 /// `hatch exec` of a command that prints `started` and waits; returns once it printed.
 fn long_exec(relay: &Relay, home: &std::path::Path, key: &str, instance: &str) -> Child {
     let mut cmd = hatch(relay, home, key);
-    cmd.args(["exec", "-i", instance, "--", "sh", "-c", "echo started; exec sleep 120"]);
+    // -v: the start line (with the session id) on a piped stderr.
+    cmd.args(["-v", "exec", "-i", instance, "--", "sh", "-c", "echo started; exec sleep 120"]);
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();

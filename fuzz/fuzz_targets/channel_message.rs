@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(msg.encoded_len(), data.len());
             assert_eq!(msg.to_vec(), data, "re-encoding {msg:?}");
             if let Message::Unknown { kind, .. } = msg {
-                assert!(!(0x01..=0x06).contains(&kind));
+                assert!(!(0x01..=0x07).contains(&kind));
             }
         }
         Err(ChannelError::Empty) => assert!(data.is_empty()),

@@ -406,6 +406,7 @@ impl Session {
                     command: None,
                     run_as: None,
                     term: None,
+                    tty: None,
                 };
                 let body = serde_json::to_vec(&req).map_err(|e| Failure::new("json", e))?;
                 let url = format!("{}/v1/sessions", api_url.trim_end_matches('/'));

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 pub enum Mode {
     /// The run-as user's login shell in a PTY.
     Shell,
-    /// One command in a PTY.
+    /// One command: with pipes for stdin, stdout and stderr, or in a PTY when asked for
+    /// (`tty`).
     Exec,
 }
 
@@ -49,6 +50,13 @@ pub struct StartSessionRequest {
     /// The client's `TERM`, passed to the PTY.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub term: Option<String>,
+    /// exec: `true` runs the command in a PTY (stdout and stderr both on it), `false` with
+    /// pipes (stdin, stdout and stderr apart, bytes unchanged; stderr comes as STDERR
+    /// messages). Absent: a PTY exactly when `term` is given, as for clients that predate the
+    /// field (they do not know STDERR, so their stderr stays merged into DATA). A shell always
+    /// has a PTY; `false` there is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<bool>,
 }
 
 /// `POST /v1/sessions` answer (201).

@@ -12,10 +12,11 @@
 //! 0x04 ACK     u64 cumulative DATA bytes received
 //! 0x05 ERROR   u16 code, UTF-8 message
 //! 0x06 RESUME  u64 received, u64 from, u8 flags (bit 0: reply, bit 1: fresh)
+//! 0x07 STDERR  bytes                   (agent → client: the command's stderr, no terminal)
 //! ```
 //!
-//! Offsets (ACK, RESUME) count the DATA body bytes of one direction from the start of the
-//! session, and one more for the direction's end: the empty DATA that ends the client's input,
+//! Offsets (ACK, RESUME) count the DATA and STDERR body bytes of one direction from the start
+//! of the session, and one more for the direction's end: the empty DATA that ends the client's input,
 //! the EXIT that ends the agent's output. [`crate::resume`] keeps them.
 //!
 //! Decoding borrows from the input (no copy); unknown types decode to [`Message::Unknown`] so
@@ -38,6 +39,8 @@ pub const TYPE_ACK: u8 = 0x04;
 pub const TYPE_ERROR: u8 = 0x05;
 /// Type byte of RESUME.
 pub const TYPE_RESUME: u8 = 0x06;
+/// Type byte of STDERR.
+pub const TYPE_STDERR: u8 = 0x07;
 /// RESUME flag: this RESUME answers the peer's (it asks for no answer).
 pub const RESUME_REPLY: u8 = 0x01;
 /// RESUME flag: a client with no state of its own (`hatch attach` from a new process) asks
@@ -79,6 +82,9 @@ pub enum Message<'a> {
     /// The first message on a leg that replaced a lost one, or the answer to one: what this
     /// side has received, and the offset of the next DATA byte it sends after this message.
     Resume(crate::resume::Resume),
+    /// The command's stderr (agent → client), when it runs without a terminal. Its bytes count
+    /// in the same offsets as DATA: one output stream, two kinds of message.
+    Stderr(&'a [u8]),
     /// A type this version does not know; ignore it.
     Unknown {
         /// The type byte.
@@ -154,6 +160,7 @@ impl<'a> Message<'a> {
                     fresh: flags & RESUME_FRESH != 0,
                 }))
             }
+            TYPE_STDERR => Ok(Message::Stderr(body)),
             kind => Ok(Message::Unknown { kind, body }),
         }
     }
@@ -161,7 +168,7 @@ impl<'a> Message<'a> {
     /// Length of the encoded message in bytes.
     pub fn encoded_len(&self) -> usize {
         1 + match self {
-            Message::Data(b) => b.len(),
+            Message::Data(b) | Message::Stderr(b) => b.len(),
             Message::Resize { .. } => 4,
             Message::Exit(_) => 4,
             Message::Ack(_) => 8,
@@ -204,6 +211,10 @@ impl<'a> Message<'a> {
                 let reply = if r.reply { RESUME_REPLY } else { 0 };
                 out.push(reply | if r.fresh { RESUME_FRESH } else { 0 });
             }
+            Message::Stderr(b) => {
+                out.push(TYPE_STDERR);
+                out.extend_from_slice(b);
+            }
             Message::Unknown { kind, body } => {
                 out.push(kind);
                 out.extend_from_slice(body);
@@ -219,9 +230,10 @@ impl<'a> Message<'a> {
     }
 }
 
-/// A RESUME and what follows it, encoded: the bytes to send again in DATA messages of at most
-/// `chunk` bytes (at least 1), then `end` (the direction's end: an empty DATA from a client,
-/// EXIT from an agent) when the replay must send the end again.
+/// A RESUME and what follows it, encoded: the bytes to send again in DATA (or STDERR, for
+/// bytes that went as STDERR) messages of at most `chunk` bytes (at least 1), then `end` (the
+/// direction's end: an empty DATA from a client, EXIT from an agent) when the replay must send
+/// the end again.
 pub fn replay_messages(
     resume: crate::resume::Resume,
     replay: crate::resume::Replay<'_>,
@@ -229,9 +241,10 @@ pub fn replay_messages(
     end: Message<'_>,
 ) -> Vec<Vec<u8>> {
     let mut out = vec![Message::Resume(resume).to_vec()];
-    for part in [replay.data.0, replay.data.1] {
-        out.extend(part.chunks(chunk.max(1)).map(|c| Message::Data(c).to_vec()));
-    }
+    out.extend(replay.parts(chunk).into_iter().map(|(stream, bytes)| match stream {
+        crate::resume::Stream::Out => Message::Data(bytes).to_vec(),
+        crate::resume::Stream::Err => Message::Stderr(bytes).to_vec(),
+    }));
     if replay.end {
         out.push(end.to_vec());
     }
@@ -262,7 +275,8 @@ mod tests {
     fn a_replay_is_the_resume_then_both_slices_in_chunks_then_the_end() {
         use crate::resume::{Replay, Resume};
         let resume = Resume { received: 7, from: 2, reply: true, fresh: false };
-        let replay = Replay { data: (b"abcd", b"ef"), end: true };
+        let no_marks = std::collections::VecDeque::new();
+        let replay = Replay { data: (b"abcd", b"ef"), start: 2, stderr: &no_marks, end: true };
         let got = replay_messages(resume, replay, 3, Message::Exit(5));
         let want: Vec<Vec<u8>> = vec![
             Message::Resume(resume).to_vec(),
@@ -272,8 +286,27 @@ mod tests {
             Message::Exit(5).to_vec(),
         ];
         assert_eq!(got, want);
-        let none = Replay { data: (b"", b""), end: false };
+        // Offsets 3..5 and 7 went as STDERR: cut where the stream changes and the ring wraps.
+        let marks = [3..5, 7..8].into_iter().collect();
+        let replay = Replay { data: (b"abcd", b"ef"), start: 2, stderr: &marks, end: false };
+        let got = replay_messages(resume, replay, 16, Message::Exit(5));
+        let want: Vec<Vec<u8>> = vec![
+            Message::Resume(resume).to_vec(),
+            Message::Data(b"a").to_vec(),
+            Message::Stderr(b"bc").to_vec(),
+            Message::Data(b"d").to_vec(),
+            Message::Data(b"e").to_vec(),
+            Message::Stderr(b"f").to_vec(),
+        ];
+        assert_eq!(got, want);
+        let none = Replay { data: (b"", b""), start: 0, stderr: &no_marks, end: false };
         assert_eq!(replay_messages(resume, none, 0, Message::Data(b"")).len(), 1);
+    }
+
+    #[test]
+    fn stderr_golden() {
+        golden(Message::Stderr(b"err\n"), &[0x07, 0x65, 0x72, 0x72, 0x0a]);
+        golden(Message::Stderr(b""), &[0x07]);
     }
 
     #[test]
@@ -347,7 +380,7 @@ mod tests {
 
     #[test]
     fn unknown_types_are_reported_not_rejected() {
-        golden(Message::Unknown { kind: 0x07, body: &[0x01, 0x02] }, &[0x07, 0x01, 0x02]);
+        golden(Message::Unknown { kind: 0x08, body: &[0x01, 0x02] }, &[0x08, 0x01, 0x02]);
         golden(Message::Unknown { kind: 0x00, body: &[] }, &[0x00]);
         golden(Message::Unknown { kind: 0xFF, body: b"future" }, b"\xfffuture");
     }
@@ -394,7 +427,7 @@ mod tests {
     proptest! {
         #[test]
         fn encode_then_decode_round_trips((kind, bytes, a, b, status, n, text) in any_message()) {
-            let msg = match kind % 8 {
+            let msg = match kind % 9 {
                 0 => Message::Data(&bytes),
                 1 => Message::Resize { cols: a, rows: b },
                 2 => Message::Exit(status),
@@ -406,8 +439,9 @@ mod tests {
                     reply: b % 2 == 1,
                     fresh: b % 4 >= 2,
                 }),
-                // Any type byte outside 0x01..=0x06 is unknown.
-                _ => Message::Unknown { kind: if (1..=6).contains(&kind) { 0x80 } else { kind }, body: &bytes },
+                6 => Message::Stderr(&bytes),
+                // Any type byte outside 0x01..=0x07 is unknown.
+                _ => Message::Unknown { kind: if (1..=7).contains(&kind) { 0x80 } else { kind }, body: &bytes },
             };
             let wire = msg.to_vec();
             prop_assert_eq!(wire.len(), msg.encoded_len());
@@ -416,7 +450,7 @@ mod tests {
 
         #[test]
         fn any_bytes_decode_or_reject_without_panic(
-            kind in proptest::option::of(prop_oneof![0u8..=7, any::<u8>()]),
+            kind in proptest::option::of(prop_oneof![0u8..=8, any::<u8>()]),
             body in proptest::collection::vec(any::<u8>(), 0..40),
         ) {
             // Mostly known types, so that their length and UTF-8 checks are exercised.

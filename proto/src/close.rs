@@ -62,6 +62,11 @@ pub const ATTACHED_ELSEWHERE: u16 = 4014;
 /// up new legs; this side resumes as after a lost connection.
 pub const PEER_RESUMING: u16 = 4015;
 
+/// The agent cannot run the session as the user it was authorised for (no such user on the
+/// instance, or an agent not running as root asked for another user); after an ERROR message
+/// with the reason. Agents before this code closed with 1008.
+pub const RUN_AS_UNAVAILABLE: u16 = 4016;
+
 /// Whether a leg closed with `code` should be replaced by a new one (the session lives on in
 /// the relay or in its store): the relay going down, or the other side resuming. A leg lost
 /// without a close frame (reset, silence) is resumable too.
@@ -95,6 +100,7 @@ pub fn describe(code: u16) -> &'static str {
         RESUME_FAILED => "the session could not be resumed without losing bytes",
         ATTACHED_ELSEWHERE => "another client attached to the session",
         PEER_RESUMING => "the other side is reconnecting",
+        RUN_AS_UNAVAILABLE => "the run-as user is not available on the instance",
         _ => "unknown close code",
     }
 }
@@ -125,7 +131,7 @@ mod tests {
 
     #[test]
     fn every_hatch_code_has_words() {
-        for code in 4001..=4015 {
+        for code in 4001..=4016 {
             assert_ne!(describe(code), "unknown close code", "{code}");
         }
     }

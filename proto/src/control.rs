@@ -31,6 +31,11 @@ pub enum ToAgent {
         /// `TERM` for the PTY; `xterm-256color` when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         term: Option<String>,
+        /// exec: `Some(true)` a PTY, `Some(false)` pipes with stderr as STDERR messages, absent
+        /// (a relay or client that predates it) a PTY when `term` is given, else pipes with
+        /// stderr merged into stdout. Ignored for a shell.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty: Option<bool>,
     },
     /// Close a session if it is still running.
     #[serde(rename = "session.close")]
@@ -169,6 +174,7 @@ mod tests {
             command: Some(vec!["true".into()]),
             run_as: None,
             term: None,
+            tty: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(

@@ -26,6 +26,7 @@
 //! unacknowledged (an idle session holds no buffer).
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 /// Default bytes in flight per direction.
@@ -80,24 +81,73 @@ pub struct Sender {
     /// DATA bytes the peer has acknowledged: the offset of `unacked[0]`.
     data_acked: u64,
     unacked: VecDeque<u8>,
+    /// The offsets of the unacknowledged bytes that were sent as STDERR, not DATA: sorted,
+    /// disjoint, not adjacent, within the unacknowledged range. Empty (and unallocated) for a
+    /// sender that never sends STDERR, so DATA-only traffic pays nothing. Each range costs
+    /// [`MARK_COST`] bytes of the window, so the ranges' memory is bounded with the bytes'.
+    stderr: VecDeque<Range<u64>>,
     /// The end was sent (no DATA after it).
     ended: bool,
 }
 
+/// What one STDERR range costs out of the window, in bytes (its own size): output that
+/// alternates between stdout and stderr a byte at a time fills the window with ranges, not
+/// with memory beyond it.
+pub const MARK_COST: usize = std::mem::size_of::<Range<u64>>();
+
 /// What must be sent again after a resume, in order: `data` (two slices of one ring), then the
-/// end if `end`.
+/// end if `end`. The bytes inside `stderr` go as STDERR, the others as DATA ([`Replay::parts`]).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Replay<'a> {
-    /// DATA bytes to send again (the caller cuts them into messages as it likes).
+    /// Bytes to send again (the caller cuts them into messages as it likes).
     pub data: (&'a [u8], &'a [u8]),
+    /// The offset of the first byte of `data`.
+    pub start: u64,
+    /// The offsets among them that were sent as STDERR.
+    pub stderr: &'a VecDeque<Range<u64>>,
     /// The end (empty DATA, EXIT) must be sent again after them.
     pub end: bool,
 }
 
-impl Replay<'_> {
+/// Which message a byte of output travels in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// DATA: stdout, or the terminal.
+    Out,
+    /// STDERR: the command's stderr when it has no terminal.
+    Err,
+}
+
+impl<'a> Replay<'a> {
     /// Nothing to send again.
     pub fn is_empty(&self) -> bool {
         self.data.0.is_empty() && self.data.1.is_empty() && !self.end
+    }
+
+    /// The bytes to send again in order, cut where the stream changes, where the ring wraps
+    /// and every `chunk` bytes (at least 1).
+    pub fn parts(&self, chunk: usize) -> Vec<(Stream, &'a [u8])> {
+        let chunk = chunk.max(1) as u64;
+        let mut out = Vec::new();
+        let mut at = self.start;
+        let mut marks = self.stderr.iter().peekable();
+        for mut rest in [self.data.0, self.data.1] {
+            while !rest.is_empty() {
+                while marks.peek().is_some_and(|r| r.end <= at) {
+                    marks.next();
+                }
+                let (stream, run_end) = match marks.peek() {
+                    Some(r) if r.start <= at => (Stream::Err, r.end),
+                    Some(r) => (Stream::Out, r.start),
+                    None => (Stream::Out, u64::MAX),
+                };
+                let n = (rest.len() as u64).min(run_end - at).min(chunk) as usize;
+                out.push((stream, &rest[..n]));
+                rest = &rest[n..];
+                at += n as u64;
+            }
+        }
+        out
     }
 }
 
@@ -109,6 +159,7 @@ impl Sender {
             acked: 0,
             data_acked: 0,
             unacked: VecDeque::new(),
+            stderr: VecDeque::new(),
             ended: false,
         }
     }
@@ -145,7 +196,11 @@ impl Sender {
     /// How many more bytes may be sent before an acknowledgement: when 0, stop reading the
     /// source (the PTY, stdin) until one arrives. 0 after the end.
     pub fn room(&self) -> usize {
-        if self.ended { 0 } else { self.window - self.unacked.len() }
+        if self.ended {
+            0
+        } else {
+            self.window.saturating_sub(self.unacked.len() + MARK_COST * self.stderr.len())
+        }
     }
 
     /// Records the first `room()` bytes of `data` as sent (kept until acknowledged) and returns
@@ -153,6 +208,21 @@ impl Sender {
     pub fn push(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.room());
         self.unacked.extend(&data[..n]);
+        n
+    }
+
+    /// [`Sender::push`] for bytes sent as STDERR: they share the offsets (and the window) with
+    /// DATA, and a replay sends them as STDERR again.
+    pub fn push_stderr(&mut self, data: &[u8]) -> usize {
+        let start = self.data_acked.saturating_add(self.unacked.len() as u64);
+        let n = self.push(data);
+        if n > 0 {
+            let end = start + n as u64;
+            match self.stderr.back_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => self.stderr.push_back(start..end),
+            }
+        }
         n
     }
 
@@ -175,9 +245,16 @@ impl Sender {
             self.unacked.drain(..n);
             self.data_acked += n as u64;
             self.acked = upto;
+            while self.stderr.front().is_some_and(|r| r.end <= self.data_acked) {
+                self.stderr.pop_front();
+            }
+            if let Some(first) = self.stderr.front_mut() {
+                first.start = first.start.max(self.data_acked);
+            }
             if self.unacked.is_empty() {
                 // Give the memory back: an idle session holds no buffer.
                 self.unacked = VecDeque::new();
+                self.stderr = VecDeque::new();
             }
         }
         Ok(())
@@ -195,7 +272,12 @@ impl Sender {
 
     /// Everything not yet acknowledged.
     fn replay(&self) -> Replay<'_> {
-        Replay { data: self.unacked.as_slices(), end: self.ended && !self.all_acked() }
+        Replay {
+            data: self.unacked.as_slices(),
+            start: self.data_acked,
+            stderr: &self.stderr,
+            end: self.ended && !self.all_acked(),
+        }
     }
 }
 
@@ -589,7 +671,7 @@ mod tests {
         s.handle_ack(3).unwrap();
         assert!(!s.all_acked());
         let r = s.resume_from(3).unwrap();
-        assert_eq!(r, Replay { data: (&[][..], &[][..]), end: true });
+        assert_eq!((r.data, r.end), ((&[][..], &[][..]), true));
         s.handle_ack(4).unwrap();
         assert!(s.all_acked());
         assert!(s.resume_from(4).unwrap().is_empty());
@@ -879,7 +961,72 @@ mod tests {
         resume_model(b"0123456789".to_vec(), b"abcdefghij".to_vec(), 4, &steps);
     }
 
+    #[test]
+    fn stderr_marks_are_coalesced_trimmed_by_acks_and_cost_window_room() {
+        let mut s = Sender::new(100);
+        assert_eq!(s.push(b"ab"), 2);
+        assert_eq!(s.push_stderr(b"cd"), 2);
+        assert_eq!(s.push_stderr(b"e"), 1);
+        assert_eq!(s.push(b"f"), 1);
+        // One range (2..5), adjacent pushes coalesced; it costs MARK_COST of the window.
+        assert_eq!(s.room(), 100 - 6 - MARK_COST);
+        s.handle_ack(3).unwrap();
+        let r = s.resume_from(3).unwrap();
+        let parts = r.parts(64);
+        assert_eq!(parts, vec![(Stream::Err, &b"de"[..]), (Stream::Out, &b"f"[..])]);
+        s.handle_ack(6).unwrap();
+        // Everything acknowledged: no range is left, and no memory is held.
+        assert_eq!(s.room(), 100);
+        assert_eq!(s.stderr.capacity(), 0);
+        // A window full of ranges takes no more bytes.
+        let mut s = Sender::new(3 * (MARK_COST + 2));
+        for _ in 0..3 {
+            assert_eq!(s.push_stderr(b"x"), 1);
+            assert_eq!(s.push(b"y"), 1);
+        }
+        assert_eq!((s.room(), s.push_stderr(b"x"), s.push(b"y")), (0, 0, 0));
+    }
+
     proptest! {
+        /// Whatever mix of DATA and STDERR is pushed, acknowledged and replayed, a replay sends
+        /// every unacknowledged byte once, in order, in the stream it was pushed in.
+        #[test]
+        fn a_replay_sends_each_byte_in_the_stream_it_was_pushed_in(
+            ops in proptest::collection::vec((0u8..3, 1usize..40), 1..60),
+            window in 16usize..400,
+        ) {
+            let mut s = Sender::new(window);
+            // The model: every byte pushed, with its stream.
+            let mut pushed: Vec<(Stream, u8)> = Vec::new();
+            for (i, &(op, len)) in ops.iter().enumerate() {
+                let bytes: Vec<u8> = (0..len).map(|j| (i * 7 + j) as u8).collect();
+                match op {
+                    0 => {
+                        let n = s.push(&bytes);
+                        pushed.extend(bytes[..n].iter().map(|&b| (Stream::Out, b)));
+                    }
+                    1 => {
+                        let n = s.push_stderr(&bytes);
+                        pushed.extend(bytes[..n].iter().map(|&b| (Stream::Err, b)));
+                    }
+                    _ => {
+                        let upto = s.acked() + (len as u64).min(s.sent() - s.acked());
+                        s.handle_ack(upto).unwrap();
+                    }
+                }
+                prop_assert!(s.unacked() + MARK_COST * s.stderr.len() <= window + MARK_COST);
+                let from = s.acked();
+                let r = s.resume_from(from).unwrap();
+                let chunk = 1 + len % 7;
+                let mut replayed = Vec::new();
+                for (stream, part) in r.parts(chunk) {
+                    prop_assert!(!part.is_empty() && part.len() <= chunk);
+                    replayed.extend(part.iter().map(|&b| (stream, b)));
+                }
+                prop_assert_eq!(&replayed[..], &pushed[from as usize..]);
+            }
+        }
+
         #[test]
         fn a_stream_cut_anywhere_arrives_whole_and_in_order(
             data in proptest::collection::vec(any::<u8>(), 0..2000),

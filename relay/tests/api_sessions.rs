@@ -134,12 +134,15 @@ async fn errors_have_a_stable_code_and_status() {
     )
     .await
     .assert_error(401, "InvalidToken");
-    // Not JSON, a malformed instance id, an unknown mode, exec without a command.
+    // Not JSON, a malformed instance id, an unknown mode, exec without a command, a shell
+    // without a terminal, a tty that is not a boolean.
     for body in [
         "{not json",
         r#"{"instance_id":"i-1","mode":"shell"}"#,
         r#"{"instance_id":"i-0000000000000000","mode":"tty"}"#,
         r#"{"instance_id":"i-0000000000000000","mode":"exec"}"#,
+        r#"{"instance_id":"i-0000000000000000","mode":"shell","tty":false}"#,
+        r#"{"instance_id":"i-0000000000000000","mode":"exec","command":["true"],"tty":"no"}"#,
     ] {
         tr.call("POST", "/v1/sessions", key, Some(body)).await.assert_error(400, "InvalidRequest");
     }
@@ -700,4 +703,22 @@ async fn an_agent_that_only_pings_is_dropped_after_the_heartbeat_deadline() {
     .expect("a channel that only pings was kept open");
     assert_eq!(code, Some(1001));
     wait_until(|| !tr.relay.server().control().agent_online(&agent.id)).await;
+}
+
+/// `tty` goes to the agent as asked, and absent stays absent (an older client's request).
+#[tokio::test]
+async fn exec_tty_is_passed_to_the_agent_as_asked() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    for (tty, want) in [(",\"tty\":false", Some(false)), (",\"tty\":true", Some(true)), ("", None)]
+    {
+        let body =
+            format!(r#"{{"instance_id":"{}","mode":"exec","command":["true"]{tty}}}"#, agent.id);
+        let r = tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&body)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        match agent.next().await {
+            Some(ToAgent::SessionOpen { tty, .. }) => assert_eq!(tty, want, "{body}"),
+            other => panic!("expected session.open, got {other:?}"),
+        }
+    }
 }

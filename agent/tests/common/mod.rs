@@ -68,6 +68,7 @@ impl LegServer {
             // agent's own user).
             run_as: Some(own_user()),
             term: None,
+            tty: None,
         }
     }
 
@@ -106,13 +107,15 @@ pub async fn accept_leg(acceptor: TlsAcceptor, tcp: TcpStream) -> (String, Clien
         .await
         .unwrap()
         .unwrap();
-    (path, Client { ws, output: Vec::new(), received: 0, acked: 0 })
+    (path, Client { ws, output: Vec::new(), stderr: Vec::new(), received: 0, acked: 0 })
 }
 
 /// What the client saw when the leg ended.
 #[derive(Debug)]
 pub struct Finished {
     pub output: String,
+    /// What came as STDERR.
+    pub stderr: String,
     pub exit: Option<i32>,
     pub errors: Vec<(u16, String)>,
     pub close: Option<(u16, String)>,
@@ -123,6 +126,7 @@ pub struct Finished {
 pub struct Client {
     pub ws: WebSocketStream<TlsStream<TcpStream>>,
     pub output: Vec<u8>,
+    pub stderr: Vec<u8>,
     pub received: u64,
     acked: u64,
 }
@@ -131,7 +135,13 @@ impl Client {
     /// Counts a DATA body and acknowledges when 64 KiB are unacknowledged.
     async fn got_data(&mut self, d: &[u8]) {
         self.output.extend_from_slice(d);
-        self.received += d.len() as u64;
+        self.count(d.len()).await;
+    }
+
+    /// Counts `n` bytes of output (DATA or STDERR: one offset space) and acknowledges when
+    /// 64 KiB are unacknowledged.
+    async fn count(&mut self, n: usize) {
+        self.received += n as u64;
         if self.received - self.acked >= hatch_proto::resume::DEFAULT_ACK_BYTES {
             self.ack().await;
         }
@@ -241,6 +251,11 @@ impl Client {
                         assert!(exit.is_none(), "DATA after EXIT");
                         self.got_data(d).await
                     }
+                    Message::Stderr(d) => {
+                        assert!(exit.is_none(), "STDERR after EXIT");
+                        self.stderr.extend_from_slice(d);
+                        self.count(d.len()).await;
+                    }
                     Message::Exit(code) => {
                         assert!(exit.is_none(), "a second EXIT");
                         exit = Some(code);
@@ -256,7 +271,8 @@ impl Client {
                 _ => {}
             }
         }
-        Finished { output: self.text(), exit, errors, close }
+        let stderr = String::from_utf8_lossy(&self.stderr).into_owned();
+        Finished { output: self.text(), stderr, exit, errors, close }
     }
 }
 

@@ -492,6 +492,11 @@ fn validate_start(req: &StartSessionRequest) -> Result<(), ApiError> {
         }
         _ => {}
     }
+    if req.mode == Mode::Shell && req.tty == Some(false) {
+        return Err(ApiError::invalid(
+            "a shell session always has a terminal: tty false is only for mode exec",
+        ));
+    }
     if let Some(c) = &req.command
         && (c.len() > MAX_COMMAND_ARGS
             || c.iter().map(|a| a.len()).sum::<usize>() > MAX_COMMAND_BYTES)
@@ -742,6 +747,7 @@ async fn start_session(
         command: req.command.clone(),
         run_as: Some(run_as.clone()),
         term: req.term.clone(),
+        tty: req.tty,
     };
     if let Err(e) = shared.agents.send(&inst.id, open) {
         shared.close(&sid, crate::plane::CloseReason::Error, 0, 0).await;

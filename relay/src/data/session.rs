@@ -452,7 +452,10 @@ fn closed_reason(leg: Leg, code: CloseCode) -> CloseReason {
     match (leg, code.get()) {
         (Leg::Client, _) => CloseReason::ClientClosed,
         (Leg::Agent, close::NORMAL) => CloseReason::Exit,
-        (Leg::Agent, close::POLICY_VIOLATION | close::INTERNAL_ERROR) => CloseReason::Error,
+        (
+            Leg::Agent,
+            close::POLICY_VIOLATION | close::INTERNAL_ERROR | close::RUN_AS_UNAVAILABLE,
+        ) => CloseReason::Error,
         (Leg::Agent, _) => CloseReason::AgentClosed,
     }
 }
