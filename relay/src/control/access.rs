@@ -73,6 +73,8 @@ pub fn start_context(rec: &SessionRecord, inst: &Instance) -> Context {
         instance_id: Some(inst.id.clone()),
         run_as: rec.run_as.clone(),
         mode: Some(rec.mode.clone()),
+        remote_host: None,
+        remote_port: None,
         tags: inst.tags.clone(),
     }
 }

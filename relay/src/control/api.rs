@@ -325,6 +325,8 @@ impl Caller {
             instance_id: Some(inst.id.clone()),
             run_as: None,
             mode: None,
+            remote_host: None,
+            remote_port: None,
             tags: inst.tags.clone(),
         }
     }

@@ -14,10 +14,12 @@
 //! Absent keys are rare by construction, so that a `Deny` never silently stops applying: every
 //! key an action defines ([`action_keys`]) is always in its context — `hatch:RunAs` of a
 //! StartSession is the user the session will run as (the caller's `run_as` or the agent's
-//! default user), never absent — and only instance tags can be missing. A condition on a key
-//! that none of its statement's actions define, with an operator that is then false (so the
-//! statement could never apply), is refused when the document is parsed.
+//! default user), never absent; `hatch:RemoteHost` and `hatch:RemotePort` of a
+//! StartPortForwarding are the destination asked for — and only instance tags can be missing. A
+//! condition on a key that none of its statement's actions define, with an operator that is then
+//! false (so the statement could never apply), is refused when the document is parsed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -30,6 +32,7 @@ pub const MAX_DOCUMENT_BYTES: usize = 32 * 1024;
 /// Actions the API checks. Patterns in `Action` must match at least one of them.
 pub const ACTIONS: &[&str] = &[
     "hatch:StartSession",
+    "hatch:StartPortForwarding",
     "hatch:DescribeSessions",
     "hatch:TerminateSession",
     "hatch:DescribeInstances",
@@ -37,6 +40,8 @@ pub const ACTIONS: &[&str] = &[
 
 /// Start a session on an instance.
 pub const START_SESSION: &str = "hatch:StartSession";
+/// Start forwarding a port through an instance to a destination it can reach.
+pub const START_PORT_FORWARDING: &str = "hatch:StartPortForwarding";
 /// See sessions on an instance.
 pub const DESCRIBE_SESSIONS: &str = "hatch:DescribeSessions";
 /// Terminate sessions on an instance.
@@ -113,6 +118,8 @@ enum Key {
     InstanceId,
     RunAs,
     Mode,
+    RemoteHost,
+    RemotePort,
     Tag(String),
 }
 
@@ -125,6 +132,8 @@ impl Key {
             Key::InstanceId => "hatch:InstanceId",
             Key::RunAs => "hatch:RunAs",
             Key::Mode => "hatch:Mode",
+            Key::RemoteHost => "hatch:RemoteHost",
+            Key::RemotePort => "hatch:RemotePort",
             Key::Tag(_) => return None,
         })
     }
@@ -139,6 +148,8 @@ impl Key {
             "hatch:instanceid" => Key::InstanceId,
             "hatch:runas" => Key::RunAs,
             "hatch:mode" => Key::Mode,
+            "hatch:remotehost" => Key::RemoteHost,
+            "hatch:remoteport" => Key::RemotePort,
             _ => return None,
         })
     }
@@ -189,6 +200,12 @@ pub struct Context {
     pub run_as: Option<String>,
     /// `shell` or `exec` (absent for actions other than StartSession).
     pub mode: Option<String>,
+    /// The destination host of a port forwarding as the caller asked for it (`127.0.0.1`,
+    /// `db.internal`), not resolved (absent for actions other than StartPortForwarding).
+    pub remote_host: Option<String>,
+    /// The destination port of a port forwarding, 1–65535 (absent for actions other than
+    /// StartPortForwarding).
+    pub remote_port: Option<u16>,
     /// The instance's tags.
     pub tags: BTreeMap<String, String>,
 }
@@ -212,12 +229,26 @@ impl Decision {
 }
 
 /// Which condition keys `action` always has in its context (the instance tags it has, too).
-/// `hatch:RunAs` and `hatch:Mode` exist only for StartSession.
+/// `hatch:RunAs` and `hatch:Mode` exist only for StartSession, `hatch:RemoteHost` and
+/// `hatch:RemotePort` only for StartPortForwarding.
 pub fn action_keys(action: &str) -> &'static [&'static str] {
     const INSTANCE: &[&str] = &["hatch:SourceIp", "hatch:Region", "hatch:InstanceId"];
     const START: &[&str] =
         &["hatch:SourceIp", "hatch:Region", "hatch:InstanceId", "hatch:RunAs", "hatch:Mode"];
-    if action.eq_ignore_ascii_case(START_SESSION) { START } else { INSTANCE }
+    const PORT: &[&str] = &[
+        "hatch:SourceIp",
+        "hatch:Region",
+        "hatch:InstanceId",
+        "hatch:RemoteHost",
+        "hatch:RemotePort",
+    ];
+    if action.eq_ignore_ascii_case(START_SESSION) {
+        START
+    } else if action.eq_ignore_ascii_case(START_PORT_FORWARDING) {
+        PORT
+    } else {
+        INSTANCE
+    }
 }
 
 /// The resource name of an instance: `hrn:hatch:{region}:{account}:instance/{id}`.
@@ -344,7 +375,8 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
                     err(
                         &at,
                         "unknown condition key (expected hatch:SourceIp, hatch:Region, \
-                         hatch:InstanceId, hatch:RunAs, hatch:Mode, hatch:tag/<key>)",
+                         hatch:InstanceId, hatch:RunAs, hatch:Mode, hatch:RemoteHost, \
+                         hatch:RemotePort, hatch:tag/<key>)",
                     )
                 })?;
                 let values = match op {
@@ -404,11 +436,19 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
                 {
                     // The statement could never apply: a Deny that reads as applying would
                     // silently not.
+                    let defining: Vec<&str> = ACTIONS
+                        .iter()
+                        .copied()
+                        .filter(|known| {
+                            action_keys(known).iter().any(|k| k.eq_ignore_ascii_case(name))
+                        })
+                        .collect();
                     return Err(err(
                         &at,
                         format!(
                             "{name} is never present for this statement's actions (it exists \
-                             only for hatch:StartSession), so this condition could never hold"
+                             only for {}), so this condition could never hold",
+                            defining.join(", ")
                         ),
                     ));
                 }
@@ -506,6 +546,8 @@ impl Condition {
             Key::InstanceId => ctx.instance_id.is_some(),
             Key::RunAs => ctx.run_as.is_some(),
             Key::Mode => ctx.mode.is_some(),
+            Key::RemoteHost => ctx.remote_host.is_some(),
+            Key::RemotePort => ctx.remote_port.is_some(),
             Key::Tag(t) => ctx.tags.contains_key(t),
         };
         if let (Op::Null, Values::Bool(absent)) = (self.op, &self.values) {
@@ -514,14 +556,6 @@ impl Condition {
         if !present {
             return self.op.holds_when_absent(self.if_exists);
         }
-        let value: Option<&str> = match &self.key {
-            Key::SourceIp => None,
-            Key::Region => ctx.region.as_deref(),
-            Key::InstanceId => ctx.instance_id.as_deref(),
-            Key::RunAs => ctx.run_as.as_deref(),
-            Key::Mode => ctx.mode.as_deref(),
-            Key::Tag(t) => ctx.tags.get(t).map(String::as_str),
-        };
         match (&self.values, self.op) {
             (Values::Nets(nets), Op::IpAddress) => {
                 ctx.source_ip.is_some_and(|ip| nets.iter().any(|n| net_holds(n, ip)))
@@ -529,21 +563,37 @@ impl Condition {
             (Values::Nets(nets), Op::NotIpAddress) => {
                 ctx.source_ip.is_none_or(|ip| !nets.iter().any(|n| net_holds(n, ip)))
             }
-            (Values::Bool(b), _) => value.is_some_and(|v| {
+            (Values::Bool(b), _) => self.string(ctx).is_some_and(|v| {
                 (v.eq_ignore_ascii_case("true") && *b) || (v.eq_ignore_ascii_case("false") && !*b)
             }),
             (Values::Strings(vals), Op::StringEquals) => {
-                value.is_some_and(|v| vals.iter().any(|x| x == v))
+                self.string(ctx).is_some_and(|v| vals.iter().any(|x| *x == *v))
             }
             (Values::Strings(vals), Op::StringNotEquals) => {
-                value.is_none_or(|v| !vals.iter().any(|x| x == v))
+                self.string(ctx).is_none_or(|v| !vals.iter().any(|x| *x == *v))
             }
             (Values::Strings(vals), Op::StringLike) => {
-                value.is_some_and(|v| vals.iter().any(|x| glob(x, v)))
+                self.string(ctx).is_some_and(|v| vals.iter().any(|x| glob(x, &v)))
             }
             // Parsing pairs each operator with its value kind; other pairs cannot occur.
             _ => false,
         }
+    }
+
+    /// The key's value for the string operators and `Bool`: `hatch:RemotePort` in its decimal
+    /// form (`"22"`), so that `{"StringEquals": {"hatch:RemotePort": "22"}}` works.
+    fn string<'a>(&self, ctx: &'a Context) -> Option<Cow<'a, str>> {
+        let s = match &self.key {
+            Key::SourceIp => None,
+            Key::Region => ctx.region.as_deref(),
+            Key::InstanceId => ctx.instance_id.as_deref(),
+            Key::RunAs => ctx.run_as.as_deref(),
+            Key::Mode => ctx.mode.as_deref(),
+            Key::RemoteHost => ctx.remote_host.as_deref(),
+            Key::RemotePort => return ctx.remote_port.map(|p| Cow::Owned(p.to_string())),
+            Key::Tag(t) => ctx.tags.get(t).map(String::as_str),
+        };
+        s.map(Cow::Borrowed)
     }
 }
 
@@ -579,6 +629,8 @@ mod tests {
             instance_id: Some("i-00000000000000a1".into()),
             run_as: Some("deploy".into()),
             mode: Some("shell".into()),
+            remote_host: None,
+            remote_port: None,
             tags: [("env".to_owned(), "prod".to_owned()), ("web".to_owned(), "true".to_owned())]
                 .into(),
         }
@@ -589,6 +641,22 @@ mod tests {
             r#"{{"Version":"1","Statement":[{{"Effect":"Allow","Action":"hatch:StartSession",
             "Resource":"*","Condition":{cond}}}]}}"#
         )
+    }
+
+    /// Allow StartPortForwarding on every instance when `cond` holds.
+    fn allow_pf(cond: &str) -> String {
+        format!(
+            r#"{{"Version":"1","Statement":[{{"Effect":"Allow","Action":"hatch:StartPortForwarding",
+            "Resource":"*","Condition":{cond}}}]}}"#
+        )
+    }
+
+    /// The context of a StartPortForwarding to `127.0.0.1:5432`: no RunAs or Mode.
+    fn pf(c: &mut Context) {
+        c.run_as = None;
+        c.mode = None;
+        c.remote_host = Some("127.0.0.1".into());
+        c.remote_port = Some(5432);
     }
 
     /// Allow everything, but Deny when `op` (`IpAddress`, `NotIpAddress`) holds for `net`.
@@ -715,6 +783,23 @@ mod tests {
             ("mapped network holds a caller given in mapped form", vec![deny_ip("IpAddress", "::ffff:10.0.0.0/104")], START_SESSION, I1, "::ffff:10.1.2.3", none, ExplicitDeny),
             ("IPv4 network never holds a plain IPv6 caller", vec![deny_ip("IpAddress", "0.0.0.0/0")], START_SESSION, I1, "2001:db8::1", none, Allow),
             ("IpAddress with no source ip is false", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"0.0.0.0/0"}}"#)], START_SESSION, I1, "10.0.0.1", |c| c.source_ip = None, ImplicitDeny),
+            ("PF StringEquals on RemotePort uses its decimal form", vec![allow_pf(r#"{"StringEquals":{"hatch:RemotePort":"22"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(22) }, Allow),
+            ("PF StringEquals on RemotePort differs", vec![allow_pf(r#"{"StringEquals":{"hatch:RemotePort":"22"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, ImplicitDeny),
+            ("PF StringLike on RemotePort", vec![allow_pf(r#"{"StringLike":{"hatch:RemotePort":"54*"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF StringEquals RemoteHost", vec![allow_pf(r#"{"StringEquals":{"hatch:RemoteHost":["127.0.0.1","localhost"]}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF StringLike RemoteHost", vec![allow_pf(r#"{"StringLike":{"hatch:remotehost":"*.internal"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_host = Some("db.internal".into()) }, Allow),
+            ("PF Deny StringEquals RemoteHost overrides Allow", vec![r#"{"Statement":[{"Effect":"Allow","Action":"hatch:StartPortForwarding","Resource":"*"},{"Effect":"Deny","Action":"hatch:StartPortForwarding","Resource":"*","Condition":{"StringEquals":{"hatch:RemoteHost":"169.254.169.254"}}}]}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_host = Some("169.254.169.254".into()) }, ExplicitDeny),
+            ("PF Deny StringEquals RemoteHost spares other hosts", vec![r#"{"Statement":[{"Effect":"Allow","Action":"hatch:StartPortForwarding","Resource":"*"},{"Effect":"Deny","Action":"hatch:StartPortForwarding","Resource":"*","Condition":{"StringEquals":{"hatch:RemoteHost":"169.254.169.254"}}}]}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF Deny in another policy overrides Allow *", vec![r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*"}}"#.into(), r#"{"Statement":{"Effect":"Deny","Action":"hatch:Start*","Resource":"*","Condition":{"StringEquals":{"hatch:RemoteHost":"127.0.0.1"}}}}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, ExplicitDeny),
+            ("StartSession allowed does not allow StartPortForwarding", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartSession","Resource":"*"}}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, ImplicitDeny),
+            ("StartPortForwarding allowed does not allow StartSession", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartPortForwarding","Resource":"*"}}"#.into()], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("hatch:Start* allows StartPortForwarding", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:Start*","Resource":"*"}}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("* allows StartPortForwarding", vec![r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*"}}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("hatch:Describe* does not allow StartPortForwarding", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:Describe*","Resource":"*"}}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, ImplicitDeny),
+            ("StartPortForwarding action case-insensitive", vec![r#"{"Statement":{"Effect":"Allow","Action":"HATCH:startportforwarding","Resource":"hrn:hatch:eu-1:acct-1:instance/i-*"}}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("StartPortForwarding resource other instance", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartPortForwarding","Resource":"hrn:hatch:eu-1:acct-1:instance/i-00000000000000b2"}}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, ImplicitDeny),
+            ("Deny hatch:Start* on RunAs does not reach StartPortForwarding", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:Start*","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("Deny hatch:Start* on a mode other than exec reaches StartPortForwarding", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:Start*","Resource":"*","Condition":{"StringNotEquals":{"hatch:Mode":"exec"}}}]}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, ExplicitDeny),
         ];
         assert!(cases.len() >= 40, "{} cases", cases.len());
         for (name, docs, action, resource, ip, tweak, want) in cases {
@@ -825,6 +910,18 @@ mod tests {
                 r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"Null":{"hatch:tag/x":"maybe"}}}]}"#,
                 "Statement[0].Condition.Null.hatch:tag/x",
             ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"hatch:StartPortForward","Resource":"*"}]}"#,
+                "Statement[0].Action[0]",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Deny","Action":"hatch:Describe*","Resource":"*","Condition":{"StringEquals":{"hatch:RemoteHost":"db"}}}]}"#,
+                "Statement[0].Condition.StringEquals.hatch:RemoteHost",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Deny","Action":"hatch:StartPortForwarding","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}]}"#,
+                "Statement[0].Condition.StringEquals.hatch:RunAs",
+            ),
         ];
         for (doc, field) in cases {
             let e = Policy::parse(doc).expect_err(doc);
@@ -846,6 +943,7 @@ mod tests {
             r#"{"Statement":{"Effect":"Deny","Action":"hatch:DescribeInstances","Resource":"*","Condition":{"StringNotEquals":{"hatch:RunAs":"deploy"}}}}"#,
             r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*","Condition":{"StringEqualsIfExists":{"hatch:Mode":"exec"}}}}"#,
             r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*","Condition":{"Null":{"hatch:RunAs":"true"}}}}"#,
+            r#"{"Statement":{"Effect":"Deny","Action":"*","Resource":"*","Condition":{"StringEquals":{"hatch:RemoteHost":"169.254.169.254"}}}}"#,
         ] {
             Policy::parse(doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
         }
@@ -861,6 +959,33 @@ mod tests {
             n += 1;
         }
         assert!(n >= 6, "{n} examples");
+    }
+
+    #[test]
+    fn refusals_say_what_is_wrong() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}}"#,
+                "Statement[0].Condition.StringEquals.hatch:RunAs: hatch:RunAs is never present for this statement's actions (it exists only for hatch:StartSession), so this condition could never hold",
+            ),
+            (
+                r#"{"Statement":{"Effect":"Deny","Action":"hatch:Describe*","Resource":"*","Condition":{"StringLike":{"hatch:remotehost":"*.internal"}}}}"#,
+                "Statement[0].Condition.StringLike.hatch:remotehost: hatch:RemoteHost is never present for this statement's actions (it exists only for hatch:StartPortForwarding), so this condition could never hold",
+            ),
+        ];
+        for (doc, want) in cases {
+            assert_eq!(Policy::parse(doc).expect_err(doc).to_string(), *want);
+        }
+        let e = Policy::parse(
+            r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"StringEquals":{"hatch:RemotePorts":"22"}}}}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("hatch:RemoteHost, hatch:RemotePort"), "{e}");
+        let e = Policy::parse(
+            r#"{"Statement":{"Effect":"Allow","Action":"hatch:StartPortForward","Resource":"*"}}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("hatch:StartPortForwarding"), "{e}");
     }
 
     #[test]
