@@ -8,8 +8,12 @@
 //!
 //! Conditions follow IAM semantics: several values of one key are ORed; several keys, and
 //! several operators, are ANDed. A key absent from the request makes a condition false, except
-//! for the negated operators (`StringNotEquals`, `NotIpAddress`) and the `...IfExists` forms,
-//! which are then true; `Null` tests for absence itself.
+//! for the negated operators (`StringNotEquals`, `NotIpAddress`, `NumericNotEquals`) and the
+//! `...IfExists` forms, which are then true; `Null` tests for absence itself.
+//!
+//! Numeric operators (`NumericEquals`, `NumericLessThan`, ...) compare numbers: a JSON number or
+//! a string holding one in the document (anything else is refused when parsed), and the key's
+//! value read as a number in the request (a value that is not one makes the condition false).
 //!
 //! Absent keys are rare by construction, so that a `Deny` never silently stops applying: every
 //! key an action defines ([`action_keys`]) is always in its context — `hatch:RunAs` of a
@@ -20,6 +24,7 @@
 //! false (so the statement could never apply), is refused when the document is parsed.
 
 use std::borrow::Cow;
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -80,6 +85,12 @@ enum Op {
     IpAddress,
     NotIpAddress,
     Bool,
+    NumericEquals,
+    NumericNotEquals,
+    NumericLessThan,
+    NumericLessThanEquals,
+    NumericGreaterThan,
+    NumericGreaterThanEquals,
     /// True when the key is absent (`true`) or present (`false`).
     Null,
 }
@@ -98,15 +109,82 @@ impl Op {
             "IpAddress" => Op::IpAddress,
             "NotIpAddress" => Op::NotIpAddress,
             "Bool" => Op::Bool,
+            "NumericEquals" => Op::NumericEquals,
+            "NumericNotEquals" => Op::NumericNotEquals,
+            "NumericLessThan" => Op::NumericLessThan,
+            "NumericLessThanEquals" => Op::NumericLessThanEquals,
+            "NumericGreaterThan" => Op::NumericGreaterThan,
+            "NumericGreaterThanEquals" => Op::NumericGreaterThanEquals,
             "Null" if !if_exists => Op::Null,
             _ => return None,
         };
         Some((op, if_exists))
     }
 
-    /// Whether a condition with this operator holds when its key is absent.
+    /// Whether a condition with this operator holds when its key is absent: the negated
+    /// operators are, as in IAM (the value equals none of the values).
     fn holds_when_absent(self, if_exists: bool) -> bool {
-        if_exists || matches!(self, Op::StringNotEquals | Op::NotIpAddress)
+        if_exists || matches!(self, Op::StringNotEquals | Op::NotIpAddress | Op::NumericNotEquals)
+    }
+
+    fn is_numeric(self) -> bool {
+        matches!(
+            self,
+            Op::NumericEquals
+                | Op::NumericNotEquals
+                | Op::NumericLessThan
+                | Op::NumericLessThanEquals
+                | Op::NumericGreaterThan
+                | Op::NumericGreaterThanEquals
+        )
+    }
+}
+
+/// A number of a numeric condition. IAM's numeric operators take integers and decimals, so both
+/// are accepted. An integer is kept as an `i64`, which compares exactly over its whole range (an
+/// `f64` holds integers exactly only up to 2^53, so two large distinct ids could compare equal);
+/// a decimal is an `f64`, and a comparison that involves one is made in `f64`. Infinities and
+/// NaN are not numbers here (Rust would parse `"inf"` and `"NaN"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Num {
+    Int(i64),
+    Dec(f64),
+}
+
+impl Num {
+    fn parse(s: &str) -> Option<Num> {
+        if let Ok(i) = s.parse::<i64>() {
+            return Some(Num::Int(i));
+        }
+        s.parse::<f64>().ok().filter(|f| f.is_finite()).map(Num::Dec)
+    }
+
+    /// A JSON number, or a string holding one.
+    fn from_json(v: &Value) -> Option<Num> {
+        match v {
+            Value::Number(n) => n
+                .as_i64()
+                .map(Num::Int)
+                .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(Num::Dec)),
+            Value::String(s) => Num::parse(s),
+            _ => None,
+        }
+    }
+
+    fn as_f64(self) -> f64 {
+        match self {
+            // Beyond 2^53 this rounds; only a comparison with a decimal gets here.
+            Num::Int(i) => i as f64,
+            Num::Dec(f) => f,
+        }
+    }
+
+    /// `None` never occurs for finite numbers; it makes a condition false.
+    fn compare(self, other: Num) -> Option<Ordering> {
+        match (self, other) {
+            (Num::Int(a), Num::Int(b)) => Some(a.cmp(&b)),
+            (a, b) => a.as_f64().partial_cmp(&b.as_f64()),
+        }
     }
 }
 
@@ -159,6 +237,7 @@ impl Key {
 enum Values {
     Strings(Vec<String>),
     Nets(Vec<IpNet>),
+    Nums(Vec<Num>),
     Bool(bool),
 }
 
@@ -362,7 +441,9 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
                 err(
                     &at,
                     "unknown operator (expected StringEquals, StringNotEquals, StringLike, \
-                     IpAddress, NotIpAddress, Bool, each optionally ...IfExists, or Null)",
+                     IpAddress, NotIpAddress, Bool, NumericEquals, NumericNotEquals, \
+                     NumericLessThan, NumericLessThanEquals, NumericGreaterThan, \
+                     NumericGreaterThanEquals, each optionally ...IfExists, or Null)",
                 )
             })?;
             let keys = keys.as_object().ok_or_else(|| err(&at, "must be an object"))?;
@@ -412,6 +493,12 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
                             _ => return Err(err(&at, "must be true or false")),
                         };
                         Values::Bool(b)
+                    }
+                    _ if op.is_numeric() => {
+                        if key == Key::SourceIp {
+                            return Err(err(&at, "hatch:SourceIp takes IpAddress or NotIpAddress"));
+                        }
+                        Values::Nums(numbers(&at, op_name, key_name, vals)?)
                     }
                     _ => {
                         if key == Key::SourceIp {
@@ -481,6 +568,25 @@ fn strings(at: &str, v: Option<&Value>, required: bool) -> Result<Vec<String>, P
             .collect(),
         Some(Value::Array(_)) => Err(err(at, "must not be empty")),
         Some(_) => Err(err(at, "must be a string or an array of strings")),
+    }
+}
+
+/// The values of numeric operator `op` on `key`: a number, a string holding one (`"5432"`), or a
+/// non-empty array of them.
+fn numbers(at: &str, op: &str, key: &str, v: &Value) -> Result<Vec<Num>, PolicyError> {
+    let one = |x: &Value| {
+        Num::from_json(x).ok_or_else(|| {
+            let shown = match x {
+                Value::String(s) => format!("{s:?}"),
+                other => other.to_string(),
+            };
+            err(at, format!("{op} on {key}: {shown} is not a number (an integer or a decimal)"))
+        })
+    };
+    match v {
+        Value::Array(a) if a.is_empty() => Err(err(at, "must not be empty")),
+        Value::Array(a) => a.iter().map(one).collect(),
+        other => Ok(vec![one(other)?]),
     }
 }
 
@@ -563,6 +669,27 @@ impl Condition {
             (Values::Nets(nets), Op::NotIpAddress) => {
                 ctx.source_ip.is_none_or(|ip| !nets.iter().any(|n| net_holds(n, ip)))
             }
+            (Values::Nums(nums), op) => {
+                // A present value that is not a number (a tag `env` of `prod`) compares with
+                // nothing: every numeric condition on it is false, NumericNotEquals included.
+                let Some(v) = self.number(ctx) else { return false };
+                let cmp = |x: &Num| v.compare(*x);
+                match op {
+                    Op::NumericEquals => nums.iter().any(|x| cmp(x) == Some(Ordering::Equal)),
+                    Op::NumericNotEquals => nums.iter().all(|x| cmp(x) != Some(Ordering::Equal)),
+                    Op::NumericLessThan => nums.iter().any(|x| cmp(x) == Some(Ordering::Less)),
+                    Op::NumericLessThanEquals => nums
+                        .iter()
+                        .any(|x| matches!(cmp(x), Some(Ordering::Less | Ordering::Equal))),
+                    Op::NumericGreaterThan => {
+                        nums.iter().any(|x| cmp(x) == Some(Ordering::Greater))
+                    }
+                    Op::NumericGreaterThanEquals => nums
+                        .iter()
+                        .any(|x| matches!(cmp(x), Some(Ordering::Greater | Ordering::Equal))),
+                    _ => false,
+                }
+            }
             (Values::Bool(b), _) => self.string(ctx).is_some_and(|v| {
                 (v.eq_ignore_ascii_case("true") && *b) || (v.eq_ignore_ascii_case("false") && !*b)
             }),
@@ -581,7 +708,7 @@ impl Condition {
     }
 
     /// The key's value for the string operators and `Bool`: `hatch:RemotePort` in its decimal
-    /// form (`"22"`), so that `{"StringEquals": {"hatch:RemotePort": "22"}}` works.
+    /// form (`"22"`), so that `StringEquals` on it works as well as `NumericEquals`.
     fn string<'a>(&self, ctx: &'a Context) -> Option<Cow<'a, str>> {
         let s = match &self.key {
             Key::SourceIp => None,
@@ -594,6 +721,15 @@ impl Condition {
             Key::Tag(t) => ctx.tags.get(t).map(String::as_str),
         };
         s.map(Cow::Borrowed)
+    }
+
+    /// The key's value for the numeric operators: a string value read as a number (`None` when
+    /// it is not one).
+    fn number(&self, ctx: &Context) -> Option<Num> {
+        match &self.key {
+            Key::RemotePort => ctx.remote_port.map(|p| Num::Int(p.into())),
+            _ => self.string(ctx).and_then(|s| Num::parse(&s)),
+        }
     }
 }
 
@@ -783,6 +919,39 @@ mod tests {
             ("mapped network holds a caller given in mapped form", vec![deny_ip("IpAddress", "::ffff:10.0.0.0/104")], START_SESSION, I1, "::ffff:10.1.2.3", none, ExplicitDeny),
             ("IPv4 network never holds a plain IPv6 caller", vec![deny_ip("IpAddress", "0.0.0.0/0")], START_SESSION, I1, "2001:db8::1", none, Allow),
             ("IpAddress with no source ip is false", vec![allow(r#"{"IpAddress":{"hatch:SourceIp":"0.0.0.0/0"}}"#)], START_SESSION, I1, "10.0.0.1", |c| c.source_ip = None, ImplicitDeny),
+            ("PF NumericEquals port matches", vec![allow_pf(r#"{"NumericEquals":{"hatch:RemotePort":5432}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF NumericEquals port differs", vec![allow_pf(r#"{"NumericEquals":{"hatch:RemotePort":5432}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(22) }, ImplicitDeny),
+            ("PF NumericEquals string value in the policy", vec![allow_pf(r#"{"NumericEquals":{"hatch:RemotePort":"5432"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF NumericEquals any of values, mixed forms", vec![allow_pf(r#"{"NumericEquals":{"hatch:RemotePort":[22,"5432"]}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF NumericEquals none of values", vec![allow_pf(r#"{"NumericEquals":{"hatch:RemotePort":[22,"3306"]}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, ImplicitDeny),
+            ("PF NumericEquals decimal equal to the port", vec![allow_pf(r#"{"NumericEquals":{"hatch:RemotePort":"5432.0"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF NumericLessThan below", vec![allow_pf(r#"{"NumericLessThan":{"hatch:RemotePort":1024}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(1023) }, Allow),
+            ("PF NumericLessThan at the bound", vec![allow_pf(r#"{"NumericLessThan":{"hatch:RemotePort":1024}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(1024) }, ImplicitDeny),
+            ("PF NumericLessThan a decimal bound", vec![allow_pf(r#"{"NumericLessThan":{"hatch:RemotePort":5432.5}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF NumericLessThanEquals at the bound", vec![allow_pf(r#"{"NumericLessThanEquals":{"hatch:RemotePort":"1024"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(1024) }, Allow),
+            ("PF NumericLessThanEquals above", vec![allow_pf(r#"{"NumericLessThanEquals":{"hatch:RemotePort":"1024"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(1025) }, ImplicitDeny),
+            ("PF NumericGreaterThanEquals at the bound", vec![allow_pf(r#"{"NumericGreaterThanEquals":{"hatch:RemotePort":1024}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(1024) }, Allow),
+            ("PF NumericGreaterThanEquals below", vec![allow_pf(r#"{"NumericGreaterThanEquals":{"hatch:RemotePort":1024}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(1023) }, ImplicitDeny),
+            ("PF NumericGreaterThan at the bound", vec![allow_pf(r#"{"NumericGreaterThan":{"hatch:RemotePort":1024}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(1024) }, ImplicitDeny),
+            ("PF NumericGreaterThan above", vec![allow_pf(r#"{"NumericGreaterThan":{"hatch:RemotePort":1024}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(1025) }, Allow),
+            ("PF range is two ANDed operators", vec![allow_pf(r#"{"NumericGreaterThanEquals":{"hatch:RemotePort":5000},"NumericLessThan":{"hatch:RemotePort":6000}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF range is two ANDed operators, outside", vec![allow_pf(r#"{"NumericGreaterThanEquals":{"hatch:RemotePort":5000},"NumericLessThan":{"hatch:RemotePort":6000}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(6000) }, ImplicitDeny),
+            ("PF NumericNotEquals neither value", vec![allow_pf(r#"{"NumericNotEquals":{"hatch:RemotePort":[22,"3389"]}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("PF NumericNotEquals first value", vec![allow_pf(r#"{"NumericNotEquals":{"hatch:RemotePort":[22,"3389"]}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(22) }, ImplicitDeny),
+            ("PF NumericNotEquals second value", vec![allow_pf(r#"{"NumericNotEquals":{"hatch:RemotePort":[22,"3389"]}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(3389) }, ImplicitDeny),
+            ("PF Deny NumericNotEquals keeps other ports out", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:StartPortForwarding","Resource":"*","Condition":{"NumericNotEquals":{"hatch:RemotePort":[5432,6379]}}}]}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(22) }, ExplicitDeny),
+            ("PF Deny NumericNotEquals lets a listed port", vec![r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*"},{"Effect":"Deny","Action":"hatch:StartPortForwarding","Resource":"*","Condition":{"NumericNotEquals":{"hatch:RemotePort":[5432,6379]}}}]}"#.into()], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
+            ("NumericEqualsIfExists absent port is true", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:Start*","Resource":"*","Condition":{"NumericEqualsIfExists":{"hatch:RemotePort":22}}}}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("NumericEquals absent port is false", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:Start*","Resource":"*","Condition":{"NumericEquals":{"hatch:RemotePort":22}}}}"#.into()], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("NumericLessThanIfExists present port must hold", vec![allow_pf(r#"{"NumericLessThanIfExists":{"hatch:RemotePort":1024}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, ImplicitDeny),
+            ("NumericNotEquals absent port is true (negated, as in IAM)", vec![r#"{"Statement":{"Effect":"Allow","Action":"hatch:Start*","Resource":"*","Condition":{"NumericNotEquals":{"hatch:RemotePort":22}}}}"#.into()], START_SESSION, I1, "10.0.0.1", none, Allow),
+            ("Numeric on a numeric tag", vec![allow(r#"{"NumericGreaterThan":{"hatch:tag/tier":"2"}}"#)], START_SESSION, I1, "10.0.0.1", |c| { c.tags.insert("tier".into(), "3".into()); }, Allow),
+            ("Numeric on a tag that is not a number is false", vec![allow(r#"{"NumericLessThan":{"hatch:tag/env":1000}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("NumericNotEquals on a tag that is not a number is false", vec![allow(r#"{"NumericNotEquals":{"hatch:tag/env":1}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("Numeric on a missing tag is false", vec![allow(r#"{"NumericEquals":{"hatch:tag/tier":3}}"#)], START_SESSION, I1, "10.0.0.1", none, ImplicitDeny),
+            ("Numeric integers compare exactly beyond 2^53", vec![allow(r#"{"NumericEquals":{"hatch:tag/id":9007199254740993}}"#)], START_SESSION, I1, "10.0.0.1", |c| { c.tags.insert("id".into(), "9007199254740992".into()); }, ImplicitDeny),
+            ("Numeric integer tag against a decimal", vec![allow(r#"{"NumericGreaterThan":{"hatch:tag/tier":"2.5"}}"#)], START_SESSION, I1, "10.0.0.1", |c| { c.tags.insert("tier".into(), "3".into()); }, Allow),
+            ("PF RemotePort key name case-insensitive", vec![allow_pf(r#"{"NumericEquals":{"HATCH:REMOTEPORT":5432}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
             ("PF StringEquals on RemotePort uses its decimal form", vec![allow_pf(r#"{"StringEquals":{"hatch:RemotePort":"22"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", |c| { pf(c); c.remote_port = Some(22) }, Allow),
             ("PF StringEquals on RemotePort differs", vec![allow_pf(r#"{"StringEquals":{"hatch:RemotePort":"22"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, ImplicitDeny),
             ("PF StringLike on RemotePort", vec![allow_pf(r#"{"StringLike":{"hatch:RemotePort":"54*"}}"#)], START_PORT_FORWARDING, I1, "10.0.0.1", pf, Allow),
@@ -915,6 +1084,34 @@ mod tests {
                 "Statement[0].Action[0]",
             ),
             (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NumericEquals":{"hatch:RemotePort":"ssh"}}}]}"#,
+                "Statement[0].Condition.NumericEquals.hatch:RemotePort",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NumericLessThanIfExists":{"hatch:RemotePort":[22,true]}}}]}"#,
+                "Statement[0].Condition.NumericLessThanIfExists.hatch:RemotePort",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NumericEquals":{"hatch:RemotePort":[]}}}]}"#,
+                "Statement[0].Condition.NumericEquals.hatch:RemotePort",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NumericGreaterThan":{"hatch:tag/n":"inf"}}}]}"#,
+                "Statement[0].Condition.NumericGreaterThan.hatch:tag/n",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NumericEquals":{"hatch:SourceIp":1}}}]}"#,
+                "Statement[0].Condition.NumericEquals.hatch:SourceIp",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NumericLike":{"hatch:RemotePort":1}}}]}"#,
+                "Statement[0].Condition.NumericLike",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Deny","Action":"hatch:StartSession","Resource":"*","Condition":{"NumericEquals":{"hatch:RemotePort":22}}}]}"#,
+                "Statement[0].Condition.NumericEquals.hatch:RemotePort",
+            ),
+            (
                 r#"{"Statement":[{"Effect":"Deny","Action":"hatch:Describe*","Resource":"*","Condition":{"StringEquals":{"hatch:RemoteHost":"db"}}}]}"#,
                 "Statement[0].Condition.StringEquals.hatch:RemoteHost",
             ),
@@ -943,6 +1140,10 @@ mod tests {
             r#"{"Statement":{"Effect":"Deny","Action":"hatch:DescribeInstances","Resource":"*","Condition":{"StringNotEquals":{"hatch:RunAs":"deploy"}}}}"#,
             r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*","Condition":{"StringEqualsIfExists":{"hatch:Mode":"exec"}}}}"#,
             r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*","Condition":{"Null":{"hatch:RunAs":"true"}}}}"#,
+            r#"{"Statement":{"Effect":"Deny","Action":"hatch:DescribeInstances","Resource":"*","Condition":{"NumericNotEquals":{"hatch:RemotePort":22}}}}"#,
+            r#"{"Statement":{"Effect":"Deny","Action":"hatch:StartSession","Resource":"*","Condition":{"NumericLessThanIfExists":{"hatch:RemotePort":1024}}}}"#,
+            // A key some matching action defines: hatch:Start* covers StartPortForwarding.
+            r#"{"Statement":{"Effect":"Deny","Action":"hatch:Start*","Resource":"*","Condition":{"NumericLessThan":{"hatch:RemotePort":1024}}}}"#,
             r#"{"Statement":{"Effect":"Deny","Action":"*","Resource":"*","Condition":{"StringEquals":{"hatch:RemoteHost":"169.254.169.254"}}}}"#,
         ] {
             Policy::parse(doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
@@ -965,6 +1166,18 @@ mod tests {
     fn refusals_say_what_is_wrong() {
         let cases: &[(&str, &str)] = &[
             (
+                r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NumericEquals":{"hatch:RemotePort":"ssh"}}}}"#,
+                r#"Statement[0].Condition.NumericEquals.hatch:RemotePort: NumericEquals on hatch:RemotePort: "ssh" is not a number (an integer or a decimal)"#,
+            ),
+            (
+                r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NumericLessThanIfExists":{"hatch:RemotePort":[22,true]}}}}"#,
+                "Statement[0].Condition.NumericLessThanIfExists.hatch:RemotePort: NumericLessThanIfExists on hatch:RemotePort: true is not a number (an integer or a decimal)",
+            ),
+            (
+                r#"{"Statement":{"Effect":"Deny","Action":"hatch:StartSession","Resource":"*","Condition":{"NumericEquals":{"hatch:RemotePort":22}}}}"#,
+                "Statement[0].Condition.NumericEquals.hatch:RemotePort: hatch:RemotePort is never present for this statement's actions (it exists only for hatch:StartPortForwarding), so this condition could never hold",
+            ),
+            (
                 r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession","Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}}"#,
                 "Statement[0].Condition.StringEquals.hatch:RunAs: hatch:RunAs is never present for this statement's actions (it exists only for hatch:StartSession), so this condition could never hold",
             ),
@@ -977,6 +1190,11 @@ mod tests {
             assert_eq!(Policy::parse(doc).expect_err(doc).to_string(), *want);
         }
         let e = Policy::parse(
+            r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"NumericLike":{"hatch:RemotePort":1}}}}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("NumericGreaterThanEquals, each optionally ...IfExists"), "{e}");
+        let e = Policy::parse(
             r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*","Condition":{"StringEquals":{"hatch:RemotePorts":"22"}}}}"#,
         )
         .unwrap_err();
@@ -986,6 +1204,36 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("hatch:StartPortForwarding"), "{e}");
+    }
+
+    #[test]
+    fn numbers_are_integers_or_finite_decimals() {
+        let cases: &[(&str, Option<Num>)] = &[
+            ("22", Some(Num::Int(22))),
+            ("-5", Some(Num::Int(-5))),
+            ("+5", Some(Num::Int(5))),
+            ("9223372036854775807", Some(Num::Int(i64::MAX))),
+            ("5432.5", Some(Num::Dec(5432.5))),
+            ("1e3", Some(Num::Dec(1000.0))),
+            ("ssh", None),
+            ("", None),
+            (" 22", None),
+            ("0x16", None),
+            ("inf", None),
+            ("NaN", None),
+            ("1e400", None),
+        ];
+        for (s, want) in cases {
+            assert_eq!(Num::parse(s), *want, "{s:?}");
+        }
+        assert_eq!(Num::Int(5).compare(Num::Dec(5.0)), Some(Ordering::Equal));
+        assert_eq!(Num::Int(i64::MAX).compare(Num::Int(i64::MAX - 1)), Some(Ordering::Greater));
+        let json: Value = serde_json::from_str("[22, 2.5, 18446744073709551615, \"7\"]").unwrap();
+        let nums: Vec<Num> = json.as_array().unwrap().iter().filter_map(Num::from_json).collect();
+        assert_eq!(
+            nums,
+            [Num::Int(22), Num::Dec(2.5), Num::Dec(18446744073709551615.0), Num::Int(7)]
+        );
     }
 
     #[test]
