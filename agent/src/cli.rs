@@ -89,6 +89,11 @@ pub struct RunArgs {
     /// window is full.
     #[arg(long, default_value_t = hatch_proto::resume::DEFAULT_WINDOW)]
     pub window: usize,
+    /// Where port sessions may connect, `HOST:PORT`, `HOST:LOW-HIGH` or `HOST:*` (HOST a name,
+    /// an address, a network such as `10.0.0.0/8`, `[::1]`, or `*`); repeat for more. Without
+    /// it only the instance's loopback (`127.0.0.0/8:*`, `[::1]:*`).
+    #[arg(long = "allow-forward", value_name = "HOST:PORTS")]
+    pub allow_forward: Vec<String>,
 }
 
 /// Sets up logging to stderr (`RUST_LOG` wins over `-v`).
@@ -203,6 +208,8 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         crate::session::identity(args.default_user.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     info!(default_user = %identity.default_user, switch_user = identity.switch_user,
         "sessions that name no user run as the default user");
+    let allow_forward =
+        crate::forward::AllowForward::parse(&args.allow_forward).map_err(|e| anyhow::anyhow!(e))?;
     let config = RunConfig {
         session: SessionConfig {
             tls: cfg.clone(),
@@ -212,6 +219,7 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<()> {
                 window: args.window.max(1024),
                 ..Default::default()
             },
+            allow_forward: std::sync::Arc::new(allow_forward),
         },
         state,
         tls: cfg,

@@ -542,6 +542,7 @@ mod tests {
             allow_plaintext: false,
             timing: Default::default(),
             link: Default::default(),
+            allow_forward: Default::default(),
         };
         let mut s = Sessions {
             tasks: JoinSet::new(),

@@ -27,6 +27,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod forward;
 pub mod pty;
 pub mod register;
 pub mod session;

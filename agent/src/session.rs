@@ -126,6 +126,8 @@ pub struct SessionConfig {
     pub timing: SessionTiming,
     /// Bytes in flight per direction and when to acknowledge (`--window`).
     pub link: LinkConfig,
+    /// Where port sessions may connect (`--allow-forward`).
+    pub allow_forward: Arc<crate::forward::AllowForward>,
 }
 
 /// One `session.open`.
@@ -149,6 +151,10 @@ pub struct SessionSpec {
     /// exec: a PTY (`Some(true)`), pipes with stderr apart (`Some(false)`), or as before the
     /// field (`None`: a PTY when `term` is given, else pipes with stderr merged).
     pub tty: Option<bool>,
+    /// port: the destination host (`localhost` when absent).
+    pub remote_host: Option<String>,
+    /// port: the destination port.
+    pub remote_port: Option<u16>,
 }
 
 impl SessionSpec {
@@ -164,6 +170,8 @@ impl SessionSpec {
                 run_as,
                 term,
                 tty,
+                remote_host,
+                remote_port,
             } => Some(SessionSpec {
                 session_id,
                 stream_url,
@@ -173,6 +181,8 @@ impl SessionSpec {
                 run_as,
                 term,
                 tty,
+                remote_host,
+                remote_port,
             }),
             _ => None,
         }
@@ -299,13 +309,16 @@ pub async fn run_counted(
         }
     };
     debug!(session = %peer(&sid, 40), "data leg connected");
+    if spec.mode == Mode::Port {
+        return run_port(&spec, cfg, ws, &mut cancel).await;
+    }
     let (mut sink, mut stream) = ws.split();
 
     // What the command's side is: as `ssh host cmd`, a command gets a PTY only when asked
     // (`hatch exec -t`); otherwise pipes, bytes unchanged, end of input an empty DATA, and
     // stderr apart as STDERR when the client said it knows that message (`tty` present).
     let (use_pty, split_stderr) = match (spec.mode, spec.tty) {
-        (Mode::Shell, _) => (true, false),
+        (Mode::Shell | Mode::Port, _) => (true, false),
         (Mode::Exec, Some(tty)) => (tty, !tty),
         (Mode::Exec, None) => (spec.term.is_some(), false),
     };
@@ -469,6 +482,69 @@ pub async fn run_counted(
         }
     };
     info!(session = %peer(&sid, 40), pid, end = ?end, "session ended");
+    end
+}
+
+/// A port session: every stream the client opens is connected to the session's destination,
+/// if `--allow-forward` allows it. A destination that is not allowed refuses the session at
+/// once (ERROR, close 4017) rather than every connection later.
+async fn run_port(
+    spec: &SessionSpec,
+    cfg: &SessionConfig,
+    ws: Ws,
+    cancel: &mut Option<oneshot::Receiver<Cancel>>,
+) -> SessionEnd {
+    let sid = &spec.session_id;
+    let host = spec.remote_host.clone().unwrap_or_else(|| "localhost".to_owned());
+    let refused = match spec.remote_port {
+        None => Some((close::INTERNAL_ERROR, "a port session without remote_port".to_owned())),
+        Some(port) => {
+            let ips: Vec<std::net::IpAddr> =
+                match tokio::net::lookup_host((host.as_str(), port)).await {
+                    Ok(a) => a.map(|a| a.ip()).collect(),
+                    Err(_) => Vec::new(),
+                };
+            (!cfg.allow_forward.allows(&host, port, &ips)).then(|| {
+                (
+                    close::FORWARD_NOT_ALLOWED,
+                    format!("{host}:{port} is not allowed by this agent's --allow-forward"),
+                )
+            })
+        }
+    };
+    if let Some((ws_code, message)) = refused {
+        warn!(session = %peer(sid, 40), error = %message, "port session refused");
+        let (mut sink, mut stream) = ws.split();
+        let err = Message::Error { code: channel::ERROR_FORWARD, message: &message }.to_vec();
+        let _ = timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(err.into()))).await;
+        close_leg(&mut sink, &mut stream, ws_code, "destination not allowed", &cfg.timing).await;
+        return SessionEnd::Failed(message);
+    }
+    let port = spec.remote_port.expect("checked above");
+    info!(session = %peer(sid, 40), host = %peer(&host, 80), port, "port session started");
+    let role = hatch_forward::Role::Agent {
+        dial: crate::forward::dialer(host, port, cfg.allow_forward.clone()),
+    };
+    let fcfg = hatch_forward::Config {
+        link: cfg.link,
+        ping_interval: cfg.timing.ping_interval,
+        dead_after: cfg.timing.dead_after,
+    };
+    let cancelled = async {
+        let c = recv_cancel(cancel).await;
+        (c.code, c.reason)
+    };
+    let end = match hatch_forward::pump(ws, role, fcfg, cancelled, |_| {}).await {
+        hatch_forward::End::Closed(code, why) => {
+            SessionEnd::Lost(format!("leg closed with {code} ({}) {why}", close::describe(code)))
+        }
+        hatch_forward::End::Done(code) => SessionEnd::Cancelled(close::describe(code).to_owned()),
+        hatch_forward::End::Lost(why) => SessionEnd::Lost(why),
+        hatch_forward::End::Bad(why) => {
+            SessionEnd::Lost(format!("client sent a bad message: {why}"))
+        }
+    };
+    info!(session = %peer(sid, 40), end = ?end, "port session ended");
     end
 }
 
@@ -747,6 +823,7 @@ async fn prepare(spec: &SessionSpec) -> Result<Launch, (u16, String)> {
             let base = shell.rsplit('/').next().unwrap_or("sh");
             (shell.clone(), Some(format!("-{base}")), Vec::new())
         }
+        Mode::Port => return Err((channel::ERROR_SPAWN, "a port session runs no command".into())),
         Mode::Exec => match spec.command.as_deref() {
             Some([program, args @ ..]) if !program.is_empty() => {
                 (program.clone(), None, args.to_vec())
@@ -1496,6 +1573,7 @@ mod tests {
             allow_plaintext: false,
             timing: SessionTiming::default(),
             link: LinkConfig::default(),
+            allow_forward: Default::default(),
         };
         let spec = SessionSpec {
             session_id: "s-1".into(),
@@ -1506,6 +1584,8 @@ mod tests {
             run_as: None,
             term: None,
             tty: None,
+            remote_host: None,
+            remote_port: None,
         };
         let (_tx, rx) = oneshot::channel();
         match run(spec, &cfg, rx).await {

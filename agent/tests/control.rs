@@ -99,6 +99,8 @@ fn open(
         run_as: run_as.map(str::to_owned).or(s.run_as),
         term: None,
         tty: None,
+        remote_host: None,
+        remote_port: None,
     }
 }
 

@@ -62,6 +62,7 @@ impl Relay {
                 allow_plaintext: false,
                 timing,
                 link: Default::default(),
+                allow_forward: Default::default(),
             },
             tls,
             _dir: dir,
@@ -92,6 +93,8 @@ impl Relay {
             run_as: Some(hatch_agent::session::identity(None).unwrap().default_user),
             term: None,
             tty: None,
+            remote_host: None,
+            remote_port: None,
         };
         let cfg = self.cfg.clone();
         let (tx, rx) = oneshot::channel();

@@ -114,6 +114,8 @@ impl Env {
             run_as: None,
             term: None,
             tty: None,
+            remote_host: None,
+            remote_port: None,
         };
         let tcp = tokio::net::TcpStream::connect(self.api).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();

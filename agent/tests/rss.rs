@@ -79,6 +79,8 @@ async fn agent_rss_idle_and_with_50_sessions() {
             run_as: s.run_as,
             term: None,
             tty: None,
+            remote_host: None,
+            remote_port: None,
         };
         ws.send(WsMessage::Text(serde_json::to_string(&open).unwrap().into())).await.unwrap();
         let (_, mut c) = srv.accept().await;

@@ -30,6 +30,10 @@ pub enum Command {
     Session(SessionArgs),
     /// Run one command on an instance, streaming stdin, stdout and its exit status.
     Exec(ExecArgs),
+    /// Forward local TCP connections to a port as the instance sees it (`ssh -L`).
+    PortForward(PortForwardArgs),
+    /// Carry one connection on stdin and stdout, for `ssh -o ProxyCommand='hatch proxy -i %h'`.
+    Proxy(ProxyArgs),
     /// Reattach a session whose client went away (a closed terminal, a killed `hatch`), like
     /// `tmux attach`: the same shell, with the output it still holds.
     Attach(AttachArgs),
@@ -123,6 +127,33 @@ pub struct ExecArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// `hatch port-forward`.
+#[derive(Debug, Args)]
+pub struct PortForwardArgs {
+    /// Target instance, `i-...`.
+    #[arg(long, short = 'i', value_name = "INSTANCE_ID")]
+    pub instance: String,
+    /// Where to listen, `[ADDR:]PORT` (default address 127.0.0.1; default port the remote
+    /// one; port 0 picks a free one and prints it).
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    pub local: Option<String>,
+    /// Where connections go, `[HOST:]PORT` as the instance resolves it (default host: the
+    /// instance itself, `localhost`).
+    #[arg(long, value_name = "[HOST:]PORT")]
+    pub remote: String,
+}
+
+/// `hatch proxy`.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Target instance, `i-...`.
+    #[arg(long, short = 'i', value_name = "INSTANCE_ID")]
+    pub instance: String,
+    /// Where the connection goes, `[HOST:]PORT` as the instance resolves it.
+    #[arg(long, value_name = "[HOST:]PORT", default_value = "localhost:22")]
+    pub remote: String,
 }
 
 /// `hatch sessions`.

@@ -49,6 +49,8 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
                 run_as: args.user,
                 term: env("TERM").filter(|_| terminal::stdin_is_tty()),
                 tty: None,
+                remote_host: None,
+                remote_port: None,
             };
             session(&client, req, args.stream, terminal::stdin_is_tty()).await
         }
@@ -64,10 +66,16 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
                 run_as: args.user,
                 term: env("TERM").filter(|_| args.tty),
                 tty: Some(args.tty),
+                remote_host: None,
+                remote_port: None,
             };
             session(&client, req, args.stream, args.tty && terminal::stdin_is_tty()).await
         }
         Command::Attach(args) => attach(&client(profile, env, verbose)?, args).await,
+        Command::PortForward(args) => {
+            crate::forward::port_forward(&client(profile, env, verbose)?, args).await
+        }
+        Command::Proxy(args) => crate::forward::proxy(&client(profile, env, verbose)?, args).await,
         Command::Sessions(args) => sessions(&client(profile, env, verbose)?, args).await,
         Command::Terminate { session_id } => {
             let client = client(profile, env, verbose)?;
@@ -110,7 +118,7 @@ fn client(profile: Option<&str>, env: Env<'_>, verbose: bool) -> Result<Client, 
 }
 
 /// Ids go into URL paths: accept only the characters ids are made of.
-fn checked_id(id: &str, what: &str) -> Result<String, CliError> {
+pub(crate) fn checked_id(id: &str, what: &str) -> Result<String, CliError> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');

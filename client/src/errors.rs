@@ -32,6 +32,9 @@ pub mod exit {
     /// The agent cannot run the session as the user asked for: no such user on the instance,
     /// or an agent that cannot switch users (`EX_NOUSER`).
     pub const NO_USER: u8 = 67;
+    /// The agent does not allow the port-forwarding destination (`EX_NOINPUT`: what was to
+    /// be opened cannot be).
+    pub const FORWARD_NOT_ALLOWED: u8 = 66;
     /// Aborted locally before the session started (128 + SIGINT, as a shell reports it).
     pub const ABORTED: u8 = 130;
     /// Transport failure, lost connection, `~.` disconnect (as OpenSSH).
@@ -350,6 +353,7 @@ fn close_exit_code(code: u16) -> u8 {
         close::PEER_NEVER_CAME => exit::UNAVAILABLE,
         close::SESSION_MANAGER_DISABLED | close::ACCESS_REVOKED => exit::NOPERM,
         close::RUN_AS_UNAVAILABLE => exit::NO_USER,
+        close::FORWARD_NOT_ALLOWED => exit::FORWARD_NOT_ALLOWED,
         _ => exit::TRANSPORT,
     }
 }
@@ -375,6 +379,7 @@ fn close_label(code: u16) -> String {
         close::ATTACHED_ELSEWHERE => "AttachedElsewhere",
         close::PEER_RESUMING => "PeerResuming",
         close::RUN_AS_UNAVAILABLE => "RunAsUnavailable",
+        close::FORWARD_NOT_ALLOWED => "ForwardNotAllowed",
         _ => "Closed",
     };
     format!("{name} (close {code})")
@@ -412,6 +417,11 @@ fn close_words(code: u16, instance: &Option<String>) -> String {
         close::POLICY_VIOLATION => format!(
             "the agent{on} refused to start the session (its reason is in the remote error \
              above); check the user asked for with --user"
+        ),
+        close::FORWARD_NOT_ALLOWED => format!(
+            "the agent{on} does not allow connections to that destination (its reason is in the \
+             remote error above); its operator allows destinations with `hatch-agent run \
+             --allow-forward HOST:PORT`"
         ),
         close::RUN_AS_UNAVAILABLE => format!(
             "the agent{on} cannot run the session as the user asked for (its reason is in the \
@@ -565,6 +575,11 @@ mod tests {
             (close::GOING_AWAY, 255, "AgentGoingAway (close 1001): the agent on i-1 went away"),
             (close::POLICY_VIOLATION, 255, "AgentRefused (close 1008): the agent on i-1 refused"),
             (close::INTERNAL_ERROR, 255, "AgentFailed (close 1011): the agent on i-1 could not"),
+            (
+                close::FORWARD_NOT_ALLOWED,
+                66,
+                "ForwardNotAllowed (close 4017): the agent on i-1 does not allow",
+            ),
             (
                 close::RUN_AS_UNAVAILABLE,
                 67,

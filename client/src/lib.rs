@@ -32,6 +32,7 @@ pub mod commands;
 pub mod config;
 pub mod errors;
 pub mod escape;
+pub mod forward;
 pub mod output;
 pub mod stream;
 pub mod terminal;

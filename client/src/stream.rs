@@ -67,7 +67,8 @@ const STDIN_QUEUE: usize = 8;
 /// The smallest window the client accepts: a stdin chunk (and an escape's held bytes) must fit.
 pub const MIN_WINDOW: usize = 2 * STDIN_CHUNK;
 
-type Ws =
+/// A data leg.
+pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Options of one streamed session.

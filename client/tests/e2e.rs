@@ -57,6 +57,7 @@ impl Agent {
                         allow_plaintext: false,
                         timing: session_timing,
                         link: Default::default(),
+                        allow_forward: Default::default(),
                     },
                     state,
                     tls,
@@ -944,4 +945,291 @@ fn exec_keeps_stderr_apart_and_exits_127_or_126_like_a_shell() {
     let out = exec_output(&world, &[plain.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
     assert_eq!(stderr(&out), format!("hatch-agent: {}: Permission denied\n", plain.display()));
+}
+
+/// `hatch port-forward --local 0` running in the background; the local port it printed.
+struct Forward {
+    child: std::process::Child,
+    port: u16,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Forward {
+    fn start(world: &World, remote: &str) -> Forward {
+        use std::io::BufRead;
+        let mut cmd = world.hatch();
+        cmd.args(["port-forward", "-i", world.instance(), "--local", "0", "--remote", remote])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = stderr.clone();
+        std::thread::spawn(move || {
+            for line in err.lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("Forwarding 127.0.0.1:") {
+                    let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
+                    let _ = tx.send(port);
+                }
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let port = rx
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("no Forwarding line; stderr: {}", stderr.lock().unwrap()));
+        Forward { child, port, stderr }
+    }
+
+    fn connect(&self) -> std::net::TcpStream {
+        let s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s
+    }
+
+    /// Ctrl-C: stops with 0.
+    fn stop(mut self) -> String {
+        kill("-INT", self.child.id());
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "port-forward did not stop on SIGINT");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let err = self.stderr.lock().unwrap().clone();
+        assert_eq!(status.code(), Some(0), "{err}");
+        err
+    }
+}
+
+/// A TCP server on the instance side (loopback): `serve` runs per connection on its own thread.
+fn instance_server(serve: fn(std::net::TcpStream)) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || serve(s));
+        }
+    });
+    port
+}
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, b).as_ref().to_vec()
+}
+
+/// The bytes the "file" server sends: 100 MiB, not a repetition.
+fn file_bytes() -> Vec<u8> {
+    let mut data = Vec::with_capacity(100 << 20);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    while data.len() < 100 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data
+}
+
+/// Through one forward: an HTTP server's 100 MiB file arrives with its sha256; 100 concurrent
+/// connections each get their own bytes back; a connection nobody reads does not stall the
+/// others; and a remote port where nothing listens closes the local connection with words.
+#[test]
+fn port_forward_carries_a_file_many_connections_and_says_when_the_remote_refuses() {
+    use std::io::{Read, Write};
+    let world = World::start();
+    let http = instance_server(|mut s| {
+        let mut req = [0u8; 1024];
+        let _ = s.read(&mut req);
+        let body = file_bytes();
+        let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        let _ = s.write_all(head.as_bytes());
+        let _ = s.write_all(&body);
+    });
+    let fwd = Forward::start(&world, &format!("127.0.0.1:{http}"));
+    let mut c = fwd.connect();
+    c.write_all(b"GET /f HTTP/1.0\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    let at = got.windows(4).position(|w| w == b"\r\n\r\n").expect("headers") + 4;
+    assert_eq!(got.len() - at, 100 << 20, "body length");
+    assert_eq!(sha256(&got[at..]), sha256(&file_bytes()));
+    fwd.stop();
+
+    let echo = instance_server(|s| {
+        let mut r = s.try_clone().unwrap();
+        let mut w = s;
+        let _ = std::io::copy(&mut r, &mut w);
+    });
+    let fwd = Forward::start(&world, &echo.to_string());
+    // One connection that writes and never reads: its stream stalls at its credit, alone.
+    let mut stalled = fwd.connect();
+    let flood = std::thread::spawn(move || {
+        let junk = vec![0x55u8; 64 * 1024];
+        let _ = stalled.set_write_timeout(Some(Duration::from_secs(5)));
+        for _ in 0..64 {
+            if stalled.write_all(&junk).is_err() {
+                break;
+            }
+        }
+        stalled
+    });
+    let workers: Vec<_> = (0..100u32)
+        .map(|i| {
+            let mut s = fwd.connect();
+            std::thread::spawn(move || {
+                let mine: Vec<u8> = (0..64 * 1024u32).map(|j| (i * 31 + j * 7) as u8).collect();
+                let mut r = s.try_clone().unwrap();
+                let reader = std::thread::spawn(move || {
+                    let mut back = vec![0u8; mine.len()];
+                    r.read_exact(&mut back).unwrap();
+                    (back, mine)
+                });
+                let data: Vec<u8> = (0..64 * 1024u32).map(|j| (i * 31 + j * 7) as u8).collect();
+                s.write_all(&data).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let (back, mine) = reader.join().unwrap();
+                assert!(back == mine, "connection {i} got other bytes");
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).unwrap();
+                assert!(rest.is_empty(), "connection {i}: end after the echo");
+            })
+        })
+        .collect();
+    let failed = workers.into_iter().map(|w| w.join()).filter(Result::is_err).count();
+    drop(flood.join().unwrap());
+    let err = fwd.stop();
+    assert_eq!(failed, 0, "connections failed; port-forward said: {err}");
+
+    // Nothing listens on the remote port: the local connection is closed, stderr says why.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nothing = closed.local_addr().unwrap().port();
+    drop(closed);
+    let fwd = Forward::start(&world, &nothing.to_string());
+    let mut c = fwd.connect();
+    let mut buf = [0u8; 16];
+    assert_eq!(c.read(&mut buf).unwrap_or(0), 0, "the local connection is closed");
+    let err = fwd.stop();
+    assert!(err.contains("could not connect it (connection refused)"), "{err}");
+}
+
+/// A destination the agent does not allow (only loopback by default) refuses the session with
+/// its own close code and exit status, in words.
+#[test]
+fn port_forward_to_a_destination_the_agent_does_not_allow_exits_66() {
+    let world = World::start();
+    let mut cmd = world.hatch();
+    cmd.args([
+        "port-forward",
+        "-i",
+        world.instance(),
+        "--local",
+        "0",
+        "--remote",
+        "10.255.255.1:80",
+    ]);
+    let out = run(cmd);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(66), "{err}");
+    assert!(
+        err.contains("10.255.255.1:80 is not allowed by this agent's --allow-forward"),
+        "{err}"
+    );
+    assert!(err.contains("ForwardNotAllowed (close 4017)"), "{err}");
+}
+
+/// ssh through `hatch proxy` (ssh's ProxyCommand) to an sshd the test starts on the instance
+/// side: a command runs, and scp copies a file whose sha256 matches. sshd is Debian's
+/// `openssh-server` (scripts/test installs it), on a port of its own with throwaway keys.
+#[test]
+fn ssh_and_scp_run_through_hatch_proxy() {
+    let world = World::start();
+    let dir = world.home.path().join("ssh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let keygen = |path: &Path| {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(path)
+            .status()
+            .expect("ssh-keygen (openssh-client)");
+        assert!(st.success());
+    };
+    let (host_key, user_key) = (dir.join("host_key"), dir.join("user_key"));
+    keygen(&host_key);
+    keygen(&user_key);
+    let authorized = dir.join("authorized_keys");
+    std::fs::copy(user_key.with_extension("pub"), &authorized).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+             PidFile {}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n\
+             PasswordAuthentication no\nSubsystem sftp internal-sftp\n",
+            host_key.display(),
+            authorized.display(),
+            dir.join("sshd.pid").display()
+        ),
+    )
+    .unwrap();
+    // sshd's privilege separation needs this directory (a package's service would make it).
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let sshd = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("/usr/sbin/sshd (openssh-server; scripts/test installs it)");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _sshd = Kill(sshd);
+    let deadline = Instant::now() + DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sshd did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().unwrap().name;
+    let proxy = format!("{} proxy -i %h --remote 127.0.0.1:{port}", env!("CARGO_BIN_EXE_hatch"));
+    let ssh_opts = |cmd: &mut Command| {
+        cmd.env("HOME", world.home.path())
+            .env("XDG_CONFIG_HOME", world.home.path())
+            .env("HATCH_API", &world.relay.info.api_url)
+            .env("HATCH_ACCESS_KEY", &world.relay.info.access_key)
+            .env("HATCH_CA", &world.relay.info.ca_file)
+            .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args(["-o", "LogLevel=ERROR", "-i"])
+            .arg(&user_key)
+            .arg("-o")
+            .arg(format!("ProxyCommand={proxy}"));
+    };
+    let mut ssh = Command::new("ssh");
+    ssh_opts(&mut ssh);
+    ssh.arg(format!("{user}@{}", world.instance())).arg("echo hello-through-hatch; exit 3");
+    let out = run(ssh);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello-through-hatch\n", "{}", stderr(&out));
+
+    let src = dir.join("payload.bin");
+    let data: Vec<u8> =
+        (0..5u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let dst = dir.join("copied.bin");
+    let mut scp = Command::new("scp");
+    ssh_opts(&mut scp);
+    scp.arg(&src).arg(format!("{user}@{}:{}", world.instance(), dst.display()));
+    let out = run(scp);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sha256(&std::fs::read(&dst).unwrap()), sha256(&data));
 }

@@ -407,6 +407,8 @@ impl Session {
                     run_as: None,
                     term: None,
                     tty: None,
+                    remote_host: None,
+                    remote_port: None,
                 };
                 let body = serde_json::to_vec(&req).map_err(|e| Failure::new("json", e))?;
                 let url = format!("{}/v1/sessions", api_url.trim_end_matches('/'));

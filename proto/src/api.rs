@@ -12,6 +12,9 @@ pub enum Mode {
     /// One command: with pipes for stdin, stdout and stderr, or in a PTY when asked for
     /// (`tty`).
     Exec,
+    /// Port forwarding: TCP connections to `remote_host:remote_port` as the instance sees it,
+    /// many in one session (docs/PROTOCOL.md, "Port forwarding").
+    Port,
 }
 
 impl Mode {
@@ -20,6 +23,7 @@ impl Mode {
         match self {
             Mode::Shell => "shell",
             Mode::Exec => "exec",
+            Mode::Port => "port",
         }
     }
 }
@@ -57,6 +61,12 @@ pub struct StartSessionRequest {
     /// has a PTY; `false` there is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<bool>,
+    /// port: the host to connect to, as the instance resolves it; `localhost` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_host: Option<String>,
+    /// port: the port to connect to (required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_port: Option<u16>,
 }
 
 /// `POST /v1/sessions` answer (201).

@@ -55,6 +55,8 @@ pub const ERROR_SPAWN: u16 = 0x0002;
 pub const ERROR_BAD_MESSAGE: u16 = 0x0003;
 /// ERROR code: an internal failure on the sending side.
 pub const ERROR_INTERNAL: u16 = 0x0004;
+/// ERROR code: the agent does not allow the port session's destination.
+pub const ERROR_FORWARD: u16 = 0x0005;
 
 /// One `hatch.v1` channel message, borrowing its payload from the decoded buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -67,6 +67,10 @@ pub const PEER_RESUMING: u16 = 4015;
 /// with the reason. Agents before this code closed with 1008.
 pub const RUN_AS_UNAVAILABLE: u16 = 4016;
 
+/// The agent does not allow the port session's destination (`hatch-agent run
+/// --allow-forward`); after an ERROR message with the reason.
+pub const FORWARD_NOT_ALLOWED: u16 = 4017;
+
 /// Whether a leg closed with `code` should be replaced by a new one (the session lives on in
 /// the relay or in its store): the relay going down, or the other side resuming. A leg lost
 /// without a close frame (reset, silence) is resumable too.
@@ -101,6 +105,7 @@ pub fn describe(code: u16) -> &'static str {
         ATTACHED_ELSEWHERE => "another client attached to the session",
         PEER_RESUMING => "the other side is reconnecting",
         RUN_AS_UNAVAILABLE => "the run-as user is not available on the instance",
+        FORWARD_NOT_ALLOWED => "the agent does not allow that destination",
         _ => "unknown close code",
     }
 }
@@ -131,7 +136,7 @@ mod tests {
 
     #[test]
     fn every_hatch_code_has_words() {
-        for code in 4001..=4016 {
+        for code in 4001..=4017 {
             assert_ne!(describe(code), "unknown close code", "{code}");
         }
     }

@@ -36,6 +36,12 @@ pub enum ToAgent {
         /// stderr merged into stdout. Ignored for a shell.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tty: Option<bool>,
+        /// port: where each forwarded connection goes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remote_host: Option<String>,
+        /// port: the destination port.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remote_port: Option<u16>,
     },
     /// Close a session if it is still running.
     #[serde(rename = "session.close")]
@@ -175,6 +181,8 @@ mod tests {
             run_as: None,
             term: None,
             tty: None,
+            remote_host: None,
+            remote_port: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(

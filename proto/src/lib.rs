@@ -30,5 +30,6 @@ pub mod control;
 pub mod forward;
 pub mod frame;
 pub mod logtext;
+pub mod mux;
 pub mod resume;
 pub mod token;

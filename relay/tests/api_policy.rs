@@ -260,3 +260,66 @@ async fn deny_on_an_ipv4_mapped_address_refuses_that_ipv4_caller() {
     let r = tr.call_from(other, "POST", "/v1/sessions", Some(&key), body).await;
     assert_eq!(r.status, 201, "{}", r.text);
 }
+
+/// Port forwarding is its own action with the destination as condition keys: a policy that
+/// allows only port 5432 on loopback gets that and nothing else, and StartSession alone does
+/// not allow it. The agent is told the destination.
+#[tokio::test]
+async fn port_forwarding_needs_its_own_action_and_its_conditions() {
+    let tr = TestRelay::start();
+    let mut agent = tr.agent().await;
+    let only_pg = r#"{"Statement":[{"Effect":"Allow","Action":"hatch:StartPortForwarding","Resource":"*",
+        "Condition":{"NumericEquals":{"hatch:RemotePort":5432},"StringEquals":{"hatch:RemoteHost":"127.0.0.1"}}}]}"#;
+    let key = user_with(&tr, "dba", Some(only_pg));
+    let iid = agent.id.clone();
+    let body = |host: &str, port: u16| {
+        format!(
+            r#"{{"instance_id":"{iid}","mode":"port","remote_host":"{host}","remote_port":{port}}}"#
+        )
+    };
+    let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&body("127.0.0.1", 5432))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    match agent.next().await {
+        Some(hatch_proto::control::ToAgent::SessionOpen {
+            mode, remote_host, remote_port, ..
+        }) => {
+            assert_eq!(mode, hatch_proto::api::Mode::Port);
+            assert_eq!((remote_host.as_deref(), remote_port), (Some("127.0.0.1"), Some(5432)));
+        }
+        other => panic!("expected session.open, got {other:?}"),
+    }
+    for (host, port) in [("127.0.0.1", 22), ("10.0.0.1", 5432)] {
+        let e = tr.call("POST", "/v1/sessions", Some(&key), Some(&body(host, port))).await;
+        let v = e.assert_error(403, "AccessDenied");
+        assert!(v["message"].as_str().unwrap().contains("hatch:StartPortForwarding"), "{v}");
+    }
+    // A shell needs StartSession, which this policy does not give; and StartSession alone
+    // does not give port forwarding.
+    tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id)))
+        .await
+        .assert_error(403, "AccessDenied");
+    let shell_only =
+        r#"{"Statement":[{"Effect":"Allow","Action":"hatch:StartSession","Resource":"*"}]}"#;
+    let key = user_with(&tr, "ops2", Some(shell_only));
+    tr.call("POST", "/v1/sessions", Some(&key), Some(&body("127.0.0.1", 5432)))
+        .await
+        .assert_error(403, "AccessDenied");
+    // Malformed port requests.
+    for bad in [
+        format!(r#"{{"instance_id":"{}","mode":"port"}}"#, agent.id),
+        format!(r#"{{"instance_id":"{}","mode":"port","remote_port":0}}"#, agent.id),
+        format!(
+            r#"{{"instance_id":"{}","mode":"port","remote_port":22,"command":["x"]}}"#,
+            agent.id
+        ),
+        format!(r#"{{"instance_id":"{}","mode":"shell","remote_port":22}}"#, agent.id),
+        format!(
+            r#"{{"instance_id":"{}","mode":"port","remote_port":22,"remote_host":"a b"}}"#,
+            agent.id
+        ),
+    ] {
+        tr.call("POST", "/v1/sessions", Some(tr.owner_key()), Some(&bad))
+            .await
+            .assert_error(400, "InvalidRequest");
+    }
+}

@@ -51,7 +51,13 @@ impl LegServer {
             listener,
             acceptor: TlsAcceptor::from(server),
             base: format!("wss://127.0.0.1:{port}"),
-            cfg: SessionConfig { tls, allow_plaintext: false, timing, link: Default::default() },
+            cfg: SessionConfig {
+                tls,
+                allow_plaintext: false,
+                timing,
+                link: Default::default(),
+                allow_forward: Default::default(),
+            },
             ca_pem: ca,
             _dir: dir,
         }
@@ -69,6 +75,8 @@ impl LegServer {
             run_as: Some(own_user()),
             term: None,
             tty: None,
+            remote_host: None,
+            remote_port: None,
         }
     }
 

@@ -459,7 +459,11 @@ fn session_info(s: &SessionRecord) -> SessionInfo {
         instance_id: s.instance_id.clone(),
         principal: s.principal.clone(),
         source_ip: s.source_ip.clone(),
-        mode: if s.mode == "exec" { Mode::Exec } else { Mode::Shell },
+        mode: match s.mode.as_str() {
+            "exec" => Mode::Exec,
+            "port" => Mode::Port,
+            _ => Mode::Shell,
+        },
         command: s.command.clone(),
         run_as: s.run_as.clone(),
         state: s.state.clone(),
@@ -493,6 +497,26 @@ fn validate_start(req: &StartSessionRequest) -> Result<(), ApiError> {
             return Err(ApiError::invalid("command is only allowed with mode exec"));
         }
         _ => {}
+    }
+    match (req.mode, req.remote_port) {
+        (Mode::Port, None) => return Err(ApiError::invalid("mode port needs remote_port")),
+        (Mode::Port, Some(0)) => return Err(ApiError::invalid("remote_port must be 1-65535")),
+        (Mode::Port, _) if req.command.is_some() || req.tty.is_some() => {
+            return Err(ApiError::invalid("command and tty are not for mode port"));
+        }
+        (Mode::Shell | Mode::Exec, _) if req.remote_port.is_some() || req.remote_host.is_some() => {
+            return Err(ApiError::invalid("remote_host and remote_port are only for mode port"));
+        }
+        _ => {}
+    }
+    if let Some(h) = &req.remote_host
+        && (h.is_empty()
+            || h.len() > 253
+            || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b)))
+    {
+        return Err(ApiError::invalid(
+            "remote_host must be a host name or an IP address (1-253 characters)",
+        ));
     }
     if req.mode == Mode::Shell && req.tty == Some(false) {
         return Err(ApiError::invalid(
@@ -666,10 +690,20 @@ async fn start_session(
     let mut ctx = caller.context(&inst);
     ctx.run_as = run_as.clone();
     ctx.mode = Some(req.mode.as_str().to_owned());
-    if !caller.may(policy::START_SESSION, &inst, &ctx) {
-        info!(user = caller.principal(), instance = %inst.id, "start session denied by policy");
+    // A port session is its own action, with the destination as condition keys.
+    let remote_host = (req.mode == Mode::Port)
+        .then(|| req.remote_host.clone().unwrap_or_else(|| "localhost".to_owned()));
+    let action = if req.mode == Mode::Port {
+        ctx.remote_host = remote_host.clone();
+        ctx.remote_port = req.remote_port;
+        policy::START_PORT_FORWARDING
+    } else {
+        policy::START_SESSION
+    };
+    if !caller.may(action, &inst, &ctx) {
+        info!(user = caller.principal(), instance = %inst.id, action, "start session denied by policy");
         return Err(ApiError::denied(format!(
-            "your policy does not allow hatch:StartSession on {}",
+            "your policy does not allow {action} on {}",
             policy::instance_hrn(&inst.region, &inst.account_id, &inst.id)
         )));
     }
@@ -750,6 +784,8 @@ async fn start_session(
         run_as: Some(run_as.clone()),
         term: req.term.clone(),
         tty: req.tty,
+        remote_host,
+        remote_port: req.remote_port,
     };
     if let Err(e) = shared.agents.send(&inst.id, open) {
         shared.close(&sid, crate::plane::CloseReason::Error, 0, 0).await;
