@@ -1233,3 +1233,45 @@ fn ssh_and_scp_run_through_hatch_proxy() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(sha256(&std::fs::read(&dst).unwrap()), sha256(&data));
 }
+
+/// A port session's idle timeout counts data in both directions: a connection where only the
+/// instance sends (a download, a log tail) is not idle; once nothing moves either way, the
+/// session ends with 4007 and `hatch port-forward` exits 75.
+#[test]
+fn a_port_session_where_only_the_instance_sends_is_not_idle() {
+    use std::io::Read;
+    let world = World::start_with(&["--idle-timeout", "1"]);
+    // One byte every 100 ms for 3 s (three idle timeouts), then nothing.
+    let drip = instance_server(|mut s| {
+        use std::io::Write;
+        for _ in 0..30 {
+            if s.write_all(b".").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let mut fwd = Forward::start(&world, &drip.to_string());
+    let mut c = fwd.connect();
+    let mut got = [0u8; 30];
+    c.read_exact(&mut got).expect("all 30 bytes, over three idle timeouts");
+    assert_eq!(&got, &[b'.'; 30]);
+    // Now nothing moves: the relay ends the session.
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(st) = fwd.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the idle port session was not closed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The stderr reader thread may still be on the last line.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fwd.stderr.lock().unwrap().contains("IdleTimeout") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = fwd.stderr.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(75), "{err}");
+    assert!(err.contains("IdleTimeout (close 4007)"), "{err}");
+}

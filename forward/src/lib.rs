@@ -41,6 +41,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Mux bytes waiting for the session's window past which connections are not read.
 pub const OUT_HIGH: usize = 256 * 1024;
+/// Mux bytes waiting for the session's window past which the peer is taken to be hostile:
+/// what it makes this side answer (OPEN_FAIL, CREDIT, RESET) while it acknowledges nothing
+/// could otherwise grow without end.
+pub const OUT_LIMIT: usize = 4 * 1024 * 1024;
 /// Largest DATA body the pump sends: what the agent's other messages carry, well inside the
 /// legs' write buffers (a message over a leg's `max_write_buffer_size` is refused).
 const CHUNK: usize = 16 * 1024;
@@ -271,6 +275,12 @@ where
                                 Err(e) => break 'run End::Bad(e.to_string()),
                             };
                             on_event(ev, &mut role, &mut conns, &ev_tx, &mut note);
+                        }
+                        if out.len() > OUT_LIMIT {
+                            break 'run End::Bad(format!(
+                                "{} bytes of answers wait for acknowledgements that do not come",
+                                out.len()
+                            ));
                         }
                     }
                     Ok(Message::Ack(n)) => {
@@ -505,8 +515,20 @@ fn on_conn_event(
             streams.refuse(id, c, &why, out);
         }
         ConnEvent::Data(id, b) => {
+            // All of it (the reader reads within the credit), or nothing when the stream ended
+            // while the read was on its way here (a RESET): those bytes have nowhere to go.
             let n = streams.send(id, &b, out);
-            debug_assert_eq!(n, b.len(), "read no more than the credit");
+            if n < b.len() && streams.is_live(id) {
+                // Cannot happen (the reader's permits are the stream's credit); if it did,
+                // dropping bytes silently would be worse than ending the stream.
+                tracing::warn!(stream = id, "read beyond the stream's credit; resetting it");
+                if let Some(e) = conns.remove(&id) {
+                    e.local.abort();
+                }
+                streams.reset(id, code::FAILED, "internal error: credit", out);
+            } else if n < b.len() {
+                debug!(stream = id, bytes = b.len() - n, "bytes read after the stream ended");
+            }
         }
         ConnEvent::Eof(id) => {
             if streams.finish(id, out) {

@@ -64,6 +64,10 @@ pub struct Claims {
     /// the pair timeout, while the other leg comes back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub res: bool,
+    /// A port session's leg: the relay's idle timeout counts data in both directions, so a
+    /// forwarded connection that only downloads is not idle.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub two_way: bool,
 }
 
 impl Claims {

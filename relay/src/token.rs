@@ -120,11 +120,13 @@ impl TokenSigner {
         account: &str,
         now: u64,
     ) -> anyhow::Result<(String, Claims)> {
-        self.issue_with(session_id, role, instance, account, now, false)
+        self.issue_with(session_id, role, instance, account, now, false, false)
     }
 
     /// [`TokenSigner::issue`], for a new leg of a session that was paired before when
-    /// `resume` (the `res` claim).
+    /// `resume` (the `res` claim), of a port session when `two_way` (its idle timeout counts
+    /// both directions).
+    #[allow(clippy::too_many_arguments)]
     pub fn issue_with(
         &self,
         session_id: &str,
@@ -133,6 +135,7 @@ impl TokenSigner {
         account: &str,
         now: u64,
         resume: bool,
+        two_way: bool,
     ) -> anyhow::Result<(String, Claims)> {
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut jti)
@@ -147,6 +150,7 @@ impl TokenSigner {
             jti: hex::encode(jti),
             run: self.run.clone(),
             res: resume,
+            two_way,
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());

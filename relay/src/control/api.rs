@@ -647,7 +647,15 @@ async fn resume_session(
     let now = u64::try_from(unix_now()).unwrap_or(0);
     let (token, claims) = shared
         .signer
-        .issue_with(&rec.id, Role::Client, &rec.instance_id, &rec.account_id, now, true)
+        .issue_with(
+            &rec.id,
+            Role::Client,
+            &rec.instance_id,
+            &rec.account_id,
+            now,
+            true,
+            rec.mode == "port",
+        )
         .map_err(ApiError::internal)?;
     shared.metrics.resume_token(true);
     info!(session = %rec.id, instance = %rec.instance_id, user = caller.principal(),
@@ -694,6 +702,9 @@ async fn start_session(
     let remote_host = (req.mode == Mode::Port)
         .then(|| req.remote_host.clone().unwrap_or_else(|| "localhost".to_owned()));
     let action = if req.mode == Mode::Port {
+        // No user and no mode for a port forwarding (docs/POLICY.md): nothing runs as anyone.
+        ctx.run_as = None;
+        ctx.mode = None;
         ctx.remote_host = remote_host.clone();
         ctx.remote_port = req.remote_port;
         policy::START_PORT_FORWARDING
@@ -737,8 +748,11 @@ async fn start_session(
     let now = unix_now();
     let issued = (|| {
         let now = u64::try_from(now).unwrap_or(0);
-        let c = shared.signer.issue(&sid, Role::Client, &inst.id, &inst.account_id, now)?;
-        let a = shared.signer.issue(&sid, Role::Agent, &inst.id, &inst.account_id, now)?;
+        // A port session's idle timeout counts both directions (a download is not idle).
+        let port = req.mode == Mode::Port;
+        let (iid, acct) = (&inst.id, &inst.account_id);
+        let c = shared.signer.issue_with(&sid, Role::Client, iid, acct, now, false, port)?;
+        let a = shared.signer.issue_with(&sid, Role::Agent, iid, acct, now, false, port)?;
         anyhow::Ok((c, a))
     })();
     let ((client_token, claims), (agent_token, _)) = match issued {

@@ -811,6 +811,7 @@ impl Shared {
             &rec.account_id,
             now,
             true,
+            rec.mode == "port",
         );
         match issued {
             Ok((token, _)) => {

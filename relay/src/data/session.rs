@@ -259,6 +259,8 @@ pub struct Admit {
     pub expires: Instant,
     /// A resume token: a new leg of a session that was paired before.
     pub resume: bool,
+    /// A port session's token: the idle timeout counts data in both directions.
+    pub two_way: bool,
 }
 
 /// A session's place in the table. Stale keys (the session ended, its slot reused) are
@@ -397,8 +399,11 @@ struct Session<H> {
     bytes: [u64; 2],
     /// `bytes` as last reported.
     reported: [u64; 2],
-    /// Last client → agent data (the idle timeout's clock).
+    /// Last client → agent data, or data either way for a port session (the idle timeout's
+    /// clock).
     last_c2a: Tick,
+    /// A port session (a token said so): data from the agent resets the idle clock too.
+    two_way: bool,
     /// When uncounted bytes are due to be reported.
     progress_due: Option<Tick>,
     /// The time of this session's live entry in the heap.
@@ -625,6 +630,8 @@ impl<H: Clone> SessionTable<H> {
             key = self.detach(now, key, ending, Some((adm.leg, CloseCode::ATTACHED_ELSEWHERE)));
         }
         let s = &mut self.sessions[key.slot as usize];
+        // Signed by the control plane with the session: any leg's token may say it.
+        s.two_way |= adm.two_way;
         let slot = &mut s.legs[adm.leg.index()];
         slot.handle = Some(handle.clone());
         slot.ready = false;
@@ -686,7 +693,7 @@ impl<H: Clone> SessionTable<H> {
         let rearm = std::mem::take(&mut slot.pinged);
         if payload > 0 {
             s.bytes[leg.index()] += payload;
-            if leg == Leg::Client {
+            if leg == Leg::Client || s.two_way {
                 s.last_c2a = now;
             }
         }
@@ -877,6 +884,7 @@ impl<H: Clone> SessionTable<H> {
             bytes: [0; 2],
             reported: [0; 2],
             last_c2a: now,
+            two_way: false,
             progress_due: None,
             armed: None,
         });
@@ -1123,24 +1131,32 @@ mod tests {
         }
 
         fn admit(&mut self, secs: f64, sid: &str, leg: Leg, jti: &str, handle: u32) {
-            let adm = Admit {
-                sid: sid.into(),
-                leg,
-                jti: TokenId::of(jti),
-                expires: self.at(secs) + SECS(600),
-                resume: false,
-            };
-            self.t.handle_admit(self.at(secs), adm, handle);
+            self.admit_with(secs, sid, leg, jti, handle, false, false);
         }
 
         /// Admits a leg with a resume token.
         fn admit_resume(&mut self, secs: f64, sid: &str, leg: Leg, jti: &str, handle: u32) {
+            self.admit_with(secs, sid, leg, jti, handle, true, false);
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn admit_with(
+            &mut self,
+            secs: f64,
+            sid: &str,
+            leg: Leg,
+            jti: &str,
+            handle: u32,
+            resume: bool,
+            two_way: bool,
+        ) {
             let adm = Admit {
                 sid: sid.into(),
                 leg,
                 jti: TokenId::of(jti),
                 expires: self.at(secs) + SECS(600),
-                resume: true,
+                resume,
+                two_way,
             };
             self.t.handle_admit(self.at(secs), adm, handle);
         }
@@ -1279,6 +1295,41 @@ mod tests {
             end,
             [
                 ended("s", CloseReason::IdleTimeout, 1, 100 * 29, 150),
+                close(1, Some(CloseCode::IDLE_TIMEOUT)),
+                close(2, Some(CloseCode::IDLE_TIMEOUT)),
+            ]
+        );
+    }
+
+    /// A port session (its tokens say `two_way`): data from the agent alone keeps it alive (a
+    /// download is not idle); once no data moves either way, the idle timeout ends it.
+    #[test]
+    fn a_port_sessions_idle_clock_counts_both_directions() {
+        let mut c = Case::new(rules());
+        let key = c.accept(0.0, "p", Leg::Client, "p-c", 1);
+        c.t.handle_upgraded(c.at(0.0), key, Leg::Client, true);
+        c.admit_with(0.0, "p", Leg::Agent, "p-a", 2, false, true);
+        c.t.handle_upgraded(c.at(0.0), key, Leg::Agent, true);
+        c.actions();
+        let mut out = Vec::new();
+        for s in (5..=400).step_by(5) {
+            let s = f64::from(s);
+            out.extend(c.run_until(s));
+            if !c.t.is_live(key) {
+                break;
+            }
+            // Only the instance sends, until 200 s; the client only answers pings.
+            c.t.handle_bytes(c.at(s), key, Leg::Agent, if s <= 200.0 { 100 } else { 0 });
+            c.t.handle_bytes(c.at(s), key, Leg::Client, 0);
+        }
+        let end: Vec<_> = out
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Report(Report::Progress { .. })))
+            .collect();
+        assert_eq!(
+            end,
+            [
+                ended("p", CloseReason::IdleTimeout, 0, 100 * 40, 300),
                 close(1, Some(CloseCode::IDLE_TIMEOUT)),
                 close(2, Some(CloseCode::IDLE_TIMEOUT)),
             ]

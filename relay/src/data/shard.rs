@@ -70,6 +70,7 @@ struct Admission {
     jti: String,
     exp: u64,
     resume: bool,
+    two_way: bool,
     accept: String,
     hatch_v1: bool,
 }
@@ -387,6 +388,7 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
         jti: claims.jti,
         exp: claims.exp,
         resume: claims.res,
+        two_way: claims.two_way,
         accept: req.accept,
         hatch_v1: req.hatch_v1,
     };
@@ -531,6 +533,7 @@ impl<S: Stream> Shard<S> {
             sid: adm.sid,
             jti: TokenId::of(&adm.jti),
             resume: adm.resume,
+            two_way: adm.two_way,
         };
         // The 101 for this leg, should the table accept it (it answers at once, below).
         let response = upgrade::switching(&adm.accept, adm.hatch_v1);

@@ -81,7 +81,7 @@ impl Relay {
 
     /// A resume token (`res` claim) for a new leg of `sid`.
     pub fn resume_token(&self, sid: &str, role: Role) -> String {
-        self.signer.issue_with(sid, role, "i-1", "a-1", now(), true).unwrap().0
+        self.signer.issue_with(sid, role, "i-1", "a-1", now(), true, false).unwrap().0
     }
 
     /// The next event that is not a progress report.
