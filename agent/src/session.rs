@@ -499,10 +499,12 @@ async fn run_port(
     let refused = match spec.remote_port {
         None => Some((close::INTERNAL_ERROR, "a port session without remote_port".to_owned())),
         Some(port) => {
+            // A resolver that does not answer is a name that does not resolve (bounded).
+            let lookup = tokio::net::lookup_host((host.as_str(), port));
             let ips: Vec<std::net::IpAddr> =
-                match tokio::net::lookup_host((host.as_str(), port)).await {
-                    Ok(a) => a.map(|a| a.ip()).collect(),
-                    Err(_) => Vec::new(),
+                match timeout(hatch_forward::CONNECT_TIMEOUT, lookup).await {
+                    Ok(Ok(a)) => a.map(|a| a.ip()).collect(),
+                    _ => Vec::new(),
                 };
             (!cfg.allow_forward.allows(&host, port, &ips)).then(|| {
                 (

@@ -2,7 +2,7 @@
 //! local TCP connections, or stdin and stdout, through the `hatch-forward` pump.
 
 use hatch_forward::{Conn, End, Note, Role};
-use hatch_proto::api::{Mode, StartSessionRequest, StartSessionResponse, codes};
+use hatch_proto::api::{Mode, StartSessionRequest, StartSessionResponse};
 use hatch_proto::{close, mux};
 use tokio::sync::mpsc;
 
@@ -55,13 +55,7 @@ async fn start(
         instance: Some(instance.clone()),
         ..Subject::default()
     };
-    let started: StartSessionResponse = match client.post("/v1/sessions", &req, &subject).await {
-        Ok(s) => s,
-        Err(CliError::Api(f)) if f.body.code == codes::TARGET_NOT_CONNECTED => {
-            return Err(CliError::Api(f));
-        }
-        Err(e) => return Err(e),
-    };
+    let started: StartSessionResponse = client.post("/v1/sessions", &req, &subject).await?;
     let ws = stream::connect(&started, client.tls(), &instance).await?;
     Ok((started, ws))
 }
