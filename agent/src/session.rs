@@ -390,11 +390,8 @@ pub async fn run_counted(
             } else {
                 close::INTERNAL_ERROR
             };
-            let err = Message::Error { code, message: &message }.to_vec();
-            let _ =
-                timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(err.into()))).await;
-            close_leg(&mut sink, &mut stream, ws_code, "session could not start", &cfg.timing)
-                .await;
+            let why = "session could not start";
+            refuse(&mut sink, &mut stream, code, &message, ws_code, why, &cfg.timing).await;
             return SessionEnd::Failed(message);
         }
     };
@@ -517,9 +514,8 @@ async fn run_port(
     if let Some((ws_code, message)) = refused {
         warn!(session = %peer(sid, 40), error = %message, "port session refused");
         let (mut sink, mut stream) = ws.split();
-        let err = Message::Error { code: channel::ERROR_FORWARD, message: &message }.to_vec();
-        let _ = timeout(cfg.timing.close_timeout, sink.send(WsMessage::Binary(err.into()))).await;
-        close_leg(&mut sink, &mut stream, ws_code, "destination not allowed", &cfg.timing).await;
+        let (code, why) = (channel::ERROR_FORWARD, "destination not allowed");
+        refuse(&mut sink, &mut stream, code, &message, ws_code, why, &cfg.timing).await;
         return SessionEnd::Failed(message);
     }
     let port = spec.remote_port.expect("checked above");
@@ -1530,6 +1526,22 @@ fn hang_up_session(pid: u32) {
     let _ = pty::signal_group(pid, Signal::SIGCONT);
     pty::signal_session(pid, Signal::SIGCONT);
     debug!(pid, processes = n, "session hung up");
+}
+
+/// Refuses a session on its leg: ERROR `code` with `message`, then close `ws_code` with `why`
+/// (each bounded by the close timeout).
+async fn refuse(
+    sink: &mut Sink,
+    stream: &mut Stream,
+    code: u16,
+    message: &str,
+    ws_code: u16,
+    why: &str,
+    timing: &SessionTiming,
+) {
+    let err = Message::Error { code, message }.to_vec();
+    let _ = timeout(timing.close_timeout, sink.send(WsMessage::Binary(err.into()))).await;
+    close_leg(sink, stream, ws_code, why, timing).await;
 }
 
 /// Sends a close frame and waits (bounded) for the peer's answer.
