@@ -143,6 +143,12 @@ pub struct SessionInfo {
     pub bytes_client_to_agent: u64,
     /// Payload bytes agent → client.
     pub bytes_agent_to_client: u64,
+    /// A port session's destination host, as asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_host: Option<String>,
+    /// A port session's destination port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_port: Option<u16>,
 }
 
 /// `GET /v1/sessions` answer: newest first.

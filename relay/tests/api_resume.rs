@@ -528,6 +528,8 @@ fn record(id: &str, s: &Setup, state: &str, seq_at: i64) -> SessionRecord {
         bytes_client_to_agent: 7,
         bytes_agent_to_client: 70,
         detached_at: None,
+        remote_host: None,
+        remote_port: None,
     }
 }
 

@@ -65,18 +65,22 @@ impl Grants {
     }
 }
 
-/// The context StartSession was evaluated with, rebuilt from a session record.
-pub fn start_context(rec: &SessionRecord, inst: &Instance) -> Context {
-    Context {
+/// The action and context a session's start was evaluated with, rebuilt from its record:
+/// StartSession with the run-as user and the mode, or, for a port session,
+/// StartPortForwarding with the destination (and no user or mode: nothing runs as anyone).
+pub fn start_context(rec: &SessionRecord, inst: &Instance) -> (&'static str, Context) {
+    let port = rec.mode == "port";
+    let ctx = Context {
         source_ip: rec.source_ip.parse::<IpAddr>().ok(),
         region: Some(inst.region.clone()),
         instance_id: Some(inst.id.clone()),
-        run_as: rec.run_as.clone(),
-        mode: Some(rec.mode.clone()),
-        remote_host: None,
-        remote_port: None,
+        run_as: if port { None } else { rec.run_as.clone() },
+        mode: (!port).then(|| rec.mode.clone()),
+        remote_host: rec.remote_host.clone().filter(|_| port),
+        remote_port: rec.remote_port.filter(|_| port),
         tags: inst.tags.clone(),
-    }
+    };
+    (if port { policy::START_PORT_FORWARDING } else { policy::START_SESSION }, ctx)
 }
 
 /// Why a caller may not resume a session (`POST /v1/sessions/{id}/resume`).
@@ -111,12 +115,12 @@ pub fn may_resume(
         return Err(ResumeRefused::NotFound);
     }
     let Some(inst) = inst else { return Err(ResumeRefused::Denied) };
-    let mut ctx = start_context(rec, inst);
+    let (action, mut ctx) = start_context(rec, inst);
     ctx.source_ip = Some(source_ip);
-    if ctx.run_as.is_none() {
+    if ctx.run_as.is_none() && action == policy::START_SESSION {
         ctx.run_as = agent_default_user.map(str::to_owned);
     }
-    if !grants.may(policy::START_SESSION, &rec.account_id, inst, &ctx) {
+    if !grants.may(action, &rec.account_id, inst, &ctx) {
         return Err(ResumeRefused::Denied);
     }
     match rec.state.as_str() {
@@ -196,7 +200,8 @@ pub fn recheck(
             }
         };
         let allowed = inst.as_ref().is_some_and(|inst| {
-            g.may(policy::START_SESSION, account, inst, &start_context(rec, inst))
+            let (action, ctx) = start_context(rec, inst);
+            g.may(action, account, inst, &ctx)
         });
         if !allowed {
             lost.push((rec.clone(), Lost::PolicyDenies));
@@ -277,6 +282,8 @@ mod tests {
                 bytes_client_to_agent: 0,
                 bytes_agent_to_client: 0,
                 detached_at: None,
+                remote_host: None,
+                remote_port: None,
             }
         }
 
@@ -378,6 +385,50 @@ mod tests {
         rec.run_as = Some("root".into());
         assert_eq!(w.lost(std::slice::from_ref(&rec)), vec![]);
         admin::put_policy(&w.store, &w.account, "ops", DEV_NOT_ROOT).unwrap();
+        assert_eq!(w.lost(std::slice::from_ref(&rec)), vec![(rec.id.clone(), Lost::PolicyDenies)]);
+    }
+
+    /// A port session, as `POST /v1/sessions` records one (the agent's default user in
+    /// `run_as`, which a port session does not run as).
+    fn port(mut rec: SessionRecord, port: u16) -> SessionRecord {
+        rec.mode = "port".into();
+        rec.remote_host = Some("127.0.0.1".into());
+        rec.remote_port = Some(port);
+        rec
+    }
+
+    const FORWARD_5432: &str = r#"{"Statement":{"Effect":"Allow",
+        "Action":"hatch:StartPortForwarding","Resource":"*",
+        "Condition":{"NumericEquals":{"hatch:RemotePort":"5432"}}}}"#;
+
+    #[test]
+    fn a_port_session_is_evaluated_again_as_port_forwarding_to_its_destination() {
+        // A user allowed port forwarding to 5432 and nothing else: any IAM change re-checks
+        // the account's sessions, and theirs must not end for lack of StartSession; the
+        // resume is allowed for the same reason. A change of the port condition ends it.
+        let w = world();
+        let (_, rec) = w.user("db", FORWARD_5432);
+        let rec = port(rec, 5432);
+        let (_, other) = w.user("db2", FORWARD_5432);
+        let other = port(other, 22);
+        assert_eq!(
+            w.lost(&[rec.clone(), other.clone()]),
+            vec![(other.id.clone(), Lost::PolicyDenies)]
+        );
+        let g = Grants::of_user(&w.store.user_policies(&rec.principal).unwrap());
+        let inst = w.store.instance(&w.account, &w.instance).unwrap().unwrap();
+        let mut detached = rec.clone();
+        detached.state = "detached".into();
+        let ip = "10.0.0.1".parse().unwrap();
+        let resume = |r: &SessionRecord| {
+            may_resume(&r.principal, &g, ip, r, Some(&inst), Some("root"), false)
+        };
+        assert_eq!(resume(&detached), Ok(()));
+        let mut to_22 = port(detached.clone(), 22);
+        to_22.id = "s-other".into();
+        assert_eq!(resume(&to_22), Err(ResumeRefused::Denied));
+        admin::put_policy(&w.store, &w.account, "db", &FORWARD_5432.replace("5432", "5433"))
+            .unwrap();
         assert_eq!(w.lost(std::slice::from_ref(&rec)), vec![(rec.id.clone(), Lost::PolicyDenies)]);
     }
 }

@@ -474,6 +474,8 @@ fn session_info(s: &SessionRecord) -> SessionInfo {
         close_reason: s.close_reason.clone(),
         bytes_client_to_agent: s.bytes_client_to_agent,
         bytes_agent_to_client: s.bytes_agent_to_client,
+        remote_host: s.remote_host.clone(),
+        remote_port: s.remote_port,
     }
 }
 
@@ -781,6 +783,8 @@ async fn start_session(
         bytes_client_to_agent: 0,
         bytes_agent_to_client: 0,
         detached_at: None,
+        remote_host: remote_host.clone(),
+        remote_port: req.remote_port.filter(|_| req.mode == Mode::Port),
     };
     if let Err(e) = shared.blocking(move |s| s.insert_session(&rec)).await {
         shared.live.remove(&sid);

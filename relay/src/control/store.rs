@@ -161,6 +161,12 @@ pub struct SessionRecord {
     /// When it last became `detached` (kept once it is connected again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detached_at: Option<i64>,
+    /// A port session's destination host, as asked (`hatch:RemoteHost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_host: Option<String>,
+    /// A port session's destination port (`hatch:RemotePort`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_port: Option<u16>,
 }
 
 /// Which sessions to list.
@@ -443,6 +449,12 @@ ALTER TABLE accounts ADD COLUMN iam_generation INTEGER NOT NULL DEFAULT 0;
     r#"
 ALTER TABLE sessions ADD COLUMN detached_at INTEGER;
 "#,
+    // Port sessions: the destination, so that a resume and a recheck evaluate
+    // StartPortForwarding with the keys the start was evaluated with.
+    r#"
+ALTER TABLE sessions ADD COLUMN remote_host TEXT;
+ALTER TABLE sessions ADD COLUMN remote_port INTEGER;
+"#,
 ];
 
 /// Raises an account's IAM generation (inside the caller's statement sequence).
@@ -662,7 +674,8 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
 
 const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip, instance_id, \
      mode, command, run_as, state, created_at, expires_at, connected_at, closed_at, \
-     close_reason, bytes_client_to_agent, bytes_agent_to_client, detached_at";
+     close_reason, bytes_client_to_agent, bytes_agent_to_client, detached_at, remote_host, \
+     remote_port";
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     let command = r.get::<_, Option<String>>(7)?.map(|c| from_json(7, &c)).transpose()?;
@@ -687,6 +700,8 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         bytes_client_to_agent: u64::try_from(c2a).unwrap_or(0),
         bytes_agent_to_client: u64::try_from(a2c).unwrap_or(0),
         detached_at: r.get(17)?,
+        remote_host: r.get(18)?,
+        remote_port: r.get::<_, Option<i64>>(19)?.and_then(|p| u16::try_from(p).ok()),
     })
 }
 
@@ -1066,7 +1081,7 @@ impl Store for SqliteStore {
         self.cached(
             &format!(
                 "INSERT INTO sessions ({SESSION_COLS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
-                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, \
                  (SELECT COALESCE(MAX(seq), 0) + 1 FROM sessions))"
             ),
             params![
@@ -1087,7 +1102,9 @@ impl Store for SqliteStore {
                 s.close_reason,
                 to_i64(s.bytes_client_to_agent),
                 to_i64(s.bytes_agent_to_client),
-                s.detached_at
+                s.detached_at,
+                s.remote_host,
+                s.remote_port
             ],
         )?;
         Ok(())
@@ -1447,6 +1464,8 @@ mod tests {
             bytes_client_to_agent: 0,
             bytes_agent_to_client: 0,
             detached_at: None,
+            remote_host: None,
+            remote_port: None,
         }
     }
 
