@@ -310,7 +310,7 @@ pub async fn run_counted(
     };
     debug!(session = %peer(&sid, 40), "data leg connected");
     if spec.mode == Mode::Port {
-        return run_port(&spec, cfg, ws, &mut cancel).await;
+        return run_port(&spec, cfg, ws, &mut cancel, resume.as_mut()).await;
     }
     let (mut sink, mut stream) = ws.split();
 
@@ -490,6 +490,7 @@ async fn run_port(
     cfg: &SessionConfig,
     ws: Ws,
     cancel: &mut Option<oneshot::Receiver<Cancel>>,
+    resume: Option<&mut ResumeLink>,
 ) -> SessionEnd {
     let sid = &spec.session_id;
     let host = spec.remote_host.clone().unwrap_or_else(|| "localhost".to_owned());
@@ -532,7 +533,9 @@ async fn run_port(
         let c = recv_cancel(cancel).await;
         (c.code, c.reason)
     };
-    let end = match hatch_forward::pump(ws, role, fcfg, cancelled, |_| {}).await {
+    let mut legs = resume.map(|link| PortLegs { sid, cfg, link });
+    let legs = legs.as_mut().map(|l| l as &mut dyn hatch_forward::Reattach<_>);
+    let end = match hatch_forward::pump(ws, role, fcfg, legs, cancelled, |_| {}).await {
         hatch_forward::End::Closed(code, why) => {
             SessionEnd::Lost(format!("leg closed with {code} ({}) {why}", close::describe(code)))
         }
@@ -541,6 +544,10 @@ async fn run_port(
         hatch_forward::End::Bad(why) => {
             SessionEnd::Lost(format!("client sent a bad message: {why}"))
         }
+        hatch_forward::End::ResumeFailed(why) => {
+            SessionEnd::Lost(format!("the session could not be resumed: {why}"))
+        }
+        hatch_forward::End::NotResumed(why) => SessionEnd::Lost(why),
     };
     info!(session = %peer(sid, 40), end = ?end, "port session ended");
     end
@@ -625,54 +632,99 @@ async fn reattach(
     flow: &Flow,
     counts: &LegCounts,
 ) -> Result<Ws, Outcome> {
-    let deadline = Instant::now() + cfg.timing.resume_for;
-    let mut backoff = RESUME_ASK_FIRST;
-    // Answers to an earlier loss are stale: their tokens were for the leg just lost.
-    while link.answers.try_recv().is_ok() {}
+    let mut asking = Asking::new(cfg, link);
     loop {
-        if link.ask.try_send(FromAgent::SessionResume { session_id: sid.to_owned() }).is_err() {
-            debug!("resume request not queued: the control channel's queue is full");
-        }
-        let wait =
-            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
-        tokio::select! {
-            answer = link.answers.recv() => {
-                let Some((url, token)) = answer else {
-                    return Err(Outcome::Lost("the agent is shutting down".into()));
-                };
-                if !url.starts_with("wss://") && !cfg.allow_plaintext {
-                    return Err(Outcome::Lost(format!("refusing to dial {url:?}: not wss://")));
-                }
-                match timeout(cfg.timing.dial_timeout, dial(&url, &token, &cfg.tls)).await {
-                    Ok(Ok(ws)) => {
-                        let (mut sink, stream) = ws.split();
-                        let msgs = {
-                            let mut l = flow.link();
-                            let (resume, replay) = l.reconnected();
-                            replay_messages(resume, replay, flow.exit_status())
-                        };
-                        match send_all(&mut sink, msgs, counts).await {
-                            Ok(()) => {
-                                info!(session = %peer(sid, 40), "data leg resumed");
-                                return Ok(sink.reunite(stream).expect("halves of one stream"));
-                            }
-                            Err(e) => debug!(error = %e, "new leg failed at once"),
-                        }
-                    }
-                    Ok(Err(e)) => debug!(error = %e, "dialing the new leg failed"),
-                    Err(_) => debug!("dialing the new leg timed out"),
-                }
-            }
-            () = wait => {}
+        let ws = tokio::select! {
+            ws = asking.next_leg(sid, cfg, link) => ws.map_err(Outcome::Lost)?,
             c = recv_cancel(cancel) => return Err(Outcome::Cancelled(c)),
+        };
+        let (mut sink, stream) = ws.split();
+        let msgs = {
+            let mut l = flow.link();
+            let (resume, replay) = l.reconnected();
+            replay_messages(resume, replay, flow.exit_status())
+        };
+        match send_all(&mut sink, msgs, counts).await {
+            Ok(()) => {
+                info!(session = %peer(sid, 40), "data leg resumed");
+                return Ok(sink.reunite(stream).expect("halves of one stream"));
+            }
+            Err(e) => debug!(error = %e, "new leg failed at once"),
         }
-        if Instant::now() >= deadline {
-            return Err(Outcome::Lost(format!(
-                "no new data leg within {:?}",
-                cfg.timing.resume_for
-            )));
+    }
+}
+
+/// The resume requests for one lost leg: when to ask again, and until when.
+struct Asking {
+    deadline: Instant,
+    backoff: Duration,
+}
+
+impl Asking {
+    fn new(cfg: &SessionConfig, link: &mut ResumeLink) -> Asking {
+        // Answers to an earlier loss are stale: their tokens were for the leg just lost.
+        while link.answers.try_recv().is_ok() {}
+        Asking { deadline: Instant::now() + cfg.timing.resume_for, backoff: RESUME_ASK_FIRST }
+    }
+
+    /// Asks for a resume token and dials the leg it answers, again with backoff, until a
+    /// leg is dialed or the deadline passes (`Err`, words).
+    async fn next_leg(
+        &mut self,
+        sid: &str,
+        cfg: &SessionConfig,
+        link: &mut ResumeLink,
+    ) -> Result<Ws, String> {
+        loop {
+            if link.ask.try_send(FromAgent::SessionResume { session_id: sid.to_owned() }).is_err() {
+                debug!("resume request not queued: the control channel's queue is full");
+            }
+            let wait = tokio::time::sleep(
+                self.backoff.min(self.deadline.saturating_duration_since(Instant::now())),
+            );
+            tokio::select! {
+                answer = link.answers.recv() => {
+                    let Some((url, token)) = answer else {
+                        return Err("the agent is shutting down".into());
+                    };
+                    if !url.starts_with("wss://") && !cfg.allow_plaintext {
+                        return Err(format!("refusing to dial {url:?}: not wss://"));
+                    }
+                    match timeout(cfg.timing.dial_timeout, dial(&url, &token, &cfg.tls)).await {
+                        Ok(Ok(ws)) => return Ok(ws),
+                        Ok(Err(e)) => debug!(error = %e, "dialing the new leg failed"),
+                        Err(_) => debug!("dialing the new leg timed out"),
+                    }
+                }
+                () = wait => {}
+            }
+            if Instant::now() >= self.deadline {
+                return Err(format!("no new data leg within {:?}", cfg.timing.resume_for));
+            }
+            self.backoff = (self.backoff * 2).min(RESUME_ASK_MAX);
         }
-        backoff = (backoff * 2).min(RESUME_ASK_MAX);
+    }
+}
+
+/// A port session's new legs, for the pump (which sends the RESUME and the replay itself).
+struct PortLegs<'a> {
+    sid: &'a str,
+    cfg: &'a SessionConfig,
+    link: &'a mut ResumeLink,
+}
+
+impl hatch_forward::Reattach<MaybeTlsStream<TcpStream>> for PortLegs<'_> {
+    fn reattach<'b>(
+        &'b mut self,
+        why: &'b str,
+    ) -> hatch_forward::NewLeg<'b, MaybeTlsStream<TcpStream>> {
+        Box::pin(async move {
+            info!(session = %peer(self.sid, 40), why = %peer(why, 200), "port session leg lost; resuming");
+            let mut asking = Asking::new(self.cfg, self.link);
+            let ws = asking.next_leg(self.sid, self.cfg, self.link).await?;
+            info!(session = %peer(self.sid, 40), "data leg resumed");
+            Ok(ws)
+        })
     }
 }
 

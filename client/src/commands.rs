@@ -168,6 +168,7 @@ async fn session(
         client,
         session_id: started.session_id.clone(),
         window: stream::reconnect_window(started.resume_window_s),
+        action: "hatch:StartSession",
     };
     stream::run(ws, &opts, Some(&resume)).await
 }
@@ -197,7 +198,8 @@ async fn attach(client: &Client, args: AttachArgs) -> Result<u8, CliError> {
         attach: true,
     };
     let window = stream::reconnect_window(started.resume_window_s);
-    let resume = stream::Reconnect { client, session_id: sid, window };
+    let resume =
+        stream::Reconnect { client, session_id: sid, window, action: "hatch:StartSession" };
     stream::run(ws, &opts, Some(&resume)).await
 }
 

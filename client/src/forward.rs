@@ -12,6 +12,9 @@ use crate::commands::checked_id;
 use crate::errors::{CliError, Subject};
 use crate::stream;
 
+/// What a data leg runs on.
+type Leg = tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>;
+
 /// Local connections waiting for their stream.
 const ACCEPT_QUEUE: usize = 64;
 
@@ -60,6 +63,45 @@ async fn start(
     Ok((started, ws))
 }
 
+/// New legs through `POST /v1/sessions/{id}/resume`, within the relay's resume window.
+struct Legs<'a> {
+    re: stream::Reconnect<'a>,
+    instance: String,
+}
+
+impl<'a> Legs<'a> {
+    fn new(client: &'a Client, started: &StartSessionResponse, instance: &str) -> Legs<'a> {
+        let re = stream::Reconnect {
+            client,
+            session_id: started.session_id.clone(),
+            window: stream::reconnect_window(started.resume_window_s),
+            action: "hatch:StartPortForwarding",
+        };
+        Legs { re, instance: instance.to_owned() }
+    }
+}
+
+impl hatch_forward::Reattach<Leg> for Legs<'_> {
+    fn reattach<'b>(&'b mut self, why: &'b str) -> hatch_forward::NewLeg<'b, Leg> {
+        Box::pin(async move {
+            if self.re.window.is_zero() {
+                return Err(format!(
+                    "the connection was lost ({why}); the relay keeps no sessions to resume"
+                ));
+            }
+            eprintln!("hatch: connection lost ({why}); reconnecting");
+            match self.re.until_up(&self.instance, |_| {}).await {
+                Ok(ws) => {
+                    eprintln!("hatch: reconnected; forwarding goes on");
+                    Ok(ws)
+                }
+                Err(CliError::NotResumed(why)) => Err(why),
+                Err(e) => Err(e.message(false)),
+            }
+        })
+    }
+}
+
 fn config() -> hatch_forward::Config {
     hatch_forward::Config {
         link: Default::default(),
@@ -93,6 +135,12 @@ fn ended(end: End, instance: &str) -> Result<u8, CliError> {
         }
         End::Lost(why) => Err(CliError::Lost(why)),
         End::Bad(why) => Err(CliError::Lost(format!("the agent broke the protocol: {why}"))),
+        End::ResumeFailed(why) => Err(CliError::Closed {
+            code: close::RESUME_FAILED,
+            reason: why,
+            instance: Some(instance.to_owned()),
+        }),
+        End::NotResumed(why) => Err(CliError::NotResumed(why)),
     }
 }
 
@@ -138,10 +186,12 @@ pub async fn port_forward(client: &Client, args: PortForwardArgs) -> Result<u8, 
         let _ = tokio::signal::ctrl_c().await;
         (close::NORMAL, "stopped by the user".to_owned())
     };
-    let end = hatch_forward::pump(ws, Role::Client { conns }, config(), stop, |n| {
-        eprintln!("{}", note_line(&n));
-    })
-    .await;
+    let mut legs = Legs::new(client, &started, &args.instance);
+    let end =
+        hatch_forward::pump(ws, Role::Client { conns }, config(), Some(&mut legs), stop, |n| {
+            eprintln!("{}", note_line(&n));
+        })
+        .await;
     accept.abort();
     ended(end, &args.instance)
 }
@@ -150,7 +200,8 @@ pub async fn port_forward(client: &Client, args: PortForwardArgs) -> Result<u8, 
 /// have ended.
 pub async fn proxy(client: &Client, args: ProxyArgs) -> Result<u8, CliError> {
     let (host, port) = parse_endpoint(&args.remote, "--remote")?;
-    let (_, ws) = start(client, &args.instance, host, port).await?;
+    let (started, ws) = start(client, &args.instance, host, port).await?;
+    let mut legs = Legs::new(client, &started, &args.instance);
     let (tx, conns) = mpsc::channel(1);
     let conn = Conn {
         read: Box::new(tokio::io::stdin()),
@@ -160,8 +211,9 @@ pub async fn proxy(client: &Client, args: ProxyArgs) -> Result<u8, CliError> {
     tx.send(conn).await.expect("the receiver is here");
     drop(tx);
     let mut failed = false;
+    let never = std::future::pending();
     let end =
-        hatch_forward::pump(ws, Role::Client { conns }, config(), std::future::pending(), |n| {
+        hatch_forward::pump(ws, Role::Client { conns }, config(), Some(&mut legs), never, |n| {
             failed |= !matches!(n, Note::RemoteError { .. });
             eprintln!("{}", note_line(&n));
         })

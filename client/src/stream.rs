@@ -218,6 +218,9 @@ pub struct Reconnect<'a> {
     /// How long the relay keeps the session for a resume (its answer's `resume_window_s`):
     /// how long to keep trying. Zero: a lost connection ends the session.
     pub window: Duration,
+    /// The action a resume is evaluated as (for the words of a refusal):
+    /// `hatch:StartSession`, or `hatch:StartPortForwarding` for a port session.
+    pub action: &'static str,
 }
 
 impl Reconnect<'_> {
@@ -225,7 +228,7 @@ impl Reconnect<'_> {
     /// is the one that was lost), then the WebSocket.
     async fn once(&self, instance: &str) -> Result<Ws, CliError> {
         let subject = Subject {
-            action: "hatch:StartSession",
+            action: self.action,
             instance: Some(instance.to_owned()),
             ..Subject::default()
         };
@@ -233,6 +236,36 @@ impl Reconnect<'_> {
         let body = hatch_proto::api::ResumeSessionRequest { force: true };
         let r: StartSessionResponse = self.client.post(&path, &body, &subject).await?;
         connect(&r, self.client.tls(), instance).await
+    }
+
+    /// Attempts with backoff until a connection is up; `attempt` hears of each try (from 1).
+    /// `Err` ([`CliError::NotResumed`]) when the session ended, is refused to this caller, or
+    /// the relay's resume window has passed.
+    pub async fn until_up(
+        &self,
+        instance: &str,
+        mut attempt: impl FnMut(u32),
+    ) -> Result<Ws, CliError> {
+        let started = Instant::now();
+        let mut n = 0u32;
+        loop {
+            n += 1;
+            attempt(n);
+            match self.once(instance).await {
+                Ok(ws) => return Ok(ws),
+                Err(e) if final_failure(&e) => return Err(CliError::NotResumed(e.message(false))),
+                // The relay keeps the session for its window from when it noticed the loss, no
+                // later than this side: past it there is nothing to resume.
+                Err(e) if started.elapsed() >= self.window => {
+                    return Err(CliError::NotResumed(format!(
+                        "no connection within the relay's resume window ({} s): {}",
+                        self.window.as_secs(),
+                        e.message(false)
+                    )));
+                }
+                Err(_) => tokio::time::sleep(reconnect_delay(n)).await,
+            }
+        }
     }
 }
 
@@ -572,39 +605,22 @@ async fn pump(
             End::Closed(code, _) => close::describe(*code).to_owned(),
             _ => String::new(),
         };
-        let started = Instant::now();
-        let mut attempt = 0u32;
-        let ws = loop {
-            attempt += 1;
+        let attempts = re.until_up(&opts.instance, |attempt| {
             stderr_lines.status(
                 "reconnecting",
                 &format!("hatch: connection lost ({why}); reconnecting (attempt {attempt})"),
             );
-            match re.once(&opts.instance).await {
-                Ok(ws) => break ws,
-                Err(e) if final_failure(&e) => {
-                    stderr_lines.end_status();
-                    break 'session End::Error(CliError::NotResumed(e.message(false)));
-                }
+        });
+        let ws = tokio::select! {
+            r = attempts => match r {
+                Ok(ws) => ws,
                 Err(e) => {
-                    // The relay keeps the session for its window from when it noticed the loss, no
-                    // later than this side: past it there is nothing to resume.
-                    if started.elapsed() >= re.window {
-                        stderr_lines.end_status();
-                        break 'session End::Error(CliError::NotResumed(format!(
-                            "no connection within the relay\'s resume window ({} s): {}",
-                            re.window.as_secs(),
-                            e.message(false)
-                        )));
-                    }
+                    stderr_lines.end_status();
+                    break 'session End::Error(e);
                 }
-            }
-            let wait = reconnect_delay(attempt);
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                _ = term.recv() => break 'session End::Error(CliError::Signal("SIGTERM", 128 + 15)),
-                _ = hup.recv() => break 'session End::Error(CliError::Signal("SIGHUP", 128 + 1)),
-            }
+            },
+            _ = term.recv() => break 'session End::Error(CliError::Signal("SIGTERM", 128 + 15)),
+            _ = hup.recv() => break 'session End::Error(CliError::Signal("SIGHUP", 128 + 1)),
         };
         (sink, stream) = ws.split();
         last_rx = Instant::now();

@@ -798,6 +798,49 @@ fn policy_and_account_switch_refusals_from_the_real_relay() {
         )
     );
 
+    // Port forwarding is its own action, with the destination as condition keys: allowed to
+    // one port, a proxy to it carries bytes; to another port, or a shell, is refused.
+    let echo = instance_server(|s| {
+        let mut r = s.try_clone().unwrap();
+        let mut w = s;
+        let _ = std::io::copy(&mut r, &mut w);
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    });
+    let doc = format!(
+        r#"{{"Statement":{{"Effect":"Allow","Action":"hatch:StartPortForwarding","Resource":"*",
+            "Condition":{{"NumericEquals":{{"hatch:RemotePort":"{echo}"}}}}}}}}"#
+    );
+    admin::put_policy(&store, &account, "forward-only", &doc).unwrap();
+    admin::attach_policy(&store, &account, &user.id, "forward-only").unwrap();
+    let input = world.home.path().join("proxy-input");
+    std::fs::write(&input, "ping\n").unwrap();
+    let proxy = |port: u16| {
+        let mut cmd = world.hatch();
+        let remote = format!("127.0.0.1:{port}");
+        cmd.env("HATCH_ACCESS_KEY", &key)
+            .args(["proxy", "-i", world.instance(), "--remote", &remote])
+            .stdin(std::fs::File::open(&input).unwrap());
+        run(cmd)
+    };
+    let out = proxy(echo);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "ping\n");
+    let out = proxy(if echo == 1 { 2 } else { echo - 1 });
+    assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "hatch: AccessDenied: your policy does not allow hatch:StartPortForwarding on {}; \
+             ask an administrator\n",
+            world.instance()
+        )
+    );
+    let mut cmd = world.hatch();
+    cmd.env("HATCH_ACCESS_KEY", &key).args(["exec", "--instance", world.instance(), "--", "true"]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not allow hatch:StartSession"), "{}", stderr(&out));
+
     // The account switch off.
     assert!(store.set_session_manager(&account, false).unwrap());
     let out = exec_output(&world, &["true"]);

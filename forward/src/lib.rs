@@ -12,7 +12,9 @@
 //! - **Deadlines.** Connects have [`CONNECT_TIMEOUT`], sends [`SEND_TIMEOUT`], and a leg that
 //!   delivers nothing for `dead_after` (pings every `ping_interval` get answered by the relay)
 //!   is lost.
-//! - A lost leg ends the session (port sessions do not resume yet: docs/PROTOCOL.md).
+//! - **Resumable.** A leg lost (or closed with 4009 or 4015) is replaced through
+//!   [`Reattach`] when the caller gives one: the session's state (offsets, streams, the local
+//!   connections) lives in the pump, not in the leg, so the streams go on where they were.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,7 +30,7 @@ use hatch_proto::mux::{self, Decoder, Event, Side, Streams, code};
 use hatch_proto::resume::{Deliver, Link, LinkConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -135,6 +137,11 @@ pub enum End {
     Lost(String),
     /// The peer broke the protocol; the leg was closed with 1002.
     Bad(String),
+    /// The offsets of the two sides do not fit (an acknowledgement beyond what was sent, a
+    /// resume from bytes already dropped): the leg was closed with 4013.
+    ResumeFailed(String),
+    /// A leg was lost and no new one could be put up (the words of the last attempt).
+    NotResumed(String),
 }
 
 enum ConnEvent {
@@ -161,7 +168,8 @@ enum Local {
     Up {
         credit: Arc<Semaphore>,
         to_writer: mpsc::UnboundedSender<ToWriter>,
-        tasks: [AbortHandle; 2],
+        reader: AbortHandle,
+        writer: JoinHandle<()>,
     },
 }
 
@@ -170,7 +178,10 @@ impl Local {
         match self {
             Local::Opening(_) => {}
             Local::Connecting(h, ..) => h.abort(),
-            Local::Up { tasks, .. } => tasks.iter().for_each(AbortHandle::abort),
+            Local::Up { reader, writer, .. } => {
+                reader.abort();
+                writer.abort();
+            }
         }
     }
 }
@@ -180,178 +191,320 @@ struct Entry {
     label: String,
 }
 
-/// Runs a port session on `ws` until it ends; `cancel` ends it with the code it yields.
+/// A new leg for a session whose leg was lost: the resume call and the dial. The pump sends
+/// the RESUME and the replay on it.
+pub trait Reattach<S>: Send {
+    /// A new leg of the session after the last one was lost (`why`, in words), retrying as
+    /// long as the session can still be resumed; `Err` (words) when it cannot any more.
+    fn reattach<'a>(&'a mut self, why: &'a str) -> NewLeg<'a, S>;
+}
+
+/// What [`Reattach::reattach`] returns.
+pub type NewLeg<'a, S> =
+    Pin<Box<dyn Future<Output = Result<WebSocketStream<S>, String>> + Send + 'a>>;
+
+/// Whether a leg's end calls for a new leg rather than the session's end: lost without a
+/// close frame, or closed with a resumable code (the relay going down, the peer resuming).
+pub fn resumable(end: &End) -> bool {
+    match end {
+        End::Lost(_) => true,
+        End::Closed(code, _) => close::is_resumable(*code),
+        _ => false,
+    }
+}
+
+/// Runs a port session on `ws` until it ends; `cancel` ends it with the code it yields. When
+/// a leg is lost and `legs` is given, the session goes on over the leg it puts up (RESUME, the
+/// replay of what the peer has not acknowledged, then on); the local connections wait
+/// meanwhile, their bytes held by their credit and the session's window.
 pub async fn pump<S>(
     ws: WebSocketStream<S>,
-    mut role: Role,
+    role: Role,
     cfg: Config,
+    mut legs: Option<&mut dyn Reattach<S>>,
     cancel: impl Future<Output = (u16, String)>,
     mut note: impl FnMut(Note),
 ) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (sink, mut stream) = ws.split();
-    // The leg is written by its own future, so that a slow send never stops the reading: both
-    // sides sending at once into full buffers would otherwise wait on each other for ever.
-    // What it queues is bounded by the session's window (DATA) plus acknowledgements and pings.
-    let (wtx, wrx) = mpsc::unbounded_channel::<WsMessage>();
-    let sending = std::sync::atomic::AtomicBool::new(false);
-    let writer = write_leg(sink, wrx, &sending);
-    tokio::pin!(writer);
-    let side = match role {
-        Role::Agent { .. } => Side::Agent,
-        Role::Client { .. } => Side::Client,
-    };
-    let mut link = Link::new(cfg.link);
-    let mut dec = Decoder::new();
-    let mut streams = Streams::new(side);
-    let mut conns: HashMap<u32, Entry> = HashMap::new();
-    let (ev_tx, mut ev_rx) = mpsc::channel::<ConnEvent>(64);
-    let mut out: Vec<u8> = Vec::new();
-    let mut accepting = matches!(role, Role::Client { .. });
-    let mut last_rx = Instant::now();
-    let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
+    let mut p = Pump::new(role, cfg);
     tokio::pin!(cancel);
-    let mut reason = String::from("done");
-
-    let end = 'run: loop {
-        // Mux bytes into DATA as far as the window allows, the acknowledgement riding along.
-        let mut msgs: Vec<Vec<u8>> = Vec::new();
-        while !out.is_empty() && link.tx.room() > 0 {
-            let n = out.len().min(link.tx.room()).min(CHUNK);
-            link.tx.push(&out[..n]);
-            let mut m = Vec::with_capacity(1 + n);
-            m.push(channel::TYPE_DATA);
-            m.extend_from_slice(&out[..n]);
-            out.drain(..n);
-            msgs.push(m);
-        }
-        let now = Instant::now().into_std();
-        let ack = if msgs.is_empty() { link.rx.poll_ack(now) } else { link.rx.take_ack() };
-        msgs.extend(ack.map(|n| Message::Ack(n).to_vec()));
-        for m in msgs {
-            let _ = wtx.send(WsMessage::Binary(m.into()));
-        }
-        if side == Side::Client
-            && !accepting
-            && conns.is_empty()
-            && out.is_empty()
-            && link.tx.all_acked()
-        {
-            break 'run End::Done(close::NORMAL);
-        }
-        let ack_at = link.rx.poll_timeout();
-        let take_reads = out.len() < OUT_HIGH;
+    let mut ws = ws;
+    let mut resumed = false;
+    let end = loop {
+        let end = p.leg(ws, resumed, cancel.as_mut(), &mut note).await;
+        let Some(legs) = legs.as_deref_mut().filter(|_| resumable(&end)) else { break end };
+        let why = match &end {
+            End::Closed(code, _) => close::describe(*code).to_owned(),
+            End::Lost(why) => why.clone(),
+            _ => String::new(),
+        };
+        debug!(why = %why, "port session leg lost; putting up a new one");
         tokio::select! {
-            msg = stream.next() => {
-                last_rx = Instant::now();
-                let msg = match msg {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => break 'run End::Lost(e.to_string()),
-                    None => break 'run End::Lost("the connection ended without a close".into()),
-                };
-                let bytes = match msg {
-                    WsMessage::Binary(b) => b,
-                    WsMessage::Close(f) => {
-                        let (c, r) = f.map(|f| (u16::from(f.code), f.reason.to_string()))
-                            .unwrap_or((close::NORMAL, String::new()));
-                        break 'run End::Closed(c, r);
-                    }
-                    WsMessage::Text(_) => break 'run End::Bad("text on the binary hatch.v1 channel".into()),
-                    _ => continue,
-                };
-                let now = Instant::now().into_std();
-                match Message::decode(&bytes) {
-                    Ok(Message::Data(d)) if !d.is_empty() => {
-                        let Deliver::From(i) = link.on_data(now, d.len()) else { continue };
-                        let frames = match dec.feed(&d[i..]) {
-                            Ok(f) => f,
-                            Err(e) => break 'run End::Bad(e.to_string()),
-                        };
-                        for f in frames {
-                            let ev = match streams.on_frame(f, &mut out) {
-                                Ok(ev) => ev,
-                                Err(e) => break 'run End::Bad(e.to_string()),
-                            };
-                            on_event(ev, &mut role, &mut conns, &ev_tx, &mut note);
-                        }
-                        if out.len() > OUT_LIMIT {
-                            break 'run End::Bad(format!(
-                                "{} bytes of answers wait for acknowledgements that do not come",
-                                out.len()
-                            ));
-                        }
-                    }
-                    Ok(Message::Ack(n)) => {
-                        if let Err(e) = link.on_ack(n) {
-                            break 'run End::Bad(e.to_string());
-                        }
-                    }
-                    Ok(Message::Error { code, message }) => {
-                        debug!(code, message = %hatch_proto::logtext::peer(message, 200), "peer reported an error");
-                        note(Note::RemoteError { code, message: hatch_proto::logtext::peer(message, 300).to_string() });
-                    }
-                    Ok(_) => {}
-                    Err(e) => break 'run End::Bad(e.to_string()),
-                }
-            }
-            ev = ev_rx.recv(), if take_reads => {
-                let Some(ev) = ev else { continue };
-                on_conn_event(ev, &mut conns, &mut streams, &ev_tx, &mut out);
-            }
-            conn = recv_conn(&mut role), if accepting => match conn {
-                None => accepting = false,
-                Some(c) => match streams.open(&mut out) {
-                    Some(id) => {
-                        conns.insert(id, Entry { label: c.label.clone(), local: Local::Opening(c) });
-                    }
-                    None => note(Note::OpenFailed {
-                        label: c.label,
-                        code: code::TOO_MANY,
-                        why: code::describe(code::TOO_MANY).into(),
-                    }),
-                },
+            leg = legs.reattach(&why) => match leg {
+                Ok(w) => (ws, resumed) = (w, true),
+                Err(e) => break End::NotResumed(e),
             },
-            _ = ping.tick() => {
-                // A send still pending is a slow reader on the other side, not a dead leg.
-                let busy = sending.load(std::sync::atomic::Ordering::Relaxed);
-                if last_rx.elapsed() >= cfg.dead_after && !busy {
-                    break 'run End::Lost(format!("the leg was silent for {:?}", cfg.dead_after));
-                }
-                let _ = wtx.send(WsMessage::Ping(Bytes::new()));
-            }
-            r = &mut writer => break 'run End::Lost(r.err().unwrap_or_else(|| "the leg's writer ended".into())),
-            () = sleep_until_some(ack_at) => {}
-            (c, why) = &mut cancel => {
-                reason = why;
-                break 'run End::Done(c);
-            }
+            (c, _) = cancel.as_mut() => break End::Done(c),
         }
     };
-    for e in conns.values() {
+    for e in p.conns.values() {
         e.local.abort();
     }
-    let close = match &end {
-        End::Done(c) => Some((*c, reason.as_str())),
-        End::Bad(why) => {
-            debug!(error = %why, "bad mux stream");
-            Some((close::PROTOCOL_ERROR, "bad port-forwarding stream"))
+    // A clean end: what arrived before it is written out before the caller goes on (the
+    // client's process exits next), within a bound; otherwise it is dropped with the session.
+    p.draining.retain(|w| !w.is_finished());
+    let clean = matches!(end, End::Done(close::NORMAL) | End::Closed(close::NORMAL, _));
+    let aborts: Vec<AbortHandle> = p.draining.iter().map(JoinHandle::abort_handle).collect();
+    if clean {
+        let all = futures_util::future::join_all(p.draining.drain(..));
+        if timeout(SEND_TIMEOUT, all).await.is_err() {
+            debug!("local connections still writing after {} s; dropped", SEND_TIMEOUT.as_secs());
         }
-        // Tungstenite queued the answer to the peer's close; the writer flushes it.
-        End::Closed(..) => None,
-        End::Lost(_) => return end,
-    };
-    if let Some((code, why)) = close {
-        let frame = CloseFrame { code: code.into(), reason: why.to_owned().into() };
-        let _ = wtx.send(WsMessage::Close(Some(frame)));
-    } else {
-        // A close after the peer's: tungstenite flushes its queued answer instead.
-        let _ = wtx.send(WsMessage::Close(None));
     }
-    drop(wtx);
-    let _ = timeout(Duration::from_secs(2), &mut writer).await;
+    aborts.iter().for_each(AbortHandle::abort);
     end
+}
+
+/// A port session's state, kept across legs.
+struct Pump {
+    role: Role,
+    cfg: Config,
+    side: Side,
+    link: Link,
+    dec: Decoder,
+    streams: Streams,
+    conns: HashMap<u32, Entry>,
+    /// Writers of streams that ended cleanly, still writing what arrived before the end.
+    draining: Vec<JoinHandle<()>>,
+    ev_tx: mpsc::Sender<ConnEvent>,
+    ev_rx: mpsc::Receiver<ConnEvent>,
+    /// Mux bytes waiting for the session's window.
+    out: Vec<u8>,
+    accepting: bool,
+}
+
+impl Pump {
+    fn new(role: Role, cfg: Config) -> Pump {
+        let side = match role {
+            Role::Agent { .. } => Side::Agent,
+            Role::Client { .. } => Side::Client,
+        };
+        let (ev_tx, ev_rx) = mpsc::channel::<ConnEvent>(64);
+        Pump {
+            accepting: matches!(role, Role::Client { .. }),
+            role,
+            cfg,
+            side,
+            link: Link::new(cfg.link),
+            dec: Decoder::new(),
+            streams: Streams::new(side),
+            conns: HashMap::new(),
+            draining: Vec::new(),
+            ev_tx,
+            ev_rx,
+            out: Vec::new(),
+        }
+    }
+
+    /// Runs the session on one leg until the leg or the session ends; `resumed`: the leg
+    /// replaces a lost one, so it starts with RESUME and the replay. Closes the leg unless it
+    /// was lost.
+    async fn leg<S>(
+        &mut self,
+        ws: WebSocketStream<S>,
+        resumed: bool,
+        mut cancel: Pin<&mut impl Future<Output = (u16, String)>>,
+        note: &mut impl FnMut(Note),
+    ) -> End
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let cfg = self.cfg;
+        let (sink, mut stream) = ws.split();
+        // The leg is written by its own future, so that a slow send never stops the reading:
+        // both sides sending at once into full buffers would otherwise wait on each other for
+        // ever. What it queues is bounded by the session's window (DATA) plus acknowledgements
+        // and pings.
+        let (wtx, wrx) = mpsc::unbounded_channel::<WsMessage>();
+        let sending = std::sync::atomic::AtomicBool::new(false);
+        let writer = write_leg(sink, wrx, &sending);
+        tokio::pin!(writer);
+        if resumed {
+            let (resume, replay) = self.link.reconnected();
+            for m in channel::replay_messages(resume, replay, CHUNK, Message::Data(&[])) {
+                let _ = wtx.send(WsMessage::Binary(m.into()));
+            }
+        }
+        let mut last_rx = Instant::now();
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
+        let mut reason = String::from("done");
+
+        let end = 'run: loop {
+            // Mux bytes into DATA as far as the window allows, the acknowledgement riding along.
+            let mut msgs: Vec<Vec<u8>> = Vec::new();
+            let link = &mut self.link;
+            while !self.out.is_empty() && link.tx.room() > 0 {
+                let n = self.out.len().min(link.tx.room()).min(CHUNK);
+                link.tx.push(&self.out[..n]);
+                let mut m = Vec::with_capacity(1 + n);
+                m.push(channel::TYPE_DATA);
+                m.extend_from_slice(&self.out[..n]);
+                self.out.drain(..n);
+                msgs.push(m);
+            }
+            let now = Instant::now().into_std();
+            let ack = if msgs.is_empty() { link.rx.poll_ack(now) } else { link.rx.take_ack() };
+            msgs.extend(ack.map(|n| Message::Ack(n).to_vec()));
+            for m in msgs {
+                let _ = wtx.send(WsMessage::Binary(m.into()));
+            }
+            if self.side == Side::Client
+                && !self.accepting
+                && self.conns.is_empty()
+                && self.out.is_empty()
+                && link.tx.all_acked()
+            {
+                break 'run End::Done(close::NORMAL);
+            }
+            let ack_at = link.rx.poll_timeout();
+            let take_reads = self.out.len() < OUT_HIGH;
+            tokio::select! {
+                msg = stream.next() => {
+                    last_rx = Instant::now();
+                    let msg = match msg {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => break 'run End::Lost(e.to_string()),
+                        None => break 'run End::Lost("the connection ended without a close".into()),
+                    };
+                    let bytes = match msg {
+                        WsMessage::Binary(b) => b,
+                        WsMessage::Close(f) => {
+                            let (c, r) = f.map(|f| (u16::from(f.code), f.reason.to_string()))
+                                .unwrap_or((close::NORMAL, String::new()));
+                            break 'run End::Closed(c, r);
+                        }
+                        WsMessage::Text(_) => break 'run End::Bad("text on the binary hatch.v1 channel".into()),
+                        _ => continue,
+                    };
+                    if let Err(end) = self.on_message(&bytes, &wtx, note) {
+                        break 'run end;
+                    }
+                }
+                ev = self.ev_rx.recv(), if take_reads => {
+                    let Some(ev) = ev else { continue };
+                    on_conn_event(ev, &mut self.conns, &mut self.streams, &self.ev_tx, &mut self.out);
+                }
+                conn = recv_conn(&mut self.role), if self.accepting => match conn {
+                    None => self.accepting = false,
+                    Some(c) => match self.streams.open(&mut self.out) {
+                        Some(id) => {
+                            self.conns.insert(id, Entry { label: c.label.clone(), local: Local::Opening(c) });
+                        }
+                        None => note(Note::OpenFailed {
+                            label: c.label,
+                            code: code::TOO_MANY,
+                            why: code::describe(code::TOO_MANY).into(),
+                        }),
+                    },
+                },
+                _ = ping.tick() => {
+                    // A send still pending is a slow reader on the other side, not a dead leg.
+                    let busy = sending.load(std::sync::atomic::Ordering::Relaxed);
+                    if last_rx.elapsed() >= cfg.dead_after && !busy {
+                        break 'run End::Lost(format!("the leg was silent for {:?}", cfg.dead_after));
+                    }
+                    let _ = wtx.send(WsMessage::Ping(Bytes::new()));
+                }
+                r = &mut writer => break 'run End::Lost(r.err().unwrap_or_else(|| "the leg's writer ended".into())),
+                () = sleep_until_some(ack_at) => {}
+                (c, why) = cancel.as_mut() => {
+                    reason = why;
+                    break 'run End::Done(c);
+                }
+            }
+        };
+        let close = match &end {
+            End::Done(c) => Some((*c, reason.as_str())),
+            End::Bad(why) => {
+                debug!(error = %why, "bad mux stream");
+                Some((close::PROTOCOL_ERROR, "bad port-forwarding stream"))
+            }
+            End::ResumeFailed(why) => {
+                debug!(error = %why, "port session cannot resume");
+                Some((close::RESUME_FAILED, "resume failed"))
+            }
+            // Tungstenite queued the answer to the peer's close; the writer flushes it.
+            End::Closed(..) => None,
+            End::Lost(_) | End::NotResumed(_) => return end,
+        };
+        if let Some((code, why)) = close {
+            let frame = CloseFrame { code: code.into(), reason: why.to_owned().into() };
+            let _ = wtx.send(WsMessage::Close(Some(frame)));
+        } else {
+            // A close after the peer's: tungstenite flushes its queued answer instead.
+            let _ = wtx.send(WsMessage::Close(None));
+        }
+        drop(wtx);
+        let _ = timeout(Duration::from_secs(2), &mut writer).await;
+        end
+    }
+
+    /// One binary message from the peer; `Err` ends the leg.
+    fn on_message(
+        &mut self,
+        bytes: &[u8],
+        wtx: &mpsc::UnboundedSender<WsMessage>,
+        note: &mut impl FnMut(Note),
+    ) -> Result<(), End> {
+        let now = Instant::now().into_std();
+        match Message::decode(bytes) {
+            Ok(Message::Data(d)) if !d.is_empty() => {
+                // While this side waits for the peer's RESUME, the peer's DATA is dropped: the
+                // peer sends it again after the RESUME.
+                let Deliver::From(i) = self.link.on_data(now, d.len()) else { return Ok(()) };
+                let frames = self.dec.feed(&d[i..]).map_err(|e| End::Bad(e.to_string()))?;
+                for f in frames {
+                    let ev = self
+                        .streams
+                        .on_frame(f, &mut self.out)
+                        .map_err(|e| End::Bad(e.to_string()))?;
+                    let (conns, draining) = (&mut self.conns, &mut self.draining);
+                    on_event(ev, &mut self.role, conns, draining, &self.ev_tx, note);
+                }
+                if self.out.len() > OUT_LIMIT {
+                    return Err(End::Bad(format!(
+                        "{} bytes of answers wait for acknowledgements that do not come",
+                        self.out.len()
+                    )));
+                }
+            }
+            Ok(Message::Ack(n)) => {
+                self.link.on_ack(n).map_err(|e| End::ResumeFailed(e.to_string()))?;
+            }
+            Ok(Message::Resume(r)) => {
+                let answer =
+                    self.link.on_resume(r).map_err(|e| End::ResumeFailed(e.to_string()))?;
+                if let Some((resume, replay)) = answer {
+                    for m in channel::replay_messages(resume, replay, CHUNK, Message::Data(&[])) {
+                        let _ = wtx.send(WsMessage::Binary(m.into()));
+                    }
+                }
+            }
+            Ok(Message::Error { code, message }) => {
+                debug!(code, message = %hatch_proto::logtext::peer(message, 200), "peer reported an error");
+                note(Note::RemoteError {
+                    code,
+                    message: hatch_proto::logtext::peer(message, 300).to_string(),
+                });
+            }
+            Ok(_) => {}
+            Err(e) => return Err(End::Bad(e.to_string())),
+        }
+        Ok(())
+    }
 }
 
 /// Writes what `rx` brings to the leg, a batch per flush, until a close is sent or the queue
@@ -411,6 +564,7 @@ fn on_event(
     ev: Event<'_>,
     role: &mut Role,
     conns: &mut HashMap<u32, Entry>,
+    draining: &mut Vec<JoinHandle<()>>,
     ev_tx: &mpsc::Sender<ConnEvent>,
     note: &mut impl FnMut(Note),
 ) {
@@ -477,8 +631,12 @@ fn on_event(
                 // Both sides sent FIN: the writer still writes what arrived, then shuts down
                 // (it ends once the entry, and with it its queue, is gone).
                 None => {
-                    if let Local::Up { to_writer, .. } = &e.local {
+                    if let Local::Up { to_writer, writer, .. } = e.local {
                         let _ = to_writer.send(ToWriter::Fin);
+                        if draining.len() >= 64 {
+                            draining.retain(|w| !w.is_finished());
+                        }
+                        draining.push(writer);
                     }
                 }
                 Some((c, why)) => {
@@ -613,5 +771,5 @@ fn start(
             }
         })
     };
-    Local::Up { credit, to_writer, tasks: [reader.abort_handle(), writer.abort_handle()] }
+    Local::Up { credit, to_writer, reader: reader.abort_handle(), writer }
 }
