@@ -625,7 +625,8 @@ async fn resume_session(
             ResumeRefused::NotFound => ApiError::session_not_found(&id),
             ResumeRefused::Denied => ApiError::denied(match &inst {
                 Some(i) => format!(
-                    "your policy does not allow hatch:StartSession on {}",
+                    "your policy does not allow {} on {}",
+                    access::start_context(&rec, i).0,
                     policy::instance_hrn(&i.region, &i.account_id, &i.id)
                 ),
                 None => format!("the instance of {id} is no longer registered"),
