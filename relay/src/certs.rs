@@ -120,6 +120,7 @@ pub fn ensure_dev_pki(dir: &Path, extra_names: &[String]) -> anyhow::Result<DevP
         key_file: dir.join("server-key.pem"),
     };
     if pki.ca_file.exists() && pki.cert_file.exists() && pki.key_file.exists() {
+        owner_only(&pki.key_file, 0o600)?;
         return Ok(pki);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -158,7 +159,38 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
+    // The mode above applies to a new file only: an older one may be readable by others.
+    owner_only(path, 0o600)?;
     f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Creates a directory (and its parents) accessible only by its owner (0700), or takes group
+/// and other access away from one that exists.
+pub fn private_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+    }
+    owner_only(path, 0o700)
+}
+
+/// Takes group and other access away from `path` (a file: 0600, a directory: 0700) when it
+/// has any, saying so in the log; a file that does not exist is left alone.
+pub fn owner_only(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let old = meta.permissions().mode() & 0o7777;
+    if old & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("making {} private (mode {mode:o})", path.display()))?;
+        tracing::info!(path = %path.display(), from = format!("{old:o}"), to = format!("{mode:o}"),
+            "took group and other access away");
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! so that `main.rs` stays thin and the load test can run a relay by re-executing itself.
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,8 +26,21 @@ const EXIT_USAGE: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "hatch-relay", version, about)]
 pub struct Cli {
+    /// Log lines as text (colour only when stderr is a terminal) or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "HATCH_LOG_FORMAT", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colour only when stderr is a terminal.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`, `span`), for log
+    /// shippers.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -337,7 +351,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_tracing();
+    init_tracing(cli.log_format);
     let res = match cli.command {
         Command::Serve(a) => serve(a),
         Command::Dev(a) => dev(a),
@@ -352,12 +366,16 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second call (the load test running several relays in one process) keeps the first.
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = match format {
+        LogFormat::Json => fmt.json().try_init(),
+        // No colour codes in a file or the journal.
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
 }
 
 /// The relay's SIGTERM, SIGINT and SIGHUP handlers.
@@ -427,7 +445,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         control,
         data: a.data,
     })?;
-    eprintln!("hatch-relay: API on {}, data plane on {}", server.api_addr(), server.data_addr());
+    // The "relay listening" log line names both addresses.
     signals.wait(&server);
     server.shutdown(drain);
     Ok(())

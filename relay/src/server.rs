@@ -90,17 +90,11 @@ pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("hatch.db")
 }
 
-/// Creates the data directory (0700) if needed.
+/// Creates the data directory (0700) if needed, or takes group and other access away from
+/// one that has it: it holds the store and the signing keys.
 pub fn ensure_data_dir(data_dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if !data_dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(data_dir)
-            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    }
-    Ok(())
+    crate::certs::private_dir(data_dir)
+        .with_context(|| format!("data directory {}", data_dir.display()))
 }
 
 impl Server {

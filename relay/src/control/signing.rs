@@ -19,7 +19,7 @@ const SUFFIX: &str = ".ed25519";
 /// Creates a new signing key in `dir/keys`; returns its kid.
 pub fn create_key(data_dir: &Path) -> anyhow::Result<String> {
     let keys = data_dir.join("keys");
-    std::fs::create_dir_all(&keys).with_context(|| format!("creating {}", keys.display()))?;
+    crate::certs::private_dir(&keys)?;
     let mut secs = super::unix_now();
     // Two keys in one second: bump the number so kids stay unique and ordered.
     let kid = loop {
@@ -38,6 +38,8 @@ pub fn create_key(data_dir: &Path) -> anyhow::Result<String> {
 /// all verify.
 pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(TokenSigner, TokenVerifier)> {
     let keys = data_dir.join("keys");
+    // Owner only, also when an older relay made them readable by every local user.
+    crate::certs::private_dir(&keys)?;
     let mut kids = list(&keys)?;
     if kids.is_empty() {
         create_key(data_dir)?;
@@ -47,6 +49,7 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(TokenSigner, TokenVeri
     let mut signer = None;
     for kid in &kids {
         let path = keys.join(format!("{kid}{SUFFIX}"));
+        crate::certs::owner_only(&path, 0o600)?;
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let s = TokenSigner::from_pkcs8(kid, &bytes)
             .with_context(|| format!("signing key {}", path.display()))?;

@@ -497,14 +497,27 @@ impl SqliteStore {
     fn open_inner(path: &Path) -> anyhow::Result<Self> {
         // Open (or create) the file ourselves first: the OS error ("Read-only file system")
         // is clearer than SQLite's "unable to open database file".
+        use std::os::unix::fs::OpenOptionsExt;
         if path.exists() {
             std::fs::OpenOptions::new().read(true).write(true).open(path).with_context(|| {
                 format!("store file {} is not writable by this process", path.display())
             })?;
         } else {
-            std::fs::OpenOptions::new().write(true).create_new(true).open(path).with_context(
-                || format!("store file {} cannot be created by this process", path.display()),
-            )?;
+            // Owner only: SQLite gives its -wal and -shm files the store file's mode.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| {
+                    format!("store file {} cannot be created by this process", path.display())
+                })?;
+        }
+        // An older relay created it (and its -wal, -shm) readable by every local user.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            crate::certs::owner_only(Path::new(&p), 0o600)?;
         }
         let conn = Connection::open(path)
             .with_context(|| format!("opening store file {}", path.display()))?;
