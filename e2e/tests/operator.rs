@@ -100,3 +100,37 @@ fn log_format_json_writes_one_object_per_line() {
         assert!(messages.iter().any(|m| m == want), "no {want:?} in {messages:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_behind_a_token_refuse_a_scrape_without_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("metrics.token");
+    std::fs::write(&token_file, "scrape-0123456789abcdef\n").unwrap();
+    let relay = Relay::start(&["--metrics-token-file", token_file.to_str().unwrap()]);
+    for key in [None, Some("scrape-0123456789abcdeX")] {
+        let r = relay.call("GET", "/metrics", key, None).await;
+        assert_eq!(r.status, 401, "{key:?}: {}", r.text);
+        assert_eq!(r.json()["code"], "InvalidToken", "{}", r.text);
+    }
+    let r = relay.call("GET", "/metrics", Some("scrape-0123456789abcdef"), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Every family has its HELP and TYPE; the process families are there.
+    let mut helped = std::collections::HashSet::new();
+    for line in r.text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.insert(rest.split(' ').next().unwrap().to_owned());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(helped.contains(name), "no HELP before TYPE of {name}");
+        }
+    }
+    for family in [
+        "process_open_fds",
+        "process_max_fds",
+        "process_resident_memory_bytes",
+        "hatch_sessions_active",
+        "hatch_data_connections_open",
+    ] {
+        assert!(helped.contains(family), "no {family} in\n{}", r.text);
+    }
+}

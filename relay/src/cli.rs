@@ -98,6 +98,23 @@ struct RelayArgs {
     /// beyond it new connections are reset.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     max_api_connections: u64,
+    /// A file holding the bearer token `GET /metrics` takes (at least 16 characters; read at
+    /// start). Without it, `/metrics` answers loopback peers only.
+    #[arg(long)]
+    metrics_token_file: Option<PathBuf>,
+}
+
+/// The `--metrics-token-file` token: the file's first line, at least 16 characters.
+fn metrics_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --metrics-token-file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    anyhow::ensure!(
+        token.len() >= 16 && token.bytes().all(|b| b.is_ascii_graphic()),
+        "--metrics-token-file {}: the token must be at least 16 printable characters",
+        path.display()
+    );
+    Ok(token)
 }
 
 fn non_negative(s: &str) -> Result<f64, String> {
@@ -108,8 +125,9 @@ fn non_negative(s: &str) -> Result<f64, String> {
 }
 
 impl RelayArgs {
-    fn control(&self) -> ControlConfig {
-        ControlConfig {
+    fn control(&self) -> anyhow::Result<ControlConfig> {
+        let metrics_token = self.metrics_token_file.as_deref().map(metrics_token).transpose()?;
+        Ok(ControlConfig {
             region: self.region.clone(),
             public_data_url: self.public_data_url.clone(),
             limits: Limits {
@@ -121,8 +139,9 @@ impl RelayArgs {
             pending_timeout: Duration::from_secs(self.pending_timeout),
             session_retention: Duration::from_secs(self.session_retention.saturating_mul(86_400)),
             max_api_connections: usize::try_from(self.max_api_connections).unwrap_or(usize::MAX),
+            metrics_token,
             ..ControlConfig::default()
-        }
+        })
     }
 }
 
@@ -434,7 +453,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         (false, Some(c), Some(k)) => Some((c, k)),
         _ => anyhow::bail!("--cert and --key are required (or --danger-plaintext)"),
     };
-    let control = a.relay.control();
+    let control = a.relay.control()?;
     let drain = Duration::from_secs(a.data.drain);
     let signals = Signals::install()?;
     let server = Server::start(ServerConfig {
@@ -452,7 +471,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn dev(a: DevArgs) -> anyhow::Result<()> {
-    let control = a.relay.control();
+    let control = a.relay.control()?;
     let signals = Signals::install()?;
     let relay = DevRelay::start(DevOptions {
         data_dir: a.relay.data_dir.clone(),
@@ -464,6 +483,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         session_retention: control.session_retention,
         max_api_connections: control.max_api_connections,
         public_data_url: control.public_data_url.clone(),
+        metrics_token: control.metrics_token.clone(),
         data: Some(a.data.clone()),
         ..DevOptions::default()
     })?;
@@ -823,7 +843,7 @@ mod tests {
         let argv = ["hatch-relay", "serve", "--data-dir", "d", "--danger-plaintext"];
         let cli = Cli::try_parse_from(argv.iter().chain(args))?;
         let Command::Serve(a) = cli.command else { unreachable!("parsed as serve") };
-        Ok(a.relay.control())
+        Ok(a.relay.control().expect("no token file in these tests"))
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct DevOptions {
     /// Base URL of the data plane in stream URLs (`--public-data-url`); by default the host
     /// the caller used for the API, with the data port.
     pub public_data_url: Option<String>,
+    /// The bearer token `GET /metrics` takes (`--metrics-token-file`).
+    pub metrics_token: Option<String>,
     /// Extra data-plane flags, as on the command line (`["--shards", "2", "--io", "epoll"]`).
     pub data_args: Vec<String>,
     /// Data-plane options already parsed (wins over `data_args`).
@@ -101,6 +103,7 @@ impl Default for DevOptions {
             session_retention: c.session_retention,
             max_api_connections: c.max_api_connections,
             public_data_url: None,
+            metrics_token: None,
             data_args: Vec::new(),
             data: None,
         }
@@ -148,6 +151,7 @@ impl DevRelay {
             session_retention: opts.session_retention,
             max_api_connections: opts.max_api_connections,
             public_data_url: opts.public_data_url.clone(),
+            metrics_token: opts.metrics_token.clone(),
             ..ControlConfig::default()
         };
         let data = match &opts.data {

@@ -286,11 +286,65 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+/// Why a scrape of `/metrics` is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricsRefused {
+    /// The relay has a metrics token and the request did not carry it.
+    Token,
+    /// No metrics token, and the peer is not on this host.
+    OffHost,
+}
+
+/// Who may scrape `/metrics`: it counts every tenant, so it is not open to the network. With
+/// `--metrics-token-file` the bearer token (from anywhere), without one loopback peers only.
+fn may_scrape(
+    token: Option<&str>,
+    peer: IpAddr,
+    bearer: Option<&str>,
+) -> Result<(), MetricsRefused> {
+    match token {
+        // Digests compared, not the tokens: the time taken says nothing about the token.
+        Some(t) => bearer
+            .is_some_and(|b| {
+                credentials::hashes_equal(&credentials::hash(b), &credentials::hash(t))
+            })
+            .then_some(())
+            .ok_or(MetricsRefused::Token),
+        None if peer.to_canonical().is_loopback() => Ok(()),
+        None => Err(MetricsRefused::OffHost),
+    }
+}
+
+/// `GET /metrics`: Prometheus text, to whom [`may_scrape`] allows.
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    match may_scrape(shared.cfg.metrics_token.as_deref(), peer.ip(), bearer(&headers)) {
+        Ok(()) => {}
+        Err(MetricsRefused::Token) => {
+            info!(%peer, "metrics scrape without the metrics token refused");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                codes::INVALID_TOKEN,
+                "GET /metrics needs Authorization: Bearer <the --metrics-token-file token>",
+            ));
+        }
+        Err(MetricsRefused::OffHost) => {
+            info!(%peer, "metrics scrape from off the host refused (no --metrics-token-file)");
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                codes::ACCESS_DENIED,
+                "GET /metrics answers only this host unless the relay has --metrics-token-file",
+            ));
+        }
+    }
     let (open, pending, detached) = shared.live.counts();
     let mut text = shared.metrics.render(open, pending, detached, shared.agents.online());
     text.push_str(&shared.data.metrics());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    text.push_str(&super::metrics::render_process());
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 /// Who is calling.
@@ -1112,6 +1166,28 @@ async fn agent_connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_answer_this_host_or_the_token_holder_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (lo, lo6, mapped, far) =
+            (ip("127.0.0.9"), ip("::1"), ip("::ffff:127.0.0.1"), ip("10.1.2.3"));
+        for peer in [lo, lo6, mapped] {
+            assert_eq!(may_scrape(None, peer, None), Ok(()), "{peer}");
+        }
+        assert_eq!(may_scrape(None, far, None), Err(MetricsRefused::OffHost));
+        assert_eq!(may_scrape(None, far, Some("anything")), Err(MetricsRefused::OffHost));
+        let t = Some("0123456789abcdef-token");
+        for peer in [lo, far] {
+            assert_eq!(may_scrape(t, peer, Some("0123456789abcdef-token")), Ok(()), "{peer}");
+            // With a token, loopback is not enough.
+            assert_eq!(may_scrape(t, peer, None), Err(MetricsRefused::Token), "{peer}");
+            assert_eq!(
+                may_scrape(t, peer, Some("0123456789abcdef-tokeN")),
+                Err(MetricsRefused::Token)
+            );
+        }
+    }
 
     #[test]
     fn ids_and_bearer() {

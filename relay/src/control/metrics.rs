@@ -178,3 +178,77 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Counters stay meaningful after a panic elsewhere; ignore poisoning.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// The process families Prometheus' own clients export (`process_*`), from `/proc/self`:
+/// CPU time, resident memory, open and allowed file descriptors, start time. A reading that
+/// fails (no `/proc`) is left out rather than reported as zero.
+pub fn render_process() -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {v}");
+        }
+    };
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten();
+    let ticks = ticks.filter(|t| *t > 0).map(|t| t as f64);
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // Fields after the command name (which may hold spaces, so split after its ')').
+    let fields: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(')'))
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+    let cpu = ticks.and_then(|t| Some((field(14)? + field(15)?) / t));
+    family("process_cpu_seconds_total", "counter", "User and system CPU time, in seconds.", cpu);
+    let rss = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? * 1024.0)
+    });
+    family("process_resident_memory_bytes", "gauge", "Resident memory, in bytes.", rss);
+    let open = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as f64);
+    family("process_open_fds", "gauge", "Open file descriptors.", open);
+    let max = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft as f64);
+    family("process_max_fds", "gauge", "Most open file descriptors (RLIMIT_NOFILE).", max);
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()));
+    let start = ticks.and_then(|t| Some(boot? + field(22)? / t));
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time since the Unix epoch, in seconds.",
+        start,
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn process_families_are_read_from_proc() {
+        let text = super::render_process();
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            let v: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} in\n{text}"))
+                .parse()
+                .unwrap();
+            // A test process may not have run a whole clock tick yet.
+            let least = if name == "process_cpu_seconds_total" { 0.0 } else { f64::MIN_POSITIVE };
+            assert!(v >= least, "{name} = {v}");
+            assert!(text.contains(&format!("# HELP {name} ")), "{text}");
+        }
+    }
+}

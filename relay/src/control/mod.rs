@@ -125,6 +125,9 @@ pub struct ControlConfig {
     pub resume_window: Duration,
     /// `session.resume` requests per instance ([`agents::RESUME_RATE`] unless a test sets it).
     pub agent_resume_rate: sessions::Rate,
+    /// Bearer token `GET /metrics` takes (`--metrics-token-file`); without one, `/metrics`
+    /// answers loopback peers only.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for ControlConfig {
@@ -149,6 +152,7 @@ impl Default for ControlConfig {
             reconcile_interval: Duration::from_secs(2),
             resume_window: Duration::from_secs(600),
             agent_resume_rate: agents::RESUME_RATE,
+            metrics_token: None,
         }
     }
 }

@@ -108,24 +108,63 @@ impl ShardMetrics {
 pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     let mut out = String::new();
     type Field = fn(&ShardMetrics) -> &AtomicU64;
-    let series: [(&str, &str, Field); 10] = [
-        ("hatch_data_connections_accepted_total", "counter", |m| &m.accepted),
-        ("hatch_data_connections_open", "gauge", |m| &m.open),
-        ("hatch_data_sessions_live", "gauge", |m| &m.sessions),
-        ("hatch_data_sessions_paired_total", "counter", |m| &m.paired),
-        ("hatch_data_bytes_client_to_agent_total", "counter", |m| &m.bytes_c2a),
-        ("hatch_data_bytes_agent_to_client_total", "counter", |m| &m.bytes_a2c),
-        ("hatch_data_frames_total", "counter", |m| &m.frames),
-        ("hatch_data_handoffs_out_total", "counter", |m| &m.handoffs_out),
-        ("hatch_data_handoffs_in_total", "counter", |m| &m.handoffs_in),
-        ("hatch_data_buffers_in_use", "gauge", |m| &m.buffers),
+    let series: [(&str, &str, &str, Field); 10] = [
+        (
+            "hatch_data_connections_accepted_total",
+            "counter",
+            "Data-plane connections accepted.",
+            |m| &m.accepted,
+        ),
+        ("hatch_data_connections_open", "gauge", "Data-plane connections open.", |m| &m.open),
+        (
+            "hatch_data_sessions_live",
+            "gauge",
+            "Sessions in the shard's session table (waiting, paired or detached).",
+            |m| &m.sessions,
+        ),
+        ("hatch_data_sessions_paired_total", "counter", "Sessions whose two legs paired.", |m| {
+            &m.paired
+        }),
+        (
+            "hatch_data_bytes_client_to_agent_total",
+            "counter",
+            "Payload bytes forwarded from clients to agents.",
+            |m| &m.bytes_c2a,
+        ),
+        (
+            "hatch_data_bytes_agent_to_client_total",
+            "counter",
+            "Payload bytes forwarded from agents to clients.",
+            |m| &m.bytes_a2c,
+        ),
+        ("hatch_data_frames_total", "counter", "WebSocket frames forwarded.", |m| &m.frames),
+        (
+            "hatch_data_handoffs_out_total",
+            "counter",
+            "Legs handed to the shard that holds their session.",
+            |m| &m.handoffs_out,
+        ),
+        ("hatch_data_handoffs_in_total", "counter", "Legs taken over from another shard.", |m| {
+            &m.handoffs_in
+        }),
+        (
+            "hatch_data_buffers_in_use",
+            "gauge",
+            "Pooled buffers held by reads and writes in progress.",
+            |m| &m.buffers,
+        ),
     ];
-    for (name, kind, f) in series {
+    for (name, kind, help, f) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for (i, m) in shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", f(m).load(Relaxed));
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP hatch_data_refusals_total Upgrade requests refused by the data plane, by reason."
+    );
     let _ = writeln!(out, "# TYPE hatch_data_refusals_total counter");
     for (i, m) in shards.iter().enumerate() {
         for (j, label) in REFUSALS.iter().enumerate() {
