@@ -372,7 +372,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     };
     init_tracing(cli.log_format);
     let res = match cli.command {
-        Command::Serve(a) => serve(a),
+        Command::Serve(a) => serve(a, cli.log_format),
         Command::Dev(a) => dev(a),
         Command::Admin(a) => admin_cmd(a),
     };
@@ -447,7 +447,7 @@ impl Signals {
     }
 }
 
-fn serve(a: ServeArgs) -> anyhow::Result<()> {
+fn serve(a: ServeArgs, log: LogFormat) -> anyhow::Result<()> {
     let tls = match (a.data.danger_plaintext, a.cert, a.key) {
         (true, _, _) => None,
         (false, Some(c), Some(k)) => Some((c, k)),
@@ -464,7 +464,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         control,
         data: a.data,
     })?;
-    // The "relay listening" log line names both addresses.
+    // In JSON, the "relay listening" log line says it (stderr is one object per line).
+    if log == LogFormat::Text {
+        eprintln!(
+            "hatch-relay: API on {}, data plane on {}",
+            server.api_addr(),
+            server.data_addr()
+        );
+    }
     signals.wait(&server);
     server.shutdown(drain);
     Ok(())

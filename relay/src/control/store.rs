@@ -556,7 +556,7 @@ impl SqliteStore {
             MIGRATIONS.len()
         );
         // Write even when up to date: proves at start that the file is writable.
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             tx.execute_batch(sql).with_context(|| format!("migration {}", i + 1))?;
         }
@@ -794,7 +794,7 @@ impl Store for SqliteStore {
 
     fn set_user_disabled(&self, user_id: &str, disabled_at: Option<i64>) -> anyhow::Result<bool> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let account: Option<String> = tx
             .query_row("SELECT account_id FROM users WHERE id = ?1", [user_id], |r| r.get(0))
             .optional()?;
@@ -852,7 +852,7 @@ impl Store for SqliteStore {
 
     fn revoke_access_key(&self, key_id: &str, now: i64) -> anyhow::Result<bool> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let n = tx.execute(
             "UPDATE access_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
             params![key_id, now],
@@ -870,7 +870,7 @@ impl Store for SqliteStore {
 
     fn put_policy(&self, p: &PolicyRecord) -> anyhow::Result<()> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO policies (account_id, name, document, updated_at) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT (account_id, name) DO UPDATE SET document = ?3, updated_at = ?4",
@@ -893,7 +893,7 @@ impl Store for SqliteStore {
 
     fn attach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let exists: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM policies WHERE account_id = ?1 AND name = ?2)",
             [account_id, name],
@@ -918,7 +918,7 @@ impl Store for SqliteStore {
 
     fn detach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let n = tx.execute(
             "DELETE FROM policy_attachments WHERE account_id = ?1 AND user_id = ?2 \
              AND policy_name = ?3",
@@ -982,7 +982,9 @@ impl Store for SqliteStore {
     ) -> Result<Instance, RegisterError> {
         let store = |e: rusqlite::Error| RegisterError::Store(e.to_string());
         let mut conn = self.lock();
-        let tx = conn.transaction().map_err(store)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(store)?;
         let row: Option<(Activation, Vec<u8>)> = tx
             .query_row(
                 &format!("SELECT {ACTIVATION_COLS}, code_hash FROM activations WHERE id = ?1"),
@@ -1068,7 +1070,7 @@ impl Store for SqliteStore {
 
     fn set_instance_tags(&self, id: &str, tags: &Tags) -> anyhow::Result<bool> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let account: Option<String> = tx
             .query_row("SELECT account_id FROM instances WHERE id = ?1", [id], |r| r.get(0))
             .optional()?;
@@ -1185,7 +1187,7 @@ impl Store for SqliteStore {
 
     fn recover_open(&self, reason: &str, at: i64) -> anyhow::Result<(usize, Vec<SessionRecord>)> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let closed = tx.execute(
             "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
              WHERE state = 'pending'",
@@ -1262,7 +1264,7 @@ impl Store for SqliteStore {
 
     fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut st = tx.prepare_cached(
                 "UPDATE sessions SET bytes_client_to_agent = MAX(bytes_client_to_agent, ?2), \
