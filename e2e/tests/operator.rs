@@ -134,3 +134,156 @@ async fn metrics_behind_a_token_refuse_a_scrape_without_it() {
         assert!(helped.contains(family), "no {family} in\n{}", r.text);
     }
 }
+
+/// `systemd-analyze verify` on `unit` with its `/usr/local/bin/NAME` replaced by the built
+/// binary (verify checks that the program exists): its exit status and what it said.
+fn verify_unit(unit: &str, edit: impl Fn(String) -> String) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(unit);
+    let name = src.file_name().unwrap().to_owned();
+    let mut text = std::fs::read_to_string(&src).unwrap();
+    for b in ["hatch-relay", "hatch-agent"] {
+        text = text.replace(&format!("/usr/local/bin/{b}"), bin(b).to_str().unwrap());
+    }
+    let path = dir.path().join(name);
+    std::fs::write(&path, edit(text)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian's systemd; scripts/test installs it)");
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), said)
+}
+
+#[test]
+fn both_unit_files_pass_systemd_analyze_verify() {
+    for unit in ["relay/dist/hatch-relay.service", "agent/dist/hatch-agent.service"] {
+        let (ok, said) = verify_unit(unit, |t| t);
+        // A directive systemd does not know is only a warning: none is allowed.
+        assert!(ok && said.trim().is_empty(), "{unit}: {said}");
+        // The check can fail: a bad value is reported.
+        let (_, said) = verify_unit(unit, |t| t.replace("Type=simple", "Type=bogus"));
+        assert!(said.contains("bogus"), "{unit}: {said}");
+    }
+}
+
+/// `hatch-relay admin --json ARGS` on `data_dir`; the JSON it printed.
+fn admin_on(data_dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin("hatch-relay"))
+        .args(["admin", "--json", "--data-dir"])
+        .arg(data_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `hatch-relay serve` on `data_dir` with the given certificate, on `api` and `data`; waits for
+/// its "API on" line and returns the process and the API address.
+fn serve(data_dir: &Path, tls: &Path, api: &str, data: &str, log: &Path) -> (Proc, String) {
+    let mut cmd = Command::new(bin("hatch-relay"));
+    cmd.args(["serve", "--data-dir"]).arg(data_dir);
+    cmd.arg("--cert").arg(tls.join("server.pem")).arg("--key").arg(tls.join("server-key.pem"));
+    cmd.args(["--api-listen", api, "--data-listen", data, "--shards", "1"]).args(io_args());
+    let before = std::fs::read_to_string(log).unwrap_or_default().matches("API on ").count();
+    let proc = Proc::spawn(cmd, log);
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let out = proc.output();
+        if out.matches("API on ").count() > before {
+            let line = out.lines().rfind(|l| l.contains("API on ")).unwrap();
+            let api = line.split("API on ").nth(1).unwrap().split(',').next().unwrap();
+            return (proc, format!("https://{api}"));
+        }
+        assert!(Instant::now() < end, "serve did not start:\n{out}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_operator_bootstraps_a_relay_runs_a_session_and_restores_a_backup() {
+    // docs/OPERATIONS.md, "From an empty host to a first session" and "Backup and restore",
+    // step by step with the real binaries. The certificate is the development PKI's (an
+    // operator's comes from their CA).
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = hatch_relay::certs::ensure_dev_pki(&tmp.path().join("tls"), &[]).unwrap();
+    let tls = tmp.path().join("tls");
+    let data = tmp.path().join("relay");
+    let log = tmp.path().join("relay.log");
+    let (mut relay, api) = serve(&data, &tls, "127.0.0.1:0", "127.0.0.1:0", &log);
+    let data_addr = {
+        let out = relay.output();
+        let line = out.lines().rfind(|l| l.contains("data plane on ")).unwrap().to_owned();
+        line.split("data plane on ").nth(1).unwrap().trim().to_owned()
+    };
+    // The first account, its owner key, an activation.
+    let account =
+        admin_on(&data, &["accounts", "create", "prod"])["id"].as_str().unwrap().to_owned();
+    let key = admin_on(&data, &["keys", "create", "--account", &account]);
+    let key = key["access_key"].as_str().unwrap().to_owned();
+    let act =
+        admin_on(&data, &["activations", "create", "--account", &account, "--region", "eu-1"]);
+    // The agent registers and runs.
+    let state = tmp.path().join("agent.json");
+    let out = Command::new(bin("hatch-agent"))
+        .args(["register", "--api", &api, "--ca"])
+        .arg(&pki.ca_file)
+        .args(["--activation-id", act["activation_id"].as_str().unwrap()])
+        .args(["--activation-code", act["activation_code"].as_str().unwrap()])
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "register: {}", String::from_utf8_lossy(&out.stderr));
+    let iid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut agent = Command::new(bin("hatch-agent"));
+    agent.args(["run", "--state"]).arg(&state);
+    let _agent = Proc::spawn(agent, &tmp.path().join("agent.log"));
+    // A first session, as soon as the agent is online.
+    let exec = |what: &str| {
+        let out = Command::new(bin("hatch"))
+            .env("HOME", tmp.path())
+            .env("XDG_CONFIG_HOME", tmp.path())
+            .env("HATCH_API", &api)
+            .env("HATCH_CA", &pki.ca_file)
+            .env("HATCH_ACCESS_KEY", &key)
+            .args(["exec", "-i", &iid, "--", "echo", what])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let end = Instant::now() + DEADLINE;
+    while exec("first") != (Some(0), "first\n".to_owned()) {
+        assert!(Instant::now() < end, "no first session: {:?}", exec("first"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A backup while the relay runs; a user created after it.
+    let backup = tmp.path().join("hatch-backup.db");
+    admin_on(&data, &["backup", backup.to_str().unwrap()]);
+    assert_eq!(mode(&backup), 0o600);
+    admin_on(&data, &["users", "create", "--account", &account, "alice"]);
+    let users = admin_on(&data, &["users", "list", "--account", &account]);
+    assert_eq!(users.as_array().map(Vec::len), Some(1), "{users}");
+    // Restore: stop the relay, put the copy in place of the store (without the old WAL),
+    // start it again on the same addresses.
+    relay.signal(Signal::SIGTERM);
+    assert!(relay.wait_exit(DEADLINE).success());
+    for f in ["hatch.db-wal", "hatch.db-shm"] {
+        let _ = std::fs::remove_file(data.join(f));
+    }
+    std::fs::copy(&backup, data.join("hatch.db")).unwrap();
+    let api_addr = api.trim_start_matches("https://").to_owned();
+    let (_relay, _) = serve(&data, &tls, &api_addr, &data_addr, &log);
+    let users = admin_on(&data, &["users", "list", "--account", &account]);
+    assert_eq!(users.as_array().map(Vec::len), Some(0), "alice came after the backup: {users}");
+    // The account, the key and the instance came back: the agent reconnects, sessions run.
+    let end = Instant::now() + DEADLINE;
+    while exec("restored") != (Some(0), "restored\n".to_owned()) {
+        assert!(Instant::now() < end, "no session after the restore: {:?}", exec("restored"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

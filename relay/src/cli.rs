@@ -205,6 +205,11 @@ enum AdminCommand {
     /// Token signing keys.
     #[command(subcommand)]
     SigningKeys(SigningCmd),
+    /// Write a consistent copy of the store to FILE (owner-only), while the relay runs.
+    Backup {
+        /// The copy; must not exist (or be empty).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -830,6 +835,13 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                 })
             }
         },
+        AdminCommand::Backup { file } => {
+            store.backup_to(&file)?;
+            let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            print(json, &serde_json::json!({"backup": file, "bytes": bytes}), || {
+                format!("wrote {} ({bytes} bytes)", file.display())
+            })
+        }
         // Handled before the store is opened.
         AdminCommand::SigningKeys(SigningCmd::Rotate) => Ok(()),
     }

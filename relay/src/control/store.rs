@@ -565,6 +565,27 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Writes a consistent copy of the store to `path` (`VACUUM INTO`: one read transaction,
+    /// so the relay keeps running and writing), readable by its owner only. `path` must not
+    /// exist, or be empty.
+    pub fn backup_to(&self, path: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let empty = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
+        anyhow::ensure!(empty, "{} exists and is not empty", path.display());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let target = path.to_str().context("the backup path is not UTF-8")?;
+        self.lock()
+            .execute("VACUUM INTO ?1", [target])
+            .with_context(|| format!("writing the backup {}", path.display()))?;
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves the connection usable (SQLite rolls back the
         // open transaction when it is dropped), so poisoning is ignored.
