@@ -287,3 +287,74 @@ fn an_operator_bootstraps_a_relay_runs_a_session_and_restores_a_backup() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_idle_timeout_ends_its_sessions_while_another_keeps_the_relays() {
+    // The relay's idle timeout is 30 s; the demo account sets 2 s for itself (SSM's Session
+    // Preferences), a second account sets nothing.
+    let relay = Relay::start(&["--idle-timeout", "30"]);
+    let home = tempfile::tempdir().unwrap();
+    let (_agent_a, iid_a) = start_agent(&relay, home.path(), &[]);
+    let key_a = relay.info.access_key.clone();
+    let put = r#"{"idle_timeout_s": 2}"#;
+    let r = relay.call("PUT", "/v1/account/settings", Some(&key_a), Some(put)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["idle_timeout_s"], 2, "{}", r.text);
+    let r = relay
+        .call("PUT", "/v1/account/settings", Some(&key_a), Some(r#"{"idle_timeout_s": 9999999}"#))
+        .await;
+    assert_eq!((r.status, r.json()["code"].as_str()), (400, Some("InvalidRequest")), "{}", r.text);
+    let r = relay.call("GET", "/v1/account/settings", Some(&key_a), None).await;
+    assert_eq!(r.json()["idle_timeout_s"], 2, "{}", r.text);
+
+    // Account B: its own owner key, activation and agent.
+    let b = admin(&relay, &["accounts", "create", "other"])["id"].as_str().unwrap().to_owned();
+    let key_b = admin(&relay, &["keys", "create", "--account", &b])["access_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let act = admin(&relay, &["activations", "create", "--account", &b]);
+    let dir_b = tempfile::tempdir().unwrap();
+    let state = dir_b.path().join("agent.json");
+    let out = Command::new(bin("hatch-agent"))
+        .args(["register", "--api", &relay.info.api_url, "--ca", &relay.info.ca_file])
+        .args(["--activation-id", act["activation_id"].as_str().unwrap()])
+        .args(["--activation-code", act["activation_code"].as_str().unwrap()])
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let iid_b = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut run = Command::new(bin("hatch-agent"));
+    run.args(["run", "--state"]).arg(&state);
+    let _agent_b = Proc::spawn(run, &dir_b.path().join("agent.log"));
+    wait_online(&relay, &iid_a, true).await;
+
+    // No input for longer than 2 s: A's session ends 4007 (exit 75); B's runs its 4 s out.
+    let exec = |key: &str, iid: &str, secs: &str| {
+        let mut cmd = hatch(&relay, home.path(), key);
+        cmd.args(["exec", "-i", iid, "--", "sleep", secs]);
+        cmd
+    };
+    let (mut a, mut b) = (exec(&key_a, &iid_a, "10"), exec(&key_b, &iid_b, "4"));
+    let (a, b) = tokio::task::spawn_blocking(move || {
+        let end = Instant::now() + DEADLINE;
+        // B's agent may still be connecting: retry while its instance is not connected.
+        let b = loop {
+            let out = b.output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !err.contains("TargetNotConnected") || Instant::now() > end {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        (a.output().unwrap(), b)
+    })
+    .await
+    .unwrap();
+    let err_a = String::from_utf8_lossy(&a.stderr);
+    assert_eq!(a.status.code(), Some(75), "{err_a}");
+    assert!(err_a.contains("IdleTimeout (close 4007)"), "{err_a}");
+    assert_eq!(b.status.code(), Some(0), "{}", String::from_utf8_lossy(&b.stderr));
+}

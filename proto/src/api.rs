@@ -193,6 +193,30 @@ pub struct AccountSettings {
     /// The account-wide switch: when false, no session can start and turning it off ends the
     /// live ones (close code 4010).
     pub session_manager_enabled: bool,
+    /// The account's idle timeout in seconds; absent: the relay's (`--idle-timeout`). The
+    /// relay's is a cap: a longer one has no effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+    /// The account's longest session in seconds; absent: the relay's (`--max-duration`), also
+    /// a cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_s: Option<u64>,
+}
+
+/// `PUT /v1/account/settings` body: what to change (absent: unchanged). A preference of 0
+/// goes back to the relay's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSettingsUpdate {
+    /// The switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_manager_enabled: Option<bool>,
+    /// Idle timeout in seconds, 1 to 30 days' worth; 0: the relay's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+    /// Longest session in seconds, 1 to 30 days' worth; 0: the relay's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_s: Option<u64>,
 }
 
 /// Every API error body: `{code, message, request_id}`.

@@ -68,6 +68,13 @@ pub struct Claims {
     /// forwarded connection that only downloads is not idle.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub two_way: bool,
+    /// The account's idle timeout in seconds, when it has one (its session preferences): the
+    /// relay applies it when it is shorter than its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<u64>,
+    /// The account's longest session in seconds, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maxd: Option<u64>,
 }
 
 impl Claims {

@@ -223,6 +223,17 @@ enum AccountsCmd {
     /// Turn session management off: new sessions are refused (SessionManagerDisabled) and a
     /// running relay ends the live ones (4010) within its reconcile interval (2 s).
     Disable { account: String },
+    /// Show or set an account's session preferences (sessions started afterwards): idle
+    /// timeout and longest session in seconds, 0 for the relay's own (which are also caps).
+    Prefs {
+        account: String,
+        /// Idle timeout, seconds (0: the relay's --idle-timeout).
+        #[arg(long)]
+        idle_timeout: Option<u64>,
+        /// Longest session, seconds (0: the relay's --max-duration).
+        #[arg(long)]
+        max_duration: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -605,6 +616,25 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
             }
             AccountsCmd::Enable { account } => switch(s, json, &account, true),
             AccountsCmd::Disable { account } => switch(s, json, &account, false),
+            AccountsCmd::Prefs { account, idle_timeout, max_duration } => {
+                let a = admin::account(s, &account)?;
+                let update = hatch_proto::api::AccountSettingsUpdate {
+                    idle_timeout_s: idle_timeout,
+                    max_duration_s: max_duration,
+                    ..Default::default()
+                };
+                let prefs = admin::updated_prefs(a.prefs, &update).map_err(anyhow::Error::msg)?;
+                anyhow::ensure!(s.set_session_prefs(&account, prefs)?, "no account {account}");
+                let secs =
+                    |v: Option<u64>| v.map_or("the relay's".to_owned(), |s| format!("{s} s"));
+                print(json, &prefs, || {
+                    format!(
+                        "{account}: idle timeout {}, longest session {}",
+                        secs(prefs.idle_timeout_s),
+                        secs(prefs.max_duration_s)
+                    )
+                })
+            }
         },
         AdminCommand::Users(c) => match c {
             UsersCmd::Create { account, name } => {

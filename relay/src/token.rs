@@ -75,6 +75,36 @@ fn new_run() -> anyhow::Result<String> {
     Ok(hex::encode(run))
 }
 
+/// What a token says about its session beyond who may use it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LegTerms {
+    /// A new leg of a session that was paired before (the `res` claim).
+    pub resume: bool,
+    /// A port session: its idle timeout counts both directions.
+    pub two_way: bool,
+    /// The account's idle timeout, seconds (`idle`).
+    pub idle_timeout_s: Option<u64>,
+    /// The account's longest session, seconds (`maxd`).
+    pub max_duration_s: Option<u64>,
+}
+
+impl LegTerms {
+    /// The terms of a session of `mode` in an account with `prefs`.
+    pub fn of(mode_is_port: bool, prefs: crate::control::store::SessionPrefs) -> LegTerms {
+        LegTerms {
+            resume: false,
+            two_way: mode_is_port,
+            idle_timeout_s: prefs.idle_timeout_s,
+            max_duration_s: prefs.max_duration_s,
+        }
+    }
+
+    /// The same, for a resume token.
+    pub fn resumed(self) -> LegTerms {
+        LegTerms { resume: true, ..self }
+    }
+}
+
 impl TokenSigner {
     /// Generates a new Ed25519 key and returns it with its PKCS#8 document (to store, 0600).
     pub fn generate(kid: &str) -> anyhow::Result<(Self, Vec<u8>)> {
@@ -120,13 +150,10 @@ impl TokenSigner {
         account: &str,
         now: u64,
     ) -> anyhow::Result<(String, Claims)> {
-        self.issue_with(session_id, role, instance, account, now, false, false)
+        self.issue_with(session_id, role, instance, account, now, LegTerms::default())
     }
 
-    /// [`TokenSigner::issue`], for a new leg of a session that was paired before when
-    /// `resume` (the `res` claim), of a port session when `two_way` (its idle timeout counts
-    /// both directions).
-    #[allow(clippy::too_many_arguments)]
+    /// [`TokenSigner::issue`] with the session's [`LegTerms`].
     pub fn issue_with(
         &self,
         session_id: &str,
@@ -134,8 +161,7 @@ impl TokenSigner {
         instance: &str,
         account: &str,
         now: u64,
-        resume: bool,
-        two_way: bool,
+        terms: LegTerms,
     ) -> anyhow::Result<(String, Claims)> {
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut jti)
@@ -149,8 +175,10 @@ impl TokenSigner {
             exp: now + TOKEN_LIFETIME_SECS,
             jti: hex::encode(jti),
             run: self.run.clone(),
-            res: resume,
-            two_way,
+            res: terms.resume,
+            two_way: terms.two_way,
+            idle: terms.idle_timeout_s,
+            maxd: terms.max_duration_s,
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());

@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use super::credentials;
 use super::policy::Policy;
-use super::store::{AccessKey, Account, Activation, PolicyRecord, Store, Tags, User};
+use super::store::{AccessKey, Account, Activation, PolicyRecord, SessionPrefs, Store, Tags, User};
 use super::unix_now;
 
 /// Creates an account with session management on.
@@ -19,9 +19,32 @@ pub fn create_account(store: &dyn Store, name: &str) -> anyhow::Result<Account> 
         name: name.to_owned(),
         session_manager_enabled: true,
         created_at: unix_now(),
+        prefs: Default::default(),
     };
     store.create_account(&a)?;
     Ok(a)
+}
+
+/// The longest idle timeout or session an account may set: 30 days.
+pub const MAX_PREF_SECS: u64 = 30 * 86_400;
+
+/// `prefs` with `update`'s preferences applied (0: back to the relay's), or why not.
+pub fn updated_prefs(
+    mut prefs: SessionPrefs,
+    update: &hatch_proto::api::AccountSettingsUpdate,
+) -> Result<SessionPrefs, String> {
+    for (name, new, slot) in [
+        ("idle_timeout_s", update.idle_timeout_s, &mut prefs.idle_timeout_s),
+        ("max_duration_s", update.max_duration_s, &mut prefs.max_duration_s),
+    ] {
+        match new {
+            None => {}
+            Some(0) => *slot = None,
+            Some(s) if s <= MAX_PREF_SECS => *slot = Some(s),
+            Some(s) => return Err(format!("{name} {s} is more than {MAX_PREF_SECS} (30 days)")),
+        }
+    }
+    Ok(prefs)
 }
 
 /// Looks an account up, with an error naming it when absent.

@@ -21,8 +21,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hatch_proto::api::{
-    AccountSettings, InstanceInfo, InstanceList, Mode, ResumeSessionRequest, ResumeSessionResponse,
-    SessionInfo, SessionList, StartSessionRequest, StartSessionResponse, codes,
+    AccountSettings, AccountSettingsUpdate, InstanceInfo, InstanceList, Mode, ResumeSessionRequest,
+    ResumeSessionResponse, SessionInfo, SessionList, StartSessionRequest, StartSessionResponse,
+    codes,
 };
 use hatch_proto::control::{RegisterRequest, RegisterResponse, ToAgent};
 use hatch_proto::token::Role;
@@ -34,7 +35,8 @@ use super::access::{self, Grants, ResumeRefused};
 use super::policy::{self, Context};
 use super::sessions::{Admission, LimitHit};
 use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
-use super::{CLOSE_TERMINATED, Shared, credentials, unix_now};
+use super::{CLOSE_TERMINATED, Shared, admin, credentials, unix_now};
+use crate::token::LegTerms;
 
 /// An API failure: status, stable code, message for a person.
 #[derive(Debug, Clone)]
@@ -710,8 +712,7 @@ async fn resume_session(
             &rec.instance_id,
             &rec.account_id,
             now,
-            true,
-            rec.mode == "port",
+            LegTerms::of(rec.mode == "port", caller.account.prefs).resumed(),
         )
         .map_err(ApiError::internal)?;
     shared.metrics.resume_token(true);
@@ -808,8 +809,9 @@ async fn start_session(
         // A port session's idle timeout counts both directions (a download is not idle).
         let port = req.mode == Mode::Port;
         let (iid, acct) = (&inst.id, &inst.account_id);
-        let c = shared.signer.issue_with(&sid, Role::Client, iid, acct, now, false, port)?;
-        let a = shared.signer.issue_with(&sid, Role::Agent, iid, acct, now, false, port)?;
+        let terms = LegTerms::of(port, caller.account.prefs);
+        let c = shared.signer.issue_with(&sid, Role::Client, iid, acct, now, terms)?;
+        let a = shared.signer.issue_with(&sid, Role::Agent, iid, acct, now, terms)?;
         anyhow::Ok((c, a))
     })();
     let ((client_token, claims), (agent_token, _)) = match issued {
@@ -1060,29 +1062,42 @@ fn owner_only(caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
+fn settings_of(a: &Account) -> AccountSettings {
+    AccountSettings {
+        session_manager_enabled: a.session_manager_enabled,
+        idle_timeout_s: a.prefs.idle_timeout_s,
+        max_duration_s: a.prefs.max_duration_s,
+    }
+}
+
 async fn get_settings(caller: Caller) -> Result<Response, ApiError> {
     owner_only(&caller)?;
-    Ok(json(
-        StatusCode::OK,
-        &AccountSettings { session_manager_enabled: caller.account.session_manager_enabled },
-    ))
+    Ok(json(StatusCode::OK, &settings_of(&caller.account)))
 }
 
 async fn put_settings(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
-    body: Result<ApiJson<AccountSettings>, ApiError>,
+    body: Result<ApiJson<AccountSettingsUpdate>, ApiError>,
 ) -> Result<Response, ApiError> {
     owner_only(&caller)?;
-    let ApiJson(settings) = body?;
-    let enabled = settings.session_manager_enabled;
-    let account = caller.account.id.clone();
-    shared.blocking(move |s| s.set_session_manager(&account, enabled)).await?;
-    info!(account = %caller.account.id, enabled, "session manager switch set");
-    if !enabled {
-        shared.disable_account(&caller.account.id).await;
+    let ApiJson(update) = body?;
+    let mut account = caller.account.clone();
+    account.prefs = admin::updated_prefs(account.prefs, &update).map_err(ApiError::invalid)?;
+    let (id, prefs) = (account.id.clone(), account.prefs);
+    shared.blocking(move |s| s.set_session_prefs(&id, prefs)).await?;
+    if let Some(enabled) = update.session_manager_enabled {
+        let id = account.id.clone();
+        shared.blocking(move |s| s.set_session_manager(&id, enabled)).await?;
+        account.session_manager_enabled = enabled;
+        info!(account = %account.id, enabled, "session manager switch set");
+        if !enabled {
+            shared.disable_account(&account.id).await;
+        }
     }
-    Ok(json(StatusCode::OK, &settings))
+    info!(account = %account.id, idle_timeout_s = ?prefs.idle_timeout_s,
+        max_duration_s = ?prefs.max_duration_s, "session preferences set");
+    Ok(json(StatusCode::OK, &settings_of(&account)))
 }
 
 async fn register(

@@ -774,9 +774,10 @@ impl Shared {
                 if rec.instance_id != inst {
                     return Ok(None);
                 }
-                let enabled =
-                    s.account(&rec.account_id)?.is_some_and(|a| a.session_manager_enabled);
-                Ok(Some((rec, enabled)))
+                let acct = s.account(&rec.account_id)?;
+                let enabled = acct.as_ref().is_some_and(|a| a.session_manager_enabled);
+                let prefs = acct.map(|a| a.prefs).unwrap_or_default();
+                Ok(Some((rec, enabled, prefs)))
             })
             .await;
         let why = match res {
@@ -786,10 +787,10 @@ impl Shared {
                 return None;
             }
             Ok(None) => "no such session on this instance",
-            Ok(Some((_, false))) => "session manager disabled",
-            Ok(Some((rec, true))) => match rec.state.as_str() {
+            Ok(Some((_, false, _))) => "session manager disabled",
+            Ok(Some((rec, true, prefs))) => match rec.state.as_str() {
                 "connected" | "detached" => {
-                    return self.agent_resume_token(instance, &rec).await;
+                    return self.agent_resume_token(instance, &rec, prefs).await;
                 }
                 "pending" => "session never paired: nothing to resume",
                 _ => "session closed",
@@ -804,6 +805,7 @@ impl Shared {
         &self,
         instance: &str,
         rec: &store::SessionRecord,
+        prefs: store::SessionPrefs,
     ) -> Option<ToAgent> {
         // The agent's own host for the data plane, as for session.open: never a client's.
         let base = self.agents.data_base(instance)?;
@@ -814,8 +816,7 @@ impl Shared {
             &rec.instance_id,
             &rec.account_id,
             now,
-            true,
-            rec.mode == "port",
+            crate::token::LegTerms::of(rec.mode == "port", prefs).resumed(),
         );
         match issued {
             Ok((token, _)) => {

@@ -31,6 +31,21 @@ pub struct Account {
     pub session_manager_enabled: bool,
     /// Seconds since the Unix epoch.
     pub created_at: i64,
+    /// Session preferences (SSM's Session Preferences); `None`: the relay's own.
+    #[serde(flatten)]
+    pub prefs: SessionPrefs,
+}
+
+/// An account's session preferences: tighter than the relay's flags, never looser (the API
+/// refuses a value past the relay's cap). They apply to sessions started after they are set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPrefs {
+    /// Idle timeout in seconds (`--idle-timeout` when `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+    /// Longest session in seconds (`--max-duration` when `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_s: Option<u64>,
 }
 
 /// A user inside an account (not the owner): needs policies to do anything.
@@ -218,6 +233,8 @@ pub trait Store: Send + Sync + 'static {
     fn accounts(&self) -> anyhow::Result<Vec<Account>>;
     /// Flips the switch; false when no such account.
     fn set_session_manager(&self, account_id: &str, enabled: bool) -> anyhow::Result<bool>;
+    /// Sets an account's session preferences; false when there is no such account.
+    fn set_session_prefs(&self, account_id: &str, prefs: SessionPrefs) -> anyhow::Result<bool>;
 
     /// Creates a user.
     fn create_user(&self, user: &User) -> anyhow::Result<()>;
@@ -455,6 +472,11 @@ ALTER TABLE sessions ADD COLUMN detached_at INTEGER;
 ALTER TABLE sessions ADD COLUMN remote_host TEXT;
 ALTER TABLE sessions ADD COLUMN remote_port INTEGER;
 "#,
+    // Per-account session preferences (NULL: the relay's flags).
+    r#"
+ALTER TABLE accounts ADD COLUMN idle_timeout_s INTEGER;
+ALTER TABLE accounts ADD COLUMN max_duration_s INTEGER;
+"#,
 ];
 
 /// Raises an account's IAM generation (inside the caller's statement sequence).
@@ -652,6 +674,10 @@ fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
         name: r.get(1)?,
         session_manager_enabled: r.get(2)?,
         created_at: r.get(3)?,
+        prefs: SessionPrefs {
+            idle_timeout_s: r.get::<_, Option<i64>>(4)?.and_then(|v| u64::try_from(v).ok()),
+            max_duration_s: r.get::<_, Option<i64>>(5)?.and_then(|v| u64::try_from(v).ok()),
+        },
     })
 }
 
@@ -747,16 +773,24 @@ fn to_i64(v: u64) -> i64 {
 impl Store for SqliteStore {
     fn create_account(&self, a: &Account) -> anyhow::Result<()> {
         self.lock().execute(
-            "INSERT INTO accounts (id, name, session_manager_enabled, created_at) \
-             VALUES (?1, ?2, ?3, ?4)",
-            params![a.id, a.name, a.session_manager_enabled, a.created_at],
+            "INSERT INTO accounts (id, name, session_manager_enabled, created_at, idle_timeout_s, \
+             max_duration_s) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                a.id,
+                a.name,
+                a.session_manager_enabled,
+                a.created_at,
+                a.prefs.idle_timeout_s.map(to_i64),
+                a.prefs.max_duration_s.map(to_i64)
+            ],
         )?;
         Ok(())
     }
 
     fn account(&self, id: &str) -> anyhow::Result<Option<Account>> {
         self.one(
-            "SELECT id, name, session_manager_enabled, created_at FROM accounts WHERE id = ?1",
+            "SELECT id, name, session_manager_enabled, created_at, idle_timeout_s, max_duration_s \
+             FROM accounts WHERE id = ?1",
             [id],
             account_row,
         )
@@ -764,11 +798,19 @@ impl Store for SqliteStore {
 
     fn accounts(&self) -> anyhow::Result<Vec<Account>> {
         self.all(
-            "SELECT id, name, session_manager_enabled, created_at FROM accounts \
-             ORDER BY created_at, id",
+            "SELECT id, name, session_manager_enabled, created_at, idle_timeout_s, max_duration_s \
+             FROM accounts ORDER BY created_at, id",
             [],
             account_row,
         )
+    }
+
+    fn set_session_prefs(&self, account_id: &str, prefs: SessionPrefs) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE accounts SET idle_timeout_s = ?2, max_duration_s = ?3 WHERE id = ?1",
+            params![account_id, prefs.idle_timeout_s.map(to_i64), prefs.max_duration_s.map(to_i64)],
+        )?;
+        Ok(n == 1)
     }
 
     fn set_session_manager(&self, account_id: &str, enabled: bool) -> anyhow::Result<bool> {
@@ -1343,6 +1385,7 @@ mod tests {
             name: id.into(),
             session_manager_enabled: true,
             created_at: 1,
+            prefs: SessionPrefs::default(),
         })
         .unwrap();
     }

@@ -261,6 +261,32 @@ pub struct Admit {
     pub resume: bool,
     /// A port session's token: the idle timeout counts data in both directions.
     pub two_way: bool,
+    /// The account's session preferences, signed into the token: they can only tighten the
+    /// relay's [`Rules`] (the earlier deadline wins).
+    pub limits: SessionLimits,
+}
+
+/// An idle timeout and a longest duration; `None`: none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// No client input (no data either way for a port session) this long: 4007.
+    pub idle_timeout: Option<Duration>,
+    /// This long after the first pairing: 4008.
+    pub max_duration: Option<Duration>,
+}
+
+impl SessionLimits {
+    /// The tighter of both, limit by limit.
+    pub fn tighter(self, other: SessionLimits) -> SessionLimits {
+        let min = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        SessionLimits {
+            idle_timeout: min(self.idle_timeout, other.idle_timeout),
+            max_duration: min(self.max_duration, other.max_duration),
+        }
+    }
 }
 
 /// A session's place in the table. Stale keys (the session ended, its slot reused) are
@@ -404,6 +430,8 @@ struct Session<H> {
     last_c2a: Tick,
     /// A port session (a token said so): data from the agent resets the idle clock too.
     two_way: bool,
+    /// The relay's limits, tightened by its tokens' (the account's preferences).
+    limits: SessionLimits,
     /// When uncounted bytes are due to be reported.
     progress_due: Option<Tick>,
     /// The time of this session's live entry in the heap.
@@ -632,6 +660,7 @@ impl<H: Clone> SessionTable<H> {
         let s = &mut self.sessions[key.slot as usize];
         // Signed by the control plane with the session: any leg's token may say it.
         s.two_way |= adm.two_way;
+        s.limits = s.limits.tighter(adm.limits);
         let slot = &mut s.legs[adm.leg.index()];
         slot.handle = Some(handle.clone());
         slot.ready = false;
@@ -885,6 +914,10 @@ impl<H: Clone> SessionTable<H> {
             reported: [0; 2],
             last_c2a: now,
             two_way: false,
+            limits: SessionLimits {
+                idle_timeout: self.rules.idle_timeout,
+                max_duration: self.rules.max_duration,
+            },
             progress_due: None,
             armed: None,
         });
@@ -933,7 +966,9 @@ impl<H: Clone> SessionTable<H> {
                 let e = Ending { codes: [Some(CloseCode::PEER_GONE); 2], ..ending };
                 return self.end(now, key, e);
             }
-            if rules.max_duration.is_some_and(|max| s.first_paired.is_some_and(|p| now >= p + max))
+            if s.limits
+                .max_duration
+                .is_some_and(|max| s.first_paired.is_some_and(|p| now >= p + max))
             {
                 let e = Ending::both(CloseReason::MaxDuration, CloseCode::MAX_DURATION);
                 return self.end(now, key, e);
@@ -954,11 +989,11 @@ impl<H: Clone> SessionTable<H> {
             return;
         };
         let first = s.first_paired.unwrap_or(paired);
-        if rules.max_duration.is_some_and(|max| now >= first + max) {
+        if s.limits.max_duration.is_some_and(|max| now >= first + max) {
             let e = Ending::both(CloseReason::MaxDuration, CloseCode::MAX_DURATION);
             return self.end(now, key, e);
         }
-        if rules.idle_timeout.is_some_and(|idle| now >= s.last_c2a + idle) {
+        if s.limits.idle_timeout.is_some_and(|idle| now >= s.last_c2a + idle) {
             let e = Ending::both(CloseReason::IdleTimeout, CloseCode::IDLE_TIMEOUT);
             return self.end(now, key, e);
         }
@@ -1065,14 +1100,14 @@ fn progress<H>(s: &mut Session<H>, now: Tick) -> Option<Action<H>> {
 fn next_deadline<H>(s: &Session<H>, rules: &Rules) -> Option<Tick> {
     if let Some((since, _)) = s.detached {
         let window = since + rules.resume_window.unwrap_or_default();
-        let max = rules.max_duration.zip(s.first_paired).map(|(d, p)| p + d);
+        let max = s.limits.max_duration.zip(s.first_paired).map(|(d, p)| p + d);
         return [Some(window), max, s.progress_due].into_iter().flatten().min();
     }
     let Some(paired) = s.paired else { return Some(s.created + rules.pair_timeout) };
     let first = s.first_paired.unwrap_or(paired);
     let mut due = [
-        rules.max_duration.map(|d| first + d),
-        rules.idle_timeout.map(|d| s.last_c2a + d),
+        s.limits.max_duration.map(|d| first + d),
+        s.limits.idle_timeout.map(|d| s.last_c2a + d),
         s.progress_due,
     ]
     .into_iter()
@@ -1150,6 +1185,21 @@ mod tests {
             resume: bool,
             two_way: bool,
         ) {
+            self.admit_terms(secs, sid, leg, jti, handle, (resume, two_way), Default::default());
+        }
+
+        /// Admits a leg whose token has these resume/two-way flags and limits.
+        #[allow(clippy::too_many_arguments)]
+        fn admit_terms(
+            &mut self,
+            secs: f64,
+            sid: &str,
+            leg: Leg,
+            jti: &str,
+            handle: u32,
+            (resume, two_way): (bool, bool),
+            limits: SessionLimits,
+        ) {
             let adm = Admit {
                 sid: sid.into(),
                 leg,
@@ -1157,6 +1207,7 @@ mod tests {
                 expires: self.at(secs) + SECS(600),
                 resume,
                 two_way,
+                limits,
             };
             self.t.handle_admit(self.at(secs), adm, handle);
         }
@@ -1334,6 +1385,53 @@ mod tests {
                 close(2, Some(CloseCode::IDLE_TIMEOUT)),
             ]
         );
+    }
+
+    /// An account's preferences, signed into its session's tokens, tighten the relay's rules
+    /// (idle 100 s, no longest session) and never loosen them.
+    #[test]
+    fn an_accounts_limits_tighten_the_relays_and_never_loosen_them() {
+        let idle = |s| SessionLimits { idle_timeout: Some(SECS(s)), max_duration: None };
+        let max = |s| SessionLimits { idle_timeout: None, max_duration: Some(SECS(s)) };
+        let cases = [
+            (idle(20), 20.0, CloseReason::IdleTimeout, CloseCode::IDLE_TIMEOUT),
+            (idle(300), 100.0, CloseReason::IdleTimeout, CloseCode::IDLE_TIMEOUT),
+            (max(30), 30.0, CloseReason::MaxDuration, CloseCode::MAX_DURATION),
+        ];
+        for (limits, at, reason, code) in cases {
+            let mut c = Case::new(rules());
+            let key = c.accept(0.0, "s", Leg::Client, "s-c", 1);
+            c.t.handle_upgraded(c.at(0.0), key, Leg::Client, true);
+            // The agent's token carries them (a client's may as well: whichever leg says).
+            c.admit_terms(0.0, "s", Leg::Agent, "s-a", 2, (false, false), limits);
+            c.t.handle_upgraded(c.at(0.0), key, Leg::Agent, true);
+            c.actions();
+            let typing = reason == CloseReason::MaxDuration;
+            let mut out = Vec::new();
+            for s in 1..=200 {
+                let s = f64::from(s);
+                out.extend(c.run_until(s));
+                if !c.t.is_live(key) {
+                    break;
+                }
+                c.t.handle_bytes(c.at(s), key, Leg::Client, u64::from(typing));
+                c.t.handle_bytes(c.at(s), key, Leg::Agent, 0);
+            }
+            let ends: Vec<_> = out
+                .into_iter()
+                .filter(|a| !matches!(a, Action::Report(Report::Progress { .. })))
+                .collect();
+            let typed = if typing { at as u64 - 1 } else { 0 };
+            assert_eq!(
+                ends,
+                [
+                    ended("s", reason, typed, 0, at as u64),
+                    close(1, Some(code)),
+                    close(2, Some(code))
+                ],
+                "{limits:?}"
+            );
+        }
     }
 
     #[test]

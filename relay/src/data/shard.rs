@@ -71,6 +71,7 @@ struct Admission {
     exp: u64,
     resume: bool,
     two_way: bool,
+    limits: crate::data::session::SessionLimits,
     accept: String,
     hatch_v1: bool,
 }
@@ -389,6 +390,10 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
         exp: claims.exp,
         resume: claims.res,
         two_way: claims.two_way,
+        limits: crate::data::session::SessionLimits {
+            idle_timeout: claims.idle.map(Duration::from_secs),
+            max_duration: claims.maxd.map(Duration::from_secs),
+        },
         accept: req.accept,
         hatch_v1: req.hatch_v1,
     };
@@ -534,6 +539,7 @@ impl<S: Stream> Shard<S> {
             jti: TokenId::of(&adm.jti),
             resume: adm.resume,
             two_way: adm.two_way,
+            limits: adm.limits,
         };
         // The 101 for this leg, should the table accept it (it answers at once, below).
         let response = upgrade::switching(&adm.accept, adm.hatch_v1);

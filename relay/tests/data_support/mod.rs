@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use hatch_proto::token::Role;
 use hatch_relay::data::{DataConfig, DataPlane, IoBackend};
 use hatch_relay::plane::{DataEvent, SessionEnd};
-use hatch_relay::token::{TokenSigner, TokenVerifier};
+use hatch_relay::token::{LegTerms, TokenSigner, TokenVerifier};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -81,7 +81,17 @@ impl Relay {
 
     /// A resume token (`res` claim) for a new leg of `sid`.
     pub fn resume_token(&self, sid: &str, role: Role) -> String {
-        self.signer.issue_with(sid, role, "i-1", "a-1", now(), true, false).unwrap().0
+        self.signer
+            .issue_with(
+                sid,
+                role,
+                "i-1",
+                "a-1",
+                now(),
+                LegTerms { resume: true, ..Default::default() },
+            )
+            .unwrap()
+            .0
     }
 
     /// The next event that is not a progress report.
