@@ -421,14 +421,21 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
         if !r.starts_with("hrn:hatch:") {
             return Err(err(field, format!("{r:?} must be \"*\" or start with \"hrn:hatch:\"")));
         }
-        if !r.contains('*') {
-            let parts: Vec<&str> = r.split(':').collect();
-            if parts.len() != 5 || !parts[4].starts_with("instance/") {
-                return Err(err(
-                    field,
-                    format!("{r:?} is not hrn:hatch:{{region}}:{{account}}:instance/{{id}}"),
-                ));
-            }
+        // Wildcards or not, the shape is checked: a misspelt part (`instanc/*`) would match
+        // nothing and allow (or deny) nothing, silently.
+        let parts: Vec<&str> = r.split(':').collect();
+        let shaped = parts.len() == 5
+            && !parts[2].is_empty()
+            && !parts[3].is_empty()
+            && (parts[4] == "*"
+                || parts[4].strip_prefix("instance/").is_some_and(|id| !id.is_empty()));
+        if !shaped {
+            return Err(err(
+                field,
+                format!(
+                    "{r:?} is not hrn:hatch:{{region}}:{{account}}:instance/{{id}} (wildcards * and ? allowed in each part)"
+                ),
+            ));
         }
     }
     let mut conditions = Vec::new();
@@ -1010,6 +1017,19 @@ mod tests {
             ),
             (
                 r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"hrn:hatch:eu:acct:host/x"}]}"#,
+                "Statement[0].Resource[0]",
+            ),
+            // A wildcard does not excuse a misspelt part.
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"hrn:hatch:eu-1:acct-1:instanc/*"}]}"#,
+                "Statement[0].Resource[0]",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":["*","hrn:hatch:*:instance/*"]}]}"#,
+                "Statement[0].Resource[1]",
+            ),
+            (
+                r#"{"Statement":[{"Effect":"Allow","Action":"*","Resource":"hrn:hatch:eu-1::instance/*"}]}"#,
                 "Statement[0].Resource[0]",
             ),
             (r#"{"Statement":[{"Effect":"Allow","Action":"*"}]}"#, "Statement[0].Resource"),
