@@ -172,6 +172,14 @@ pub struct Forward {
     /// Relay CPU (user + system) per MB carried by the throughput part (both directions),
     /// microseconds.
     pub relay_cpu_us_per_mb: Option<f64>,
+    /// The same for the simulated client (its pump, TLS, and the load test's own end of the
+    /// local connection, which writes and checks the bytes).
+    pub client_cpu_us_per_mb: Option<f64>,
+    /// The same for the simulated agent (its pump, TLS, its connection to the server).
+    pub agent_cpu_us_per_mb: Option<f64>,
+    /// The same for the client worker of the floor's transfers (writing, reading and checking
+    /// the bytes over plain TCP): what the load test itself costs per MB.
+    pub floor_client_cpu_us_per_mb: Option<f64>,
     /// Every connection asked came up and closed cleanly, every byte came back in order, and
     /// both bulk transfers were verified, through the relay and on the floor.
     pub whole: bool,
@@ -349,6 +357,12 @@ pub struct Report {
     /// Relay CPU seconds (user + system) from `go` to the end of the measurement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_cpu_s: Option<f64>,
+    /// The client workers' CPU seconds over the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cpu_s: Option<f64>,
+    /// The agent workers' CPU seconds over the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cpu_s: Option<f64>,
     /// Errors by kind, relay and floor phases together (prefixed `floor.` for the floor).
     pub errors_by_kind: Errors,
     /// Connections of the relay phase by who made them, scheme and TLS handshake kind:
@@ -557,12 +571,17 @@ fn forward_text(r: &Report, f: &Forward, s: &mut String) {
         }
     }
     let ratio = |x: Option<f64>| x.map_or("n/a".to_owned(), |x| format!("{x:.3}"));
+    let us = |x: Option<f64>| x.map_or("n/a".to_owned(), |c| format!("{c:.0} us"));
     let _ = writeln!(
         s,
-        "  throughput relay/floor: upload {}, download {}; relay CPU {} per MB carried; {}",
+        "  throughput relay/floor: upload {}, download {}; CPU per MB carried: relay {}, client \
+         {}, agent {} (floor client {}); {}",
         ratio(f.upload_ratio),
         ratio(f.download_ratio),
-        f.relay_cpu_us_per_mb.map_or("n/a".to_owned(), |c| format!("{c:.0} us")),
+        us(f.relay_cpu_us_per_mb),
+        us(f.client_cpu_us_per_mb),
+        us(f.agent_cpu_us_per_mb),
+        us(f.floor_client_cpu_us_per_mb),
         if f.whole { "every connection and byte came through" } else { "NOT WHOLE" }
     );
 }

@@ -34,6 +34,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Grace after the measurement for workers to report.
 const REPORT_GRACE: Duration = Duration::from_secs(30);
+/// How long workers may take to say they heard `end`.
+const ENDED_TIMEOUT: Duration = Duration::from_secs(5);
 /// More of it after a chaos: a session may take this long to take up its connection.
 const RESUME_GRACE: Duration = Duration::from_secs(60);
 
@@ -109,6 +111,8 @@ struct Measured {
     up_end: usize,
     /// Forward mode: streams and sessions closed, bulk transfers.
     forward: ForwardStats,
+    /// CPU seconds (user + system) of the client workers from `go` to the last `Done`.
+    cpu_s: Option<f64>,
 }
 
 impl Measured {
@@ -350,6 +354,7 @@ impl Plan<'_> {
         let label = if self.args.danger_plaintext { "floor plaintext" } else { "floor" };
         let m = pool.measure(self, label, None, None)?;
         pool.send_all("end");
+        pool.wait_ended();
         drop(server.stdin.take());
         stop_process(&mut server);
         // Reaped: its pid may belong to another process now.
@@ -464,6 +469,7 @@ impl Plan<'_> {
         }
         let mut at_go = None;
         let mut threads_at_go = None;
+        let mut agents_at_go = None;
         let mut restarted = None;
         let chaos_at = Duration::from_secs_f64(self.args.duration / 3.0);
         let mut restart = || -> anyhow::Result<()> {
@@ -484,6 +490,7 @@ impl Plan<'_> {
                 (&mut |_| {
                     at_go = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
                     threads_at_go = pid.and_then(|p| crate::proc::thread_cpu_seconds(p).ok());
+                    agents_at_go = agents.cpu_seconds();
                 }) as &mut dyn FnMut(()),
             ),
             self.args
@@ -494,9 +501,14 @@ impl Plan<'_> {
         // would mix two processes, so they are left out.
         let pid = if restarted.is_some() { None } else { pid };
         let cpu_end = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
+        report.agent_cpu_s = agents_at_go.zip(agents.cpu_seconds()).map(|(a, b)| b - a);
+        report.client_cpu_s = m.cpu_s;
         let rss_end = pid.and_then(|p| crate::proc::rss_bytes(p).ok());
         clients.send_all("end");
         agents.send_all("end");
+        // The relay's closing connections are not failures once every worker has heard `end`.
+        clients.wait_ended();
+        agents.wait_ended();
         if let Some(mut r) = relay.take() {
             stop_process(&mut r);
             // Reaped: its pid may belong to another process now.
@@ -832,10 +844,33 @@ impl Pool {
         Ok(())
     }
 
+    /// CPU seconds (user + system) of all the workers so far, if every one could be read.
+    fn cpu_seconds(&self) -> Option<f64> {
+        self.children.iter().map(|c| crate::proc::cpu_seconds(c.id()).ok()).sum()
+    }
+
     fn send_all(&mut self, line: &str) {
         for s in self.stdins.iter_mut().flatten() {
             let _ = writeln!(s, "{line}");
             let _ = s.flush();
+        }
+    }
+
+    /// Waits (bounded) until every worker has said it heard `end`; events meanwhile are
+    /// dropped (after their `Done`, workers send only progress until they stop).
+    fn wait_ended(&mut self) {
+        let deadline = Instant::now() + ENDED_TIMEOUT;
+        let mut ended = vec![false; self.len()];
+        while ended.iter().any(|e| !e) {
+            match self.poll(deadline) {
+                Ok(Some((i, Event::Ended))) => {
+                    if let Some(e) = ended.get_mut(i) {
+                        *e = true;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
         }
     }
 
@@ -883,6 +918,7 @@ impl Pool {
             stream: StreamStats::default(),
             up_end: 0,
             forward: ForwardStats::default(),
+            cpu_s: None,
         };
         let mut ups = vec![0usize; n];
         let mut interval = new_hist();
@@ -934,6 +970,7 @@ impl Pool {
         if let Some(f) = at_go.as_mut() {
             f(());
         }
+        let cpu_go = self.cpu_seconds();
         self.send_all("go");
         let go = Instant::now();
         let grace = if mid.is_some() { REPORT_GRACE + RESUME_GRACE } else { REPORT_GRACE };
@@ -974,6 +1011,7 @@ impl Pool {
             eprintln!("[{label}] {} sessions failed during the measurement", m.up - up_end);
         }
         m.up_end = up_end;
+        m.cpu_s = cpu_go.zip(self.cpu_seconds()).map(|(a, b)| b - a);
         Ok(m)
     }
 

@@ -137,10 +137,11 @@ impl Shared {
         self.msgs.set(self.msgs.get() + 1);
     }
 
-    /// Marks the run ended once the parent says `end` (or stops us).
+    /// Marks the run ended once the parent says `end` (or stops us), and tells the parent.
     async fn watch_end(self: Rc<Self>, mut ctl: watch::Receiver<Ctl>) {
         let _ = ctl.wait_for(|c| *c >= Ctl::End).await;
         self.ended.set(true);
+        emit(&Event::Ended);
     }
 
     /// Emits a progress event every second until the run ends.

@@ -233,6 +233,8 @@ pub enum Event {
         #[serde(default)]
         forward: Box<ForwardStats>,
     },
+    /// The worker heard `end`: from now on it counts no failure, so the relay may be stopped.
+    Ended,
     /// The worker could not run at all.
     Fatal {
         /// Why.

@@ -160,6 +160,19 @@ fn side_whole(s: &Side, connections: usize, sessions: Option<usize>) -> bool {
         && verified(&f.stats.download)
 }
 
+/// Bytes both bulk transfers of a side carried.
+fn carried(f: Option<&report::ForwardSide>) -> u64 {
+    f.map_or(0, |f| {
+        f.stats.upload.as_ref().map_or(0, |b| b.bytes)
+            + f.stats.download.as_ref().map_or(0, |b| b.bytes)
+    })
+}
+
+/// CPU seconds over `bytes`, in microseconds per MB.
+fn per_mb(cpu_s: Option<f64>, bytes: u64) -> Option<f64> {
+    cpu_s.filter(|_| bytes > 0).map(|c| c / (bytes as f64 / 1e6) * 1e6)
+}
+
 fn compose(
     base: Report,
     latency: &Plan<'_>,
@@ -169,6 +182,8 @@ fn compose(
     let connections = latency.fwd.as_ref().map_or(0, |f| f.connections_total);
     let link_window = latency.fwd.as_ref().map_or(0, |f| f.link_window);
     let mut errors = Errors::new();
+    let floor_cpu =
+        floor.as_ref().and_then(|(_, thr)| per_mb(thr.cpu_s, carried(Some(&thr.forward_side()))));
     let floor_side = floor.map(|(lat, thr)| {
         let side = |m: &Measured| {
             let mut s = Side::of(&m.rtt, m.errors.values().sum(), m.up);
@@ -188,15 +203,13 @@ fn compose(
                 *lat.connections.entry(format!("latency.{k}")).or_default() += v;
             }
             prefixed(&mut lat.connections, "throughput.", &thr.connections);
-            let carried = thr.relay.as_ref().and_then(|s| s.forward.as_ref()).map(|f| {
-                f.stats.upload.as_ref().map_or(0, |b| b.bytes)
-                    + f.stats.download.as_ref().map_or(0, |b| b.bytes)
+            let carried = carried(thr.relay.as_ref().and_then(|s| s.forward.as_ref()));
+            lat.forward = Some(Forward {
+                relay_cpu_us_per_mb: per_mb(thr.relay_cpu_s, carried),
+                client_cpu_us_per_mb: per_mb(thr.client_cpu_s, carried),
+                agent_cpu_us_per_mb: per_mb(thr.agent_cpu_s, carried),
+                ..Forward::default()
             });
-            let cpu = match (thr.relay_cpu_s, carried) {
-                (Some(c), Some(b)) if b > 0 => Some(c / (b as f64 / 1e6) * 1e6),
-                _ => None,
-            };
-            lat.forward = Some(Forward { relay_cpu_us_per_mb: cpu, ..Forward::default() });
             lat
         }
         None => {
@@ -231,6 +244,7 @@ fn compose(
             link_window_bytes: link_window,
             upload_ratio,
             download_ratio,
+            floor_client_cpu_us_per_mb: floor_cpu,
             whole,
             ..f.clone()
         };
