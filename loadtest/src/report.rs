@@ -177,6 +177,11 @@ pub struct Forward {
     pub client_cpu_us_per_mb: Option<f64>,
     /// The same for the simulated agent (its pump, TLS, its connection to the server).
     pub agent_cpu_us_per_mb: Option<f64>,
+    /// Latency part: the client workers' CPU per round trip, microseconds (their pumps, TLS,
+    /// and the load test's own ends of the local connections).
+    pub client_cpu_us_per_round_trip: Option<f64>,
+    /// Latency part: the agent workers' CPU per round trip, microseconds.
+    pub agent_cpu_us_per_round_trip: Option<f64>,
     /// The same for the client worker of the floor's transfers (writing, reading and checking
     /// the bytes over plain TCP): what the load test itself costs per MB.
     pub floor_client_cpu_us_per_mb: Option<f64>,
@@ -571,7 +576,13 @@ fn forward_text(r: &Report, f: &Forward, s: &mut String) {
         }
     }
     let ratio = |x: Option<f64>| x.map_or("n/a".to_owned(), |x| format!("{x:.3}"));
-    let us = |x: Option<f64>| x.map_or("n/a".to_owned(), |c| format!("{c:.0} us"));
+    let us = |x: Option<f64>| x.map_or("n/a".to_owned(), |c| format!("{c:.1} us"));
+    let _ = writeln!(
+        s,
+        "  CPU per round trip: client workers {}, agent workers {}",
+        us(f.client_cpu_us_per_round_trip),
+        us(f.agent_cpu_us_per_round_trip)
+    );
     let _ = writeln!(
         s,
         "  throughput relay/floor: upload {}, download {}; CPU per MB carried: relay {}, client \

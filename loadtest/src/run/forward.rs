@@ -204,7 +204,11 @@ fn compose(
             }
             prefixed(&mut lat.connections, "throughput.", &thr.connections);
             let carried = carried(thr.relay.as_ref().and_then(|s| s.forward.as_ref()));
+            let rts = lat.relay.as_ref().map_or(0, |s| s.count);
+            let per_rt = |c: Option<f64>| c.filter(|_| rts > 0).map(|c| c / rts as f64 * 1e6);
             lat.forward = Some(Forward {
+                client_cpu_us_per_round_trip: per_rt(lat.client_cpu_s),
+                agent_cpu_us_per_round_trip: per_rt(lat.agent_cpu_s),
                 relay_cpu_us_per_mb: per_mb(thr.relay_cpu_s, carried),
                 client_cpu_us_per_mb: per_mb(thr.client_cpu_s, carried),
                 agent_cpu_us_per_mb: per_mb(thr.agent_cpu_s, carried),
