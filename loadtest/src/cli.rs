@@ -47,9 +47,19 @@ impl Chaos {
 /// Options of a load-test run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Concurrent sessions to hold (capped by the open-file limit; the report says so).
+    /// Concurrent sessions to hold (capped by the open-file limit; the report says so). Default
+    /// 1,000; in forward mode, one port session per 100 `--connections`.
+    #[arg(long)]
+    pub sessions: Option<usize>,
+    /// Forward mode: forwarded TCP connections carrying small messages, spread evenly over the
+    /// `--sessions` port sessions.
     #[arg(long, default_value_t = 1000)]
-    pub sessions: usize,
+    pub connections: usize,
+    /// Forward mode: the session window of both ends' `hatch.v1` offsets (bytes in flight per
+    /// direction, `hatch_proto::resume::LinkConfig::window`), in KiB. Default: the window
+    /// `hatch` and `hatch-agent` use (2 MiB).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(64..=262_144))]
+    pub link_window_kib: Option<u32>,
     /// Simulated agents (instances) the sessions are spread over.
     #[arg(long, default_value_t = 100)]
     pub instances: usize,
@@ -147,6 +157,12 @@ pub enum Mode {
     Pty,
     /// Clients push bulk DATA with a window of messages in flight; reports MB/s per session.
     Throughput,
+    /// Port forwarding (`hatch port-forward`): TCP connections through port sessions, the
+    /// `hatch-forward` pump on both ends, to a loopback TCP server the run starts. Measures the
+    /// round trips of `--connections` connections carrying `--payload` bytes at `--rate`, and
+    /// the throughput of one bulk connection each way, both against the same connections made
+    /// straight to the server over loopback TCP.
+    Forward,
 }
 
 /// Relay I/O backend.
@@ -194,6 +210,10 @@ pub enum Command {
         #[arg(long)]
         acks: bool,
     },
+    /// Run forward mode's loopback TCP server (echo, sink, source); prints `listening <addr>`
+    /// on stdout, stops at stdin EOF.
+    #[command(hide = true)]
+    ForwardServer,
     /// Run the relay (`hatch_relay::cli::run`) in this process with the given arguments.
     #[command(hide = true)]
     RelayProcess {
@@ -210,6 +230,7 @@ pub fn main(args: Args) -> ExitCode {
         Some(Command::FloorProcess { cert, key, threads, danger_plaintext, acks }) => {
             crate::floor::process_main(&cert, &key, threads, danger_plaintext, acks)
         }
+        Some(Command::ForwardServer) => crate::tcp::process_main(),
         Some(Command::RelayProcess { args }) => crate::run::relay_process_main(args),
         None => crate::run::main(args.run),
     }

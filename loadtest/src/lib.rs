@@ -25,6 +25,8 @@
 //! - [`worker`]: the worker process and its line protocol with the parent.
 //! - [`report`]: histograms, the text and JSON reports, the baseline comparison.
 //! - [`pty`]: the `--mode pty` agent session (`cat` in a raw PTY).
+//! - [`tcp`]: `--mode forward`'s loopback TCP server (echo, sink, source) and its byte pattern;
+//!   the forwarding clients and agents are in `sim::forward`, the phases in `run::forward`.
 //! - [`proc`]: `/proc` readings (RSS, CPU time) and the open-file limit.
 
 #![deny(unsafe_code)]
@@ -38,4 +40,5 @@ pub mod pty;
 pub mod report;
 pub mod run;
 pub mod sim;
+pub mod tcp;
 pub mod worker;

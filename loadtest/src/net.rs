@@ -42,6 +42,30 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(1 << 20))
 }
 
+/// The WebSocket settings of `hatch`'s data leg (`hatch_client::stream::connect`):
+/// tungstenite's default buffers, [`hatch_client::stream::MAX_MESSAGE`] inbound, 1 MiB of
+/// unsent bytes at most. Forward mode's clients dial with them, so that the pump runs over the
+/// leg `hatch port-forward` has.
+pub fn client_leg_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(hatch_client::stream::MAX_MESSAGE))
+        .max_frame_size(Some(hatch_client::stream::MAX_MESSAGE))
+        .max_write_buffer_size(1 << 20)
+}
+
+/// The WebSocket settings of `hatch-agent`'s data leg (`leg_config` in `agent/src/session.rs`):
+/// read and write buffers of one DATA message and a frame header, four messages of unsent
+/// bytes at most, 1 MiB inbound. Forward mode's agents dial with them.
+pub fn agent_leg_config() -> WebSocketConfig {
+    let one = hatch_agent::session::MAX_DATA + 64;
+    WebSocketConfig::default()
+        .read_buffer_size(one)
+        .write_buffer_size(one)
+        .max_write_buffer_size(4 * hatch_agent::session::MAX_DATA)
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20))
+}
+
 /// A failure with the kind it is counted under in the report.
 #[derive(Debug)]
 pub struct Failure {
@@ -192,6 +216,18 @@ impl Dialer {
         n: usize,
         hatch_v1: bool,
     ) -> Result<Ws, Failure> {
+        self.ws_configured(url, token, n, hatch_v1, ws_config()).await
+    }
+
+    /// [`Dialer::ws_with`] with these WebSocket settings.
+    pub async fn ws_configured(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        n: usize,
+        hatch_v1: bool,
+        config: WebSocketConfig,
+    ) -> Result<Ws, Failure> {
         let mut req = url.into_client_request().map_err(|e| Failure::new("bad_url", e))?;
         if hatch_v1 {
             req.headers_mut()
@@ -204,7 +240,7 @@ impl Dialer {
         }
         let uri = req.uri().clone();
         let conn = self.connect(&uri, n).await?;
-        let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, conn, Some(ws_config()))
+        let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, conn, Some(config))
             .await
             .map_err(|e| {
                 use tokio_tungstenite::tungstenite::Error;

@@ -90,6 +90,106 @@ impl StreamStats {
     }
 }
 
+/// One bulk transfer through one forwarded connection (or straight to the server), checked
+/// byte by byte against the pattern it carries (`tcp::Pattern`) and by the count its far end
+/// reports.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Bulk {
+    /// Bytes that arrived, checked.
+    pub bytes: u64,
+    /// From the first byte sent (or the request) to the far end's count after the last byte.
+    pub seconds: f64,
+    /// `bytes / seconds / 1e6`.
+    pub mb_s: f64,
+    /// Bytes not in their place in the pattern.
+    pub bad_bytes: u64,
+    /// Whether the count the far end reported equals the bytes sent and no byte was out of
+    /// place.
+    pub verified: bool,
+}
+
+/// Forward mode's figures of one worker (or merged over workers).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ForwardStats {
+    /// Connections whose both directions ended with FIN after the measurement, every byte of
+    /// the echo back.
+    pub streams_closed: usize,
+    /// Port sessions the client ended with close 1000 once all their streams had ended (the
+    /// pump's `End::Done`); none on the floor.
+    pub sessions_closed: usize,
+    /// Client → server transfer (throughput part).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<Bulk>,
+    /// Server → client transfer (throughput part).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<Bulk>,
+}
+
+impl ForwardStats {
+    /// Adds another worker's figures (a bulk transfer is run by one worker).
+    pub fn merge(&mut self, o: &ForwardStats) {
+        self.streams_closed += o.streams_closed;
+        self.sessions_closed += o.sessions_closed;
+        if o.upload.is_some() {
+            self.upload.clone_from(&o.upload);
+        }
+        if o.download.is_some() {
+            self.download.clone_from(&o.download);
+        }
+    }
+}
+
+/// Forward mode's figures of one side (relay or floor), next to its latency figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ForwardSide {
+    /// Payload bytes sent by the measured messages.
+    pub bytes_sent: u64,
+    /// Of them, echoed back.
+    pub bytes_echoed: u64,
+    /// Echoed bytes that were not the next byte sent.
+    pub bytes_out_of_order: u64,
+    /// How the streams and sessions ended; the bulk transfers.
+    #[serde(flatten)]
+    pub stats: ForwardStats,
+}
+
+/// Forward mode's summary: what was run and how the relay compares with direct TCP.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Forward {
+    /// Forwarded connections of the latency part.
+    pub connections: usize,
+    /// Port sessions they were spread over.
+    pub sessions: usize,
+    /// The floor: `tcp`, the same connections straight to the same server over loopback TCP
+    /// (no TLS, no WebSocket, no session).
+    pub floor: String,
+    /// The session window of both pumps, bytes.
+    pub link_window_bytes: usize,
+    /// relay upload MB/s / floor upload MB/s.
+    pub upload_ratio: Option<f64>,
+    /// relay download MB/s / floor download MB/s.
+    pub download_ratio: Option<f64>,
+    /// Relay CPU (user + system) per MB carried by the throughput part (both directions),
+    /// microseconds.
+    pub relay_cpu_us_per_mb: Option<f64>,
+    /// The same for the simulated client (its pump, TLS, and the load test's own end of the
+    /// local connection, which writes and checks the bytes).
+    pub client_cpu_us_per_mb: Option<f64>,
+    /// The same for the simulated agent (its pump, TLS, its connection to the server).
+    pub agent_cpu_us_per_mb: Option<f64>,
+    /// Latency part: the client workers' CPU per round trip, microseconds (their pumps, TLS,
+    /// and the load test's own ends of the local connections).
+    pub client_cpu_us_per_round_trip: Option<f64>,
+    /// Latency part: the agent workers' CPU per round trip, microseconds.
+    pub agent_cpu_us_per_round_trip: Option<f64>,
+    /// The same for the client worker of the floor's transfers (writing, reading and checking
+    /// the bytes over plain TCP): what the load test itself costs per MB.
+    pub floor_client_cpu_us_per_mb: Option<f64>,
+    /// Every connection asked came up and closed cleanly, every byte came back in order, and
+    /// both bulk transfers were verified, through the relay and on the floor.
+    pub whole: bool,
+}
+
 /// What a `--chaos` run did to the sessions and how they came through.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Chaos {
@@ -160,6 +260,10 @@ pub struct Side {
     /// Echoed payload per session, MB/s (throughput mode only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub throughput_mb_s_per_session: Option<f64>,
+    /// Forward mode: bytes, how streams ended, bulk transfers. `sessions_up` counts
+    /// connections then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<ForwardSide>,
 }
 
 impl Side {
@@ -175,6 +279,7 @@ impl Side {
             errors,
             sessions_up,
             throughput_mb_s_per_session: None,
+            forward: None,
         }
     }
 }
@@ -254,6 +359,15 @@ pub struct Report {
     /// Relay CPU microseconds per round trip (two relayed messages).
     #[serde(default)]
     pub cpu_us_per_round_trip: Option<f64>,
+    /// Relay CPU seconds (user + system) from `go` to the end of the measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_cpu_s: Option<f64>,
+    /// The client workers' CPU seconds over the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cpu_s: Option<f64>,
+    /// The agent workers' CPU seconds over the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cpu_s: Option<f64>,
     /// Errors by kind, relay and floor phases together (prefixed `floor.` for the floor).
     pub errors_by_kind: Errors,
     /// Connections of the relay phase by who made them, scheme and TLS handshake kind:
@@ -263,6 +377,9 @@ pub struct Report {
     pub connections: Errors,
     /// Open-file limit, worker counts and cap.
     pub limits: Limits,
+    /// Forward mode's summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<Forward>,
     /// What `--chaos` did and how the sessions came through it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chaos: Option<Chaos>,
@@ -331,6 +448,9 @@ impl Report {
             }
             if let Some(ratio) = r.p99_ratio {
                 let _ = writeln!(s, "  p99 ratio relay/floor: {ratio:.2}");
+            }
+            if let Some(f) = &r.forward {
+                forward_text(r, f, s);
             }
             let _ = writeln!(
                 s,
@@ -407,6 +527,74 @@ impl Report {
         }
         s
     }
+}
+
+/// Forward mode's lines of the text report.
+fn forward_text(r: &Report, f: &Forward, s: &mut String) {
+    let _ = writeln!(
+        s,
+        "  forward: {} connections over {} port sessions ({:.0} per session), session window {} \
+         KiB; floor = the same connections straight to the same TCP server (plain loopback TCP: \
+         no TLS, no WebSocket)",
+        f.connections,
+        f.sessions,
+        f.connections as f64 / f.sessions.max(1) as f64,
+        f.link_window_bytes / 1024
+    );
+    for (name, side) in [("relay", &r.relay), ("floor", &r.floor)] {
+        let Some(fs) = side.as_ref().and_then(|x| x.forward.as_ref()) else { continue };
+        let _ = writeln!(
+            s,
+            "  {name}: {} of {} echoed bytes back, {} out of order; {} streams and {} sessions \
+             closed cleanly",
+            fs.bytes_echoed,
+            fs.bytes_sent,
+            fs.bytes_out_of_order,
+            fs.stats.streams_closed,
+            fs.stats.sessions_closed
+        );
+        for (dir, b) in [("upload", &fs.stats.upload), ("download", &fs.stats.download)] {
+            match b {
+                Some(b) => {
+                    let _ = writeln!(
+                        s,
+                        "  {name} {dir:<8}: {:>9.1} MB/s, one connection, {} bytes in {:.2} s, {}",
+                        b.mb_s,
+                        b.bytes,
+                        b.seconds,
+                        if b.verified {
+                            "verified".to_owned()
+                        } else {
+                            format!("NOT VERIFIED ({} bytes out of place)", b.bad_bytes)
+                        }
+                    );
+                }
+                None => {
+                    let _ = writeln!(s, "  {name} {dir:<8}: not measured");
+                }
+            }
+        }
+    }
+    let ratio = |x: Option<f64>| x.map_or("n/a".to_owned(), |x| format!("{x:.3}"));
+    let us = |x: Option<f64>| x.map_or("n/a".to_owned(), |c| format!("{c:.1} us"));
+    let _ = writeln!(
+        s,
+        "  CPU per round trip: client workers {}, agent workers {}",
+        us(f.client_cpu_us_per_round_trip),
+        us(f.agent_cpu_us_per_round_trip)
+    );
+    let _ = writeln!(
+        s,
+        "  throughput relay/floor: upload {}, download {}; CPU per MB carried: relay {}, client \
+         {}, agent {} (floor client {}); {}",
+        ratio(f.upload_ratio),
+        ratio(f.download_ratio),
+        us(f.relay_cpu_us_per_mb),
+        us(f.client_cpu_us_per_mb),
+        us(f.agent_cpu_us_per_mb),
+        us(f.floor_client_cpu_us_per_mb),
+        if f.whole { "every connection and byte came through" } else { "NOT WHOLE" }
+    );
 }
 
 /// The committed baseline (`bench/baseline.json`).

@@ -20,8 +20,11 @@ use hatch_relay::dev::DevInfo;
 
 use crate::cli::{Io, Mode, RunArgs};
 use crate::proc::FD_RESERVE;
+use crate::report::ForwardStats;
 use crate::report::{self, Chaos, Errors, Limits, Report, Setup, Side, StreamStats, new_hist};
-use crate::worker::{AgentSpec, ClientSpec, Event, Spec, Target};
+use crate::worker::{AgentSpec, ClientSpec, Event, ForwardSpec, Spec, Target};
+
+mod forward;
 
 /// API connections a client worker may have open during setup, on top of its sessions.
 const SETUP_CONCURRENCY: usize = 128;
@@ -31,6 +34,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Grace after the measurement for workers to report.
 const REPORT_GRACE: Duration = Duration::from_secs(30);
+/// How long workers may take to say they heard `end`.
+const ENDED_TIMEOUT: Duration = Duration::from_secs(5);
 /// More of it after a chaos: a session may take this long to take up its connection.
 const RESUME_GRACE: Duration = Duration::from_secs(60);
 
@@ -45,6 +50,13 @@ pub fn main(args: RunArgs) -> ExitCode {
                 }
             } else {
                 print!("{}", report.text());
+            }
+            if report.forward.as_ref().is_some_and(|f| !f.whole) {
+                eprintln!(
+                    "hatch-loadtest: FAIL: not every forwarded connection came up and closed \
+                     cleanly with every byte back, or a bulk transfer was not verified"
+                );
+                return ExitCode::FAILURE;
             }
             let broken: Vec<&Report> = std::iter::once(&report)
                 .chain(report.other_io.as_deref())
@@ -97,6 +109,22 @@ struct Measured {
     stream: StreamStats,
     /// Sessions still up when the measurement ended.
     up_end: usize,
+    /// Forward mode: streams and sessions closed, bulk transfers.
+    forward: ForwardStats,
+    /// CPU seconds (user + system) of the client workers from `go` to the last `Done`.
+    cpu_s: Option<f64>,
+}
+
+impl Measured {
+    /// Forward mode's figures of this side.
+    fn forward_side(&self) -> crate::report::ForwardSide {
+        crate::report::ForwardSide {
+            bytes_sent: self.stream.bytes_sent,
+            bytes_echoed: self.stream.bytes_echoed,
+            bytes_out_of_order: self.stream.bytes_out_of_order,
+            stats: self.forward.clone(),
+        }
+    }
 }
 
 /// Runs the whole load test and returns its report.
@@ -105,7 +133,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let shards =
         args.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let payload = args.payload.unwrap_or(if args.mode == Mode::Throughput { 16384 } else { 16 });
-    anyhow::ensure!(args.sessions > 0, "--sessions must be at least 1");
+    let forward = args.mode == Mode::Forward;
+    let asked = args.sessions.unwrap_or(if forward {
+        args.connections.div_ceil(forward::CONNECTIONS_PER_SESSION)
+    } else {
+        1000
+    });
+    anyhow::ensure!(asked > 0, "--sessions must be at least 1");
     anyhow::ensure!(args.rate > 0.0 && args.ramp > 0.0, "--rate and --ramp must be positive");
     anyhow::ensure!(args.duration > 0.0, "--duration must be positive");
     anyhow::ensure!((1..=1 << 20).contains(&payload), "--payload must be 1 B to 1 MiB");
@@ -123,7 +157,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(per_proc > 100, "open-file limit {nofile} is too low for a load test");
     // The relay holds two connections per session plus one control channel per agent.
     let relay_max = (nofile.saturating_sub(FD_RESERVE) as usize).saturating_sub(args.instances) / 2;
-    let mut sessions = args.sessions;
+    let mut sessions = asked;
     let mut capped_by = None;
     if !args.skip_relay && args.api.is_none() && sessions > relay_max {
         capped_by = Some(format!(
@@ -143,10 +177,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         capped_by,
     };
     if let Some(c) = &limits.capped_by {
-        eprintln!(
-            "hatch-loadtest: {} sessions asked, running {sessions}: capped by {c}",
-            args.sessions
-        );
+        eprintln!("hatch-loadtest: {} sessions asked, running {sessions}: capped by {c}", asked);
     }
     let tmp;
     let work: PathBuf = match &args.work_dir {
@@ -161,7 +192,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     };
     let base = Report {
         sessions,
-        sessions_requested: args.sessions,
+        sessions_requested: asked,
         duration_s: args.duration,
         mode: format!("{:?}", args.mode).to_lowercase(),
         io: String::new(),
@@ -172,7 +203,21 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         limits,
         ..Report::default()
     };
-    let plan = Plan { args, sessions, payload, client_workers, agent_workers, shards, work };
+    let plan = Plan {
+        args,
+        sessions,
+        payload,
+        client_workers,
+        agent_workers,
+        shards,
+        work,
+        fwd: None,
+        measure_s: args.duration,
+        instances: args.instances,
+    };
+    if forward {
+        return forward::run(plan, base, per_proc);
+    }
 
     let mut floor_side = None;
     let mut floor_errors = Errors::new();
@@ -212,6 +257,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     Ok(first)
 }
 
+#[derive(Clone)]
 struct Plan<'a> {
     args: &'a RunArgs,
     sessions: usize,
@@ -220,12 +266,27 @@ struct Plan<'a> {
     agent_workers: usize,
     shards: usize,
     work: PathBuf,
+    /// Forward mode: the part run and where its connections go.
+    fwd: Option<ForwardSpec>,
+    /// How long the clients measure after `go`, seconds.
+    measure_s: f64,
+    /// Simulated agents.
+    instances: usize,
 }
 
 impl Plan<'_> {
+    /// What the clients set up one by one: connections in forward mode's latency part, else
+    /// sessions.
+    fn units(&self) -> usize {
+        match &self.fwd {
+            Some(f) if f.part == crate::worker::ForwardPart::Latency => f.connections_total,
+            _ => self.sessions,
+        }
+    }
+
     fn lifetime_s(&self) -> f64 {
         // Setup at the ramp, the measurement, and generous margins; a worker never outlives it.
-        self.sessions as f64 / self.args.ramp + self.args.duration + 600.0
+        self.units() as f64 / self.args.ramp + self.measure_s + 600.0
     }
 
     fn throughput(&self, m: &Measured) -> Option<f64> {
@@ -242,6 +303,7 @@ impl Plan<'_> {
                 let count = self.sessions / n + usize::from(w < self.sessions % n);
                 let spec = Spec::Clients(ClientSpec {
                     target: target.clone(),
+                    forward: self.fwd.clone(),
                     sessions: count,
                     first,
                     ramp: self.args.ramp / n as f64,
@@ -282,15 +344,7 @@ impl Plan<'_> {
             .spawn()
             .context("starting the floor echo server")?;
         let mut guard = KillOnDrop(Some(server.id()));
-        let out = server.stdout.take().context("echo server stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(START_TIMEOUT).context("echo server did not start")?;
-        let addr = line.trim().strip_prefix("listening ").context("echo server did not start")?;
+        let addr = listening(&mut server, "echo server")?;
         let scheme = if self.args.danger_plaintext { "ws" } else { "wss" };
         let url = format!("{scheme}://{addr}/echo");
         let mut pool = Pool::default();
@@ -300,6 +354,7 @@ impl Plan<'_> {
         let label = if self.args.danger_plaintext { "floor plaintext" } else { "floor" };
         let m = pool.measure(self, label, None, None)?;
         pool.send_all("end");
+        pool.wait_ended();
         drop(server.stdin.take());
         stop_process(&mut server);
         // Reaped: its pid may belong to another process now.
@@ -346,13 +401,18 @@ impl Plan<'_> {
         };
         let mut guard = KillOnDrop(relay.as_ref().map(|c| c.id()));
         let pid = relay.as_ref().map(|c| c.id());
-        let label = format!("relay {} {}", report.io, report.transport);
+        let label = match &self.fwd {
+            Some(f) => {
+                format!("relay {} {} forward {}", report.io, report.transport, f.part.as_str())
+            }
+            None => format!("relay {} {}", report.io, report.transport),
+        };
 
         // Agents first: every instance online before the first session is started.
         let mut agents = Pool::default();
         let n = self.agent_workers.max(1);
         for w in 0..n {
-            let count = self.args.instances / n + usize::from(w < self.args.instances % n);
+            let count = self.instances / n + usize::from(w < self.instances % n);
             let spec = Spec::Agents(AgentSpec {
                 api_url: info.api_url.clone(),
                 ca_file: PathBuf::from(&info.ca_file),
@@ -364,13 +424,16 @@ impl Plan<'_> {
                 danger_plaintext: self.args.danger_plaintext,
                 acks: self.args.acks == crate::cli::Acks::On,
                 resume: self.args.chaos.is_some(),
+                link_window: self.fwd.as_ref().map_or_else(
+                    || hatch_proto::resume::LinkConfig::default().window,
+                    |f| f.link_window,
+                ),
                 lifetime_s: self.lifetime_s(),
             });
             agents.spawn(&exe, &spec)?;
         }
-        let deadline = Instant::now()
-            + REGISTER_TIMEOUT
-            + Duration::from_secs((self.args.instances / 50) as u64);
+        let deadline =
+            Instant::now() + REGISTER_TIMEOUT + Duration::from_secs((self.instances / 50) as u64);
         let mut instances = Vec::new();
         let mut errors = Errors::new();
         let mut registered = 0;
@@ -406,6 +469,7 @@ impl Plan<'_> {
         }
         let mut at_go = None;
         let mut threads_at_go = None;
+        let mut agents_at_go = None;
         let mut restarted = None;
         let chaos_at = Duration::from_secs_f64(self.args.duration / 3.0);
         let mut restart = || -> anyhow::Result<()> {
@@ -426,6 +490,7 @@ impl Plan<'_> {
                 (&mut |_| {
                     at_go = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
                     threads_at_go = pid.and_then(|p| crate::proc::thread_cpu_seconds(p).ok());
+                    agents_at_go = agents.cpu_seconds();
                 }) as &mut dyn FnMut(()),
             ),
             self.args
@@ -436,9 +501,14 @@ impl Plan<'_> {
         // would mix two processes, so they are left out.
         let pid = if restarted.is_some() { None } else { pid };
         let cpu_end = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
+        report.agent_cpu_s = agents_at_go.zip(agents.cpu_seconds()).map(|(a, b)| b - a);
+        report.client_cpu_s = m.cpu_s;
         let rss_end = pid.and_then(|p| crate::proc::rss_bytes(p).ok());
         clients.send_all("end");
         agents.send_all("end");
+        // The relay's closing connections are not failures once every worker has heard `end`.
+        clients.wait_ended();
+        agents.wait_ended();
         if let Some(mut r) = relay.take() {
             stop_process(&mut r);
             // Reaped: its pid may belong to another process now.
@@ -460,6 +530,7 @@ impl Plan<'_> {
 
         let mut side = Side::of(&m.rtt, m.errors.values().sum(), m.up);
         side.throughput_mb_s_per_session = self.throughput(&m);
+        side.forward = self.fwd.as_ref().map(|_| m.forward_side());
         // The relay does nothing but set up sessions between the clients' start and `go` (the
         // agents' heartbeats aside), so its CPU over that time, per session up, is a setup's.
         let per_setup = |a: f64, b: f64| (m.up > 0).then(|| (b - a) / m.up as f64 * 1e6);
@@ -491,6 +562,10 @@ impl Plan<'_> {
             _ => None,
         };
         report.cpu_us_per_round_trip = report.cpu_s_per_million_msgs.map(|c| 2.0 * c);
+        report.relay_cpu_s = match (at_go, cpu_end) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
         if let Some(chaos) = self.args.chaos {
             let mut h = new_hist();
             m.stream.resume_time.add_to(&mut h);
@@ -660,6 +735,21 @@ fn relay_args(dir: &Path, io: Option<Io>, shards: usize, danger_plaintext: bool)
     args
 }
 
+/// The address a server process we started prints (`listening <addr>`), within
+/// [`START_TIMEOUT`].
+fn listening(server: &mut Child, what: &str) -> anyhow::Result<String> {
+    let out = server.stdout.take().with_context(|| format!("{what} stdout"))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(START_TIMEOUT).with_context(|| format!("{what} did not start"))?;
+    let addr = line.trim().strip_prefix("listening ");
+    Ok(addr.with_context(|| format!("{what} did not start"))?.to_owned())
+}
+
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -754,10 +844,33 @@ impl Pool {
         Ok(())
     }
 
+    /// CPU seconds (user + system) of all the workers so far, if every one could be read.
+    fn cpu_seconds(&self) -> Option<f64> {
+        self.children.iter().map(|c| crate::proc::cpu_seconds(c.id()).ok()).sum()
+    }
+
     fn send_all(&mut self, line: &str) {
         for s in self.stdins.iter_mut().flatten() {
             let _ = writeln!(s, "{line}");
             let _ = s.flush();
+        }
+    }
+
+    /// Waits (bounded) until every worker has said it heard `end`; events meanwhile are
+    /// dropped (after their `Done`, workers send only progress until they stop).
+    fn wait_ended(&mut self) {
+        let deadline = Instant::now() + ENDED_TIMEOUT;
+        let mut ended = vec![false; self.len()];
+        while ended.iter().any(|e| !e) {
+            match self.poll(deadline) {
+                Ok(Some((i, Event::Ended))) => {
+                    if let Some(e) = ended.get_mut(i) {
+                        *e = true;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
         }
     }
 
@@ -804,6 +917,8 @@ impl Pool {
             connections: Errors::new(),
             stream: StreamStats::default(),
             up_end: 0,
+            forward: ForwardStats::default(),
+            cpu_s: None,
         };
         let mut ups = vec![0usize; n];
         let mut interval = new_hist();
@@ -817,9 +932,10 @@ impl Pool {
                 let secs = last_print.elapsed().as_secs_f64();
                 last_print = Instant::now();
                 eprintln!(
-                    "[{label}] {phase}: sessions up {}/{}, {:.0} msgs/s, p99 {} us",
+                    "[{label}] {phase}: {} up {}/{}, {:.0} msgs/s, p99 {} us",
+                    if plan.fwd.is_some() { "connections" } else { "sessions" },
                     ups.iter().sum::<usize>(),
-                    plan.sessions,
+                    plan.units(),
                     *msgs as f64 / secs,
                     interval.value_at_quantile(0.99)
                 );
@@ -827,7 +943,7 @@ impl Pool {
                 *msgs = 0;
             };
         let setup_deadline = Instant::now()
-            + crate::sim::setup_allowance(plan.sessions, args.ramp)
+            + crate::sim::setup_allowance(plan.units(), args.ramp)
             + Duration::from_secs(120);
         let mut ready = 0;
         while ready < n {
@@ -854,10 +970,11 @@ impl Pool {
         if let Some(f) = at_go.as_mut() {
             f(());
         }
+        let cpu_go = self.cpu_seconds();
         self.send_all("go");
         let go = Instant::now();
         let grace = if mid.is_some() { REPORT_GRACE + RESUME_GRACE } else { REPORT_GRACE };
-        let deadline = go + Duration::from_secs_f64(args.duration) + grace;
+        let deadline = go + Duration::from_secs_f64(plan.measure_s) + grace;
         let mut done = 0;
         let mut up_end = 0;
         while done < n {
@@ -876,9 +993,10 @@ impl Pool {
                     msgs += k;
                     rtt.add_to(&mut interval);
                 }
-                Event::Done { up, rtt, bytes, errors, stream, .. } => {
+                Event::Done { up, rtt, bytes, errors, stream, forward, .. } => {
                     up_end += up;
                     m.stream.merge(&stream);
+                    m.forward.merge(&forward);
                     rtt.add_to(&mut m.rtt);
                     m.bytes += bytes;
                     report::merge_errors(&mut m.errors, &errors);
@@ -893,6 +1011,7 @@ impl Pool {
             eprintln!("[{label}] {} sessions failed during the measurement", m.up - up_end);
         }
         m.up_end = up_end;
+        m.cpu_s = cpu_go.zip(self.cpu_seconds()).map(|(a, b)| b - a);
         Ok(m)
     }
 

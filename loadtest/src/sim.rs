@@ -33,8 +33,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::Mode;
 use crate::net::{Dialer, Failure, Ws, api_error};
-use crate::report::{Buckets, Errors, StreamStats, new_hist, record};
+use crate::report::{Buckets, Errors, ForwardStats, StreamStats, new_hist, record};
 use crate::worker::{AgentSpec, ClientSpec, Ctl, Event, Target, emit};
+
+mod forward;
 
 /// A round trip not answered within this counts as `echo_timeout` and ends the session.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,6 +73,8 @@ struct Shared {
     stream: RefCell<StreamStats>,
     /// Resume times, microseconds.
     resume_time: RefCell<Histogram<u64>>,
+    /// Forward mode: how streams and sessions ended, the bulk transfers.
+    forward: RefCell<ForwardStats>,
 }
 
 impl Shared {
@@ -86,6 +90,7 @@ impl Shared {
             ended: Cell::new(false),
             stream: RefCell::new(StreamStats::default()),
             resume_time: RefCell::new(new_hist()),
+            forward: RefCell::new(ForwardStats::default()),
         })
     }
 
@@ -132,10 +137,11 @@ impl Shared {
         self.msgs.set(self.msgs.get() + 1);
     }
 
-    /// Marks the run ended once the parent says `end` (or stops us).
+    /// Marks the run ended once the parent says `end` (or stops us), and tells the parent.
     async fn watch_end(self: Rc<Self>, mut ctl: watch::Receiver<Ctl>) {
         let _ = ctl.wait_for(|c| *c >= Ctl::End).await;
         self.ended.set(true);
+        emit(&Event::Ended);
     }
 
     /// Emits a progress event every second until the run ends.
@@ -161,6 +167,9 @@ impl Shared {
 /// Runs a client worker: sets up its sessions at its ramp, reports `Ready`, measures after
 /// `go`, reports `Done`, holds the sessions until stdin closes.
 pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> anyhow::Result<()> {
+    if let Some(fwd) = spec.forward.clone() {
+        return forward::run_clients(spec, fwd, ctl).await;
+    }
     let tls = hatch_relay::certs::client_config_with_ca(&spec.ca_file)?;
     let dialer = Dialer::new(tls, spec.sources.clone()).danger_plaintext(spec.danger_plaintext);
     let sh = Shared::new();
@@ -244,6 +253,7 @@ pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> any
         errors: sh.errors.borrow().clone(),
         connections: dialer.connections(),
         stream: sh.stream_stats(),
+        forward: Default::default(),
     });
     let _ = ctl.wait_for(|c| *c == Ctl::Stop).await;
     Ok(())
@@ -361,7 +371,8 @@ impl Session {
         };
         let end = go_at + Duration::from_secs_f64(self.spec.duration_s);
         let res = match self.spec.mode {
-            Mode::Echo | Mode::Pty => self.keystrokes(&mut conn, go_at, end).await,
+            // Forward mode's clients run in `forward`, never here.
+            Mode::Echo | Mode::Pty | Mode::Forward => self.keystrokes(&mut conn, go_at, end).await,
             Mode::Throughput => {
                 let payload = self.fixed_payload();
                 self.throughput(&mut conn, &payload, end).await
@@ -396,6 +407,9 @@ impl Session {
     async fn setup(&self) -> Result<Conn, Failure> {
         let (ws, sid) = match &self.spec.target {
             Target::Floor { url } => (self.dialer.ws(url, None, self.n).await?, None),
+            Target::Direct => {
+                return Err(Failure::new("no_websocket", "a direct target is forward mode's"));
+            }
             Target::Relay { api_url, access_key, instances } => {
                 if instances.is_empty() {
                     return Err(Failure::new("no_instances", "no agent is online"));
@@ -784,6 +798,7 @@ pub async fn run_agents(spec: AgentSpec, ctl: watch::Receiver<Ctl>) -> anyhow::R
         errors: sh.errors.borrow().clone(),
         connections: dialer.connections(),
         stream: StreamStats::default(),
+        forward: Default::default(),
     });
     Ok(())
 }
@@ -915,6 +930,36 @@ impl Agent {
                     if let Err(e) = ws.send(Message::Text(reply.into())).await {
                         return Some(Failure::new("control_send", e));
                     }
+                }
+                Ok(ToAgent::SessionOpen {
+                    mode: ApiMode::Port,
+                    stream_url,
+                    token,
+                    remote_host,
+                    remote_port,
+                    ..
+                }) => {
+                    let n = self.counter.get();
+                    self.counter.set(n + 1);
+                    let (spec, sh, dialer, ctl) =
+                        (self.spec.clone(), self.sh.clone(), self.dialer.clone(), ctl.clone());
+                    tokio::task::spawn_local(async move {
+                        let dest = (remote_host.unwrap_or_else(|| "localhost".into()), remote_port);
+                        let res = forward::agent_leg(
+                            &spec,
+                            &sh,
+                            &dialer,
+                            n,
+                            &stream_url,
+                            &token,
+                            dest,
+                            ctl,
+                        )
+                        .await;
+                        if let Err(f) = res {
+                            sh.error(&Failure::new(format!("agent_{}", f.kind), f.detail));
+                        }
+                    });
                 }
                 Ok(ToAgent::SessionOpen { session_id, stream_url, token, .. }) => {
                     let n = self.counter.get();

@@ -3,7 +3,7 @@
 //! stdin to stop; the worker writes [`Event`] lines on stdout.
 
 use std::io::{BufRead, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::cli::Mode;
-use crate::report::{Buckets, Errors, StreamStats};
+use crate::report::{Buckets, Errors, ForwardStats, StreamStats};
 
 /// What a worker simulates.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +59,9 @@ pub struct ClientSpec {
     /// leg, RESUME and the replay of what the agent has not acknowledged. Needs `acks`.
     #[serde(default)]
     pub resume: bool,
+    /// Forward mode: what the connections do and where they go.
+    #[serde(default)]
+    pub forward: Option<ForwardSpec>,
     /// Setups in flight at most.
     pub setup_concurrency: usize,
     /// The worker exits after this many seconds whatever happens.
@@ -69,6 +72,55 @@ fn default_window() -> usize {
     4
 }
 
+fn default_link_window() -> usize {
+    hatch_proto::resume::LinkConfig::default().window
+}
+
+/// Which part of forward mode a client worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardPart {
+    /// Connections carrying `payload` bytes at `rate` to the echo; round trips timed.
+    Latency,
+    /// One session, one connection at a time: an upload for `duration_s`, then a download for
+    /// as long; every byte checked.
+    Throughput,
+}
+
+impl ForwardPart {
+    /// The name in progress lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardPart::Latency => "latency",
+            ForwardPart::Throughput => "throughput",
+        }
+    }
+}
+
+/// Forward mode's client side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardSpec {
+    /// What the connections do.
+    pub part: ForwardPart,
+    /// The TCP server (`tcp`): the port sessions' destination, or what `Target::Direct` dials.
+    pub server: SocketAddr,
+    /// Connections over all workers, spread evenly over `sessions_total` sessions (session `i`
+    /// carries `connections_total / sessions_total`, one more for `i` below the remainder).
+    pub connections_total: usize,
+    /// Sessions over all workers.
+    pub sessions_total: usize,
+    /// The session window of the pump's offsets, bytes.
+    #[serde(default = "default_link_window")]
+    pub link_window: usize,
+}
+
+impl ForwardSpec {
+    /// The connections session `i` (global index) carries.
+    pub fn connections_of(&self, i: usize) -> usize {
+        let n = self.sessions_total.max(1);
+        self.connections_total / n + usize::from(i < self.connections_total % n)
+    }
+}
 /// Where the clients' sessions go.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -78,6 +130,9 @@ pub enum Target {
         /// The echo server's URL.
         url: String,
     },
+    /// Forward mode's floor: the TCP server at `ForwardSpec::server`, dialed straight over
+    /// loopback TCP, no TLS, no WebSocket, no session.
+    Direct,
     /// A relay: start sessions through its API, on these instances in turn.
     Relay {
         /// `https://host:port` of the API.
@@ -116,6 +171,9 @@ pub struct AgentSpec {
     /// does (`--chaos`), with its backoff. Needs `acks`.
     #[serde(default)]
     pub resume: bool,
+    /// The session window of port sessions' offsets, bytes (forward mode, `--link-window-kib`).
+    #[serde(default = "default_link_window")]
+    pub link_window: usize,
     /// The worker exits after this many seconds whatever happens.
     pub lifetime_s: f64,
 }
@@ -171,7 +229,12 @@ pub enum Event {
         /// What the echoes carried and how lost connections were taken up (clients).
         #[serde(default)]
         stream: StreamStats,
+        /// Forward mode: how the streams and sessions ended, the bulk transfers.
+        #[serde(default)]
+        forward: Box<ForwardStats>,
     },
+    /// The worker heard `end`: from now on it counts no failure, so the relay may be stopped.
+    Ended,
     /// The worker could not run at all.
     Fatal {
         /// Why.

@@ -218,3 +218,52 @@ fn chaos_relay_restart_on_epoll_resumes_every_session_and_loses_no_byte() {
 fn chaos_relay_restart_on_io_uring_resumes_every_session_and_loses_no_byte() {
     chaos_relay_restart_loses_nothing("uring");
 }
+
+/// `--mode forward` end to end: port sessions through the relay with the real pump on both
+/// ends, against direct loopback TCP. Only counts and checks are asserted, no timings.
+#[test]
+fn forward_mode_carries_every_connection_and_byte_and_measures_throughput() {
+    let out = loadtest()
+        .args(["--mode", "forward", "--connections", "50", "--sessions", "5", "--duration", "2"])
+        .args(["--ramp", "100", "--json", "-q", "--shards", "1"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{v}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(v["mode"], "forward");
+    assert_eq!(v["errors_by_kind"], serde_json::json!({}), "{v}");
+    let f = &v["forward"];
+    assert_eq!(f["connections"], 50, "{f}");
+    assert_eq!(f["sessions"], 5, "{f}");
+    assert_eq!(f["floor"], "tcp", "{f}");
+    assert_eq!(f["whole"], true, "{v}");
+    for side in ["relay", "floor"] {
+        let s = &v[side];
+        assert_eq!(s["sessions_up"], 50, "{side}: {s}");
+        assert_eq!(s["errors"], 0, "{side}: {s}");
+        assert!(s["count"].as_u64().unwrap() >= 50, "{side}: {s}");
+        let fs = &s["forward"];
+        let sent = fs["bytes_sent"].as_u64().unwrap();
+        assert!(sent >= 50 * 16, "{side}: {fs}");
+        assert_eq!(fs["bytes_echoed"].as_u64().unwrap(), sent, "{side}: {fs}");
+        assert_eq!(fs["bytes_out_of_order"], 0, "{side}: {fs}");
+        assert_eq!(fs["streams_closed"], 50, "{side}: {fs}");
+        for dir in ["upload", "download"] {
+            let b = &fs[dir];
+            assert_eq!(b["verified"], true, "{side} {dir}: {b}");
+            assert_eq!(b["bad_bytes"], 0, "{side} {dir}: {b}");
+            assert!(b["bytes"].as_u64().unwrap() > 0, "{side} {dir}: {b}");
+            assert!(b["mb_s"].as_f64().unwrap() > 0.0, "{side} {dir}: {b}");
+        }
+    }
+    // Every port session was ended by its client once its streams had ended.
+    assert_eq!(v["relay"]["forward"]["sessions_closed"], 5, "{v}");
+    assert!(f["upload_ratio"].as_f64().unwrap() > 0.0, "{f}");
+    assert!(f["download_ratio"].as_f64().unwrap() > 0.0, "{f}");
+    // Port sessions over TLS: one API call and one leg per session on each side.
+    let c = &v["connections"];
+    assert_eq!(count(c, "latency.client.https_"), 5, "{c}");
+    assert_eq!(count(c, "latency.client.wss_"), 5, "{c}");
+    assert_eq!(count(c, "plain"), 0, "{c}");
+}
