@@ -288,6 +288,8 @@ impl PortSession {
             ws,
             Role::Client { conns: rx },
             cfg,
+            // A lost leg fails the run (forward mode has no --chaos).
+            None,
             cancel,
             move |n| sh.error(&note_failure(&n)),
         ));
@@ -646,12 +648,14 @@ pub async fn agent_leg(
         let _ = ctl.wait_for(|c| *c == Ctl::Stop).await;
         (close::AGENT_SHUTDOWN, "agent stopping".to_owned())
     };
-    let end = hatch_forward::pump(ws, role, cfg, cancel, |_| {}).await;
+    let end = hatch_forward::pump(ws, role, cfg, None, cancel, |_| {}).await;
     sh.up.set(sh.up.get() - 1);
     match end {
         End::Closed(close::NORMAL, _) | End::Done(_) => Ok(()),
         End::Closed(c, why) => Err(Failure::new(format!("port_closed_{c}"), why)),
         End::Lost(why) => Err(Failure::new("port_lost", why)),
         End::Bad(why) => Err(Failure::new("port_bad", why)),
+        End::ResumeFailed(why) => Err(Failure::new("port_resume_failed", why)),
+        End::NotResumed(why) => Err(Failure::new("port_not_resumed", why)),
     }
 }
