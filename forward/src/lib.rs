@@ -723,7 +723,6 @@ fn start(
     let reader = {
         let (credit, tx) = (credit.clone(), ev_tx.clone());
         tokio::spawn(async move {
-            let mut buf = vec![0u8; mux::MAX_DATA];
             loop {
                 // Wait for at least one byte of credit, then take what else there is.
                 let Ok(first) = credit.acquire().await else { return };
@@ -733,11 +732,14 @@ fn start(
                     p.forget();
                 }
                 let want = 1 + extra;
-                let ev = match read.read(&mut buf[..want]).await {
+                // Read straight into the buffer that travels (no copy out of a reused one),
+                // and never past the credit: `limit` caps what the read may fill.
+                let mut buf = Vec::with_capacity(want);
+                let ev = match read.read_buf(&mut bytes::BufMut::limit(&mut buf, want)).await {
                     Ok(0) => ConnEvent::Eof(id),
                     Ok(n) => {
                         credit.add_permits(want - n);
-                        ConnEvent::Data(id, buf[..n].to_vec())
+                        ConnEvent::Data(id, buf)
                     }
                     Err(e) => ConnEvent::Failed(id, e.to_string()),
                 };
