@@ -180,16 +180,21 @@ pub fn private_dir(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Takes group and other access away from `path` (a file: 0600, a directory: 0700) when it
-/// has any, saying so in the log; a file that does not exist is left alone.
+/// has any, saying so in the log; a file that does not exist is left alone. A mode that cannot
+/// be changed (a read-only file system, another owner) is a warning: what the relay then fails
+/// to read or write says so in its own words.
 pub fn owner_only(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
     let old = meta.permissions().mode() & 0o7777;
     if old & 0o077 != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("making {} private (mode {mode:o})", path.display()))?;
-        tracing::info!(path = %path.display(), from = format!("{old:o}"), to = format!("{mode:o}"),
-            "took group and other access away");
+        let (from, to) = (format!("{old:o}"), format!("{mode:o}"));
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => tracing::info!(path = %path.display(), from, to,
+                "took group and other access away"),
+            Err(e) => tracing::warn!(path = %path.display(), from, to, err = %e,
+                "could not take group and other access away"),
+        }
     }
     Ok(())
 }
