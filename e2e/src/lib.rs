@@ -204,11 +204,25 @@ impl Drop for Proc {
 /// `hatch-agent register` then `hatch-agent run` with `extra` flags, as an operator would, with
 /// its state and log (`agent.log`) in `dir`. Returns the process and the instance id.
 pub fn start_agent(relay: &Relay, dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let i = &relay.info;
+    let ca = Path::new(&i.ca_file);
+    start_agent_with(&i.api_url, ca, &i.activation_id, &i.activation_code, dir, extra)
+}
+
+/// [`start_agent`] against the API at `api` (trusting `ca`) with the given activation.
+pub fn start_agent_with(
+    api: &str,
+    ca: &Path,
+    activation_id: &str,
+    activation_code: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> (Proc, String) {
     let state = dir.join("agent.json");
     let out = Command::new(bin("hatch-agent"))
-        .args(["register", "--api", &relay.info.api_url, "--activation-id"])
-        .arg(&relay.info.activation_id)
-        .args(["--activation-code", &relay.info.activation_code, "--ca", &relay.info.ca_file])
+        .args(["register", "--api", api, "--activation-id", activation_id])
+        .args(["--activation-code", activation_code, "--ca"])
+        .arg(ca)
         .arg("--state")
         .arg(&state)
         .output()

@@ -227,21 +227,9 @@ fn an_operator_bootstraps_a_relay_runs_a_session_and_restores_a_backup() {
     let act =
         admin_on(&data, &["activations", "create", "--account", &account, "--region", "eu-1"]);
     // The agent registers and runs.
-    let state = tmp.path().join("agent.json");
-    let out = Command::new(bin("hatch-agent"))
-        .args(["register", "--api", &api, "--ca"])
-        .arg(&pki.ca_file)
-        .args(["--activation-id", act["activation_id"].as_str().unwrap()])
-        .args(["--activation-code", act["activation_code"].as_str().unwrap()])
-        .arg("--state")
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "register: {}", String::from_utf8_lossy(&out.stderr));
-    let iid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let mut agent = Command::new(bin("hatch-agent"));
-    agent.args(["run", "--state"]).arg(&state);
-    let _agent = Proc::spawn(agent, &tmp.path().join("agent.log"));
+    let (id, code) =
+        (act["activation_id"].as_str().unwrap(), act["activation_code"].as_str().unwrap());
+    let (_agent, iid) = start_agent_with(&api, &pki.ca_file, id, code, tmp.path(), &[]);
     // A first session, as soon as the agent is online.
     let exec = |what: &str| {
         let out = Command::new(bin("hatch"))
@@ -315,20 +303,10 @@ async fn an_accounts_idle_timeout_ends_its_sessions_while_another_keeps_the_rela
         .to_owned();
     let act = admin(&relay, &["activations", "create", "--account", &b]);
     let dir_b = tempfile::tempdir().unwrap();
-    let state = dir_b.path().join("agent.json");
-    let out = Command::new(bin("hatch-agent"))
-        .args(["register", "--api", &relay.info.api_url, "--ca", &relay.info.ca_file])
-        .args(["--activation-id", act["activation_id"].as_str().unwrap()])
-        .args(["--activation-code", act["activation_code"].as_str().unwrap()])
-        .arg("--state")
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let iid_b = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let mut run = Command::new(bin("hatch-agent"));
-    run.args(["run", "--state"]).arg(&state);
-    let _agent_b = Proc::spawn(run, &dir_b.path().join("agent.log"));
+    let (id, code) =
+        (act["activation_id"].as_str().unwrap(), act["activation_code"].as_str().unwrap());
+    let ca = Path::new(&relay.info.ca_file);
+    let (_agent_b, iid_b) = start_agent_with(&relay.info.api_url, ca, id, code, dir_b.path(), &[]);
     wait_online(&relay, &iid_a, true).await;
 
     // No input for longer than 2 s: A's session ends 4007 (exit 75); B's runs its 4 s out.

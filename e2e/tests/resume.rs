@@ -356,7 +356,7 @@ fn proxy_cli(
     port: u16,
     input: Vec<u8>,
     pause_at: usize,
-) -> (std::process::Child, GatedReader, std::path::PathBuf) {
+) -> Proxied {
     let err = home.join("proxy.err");
     let remote = format!("127.0.0.1:{port}");
     let mut cmd = hatch(relay, home, &relay.info.access_key);
@@ -372,7 +372,27 @@ fn proxy_cli(
         let _ = stdin.write_all(&input);
     });
     let out = GatedReader::start(child.stdout.take().unwrap(), pause_at);
-    (child, out, err)
+    Proxied { child, out, err }
+}
+
+/// A running `hatch proxy` ([`proxy_cli`]).
+struct Proxied {
+    child: std::process::Child,
+    out: GatedReader,
+    err: std::path::PathBuf,
+}
+
+impl Proxied {
+    /// Opens the gate and waits (90 s at most): the exit status, all of stdout, stderr.
+    async fn finish(self) -> (std::process::ExitStatus, Vec<u8>, String) {
+        let Proxied { mut child, out, err } = self;
+        out.release();
+        let st =
+            tokio::task::spawn_blocking(move || wait_child(&mut child, Duration::from_secs(90)))
+                .await
+                .unwrap();
+        (st, out.finish(), std::fs::read_to_string(&err).unwrap_or_default())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,15 +405,10 @@ async fn a_forwarded_download_is_exact_across_a_relay_sigkill_and_restart() {
         use std::io::Write;
         let _ = s.write_all(&noise(SIZE, 7));
     });
-    let (mut child, out, err) = proxy_cli(&relay, home.path(), &iid, port, Vec::new(), 4 << 20);
-    wait_for("4 MiB through the forward", DEADLINE, || out.len() >= 4 << 20).await;
+    let proxied = proxy_cli(&relay, home.path(), &iid, port, Vec::new(), 4 << 20);
+    wait_for("4 MiB through the forward", DEADLINE, || proxied.out.len() >= 4 << 20).await;
     let _relay = relay.restart();
-    out.release();
-    let st = tokio::task::spawn_blocking(move || wait_child(&mut child, Duration::from_secs(90)))
-        .await
-        .unwrap();
-    let got = out.finish();
-    let err = std::fs::read_to_string(&err).unwrap_or_default();
+    let (st, got, err) = proxied.finish().await;
     assert_eq!(st.code(), Some(0), "{err}");
     assert!(got == noise(SIZE, 7), "{} bytes, want {SIZE}", got.len());
     assert!(err.contains("reconnected"), "{err}");
@@ -415,17 +430,12 @@ async fn forwarded_bytes_are_exact_both_ways_when_the_connections_are_cut_mid_st
         let _ = w.shutdown(std::net::Shutdown::Write);
     });
     let input = noise(SIZE, 11);
-    let (mut child, out, err) = proxy_cli(&relay, home.path(), &iid, port, input.clone(), 2 << 20);
-    wait_for("2 MiB echoed", DEADLINE, || out.len() >= 2 << 20).await;
+    let proxied = proxy_cli(&relay, home.path(), &iid, port, input.clone(), 2 << 20);
+    wait_for("2 MiB echoed", DEADLINE, || proxied.out.len() >= 2 << 20).await;
     assert_eq!(proxy.cut_all(), 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.cut_all();
-    out.release();
-    let st = tokio::task::spawn_blocking(move || wait_child(&mut child, Duration::from_secs(90)))
-        .await
-        .unwrap();
-    let got = out.finish();
-    let err = std::fs::read_to_string(&err).unwrap_or_default();
+    let (st, got, err) = proxied.finish().await;
     assert_eq!(st.code(), Some(0), "{err}");
     let first_diff = got.iter().zip(&input).position(|(a, b)| a != b);
     assert!(got == input, "{} bytes, want {SIZE}; first difference at {first_diff:?}", got.len());

@@ -72,10 +72,15 @@ fn serve_until_stdin_closes(
             }
         })?;
     }
+    announce_until_stdin_closes(addr)
+}
+
+/// Tells the parent where a helper process listens (`listening ADDR` on stdout) and returns
+/// when the parent closes its stdin (or it is killed): the process exit then closes every
+/// connection from this side first, so TIME_WAIT stays here.
+pub fn announce_until_stdin_closes(addr: SocketAddr) -> anyhow::Result<()> {
     println!("listening {addr}");
     std::io::stdout().flush()?;
-    // The parent closes our stdin (or kills us) to stop; the process exit closes every
-    // connection from this side first, so TIME_WAIT stays here.
     let mut line = String::new();
     while std::io::stdin().lock().read_line(&mut line)? > 0 {
         line.clear();

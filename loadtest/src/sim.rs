@@ -164,6 +164,52 @@ impl Shared {
     }
 }
 
+/// Waits for `units` setups (sessions or connections) started at `t0` to settle, within the
+/// ramp's allowance; reports `Ready`; waits for the parent's `go` and passes its instant on to
+/// the sessions. `None` when the parent said `end` instead.
+#[allow(clippy::too_many_arguments)]
+async fn settle_then_go(
+    sh: &Shared,
+    units: usize,
+    ramp: f64,
+    t0: Instant,
+    done_rx: &mut mpsc::UnboundedReceiver<bool>,
+    dialer: &Dialer,
+    ctl: &mut watch::Receiver<Ctl>,
+    go_tx: &watch::Sender<Option<Instant>>,
+) -> Option<Instant> {
+    let setup_deadline = t0 + setup_allowance(units, ramp) + SETUP_TIMEOUT;
+    let (mut settled, mut last) = (0, t0);
+    while settled < units {
+        match tokio::time::timeout_at(setup_deadline, done_rx.recv()).await {
+            Ok(Some(_)) => {
+                settled += 1;
+                last = Instant::now();
+            }
+            _ => break,
+        }
+    }
+    if settled < units {
+        // Still in flight at the deadline: neither up nor failed yet, so counted here.
+        *sh.errors.borrow_mut().entry("setup_unfinished".into()).or_default() +=
+            (units - settled) as u64;
+    }
+    emit(&Event::Ready {
+        up: sh.up.get(),
+        setup_wall_s: (last - t0).as_secs_f64(),
+        setup: Buckets::of(&sh.setup.borrow()),
+        errors: sh.errors.borrow().clone(),
+        connections: dialer.connections(),
+    });
+    let _ = ctl.wait_for(|c| *c != Ctl::Wait).await;
+    if *ctl.borrow() >= Ctl::End {
+        return None;
+    }
+    let go = Instant::now();
+    let _ = go_tx.send(Some(go));
+    Some(go)
+}
+
 /// Runs a client worker: sets up its sessions at its ramp, reports `Ready`, measures after
 /// `go`, reports `Done`, holds the sessions until stdin closes.
 pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> anyhow::Result<()> {
@@ -207,36 +253,12 @@ pub async fn run_clients(spec: ClientSpec, mut ctl: watch::Receiver<Ctl>) -> any
         }
     };
     tokio::task::spawn_local(spawner);
-    let setup_deadline = t0 + setup_allowance(spec.sessions, spec.ramp) + SETUP_TIMEOUT;
-    let mut settled = 0;
-    let mut last = t0;
-    while settled < spec.sessions {
-        match tokio::time::timeout_at(setup_deadline, done_rx.recv()).await {
-            Ok(Some(_)) => {
-                settled += 1;
-                last = Instant::now();
-            }
-            _ => break,
-        }
-    }
-    if settled < spec.sessions {
-        // Still in flight at the deadline: neither up nor failed yet, so counted here.
-        *sh.errors.borrow_mut().entry("setup_unfinished".into()).or_default() +=
-            (spec.sessions - settled) as u64;
-    }
-    emit(&Event::Ready {
-        up: sh.up.get(),
-        setup_wall_s: (last - t0).as_secs_f64(),
-        setup: Buckets::of(&sh.setup.borrow()),
-        errors: sh.errors.borrow().clone(),
-        connections: dialer.connections(),
-    });
-    let _ = ctl.wait_for(|c| *c != Ctl::Wait).await;
-    if *ctl.borrow() >= Ctl::End {
+    let Some(go) =
+        settle_then_go(&sh, spec.sessions, spec.ramp, t0, &mut done_rx, &dialer, &mut ctl, &go_tx)
+            .await
+    else {
         return Ok(());
-    }
-    let go = Instant::now();
-    let _ = go_tx.send(Some(go));
+    };
     let end = go + Duration::from_secs_f64(spec.duration_s) + ECHO_TIMEOUT + Duration::from_secs(1);
     let up = sh.up.get();
     let mut finished = 0;

@@ -13,12 +13,10 @@
 //!
 //! Anything else is closed. Every read and write has a deadline.
 
-use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
@@ -32,9 +30,6 @@ pub const STALL: Duration = Duration::from_secs(30);
 pub const MAX_SOURCE: Duration = Duration::from_secs(3600);
 /// I/O buffer of the bulk directions.
 pub const BULK_BUF: usize = 64 * 1024;
-
-/// Listen backlog: a thousand connections arrive within a second or two.
-const BACKLOG: i32 = 4096;
 
 /// The bulk byte stream: byte `p` is byte `p % 8` (little-endian) of word `p / 8`, where word
 /// `k` is `k` times an odd constant. A lost, repeated or reordered piece moves every later byte
@@ -112,12 +107,7 @@ pub fn process_main() -> ExitCode {
 fn serve_until_stdin_closes() -> anyhow::Result<()> {
     crate::proc::raise_nofile()?;
     let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.bind(&addr.into()).context("binding 127.0.0.1:0")?;
-    s.listen(BACKLOG)?;
-    s.set_nonblocking(true)?;
-    let listener: std::net::TcpListener = s.into();
+    let listener = crate::floor::bind_reuseport(addr, 1)?.remove(0);
     let addr = listener.local_addr()?;
     std::thread::Builder::new().name("forward-server".into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
@@ -129,14 +119,7 @@ fn serve_until_stdin_closes() -> anyhow::Result<()> {
             Err(e) => eprintln!("forward-server: runtime: {e}"),
         }
     })?;
-    println!("listening {addr}");
-    std::io::stdout().flush()?;
-    // The parent closes our stdin (or kills us) to stop.
-    let mut line = String::new();
-    while std::io::stdin().lock().read_line(&mut line)? > 0 {
-        line.clear();
-    }
-    Ok(())
+    crate::floor::announce_until_stdin_closes(addr)
 }
 
 async fn serve(listener: std::net::TcpListener) {

@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 
-use super::{API_TIMEOUT, Check, ECHO_TIMEOUT, SETUP_TIMEOUT, Shared, payload_of, setup_allowance};
+use super::{API_TIMEOUT, Check, ECHO_TIMEOUT, SETUP_TIMEOUT, Shared, payload_of, settle_then_go};
 use crate::net::{Dialer, Failure, agent_leg_config, api_error, client_leg_config};
 use crate::report::{Buckets, Bulk, record};
 use crate::tcp::{BULK_BUF, Pattern, STALL};
@@ -92,34 +92,11 @@ pub async fn run_clients(
             }
         });
     }
-    let setup_deadline = t0 + setup_allowance(units, spec.ramp) + SETUP_TIMEOUT;
-    let (mut settled, mut last) = (0, t0);
-    while settled < units {
-        match tokio::time::timeout_at(setup_deadline, done_rx.recv()).await {
-            Ok(Some(_)) => {
-                settled += 1;
-                last = Instant::now();
-            }
-            _ => break,
-        }
-    }
-    if settled < units {
-        *sh.errors.borrow_mut().entry("setup_unfinished".into()).or_default() +=
-            (units - settled) as u64;
-    }
-    emit(&Event::Ready {
-        up: sh.up.get(),
-        setup_wall_s: (last - t0).as_secs_f64(),
-        setup: Buckets::of(&sh.setup.borrow()),
-        errors: sh.errors.borrow().clone(),
-        connections: dialer.connections(),
-    });
-    let _ = ctl.wait_for(|c| *c != Ctl::Wait).await;
-    if *ctl.borrow() >= Ctl::End {
+    let Some(go) =
+        settle_then_go(&sh, units, spec.ramp, t0, &mut done_rx, &dialer, &mut ctl, &go_tx).await
+    else {
         return Ok(());
-    }
-    let go = Instant::now();
-    let _ = go_tx.send(Some(go));
+    };
     let measuring = match fwd.part {
         ForwardPart::Latency => Duration::from_secs_f64(spec.duration_s) + ECHO_TIMEOUT,
         // Two transfers, each drained, answered and closed within its stall deadlines.

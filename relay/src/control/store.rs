@@ -591,16 +591,10 @@ impl SqliteStore {
     /// so the relay keeps running and writing), readable by its owner only. `path` must not
     /// exist, or be empty.
     pub fn backup_to(&self, path: &Path) -> anyhow::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
         let empty = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
         anyhow::ensure!(empty, "{} exists and is not empty", path.display());
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        // An empty owner-only file, which VACUUM INTO fills.
+        crate::certs::write_private(path, &[])?;
         let target = path.to_str().context("the backup path is not UTF-8")?;
         self.lock()
             .execute("VACUUM INTO ?1", [target])

@@ -1166,26 +1166,12 @@ mod tests {
         }
 
         fn admit(&mut self, secs: f64, sid: &str, leg: Leg, jti: &str, handle: u32) {
-            self.admit_with(secs, sid, leg, jti, handle, false, false);
+            self.admit_terms(secs, sid, leg, jti, handle, (false, false), Default::default());
         }
 
         /// Admits a leg with a resume token.
         fn admit_resume(&mut self, secs: f64, sid: &str, leg: Leg, jti: &str, handle: u32) {
-            self.admit_with(secs, sid, leg, jti, handle, true, false);
-        }
-
-        #[allow(clippy::too_many_arguments)]
-        fn admit_with(
-            &mut self,
-            secs: f64,
-            sid: &str,
-            leg: Leg,
-            jti: &str,
-            handle: u32,
-            resume: bool,
-            two_way: bool,
-        ) {
-            self.admit_terms(secs, sid, leg, jti, handle, (resume, two_way), Default::default());
+            self.admit_terms(secs, sid, leg, jti, handle, (true, false), Default::default());
         }
 
         /// Admits a leg whose token has these resume/two-way flags and limits.
@@ -1359,7 +1345,7 @@ mod tests {
         let mut c = Case::new(rules());
         let key = c.accept(0.0, "p", Leg::Client, "p-c", 1);
         c.t.handle_upgraded(c.at(0.0), key, Leg::Client, true);
-        c.admit_with(0.0, "p", Leg::Agent, "p-a", 2, false, true);
+        c.admit_terms(0.0, "p", Leg::Agent, "p-a", 2, (false, true), Default::default());
         c.t.handle_upgraded(c.at(0.0), key, Leg::Agent, true);
         c.actions();
         let mut out = Vec::new();
