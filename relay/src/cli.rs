@@ -843,7 +843,7 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                                 x.instance_id,
                                 x.principal,
                                 x.state,
-                                x.close_reason.as_deref().unwrap_or("-"),
+                                x.close_reason.map_or("-", |r| r.as_str()),
                                 ts(x.created_at)
                             )
                         })
@@ -854,7 +854,7 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
             SessionsCmd::Terminate { session_id } => {
                 let done = s.close_session(
                     &session_id,
-                    crate::plane::CloseReason::Terminated.as_str(),
+                    crate::plane::CloseReason::Terminated,
                     0,
                     0,
                     crate::control::unix_now(),

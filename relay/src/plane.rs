@@ -11,7 +11,8 @@
 use std::time::{Duration, SystemTime};
 
 /// Why a session ended, as recorded in the store (DESIGN.md "Session states").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CloseReason {
     /// The remote process exited (the agent sent EXIT and closed with 1000).
     Exit,
@@ -80,6 +81,12 @@ impl CloseReason {
             "error" => CloseReason::Error,
             _ => return None,
         })
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

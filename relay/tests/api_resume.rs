@@ -144,7 +144,7 @@ impl Relay {
     }
 
     fn state(&self, sid: &str) -> String {
-        self.store.session(None, sid).unwrap().unwrap().state
+        self.store.session(None, sid).unwrap().unwrap().state.as_str().to_owned()
     }
 
     /// Registers an agent and opens its control channel.
@@ -380,7 +380,7 @@ async fn revocation_ends_detached_sessions() {
     assert!(relay.store.detach_policy(&s.account, &uid, "dave").unwrap());
     wait_until(|| relay.state(&sid) == "closed").await;
     let rec = relay.store.session(None, &sid).unwrap().unwrap();
-    assert_eq!(rec.close_reason.as_deref(), Some("access_revoked"));
+    assert_eq!(rec.close_reason.map(|r| r.as_str()), Some("access_revoked"));
     // The record is closed first, then the data plane told.
     wait_until(|| relay.link.terminated(&sid).is_some()).await;
     assert_eq!(relay.link.terminated(&sid), Some(hatch_proto::close::ACCESS_REVOKED));
@@ -516,10 +516,10 @@ fn record(id: &str, s: &Setup, state: &str, seq_at: i64) -> SessionRecord {
         access_key_id: s.owner_key_id.clone(),
         source_ip: "127.0.0.1".into(),
         instance_id: INSTANCE.into(),
-        mode: "shell".into(),
+        mode: hatch_proto::api::Mode::Shell,
         command: None,
         run_as: Some("deploy".into()),
-        state: state.into(),
+        state: hatch_relay::control::store::SessionState::parse(state).unwrap(),
         created_at: seq_at,
         expires_at: seq_at + 600,
         connected_at: (state != "pending").then_some(seq_at),
@@ -601,7 +601,7 @@ async fn restart_with_a_window_keeps_paired_sessions_resumable_until_it_ends() {
     }
     assert!(relay.started.elapsed() >= WINDOW, "closed before the window ended");
     let rec = relay.store.session(None, left).unwrap().unwrap();
-    assert_eq!(rec.close_reason.as_deref(), Some("relay_shutdown"));
+    assert_eq!(rec.close_reason.map(|r| r.as_str()), Some("relay_shutdown"));
     assert_eq!((rec.bytes_client_to_agent, rec.bytes_agent_to_client), (7, 70));
     // The record is closed first, then the data plane told.
     wait_until(|| relay.link.terminated(left).is_some()).await;

@@ -273,7 +273,10 @@ async fn pending_session_is_closed_at_the_pending_timeout_and_frees_its_slot() {
         other => panic!("expected session.close, got {other:?}"),
     }
     let rec = tr.store().session(None, &s.session_id).unwrap().unwrap();
-    assert_eq!((rec.state.as_str(), rec.close_reason.as_deref()), ("closed", Some("pair_timeout")));
+    assert_eq!(
+        (rec.state.as_str(), rec.close_reason.map(|r| r.as_str())),
+        ("closed", Some("pair_timeout"))
+    );
     let r = tr.call("POST", "/v1/sessions", Some(&key), Some(&start_body(&agent.id))).await;
     assert_eq!(r.status, 201, "{}", r.text);
 }
@@ -292,7 +295,7 @@ async fn pending_sessions_without_any_leg_are_swept_as_pair_timeout() {
     }
     wait_until(|| {
         sids.iter().all(|sid| {
-            tr.store().session(None, sid).unwrap().unwrap().close_reason.as_deref()
+            tr.store().session(None, sid).unwrap().unwrap().close_reason.map(|r| r.as_str())
                 == Some("pair_timeout")
         })
     })
@@ -512,7 +515,8 @@ async fn session_failed_from_the_agent_closes_the_session_as_error() {
         .await
         .unwrap();
     wait_until(|| {
-        tr.store().session(None, &sid).unwrap().unwrap().close_reason.as_deref() == Some("error")
+        tr.store().session(None, &sid).unwrap().unwrap().close_reason.map(|r| r.as_str())
+            == Some("error")
     })
     .await;
 }
@@ -650,11 +654,25 @@ async fn agent_session_reports_raise_counts_of_its_own_lost_sessions_only() {
     let (sa, sb) = (&sids[0], &sids[1]);
     // Both as a restarted relay leaves sessions a killed one had open.
     for sid in [sa, sb] {
-        assert!(tr.store().close_session(sid, "relay_shutdown", 10, 20, now() as i64).unwrap());
+        assert!(
+            tr.store()
+                .close_session(
+                    sid,
+                    hatch_relay::plane::CloseReason::RelayShutdown,
+                    10,
+                    20,
+                    now() as i64
+                )
+                .unwrap()
+        );
     }
     let counts = |sid: &str| {
         let r = tr.store().session(None, sid).unwrap().unwrap();
-        (r.close_reason.unwrap_or_default(), r.bytes_client_to_agent, r.bytes_agent_to_client)
+        (
+            r.close_reason.map_or(String::new(), |r| r.as_str().to_owned()),
+            r.bytes_client_to_agent,
+            r.bytes_agent_to_client,
+        )
     };
     // Agent b, hostile: reports a's session, sends a message type from the future and a
     // report for an id that exists nowhere; then its own session, which is applied. Its

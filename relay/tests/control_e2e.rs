@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 fn session_state(tr: &TestRelay, sid: &str) -> (String, Option<String>, u64) {
     let s = tr.store().session(None, sid).unwrap().unwrap();
-    (s.state, s.close_reason, s.bytes_client_to_agent)
+    (s.state.to_string(), s.close_reason.map(|r| r.to_string()), s.bytes_client_to_agent)
 }
 
 #[tokio::test]
@@ -120,7 +120,7 @@ async fn legs_closing_are_recorded_with_reason_and_bytes() {
     client.close(None).await.unwrap();
     wait_until(|| session_state(&tr, &sid).0 == "closed").await;
     let s = tr.store().session(None, &sid).unwrap().unwrap();
-    assert_eq!(s.close_reason.as_deref(), Some("client_closed"));
+    assert_eq!(s.close_reason.map(|r| r.as_str()), Some("client_closed"));
     assert_eq!(s.bytes_agent_to_client, 4);
     let r = tr.call("GET", "/metrics", None, None).await;
     assert!(
@@ -139,7 +139,10 @@ async fn shutdown_records_open_sessions_as_relay_shutdown() {
     let TestRelay { relay, dir: _dir, store, .. } = tr;
     relay.shutdown(std::time::Duration::ZERO);
     let s = store.session(None, &sid).unwrap().unwrap();
-    assert_eq!((s.state.as_str(), s.close_reason.as_deref()), ("closed", Some("relay_shutdown")));
+    assert_eq!(
+        (s.state.as_str(), s.close_reason.map(|r| r.as_str())),
+        ("closed", Some("relay_shutdown"))
+    );
 }
 
 /// With a resume window (the default), a shutdown leaves a paired session open for the next
@@ -169,10 +172,13 @@ async fn shutdown_with_a_window_leaves_paired_sessions_for_the_next_start() {
     let TestRelay { relay, dir, store, tls } = tr;
     relay.shutdown(std::time::Duration::ZERO);
     let s = store.session(None, &sid).unwrap().unwrap();
-    assert_eq!((s.state.as_str(), s.close_reason.as_deref()), ("detached", None));
+    assert_eq!((s.state.as_str(), s.close_reason.map(|r| r.as_str())), ("detached", None));
     assert_eq!(s.bytes_client_to_agent, 3);
     let p = store.session(None, &pending).unwrap().unwrap();
-    assert_eq!((p.state.as_str(), p.close_reason.as_deref()), ("closed", Some("relay_shutdown")));
+    assert_eq!(
+        (p.state.as_str(), p.close_reason.map(|r| r.as_str())),
+        ("closed", Some("relay_shutdown"))
+    );
 
     let again = hatch_relay::dev::DevRelay::start(hatch_relay::dev::DevOptions {
         data_dir: dir.path().join("relay"),
@@ -197,7 +203,13 @@ async fn admin_changes_in_the_store_reach_live_sessions() {
     let (sid, mut client, mut leg) = open_session(&tr, &mut agent).await;
     assert!(
         tr.store()
-            .close_session(&sid, "terminated", 0, 0, hatch_relay::control::unix_now())
+            .close_session(
+                &sid,
+                hatch_relay::plane::CloseReason::Terminated,
+                0,
+                0,
+                hatch_relay::control::unix_now()
+            )
             .unwrap()
     );
     assert_eq!(close_code(&mut client).await, Some(4006));

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use tracing::warn;
 
 use super::policy::{self, Context, Policy};
-use super::store::{Instance, SessionRecord, Store};
+use super::store::{Instance, Mode, SessionRecord, SessionState, Store};
 
 /// The policies a principal acts under.
 #[derive(Debug, Clone)]
@@ -69,13 +69,13 @@ impl Grants {
 /// StartSession with the run-as user and the mode, or, for a port session,
 /// StartPortForwarding with the destination (and no user or mode: nothing runs as anyone).
 pub fn start_context(rec: &SessionRecord, inst: &Instance) -> (&'static str, Context) {
-    let port = rec.mode == "port";
+    let port = rec.mode == Mode::Port;
     let ctx = Context {
         source_ip: rec.source_ip.parse::<IpAddr>().ok(),
         region: Some(inst.region.clone()),
         instance_id: Some(inst.id.clone()),
         run_as: if port { None } else { rec.run_as.clone() },
-        mode: (!port).then(|| rec.mode.clone()),
+        mode: (!port).then(|| rec.mode.as_str().to_owned()),
         remote_host: rec.remote_host.clone().filter(|_| port),
         remote_port: rec.remote_port.filter(|_| port),
         tags: inst.tags.clone(),
@@ -123,11 +123,11 @@ pub fn may_resume(
     if !grants.may(action, &rec.account_id, inst, &ctx) {
         return Err(ResumeRefused::Denied);
     }
-    match rec.state.as_str() {
-        "detached" => Ok(()),
-        "connected" if force => Ok(()),
-        "connected" => Err(ResumeRefused::Attached),
-        _ => Err(ResumeRefused::Ended),
+    match rec.state {
+        SessionState::Detached => Ok(()),
+        SessionState::Connected if force => Ok(()),
+        SessionState::Connected => Err(ResumeRefused::Attached),
+        SessionState::Pending | SessionState::Closed => Err(ResumeRefused::Ended),
     }
 }
 
@@ -270,10 +270,10 @@ mod tests {
                 access_key_id: key.into(),
                 source_ip: "10.0.0.1".into(),
                 instance_id: self.instance.clone(),
-                mode: "shell".into(),
+                mode: Mode::Shell,
                 command: None,
                 run_as: Some(run_as.into()),
-                state: "connected".into(),
+                state: SessionState::Connected,
                 created_at: 0,
                 expires_at: 600,
                 connected_at: Some(1),
@@ -391,7 +391,7 @@ mod tests {
     /// A port session, as `POST /v1/sessions` records one (the agent's default user in
     /// `run_as`, which a port session does not run as).
     fn port(mut rec: SessionRecord, port: u16) -> SessionRecord {
-        rec.mode = "port".into();
+        rec.mode = Mode::Port;
         rec.remote_host = Some("127.0.0.1".into());
         rec.remote_port = Some(port);
         rec
@@ -418,7 +418,7 @@ mod tests {
         let g = Grants::of_user(&w.store.user_policies(&rec.principal).unwrap());
         let inst = w.store.instance(&w.account, &w.instance).unwrap().unwrap();
         let mut detached = rec.clone();
-        detached.state = "detached".into();
+        detached.state = SessionState::Detached;
         let ip = "10.0.0.1".parse().unwrap();
         let resume = |r: &SessionRecord| {
             may_resume(&r.principal, &g, ip, r, Some(&inst), Some("root"), false)

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use super::access::{self, Grants, ResumeRefused};
 use super::policy::{self, Context};
 use super::sessions::{Admission, LimitHit};
-use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
+use super::store::{Account, Instance, RegisterError, SessionRecord, SessionState, StateFilter};
 use super::{CLOSE_TERMINATED, Shared, admin, credentials, unix_now};
 use crate::token::LegTerms;
 
@@ -515,19 +515,15 @@ fn session_info(s: &SessionRecord) -> SessionInfo {
         instance_id: s.instance_id.clone(),
         principal: s.principal.clone(),
         source_ip: s.source_ip.clone(),
-        mode: match s.mode.as_str() {
-            "exec" => Mode::Exec,
-            "port" => Mode::Port,
-            _ => Mode::Shell,
-        },
+        mode: s.mode,
         command: s.command.clone(),
         run_as: s.run_as.clone(),
-        state: s.state.clone(),
+        state: s.state.as_str().to_owned(),
         created_at: rfc3339(s.created_at),
         connected_at: s.connected_at.map(rfc3339),
         closed_at: s.closed_at.map(rfc3339),
         detached_at: s.detached_at.map(rfc3339),
-        close_reason: s.close_reason.clone(),
+        close_reason: s.close_reason.map(|r| r.as_str().to_owned()),
         bytes_client_to_agent: s.bytes_client_to_agent,
         bytes_agent_to_client: s.bytes_agent_to_client,
         remote_host: s.remote_host.clone(),
@@ -690,7 +686,7 @@ async fn resume_session(
             ResumeRefused::Ended => ApiError::new(
                 StatusCode::CONFLICT,
                 codes::SESSION_ENDED,
-                if rec.state == "pending" {
+                if rec.state == SessionState::Pending {
                     format!("session {id} never connected; start a new session")
                 } else {
                     format!("session {id} has ended; start a new session")
@@ -712,7 +708,7 @@ async fn resume_session(
             &rec.instance_id,
             &rec.account_id,
             now,
-            LegTerms::of(rec.mode == "port", caller.account.prefs).resumed(),
+            LegTerms::of(rec.mode == Mode::Port, caller.account.prefs).resumed(),
         )
         .map_err(ApiError::internal)?;
     shared.metrics.resume_token(true);
@@ -828,10 +824,10 @@ async fn start_session(
         access_key_id: caller.key_id.clone(),
         source_ip: caller.source_ip.to_string(),
         instance_id: inst.id.clone(),
-        mode: req.mode.as_str().to_owned(),
+        mode: req.mode,
         command: req.command.clone(),
         run_as: Some(run_as.clone()),
-        state: "pending".into(),
+        state: SessionState::Pending,
         created_at: now,
         expires_at: claims.exp as i64,
         connected_at: None,
@@ -1011,7 +1007,7 @@ async fn terminate_session(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let rec = load_session(&shared, &caller, id, policy::TERMINATE_SESSION).await?;
-    if rec.state != "closed" {
+    if rec.state.is_open() {
         info!(session = %rec.id, user = caller.principal(), "session terminated");
         shared
             .end_session(

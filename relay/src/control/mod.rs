@@ -51,7 +51,7 @@ use tracing::{debug, info, warn};
 
 use crate::plane::{CloseReason, DataCommand, DataEvent};
 use crate::token::TokenSigner;
-use store::Store;
+use store::{SessionState, Store};
 
 /// Close code for a session terminated through the API (DESIGN.md close codes).
 pub const CLOSE_TERMINATED: u16 = 4006;
@@ -208,7 +208,7 @@ impl ControlPlane {
         data: Arc<dyn DataLink>,
     ) -> anyhow::Result<Self> {
         let live = sessions::LiveSessions::default();
-        let reason = CloseReason::RelayShutdown.as_str();
+        let reason = CloseReason::RelayShutdown;
         if cfg.resume_window.is_zero() {
             let n = store.close_all_open(reason, unix_now())?;
             if n > 0 {
@@ -355,7 +355,7 @@ impl ControlPlane {
         }
         let store = s.store.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let reason = CloseReason::RelayShutdown.as_str();
+            let reason = CloseReason::RelayShutdown;
             if keep { store.close_pending(reason, now) } else { store.close_all_open(reason, now) }
         })
         .await;
@@ -397,7 +397,7 @@ impl Shared {
         self.live.remove(id);
         let sid = id.to_owned();
         let now = unix_now();
-        match self.blocking(move |s| s.close_session(&sid, reason.as_str(), c2a, a2c, now)).await {
+        match self.blocking(move |s| s.close_session(&sid, reason, c2a, a2c, now)).await {
             Ok(true) => {
                 self.metrics.session_closed(reason.as_str());
                 true
@@ -788,12 +788,12 @@ impl Shared {
             }
             Ok(None) => "no such session on this instance",
             Ok(Some((_, false, _))) => "session manager disabled",
-            Ok(Some((rec, true, prefs))) => match rec.state.as_str() {
-                "connected" | "detached" => {
+            Ok(Some((rec, true, prefs))) => match rec.state {
+                SessionState::Connected | SessionState::Detached => {
                     return self.agent_resume_token(instance, &rec, prefs).await;
                 }
-                "pending" => "session never paired: nothing to resume",
-                _ => "session closed",
+                SessionState::Pending => "session never paired: nothing to resume",
+                SessionState::Closed => "session closed",
             },
         };
         info!(instance = %instance, session = %hatch_proto::logtext::peer(id, 40), reason = why,
@@ -816,7 +816,7 @@ impl Shared {
             &rec.instance_id,
             &rec.account_id,
             now,
-            crate::token::LegTerms::of(rec.mode == "port", prefs).resumed(),
+            crate::token::LegTerms::of(rec.mode == store::Mode::Port, prefs).resumed(),
         );
         match issued {
             Ok((token, _)) => {
@@ -843,7 +843,7 @@ impl Shared {
     /// agent), or a session the relay recorded itself.
     async fn agent_report(&self, instance: &str, id: &str, c2a: u64, a2c: u64, exit: Option<i32>) {
         let (sid, inst) = (id.to_owned(), instance.to_owned());
-        let reason = CloseReason::RelayShutdown.as_str();
+        let reason = CloseReason::RelayShutdown;
         let res = self
             .blocking(move |s| {
                 let Some(rec) = s.session(None, &sid)? else { return Ok(None) };

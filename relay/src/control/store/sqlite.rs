@@ -1,483 +1,20 @@
-//! The control plane's store: accounts, users, access keys, policies, activations, instances
-//! and sessions.
-//!
-//! [`Store`] is the narrow interface the API codes against; [`SqliteStore`] is the embedded
-//! default (one file, WAL, schema migrations at open). A PostgreSQL store for a fleet of relays
-//! would implement the same trait. Every method is synchronous and may block on disk: the
-//! control plane calls them from `spawn_blocking`, never from an async task and never from a
-//! data-plane shard.
-//!
-//! Secrets (access keys, instance secrets, activation codes) are stored only as SHA-256 hashes
-//! of high-entropy random strings; see [`super::credentials`].
+//! [`SqliteStore`]: the embedded default store, one file in WAL mode.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 
-/// Tags of an instance: key → value, ordered for stable output.
-pub type Tags = std::collections::BTreeMap<String, String>;
-
-/// An account: the unit of ownership and of the session-manager switch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Account {
-    /// `acct-` + 16 hex.
-    pub id: String,
-    /// A name for people.
-    pub name: String,
-    /// The account-wide switch: when off, no session can start.
-    pub session_manager_enabled: bool,
-    /// Seconds since the Unix epoch.
-    pub created_at: i64,
-    /// Session preferences (SSM's Session Preferences); `None`: the relay's own.
-    #[serde(flatten)]
-    pub prefs: SessionPrefs,
-}
-
-/// An account's session preferences: tighter than the relay's flags, never looser (the API
-/// refuses a value past the relay's cap). They apply to sessions started after they are set.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionPrefs {
-    /// Idle timeout in seconds (`--idle-timeout` when `None`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_timeout_s: Option<u64>,
-    /// Longest session in seconds (`--max-duration` when `None`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_duration_s: Option<u64>,
-}
-
-/// A user inside an account (not the owner): needs policies to do anything.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct User {
-    /// `u-` + 16 hex.
-    pub id: String,
-    /// Owning account.
-    pub account_id: String,
-    /// Unique inside the account.
-    pub name: String,
-    /// Seconds since the Unix epoch.
-    pub created_at: i64,
-    /// When the user was disabled: their keys authenticate nothing and their live sessions
-    /// end (4012). `None` while enabled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disabled_at: Option<i64>,
-}
-
-/// An access key as stored (the secret itself is never stored).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AccessKey {
-    /// `ak-` + 16 hex, shown in lists and used to revoke.
-    pub id: String,
-    /// Owning account.
-    pub account_id: String,
-    /// The user it belongs to; `None` for an account owner's key.
-    pub user_id: Option<String>,
-    /// Seconds since the Unix epoch.
-    pub created_at: i64,
-    /// When revoked, if it was.
-    pub revoked_at: Option<i64>,
-}
-
-/// A named policy document of an account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyRecord {
-    /// Owning account.
-    pub account_id: String,
-    /// Unique inside the account.
-    pub name: String,
-    /// The JSON document (validated before it is stored).
-    pub document: String,
-    /// Seconds since the Unix epoch.
-    pub updated_at: i64,
-}
-
-/// An activation: lets agents register instances into an account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Activation {
-    /// `act-` + 16 hex.
-    pub id: String,
-    /// Account the instances join.
-    pub account_id: String,
-    /// Region of the instances.
-    pub region: String,
-    /// Tags given to each instance.
-    pub tags: Tags,
-    /// How many instances may register with it.
-    pub max_registrations: u32,
-    /// How many did.
-    pub registrations: u32,
-    /// Seconds since the Unix epoch.
-    pub expires_at: i64,
-    /// Seconds since the Unix epoch.
-    pub created_at: i64,
-}
-
-/// A registered instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Instance {
-    /// `i-` + 16 hex.
-    pub id: String,
-    /// Owning account.
-    pub account_id: String,
-    /// Region (from the activation).
-    pub region: String,
-    /// Tags (from the activation, changed by `admin instances tag`).
-    pub tags: Tags,
-    /// Host name the agent reported.
-    pub hostname: Option<String>,
-    /// The activation it registered with.
-    pub activation_id: String,
-    /// Seconds since the Unix epoch.
-    pub registered_at: i64,
-    /// Last time its control channel was seen up (connect, heartbeat, disconnect).
-    pub last_seen: Option<i64>,
-}
-
-/// A session as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionRecord {
-    /// `s-` + 16 hex.
-    pub id: String,
-    /// Account of the instance.
-    pub account_id: String,
-    /// `owner` or the user id.
-    pub principal: String,
-    /// The access key used.
-    pub access_key_id: String,
-    /// Caller's address as the API saw it.
-    pub source_ip: String,
-    /// Target instance.
-    pub instance_id: String,
-    /// `shell` or `exec`.
-    pub mode: String,
-    /// The command of an exec session.
-    pub command: Option<Vec<String>>,
-    /// Run-as user, if asked for.
-    pub run_as: Option<String>,
-    /// `pending`, `connected`, `detached` (paired before, its legs lost, waiting within the
-    /// resume window for new ones) or `closed`.
-    pub state: String,
-    /// Seconds since the Unix epoch.
-    pub created_at: i64,
-    /// Token expiry.
-    pub expires_at: i64,
-    /// When both legs paired.
-    pub connected_at: Option<i64>,
-    /// When it closed.
-    pub closed_at: Option<i64>,
-    /// Why it closed (`CloseReason::as_str`).
-    pub close_reason: Option<String>,
-    /// Payload bytes client → agent.
-    pub bytes_client_to_agent: u64,
-    /// Payload bytes agent → client.
-    pub bytes_agent_to_client: u64,
-    /// When it last became `detached` (kept once it is connected again).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detached_at: Option<i64>,
-    /// A port session's destination host, as asked (`hatch:RemoteHost`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remote_host: Option<String>,
-    /// A port session's destination port (`hatch:RemotePort`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remote_port: Option<u16>,
-}
-
-/// Which sessions to list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateFilter {
-    /// Every state.
-    All,
-    /// `pending`, `connected` or `detached`.
-    Active,
-    /// `closed`.
-    Closed,
-}
-
-/// Why registering with an activation failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RegisterError {
-    /// Unknown id or wrong code (one answer for both, so ids cannot be probed).
-    #[error("unknown activation or wrong activation code")]
-    BadActivation,
-    /// Past its expiry.
-    #[error("activation expired")]
-    Expired,
-    /// Its registration limit is used up.
-    #[error("activation has no registrations left")]
-    Exhausted,
-    /// The store failed.
-    #[error("store: {0}")]
-    Store(String),
-}
-
-/// Who an access key belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyOwner {
-    /// The key's id.
-    pub key_id: String,
-    /// The account.
-    pub account_id: String,
-    /// The user, or `None` for the account owner.
-    pub user_id: Option<String>,
-}
-
-/// The narrow interface of the control plane's persistent state.
-pub trait Store: Send + Sync + 'static {
-    /// Creates an account (session management on).
-    fn create_account(&self, account: &Account) -> anyhow::Result<()>;
-    /// One account.
-    fn account(&self, id: &str) -> anyhow::Result<Option<Account>>;
-    /// Every account.
-    fn accounts(&self) -> anyhow::Result<Vec<Account>>;
-    /// Flips the switch; false when no such account.
-    fn set_session_manager(&self, account_id: &str, enabled: bool) -> anyhow::Result<bool>;
-    /// Sets an account's session preferences; false when there is no such account.
-    fn set_session_prefs(&self, account_id: &str, prefs: SessionPrefs) -> anyhow::Result<bool>;
-
-    /// Creates a user.
-    fn create_user(&self, user: &User) -> anyhow::Result<()>;
-    /// A user by id (any account).
-    fn user(&self, id: &str) -> anyhow::Result<Option<User>>;
-    /// A user by name inside an account.
-    fn user_by_name(&self, account_id: &str, name: &str) -> anyhow::Result<Option<User>>;
-    /// The users of an account.
-    fn users(&self, account_id: &str) -> anyhow::Result<Vec<User>>;
-    /// Disables (`Some(now)`) or enables (`None`) a user; false when no such user.
-    fn set_user_disabled(&self, user_id: &str, disabled_at: Option<i64>) -> anyhow::Result<bool>;
-    /// The account's IAM generation: a counter raised by every change that can take access
-    /// away (a key revoked, a policy replaced, attached or detached, a user disabled, an
-    /// instance's tags replaced), so a running relay
-    /// re-checks the live sessions of that account only when it moved.
-    fn iam_generation(&self, account_id: &str) -> anyhow::Result<i64>;
-
-    /// Stores an access key by the SHA-256 of its secret.
-    fn insert_access_key(&self, key: &AccessKey, secret_hash: &[u8; 32]) -> anyhow::Result<()>;
-    /// The owner of the unrevoked key with this secret hash (none for a disabled user's key).
-    fn access_key_owner(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<KeyOwner>>;
-    /// Keys of an account.
-    fn access_keys(&self, account_id: &str) -> anyhow::Result<Vec<AccessKey>>;
-    /// Revokes a key; false when no such unrevoked key.
-    fn revoke_access_key(&self, key_id: &str, now: i64) -> anyhow::Result<bool>;
-
-    /// Creates or replaces a policy document.
-    fn put_policy(&self, policy: &PolicyRecord) -> anyhow::Result<()>;
-    /// Policies of an account.
-    fn policies(&self, account_id: &str) -> anyhow::Result<Vec<PolicyRecord>>;
-    /// Attaches a policy to a user; false when the policy does not exist.
-    fn attach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool>;
-    /// Detaches; false when it was not attached.
-    fn detach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool>;
-    /// The documents attached to a user.
-    fn user_policies(&self, user_id: &str) -> anyhow::Result<Vec<PolicyRecord>>;
-
-    /// Stores an activation by the SHA-256 of its code.
-    fn insert_activation(&self, act: &Activation, code_hash: &[u8; 32]) -> anyhow::Result<()>;
-    /// Activations of an account (all accounts when `None`).
-    fn activations(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Activation>>;
-    /// Atomically checks an activation and creates `instance` with it (the instance takes the
-    /// activation's account, region and tags).
-    fn register_instance(
-        &self,
-        activation_id: &str,
-        code_hash: &[u8; 32],
-        instance_id: &str,
-        secret_hash: &[u8; 32],
-        hostname: Option<&str>,
-        now: i64,
-    ) -> Result<Instance, RegisterError>;
-
-    /// The instance with this secret hash.
-    fn instance_by_secret(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<Instance>>;
-    /// An instance of an account (`None` for another account's instance too).
-    fn instance(&self, account_id: &str, id: &str) -> anyhow::Result<Option<Instance>>;
-    /// Instances of an account (all when `None`).
-    fn instances(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Instance>>;
-    /// Replaces an instance's tags; false when no such instance.
-    fn set_instance_tags(&self, id: &str, tags: &Tags) -> anyhow::Result<bool>;
-    /// Records when the instance's control channel was last seen.
-    fn touch_instance(&self, id: &str, now: i64) -> anyhow::Result<()>;
-
-    /// Stores a new session (`pending`).
-    fn insert_session(&self, s: &SessionRecord) -> anyhow::Result<()>;
-    /// A session of an account (any account when `None`).
-    fn session(&self, account_id: Option<&str>, id: &str) -> anyhow::Result<Option<SessionRecord>>;
-    /// Sessions of an account, newest first, `limit` of them, older than `before` (a session
-    /// id from the previous page) when given.
-    fn sessions(
-        &self,
-        account_id: Option<&str>,
-        filter: StateFilter,
-        limit: u32,
-        before: Option<&str>,
-    ) -> anyhow::Result<Vec<SessionRecord>>;
-    /// `pending` → `connected`; false when it was not pending.
-    fn mark_connected(&self, id: &str, at: i64) -> anyhow::Result<bool>;
-    /// `connected` → `detached` at `at`; false when it was not connected.
-    fn mark_detached(&self, id: &str, at: i64) -> anyhow::Result<bool>;
-    /// `detached` → `connected`; false when it was not detached.
-    fn mark_resumed(&self, id: &str) -> anyhow::Result<bool>;
-    /// Relay start with a resume window: in one transaction, closes the `pending` sessions as
-    /// `reason` (never paired: nothing to resume) and makes every `connected` or `detached`
-    /// one `detached` at `at`; returns how many were closed, and the detached records.
-    fn recover_open(&self, reason: &str, at: i64) -> anyhow::Result<(usize, Vec<SessionRecord>)>;
-    /// Closes the `pending` sessions only (relay shutdown with a resume window); returns how
-    /// many.
-    fn close_pending(&self, reason: &str, at: i64) -> anyhow::Result<usize>;
-    /// Closes a session unless already closed; false when it was (then only larger byte
-    /// counts are recorded).
-    fn close_session(
-        &self,
-        id: &str,
-        reason: &str,
-        bytes_client_to_agent: u64,
-        bytes_agent_to_client: u64,
-        at: i64,
-    ) -> anyhow::Result<bool>;
-    /// Records the byte counts of live sessions so far (`(id, client → agent, agent →
-    /// client)`), in one transaction; counts only grow, so a smaller (older) count is ignored,
-    /// and a closed record is left alone (its final counts come with its end).
-    fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()>;
-    /// Closes every open session (relay start after a crash, relay shutdown); returns how many.
-    /// Byte counts stay as last recorded.
-    fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize>;
-    /// `(session id, instance id)` of sessions closed at or after `at`.
-    fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>>;
-    /// Deletes at most `limit` closed sessions closed before `before`, oldest first; returns
-    /// how many. Open sessions are never deleted.
-    fn prune_closed(&self, before: i64, limit: u32) -> anyhow::Result<usize>;
-    /// Applies an agent's counts of a session whose end a relay lost: only to a session of
-    /// `instance_id` closed as `reason` (`relay_shutdown`), and only raising counts. False when
-    /// no such session exists (then nothing changed).
-    fn record_lost_counts(
-        &self,
-        id: &str,
-        instance_id: &str,
-        reason: &str,
-        bytes_client_to_agent: u64,
-        bytes_agent_to_client: u64,
-    ) -> anyhow::Result<bool>;
-}
+use super::schema::MIGRATIONS;
+use super::{
+    AccessKey, Account, Activation, CloseReason, Instance, KeyOwner, Mode, PolicyRecord,
+    RegisterError, SessionPrefs, SessionRecord, SessionState, StateFilter, Store, Tags, User,
+};
 
 /// Compiled statements kept per connection: every query the API and the session life run, with
 /// room to spare (rusqlite's default is 16).
 const STATEMENT_CACHE: usize = 64;
-
-/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE accounts (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    session_manager_enabled INTEGER NOT NULL DEFAULT 1,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE users (
-    id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL REFERENCES accounts(id),
-    name TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    UNIQUE (account_id, name)
-);
-CREATE TABLE access_keys (
-    id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL REFERENCES accounts(id),
-    user_id TEXT REFERENCES users(id),
-    secret_hash BLOB NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL,
-    revoked_at INTEGER
-);
-CREATE TABLE policies (
-    account_id TEXT NOT NULL REFERENCES accounts(id),
-    name TEXT NOT NULL,
-    document TEXT NOT NULL,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (account_id, name)
-);
-CREATE TABLE policy_attachments (
-    account_id TEXT NOT NULL,
-    user_id TEXT NOT NULL REFERENCES users(id),
-    policy_name TEXT NOT NULL,
-    PRIMARY KEY (user_id, policy_name),
-    FOREIGN KEY (account_id, policy_name) REFERENCES policies(account_id, name)
-);
-CREATE TABLE activations (
-    id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL REFERENCES accounts(id),
-    code_hash BLOB NOT NULL,
-    region TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    max_registrations INTEGER NOT NULL,
-    registrations INTEGER NOT NULL DEFAULT 0,
-    expires_at INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE instances (
-    id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL REFERENCES accounts(id),
-    activation_id TEXT NOT NULL,
-    region TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    hostname TEXT,
-    secret_hash BLOB NOT NULL UNIQUE,
-    registered_at INTEGER NOT NULL,
-    last_seen INTEGER
-);
-CREATE INDEX instances_account ON instances (account_id);
-CREATE TABLE sessions (
-    id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL,
-    principal TEXT NOT NULL,
-    access_key_id TEXT NOT NULL,
-    source_ip TEXT NOT NULL,
-    instance_id TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    command TEXT,
-    run_as TEXT,
-    state TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    connected_at INTEGER,
-    closed_at INTEGER,
-    close_reason TEXT,
-    bytes_client_to_agent INTEGER NOT NULL DEFAULT 0,
-    bytes_agent_to_client INTEGER NOT NULL DEFAULT 0,
-    seq INTEGER NOT NULL
-);
-CREATE INDEX sessions_account_seq ON sessions (account_id, seq);
-CREATE INDEX sessions_open ON sessions (state) WHERE state != 'closed';
-"#,
-    // New sessions take MAX(seq) + 1: without this index that is a scan of every session.
-    r#"
-CREATE INDEX sessions_seq ON sessions (seq);
-"#,
-    // The running relay looks for sessions closed by `hatch-relay admin` (another process).
-    r#"
-CREATE INDEX sessions_closed_at ON sessions (closed_at) WHERE closed_at IS NOT NULL;
-"#,
-    // Revocation reaches live sessions: disabled users, and a counter of access-removing
-    // changes per account that the running relay watches.
-    r#"
-ALTER TABLE users ADD COLUMN disabled_at INTEGER;
-ALTER TABLE accounts ADD COLUMN iam_generation INTEGER NOT NULL DEFAULT 0;
-"#,
-    // Durable sessions: state `detached` (a `state` value, no schema change) and when.
-    r#"
-ALTER TABLE sessions ADD COLUMN detached_at INTEGER;
-"#,
-    // Port sessions: the destination, so that a resume and a recheck evaluate
-    // StartPortForwarding with the keys the start was evaluated with.
-    r#"
-ALTER TABLE sessions ADD COLUMN remote_host TEXT;
-ALTER TABLE sessions ADD COLUMN remote_port INTEGER;
-"#,
-    // Per-account session preferences (NULL: the relay's flags).
-    r#"
-ALTER TABLE accounts ADD COLUMN idle_timeout_s INTEGER;
-ALTER TABLE accounts ADD COLUMN max_duration_s INTEGER;
-"#,
-];
 
 /// Raises an account's IAM generation (inside the caller's statement sequence).
 fn bump_iam(conn: &Connection, account_id: &str) -> rusqlite::Result<()> {
@@ -742,15 +279,18 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         access_key_id: r.get(3)?,
         source_ip: r.get(4)?,
         instance_id: r.get(5)?,
-        mode: r.get(6)?,
+        mode: enum_col(6, r, mode_of)?,
         command,
         run_as: r.get(8)?,
-        state: r.get(9)?,
+        state: enum_col(9, r, SessionState::parse)?,
         created_at: r.get(10)?,
         expires_at: r.get(11)?,
         connected_at: r.get(12)?,
         closed_at: r.get(13)?,
-        close_reason: r.get(14)?,
+        close_reason: match r.get_ref(14)?.as_str_or_null()? {
+            None => None,
+            Some(s) => Some(CloseReason::parse(s).ok_or_else(|| unknown_name(14, s))?),
+        },
         bytes_client_to_agent: u64::try_from(c2a).unwrap_or(0),
         bytes_agent_to_client: u64::try_from(a2c).unwrap_or(0),
         detached_at: r.get(17)?,
@@ -760,6 +300,34 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
 }
 
 /// SQLite stores integers as i64; byte counts beyond i64::MAX saturate.
+fn mode_of(s: &str) -> Option<Mode> {
+    Some(match s {
+        "shell" => Mode::Shell,
+        "exec" => Mode::Exec,
+        "port" => Mode::Port,
+        _ => return None,
+    })
+}
+
+/// A name column read into its enum; a name this version does not know is an error naming the
+/// column and the value (a store written by a newer relay), never a silent default.
+fn enum_col<T>(
+    col: usize,
+    r: &rusqlite::Row<'_>,
+    parse: fn(&str) -> Option<T>,
+) -> rusqlite::Result<T> {
+    let s = r.get_ref(col)?.as_str()?;
+    parse(s).ok_or_else(|| unknown_name(col, s))
+}
+
+fn unknown_name(col: usize, s: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        col,
+        rusqlite::types::Type::Text,
+        format!("unknown name {s:?}").into(),
+    )
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -1053,7 +621,7 @@ impl Store for SqliteStore {
         let Some((act, stored)) = row else {
             return Err(RegisterError::BadActivation);
         };
-        if !super::credentials::hashes_equal(&stored, code_hash) {
+        if !crate::control::credentials::hashes_equal(&stored, code_hash) {
             return Err(RegisterError::BadActivation);
         }
         if now >= act.expires_at {
@@ -1163,15 +731,15 @@ impl Store for SqliteStore {
                 s.access_key_id,
                 s.source_ip,
                 s.instance_id,
-                s.mode,
+                s.mode.as_str(),
                 command,
                 s.run_as,
-                s.state,
+                s.state.as_str(),
                 s.created_at,
                 s.expires_at,
                 s.connected_at,
                 s.closed_at,
-                s.close_reason,
+                s.close_reason.map(CloseReason::as_str),
                 to_i64(s.bytes_client_to_agent),
                 to_i64(s.bytes_agent_to_client),
                 s.detached_at,
@@ -1242,13 +810,17 @@ impl Store for SqliteStore {
         Ok(n == 1)
     }
 
-    fn recover_open(&self, reason: &str, at: i64) -> anyhow::Result<(usize, Vec<SessionRecord>)> {
+    fn recover_open(
+        &self,
+        reason: CloseReason,
+        at: i64,
+    ) -> anyhow::Result<(usize, Vec<SessionRecord>)> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let closed = tx.execute(
             "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
              WHERE state = 'pending'",
-            params![reason, at],
+            params![reason.as_str(), at],
         )?;
         tx.execute(
             "UPDATE sessions SET state = 'detached', detached_at = ?1 \
@@ -1265,11 +837,11 @@ impl Store for SqliteStore {
         Ok((closed, recs))
     }
 
-    fn close_pending(&self, reason: &str, at: i64) -> anyhow::Result<usize> {
+    fn close_pending(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
         let n = self.lock().execute(
             "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
              WHERE state = 'pending'",
-            params![reason, at],
+            params![reason.as_str(), at],
         )?;
         Ok(n)
     }
@@ -1277,7 +849,7 @@ impl Store for SqliteStore {
     fn close_session(
         &self,
         id: &str,
-        reason: &str,
+        reason: CloseReason,
         c2a: u64,
         a2c: u64,
         at: i64,
@@ -1290,7 +862,7 @@ impl Store for SqliteStore {
              bytes_client_to_agent = MAX(bytes_client_to_agent, ?4), \
              bytes_agent_to_client = MAX(bytes_agent_to_client, ?5) \
              WHERE id = ?1 AND state != 'closed'",
-            params![id, reason, at, to_i64(c2a), to_i64(a2c)],
+            params![id, reason.as_str(), at, to_i64(c2a), to_i64(a2c)],
         )?;
         if n == 0 && (c2a > 0 || a2c > 0) {
             // Closed earlier (terminate, switch): the data plane's later report still brings
@@ -1340,7 +912,7 @@ impl Store for SqliteStore {
         &self,
         id: &str,
         instance_id: &str,
-        reason: &str,
+        reason: CloseReason,
         c2a: u64,
         a2c: u64,
     ) -> anyhow::Result<bool> {
@@ -1348,16 +920,16 @@ impl Store for SqliteStore {
             "UPDATE sessions SET bytes_client_to_agent = MAX(bytes_client_to_agent, ?4), \
              bytes_agent_to_client = MAX(bytes_agent_to_client, ?5) \
              WHERE id = ?1 AND instance_id = ?2 AND state = 'closed' AND close_reason = ?3",
-            params![id, instance_id, reason, to_i64(c2a), to_i64(a2c)],
+            params![id, instance_id, reason.as_str(), to_i64(c2a), to_i64(a2c)],
         )?;
         Ok(n == 1)
     }
 
-    fn close_all_open(&self, reason: &str, at: i64) -> anyhow::Result<usize> {
+    fn close_all_open(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
         let n = self.lock().execute(
             "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
              WHERE state != 'closed'",
-            params![reason, at],
+            params![reason.as_str(), at],
         )?;
         Ok(n)
     }
@@ -1450,14 +1022,14 @@ mod tests {
         assert!(!s.mark_connected("s-1", 5).unwrap());
         // A close that brings lower counts than a progress report keeps the higher ones.
         s.record_progress(&[("s-1".into(), 3, 9)]).unwrap();
-        assert!(s.close_session("s-1", "exit", 3, 4, 6).unwrap());
+        assert!(s.close_session("s-1", CloseReason::Exit, 3, 4, 6).unwrap());
         assert_eq!(s.session(None, "s-1").unwrap().unwrap().bytes_agent_to_client, 9);
-        assert!(!s.close_session("s-1", "error", 0, 0, 7).unwrap());
+        assert!(!s.close_session("s-1", CloseReason::Error, 0, 0, 7).unwrap());
         let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
-        assert_eq!((got.close_reason.as_deref(), got.bytes_client_to_agent), (Some("exit"), 3));
+        assert_eq!((got.close_reason, got.bytes_client_to_agent), (Some(CloseReason::Exit), 3));
         assert_eq!(s.sessions(None, StateFilter::Closed, 10, None).unwrap().len(), 1);
         assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 4);
-        assert_eq!(s.close_all_open("relay_shutdown", 9).unwrap(), 4);
+        assert_eq!(s.close_all_open(CloseReason::RelayShutdown, 9).unwrap(), 4);
     }
 
     /// A store written by the relay before durable sessions (four migrations) opens, gains
@@ -1494,27 +1066,27 @@ mod tests {
         assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 1);
         assert!(s.mark_resumed("s-old").unwrap());
         assert!(!s.mark_resumed("s-old").unwrap());
-        assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, "connected");
+        assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, SessionState::Connected);
 
         s.insert_session(&pending("s-pend", 3)).unwrap();
         s.insert_session(&pending("s-det", 4)).unwrap();
         assert!(s.mark_connected("s-det", 5).unwrap());
         assert!(s.mark_detached("s-det", 6).unwrap());
         s.insert_session(&pending("s-done", 4)).unwrap();
-        assert!(s.close_session("s-done", "exit", 1, 1, 7).unwrap());
-        let (closed, recs) = s.recover_open("relay_shutdown", 20).unwrap();
+        assert!(s.close_session("s-done", CloseReason::Exit, 1, 1, 7).unwrap());
+        let (closed, recs) = s.recover_open(CloseReason::RelayShutdown, 20).unwrap();
         assert_eq!(closed, 1);
         let ids: Vec<(&str, Option<i64>)> =
             recs.iter().map(|r| (r.id.as_str(), r.detached_at)).collect();
         assert_eq!(ids, [("s-old", Some(20)), ("s-det", Some(20))]);
         let pend = s.session(None, "s-pend").unwrap().unwrap();
-        assert_eq!(pend.close_reason.as_deref(), Some("relay_shutdown"));
+        assert_eq!(pend.close_reason, Some(CloseReason::RelayShutdown));
         let done = s.session(None, "s-done").unwrap().unwrap();
-        assert_eq!(done.close_reason.as_deref(), Some("exit"));
+        assert_eq!(done.close_reason, Some(CloseReason::Exit));
 
         s.insert_session(&pending("s-pend2", 8)).unwrap();
-        assert_eq!(s.close_pending("relay_shutdown", 21).unwrap(), 1);
-        assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, "detached");
+        assert_eq!(s.close_pending(CloseReason::RelayShutdown, 21).unwrap(), 1);
+        assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, SessionState::Detached);
     }
 
     fn pending(id: &str, created_at: i64) -> SessionRecord {
@@ -1525,10 +1097,10 @@ mod tests {
             access_key_id: "ak".into(),
             source_ip: "127.0.0.1".into(),
             instance_id: "i-1".into(),
-            mode: "shell".into(),
+            mode: Mode::Shell,
             command: None,
             run_as: None,
-            state: "pending".into(),
+            state: SessionState::Pending,
             created_at,
             expires_at: created_at + 600,
             connected_at: None,
@@ -1550,10 +1122,12 @@ mod tests {
         account(&s, "acct-1");
         for i in 0..10 {
             s.insert_session(&pending(&format!("s-old{i}"), i)).unwrap();
-            assert!(s.close_session(&format!("s-old{i}"), "exit", 1, 1, 100 + i).unwrap());
+            assert!(
+                s.close_session(&format!("s-old{i}"), CloseReason::Exit, 1, 1, 100 + i).unwrap()
+            );
         }
         s.insert_session(&pending("s-new", 5)).unwrap();
-        assert!(s.close_session("s-new", "exit", 1, 1, 500).unwrap());
+        assert!(s.close_session("s-new", CloseReason::Exit, 1, 1, 500).unwrap());
         s.insert_session(&pending("s-open", 0)).unwrap();
         s.insert_session(&pending("s-live", 1)).unwrap();
         assert!(s.mark_connected("s-live", 2).unwrap());
@@ -1610,9 +1184,9 @@ mod tests {
         let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
         assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
         // The next start closes what the killed relay left open, keeping the counts.
-        assert_eq!(s.close_all_open("relay_shutdown", 9).unwrap(), 1);
+        assert_eq!(s.close_all_open(CloseReason::RelayShutdown, 9).unwrap(), 1);
         let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
-        assert_eq!(got.close_reason.as_deref(), Some("relay_shutdown"));
+        assert_eq!(got.close_reason, Some(CloseReason::RelayShutdown));
         assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
         // The agent's counts of the lost end raise them; another instance's agent, a lower
         // count, or a session that ended otherwise change nothing.
@@ -1620,23 +1194,26 @@ mod tests {
             let r = s.session(None, id).unwrap().unwrap();
             (r.state, r.close_reason, r.bytes_client_to_agent, r.bytes_agent_to_client)
         };
-        assert!(!s.record_lost_counts("s-1", "i-2", "relay_shutdown", 99, 999).unwrap());
+        assert!(!s.record_lost_counts("s-1", "i-2", CloseReason::RelayShutdown, 99, 999).unwrap());
         assert_eq!(counts(&s, "s-1").2, 10);
-        assert!(s.record_lost_counts("s-1", "i-1", "relay_shutdown", 12, 150).unwrap());
-        let want = ("closed".to_owned(), Some("relay_shutdown".to_owned()), 12, 200);
+        assert!(s.record_lost_counts("s-1", "i-1", CloseReason::RelayShutdown, 12, 150).unwrap());
+        let want = (SessionState::Closed, Some(CloseReason::RelayShutdown), 12, 200);
         assert_eq!(counts(&s, "s-1"), want);
-        assert!(s.record_lost_counts("s-1", "i-1", "relay_shutdown", 3, 4).unwrap());
+        assert!(s.record_lost_counts("s-1", "i-1", CloseReason::RelayShutdown, 3, 4).unwrap());
         assert_eq!(counts(&s, "s-1"), want);
-        assert!(!s.record_lost_counts("s-nope", "i-1", "relay_shutdown", 1, 1).unwrap());
+        assert!(!s.record_lost_counts("s-nope", "i-1", CloseReason::RelayShutdown, 1, 1).unwrap());
         let mut other = s.session(None, "s-1").unwrap().unwrap();
         other.id = "s-2".into();
-        other.state = "pending".into();
+        other.state = SessionState::Pending;
         other.close_reason = None;
         (other.bytes_client_to_agent, other.bytes_agent_to_client) = (0, 0);
         s.insert_session(&other).unwrap();
-        assert!(!s.record_lost_counts("s-2", "i-1", "relay_shutdown", 50, 50).unwrap());
-        assert!(s.close_session("s-2", "client_closed", 1, 2, 10).unwrap());
-        assert!(!s.record_lost_counts("s-2", "i-1", "relay_shutdown", 50, 50).unwrap());
-        assert_eq!(counts(&s, "s-2"), ("closed".into(), Some("client_closed".into()), 1, 2));
+        assert!(!s.record_lost_counts("s-2", "i-1", CloseReason::RelayShutdown, 50, 50).unwrap());
+        assert!(s.close_session("s-2", CloseReason::ClientClosed, 1, 2, 10).unwrap());
+        assert!(!s.record_lost_counts("s-2", "i-1", CloseReason::RelayShutdown, 50, 50).unwrap());
+        assert_eq!(
+            counts(&s, "s-2"),
+            (SessionState::Closed, Some(CloseReason::ClientClosed), 1, 2)
+        );
     }
 }

@@ -1,0 +1,418 @@
+//! The control plane's store: accounts, users, access keys, policies, activations, instances
+//! and sessions.
+//!
+//! [`Store`] is the narrow interface the API codes against; [`SqliteStore`] is the embedded
+//! default (one file, WAL, schema migrations at open). A PostgreSQL store for a fleet of relays
+//! would implement the same trait. Every method is synchronous and may block on disk: the
+//! control plane calls them from `spawn_blocking`, never from an async task and never from a
+//! data-plane shard.
+//!
+//! The module is the interface and its types; `sqlite.rs` implements it and `schema.rs` holds
+//! the SQLite schema's migrations.
+//!
+//! Secrets (access keys, instance secrets, activation codes) are stored only as SHA-256 hashes
+//! of high-entropy random strings; see [`super::credentials`].
+
+mod schema;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::plane::CloseReason;
+pub use hatch_proto::api::Mode;
+
+/// Tags of an instance: key → value, ordered for stable output.
+pub type Tags = std::collections::BTreeMap<String, String>;
+
+/// An account: the unit of ownership and of the session-manager switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// `acct-` + 16 hex.
+    pub id: String,
+    /// A name for people.
+    pub name: String,
+    /// The account-wide switch: when off, no session can start.
+    pub session_manager_enabled: bool,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Session preferences (SSM's Session Preferences); `None`: the relay's own.
+    #[serde(flatten)]
+    pub prefs: SessionPrefs,
+}
+
+/// An account's session preferences: tighter than the relay's flags, never looser (the API
+/// refuses a value past the relay's cap). They apply to sessions started after they are set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPrefs {
+    /// Idle timeout in seconds (`--idle-timeout` when `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+    /// Longest session in seconds (`--max-duration` when `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_s: Option<u64>,
+}
+
+/// A user inside an account (not the owner): needs policies to do anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// `u-` + 16 hex.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Unique inside the account.
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// When the user was disabled: their keys authenticate nothing and their live sessions
+    /// end (4012). `None` while enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<i64>,
+}
+
+/// An access key as stored (the secret itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKey {
+    /// `ak-` + 16 hex, shown in lists and used to revoke.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// The user it belongs to; `None` for an account owner's key.
+    pub user_id: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// When revoked, if it was.
+    pub revoked_at: Option<i64>,
+}
+
+/// A named policy document of an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// Owning account.
+    pub account_id: String,
+    /// Unique inside the account.
+    pub name: String,
+    /// The JSON document (validated before it is stored).
+    pub document: String,
+    /// Seconds since the Unix epoch.
+    pub updated_at: i64,
+}
+
+/// An activation: lets agents register instances into an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activation {
+    /// `act-` + 16 hex.
+    pub id: String,
+    /// Account the instances join.
+    pub account_id: String,
+    /// Region of the instances.
+    pub region: String,
+    /// Tags given to each instance.
+    pub tags: Tags,
+    /// How many instances may register with it.
+    pub max_registrations: u32,
+    /// How many did.
+    pub registrations: u32,
+    /// Seconds since the Unix epoch.
+    pub expires_at: i64,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// A registered instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// `i-` + 16 hex.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Region (from the activation).
+    pub region: String,
+    /// Tags (from the activation, changed by `admin instances tag`).
+    pub tags: Tags,
+    /// Host name the agent reported.
+    pub hostname: Option<String>,
+    /// The activation it registered with.
+    pub activation_id: String,
+    /// Seconds since the Unix epoch.
+    pub registered_at: i64,
+    /// Last time its control channel was seen up (connect, heartbeat, disconnect).
+    pub last_seen: Option<i64>,
+}
+
+/// A session as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// `s-` + 16 hex.
+    pub id: String,
+    /// Account of the instance.
+    pub account_id: String,
+    /// `owner` or the user id.
+    pub principal: String,
+    /// The access key used.
+    pub access_key_id: String,
+    /// Caller's address as the API saw it.
+    pub source_ip: String,
+    /// Target instance.
+    pub instance_id: String,
+    /// Shell, exec or port.
+    pub mode: Mode,
+    /// The command of an exec session.
+    pub command: Option<Vec<String>>,
+    /// Run-as user, if asked for.
+    pub run_as: Option<String>,
+    /// Where it is in its life.
+    pub state: SessionState,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Token expiry.
+    pub expires_at: i64,
+    /// When both legs paired.
+    pub connected_at: Option<i64>,
+    /// When it closed.
+    pub closed_at: Option<i64>,
+    /// Why it closed.
+    pub close_reason: Option<CloseReason>,
+    /// Payload bytes client → agent.
+    pub bytes_client_to_agent: u64,
+    /// Payload bytes agent → client.
+    pub bytes_agent_to_client: u64,
+    /// When it last became `detached` (kept once it is connected again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_at: Option<i64>,
+    /// A port session's destination host, as asked (`hatch:RemoteHost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_host: Option<String>,
+    /// A port session's destination port (`hatch:RemotePort`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_port: Option<u16>,
+}
+
+/// A session's state in the store (DESIGN.md "Session states").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// Started, waiting for both legs.
+    Pending,
+    /// Both legs paired.
+    Connected,
+    /// Paired before, its legs lost: waiting within the resume window for new ones.
+    Detached,
+    /// Ended; `close_reason` says why.
+    Closed,
+}
+
+impl SessionState {
+    /// The name stored and shown by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Pending => "pending",
+            SessionState::Connected => "connected",
+            SessionState::Detached => "detached",
+            SessionState::Closed => "closed",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => SessionState::Pending,
+            "connected" => SessionState::Connected,
+            "detached" => SessionState::Detached,
+            "closed" => SessionState::Closed,
+            _ => return None,
+        })
+    }
+
+    /// Whether the session has not ended.
+    pub fn is_open(self) -> bool {
+        self != SessionState::Closed
+    }
+}
+
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which sessions to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    /// Every state.
+    All,
+    /// `pending`, `connected` or `detached`.
+    Active,
+    /// `closed`.
+    Closed,
+}
+
+/// Why registering with an activation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// Unknown id or wrong code (one answer for both, so ids cannot be probed).
+    #[error("unknown activation or wrong activation code")]
+    BadActivation,
+    /// Past its expiry.
+    #[error("activation expired")]
+    Expired,
+    /// Its registration limit is used up.
+    #[error("activation has no registrations left")]
+    Exhausted,
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(String),
+}
+
+/// Who an access key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOwner {
+    /// The key's id.
+    pub key_id: String,
+    /// The account.
+    pub account_id: String,
+    /// The user, or `None` for the account owner.
+    pub user_id: Option<String>,
+}
+
+/// The narrow interface of the control plane's persistent state.
+pub trait Store: Send + Sync + 'static {
+    /// Creates an account (session management on).
+    fn create_account(&self, account: &Account) -> anyhow::Result<()>;
+    /// One account.
+    fn account(&self, id: &str) -> anyhow::Result<Option<Account>>;
+    /// Every account.
+    fn accounts(&self) -> anyhow::Result<Vec<Account>>;
+    /// Flips the switch; false when no such account.
+    fn set_session_manager(&self, account_id: &str, enabled: bool) -> anyhow::Result<bool>;
+    /// Sets an account's session preferences; false when there is no such account.
+    fn set_session_prefs(&self, account_id: &str, prefs: SessionPrefs) -> anyhow::Result<bool>;
+
+    /// Creates a user.
+    fn create_user(&self, user: &User) -> anyhow::Result<()>;
+    /// A user by id (any account).
+    fn user(&self, id: &str) -> anyhow::Result<Option<User>>;
+    /// A user by name inside an account.
+    fn user_by_name(&self, account_id: &str, name: &str) -> anyhow::Result<Option<User>>;
+    /// The users of an account.
+    fn users(&self, account_id: &str) -> anyhow::Result<Vec<User>>;
+    /// Disables (`Some(now)`) or enables (`None`) a user; false when no such user.
+    fn set_user_disabled(&self, user_id: &str, disabled_at: Option<i64>) -> anyhow::Result<bool>;
+    /// The account's IAM generation: a counter raised by every change that can take access
+    /// away (a key revoked, a policy replaced, attached or detached, a user disabled, an
+    /// instance's tags replaced), so a running relay
+    /// re-checks the live sessions of that account only when it moved.
+    fn iam_generation(&self, account_id: &str) -> anyhow::Result<i64>;
+
+    /// Stores an access key by the SHA-256 of its secret.
+    fn insert_access_key(&self, key: &AccessKey, secret_hash: &[u8; 32]) -> anyhow::Result<()>;
+    /// The owner of the unrevoked key with this secret hash (none for a disabled user's key).
+    fn access_key_owner(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<KeyOwner>>;
+    /// Keys of an account.
+    fn access_keys(&self, account_id: &str) -> anyhow::Result<Vec<AccessKey>>;
+    /// Revokes a key; false when no such unrevoked key.
+    fn revoke_access_key(&self, key_id: &str, now: i64) -> anyhow::Result<bool>;
+
+    /// Creates or replaces a policy document.
+    fn put_policy(&self, policy: &PolicyRecord) -> anyhow::Result<()>;
+    /// Policies of an account.
+    fn policies(&self, account_id: &str) -> anyhow::Result<Vec<PolicyRecord>>;
+    /// Attaches a policy to a user; false when the policy does not exist.
+    fn attach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool>;
+    /// Detaches; false when it was not attached.
+    fn detach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool>;
+    /// The documents attached to a user.
+    fn user_policies(&self, user_id: &str) -> anyhow::Result<Vec<PolicyRecord>>;
+
+    /// Stores an activation by the SHA-256 of its code.
+    fn insert_activation(&self, act: &Activation, code_hash: &[u8; 32]) -> anyhow::Result<()>;
+    /// Activations of an account (all accounts when `None`).
+    fn activations(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Activation>>;
+    /// Atomically checks an activation and creates `instance` with it (the instance takes the
+    /// activation's account, region and tags).
+    fn register_instance(
+        &self,
+        activation_id: &str,
+        code_hash: &[u8; 32],
+        instance_id: &str,
+        secret_hash: &[u8; 32],
+        hostname: Option<&str>,
+        now: i64,
+    ) -> Result<Instance, RegisterError>;
+
+    /// The instance with this secret hash.
+    fn instance_by_secret(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<Instance>>;
+    /// An instance of an account (`None` for another account's instance too).
+    fn instance(&self, account_id: &str, id: &str) -> anyhow::Result<Option<Instance>>;
+    /// Instances of an account (all when `None`).
+    fn instances(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Instance>>;
+    /// Replaces an instance's tags; false when no such instance.
+    fn set_instance_tags(&self, id: &str, tags: &Tags) -> anyhow::Result<bool>;
+    /// Records when the instance's control channel was last seen.
+    fn touch_instance(&self, id: &str, now: i64) -> anyhow::Result<()>;
+
+    /// Stores a new session (`pending`).
+    fn insert_session(&self, s: &SessionRecord) -> anyhow::Result<()>;
+    /// A session of an account (any account when `None`).
+    fn session(&self, account_id: Option<&str>, id: &str) -> anyhow::Result<Option<SessionRecord>>;
+    /// Sessions of an account, newest first, `limit` of them, older than `before` (a session
+    /// id from the previous page) when given.
+    fn sessions(
+        &self,
+        account_id: Option<&str>,
+        filter: StateFilter,
+        limit: u32,
+        before: Option<&str>,
+    ) -> anyhow::Result<Vec<SessionRecord>>;
+    /// `pending` → `connected`; false when it was not pending.
+    fn mark_connected(&self, id: &str, at: i64) -> anyhow::Result<bool>;
+    /// `connected` → `detached` at `at`; false when it was not connected.
+    fn mark_detached(&self, id: &str, at: i64) -> anyhow::Result<bool>;
+    /// `detached` → `connected`; false when it was not detached.
+    fn mark_resumed(&self, id: &str) -> anyhow::Result<bool>;
+    /// Relay start with a resume window: in one transaction, closes the `pending` sessions as
+    /// `reason` (never paired: nothing to resume) and makes every `connected` or `detached`
+    /// one `detached` at `at`; returns how many were closed, and the detached records.
+    fn recover_open(
+        &self,
+        reason: CloseReason,
+        at: i64,
+    ) -> anyhow::Result<(usize, Vec<SessionRecord>)>;
+    /// Closes the `pending` sessions only (relay shutdown with a resume window); returns how
+    /// many.
+    fn close_pending(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize>;
+    /// Closes a session unless already closed; false when it was (then only larger byte
+    /// counts are recorded).
+    fn close_session(
+        &self,
+        id: &str,
+        reason: CloseReason,
+        bytes_client_to_agent: u64,
+        bytes_agent_to_client: u64,
+        at: i64,
+    ) -> anyhow::Result<bool>;
+    /// Records the byte counts of live sessions so far (`(id, client → agent, agent →
+    /// client)`), in one transaction; counts only grow, so a smaller (older) count is ignored,
+    /// and a closed record is left alone (its final counts come with its end).
+    fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()>;
+    /// Closes every open session (relay start after a crash, relay shutdown); returns how many.
+    /// Byte counts stay as last recorded.
+    fn close_all_open(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize>;
+    /// `(session id, instance id)` of sessions closed at or after `at`.
+    fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>>;
+    /// Deletes at most `limit` closed sessions closed before `before`, oldest first; returns
+    /// how many. Open sessions are never deleted.
+    fn prune_closed(&self, before: i64, limit: u32) -> anyhow::Result<usize>;
+    /// Applies an agent's counts of a session whose end a relay lost: only to a session of
+    /// `instance_id` closed as `reason` (`relay_shutdown`), and only raising counts. False when
+    /// no such session exists (then nothing changed).
+    fn record_lost_counts(
+        &self,
+        id: &str,
+        instance_id: &str,
+        reason: CloseReason,
+        bytes_client_to_agent: u64,
+        bytes_agent_to_client: u64,
+    ) -> anyhow::Result<bool>;
+}

@@ -1,0 +1,116 @@
+//! The SQLite store's schema: its migrations, applied in order at open.
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    session_manager_enabled INTEGER NOT NULL DEFAULT 1,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (account_id, name)
+);
+CREATE TABLE access_keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    user_id TEXT REFERENCES users(id),
+    secret_hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE policies (
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    document TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (account_id, name)
+);
+CREATE TABLE policy_attachments (
+    account_id TEXT NOT NULL,
+    user_id TEXT NOT NULL REFERENCES users(id),
+    policy_name TEXT NOT NULL,
+    PRIMARY KEY (user_id, policy_name),
+    FOREIGN KEY (account_id, policy_name) REFERENCES policies(account_id, name)
+);
+CREATE TABLE activations (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    code_hash BLOB NOT NULL,
+    region TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    max_registrations INTEGER NOT NULL,
+    registrations INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    activation_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    hostname TEXT,
+    secret_hash BLOB NOT NULL UNIQUE,
+    registered_at INTEGER NOT NULL,
+    last_seen INTEGER
+);
+CREATE INDEX instances_account ON instances (account_id);
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    access_key_id TEXT NOT NULL,
+    source_ip TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    command TEXT,
+    run_as TEXT,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    connected_at INTEGER,
+    closed_at INTEGER,
+    close_reason TEXT,
+    bytes_client_to_agent INTEGER NOT NULL DEFAULT 0,
+    bytes_agent_to_client INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX sessions_account_seq ON sessions (account_id, seq);
+CREATE INDEX sessions_open ON sessions (state) WHERE state != 'closed';
+"#,
+    // New sessions take MAX(seq) + 1: without this index that is a scan of every session.
+    r#"
+CREATE INDEX sessions_seq ON sessions (seq);
+"#,
+    // The running relay looks for sessions closed by `hatch-relay admin` (another process).
+    r#"
+CREATE INDEX sessions_closed_at ON sessions (closed_at) WHERE closed_at IS NOT NULL;
+"#,
+    // Revocation reaches live sessions: disabled users, and a counter of access-removing
+    // changes per account that the running relay watches.
+    r#"
+ALTER TABLE users ADD COLUMN disabled_at INTEGER;
+ALTER TABLE accounts ADD COLUMN iam_generation INTEGER NOT NULL DEFAULT 0;
+"#,
+    // Durable sessions: state `detached` (a `state` value, no schema change) and when.
+    r#"
+ALTER TABLE sessions ADD COLUMN detached_at INTEGER;
+"#,
+    // Port sessions: the destination, so that a resume and a recheck evaluate
+    // StartPortForwarding with the keys the start was evaluated with.
+    r#"
+ALTER TABLE sessions ADD COLUMN remote_host TEXT;
+ALTER TABLE sessions ADD COLUMN remote_port INTEGER;
+"#,
+    // Per-account session preferences (NULL: the relay's flags).
+    r#"
+ALTER TABLE accounts ADD COLUMN idle_timeout_s INTEGER;
+ALTER TABLE accounts ADD COLUMN max_duration_s INTEGER;
+"#,
+];
