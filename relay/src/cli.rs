@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::control::sessions::{Limits, Rate};
+use crate::control::live::{Limits, Rate};
 use crate::control::store::{SqliteStore, StateFilter, Store};
 use crate::control::{ControlConfig, admin, signing};
 use crate::data::DataArgs;

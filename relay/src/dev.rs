@@ -20,7 +20,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::control::store::{SqliteStore, Store};
-use crate::control::{ControlConfig, admin, sessions::Limits};
+use crate::control::{ControlConfig, admin, live::Limits};
 use crate::data::DataArgs;
 use crate::server::{Server, ServerConfig, store_path};
 

@@ -464,7 +464,7 @@ async fn agent_resume_requests_beyond_the_rate_are_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ControlConfig {
         // Three at once, then one in 1000 s: nothing refills during the test.
-        agent_resume_rate: hatch_relay::control::sessions::Rate { per_sec: 0.001, burst: 3 },
+        agent_resume_rate: hatch_relay::control::live::Rate { per_sec: 0.001, burst: 3 },
         ..config(Duration::from_secs(600))
     };
     let relay = Relay::start(dir.path(), cfg).await;

@@ -354,7 +354,7 @@ async fn per_user_limit_throttles_one_user_and_not_the_others() {
 /// `Retry-After`; other keys have their own bucket; after the wait, starts pass again.
 #[tokio::test]
 async fn session_starts_are_rate_limited_per_access_key_with_retry_after() {
-    use hatch_relay::control::sessions::Rate;
+    use hatch_relay::control::live::Rate;
     // One start per 4 s: the bucket cannot refill between the calls below on a loaded machine.
     let tr = TestRelay::start_with(|o| o.limits.start_rate = Rate { per_sec: 0.25, burst: 2 });
     let agent = tr.agent().await;
@@ -441,7 +441,7 @@ async fn setup_rate() {
     let tr = std::sync::Arc::new(TestRelay::start_with(|o| {
         o.limits.per_instance = 100_000;
         o.limits.per_user = 100_000;
-        o.limits.start_rate = hatch_relay::control::sessions::Rate::OFF;
+        o.limits.start_rate = hatch_relay::control::live::Rate::OFF;
     }));
     let agent = tr.agent().await;
     let body = start_body(&agent.id);

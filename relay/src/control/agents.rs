@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use super::sessions::Rate;
+use super::live::Rate;
 use crate::plane::CloseReason;
 
 /// Messages queued for one agent before a send is refused (the agent is not reading).

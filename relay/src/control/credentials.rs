@@ -30,6 +30,14 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(random_bytes::<8>()))
 }
 
+/// Whether `id` has the shape [`new_id`] gives (`prefix` + 16 lowercase hex digits): a
+/// request naming anything else is refused before any store call.
+pub fn valid_id(id: &str, prefix: &str) -> bool {
+    id.len() == prefix.len() + 16
+        && id.starts_with(prefix)
+        && id[prefix.len()..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// A 256-bit random secret with a recognisable prefix (so secret scanners can find leaks).
 pub fn new_secret(prefix: &str) -> String {
     let b = random_bytes::<32>();

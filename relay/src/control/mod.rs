@@ -1,10 +1,10 @@
 //! The control plane: HTTPS API, policy, store, agent control channels, session lifecycle.
 //!
 //! ```text
-//!  client ── POST /v1/sessions ──▶ api ── store (spawn_blocking) ── policy ── sessions (limits)
+//!  client ── POST /v1/sessions ──▶ api ──▶ sessions ── store (spawn_blocking), policy, live
 //!                                   │                                           │
 //!                                   └─▶ TokenSigner ─▶ agents::Hub ── session.open ──▶ agent
-//!  data plane ── DataEvent (channel) ──▶ on_event ──▶ store + sessions
+//!  data plane ── DataEvent (channel) ──▶ sessions::on_event ──▶ store + live
 //!  terminate / account switch ──▶ DataLink::command(DataCommand::Terminate) ──▶ data plane
 //!  client ── POST /v1/sessions/{id}/resume ─┐
 //!  agent ─── session.resume ────────────────┴▶ resume token (`res`) for a new leg
@@ -15,13 +15,19 @@
 //! window, a relay restart keeps its paired sessions too: they come back `detached` and are
 //! closed as `relay_shutdown` only when the window ends without them being resumed.
 //!
-//! - [`store`]: the persistent record behind the narrow [`store::Store`] trait (SQLite here).
+//! - [`sessions`]: the session lifecycle: start, resume, terminate and list for the API
+//!   (typed [`sessions::SessionError`]s), data-plane events, sweeps, pruning, reconcile, and
+//!   the agents' session messages.
+//! - [`store`]: the persistent record behind the narrow [`store::Store`] trait; its SQLite
+//!   implementation and schema in `store/sqlite.rs` and `store/schema.rs`.
 //! - [`credentials`]: secret generation and hashing.
 //! - [`policy`]: the policy language and its evaluation.
 //! - [`access`]: a principal's grants, and whether a live session's caller still has them.
-//! - [`api`]: the HTTP routes and the `{code, message, request_id}` errors.
+//! - [`auth`]: who is calling (`Caller`): access keys checked against the store.
+//! - [`api`]: the HTTP routes (parse, call a service, render) and the one mapping of typed
+//!   errors to `{code, message, request_id}` answers.
 //! - [`agents`]: which agents are online, their control channels.
-//! - [`sessions`]: open sessions in memory (limits, switch, pending sweep), start rate per key.
+//! - [`live`]: open sessions in memory (limits, switch, pending sweep), start rate per key.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`http`]: serving the router over TLS (tokio-rustls + hyper) with the peer address: the
 //!   connection cap, and every request head checked (JSON refusals) before hyper reads it.
@@ -32,8 +38,10 @@ pub mod access;
 pub mod admin;
 pub mod agents;
 pub mod api;
+pub mod auth;
 pub mod credentials;
 pub mod http;
+pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod sessions;
@@ -44,14 +52,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hatch_proto::control::ToAgent;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::plane::{CloseReason, DataCommand, DataEvent};
 use crate::token::TokenSigner;
-use store::{SessionState, Store};
+use sessions::{Reconciled, prune_interval};
+use store::Store;
 
 /// Close code for a session terminated through the API (DESIGN.md close codes).
 pub const CLOSE_TERMINATED: u16 = 4006;
@@ -99,7 +107,7 @@ pub struct ControlConfig {
     /// `wss` (TLS) or `ws` (`--danger-plaintext`).
     pub data_scheme: &'static str,
     /// Limits on open sessions and on the rate of session starts.
-    pub limits: sessions::Limits,
+    pub limits: live::Limits,
     /// How often the relay sends a heartbeat on each agent control channel.
     pub heartbeat_interval: Duration,
     /// A control channel silent this long is closed.
@@ -124,7 +132,7 @@ pub struct ControlConfig {
     /// paired sessions resumable for this long (`detached`), and a shutdown leaves them open.
     pub resume_window: Duration,
     /// `session.resume` requests per instance ([`agents::RESUME_RATE`] unless a test sets it).
-    pub agent_resume_rate: sessions::Rate,
+    pub agent_resume_rate: live::Rate,
     /// Bearer token `GET /metrics` takes (`--metrics-token-file`); without one, `/metrics`
     /// answers loopback peers only.
     pub metrics_token: Option<String>,
@@ -137,11 +145,11 @@ impl Default for ControlConfig {
             public_data_url: None,
             data_port: 7443,
             data_scheme: "wss",
-            limits: sessions::Limits {
+            limits: live::Limits {
                 per_instance: 1000,
                 per_account: 20_000,
                 per_user: 100,
-                start_rate: sessions::Rate { per_sec: 20.0, burst: 100 },
+                start_rate: live::Rate { per_sec: 20.0, burst: 100 },
             },
             heartbeat_interval: Duration::from_secs(15),
             heartbeat_timeout: Duration::from_secs(45),
@@ -157,15 +165,6 @@ impl Default for ControlConfig {
     }
 }
 
-/// What the reconcile loop saw on its last look.
-struct Reconciled {
-    /// Sessions closed at or after this (seconds) are looked for next.
-    since: i64,
-    /// Per account with live sessions: its IAM generation, and whether it was already the same
-    /// on the look before (then the account is settled and not re-checked).
-    generations: HashMap<String, (i64, bool)>,
-}
-
 /// State shared by every request handler and task of the control plane.
 pub(crate) struct Shared {
     cfg: ControlConfig,
@@ -173,10 +172,10 @@ pub(crate) struct Shared {
     signer: TokenSigner,
     data: Arc<dyn DataLink>,
     agents: agents::Hub,
-    live: sessions::LiveSessions,
-    start_rate: sessions::StartRate,
+    live: live::LiveSessions,
+    start_rate: live::StartRate,
     /// `session.resume` requests per instance (`cfg.agent_resume_rate`).
-    resume_rate: sessions::StartRate,
+    resume_rate: live::StartRate,
     metrics: metrics::Metrics,
     shutdown: CancellationToken,
 }
@@ -190,6 +189,14 @@ pub struct ControlPlane {
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Seconds since the epoch as RFC 3339 (UTC), as the API shows times.
+pub fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
 }
 
 fn unix_of(t: SystemTime) -> i64 {
@@ -207,7 +214,7 @@ impl ControlPlane {
         signer: TokenSigner,
         data: Arc<dyn DataLink>,
     ) -> anyhow::Result<Self> {
-        let live = sessions::LiveSessions::default();
+        let live = live::LiveSessions::default();
         let reason = CloseReason::RelayShutdown;
         if cfg.resume_window.is_zero() {
             let n = store.close_all_open(reason, unix_now())?;
@@ -218,7 +225,7 @@ impl ControlPlane {
             let (closed, recovered) = store.recover_open(reason, unix_now())?;
             let deadline = Instant::now() + cfg.resume_window;
             for r in &recovered {
-                let who = sessions::Admission {
+                let who = live::Admission {
                     account: &r.account_id,
                     instance: &r.instance_id,
                     principal: &r.principal,
@@ -248,8 +255,8 @@ impl ControlPlane {
                 data,
                 agents: agents::Hub::default(),
                 live,
-                start_rate: sessions::StartRate::default(),
-                resume_rate: sessions::StartRate::default(),
+                start_rate: live::StartRate::default(),
+                resume_rate: live::StartRate::default(),
                 metrics: metrics::Metrics::default(),
                 shutdown: CancellationToken::new(),
             }),
@@ -347,7 +354,7 @@ impl ControlPlane {
         let keep = !s.cfg.resume_window.is_zero();
         let ids = s.live.all();
         for id in &ids {
-            if keep && s.live.state(id) != Some(sessions::LiveState::Pending) {
+            if keep && s.live.state(id) != Some(live::LiveState::Pending) {
                 continue;
             }
             s.live.remove(id);
@@ -391,499 +398,4 @@ impl Shared {
             warn!(err = %e, "recording instance last-seen failed");
         }
     }
-
-    /// Closes an open session in the store and the live map; true when it was open.
-    async fn close(&self, id: &str, reason: CloseReason, c2a: u64, a2c: u64) -> bool {
-        self.live.remove(id);
-        let sid = id.to_owned();
-        let now = unix_now();
-        match self.blocking(move |s| s.close_session(&sid, reason, c2a, a2c, now)).await {
-            Ok(true) => {
-                self.metrics.session_closed(reason.as_str());
-                true
-            }
-            Ok(false) => false,
-            Err(e) => {
-                warn!(session = %id, err = %e, "recording session close failed");
-                false
-            }
-        }
-    }
-
-    /// Writes the queued progress reports (live sessions' byte counts so far), emptying it.
-    async fn record_progress(&self, rows: &mut Vec<(String, u64, u64)>) {
-        if rows.is_empty() {
-            return;
-        }
-        let rows = std::mem::take(rows);
-        let n = rows.len();
-        if let Err(e) = self.blocking(move |s| s.record_progress(&rows)).await {
-            warn!(sessions = n, err = %e, "recording session byte counts failed");
-        }
-    }
-
-    async fn on_event(&self, ev: DataEvent) {
-        use sessions::LiveState;
-        match ev {
-            DataEvent::Detached { session_id, at } => {
-                if self.live.set_state(&session_id, LiveState::Detached).is_some() {
-                    debug!(session = %session_id, "session detached");
-                    let at = unix_of(at);
-                    let sid = session_id.clone();
-                    if let Err(e) = self.blocking(move |s| s.mark_detached(&sid, at)).await {
-                        warn!(session = %session_id, err = %e, "recording detach failed");
-                    }
-                }
-            }
-            DataEvent::Resumed { session_id, .. } => {
-                if self.live.set_state(&session_id, LiveState::Connected).is_some() {
-                    debug!(session = %session_id, "session resumed");
-                    self.record_resumed(&session_id).await;
-                }
-            }
-            DataEvent::Connected { session_id, at } => {
-                match self.live.set_state(&session_id, LiveState::Connected) {
-                    Some(LiveState::Pending) => {
-                        let at = unix_of(at);
-                        let sid = session_id.clone();
-                        if let Err(e) = self.blocking(move |s| s.mark_connected(&sid, at)).await {
-                            warn!(session = %session_id, err = %e, "recording connect failed");
-                        }
-                    }
-                    // A session recovered at start: this data plane never saw it, so the
-                    // pairing of its two resumed legs is a first one here.
-                    Some(LiveState::Detached) => self.record_resumed(&session_id).await,
-                    Some(LiveState::Connected) | None => {}
-                }
-            }
-            DataEvent::Ended(end)
-                if end.reason == CloseReason::RelayShutdown
-                    && !self.cfg.resume_window.is_zero()
-                    && self
-                        .live
-                        .state(&end.session_id)
-                        .is_some_and(|s| s != LiveState::Pending) =>
-            {
-                // The data plane shutting down: with a resume window the session outlives this
-                // process. Its counts are kept and its record left open (`detached`), for the
-                // next start to keep resumable.
-                debug!(session = %end.session_id, "session kept open across the relay shutdown");
-                let (c2a, a2c) = self.live.with_base(
-                    &end.session_id,
-                    end.bytes_client_to_agent,
-                    end.bytes_agent_to_client,
-                );
-                self.live.remove(&end.session_id);
-                let mut rows = vec![(end.session_id.clone(), c2a, a2c)];
-                self.record_progress(&mut rows).await;
-                let (sid, at) = (end.session_id.clone(), unix_now());
-                if let Err(e) = self.blocking(move |s| s.mark_detached(&sid, at)).await {
-                    warn!(session = %end.session_id, err = %e, "recording detach failed");
-                }
-            }
-            DataEvent::Ended(end) => {
-                debug!(session = %end.session_id, reason = end.reason.as_str(), "session ended");
-                let (c2a, a2c) = self.live.with_base(
-                    &end.session_id,
-                    end.bytes_client_to_agent,
-                    end.bytes_agent_to_client,
-                );
-                self.close(&end.session_id, end.reason, c2a, a2c).await;
-            }
-            DataEvent::Progress { session_id, bytes_client_to_agent, bytes_agent_to_client } => {
-                let (c2a, a2c) =
-                    self.live.with_base(&session_id, bytes_client_to_agent, bytes_agent_to_client);
-                let mut rows = vec![(session_id, c2a, a2c)];
-                self.record_progress(&mut rows).await;
-            }
-        }
-    }
-
-    /// Records a detached session connected again.
-    async fn record_resumed(&self, id: &str) {
-        let sid = id.to_owned();
-        if let Err(e) = self.blocking(move |s| s.mark_resumed(&sid)).await {
-            warn!(session = %id, err = %e, "recording resume failed");
-        }
-    }
-
-    async fn sweep(&self) {
-        let now = Instant::now();
-        for id in self.live.recovered_overdue(now) {
-            info!(session = %id, window_s = self.cfg.resume_window.as_secs(),
-                "session kept across a relay restart not resumed within the window; closing");
-            // As for the pending sweep: the record first, then a leg that came back alone.
-            let closed = self.close(&id, CloseReason::RelayShutdown, 0, 0).await;
-            self.data.command(DataCommand::Terminate {
-                session_id: id.clone(),
-                code: CLOSE_PAIR_TIMEOUT,
-            });
-            if closed {
-                self.tell_agent_close(&id, None, "not resumed within the resume window").await;
-            }
-        }
-        for id in self.live.overdue(now) {
-            info!(session = %id, "legs not paired before the pending timeout; closing");
-            // Recorded before the data plane is told: its own end of a leg that was waiting
-            // (`terminated`) then finds the record closed and leaves the reason alone.
-            let closed = self.close(&id, CloseReason::PairTimeout, 0, 0).await;
-            self.data.command(DataCommand::Terminate {
-                session_id: id.clone(),
-                code: CLOSE_PAIR_TIMEOUT,
-            });
-            if closed {
-                self.tell_agent_close(&id, None, "pair timeout").await;
-            }
-        }
-    }
-
-    /// Deletes closed session records older than the retention, in batches of
-    /// [`PRUNE_BATCH`] (each its own store call, so requests get the store between them), at
-    /// most [`PRUNE_BATCHES`] per call: a large backlog is worked off over several sweeps.
-    async fn prune(&self) {
-        let keep = self.cfg.session_retention;
-        if keep.is_zero() {
-            return;
-        }
-        let before = unix_now().saturating_sub(i64::try_from(keep.as_secs()).unwrap_or(i64::MAX));
-        let mut total = 0;
-        for _ in 0..PRUNE_BATCHES {
-            match self.blocking(move |s| s.prune_closed(before, PRUNE_BATCH)).await {
-                Ok(n) => {
-                    total += n;
-                    if n < PRUNE_BATCH as usize {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    warn!(err = %e, "pruning old session records failed");
-                    break;
-                }
-            }
-            tokio::task::yield_now().await;
-        }
-        if total > 0 {
-            self.metrics.sessions_pruned(total as u64);
-            info!(sessions = total, retention_s = keep.as_secs(), "pruned old session records");
-        }
-    }
-
-    /// Applies changes another process (`hatch-relay admin`) or the API made to the store:
-    /// accounts switched off end their live sessions (4010); sessions closed in the store but
-    /// still live here are terminated (4006); in an account whose IAM generation moved (a key
-    /// revoked, a policy replaced or detached, a user disabled) every live session is evaluated
-    /// again and those whose caller lost access end (4012, `access_revoked`).
-    ///
-    /// An account is re-checked when its generation is first seen and on the look after each
-    /// change as well: a session whose caller was authorised just before a change but that
-    /// became live just after the first re-check is caught by the second.
-    async fn reconcile(&self, seen: &mut Reconciled) {
-        let now = unix_now();
-        let since = seen.since;
-        // One store look per account with live sessions (not per session): the switch and the
-        // IAM generation. Sessions are read only for the accounts that need a re-check.
-        let accounts = self.live.accounts();
-        let res = self
-            .blocking(move |s| {
-                let mut off = Vec::new();
-                let mut current = Vec::with_capacity(accounts.len());
-                for a in accounts {
-                    if s.account(&a)?.is_some_and(|acc| !acc.session_manager_enabled) {
-                        off.push(a);
-                    } else {
-                        let g = s.iam_generation(&a)?;
-                        current.push((a, g));
-                    }
-                }
-                // Second granularity: look one second back so nothing closed in the same
-                // second as the last look is missed.
-                let closed = s.closed_since(since - 1)?;
-                Ok((off, closed, current))
-            })
-            .await;
-        let (off, closed, current) = match res {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(err = %e, "reconciling with the store failed");
-                return;
-            }
-        };
-        let mut generations = HashMap::with_capacity(current.len());
-        let mut changed = Vec::new();
-        for (a, g) in current {
-            let before = seen.generations.get(&a).copied();
-            let same = before.is_some_and(|(b, _)| b == g);
-            if !(same && before.is_some_and(|(_, settled)| settled)) {
-                changed.push((a.clone(), self.live.of_account(&a)));
-            }
-            generations.insert(a, (g, same));
-        }
-        let revoked = if changed.is_empty() {
-            Vec::new()
-        } else {
-            let res = self
-                .blocking(move |s| {
-                    let mut revoked = Vec::new();
-                    for (a, ids) in changed {
-                        let mut recs = Vec::with_capacity(ids.len());
-                        for id in &ids {
-                            if let Some(r) = s.session(None, id)? {
-                                recs.push(r);
-                            }
-                        }
-                        revoked.extend(access::recheck(s, &a, &recs)?);
-                    }
-                    Ok(revoked)
-                })
-                .await;
-            match res {
-                Ok(r) => r,
-                Err(e) => {
-                    // Not marked seen: the next look tries these accounts again.
-                    warn!(err = %e, "re-checking live sessions' access failed");
-                    generations.clear();
-                    Vec::new()
-                }
-            }
-        };
-        seen.since = now;
-        seen.generations = generations;
-        for account in off {
-            info!(account = %account, "session manager switched off in the store; ending sessions");
-            self.disable_account(&account).await;
-        }
-        for (rec, why) in revoked {
-            info!(session = %rec.id, account = %rec.account_id, principal = %rec.principal,
-                key = %rec.access_key_id, reason = why.words(), "caller lost access; ending session");
-            self.end_session(
-                &rec.id,
-                &rec.instance_id,
-                CLOSE_ACCESS_REVOKED,
-                CloseReason::AccessRevoked,
-                why.words(),
-            )
-            .await;
-        }
-        for (id, instance) in closed {
-            // Sessions this process closes leave the live map before the store, so a closed
-            // record that is still live was closed by someone else.
-            if self.live.remove(&id).is_some() {
-                info!(session = %id, "session closed in the store; terminating it");
-                self.data.command(DataCommand::Terminate {
-                    session_id: id.clone(),
-                    code: CLOSE_TERMINATED,
-                });
-                self.tell_agent_close(&id, Some(&instance), "terminated").await;
-            }
-        }
-    }
-
-    /// Ends every open session of an account with 4010 (the switch was turned off).
-    async fn disable_account(&self, account: &str) {
-        let ids = self.live.of_account(account);
-        let ids_for_store = ids.clone();
-        let instances: Vec<(String, String)> = match self
-            .blocking(move |s| {
-                let mut out = Vec::new();
-                for id in &ids_for_store {
-                    if let Some(r) = s.session(None, id)? {
-                        out.push((r.id, r.instance_id));
-                    }
-                }
-                Ok(out)
-            })
-            .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(err = %e, "listing sessions to end failed");
-                ids.into_iter().map(|i| (i, String::new())).collect()
-            }
-        };
-        for (id, inst) in instances {
-            self.end_session(
-                &id,
-                &inst,
-                CLOSE_DISABLED,
-                CloseReason::Terminated,
-                "session manager disabled",
-            )
-            .await;
-        }
-    }
-
-    /// Ends an open session now: data plane legs closed with `code`, store record closed as
-    /// `reason`, the agent told `why`.
-    async fn end_session(
-        &self,
-        id: &str,
-        instance: &str,
-        code: u16,
-        reason: CloseReason,
-        why: &str,
-    ) {
-        // The record first: the data plane's own report of the end (`terminated`) must find it
-        // closed already and only add the byte counts, not set its reason.
-        self.close(id, reason, 0, 0).await;
-        self.data.command(DataCommand::Terminate { session_id: id.to_owned(), code });
-        self.tell_agent_close(id, Some(instance), why).await;
-    }
-
-    async fn tell_agent_close(&self, id: &str, instance: Option<&str>, why: &str) {
-        let instance = match instance {
-            Some(i) => i.to_owned(),
-            None => {
-                let sid = id.to_owned();
-                match self.blocking(move |s| s.session(None, &sid)).await {
-                    Ok(Some(s)) => s.instance_id,
-                    _ => return,
-                }
-            }
-        };
-        let _ = self.agents.send(
-            &instance,
-            ToAgent::SessionClose { session_id: id.to_owned(), reason: why.to_owned() },
-        );
-    }
-
-    /// The agent said it could not start `id`.
-    async fn agent_failed(&self, instance: &str, id: &str) {
-        let sid = id.to_owned();
-        let inst = instance.to_owned();
-        let ok = matches!(
-            self.blocking(move |s| s.session(None, &sid)).await,
-            Ok(Some(s)) if s.instance_id == inst
-        );
-        if !ok {
-            return;
-        }
-        self.data
-            .command(DataCommand::Terminate { session_id: id.to_owned(), code: CLOSE_PEER_GONE });
-        self.close(id, agents::AGENT_FAILED, 0, 0).await;
-    }
-
-    /// An agent's `session.resume`: a resume token for a new agent leg of one of its instance's
-    /// paired, open sessions (`connected` or `detached`), or a `session.close` saying why not.
-    /// Another instance's session is answered as an unknown one and never gets a token. `None`
-    /// (no answer; the agent asks again) when the store cannot be read or the channel is gone.
-    async fn agent_resume(&self, instance: &str, id: &str) -> Option<ToAgent> {
-        let (sid, inst) = (id.to_owned(), instance.to_owned());
-        let res = self
-            .blocking(move |s| {
-                let Some(rec) = s.session(None, &sid)? else { return Ok(None) };
-                if rec.instance_id != inst {
-                    return Ok(None);
-                }
-                let acct = s.account(&rec.account_id)?;
-                let enabled = acct.as_ref().is_some_and(|a| a.session_manager_enabled);
-                let prefs = acct.map(|a| a.prefs).unwrap_or_default();
-                Ok(Some((rec, enabled, prefs)))
-            })
-            .await;
-        let why = match res {
-            Err(e) => {
-                warn!(instance = %instance, session = %hatch_proto::logtext::peer(id, 40),
-                    err = %e, "reading a session an agent asks to resume failed");
-                return None;
-            }
-            Ok(None) => "no such session on this instance",
-            Ok(Some((_, false, _))) => "session manager disabled",
-            Ok(Some((rec, true, prefs))) => match rec.state {
-                SessionState::Connected | SessionState::Detached => {
-                    return self.agent_resume_token(instance, &rec, prefs).await;
-                }
-                SessionState::Pending => "session never paired: nothing to resume",
-                SessionState::Closed => "session closed",
-            },
-        };
-        info!(instance = %instance, session = %hatch_proto::logtext::peer(id, 40), reason = why,
-            "agent's session resume refused");
-        Some(ToAgent::SessionClose { session_id: id.to_owned(), reason: why.to_owned() })
-    }
-
-    async fn agent_resume_token(
-        &self,
-        instance: &str,
-        rec: &store::SessionRecord,
-        prefs: store::SessionPrefs,
-    ) -> Option<ToAgent> {
-        // The agent's own host for the data plane, as for session.open: never a client's.
-        let base = self.agents.data_base(instance)?;
-        let now = u64::try_from(unix_now()).unwrap_or(0);
-        let issued = self.signer.issue_with(
-            &rec.id,
-            hatch_proto::token::Role::Agent,
-            &rec.instance_id,
-            &rec.account_id,
-            now,
-            crate::token::LegTerms::of(rec.mode == store::Mode::Port, prefs).resumed(),
-        );
-        match issued {
-            Ok((token, _)) => {
-                self.metrics.resume_token(false);
-                info!(instance = %instance, session = %rec.id, state = %rec.state,
-                    "agent resume token issued");
-                Some(ToAgent::SessionResume {
-                    session_id: rec.id.clone(),
-                    stream_url: format!("{base}/v1/stream/{}?role=agent", rec.id),
-                    token,
-                })
-            }
-            Err(e) => {
-                warn!(session = %rec.id, err = %e, "issuing an agent resume token failed");
-                None
-            }
-        }
-    }
-
-    /// An agent's counts of a session whose data leg died without a close from the relay
-    /// (`session.report`): applied only to a session of this agent's instance that a relay
-    /// closed as `relay_shutdown` (its own end was lost with the relay), never lowering a count.
-    /// Anything else is logged and ignored: another instance's session (a hostile or confused
-    /// agent), or a session the relay recorded itself.
-    async fn agent_report(&self, instance: &str, id: &str, c2a: u64, a2c: u64, exit: Option<i32>) {
-        let (sid, inst) = (id.to_owned(), instance.to_owned());
-        let reason = CloseReason::RelayShutdown;
-        let res = self
-            .blocking(move |s| {
-                let Some(rec) = s.session(None, &sid)? else { return Ok(None) };
-                if rec.instance_id != inst {
-                    return Ok(None);
-                }
-                let applied = s.record_lost_counts(&sid, &inst, reason, c2a, a2c)?;
-                Ok(Some((applied, rec.close_reason)))
-            })
-            .await;
-        match res {
-            Ok(Some((true, _))) => info!(
-                instance = %instance, session = %id, c2a, a2c, exit_code = ?exit,
-                "byte counts of a session lost with a relay, as its agent counted them"
-            ),
-            Ok(Some((false, reason))) => debug!(
-                instance = %instance, session = %id, close_reason = ?reason,
-                "agent's session report ignored: the relay recorded that session's end itself"
-            ),
-            Ok(None) => warn!(
-                // The id comes from the agent: clipped and escaped.
-                instance = %instance, session = %hatch_proto::logtext::peer(id, 40),
-                "agent reported a session that is not one of its instance's; ignored"
-            ),
-            Err(e) => warn!(
-                err = %e, session = %hatch_proto::logtext::peer(id, 40),
-                "recording an agent's session report failed"
-            ),
-        }
-    }
-}
-
-/// Closed session records deleted per store call: a few milliseconds of holding the store.
-const PRUNE_BATCH: u32 = 500;
-/// Store calls per prune: at most 50,000 records a run, the rest in later runs.
-const PRUNE_BATCHES: usize = 100;
-
-/// How often old session records are looked for: a tenth of the retention, between 1 s (tests
-/// with a tiny retention) and 60 s (the look is one indexed range query that finds nothing on
-/// most runs).
-fn prune_interval(retention: Duration) -> Duration {
-    (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }

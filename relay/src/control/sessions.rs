@@ -1,501 +1,1024 @@
-//! Live sessions in memory: which sessions are open, on which instance and account and for which
-//! principal, so that limits, the account switch and the pending sweep need no store query. The
-//! store remains the record. At start this map holds only what a previous run left resumable:
-//! with a resume window, its paired sessions come back as `detached`
-//! ([`LiveSessions::recover`]) with a deadline, kept in deadline order, after which those no
-//! leg came back for are closed; without one, everything a previous run left open was closed
-//! as `relay_shutdown` and the map starts empty.
+//! The session lifecycle of the control plane, in one place: start, resume and terminate
+//! (called by the HTTP handlers, answering [`SessionError`]), the data plane's events, the
+//! pending and resume-window sweep, pruning, the reconcile loop (IAM changes, the account
+//! switch, sessions closed elsewhere) and the agents' session messages.
 //!
-//! Also the admission rules of new sessions that are not about policy: [`Limits`] on open
-//! sessions per instance, account and principal ([`LiveSessions::admit`]), and the rate of
-//! session starts per access key ([`StartRate`]).
+//! Every operation keeps the store record, the live table ([`super::live`]) and the data plane
+//! in step; handlers only parse requests and render answers.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Admission limits of new sessions.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Open (pending, connected or detached) sessions per instance.
-    pub per_instance: usize,
-    /// Open sessions per account.
-    pub per_account: usize,
-    /// Open sessions per principal (a user, or the account owner), so that one caller cannot
-    /// take every slot of an instance or account.
-    pub per_user: usize,
-    /// Session starts per access key.
-    pub start_rate: Rate,
+use hatch_proto::api::{Mode, StartSessionRequest};
+use hatch_proto::control::ToAgent;
+use hatch_proto::token::Role;
+use tracing::{debug, info, warn};
+
+use super::access::ResumeRefused;
+use super::auth::Caller;
+use super::live::LimitHit;
+use super::store::{self, Instance, SessionRecord, SessionState, StateFilter};
+use super::{
+    CLOSE_ACCESS_REVOKED, CLOSE_DISABLED, CLOSE_PAIR_TIMEOUT, CLOSE_PEER_GONE, CLOSE_TERMINATED,
+    Shared, access, agents, credentials, live, policy, rfc3339, unix_now, unix_of,
+};
+use crate::plane::{CloseReason, DataCommand, DataEvent};
+use crate::token::LegTerms;
+
+/// Why a session operation was refused. [`super::api`] maps each to its status and code, in
+/// one place.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The request is malformed (400 `InvalidRequest`).
+    #[error("{0}")]
+    Invalid(String),
+    /// The caller's policy does not allow it (403 `AccessDenied`).
+    #[error("{0}")]
+    Denied(String),
+    /// The account switch is off (403 `SessionManagerDisabled`).
+    #[error("session management is switched off for account {0}")]
+    Disabled(String),
+    /// No such instance in the caller's account (404).
+    #[error("instance {0} not found")]
+    InstanceNotFound(String),
+    /// No such session in the caller's account, or one it may not see (404).
+    #[error("session {0} not found")]
+    SessionNotFound(String),
+    /// The instance's agent is not connected or not reading (409 `TargetNotConnected`).
+    #[error("{message}")]
+    NotConnected {
+        /// For a person.
+        message: String,
+        /// When the agent was last seen, if ever.
+        last_seen: Option<i64>,
+    },
+    /// A start rate or open-session limit (429 `Throttled`).
+    #[error("{message}")]
+    Throttled {
+        /// For a person.
+        message: String,
+        /// Seconds until a retry can succeed, when known (`Retry-After`).
+        retry_after: Option<u64>,
+    },
+    /// The session cannot be resumed: it ended, or never connected (409 `SessionEnded`).
+    #[error("{0}")]
+    Ended(String),
+    /// The session has a client attached and the resume did not ask to take over (409
+    /// `SessionAttached`).
+    #[error("session {0} has a client attached; resume with force to take it over")]
+    Attached(String),
+    /// The store or the signer failed (500, logged).
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
 }
 
-/// A token-bucket rate: `per_sec` on average, up to `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    /// Starts per second refilled; 0 turns the limit off.
-    pub per_sec: f64,
-    /// Starts allowed at once from a full bucket (at least 1 when the limit is on).
-    pub burst: u32,
+fn invalid(message: impl Into<String>) -> SessionError {
+    SessionError::Invalid(message.into())
 }
 
-impl Rate {
-    /// No limit.
-    pub const OFF: Rate = Rate { per_sec: 0.0, burst: 0 };
-
-    fn is_off(self) -> bool {
-        self.per_sec <= 0.0
-    }
-
-    fn capacity(self) -> f64 {
-        f64::from(self.burst.max(1))
-    }
+fn denied(message: impl Into<String>) -> SessionError {
+    SessionError::Denied(message.into())
 }
 
-/// Which limit refused a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitHit {
-    /// Too many open sessions on the instance.
-    Instance(usize),
-    /// Too many open sessions in the account.
-    Account(usize),
-    /// Too many open sessions of the caller (user or owner).
-    User(usize),
-}
-
-/// Who a new session is for, and where.
-#[derive(Debug, Clone, Copy)]
-pub struct Admission<'a> {
-    /// The instance's (and caller's) account.
-    pub account: &'a str,
-    /// The instance.
-    pub instance: &'a str,
-    /// The caller: a user id, or `owner`.
-    pub principal: &'a str,
-}
-
-/// Where an open session is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LiveState {
-    /// Token issued, its legs not both paired yet.
-    Pending,
-    /// Both legs paired.
-    Connected,
-    /// Paired before, its legs lost: waiting for new ones within the resume window.
-    Detached,
-}
-
+/// A client leg granted by [`Shared::start`] or [`Shared::resume`].
 #[derive(Debug, Clone)]
-struct Live {
-    account: String,
-    instance: String,
-    /// Key of `per_user`: account and principal (principals are unique only in an account).
-    user: String,
-    state: LiveState,
-    /// For a session recovered at start: when it is closed unless a leg pair came back (its
-    /// key in [`Inner::recovered`]).
-    recovered_deadline: Option<Instant>,
-    /// When a session still pending with no report from the data plane is closed as
-    /// `pair_timeout`: token expiry plus the data plane's pair timeout, after which no leg can
-    /// be waiting any more.
-    pending_deadline: Instant,
-    /// Byte counts (client → agent, agent → client) a previous run of the relay recorded for a
-    /// session recovered at start: this data plane counts from 0, so its reports add to them.
-    base: [u64; 2],
+pub struct Grant {
+    /// The session.
+    pub session_id: String,
+    /// The client leg's token.
+    pub token: String,
+    /// The token's expiry (seconds since the epoch).
+    pub expires_at: i64,
 }
 
-#[derive(Default)]
-struct Inner {
-    by_id: HashMap<String, Live>,
-    per_instance: HashMap<String, usize>,
-    per_account: HashMap<String, usize>,
-    per_user: HashMap<String, usize>,
-    /// Sessions recovered at start, by deadline: the sweep looks at the front only.
-    recovered: BTreeSet<(Instant, String)>,
+/// Largest exec command: arguments and total bytes.
+const MAX_COMMAND_ARGS: usize = 256;
+const MAX_COMMAND_BYTES: usize = 16 * 1024;
+
+fn validate_start(req: &StartSessionRequest) -> Result<(), SessionError> {
+    if !credentials::valid_id(&req.instance_id, "i-") {
+        return Err(invalid(format!(
+            "instance_id {:?} is not i- followed by 16 lowercase hex digits",
+            req.instance_id
+        )));
+    }
+    match (&req.mode, &req.command) {
+        (Mode::Exec, None) => return Err(invalid("mode exec needs a command")),
+        (Mode::Exec, Some(c)) if c.is_empty() => {
+            return Err(invalid("command must not be empty"));
+        }
+        (Mode::Shell, Some(_)) => {
+            return Err(invalid("command is only allowed with mode exec"));
+        }
+        _ => {}
+    }
+    match (req.mode, req.remote_port) {
+        (Mode::Port, None) => return Err(invalid("mode port needs remote_port")),
+        (Mode::Port, Some(0)) => return Err(invalid("remote_port must be 1-65535")),
+        (Mode::Port, _) if req.command.is_some() || req.tty.is_some() => {
+            return Err(invalid("command and tty are not for mode port"));
+        }
+        (Mode::Shell | Mode::Exec, _) if req.remote_port.is_some() || req.remote_host.is_some() => {
+            return Err(invalid("remote_host and remote_port are only for mode port"));
+        }
+        _ => {}
+    }
+    if let Some(h) = &req.remote_host
+        && (h.is_empty()
+            || h.len() > 253
+            || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b)))
+    {
+        return Err(invalid("remote_host must be a host name or an IP address (1-253 characters)"));
+    }
+    if req.mode == Mode::Shell && req.tty == Some(false) {
+        return Err(invalid(
+            "a shell session always has a terminal: tty false is only for mode exec",
+        ));
+    }
+    if let Some(c) = &req.command
+        && (c.len() > MAX_COMMAND_ARGS
+            || c.iter().map(|a| a.len()).sum::<usize>() > MAX_COMMAND_BYTES)
+    {
+        return Err(invalid(format!(
+            "command longer than {MAX_COMMAND_ARGS} arguments or {MAX_COMMAND_BYTES} bytes"
+        )));
+    }
+    if let Some(u) = &req.run_as
+        && !hatch_proto::api::valid_user_name(u)
+    {
+        return Err(invalid(format!("run_as {u:?} is not a valid user name")));
+    }
+    if let Some(t) = &req.term
+        && (t.is_empty() || t.len() > 64 || !t.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(invalid("term must be 1-64 printable ASCII characters"));
+    }
+    Ok(())
 }
 
-/// The open sessions of this relay.
-#[derive(Default)]
-pub struct LiveSessions {
-    inner: Mutex<Inner>,
+/// The 429 for an open-session limit.
+fn limit_hit(hit: LimitHit, inst: &Instance) -> SessionError {
+    let message = match hit {
+        LimitHit::Instance(n) => format!("{} already has {n} open sessions", inst.id),
+        LimitHit::Account(n) => format!("account already has {n} open sessions"),
+        LimitHit::User(n) => format!("you already have {n} open sessions"),
+    };
+    SessionError::Throttled { message, retry_after: None }
 }
 
-/// A removed session: where it was.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Removed {
-    /// Its instance.
-    pub instance: String,
-    /// Its state when removed.
-    pub state: LiveState,
+/// Whether a user may see (or act on) a session: their own, or allowed by policy on its
+/// instance.
+fn visible(caller: &Caller, s: &SessionRecord, instances: &[Instance], action: &str) -> bool {
+    if caller.is_owner() || caller.user_id.as_deref() == Some(s.principal.as_str()) {
+        return true;
+    }
+    instances.iter().find(|i| i.id == s.instance_id).is_some_and(|i| {
+        let ctx = caller.context(i);
+        caller.may(action, i, &ctx)
+    })
 }
 
-impl LiveSessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // Plain counters; a panic elsewhere cannot leave them half-updated in a way that
-        // matters more than refusing every request would.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+/// The requests of the API: each checks rate, switch and policy, then keeps the store, the live
+/// table and the agent in step.
+impl Shared {
+    /// Takes one session start (or resume) from the caller's access key (`--session-rate`):
+    /// the first step of both, taken before the request body is even read, so that malformed
+    /// requests count too.
+    pub(crate) fn take_start(&self, caller: &Caller) -> Result<(), SessionError> {
+        let rate = self.cfg.limits.start_rate;
+        self.start_rate.take(&caller.key_id, rate, Instant::now()).map_err(|wait| {
+            info!(user = caller.principal(), key = %caller.key_id, "session start rate exceeded");
+            SessionError::Throttled {
+                message: format!(
+                    "more than {} session starts per second (burst {}) with this access key; \
+                     retry in {} s",
+                    rate.per_sec,
+                    rate.burst,
+                    wait.as_secs()
+                ),
+                retry_after: Some(wait.as_secs()),
+            }
+        })
     }
 
-    /// Admits a new session under the limits, or says which one is hit.
-    pub fn admit(
+    /// Starts a session after [`Self::take_start`]: validation, switch, policy, limits, tokens,
+    /// the record, and `session.open` to the agent (its stream URL on the agent's own data
+    /// host, or `base`).
+    pub(crate) async fn start(
         &self,
-        id: &str,
-        who: Admission<'_>,
-        limits: Limits,
-        pending_deadline: Instant,
-    ) -> Result<(), LimitHit> {
-        let user = format!("{}/{}", who.account, who.principal);
-        let mut g = self.lock();
-        let count = |m: &HashMap<String, usize>, k: &str| m.get(k).copied().unwrap_or(0);
-        if count(&g.per_instance, who.instance) >= limits.per_instance {
-            return Err(LimitHit::Instance(limits.per_instance));
+        caller: &Caller,
+        req: &StartSessionRequest,
+        base: &str,
+    ) -> Result<Grant, SessionError> {
+        validate_start(req)?;
+        switch_on(caller)?;
+        let account_id = caller.account.id.clone();
+        let iid = req.instance_id.clone();
+        let inst = self
+            .blocking(move |s| s.instance(&account_id, &iid))
+            .await?
+            .ok_or_else(|| SessionError::InstanceNotFound(req.instance_id.clone()))?;
+        // The user the session will run as, known before the policy is evaluated: the one
+        // asked for, or the default user the agent named in its hello. `hatch:RunAs` is never
+        // absent for a session that will run, so a Deny on it cannot be stepped around by
+        // naming no user. (An offline agent has no default user here; such a request is
+        // refused below either way.)
+        let agent = self.agents.run_as(&inst.id);
+        let run_as = req.run_as.clone().or_else(|| agent.as_ref().map(|a| a.default_user.clone()));
+        let mut ctx = caller.context(&inst);
+        ctx.run_as = run_as.clone();
+        ctx.mode = Some(req.mode.as_str().to_owned());
+        // A port session is its own action, with the destination as condition keys.
+        let port = req.mode == Mode::Port;
+        let remote_host =
+            port.then(|| req.remote_host.clone().unwrap_or_else(|| "localhost".to_owned()));
+        let action = if port {
+            // No user and no mode for a port forwarding (docs/POLICY.md): nothing runs as
+            // anyone.
+            ctx.run_as = None;
+            ctx.mode = None;
+            ctx.remote_host = remote_host.clone();
+            ctx.remote_port = req.remote_port;
+            policy::START_PORT_FORWARDING
+        } else {
+            policy::START_SESSION
+        };
+        if !caller.may(action, &inst, &ctx) {
+            info!(user = caller.principal(), instance = %inst.id, action,
+                "start session denied by policy");
+            return Err(denied(format!(
+                "your policy does not allow {action} on {}",
+                policy::instance_hrn(&inst.region, &inst.account_id, &inst.id)
+            )));
         }
-        if count(&g.per_account, who.account) >= limits.per_account {
-            return Err(LimitHit::Account(limits.per_account));
+        let Some(run_as) = run_as.filter(|_| agent.is_some()) else {
+            let message = match inst.last_seen {
+                Some(t) => format!(
+                    "the agent of {} is not connected; last seen {} ({} s ago)",
+                    inst.id,
+                    rfc3339(t),
+                    (unix_now() - t).max(0)
+                ),
+                None => format!("the agent of {} has never connected", inst.id),
+            };
+            return Err(SessionError::NotConnected { message, last_seen: inst.last_seen });
+        };
+
+        let sid = credentials::new_id("s-");
+        let deadline = Instant::now() + self.cfg.pending_timeout;
+        let who = live::Admission {
+            account: &inst.account_id,
+            instance: &inst.id,
+            principal: caller.principal(),
+        };
+        self.live
+            .admit(&sid, who, self.cfg.limits, deadline)
+            .map_err(|hit| limit_hit(hit, &inst))?;
+
+        let now = unix_now();
+        let issued = (|| {
+            let now = u64::try_from(now).unwrap_or(0);
+            // A port session's idle timeout counts both directions (a download is not idle).
+            let (iid, acct) = (&inst.id, &inst.account_id);
+            let terms = LegTerms::of(port, caller.account.prefs);
+            let c = self.signer.issue_with(&sid, Role::Client, iid, acct, now, terms)?;
+            let a = self.signer.issue_with(&sid, Role::Agent, iid, acct, now, terms)?;
+            anyhow::Ok((c, a))
+        })();
+        let ((client_token, claims), (agent_token, _)) = match issued {
+            Ok(t) => t,
+            Err(e) => {
+                self.live.remove(&sid);
+                return Err(SessionError::Internal(e));
+            }
+        };
+        let rec = SessionRecord {
+            id: sid.clone(),
+            account_id: inst.account_id.clone(),
+            principal: caller.principal().to_owned(),
+            access_key_id: caller.key_id.clone(),
+            source_ip: caller.source_ip.to_string(),
+            instance_id: inst.id.clone(),
+            mode: req.mode,
+            command: req.command.clone(),
+            run_as: Some(run_as.clone()),
+            state: SessionState::Pending,
+            created_at: now,
+            expires_at: claims.exp as i64,
+            connected_at: None,
+            closed_at: None,
+            close_reason: None,
+            bytes_client_to_agent: 0,
+            bytes_agent_to_client: 0,
+            detached_at: None,
+            remote_host: remote_host.clone(),
+            remote_port: req.remote_port.filter(|_| port),
+        };
+        if let Err(e) = self.blocking(move |s| s.insert_session(&rec)).await {
+            self.live.remove(&sid);
+            return Err(SessionError::Internal(e));
         }
-        if count(&g.per_user, &user) >= limits.per_user {
-            return Err(LimitHit::User(limits.per_user));
+        self.metrics.session_started();
+        let agent_base = self.agents.data_base(&inst.id).unwrap_or_else(|| base.to_owned());
+        let open = ToAgent::SessionOpen {
+            session_id: sid.clone(),
+            stream_url: format!("{agent_base}/v1/stream/{sid}?role=agent"),
+            token: agent_token,
+            mode: req.mode,
+            command: req.command.clone(),
+            run_as: Some(run_as),
+            term: req.term.clone(),
+            tty: req.tty,
+            remote_host,
+            remote_port: req.remote_port,
+        };
+        if let Err(e) = self.agents.send(&inst.id, open) {
+            self.close(&sid, CloseReason::Error, 0, 0).await;
+            let message = match e {
+                agents::SendError::Offline => {
+                    format!("the agent of {} just disconnected", inst.id)
+                }
+                agents::SendError::Backlogged => {
+                    format!("the agent of {} is not reading its control channel", inst.id)
+                }
+            };
+            return Err(SessionError::NotConnected { message, last_seen: None });
         }
-        *g.per_instance.entry(who.instance.to_owned()).or_default() += 1;
-        *g.per_account.entry(who.account.to_owned()).or_default() += 1;
-        *g.per_user.entry(user.clone()).or_default() += 1;
-        g.by_id.insert(
-            id.to_owned(),
-            Live {
-                account: who.account.to_owned(),
-                instance: who.instance.to_owned(),
-                user,
-                state: LiveState::Pending,
-                recovered_deadline: None,
-                pending_deadline,
-                base: [0; 2],
-            },
-        );
-        Ok(())
+        info!(session = %sid, instance = %inst.id, user = caller.principal(), "session started");
+        Ok(Grant { session_id: sid, token: client_token, expires_at: claims.exp as i64 })
     }
 
-    /// Takes back a session a previous run left paired, as `detached` until `deadline`, under
-    /// no limit (it held its slot before the restart). A session already open is left alone.
-    pub fn recover(&self, id: &str, who: Admission<'_>, deadline: Instant, base: [u64; 2]) {
-        let mut g = self.lock();
-        if g.by_id.contains_key(id) {
+    /// A resume token for a new client leg of the caller's own session, after
+    /// [`Self::take_start`] (a resume signs a token as a start does: the same per-key rate),
+    /// under the same switch and policy as a start ([`access::may_resume`]).
+    pub(crate) async fn resume(
+        &self,
+        caller: &Caller,
+        id: &str,
+        force: bool,
+    ) -> Result<Grant, SessionError> {
+        switch_on(caller)?;
+        let (rec, inst) = self.session_and_instance(caller, id).await?;
+        let agent = self.agents.run_as(&rec.instance_id);
+        let default_user = agent.as_ref().map(|a| a.default_user.as_str());
+        let verdict = access::may_resume(
+            caller.principal(),
+            &caller.grants,
+            caller.source_ip,
+            &rec,
+            inst.as_ref(),
+            default_user,
+            force,
+        );
+        if let Err(why) = verdict {
+            info!(session = %rec.id, user = caller.principal(), ?why, "session resume refused");
+            return Err(match why {
+                ResumeRefused::NotFound => SessionError::SessionNotFound(id.to_owned()),
+                ResumeRefused::Denied => denied(match &inst {
+                    Some(i) => format!(
+                        "your policy does not allow {} on {}",
+                        access::start_context(&rec, i).0,
+                        policy::instance_hrn(&i.region, &i.account_id, &i.id)
+                    ),
+                    None => format!("the instance of {id} is no longer registered"),
+                }),
+                ResumeRefused::Ended if rec.state == SessionState::Pending => SessionError::Ended(
+                    format!("session {id} never connected; start a new session"),
+                ),
+                ResumeRefused::Ended => {
+                    SessionError::Ended(format!("session {id} has ended; start a new session"))
+                }
+                ResumeRefused::Attached => SessionError::Attached(id.to_owned()),
+            });
+        }
+        let now = u64::try_from(unix_now()).unwrap_or(0);
+        let (token, claims) = self.signer.issue_with(
+            &rec.id,
+            Role::Client,
+            &rec.instance_id,
+            &rec.account_id,
+            now,
+            LegTerms::of(rec.mode == Mode::Port, caller.account.prefs).resumed(),
+        )?;
+        self.metrics.resume_token(true);
+        info!(session = %rec.id, instance = %rec.instance_id, user = caller.principal(),
+            state = %rec.state, force, "session resume token issued");
+        Ok(Grant { session_id: rec.id, token, expires_at: claims.exp as i64 })
+    }
+
+    /// The caller's account's session `id` and its instance (`None` when the instance is
+    /// gone); `SessionNotFound` when the account has no such session.
+    async fn session_and_instance(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(SessionRecord, Option<Instance>), SessionError> {
+        if !credentials::valid_id(id, "s-") {
+            return Err(SessionError::SessionNotFound(id.to_owned()));
+        }
+        let account = caller.account.id.clone();
+        let sid = id.to_owned();
+        let (rec, inst) = self
+            .blocking(move |s| {
+                let Some(rec) = s.session(Some(&account), &sid)? else { return Ok((None, None)) };
+                let inst = s.instance(&account, &rec.instance_id)?;
+                Ok((Some(rec), inst))
+            })
+            .await?;
+        Ok((rec.ok_or_else(|| SessionError::SessionNotFound(id.to_owned()))?, inst))
+    }
+
+    /// The caller's session `id`, when `action` on it is allowed. A session the caller may not
+    /// describe is not shown to exist.
+    pub(crate) async fn session_for(
+        &self,
+        caller: &Caller,
+        id: &str,
+        action: &str,
+    ) -> Result<SessionRecord, SessionError> {
+        let (rec, inst) = self.session_and_instance(caller, id).await?;
+        let instances: Vec<Instance> = inst.into_iter().collect();
+        if !visible(caller, &rec, &instances, action) {
+            if action == policy::DESCRIBE_SESSIONS {
+                return Err(SessionError::SessionNotFound(id.to_owned()));
+            }
+            return Err(denied(format!("your policy does not allow {action} on {id}")));
+        }
+        Ok(rec)
+    }
+
+    /// One page of the caller's account's sessions that the caller may describe, and the
+    /// token of the next page when this one is full.
+    pub(crate) async fn list(
+        &self,
+        caller: &Caller,
+        filter: StateFilter,
+        limit: u32,
+        before: Option<String>,
+    ) -> Result<(Vec<SessionRecord>, Option<String>), SessionError> {
+        if let Some(t) = &before
+            && !credentials::valid_id(t, "s-")
+        {
+            return Err(invalid("next_token is not one this API gave out"));
+        }
+        let account = caller.account.id.clone();
+        let need_instances = !caller.is_owner();
+        let (rows, instances) = self
+            .blocking(move |s| {
+                let rows = s.sessions(Some(&account), filter, limit, before.as_deref())?;
+                let inst = if need_instances { s.instances(Some(&account))? } else { Vec::new() };
+                Ok((rows, inst))
+            })
+            .await?;
+        let next = (rows.len() == limit as usize).then(|| rows[rows.len() - 1].id.clone());
+        let rows = rows
+            .into_iter()
+            .filter(|s| visible(caller, s, &instances, policy::DESCRIBE_SESSIONS))
+            .collect();
+        Ok((rows, next))
+    }
+
+    /// Terminates the caller's session `id` (both legs closed with 4006) and returns its
+    /// record as it is now.
+    pub(crate) async fn terminate(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<SessionRecord, SessionError> {
+        let rec = self.session_for(caller, id, policy::TERMINATE_SESSION).await?;
+        if rec.state.is_open() {
+            info!(session = %rec.id, user = caller.principal(), "session terminated");
+            self.end_session(
+                &rec.id,
+                &rec.instance_id,
+                CLOSE_TERMINATED,
+                CloseReason::Terminated,
+                "terminated",
+            )
+            .await;
+        }
+        let (id, account) = (rec.id.clone(), caller.account.id.clone());
+        Ok(self.blocking(move |s| s.session(Some(&account), &id)).await?.unwrap_or(rec))
+    }
+}
+
+/// The 403 of an account whose session-manager switch is off.
+fn switch_on(caller: &Caller) -> Result<(), SessionError> {
+    if caller.account.session_manager_enabled {
+        return Ok(());
+    }
+    Err(SessionError::Disabled(caller.account.id.clone()))
+}
+
+/// What the reconcile loop saw on its last look.
+pub(super) struct Reconciled {
+    /// Sessions closed at or after this (seconds) are looked for next.
+    pub(super) since: i64,
+    /// Per account with live sessions: its IAM generation, and whether it was already the same
+    /// on the look before (then the account is settled and not re-checked).
+    pub(super) generations: HashMap<String, (i64, bool)>,
+}
+
+impl Shared {
+    /// Closes an open session in the store and the live map; true when it was open.
+    pub(super) async fn close(&self, id: &str, reason: CloseReason, c2a: u64, a2c: u64) -> bool {
+        self.live.remove(id);
+        let sid = id.to_owned();
+        let now = unix_now();
+        match self.blocking(move |s| s.close_session(&sid, reason, c2a, a2c, now)).await {
+            Ok(true) => {
+                self.metrics.session_closed(reason.as_str());
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                warn!(session = %id, err = %e, "recording session close failed");
+                false
+            }
+        }
+    }
+
+    /// Writes the queued progress reports (live sessions' byte counts so far), emptying it.
+    pub(super) async fn record_progress(&self, rows: &mut Vec<(String, u64, u64)>) {
+        if rows.is_empty() {
             return;
         }
-        let user = format!("{}/{}", who.account, who.principal);
-        *g.per_instance.entry(who.instance.to_owned()).or_default() += 1;
-        *g.per_account.entry(who.account.to_owned()).or_default() += 1;
-        *g.per_user.entry(user.clone()).or_default() += 1;
-        g.recovered.insert((deadline, id.to_owned()));
-        g.by_id.insert(
-            id.to_owned(),
-            Live {
-                account: who.account.to_owned(),
-                instance: who.instance.to_owned(),
-                user,
-                state: LiveState::Detached,
-                recovered_deadline: Some(deadline),
-                pending_deadline: deadline,
-                base,
-            },
+        let rows = std::mem::take(rows);
+        let n = rows.len();
+        if let Err(e) = self.blocking(move |s| s.record_progress(&rows)).await {
+            warn!(sessions = n, err = %e, "recording session byte counts failed");
+        }
+    }
+
+    pub(super) async fn on_event(&self, ev: DataEvent) {
+        use live::LiveState;
+        match ev {
+            DataEvent::Detached { session_id, at } => {
+                if self.live.set_state(&session_id, LiveState::Detached).is_some() {
+                    debug!(session = %session_id, "session detached");
+                    let at = unix_of(at);
+                    let sid = session_id.clone();
+                    if let Err(e) = self.blocking(move |s| s.mark_detached(&sid, at)).await {
+                        warn!(session = %session_id, err = %e, "recording detach failed");
+                    }
+                }
+            }
+            DataEvent::Resumed { session_id, .. } => {
+                if self.live.set_state(&session_id, LiveState::Connected).is_some() {
+                    debug!(session = %session_id, "session resumed");
+                    self.record_resumed(&session_id).await;
+                }
+            }
+            DataEvent::Connected { session_id, at } => {
+                match self.live.set_state(&session_id, LiveState::Connected) {
+                    Some(LiveState::Pending) => {
+                        let at = unix_of(at);
+                        let sid = session_id.clone();
+                        if let Err(e) = self.blocking(move |s| s.mark_connected(&sid, at)).await {
+                            warn!(session = %session_id, err = %e, "recording connect failed");
+                        }
+                    }
+                    // A session recovered at start: this data plane never saw it, so the
+                    // pairing of its two resumed legs is a first one here.
+                    Some(LiveState::Detached) => self.record_resumed(&session_id).await,
+                    Some(LiveState::Connected) | None => {}
+                }
+            }
+            DataEvent::Ended(end)
+                if end.reason == CloseReason::RelayShutdown
+                    && !self.cfg.resume_window.is_zero()
+                    && self
+                        .live
+                        .state(&end.session_id)
+                        .is_some_and(|s| s != LiveState::Pending) =>
+            {
+                // The data plane shutting down: with a resume window the session outlives this
+                // process. Its counts are kept and its record left open (`detached`), for the
+                // next start to keep resumable.
+                debug!(session = %end.session_id, "session kept open across the relay shutdown");
+                let (c2a, a2c) = self.live.with_base(
+                    &end.session_id,
+                    end.bytes_client_to_agent,
+                    end.bytes_agent_to_client,
+                );
+                self.live.remove(&end.session_id);
+                let mut rows = vec![(end.session_id.clone(), c2a, a2c)];
+                self.record_progress(&mut rows).await;
+                let (sid, at) = (end.session_id.clone(), unix_now());
+                if let Err(e) = self.blocking(move |s| s.mark_detached(&sid, at)).await {
+                    warn!(session = %end.session_id, err = %e, "recording detach failed");
+                }
+            }
+            DataEvent::Ended(end) => {
+                debug!(session = %end.session_id, reason = end.reason.as_str(), "session ended");
+                let (c2a, a2c) = self.live.with_base(
+                    &end.session_id,
+                    end.bytes_client_to_agent,
+                    end.bytes_agent_to_client,
+                );
+                self.close(&end.session_id, end.reason, c2a, a2c).await;
+            }
+            DataEvent::Progress { session_id, bytes_client_to_agent, bytes_agent_to_client } => {
+                let (c2a, a2c) =
+                    self.live.with_base(&session_id, bytes_client_to_agent, bytes_agent_to_client);
+                let mut rows = vec![(session_id, c2a, a2c)];
+                self.record_progress(&mut rows).await;
+            }
+        }
+    }
+
+    /// Records a detached session connected again.
+    pub(super) async fn record_resumed(&self, id: &str) {
+        let sid = id.to_owned();
+        if let Err(e) = self.blocking(move |s| s.mark_resumed(&sid)).await {
+            warn!(session = %id, err = %e, "recording resume failed");
+        }
+    }
+
+    pub(super) async fn sweep(&self) {
+        let now = Instant::now();
+        for id in self.live.recovered_overdue(now) {
+            info!(session = %id, window_s = self.cfg.resume_window.as_secs(),
+                "session kept across a relay restart not resumed within the window; closing");
+            // As for the pending sweep: the record first, then a leg that came back alone.
+            let closed = self.close(&id, CloseReason::RelayShutdown, 0, 0).await;
+            self.data.command(DataCommand::Terminate {
+                session_id: id.clone(),
+                code: CLOSE_PAIR_TIMEOUT,
+            });
+            if closed {
+                self.tell_agent_close(&id, None, "not resumed within the resume window").await;
+            }
+        }
+        for id in self.live.overdue(now) {
+            info!(session = %id, "legs not paired before the pending timeout; closing");
+            // Recorded before the data plane is told: its own end of a leg that was waiting
+            // (`terminated`) then finds the record closed and leaves the reason alone.
+            let closed = self.close(&id, CloseReason::PairTimeout, 0, 0).await;
+            self.data.command(DataCommand::Terminate {
+                session_id: id.clone(),
+                code: CLOSE_PAIR_TIMEOUT,
+            });
+            if closed {
+                self.tell_agent_close(&id, None, "pair timeout").await;
+            }
+        }
+    }
+
+    /// Deletes closed session records older than the retention, in batches of
+    /// [`PRUNE_BATCH`] (each its own store call, so requests get the store between them), at
+    /// most [`PRUNE_BATCHES`] per call: a large backlog is worked off over several sweeps.
+    pub(super) async fn prune(&self) {
+        let keep = self.cfg.session_retention;
+        if keep.is_zero() {
+            return;
+        }
+        let before = unix_now().saturating_sub(i64::try_from(keep.as_secs()).unwrap_or(i64::MAX));
+        let mut total = 0;
+        for _ in 0..PRUNE_BATCHES {
+            match self.blocking(move |s| s.prune_closed(before, PRUNE_BATCH)).await {
+                Ok(n) => {
+                    total += n;
+                    if n < PRUNE_BATCH as usize {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(err = %e, "pruning old session records failed");
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        if total > 0 {
+            self.metrics.sessions_pruned(total as u64);
+            info!(sessions = total, retention_s = keep.as_secs(), "pruned old session records");
+        }
+    }
+
+    /// Applies changes another process (`hatch-relay admin`) or the API made to the store:
+    /// accounts switched off end their live sessions (4010); sessions closed in the store but
+    /// still live here are terminated (4006); in an account whose IAM generation moved (a key
+    /// revoked, a policy replaced or detached, a user disabled) every live session is evaluated
+    /// again and those whose caller lost access end (4012, `access_revoked`).
+    ///
+    /// An account is re-checked when its generation is first seen and on the look after each
+    /// change as well: a session whose caller was authorised just before a change but that
+    /// became live just after the first re-check is caught by the second.
+    pub(super) async fn reconcile(&self, seen: &mut Reconciled) {
+        let now = unix_now();
+        let since = seen.since;
+        // One store look per account with live sessions (not per session): the switch and the
+        // IAM generation. Sessions are read only for the accounts that need a re-check.
+        let accounts = self.live.accounts();
+        let res = self
+            .blocking(move |s| {
+                let mut off = Vec::new();
+                let mut current = Vec::with_capacity(accounts.len());
+                for a in accounts {
+                    if s.account(&a)?.is_some_and(|acc| !acc.session_manager_enabled) {
+                        off.push(a);
+                    } else {
+                        let g = s.iam_generation(&a)?;
+                        current.push((a, g));
+                    }
+                }
+                // Second granularity: look one second back so nothing closed in the same
+                // second as the last look is missed.
+                let closed = s.closed_since(since - 1)?;
+                Ok((off, closed, current))
+            })
+            .await;
+        let (off, closed, current) = match res {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(err = %e, "reconciling with the store failed");
+                return;
+            }
+        };
+        let mut generations = HashMap::with_capacity(current.len());
+        let mut changed = Vec::new();
+        for (a, g) in current {
+            let before = seen.generations.get(&a).copied();
+            let same = before.is_some_and(|(b, _)| b == g);
+            if !(same && before.is_some_and(|(_, settled)| settled)) {
+                changed.push((a.clone(), self.live.of_account(&a)));
+            }
+            generations.insert(a, (g, same));
+        }
+        let revoked = if changed.is_empty() {
+            Vec::new()
+        } else {
+            let res = self
+                .blocking(move |s| {
+                    let mut revoked = Vec::new();
+                    for (a, ids) in changed {
+                        let mut recs = Vec::with_capacity(ids.len());
+                        for id in &ids {
+                            if let Some(r) = s.session(None, id)? {
+                                recs.push(r);
+                            }
+                        }
+                        revoked.extend(access::recheck(s, &a, &recs)?);
+                    }
+                    Ok(revoked)
+                })
+                .await;
+            match res {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not marked seen: the next look tries these accounts again.
+                    warn!(err = %e, "re-checking live sessions' access failed");
+                    generations.clear();
+                    Vec::new()
+                }
+            }
+        };
+        seen.since = now;
+        seen.generations = generations;
+        for account in off {
+            info!(account = %account, "session manager switched off in the store; ending sessions");
+            self.disable_account(&account).await;
+        }
+        for (rec, why) in revoked {
+            info!(session = %rec.id, account = %rec.account_id, principal = %rec.principal,
+                key = %rec.access_key_id, reason = why.words(), "caller lost access; ending session");
+            self.end_session(
+                &rec.id,
+                &rec.instance_id,
+                CLOSE_ACCESS_REVOKED,
+                CloseReason::AccessRevoked,
+                why.words(),
+            )
+            .await;
+        }
+        for (id, instance) in closed {
+            // Sessions this process closes leave the live map before the store, so a closed
+            // record that is still live was closed by someone else.
+            if self.live.remove(&id).is_some() {
+                info!(session = %id, "session closed in the store; terminating it");
+                self.data.command(DataCommand::Terminate {
+                    session_id: id.clone(),
+                    code: CLOSE_TERMINATED,
+                });
+                self.tell_agent_close(&id, Some(&instance), "terminated").await;
+            }
+        }
+    }
+
+    /// Ends every open session of an account with 4010 (the switch was turned off).
+    pub(super) async fn disable_account(&self, account: &str) {
+        let ids = self.live.of_account(account);
+        let ids_for_store = ids.clone();
+        let instances: Vec<(String, String)> = match self
+            .blocking(move |s| {
+                let mut out = Vec::new();
+                for id in &ids_for_store {
+                    if let Some(r) = s.session(None, id)? {
+                        out.push((r.id, r.instance_id));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(err = %e, "listing sessions to end failed");
+                ids.into_iter().map(|i| (i, String::new())).collect()
+            }
+        };
+        for (id, inst) in instances {
+            self.end_session(
+                &id,
+                &inst,
+                CLOSE_DISABLED,
+                CloseReason::Terminated,
+                "session manager disabled",
+            )
+            .await;
+        }
+    }
+
+    /// Ends an open session now: data plane legs closed with `code`, store record closed as
+    /// `reason`, the agent told `why`.
+    pub(super) async fn end_session(
+        &self,
+        id: &str,
+        instance: &str,
+        code: u16,
+        reason: CloseReason,
+        why: &str,
+    ) {
+        // The record first: the data plane's own report of the end (`terminated`) must find it
+        // closed already and only add the byte counts, not set its reason.
+        self.close(id, reason, 0, 0).await;
+        self.data.command(DataCommand::Terminate { session_id: id.to_owned(), code });
+        self.tell_agent_close(id, Some(instance), why).await;
+    }
+
+    pub(super) async fn tell_agent_close(&self, id: &str, instance: Option<&str>, why: &str) {
+        let instance = match instance {
+            Some(i) => i.to_owned(),
+            None => {
+                let sid = id.to_owned();
+                match self.blocking(move |s| s.session(None, &sid)).await {
+                    Ok(Some(s)) => s.instance_id,
+                    _ => return,
+                }
+            }
+        };
+        let _ = self.agents.send(
+            &instance,
+            ToAgent::SessionClose { session_id: id.to_owned(), reason: why.to_owned() },
         );
     }
 
-    /// The data plane's counts of `id` as the session's own: plus what a previous run of the
-    /// relay counted when it was recovered at start.
-    pub fn with_base(&self, id: &str, c2a: u64, a2c: u64) -> (u64, u64) {
-        let base = self.lock().by_id.get(id).map_or([0; 2], |l| l.base);
-        (base[0].saturating_add(c2a), base[1].saturating_add(a2c))
-    }
-
-    /// Sets an open session's state; returns the state before (`None` when it is not open).
-    /// Connected again, a recovered session is the data plane's from then on: its deadline
-    /// here is dropped.
-    pub fn set_state(&self, id: &str, state: LiveState) -> Option<LiveState> {
-        let mut g = self.lock();
-        let l = g.by_id.get_mut(id)?;
-        let before = l.state;
-        l.state = state;
-        let dropped =
-            if state == LiveState::Connected { l.recovered_deadline.take() } else { None };
-        if let Some(d) = dropped {
-            g.recovered.remove(&(d, id.to_owned()));
+    /// The agent said it could not start `id`.
+    pub(super) async fn agent_failed(&self, instance: &str, id: &str) {
+        let sid = id.to_owned();
+        let inst = instance.to_owned();
+        let ok = matches!(
+            self.blocking(move |s| s.session(None, &sid)).await,
+            Ok(Some(s)) if s.instance_id == inst
+        );
+        if !ok {
+            return;
         }
-        Some(before)
+        self.data
+            .command(DataCommand::Terminate { session_id: id.to_owned(), code: CLOSE_PEER_GONE });
+        self.close(id, agents::AGENT_FAILED, 0, 0).await;
     }
 
-    /// An open session's state.
-    pub fn state(&self, id: &str) -> Option<LiveState> {
-        self.lock().by_id.get(id).map(|l| l.state)
+    /// An agent's `session.resume`: a resume token for a new agent leg of one of its instance's
+    /// paired, open sessions (`connected` or `detached`), or a `session.close` saying why not.
+    /// Another instance's session is answered as an unknown one and never gets a token. `None`
+    /// (no answer; the agent asks again) when the store cannot be read or the channel is gone.
+    pub(super) async fn agent_resume(&self, instance: &str, id: &str) -> Option<ToAgent> {
+        let (sid, inst) = (id.to_owned(), instance.to_owned());
+        let res = self
+            .blocking(move |s| {
+                let Some(rec) = s.session(None, &sid)? else { return Ok(None) };
+                if rec.instance_id != inst {
+                    return Ok(None);
+                }
+                let acct = s.account(&rec.account_id)?;
+                let enabled = acct.as_ref().is_some_and(|a| a.session_manager_enabled);
+                let prefs = acct.map(|a| a.prefs).unwrap_or_default();
+                Ok(Some((rec, enabled, prefs)))
+            })
+            .await;
+        let why = match res {
+            Err(e) => {
+                warn!(instance = %instance, session = %hatch_proto::logtext::peer(id, 40),
+                    err = %e, "reading a session an agent asks to resume failed");
+                return None;
+            }
+            Ok(None) => "no such session on this instance",
+            Ok(Some((_, false, _))) => "session manager disabled",
+            Ok(Some((rec, true, prefs))) => match rec.state {
+                SessionState::Connected | SessionState::Detached => {
+                    return self.agent_resume_token(instance, &rec, prefs).await;
+                }
+                SessionState::Pending => "session never paired: nothing to resume",
+                SessionState::Closed => "session closed",
+            },
+        };
+        info!(instance = %instance, session = %hatch_proto::logtext::peer(id, 40), reason = why,
+            "agent's session resume refused");
+        Some(ToAgent::SessionClose { session_id: id.to_owned(), reason: why.to_owned() })
     }
 
-    /// Removes a session; `None` when it was not open.
-    pub fn remove(&self, id: &str) -> Option<Removed> {
-        let mut g = self.lock();
-        let live = g.by_id.remove(id)?;
-        dec(&mut g.per_instance, &live.instance);
-        dec(&mut g.per_account, &live.account);
-        dec(&mut g.per_user, &live.user);
-        if let Some(d) = live.recovered_deadline {
-            g.recovered.remove(&(d, id.to_owned()));
+    pub(super) async fn agent_resume_token(
+        &self,
+        instance: &str,
+        rec: &store::SessionRecord,
+        prefs: store::SessionPrefs,
+    ) -> Option<ToAgent> {
+        // The agent's own host for the data plane, as for session.open: never a client's.
+        let base = self.agents.data_base(instance)?;
+        let now = u64::try_from(unix_now()).unwrap_or(0);
+        let issued = self.signer.issue_with(
+            &rec.id,
+            hatch_proto::token::Role::Agent,
+            &rec.instance_id,
+            &rec.account_id,
+            now,
+            crate::token::LegTerms::of(rec.mode == store::Mode::Port, prefs).resumed(),
+        );
+        match issued {
+            Ok((token, _)) => {
+                self.metrics.resume_token(false);
+                info!(instance = %instance, session = %rec.id, state = %rec.state,
+                    "agent resume token issued");
+                Some(ToAgent::SessionResume {
+                    session_id: rec.id.clone(),
+                    stream_url: format!("{base}/v1/stream/{}?role=agent", rec.id),
+                    token,
+                })
+            }
+            Err(e) => {
+                warn!(session = %rec.id, err = %e, "issuing an agent resume token failed");
+                None
+            }
         }
-        Some(Removed { instance: live.instance, state: live.state })
     }
 
-    /// Recovered sessions whose deadline passed at `now`, no leg pair having come back for
-    /// them: only the front of the deadline order is read.
-    pub fn recovered_overdue(&self, now: Instant) -> Vec<String> {
-        self.lock()
-            .recovered
-            .iter()
-            .take_while(|(d, _)| *d <= now)
-            .map(|(_, id)| id.clone())
-            .collect()
-    }
-
-    /// Recovered sessions still waiting.
-    pub fn recovered_waiting(&self) -> usize {
-        self.lock().recovered.len()
-    }
-
-    /// Whether a session is open.
-    pub fn contains(&self, id: &str) -> bool {
-        self.lock().by_id.contains_key(id)
-    }
-
-    /// Ids of the open sessions of an account.
-    pub fn of_account(&self, account: &str) -> Vec<String> {
-        self.lock()
-            .by_id
-            .iter()
-            .filter(|(_, l)| l.account == account)
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
-    /// Accounts with open sessions.
-    pub fn accounts(&self) -> Vec<String> {
-        self.lock().per_account.keys().cloned().collect()
-    }
-
-    /// Ids of every open session.
-    pub fn all(&self) -> Vec<String> {
-        self.lock().by_id.keys().cloned().collect()
-    }
-
-    /// Pending sessions past their deadline at `now`.
-    pub fn overdue(&self, now: Instant) -> Vec<String> {
-        self.lock()
-            .by_id
-            .iter()
-            .filter(|(_, l)| l.state == LiveState::Pending && now >= l.pending_deadline)
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
-    /// `(open, pending, detached)` counts.
-    pub fn counts(&self) -> (usize, usize, usize) {
-        let g = self.lock();
-        let count = |s: LiveState| g.by_id.values().filter(|l| l.state == s).count();
-        (g.by_id.len(), count(LiveState::Pending), count(LiveState::Detached))
+    /// An agent's counts of a session whose data leg died without a close from the relay
+    /// (`session.report`): applied only to a session of this agent's instance that a relay
+    /// closed as `relay_shutdown` (its own end was lost with the relay), never lowering a count.
+    /// Anything else is logged and ignored: another instance's session (a hostile or confused
+    /// agent), or a session the relay recorded itself.
+    pub(super) async fn agent_report(
+        &self,
+        instance: &str,
+        id: &str,
+        c2a: u64,
+        a2c: u64,
+        exit: Option<i32>,
+    ) {
+        let (sid, inst) = (id.to_owned(), instance.to_owned());
+        let reason = CloseReason::RelayShutdown;
+        let res = self
+            .blocking(move |s| {
+                let Some(rec) = s.session(None, &sid)? else { return Ok(None) };
+                if rec.instance_id != inst {
+                    return Ok(None);
+                }
+                let applied = s.record_lost_counts(&sid, &inst, reason, c2a, a2c)?;
+                Ok(Some((applied, rec.close_reason)))
+            })
+            .await;
+        match res {
+            Ok(Some((true, _))) => info!(
+                instance = %instance, session = %id, c2a, a2c, exit_code = ?exit,
+                "byte counts of a session lost with a relay, as its agent counted them"
+            ),
+            Ok(Some((false, reason))) => debug!(
+                instance = %instance, session = %id, close_reason = ?reason,
+                "agent's session report ignored: the relay recorded that session's end itself"
+            ),
+            Ok(None) => warn!(
+                // The id comes from the agent: clipped and escaped.
+                instance = %instance, session = %hatch_proto::logtext::peer(id, 40),
+                "agent reported a session that is not one of its instance's; ignored"
+            ),
+            Err(e) => warn!(
+                err = %e, session = %hatch_proto::logtext::peer(id, 40),
+                "recording an agent's session report failed"
+            ),
+        }
     }
 }
 
-fn dec(map: &mut HashMap<String, usize>, key: &str) {
-    if let Some(n) = map.get_mut(key) {
-        *n -= 1;
-        if *n == 0 {
-            map.remove(key);
-        }
-    }
-}
+/// Closed session records deleted per store call: a few milliseconds of holding the store.
+const PRUNE_BATCH: u32 = 500;
+/// Store calls per prune: at most 50,000 records a run, the rest in later runs.
+const PRUNE_BATCHES: usize = 100;
 
-/// When a [`StartRate`] holds more keys than this, the keys whose bucket has refilled are
-/// forgotten (a full bucket is the same as no entry), so memory follows the keys active in the
-/// last `burst / per_sec` seconds, not every key ever seen.
-const RATE_KEYS_BEFORE_PRUNE: usize = 4096;
-
-/// Session starts per access key: one token bucket per key, refilled at [`Rate::per_sec`] up to
-/// [`Rate::burst`]. Time is a parameter, so tests need no clock.
-#[derive(Default)]
-pub struct StartRate {
-    buckets: Mutex<HashMap<String, Bucket>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn refilled(self, rate: Rate, now: Instant) -> f64 {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        (self.tokens + dt * rate.per_sec).min(rate.capacity())
-    }
-}
-
-impl StartRate {
-    /// Takes one start for `key` at `now`; when its bucket is empty, how long until the next
-    /// start would be allowed (rounded up to whole seconds for `Retry-After`, at least 1 s).
-    pub fn take(&self, key: &str, rate: Rate, now: Instant) -> Result<(), Duration> {
-        if rate.is_off() {
-            return Ok(());
-        }
-        // Buckets only; a panic elsewhere cannot leave one in a state worse than full or empty.
-        let mut g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if g.len() >= RATE_KEYS_BEFORE_PRUNE && !g.contains_key(key) {
-            g.retain(|_, b| b.refilled(rate, now) < rate.capacity());
-        }
-        let tokens = g.get(key).map_or(rate.capacity(), |b| b.refilled(rate, now));
-        if tokens >= 1.0 {
-            g.insert(key.to_owned(), Bucket { tokens: tokens - 1.0, at: now });
-            return Ok(());
-        }
-        g.insert(key.to_owned(), Bucket { tokens, at: now });
-        let wait = ((1.0 - tokens) / rate.per_sec).ceil().max(1.0);
-        Err(Duration::from_secs_f64(wait.min(f64::from(u32::MAX))))
-    }
-
-    /// Keys with a bucket in memory.
-    pub fn keys(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lim(per_instance: usize, per_account: usize, per_user: usize) -> Limits {
-        Limits { per_instance, per_account, per_user, start_rate: Rate::OFF }
-    }
-
-    fn who<'a>(account: &'a str, instance: &'a str, principal: &'a str) -> Admission<'a> {
-        Admission { account, instance, principal }
-    }
-
-    #[test]
-    fn limits_count_open_sessions_and_free_on_remove() {
-        let live = LiveSessions::default();
-        let lim = lim(2, 3, 100);
-        let t = Instant::now();
-        live.admit("s1", who("a", "i1", "owner"), lim, t).unwrap();
-        live.admit("s2", who("a", "i1", "owner"), lim, t).unwrap();
-        assert_eq!(live.admit("s3", who("a", "i1", "owner"), lim, t), Err(LimitHit::Instance(2)));
-        live.admit("s3", who("a", "i2", "owner"), lim, t).unwrap();
-        assert_eq!(live.admit("s4", who("a", "i3", "owner"), lim, t), Err(LimitHit::Account(3)));
-        live.admit("s4", who("b", "i3", "owner"), lim, t).unwrap();
-        assert_eq!(live.set_state("s1", LiveState::Connected), Some(LiveState::Pending));
-        let mut overdue = live.overdue(t);
-        overdue.sort();
-        assert_eq!(overdue, ["s2", "s3", "s4"]);
-        let removed = Removed { instance: "i1".into(), state: LiveState::Connected };
-        assert_eq!(live.remove("s1"), Some(removed));
-        assert_eq!(live.remove("s1"), None);
-        live.admit("s5", who("a", "i1", "owner"), lim, t).unwrap();
-        assert_eq!(live.counts(), (4, 4, 0));
-        assert_eq!(live.of_account("b"), vec!["s4".to_owned()]);
-    }
-
-    /// One principal's open sessions are capped, pending or connected; other principals, and
-    /// the same user id in another account, keep their own count; a closed session frees it.
-    #[test]
-    fn per_user_limit_is_per_principal_of_an_account() {
-        let live = LiveSessions::default();
-        let lim = lim(1000, 1000, 2);
-        let t = Instant::now();
-        live.admit("s1", who("a", "i1", "u-1"), lim, t).unwrap();
-        live.admit("s2", who("a", "i2", "u-1"), lim, t).unwrap();
-        assert!(live.set_state("s2", LiveState::Connected).is_some());
-        assert_eq!(live.admit("s3", who("a", "i3", "u-1"), lim, t), Err(LimitHit::User(2)));
-        live.admit("s3", who("a", "i1", "u-2"), lim, t).unwrap();
-        live.admit("s4", who("a", "i1", "owner"), lim, t).unwrap();
-        live.admit("s5", who("b", "i9", "u-1"), lim, t).unwrap();
-        live.remove("s1");
-        live.admit("s6", who("a", "i3", "u-1"), lim, t).unwrap();
-        assert_eq!(live.admit("s7", who("a", "i3", "u-1"), lim, t), Err(LimitHit::User(2)));
-        // The refused admissions left no trace in the other counts.
-        assert_eq!(live.counts(), (5, 4, 0));
-    }
-
-    /// Sessions recovered at start count under the limits (without being refused by them),
-    /// are not pending, and come due in deadline order; one connected again or removed is no
-    /// longer due.
-    #[test]
-    fn recovered_sessions_count_and_come_due_in_order() {
-        let live = LiveSessions::default();
-        let lim = lim(2, 100, 100);
-        let t = Instant::now();
-        let (d1, d2) = (t + Duration::from_secs(1), t + Duration::from_secs(2));
-        live.recover("r2", who("a", "i1", "u-1"), d2, [0; 2]);
-        live.recover("r1", who("a", "i1", "u-1"), d1, [0; 2]);
-        live.recover("r3", who("a", "i1", "u-1"), d2, [0; 2]);
-        // Already open: left as it is.
-        live.recover("r3", who("a", "i1", "u-1"), d1, [0; 2]);
-        assert_eq!(live.counts(), (3, 0, 3));
-        assert_eq!(live.admit("s1", who("a", "i1", "u-1"), lim, t), Err(LimitHit::Instance(2)));
-        assert!(live.overdue(t + Duration::from_secs(9)).is_empty());
-        assert!(live.recovered_overdue(t).is_empty());
-        assert_eq!(live.recovered_overdue(d1), ["r1"]);
-        assert_eq!(live.recovered_overdue(d2), ["r1", "r2", "r3"]);
-        assert_eq!(live.set_state("r2", LiveState::Connected), Some(LiveState::Detached));
-        live.remove("r1");
-        assert_eq!(live.recovered_overdue(d2), ["r3"]);
-        assert_eq!(live.recovered_waiting(), 1);
-        // Detached again later (by the data plane): the deadline is not taken back.
-        live.set_state("r2", LiveState::Detached);
-        assert_eq!(live.recovered_overdue(d2), ["r3"]);
-        assert_eq!(live.counts(), (2, 0, 2));
-    }
-
-    #[test]
-    fn start_rate_allows_a_burst_then_the_refill_rate() {
-        let r = StartRate::default();
-        let rate = Rate { per_sec: 2.0, burst: 3 };
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            r.take("ak-1", rate, t0).unwrap();
-        }
-        // Empty: one token comes back in half a second, told as 1 s (whole seconds).
-        assert_eq!(r.take("ak-1", rate, t0), Err(Duration::from_secs(1)));
-        // Another key has its own bucket.
-        r.take("ak-2", rate, t0).unwrap();
-        // A refused start costs nothing: half a second later one token is there.
-        r.take("ak-1", rate, t0 + Duration::from_millis(500)).unwrap();
-        assert!(r.take("ak-1", rate, t0 + Duration::from_millis(500)).is_err());
-        // Ten seconds idle refill to the burst, not beyond.
-        let later = t0 + Duration::from_secs(10);
-        for _ in 0..3 {
-            r.take("ak-1", rate, later).unwrap();
-        }
-        assert!(r.take("ak-1", rate, later).is_err());
-        // A slow rate says how long to wait.
-        let slow = Rate { per_sec: 0.1, burst: 1 };
-        r.take("ak-3", slow, t0).unwrap();
-        assert_eq!(r.take("ak-3", slow, t0), Err(Duration::from_secs(10)));
-        // Off: no limit, no memory.
-        let n = r.keys();
-        for _ in 0..1000 {
-            r.take("ak-4", Rate::OFF, t0).unwrap();
-        }
-        assert_eq!(r.keys(), n);
-    }
-
-    #[test]
-    fn start_rate_forgets_refilled_keys_when_many() {
-        let r = StartRate::default();
-        let rate = Rate { per_sec: 2.0, burst: 2 };
-        let t0 = Instant::now();
-        for i in 0..RATE_KEYS_BEFORE_PRUNE {
-            r.take(&format!("ak-{i}"), rate, t0).unwrap();
-        }
-        assert_eq!(r.keys(), RATE_KEYS_BEFORE_PRUNE);
-        // One key starts again later, so its bucket is still short when the others are full.
-        let t1 = t0 + Duration::from_millis(250);
-        r.take("ak-7", rate, t1).unwrap();
-        let t2 = t0 + Duration::from_millis(500);
-        r.take("ak-new", rate, t2).unwrap();
-        assert_eq!(r.keys(), 2);
-        // ak-7 kept its count: 1.5 tokens after its second start, 0.5 then, 1 now.
-        r.take("ak-7", rate, t2).unwrap();
-        assert!(r.take("ak-7", rate, t2).is_err());
-    }
+/// How often old session records are looked for: a tenth of the retention, between 1 s (tests
+/// with a tiny retention) and 60 s (the look is one indexed range query that finds nothing on
+/// most runs).
+pub(super) fn prune_interval(retention: Duration) -> Duration {
+    (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }

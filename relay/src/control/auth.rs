@@ -1,0 +1,145 @@
+//! Who is calling: the access key of a request checked against the store, and what its holder
+//! may do ([`Caller`]). Instance secrets (agents) are checked where the control channel is
+//! opened; both read the bearer credential with [`require_bearer`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::{HeaderMap, StatusCode, header, request::Parts};
+use hatch_proto::api::codes;
+
+use super::access::Grants;
+use super::api::ApiError;
+use super::policy::Context;
+use super::store::{Account, Instance};
+use super::{Shared, credentials};
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The caller's account (as read for this request).
+    pub account: Account,
+    /// The user, or `None` for the account owner.
+    pub user_id: Option<String>,
+    /// The access key used.
+    pub key_id: String,
+    /// What the caller may do.
+    pub grants: Grants,
+    /// The caller's address (IPv4-mapped IPv6 given as IPv4).
+    pub source_ip: IpAddr,
+}
+
+impl Caller {
+    pub fn principal(&self) -> &str {
+        self.user_id.as_deref().unwrap_or("owner")
+    }
+
+    pub fn is_owner(&self) -> bool {
+        self.user_id.is_none()
+    }
+
+    /// Whether `action` on `inst` is allowed in `ctx` (the owner may do everything in the
+    /// account).
+    pub fn may(&self, action: &str, inst: &Instance, ctx: &Context) -> bool {
+        self.grants.may(action, &self.account.id, inst, ctx)
+    }
+
+    pub fn context(&self, inst: &Instance) -> Context {
+        Context {
+            source_ip: Some(self.source_ip),
+            region: Some(inst.region.clone()),
+            instance_id: Some(inst.id.clone()),
+            run_as: None,
+            mode: None,
+            remote_host: None,
+            remote_port: None,
+            tags: inst.tags.clone(),
+        }
+    }
+}
+
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+/// The bearer credential of a request, or the 401 that names what was expected (`what`: "access
+/// key", "instance secret"), counted as a failed authentication.
+pub(crate) fn require_bearer<'h>(
+    shared: &Shared,
+    headers: &'h HeaderMap,
+    what: &str,
+) -> Result<&'h str, ApiError> {
+    bearer(headers).ok_or_else(|| {
+        shared.metrics.auth_failed("missing");
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::INVALID_TOKEN,
+            format!("missing Authorization: Bearer <{what}>"),
+        )
+    })
+}
+
+/// IPv4-mapped IPv6 addresses (dual-stack listeners) are policy-checked as IPv4.
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+pub(crate) async fn authenticate(
+    shared: &Shared,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Caller, ApiError> {
+    let key = require_bearer(shared, headers, "access key")?;
+    let hash = credentials::hash(key);
+    let found = shared
+        .blocking(move |s| {
+            let Some(owner) = s.access_key_owner(&hash)? else { return Ok(None) };
+            let Some(account) = s.account(&owner.account_id)? else { return Ok(None) };
+            let docs = match &owner.user_id {
+                Some(u) => s.user_policies(u)?,
+                None => Vec::new(),
+            };
+            Ok(Some((owner, account, docs)))
+        })
+        .await?;
+    let Some((owner, account, docs)) = found else {
+        shared.metrics.auth_failed("unknown_key");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::INVALID_TOKEN,
+            "access key not recognised (never issued or revoked)",
+        ));
+    };
+    let grants = match owner.user_id {
+        Some(_) => Grants::of_user(&docs),
+        None => Grants::owner(),
+    };
+    Ok(Caller {
+        account,
+        user_id: owner.user_id,
+        key_id: owner.key_id,
+        grants,
+        source_ip: canonical_ip(peer.ip()),
+    })
+}
+
+/// A handler taking a [`Caller`] answers only an authenticated request (401 otherwise).
+impl FromRequestParts<Arc<Shared>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        shared: &Arc<Shared>,
+    ) -> Result<Self, Self::Rejection> {
+        let ConnectInfo(peer) = ConnectInfo::<SocketAddr>::from_request_parts(parts, shared)
+            .await
+            .map_err(|e| ApiError::new(e.status(), codes::INTERNAL_ERROR, e.body_text()))?;
+        authenticate(shared, &parts.headers, peer).await
+    }
+}
