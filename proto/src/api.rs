@@ -219,6 +219,158 @@ pub struct AccountSettingsUpdate {
     pub max_duration_s: Option<u64>,
 }
 
+/// A user as the IAM API shows it (`GET|POST /v1/users`, `DELETE /v1/users/{name}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// `u-` followed by 16 hex digits.
+    pub user_id: String,
+    /// Unique inside the account; the API addresses users by it.
+    pub name: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// RFC 3339 UTC, when the user was disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<String>,
+    /// Names of the policies attached.
+    #[serde(default)]
+    pub policies: Vec<String>,
+}
+
+/// `GET /v1/users` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserList {
+    /// The account's users.
+    pub users: Vec<UserInfo>,
+}
+
+/// `POST /v1/users` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    /// 1-64 letters, digits, `.`, `_`, `@`, `-`.
+    pub name: String,
+}
+
+/// An access key as the IAM API shows it (never its secret, except once at creation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKeyInfo {
+    /// `ak-` followed by 16 hex digits.
+    pub access_key_id: String,
+    /// The user's name; absent for an account owner's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// RFC 3339 UTC, when revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+    /// The secret: only in the answer to `POST /v1/access-keys`, never again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// `GET /v1/access-keys` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKeyList {
+    /// Keys the caller may list.
+    pub access_keys: Vec<AccessKeyInfo>,
+}
+
+/// `POST /v1/access-keys` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccessKeyRequest {
+    /// The user's name; absent: a key of the account owner (the owner only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// A policy as the IAM API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// Unique inside the account.
+    pub name: String,
+    /// The document, as JSON.
+    pub document: serde_json::Value,
+    /// RFC 3339 UTC.
+    pub updated_at: String,
+    /// Names of the users it is attached to.
+    #[serde(default)]
+    pub attached_to: Vec<String>,
+}
+
+/// `GET /v1/policies` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyList {
+    /// The account's policies.
+    pub policies: Vec<PolicyInfo>,
+}
+
+/// `PUT /v1/instances/{id}/tags` body: the instance's new tags (replacing all of them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagInstanceRequest {
+    /// Key → value.
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+/// An activation as the IAM API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationInfo {
+    /// `act-` followed by 16 hex digits.
+    pub activation_id: String,
+    /// Region its instances join.
+    pub region: String,
+    /// Tags each instance gets.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// How many instances may register with it.
+    pub max_registrations: u32,
+    /// How many did.
+    pub registrations: u32,
+    /// RFC 3339 UTC.
+    pub expires_at: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// RFC 3339 UTC, when revoked (no registration is accepted after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+    /// The activation code: only in the answer to `POST /v1/activations`, never again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_code: Option<String>,
+}
+
+/// `GET /v1/activations` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationList {
+    /// The account's activations.
+    pub activations: Vec<ActivationInfo>,
+}
+
+/// `POST /v1/activations` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateActivationRequest {
+    /// 1-64 letters, digits or `-`.
+    pub region: String,
+    /// Tags each instance gets.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// How many instances may register with it (default 1).
+    #[serde(default = "one")]
+    pub max_registrations: u32,
+    /// How long it is valid, in seconds (default 86,400: a day; at most 30 days).
+    #[serde(default = "a_day")]
+    pub valid_for_s: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn a_day() -> u64 {
+    86_400
+}
+
 /// Every API error body: `{code, message, request_id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -259,6 +411,14 @@ pub mod codes {
     pub const INVALID_REQUEST: &str = "InvalidRequest";
     /// No such path (404).
     pub const NOT_FOUND: &str = "NotFound";
+    /// No such user, policy, access key or activation in the caller's account (404).
+    pub const NO_SUCH_ENTITY: &str = "NoSuchEntity";
+    /// A user or policy of that name already exists (409).
+    pub const ENTITY_ALREADY_EXISTS: &str = "EntityAlreadyExists";
+    /// The entity is in use: a policy still attached to users (409).
+    pub const DELETE_CONFLICT: &str = "DeleteConflict";
+    /// A policy document was refused; the message names the field (400).
+    pub const MALFORMED_POLICY_DOCUMENT: &str = "MalformedPolicyDocument";
     /// An unexpected failure on the server (500).
     pub const INTERNAL_ERROR: &str = "InternalError";
 }
