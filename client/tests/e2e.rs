@@ -774,15 +774,15 @@ fn tilde_ctrl_z_suspends_and_fg_resumes() {
 
 #[test]
 fn policy_and_account_switch_refusals_from_the_real_relay() {
-    use hatch_relay::control::admin;
+    use hatch_relay::control::iam;
     use hatch_relay::control::store::{SqliteStore, Store};
     let world = World::start();
     let store =
         SqliteStore::open(&hatch_relay::server::store_path(&world.home.path().join("relay")))
             .unwrap();
     let account = world.relay.info.account_id.clone();
-    let user = admin::create_user(&store, &account, "alice").unwrap();
-    let (_, key) = admin::create_access_key(&store, &account, Some(&user.id)).unwrap();
+    let user = iam::create_user(&store, &account, "alice").unwrap();
+    let (_, key) = iam::create_access_key(&store, &account, Some(&user.id)).unwrap();
 
     // A user without a policy.
     let mut cmd = world.hatch();
@@ -810,8 +810,8 @@ fn policy_and_account_switch_refusals_from_the_real_relay() {
         r#"{{"Statement":{{"Effect":"Allow","Action":"hatch:StartPortForwarding","Resource":"*",
             "Condition":{{"NumericEquals":{{"hatch:RemotePort":"{echo}"}}}}}}}}"#
     );
-    admin::put_policy(&store, &account, "forward-only", &doc).unwrap();
-    admin::attach_policy(&store, &account, &user.id, "forward-only").unwrap();
+    iam::put_policy(&store, &account, "forward-only", &doc).unwrap();
+    iam::attach_policy(&store, &account, &user.id, "forward-only").unwrap();
     let input = world.home.path().join("proxy-input");
     std::fs::write(&input, "ping\n").unwrap();
     let proxy = |port: u16| {

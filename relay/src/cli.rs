@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::control::live::{Limits, Rate};
 use crate::control::store::{SqliteStore, StateFilter, Store};
-use crate::control::{ControlConfig, admin, signing};
+use crate::control::{ControlConfig, iam, signing};
 use crate::data::DataArgs;
 use crate::dev::{DevOptions, DevRelay};
 use crate::server::{Server, ServerConfig, store_path};
@@ -264,6 +264,14 @@ enum UsersCmd {
         /// User id or name.
         user: String,
     },
+    /// Delete a user with their access keys and policy attachments; a running relay ends
+    /// their live sessions (4012).
+    Delete {
+        #[arg(long)]
+        account: String,
+        /// User id or name.
+        user: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,6 +323,12 @@ enum PoliciesCmd {
         user: String,
         name: String,
     },
+    /// Delete a policy no user has attached.
+    Delete {
+        #[arg(long)]
+        account: String,
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +354,8 @@ enum ActivationsCmd {
         #[arg(long)]
         account: Option<String>,
     },
+    /// Revoke an activation: no instance registers with it after (those that did stay).
+    Revoke { activation_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -351,6 +367,12 @@ enum InstancesCmd {
     },
     /// Replace an instance's tags (key=value ...; none clears them).
     Tag { instance: String, tags: Vec<String> },
+    /// Remove an instance: its agent can no longer connect. A running relay keeps an open
+    /// control channel until it drops; `DELETE /v1/instances/{id}` closes it at once.
+    Deregister { instance: String },
+    /// Make an instance's secret worthless: its agent must register again. As with
+    /// `deregister`, the API's `revoke-secret` also closes a live control channel.
+    RevokeSecret { instance: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -569,9 +591,7 @@ fn set_user_disabled(
     user: &str,
     disable: bool,
 ) -> anyhow::Result<()> {
-    let u = admin::user(s, account, user)?;
-    let at = disable.then(crate::control::unix_now);
-    anyhow::ensure!(s.set_user_disabled(&u.id, at)?, "no user {user}");
+    let u = iam::set_user_disabled(s, account, user, disable)?;
     let v = serde_json::json!({"user_id": u.id, "name": u.name, "disabled": disable});
     print(json, &v, || {
         if disable {
@@ -595,7 +615,7 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
     match a.what {
         AdminCommand::Accounts(c) => match c {
             AccountsCmd::Create { name } => {
-                let acc = admin::create_account(s, &name)?;
+                let acc = iam::create_account(s, &name)?;
                 print(json, &acc, || format!("created account {} ({})", acc.id, acc.name))
             }
             AccountsCmd::List => {
@@ -617,14 +637,12 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
             AccountsCmd::Enable { account } => switch(s, json, &account, true),
             AccountsCmd::Disable { account } => switch(s, json, &account, false),
             AccountsCmd::Prefs { account, idle_timeout, max_duration } => {
-                let a = admin::account(s, &account)?;
                 let update = hatch_proto::api::AccountSettingsUpdate {
                     idle_timeout_s: idle_timeout,
                     max_duration_s: max_duration,
                     ..Default::default()
                 };
-                let prefs = admin::updated_prefs(a.prefs, &update).map_err(anyhow::Error::msg)?;
-                anyhow::ensure!(s.set_session_prefs(&account, prefs)?, "no account {account}");
+                let prefs = iam::update_settings(s, &account, &update)?.prefs;
                 let secs =
                     |v: Option<u64>| v.map_or("the relay's".to_owned(), |s| format!("{s} s"));
                 print(json, &prefs, || {
@@ -638,7 +656,7 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
         },
         AdminCommand::Users(c) => match c {
             UsersCmd::Create { account, name } => {
-                let u = admin::create_user(s, &account, &name)?;
+                let u = iam::create_user(s, &account, &name)?;
                 print(json, &u, || format!("created user {} ({})", u.id, u.name))
             }
             UsersCmd::List { account } => {
@@ -662,14 +680,23 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
             UsersCmd::Enable { account, user } => {
                 set_user_disabled(s, json, &account, &user, false)
             }
+            UsersCmd::Delete { account, user } => {
+                let u = iam::delete_user(s, &account, &user)?;
+                print(json, &u, || {
+                    format!(
+                        "deleted user {} ({}) with their keys; a running relay ends their sessions",
+                        u.id, u.name
+                    )
+                })
+            }
         },
         AdminCommand::Keys(c) => match c {
             KeysCmd::Create { account, user } => {
                 let user_id = match &user {
-                    Some(u) => Some(admin::user(s, &account, u)?.id),
+                    Some(u) => Some(iam::user(s, &account, u)?.id),
                     None => None,
                 };
-                let (k, secret) = admin::create_access_key(s, &account, user_id.as_deref())?;
+                let (k, secret) = iam::create_access_key(s, &account, user_id.as_deref())?;
                 let v = serde_json::json!({
                     "key_id": k.id, "account_id": k.account_id, "user_id": k.user_id,
                     "access_key": secret,
@@ -701,20 +728,18 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                 })
             }
             KeysCmd::Revoke { key_id } => {
-                anyhow::ensure!(
-                    s.revoke_access_key(&key_id, crate::control::unix_now())?,
-                    "no active key {key_id}"
-                );
-                print(json, &serde_json::json!({ "revoked": key_id }), || {
-                    format!("revoked {key_id}")
-                })
+                let account =
+                    account_of(s, |a| Ok(s.access_keys(a)?.iter().any(|k| k.id == key_id)))?
+                        .with_context(|| format!("no access key {key_id}"))?;
+                let k = iam::revoke_access_key(s, &account, &key_id)?;
+                print(json, &k, || format!("revoked {key_id}"))
             }
         },
         AdminCommand::Policies(c) => match c {
             PoliciesCmd::Put { account, name, file } => {
                 let doc = std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?;
-                let p = admin::put_policy(s, &account, &name, &doc)?;
+                let p = iam::put_policy(s, &account, &name, &doc)?;
                 print(json, &p, || format!("stored policy {}", p.name))
             }
             PoliciesCmd::List { account } => {
@@ -727,19 +752,19 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                 })
             }
             PoliciesCmd::Attach { account, user, name } => {
-                let u = admin::user(s, &account, &user)?;
-                admin::attach_policy(s, &account, &u.id, &name)?;
+                let u = iam::user(s, &account, &user)?;
+                iam::attach_policy(s, &account, &u.id, &name)?;
                 print(json, &serde_json::json!({"attached": name, "user_id": u.id}), || {
                     format!("attached {name} to {} ({})", u.id, u.name)
                 })
             }
+            PoliciesCmd::Delete { account, name } => {
+                let p = iam::delete_policy(s, &account, &name)?;
+                print(json, &p, || format!("deleted policy {}", p.name))
+            }
             PoliciesCmd::Detach { account, user, name } => {
-                let u = admin::user(s, &account, &user)?;
-                anyhow::ensure!(
-                    s.detach_policy(&account, &u.id, &name)?,
-                    "policy {name} is not attached to {}",
-                    u.name
-                );
+                let u = iam::user(s, &account, &user)?;
+                iam::detach_policy(s, &account, &u, &name)?;
                 print(json, &serde_json::json!({"detached": name, "user_id": u.id}), || {
                     format!("detached {name} from {} ({})", u.id, u.name)
                 })
@@ -753,8 +778,8 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                 max_registrations,
                 expires_in_hours,
             } => {
-                let tags = admin::parse_tags(&tags)?;
-                let (act, code) = admin::create_activation(
+                let tags = iam::parse_tags(&tags)?;
+                let (act, code) = iam::create_activation(
                     s,
                     &account,
                     &region,
@@ -773,6 +798,14 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                         act.id, act.id
                     )
                 })
+            }
+            ActivationsCmd::Revoke { activation_id } => {
+                let account = account_of(s, |a| {
+                    Ok(s.activations(Some(a))?.iter().any(|x| x.id == activation_id))
+                })?
+                .with_context(|| format!("no activation {activation_id}"))?;
+                let a = iam::revoke_activation(s, &account, &activation_id)?;
+                print(json, &a, || format!("revoked {}", a.id))
             }
             ActivationsCmd::List { account } => {
                 let all = s.activations(account.as_deref())?;
@@ -818,10 +851,21 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                 })
             }
             InstancesCmd::Tag { instance, tags } => {
-                let tags = admin::parse_tags(&tags)?;
-                anyhow::ensure!(s.set_instance_tags(&instance, &tags)?, "no instance {instance}");
-                print(json, &serde_json::json!({"instance_id": instance, "tags": tags}), || {
+                let tags = iam::parse_tags(&tags)?;
+                let i = iam::tag_instance(s, &instance_account(s, &instance)?, &instance, tags)?;
+                print(json, &serde_json::json!({"instance_id": i.id, "tags": i.tags}), || {
                     format!("tagged {instance}")
+                })
+            }
+            InstancesCmd::Deregister { instance } => {
+                let i = iam::deregister_instance(s, &instance_account(s, &instance)?, &instance)?;
+                print(json, &i, || format!("deregistered {}", i.id))
+            }
+            InstancesCmd::RevokeSecret { instance } => {
+                let account = instance_account(s, &instance)?;
+                let i = iam::revoke_instance_secret(s, &account, &instance)?;
+                print(json, &i, || {
+                    format!("revoked the secret of {}; its agent must register again", i.id)
                 })
             }
         },
@@ -877,8 +921,34 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The account holding something an admin command names by id alone (a scan of every
+/// account: for an operator's command, not a request path).
+fn account_of(
+    s: &dyn Store,
+    mut holds: impl FnMut(&str) -> anyhow::Result<bool>,
+) -> anyhow::Result<Option<String>> {
+    for a in s.accounts()? {
+        if holds(&a.id)? {
+            return Ok(Some(a.id));
+        }
+    }
+    Ok(None)
+}
+
+fn instance_account(s: &dyn Store, instance: &str) -> anyhow::Result<String> {
+    s.instances(None)?
+        .into_iter()
+        .find(|i| i.id == instance)
+        .map(|i| i.account_id)
+        .with_context(|| format!("no instance {instance}"))
+}
+
 fn switch(s: &dyn Store, json: bool, account: &str, on: bool) -> anyhow::Result<()> {
-    anyhow::ensure!(s.set_session_manager(account, on)?, "no account {account}");
+    let update = hatch_proto::api::AccountSettingsUpdate {
+        session_manager_enabled: Some(on),
+        ..Default::default()
+    };
+    iam::update_settings(s, account, &update)?;
     print(json, &serde_json::json!({"account_id": account, "session_manager_enabled": on}), || {
         format!("session manager {} for {account}", if on { "on" } else { "off" })
     })

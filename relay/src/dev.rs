@@ -20,7 +20,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::control::store::{SqliteStore, Store};
-use crate::control::{ControlConfig, admin, live::Limits};
+use crate::control::{ControlConfig, iam, live::Limits};
 use crate::data::DataArgs;
 use crate::server::{Server, ServerConfig, store_path};
 
@@ -249,9 +249,9 @@ fn ensure_demo(data_dir: &Path, region: &str) -> anyhow::Result<Demo> {
             activation_code: old.activation_code,
         });
     }
-    let account = admin::create_account(&store, DEMO_ACCOUNT)?;
-    let (_, access_key) = admin::create_access_key(&store, &account.id, None)?;
-    let (act, code) = admin::create_activation(
+    let account = iam::create_account(&store, DEMO_ACCOUNT)?;
+    let (_, access_key) = iam::create_access_key(&store, &account.id, None)?;
+    let (act, code) = iam::create_activation(
         &store,
         &account.id,
         region,

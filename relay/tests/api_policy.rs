@@ -4,16 +4,16 @@
 mod api_support;
 
 use api_support::{TestRelay, start_body};
-use hatch_relay::control::admin;
+use hatch_relay::control::iam;
 
 /// A user of the demo account with `policy` attached (when given); returns its access key.
 fn user_with(tr: &TestRelay, name: &str, policy: Option<&str>) -> String {
-    let u = admin::create_user(tr.store(), tr.account(), name).unwrap();
+    let u = iam::create_user(tr.store(), tr.account(), name).unwrap();
     if let Some(doc) = policy {
-        admin::put_policy(tr.store(), tr.account(), name, doc).unwrap();
-        admin::attach_policy(tr.store(), tr.account(), &u.id, name).unwrap();
+        iam::put_policy(tr.store(), tr.account(), name, doc).unwrap();
+        iam::attach_policy(tr.store(), tr.account(), &u.id, name).unwrap();
     }
-    admin::create_access_key(tr.store(), tr.account(), Some(&u.id)).unwrap().1
+    iam::create_access_key(tr.store(), tr.account(), Some(&u.id)).unwrap().1
 }
 
 #[tokio::test]
@@ -36,7 +36,7 @@ async fn tag_condition_allows_one_instance_and_denies_another() {
     let tr = TestRelay::start();
     let dev = tr.agent().await;
     let prod = tr.agent().await;
-    let env = |v: &str| admin::parse_tags(&[format!("env={v}")]).unwrap();
+    let env = |v: &str| iam::parse_tags(&[format!("env={v}")]).unwrap();
     assert!(tr.store().set_instance_tags(&dev.id, &env("dev")).unwrap());
     assert!(tr.store().set_instance_tags(&prod.id, &env("prod")).unwrap());
     let key = user_with(
@@ -172,7 +172,7 @@ async fn a_stored_policy_that_no_longer_parses_denies_everything() {
     // A Deny written by an older relay in a form this one refuses, attached to the same user.
     let stale = r#"{"Statement":{"Effect":"Deny","Action":"hatch:TerminateSession",
         "Resource":"*","Condition":{"StringEquals":{"hatch:RunAs":"root"}}}}"#;
-    let user = admin::user(tr.store(), tr.account(), "ops").unwrap();
+    let user = iam::user(tr.store(), tr.account(), "ops").unwrap();
     tr.store()
         .put_policy(&hatch_relay::control::store::PolicyRecord {
             account_id: tr.account().to_owned(),
@@ -188,7 +188,7 @@ async fn a_stored_policy_that_no_longer_parses_denies_everything() {
     let r = tr.call("GET", "/v1/instances", Some(&key), None).await;
     assert_eq!(r.json()["instances"].as_array().unwrap().len(), 0, "{}", r.text);
     // Refused when put through the admin path, naming the field.
-    let e = admin::put_policy(tr.store(), tr.account(), "stale2", stale).unwrap_err();
+    let e = iam::put_policy(tr.store(), tr.account(), "stale2", stale).unwrap_err();
     assert!(e.to_string().contains("Condition.StringEquals.hatch:RunAs"), "{e}");
 }
 
@@ -196,8 +196,8 @@ async fn a_stored_policy_that_no_longer_parses_denies_everything() {
 async fn another_accounts_instance_looks_like_a_missing_one() {
     let tr = TestRelay::start();
     let agent = tr.agent().await;
-    let other = admin::create_account(tr.store(), "other").unwrap();
-    let (_, other_key) = admin::create_access_key(tr.store(), &other.id, None).unwrap();
+    let other = iam::create_account(tr.store(), "other").unwrap();
+    let (_, other_key) = iam::create_access_key(tr.store(), &other.id, None).unwrap();
     let theirs = tr
         .call("POST", "/v1/sessions", Some(&other_key), Some(&start_body(&agent.id)))
         .await
@@ -227,7 +227,7 @@ async fn another_accounts_instance_looks_like_a_missing_one() {
 #[tokio::test]
 async fn revoked_key_is_refused() {
     let tr = TestRelay::start();
-    let (k, secret) = admin::create_access_key(tr.store(), tr.account(), None).unwrap();
+    let (k, secret) = iam::create_access_key(tr.store(), tr.account(), None).unwrap();
     let r = tr.call("GET", "/v1/instances", Some(&secret), None).await;
     assert_eq!(r.status, 200);
     assert!(tr.store().revoke_access_key(&k.id, 1).unwrap());

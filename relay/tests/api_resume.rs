@@ -20,7 +20,7 @@ use hatch_proto::api::{ResumeSessionResponse, StartSessionResponse};
 use hatch_proto::control::{FromAgent, RegisterRequest, RegisterResponse, ToAgent};
 use hatch_proto::token::Role;
 use hatch_relay::control::store::{SessionRecord, SqliteStore, Store};
-use hatch_relay::control::{ControlConfig, ControlPlane, DataLink, admin, http::TlsSlot};
+use hatch_relay::control::{ControlConfig, ControlPlane, DataLink, http::TlsSlot, iam};
 use hatch_relay::plane::{DataCommand, DataEvent};
 use hatch_relay::token::{TokenSigner, TokenVerifier};
 use serde_json::Value;
@@ -56,9 +56,9 @@ struct Setup {
 }
 
 fn setup(store: &dyn Store) -> Setup {
-    let account = admin::create_account(store, "t").unwrap().id;
-    let (k, owner_key) = admin::create_access_key(store, &account, None).unwrap();
-    let (act, code) = admin::create_activation(
+    let account = iam::create_account(store, "t").unwrap().id;
+    let (k, owner_key) = iam::create_access_key(store, &account, None).unwrap();
+    let (act, code) = iam::create_activation(
         store,
         &account,
         "eu-1",
@@ -209,10 +209,10 @@ async fn agent_says(ws: &mut api_support::Ws, msg: &FromAgent) {
 
 /// A user of the account with `policy` attached; returns (user id, access key).
 fn user_with(store: &dyn Store, account: &str, name: &str, policy: &str) -> (String, String) {
-    let u = admin::create_user(store, account, name).unwrap();
-    admin::put_policy(store, account, name, policy).unwrap();
-    admin::attach_policy(store, account, &u.id, name).unwrap();
-    let key = admin::create_access_key(store, account, Some(&u.id)).unwrap().1;
+    let u = iam::create_user(store, account, name).unwrap();
+    iam::put_policy(store, account, name, policy).unwrap();
+    iam::attach_policy(store, account, &u.id, name).unwrap();
+    let key = iam::create_access_key(store, account, Some(&u.id)).unwrap().1;
     (u.id, key)
 }
 
@@ -349,13 +349,13 @@ async fn a_user_who_lost_access_cannot_resume() {
         "Condition":{{"StringEquals":{{"hatch:RunAs":"{}"}}}}}}]}}"#,
         api_support::FAKE_AGENT_USER
     );
-    admin::put_policy(relay.store.as_ref(), &s.account, "carol", &deny_run_as).unwrap();
+    iam::put_policy(relay.store.as_ref(), &s.account, "carol", &deny_run_as).unwrap();
     let v = relay.resume(&sid, &carol, None).await.assert_error(403, "AccessDenied");
     assert!(v["message"].as_str().unwrap().contains("hatch:StartSession"), "{v}");
     // Only from an address the user may not start from either.
     let office = r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*",
         "Condition":{"IpAddress":{"hatch:SourceIp":"10.9.9.0/24"}}}}"#;
-    admin::put_policy(relay.store.as_ref(), &s.account, "carol", office).unwrap();
+    iam::put_policy(relay.store.as_ref(), &s.account, "carol", office).unwrap();
     relay.resume(&sid, &carol, None).await.assert_error(403, "AccessDenied");
     // No policy at all.
     assert!(relay.store.detach_policy(&s.account, &uid, "carol").unwrap());

@@ -7,7 +7,7 @@ use api_support::{Agent, DEADLINE, TestRelay, start_body, wait_until};
 use hatch_proto::api::StartSessionResponse;
 use hatch_proto::control::ToAgent;
 use hatch_proto::token::Role;
-use hatch_relay::control::admin;
+use hatch_relay::control::iam;
 
 fn verifier(tr: &TestRelay) -> hatch_relay::token::TokenVerifier {
     // Loading the keys again is another run: check signatures and claims only.
@@ -219,8 +219,8 @@ async fn account_switch_refuses_new_sessions_and_ends_live_ones() {
     assert_eq!(r.status, 201, "{}", r.text);
 
     // Users may not flip the switch.
-    let u = admin::create_user(tr.store(), tr.account(), "alice").unwrap();
-    let (_, ukey) = admin::create_access_key(tr.store(), tr.account(), Some(&u.id)).unwrap();
+    let u = iam::create_user(tr.store(), tr.account(), "alice").unwrap();
+    let (_, ukey) = iam::create_access_key(tr.store(), tr.account(), Some(&u.id)).unwrap();
     tr.call(
         "PUT",
         "/v1/account/settings",
@@ -316,12 +316,12 @@ async fn per_user_limit_throttles_one_user_and_not_the_others() {
     let tr = TestRelay::start_with(|o| o.limits.per_user = 2);
     let agent = tr.agent().await;
     let policy = r#"{"Statement":{"Effect":"Allow","Action":"hatch:*","Resource":"*"}}"#;
-    admin::put_policy(tr.store(), tr.account(), "all", policy).unwrap();
+    iam::put_policy(tr.store(), tr.account(), "all", policy).unwrap();
     let mut keys = Vec::new();
     for name in ["alice", "bob"] {
-        let u = admin::create_user(tr.store(), tr.account(), name).unwrap();
-        admin::attach_policy(tr.store(), tr.account(), &u.id, "all").unwrap();
-        keys.push(admin::create_access_key(tr.store(), tr.account(), Some(&u.id)).unwrap().1);
+        let u = iam::create_user(tr.store(), tr.account(), name).unwrap();
+        iam::attach_policy(tr.store(), tr.account(), &u.id, "all").unwrap();
+        keys.push(iam::create_access_key(tr.store(), tr.account(), Some(&u.id)).unwrap().1);
     }
     let (alice, bob) = (Some(keys[0].as_str()), Some(keys[1].as_str()));
     let body = start_body(&agent.id);
@@ -333,7 +333,7 @@ async fn per_user_limit_throttles_one_user_and_not_the_others() {
     }
     // A second key of the same user shares the user's count.
     let alice_id = tr.store().user_by_name(tr.account(), "alice").unwrap().unwrap().id;
-    let (_, alice2) = admin::create_access_key(tr.store(), tr.account(), Some(&alice_id)).unwrap();
+    let (_, alice2) = iam::create_access_key(tr.store(), tr.account(), Some(&alice_id)).unwrap();
     for key in [alice, Some(alice2.as_str())] {
         let v =
             tr.call("POST", "/v1/sessions", key, Some(&body)).await.assert_error(429, "Throttled");
@@ -371,7 +371,7 @@ async fn session_starts_are_rate_limited_per_access_key_with_retry_after() {
     // Refused starts count too: a request that fails validation still takes from the bucket.
     tr.call("POST", "/v1/sessions", key, Some("{}")).await.assert_error(429, "Throttled");
     // Another key of the same owner has its own bucket.
-    let (_, other) = admin::create_access_key(tr.store(), tr.account(), None).unwrap();
+    let (_, other) = iam::create_access_key(tr.store(), tr.account(), None).unwrap();
     let r = tr.call("POST", "/v1/sessions", Some(&other), Some(&body)).await;
     assert_eq!(r.status, 201, "{}", r.text);
     // Other calls are not limited.

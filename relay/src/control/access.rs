@@ -61,7 +61,18 @@ impl Grants {
             return false;
         }
         let hrn = policy::instance_hrn(&inst.region, account, &inst.id);
-        policy::evaluate(&self.policies, action, &hrn, ctx).allowed()
+        self.may_on(action, &hrn, ctx)
+    }
+
+    /// Whether `action` on the resource named `hrn` is allowed in `ctx`.
+    pub fn may_on(&self, action: &str, hrn: &str, ctx: &Context) -> bool {
+        if self.owner {
+            return true;
+        }
+        if self.unreadable.is_some() {
+            return false;
+        }
+        policy::evaluate(&self.policies, action, hrn, ctx).allowed()
     }
 }
 
@@ -213,8 +224,8 @@ pub fn recheck(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::admin;
     use crate::control::credentials;
+    use crate::control::iam;
     use crate::control::store::SqliteStore;
 
     /// A store with one account, one instance (`env=dev`) and a live record per principal.
@@ -228,9 +239,9 @@ mod tests {
     fn world() -> World {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("hatch.db")).unwrap();
-        let account = admin::create_account(&store, "a").unwrap().id;
-        let tags = admin::parse_tags(&["env=dev"]).unwrap();
-        let (act, code) = admin::create_activation(
+        let account = iam::create_account(&store, "a").unwrap().id;
+        let tags = iam::parse_tags(&["env=dev"]).unwrap();
+        let (act, code) = iam::create_activation(
             &store,
             &account,
             "eu-1",
@@ -255,10 +266,10 @@ mod tests {
     impl World {
         /// A user with `doc` attached, and a live session record of theirs.
         fn user(&self, name: &str, doc: &str) -> (String, SessionRecord) {
-            let u = admin::create_user(&self.store, &self.account, name).unwrap();
-            admin::put_policy(&self.store, &self.account, name, doc).unwrap();
-            admin::attach_policy(&self.store, &self.account, &u.id, name).unwrap();
-            let (k, _) = admin::create_access_key(&self.store, &self.account, Some(&u.id)).unwrap();
+            let u = iam::create_user(&self.store, &self.account, name).unwrap();
+            iam::put_policy(&self.store, &self.account, name, doc).unwrap();
+            iam::attach_policy(&self.store, &self.account, &u.id, name).unwrap();
+            let (k, _) = iam::create_access_key(&self.store, &self.account, Some(&u.id)).unwrap();
             (u.id.clone(), self.record(&u.id, &k.id, "deploy"))
         }
 
@@ -306,7 +317,7 @@ mod tests {
     fn each_loss_of_access_is_named_and_everything_else_keeps_running() {
         let w = world();
         let s = &w.store;
-        let (owner_key, _) = admin::create_access_key(s, &w.account, None).unwrap();
+        let (owner_key, _) = iam::create_access_key(s, &w.account, None).unwrap();
         let owner = w.record("owner", &owner_key.id, "root");
         let (_, a) = w.user("alice", DEV_NOT_ROOT);
         let (bob, b) = w.user("bob", DEV_NOT_ROOT);
@@ -321,7 +332,7 @@ mod tests {
         assert!(s.revoke_access_key(&a.access_key_id, 5).unwrap());
         assert!(s.set_user_disabled(&bob, Some(5)).unwrap());
         assert!(s.detach_policy(&w.account, &c.principal, "carol").unwrap());
-        admin::put_policy(s, &w.account, "dave", &DEV_NOT_ROOT.replace("\"dev\"", "\"prod\""))
+        iam::put_policy(s, &w.account, "dave", &DEV_NOT_ROOT.replace("\"dev\"", "\"prod\""))
             .unwrap();
         assert_eq!(s.iam_generation(&w.account).unwrap(), g0 + 4, "every change counts");
         assert_eq!(
@@ -334,7 +345,7 @@ mod tests {
             ]
         );
         // A disabled user's key authenticates nothing; enabled again, it does.
-        let (_, secret) = admin::create_access_key(s, &w.account, Some(&bob)).unwrap();
+        let (_, secret) = iam::create_access_key(s, &w.account, Some(&bob)).unwrap();
         assert!(s.access_key_owner(&credentials::hash(&secret)).unwrap().is_none());
         assert!(s.set_user_disabled(&bob, None).unwrap());
         assert!(s.access_key_owner(&credentials::hash(&secret)).unwrap().is_some());
@@ -354,18 +365,18 @@ mod tests {
         let (_, f) = w.user("frank", DEV_NOT_ROOT);
         const DENY_ALL: &str =
             r#"{"Statement":{"Effect":"Deny","Action":"hatch:*","Resource":"*"}}"#;
-        admin::put_policy(s, &w.account, "quarantine", DENY_ALL).unwrap();
+        iam::put_policy(s, &w.account, "quarantine", DENY_ALL).unwrap();
 
         let g0 = s.iam_generation(&w.account).unwrap();
-        admin::attach_policy(s, &w.account, &erin, "quarantine").unwrap();
+        iam::attach_policy(s, &w.account, &erin, "quarantine").unwrap();
         let g1 = s.iam_generation(&w.account).unwrap();
         assert!(g1 > g0, "attaching a policy must raise the IAM generation ({g0} -> {g1})");
         assert_eq!(w.lost(&[e.clone(), f.clone()]), vec![(e.id.clone(), Lost::PolicyDenies)]);
         // Attaching it again changes nothing, so nothing is re-checked.
-        admin::attach_policy(s, &w.account, &erin, "quarantine").unwrap();
+        iam::attach_policy(s, &w.account, &erin, "quarantine").unwrap();
         assert_eq!(s.iam_generation(&w.account).unwrap(), g1);
 
-        let prod = admin::parse_tags(&["env=prod"]).unwrap();
+        let prod = iam::parse_tags(&["env=prod"]).unwrap();
         assert!(s.set_instance_tags(&w.instance, &prod).unwrap());
         let g2 = s.iam_generation(&w.account).unwrap();
         assert!(g2 > g1, "retagging an instance must raise the IAM generation ({g1} -> {g2})");
@@ -384,7 +395,7 @@ mod tests {
             w.user("ops", r#"{"Statement":{"Effect":"Allow","Action":"hatch:*","Resource":"*"}}"#);
         rec.run_as = Some("root".into());
         assert_eq!(w.lost(std::slice::from_ref(&rec)), vec![]);
-        admin::put_policy(&w.store, &w.account, "ops", DEV_NOT_ROOT).unwrap();
+        iam::put_policy(&w.store, &w.account, "ops", DEV_NOT_ROOT).unwrap();
         assert_eq!(w.lost(std::slice::from_ref(&rec)), vec![(rec.id.clone(), Lost::PolicyDenies)]);
     }
 
@@ -427,8 +438,7 @@ mod tests {
         let mut to_22 = port(detached.clone(), 22);
         to_22.id = "s-other".into();
         assert_eq!(resume(&to_22), Err(ResumeRefused::Denied));
-        admin::put_policy(&w.store, &w.account, "db", &FORWARD_5432.replace("5432", "5433"))
-            .unwrap();
+        iam::put_policy(&w.store, &w.account, "db", &FORWARD_5432.replace("5432", "5433")).unwrap();
         assert_eq!(w.lost(std::slice::from_ref(&rec)), vec![(rec.id.clone(), Lost::PolicyDenies)]);
     }
 }

@@ -58,7 +58,8 @@ struct Conn {
     /// Whom the agent runs sessions as, from its `hello`.
     run_as: AgentRunAs,
     tx: mpsc::Sender<ToAgent>,
-    kick: Option<oneshot::Sender<()>>,
+    /// Closes the channel with this code and reason.
+    kick: Option<oneshot::Sender<(u16, &'static str)>>,
 }
 
 /// Whom an agent runs sessions as, as its `hello` said.
@@ -98,7 +99,7 @@ impl Hub {
         instance: &str,
         data_base: String,
         run_as: AgentRunAs,
-    ) -> (u64, mpsc::Receiver<ToAgent>, oneshot::Receiver<()>) {
+    ) -> (u64, mpsc::Receiver<ToAgent>, oneshot::Receiver<(u16, &'static str)>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(AGENT_QUEUE);
         let (kick_tx, kick_rx) = oneshot::channel();
@@ -108,9 +109,16 @@ impl Hub {
         if let Some(mut old) = old
             && let Some(k) = old.kick.take()
         {
-            let _ = k.send(());
+            let _ = k.send((1000, "replaced by a newer control channel"));
         }
         (id, rx, kick_rx)
+    }
+
+    /// Closes `instance`'s control channel, if it is up, with `code` and `why` (its secret was
+    /// revoked, it was deregistered); true when there was one.
+    pub fn disconnect(&self, instance: &str, code: u16, why: &'static str) -> bool {
+        let kick = self.lock().get_mut(instance).and_then(|c| c.kick.take());
+        kick.map(|k| k.send((code, why)).is_ok()).unwrap_or(false)
     }
 
     /// Removes the channel `id` of `instance` unless a newer one replaced it; true if removed.
@@ -201,7 +209,7 @@ pub(super) async fn run_channel(
     let not_read = Some((close::POLICY_VIOLATION, "agent does not read its control channel"));
     let close: Option<(u16, &'static str)> = loop {
         tokio::select! {
-            _ = &mut kicked => break Some((1000, "replaced by a newer control channel")),
+            why = &mut kicked => break Some(why.unwrap_or((1000, "control channel closed"))),
             _ = shared.shutdown.cancelled() => break Some((1001, "relay shutting down")),
             _ = &mut deadline => {
                 warn!(instance = %instance, "agent silent past the heartbeat deadline; closing");

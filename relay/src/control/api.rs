@@ -29,10 +29,11 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use super::auth::{Caller, bearer, require_bearer};
+use super::iam::IamError;
 use super::policy;
 use super::sessions::SessionError;
-use super::store::{Account, RegisterError, SessionRecord, StateFilter};
-use super::{Shared, admin, credentials, rfc3339, unix_now};
+use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
+use super::{Shared, credentials, iam, rfc3339, unix_now};
 
 /// An API failure: status, stable code, message for a person.
 #[derive(Debug, Clone)]
@@ -59,7 +60,7 @@ impl ApiError {
         ApiError { status, code, message: message.into(), last_seen: None, retry_after: None }
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, codes::INVALID_REQUEST, message)
     }
 
@@ -76,6 +77,28 @@ impl ApiError {
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         ApiError::internal(e)
+    }
+}
+
+/// The one mapping of IAM refusals to API answers.
+impl From<IamError> for ApiError {
+    fn from(e: IamError) -> Self {
+        let (status, code) = match &e {
+            IamError::Invalid(_) => (StatusCode::BAD_REQUEST, codes::INVALID_REQUEST),
+            IamError::MalformedPolicy(_) => {
+                (StatusCode::BAD_REQUEST, codes::MALFORMED_POLICY_DOCUMENT)
+            }
+            IamError::Denied(_) => (StatusCode::FORBIDDEN, codes::ACCESS_DENIED),
+            IamError::NoSuchEntity(_) => (StatusCode::NOT_FOUND, codes::NO_SUCH_ENTITY),
+            IamError::InstanceNotFound(_) => (StatusCode::NOT_FOUND, codes::INSTANCE_NOT_FOUND),
+            IamError::AlreadyExists(_) => (StatusCode::CONFLICT, codes::ENTITY_ALREADY_EXISTS),
+            IamError::DeleteConflict(_) => (StatusCode::CONFLICT, codes::DELETE_CONFLICT),
+            IamError::Internal(_) => {
+                let IamError::Internal(err) = e else { unreachable!() };
+                return ApiError::internal(err);
+            }
+        };
+        ApiError::new(status, code, e.to_string())
     }
 }
 
@@ -255,7 +278,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response {
+pub(crate) fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response {
     match serde_json::to_vec(v) {
         Ok(b) => (status, [(header::CONTENT_TYPE, "application/json")], b).into_response(),
         Err(e) => ApiError::internal(e.into()).into_response(),
@@ -275,6 +298,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agent/connect", get(agent_connect))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(super::iam_api::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -515,23 +539,25 @@ async fn list_instances(
 ) -> Result<Response, ApiError> {
     let account = caller.account.id.clone();
     let all = shared.blocking(move |s| s.instances(Some(&account))).await?;
-    let now = unix_now();
     let instances = all
         .iter()
         .filter(|i| caller.may(policy::DESCRIBE_INSTANCES, i, &caller.context(i)))
-        .map(|i| {
-            let online = shared.agents.is_online(&i.id);
-            InstanceInfo {
-                instance_id: i.id.clone(),
-                region: i.region.clone(),
-                hostname: i.hostname.clone(),
-                tags: i.tags.clone(),
-                online,
-                last_seen: if online { Some(rfc3339(now)) } else { i.last_seen.map(rfc3339) },
-            }
-        })
+        .map(|i| instance_info(&shared, i))
         .collect();
     Ok(json(StatusCode::OK, &InstanceList { instances }))
+}
+
+/// An instance as the API shows it: online now, or when last seen.
+pub(crate) fn instance_info(shared: &Shared, i: &Instance) -> InstanceInfo {
+    let online = shared.agents.is_online(&i.id);
+    InstanceInfo {
+        instance_id: i.id.clone(),
+        region: i.region.clone(),
+        hostname: i.hostname.clone(),
+        tags: i.tags.clone(),
+        online,
+        last_seen: if online { Some(rfc3339(unix_now())) } else { i.last_seen.map(rfc3339) },
+    }
 }
 
 fn owner_only(caller: &Caller) -> Result<(), ApiError> {
@@ -562,21 +588,17 @@ async fn put_settings(
 ) -> Result<Response, ApiError> {
     owner_only(&caller)?;
     let ApiJson(update) = body?;
-    let mut account = caller.account.clone();
-    account.prefs = admin::updated_prefs(account.prefs, &update).map_err(ApiError::invalid)?;
-    let (id, prefs) = (account.id.clone(), account.prefs);
-    shared.blocking(move |s| s.set_session_prefs(&id, prefs)).await?;
-    if let Some(enabled) = update.session_manager_enabled {
-        let id = account.id.clone();
-        shared.blocking(move |s| s.set_session_manager(&id, enabled)).await?;
-        account.session_manager_enabled = enabled;
+    let id = caller.account.id.clone();
+    let switch = update.session_manager_enabled;
+    let account = shared.blocking(move |s| Ok(iam::update_settings(s, &id, &update))).await??;
+    if let Some(enabled) = switch {
         info!(account = %account.id, enabled, "session manager switch set");
         if !enabled {
             shared.disable_account(&account.id).await;
         }
     }
-    info!(account = %account.id, idle_timeout_s = ?prefs.idle_timeout_s,
-        max_duration_s = ?prefs.max_duration_s, "session preferences set");
+    info!(account = %account.id, idle_timeout_s = ?account.prefs.idle_timeout_s,
+        max_duration_s = ?account.prefs.max_duration_s, "session preferences set");
     Ok(json(StatusCode::OK, &settings_of(&account)))
 }
 

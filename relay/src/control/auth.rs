@@ -45,6 +45,13 @@ impl Caller {
         self.grants.may(action, &self.account.id, inst, ctx)
     }
 
+    /// Whether an action on one of the account's users, policies or activations (`hrn`, from
+    /// [`super::policy::account_hrn`]) is allowed: its only condition key is the source address.
+    pub fn may_account(&self, action: &str, hrn: &str) -> bool {
+        let ctx = Context { source_ip: Some(self.source_ip), ..Default::default() };
+        self.grants.may_on(action, hrn, &ctx)
+    }
+
     pub fn context(&self, inst: &Instance) -> Context {
         Context {
             source_ip: Some(self.source_ip),

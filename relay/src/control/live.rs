@@ -270,6 +270,16 @@ impl LiveSessions {
             .collect()
     }
 
+    /// Open sessions on an instance (a scan: for rare operator actions, not per request).
+    pub fn of_instance(&self, instance: &str) -> Vec<String> {
+        self.lock()
+            .by_id
+            .iter()
+            .filter(|(_, l)| l.instance == instance)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Accounts with open sessions.
     pub fn accounts(&self) -> Vec<String> {
         self.lock().per_account.keys().cloned().collect()

@@ -32,15 +32,17 @@
 //! - [`http`]: serving the router over TLS (tokio-rustls + hyper) with the peer address: the
 //!   connection cap, and every request head checked (JSON refusals) before hyper reads it.
 //! - [`signing`]: the token signing keys in the data directory (rotation by key id).
-//! - [`admin`]: the store operations behind `hatch-relay admin`.
+//! - [`iam`]: accounts, users, keys, policies, activations and instance records: the
+//!   operations behind the IAM API and `hatch-relay admin`, with typed [`iam::IamError`]s.
 
 pub mod access;
-pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod credentials;
 pub mod http;
+pub mod iam;
+mod iam_api;
 pub mod live;
 pub mod metrics;
 pub mod policy;

@@ -41,6 +41,46 @@ pub const ACTIONS: &[&str] = &[
     "hatch:DescribeSessions",
     "hatch:TerminateSession",
     "hatch:DescribeInstances",
+    "hatch:TagInstance",
+    "hatch:DeregisterInstance",
+    "hatch:RevokeInstanceSecret",
+    "hatch:ListUsers",
+    "hatch:CreateUser",
+    "hatch:DeleteUser",
+    "hatch:AttachUserPolicy",
+    "hatch:DetachUserPolicy",
+    "hatch:ListAccessKeys",
+    "hatch:CreateAccessKey",
+    "hatch:DeleteAccessKey",
+    "hatch:ListPolicies",
+    "hatch:PutPolicy",
+    "hatch:DeletePolicy",
+    "hatch:ListActivations",
+    "hatch:CreateActivation",
+    "hatch:DeleteActivation",
+];
+
+/// The IAM actions on instances: evaluated on the instance, with its keys.
+pub const INSTANCE_IAM_ACTIONS: &[&str] =
+    &["hatch:TagInstance", "hatch:DeregisterInstance", "hatch:RevokeInstanceSecret"];
+
+/// The actions on an account's users, keys, policies and activations (the rest of
+/// [`ACTIONS`] act on an instance).
+pub const ACCOUNT_ACTIONS: &[&str] = &[
+    "hatch:ListUsers",
+    "hatch:CreateUser",
+    "hatch:DeleteUser",
+    "hatch:AttachUserPolicy",
+    "hatch:DetachUserPolicy",
+    "hatch:ListAccessKeys",
+    "hatch:CreateAccessKey",
+    "hatch:DeleteAccessKey",
+    "hatch:ListPolicies",
+    "hatch:PutPolicy",
+    "hatch:DeletePolicy",
+    "hatch:ListActivations",
+    "hatch:CreateActivation",
+    "hatch:DeleteActivation",
 ];
 
 /// Start a session on an instance.
@@ -53,6 +93,40 @@ pub const DESCRIBE_SESSIONS: &str = "hatch:DescribeSessions";
 pub const TERMINATE_SESSION: &str = "hatch:TerminateSession";
 /// See an instance in `GET /v1/instances`.
 pub const DESCRIBE_INSTANCES: &str = "hatch:DescribeInstances";
+/// Replace an instance's tags.
+pub const TAG_INSTANCE: &str = "hatch:TagInstance";
+/// Remove an instance from the account (its agent can no longer connect).
+pub const DEREGISTER_INSTANCE: &str = "hatch:DeregisterInstance";
+/// Make an instance's secret worthless (its agent must register again).
+pub const REVOKE_INSTANCE_SECRET: &str = "hatch:RevokeInstanceSecret";
+/// List users (resource `user/*`).
+pub const LIST_USERS: &str = "hatch:ListUsers";
+/// Create a user (resource `user/{name}`).
+pub const CREATE_USER: &str = "hatch:CreateUser";
+/// Delete a user, with their keys and attachments.
+pub const DELETE_USER: &str = "hatch:DeleteUser";
+/// Attach a policy to a user (resource: the user).
+pub const ATTACH_USER_POLICY: &str = "hatch:AttachUserPolicy";
+/// Detach a policy from a user (resource: the user).
+pub const DETACH_USER_POLICY: &str = "hatch:DetachUserPolicy";
+/// List a user's access keys (resource: the user; `user/*` for every user's).
+pub const LIST_ACCESS_KEYS: &str = "hatch:ListAccessKeys";
+/// Create an access key for a user (resource: the user).
+pub const CREATE_ACCESS_KEY: &str = "hatch:CreateAccessKey";
+/// Revoke a user's access key (resource: the user).
+pub const DELETE_ACCESS_KEY: &str = "hatch:DeleteAccessKey";
+/// List policies (resource `policy/*`).
+pub const LIST_POLICIES: &str = "hatch:ListPolicies";
+/// Create or replace a policy (resource `policy/{name}`).
+pub const PUT_POLICY: &str = "hatch:PutPolicy";
+/// Delete a policy that no user has attached.
+pub const DELETE_POLICY: &str = "hatch:DeletePolicy";
+/// List activations (resource `activation/*`).
+pub const LIST_ACTIVATIONS: &str = "hatch:ListActivations";
+/// Create an activation (resource `activation/*`).
+pub const CREATE_ACTIVATION: &str = "hatch:CreateActivation";
+/// Revoke an activation (resource `activation/{id}`).
+pub const DELETE_ACTIVATION: &str = "hatch:DeleteActivation";
 
 /// A refused document: the path of the bad field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -321,13 +395,50 @@ pub fn action_keys(action: &str) -> &'static [&'static str] {
         "hatch:RemoteHost",
         "hatch:RemotePort",
     ];
+    const ACCOUNT: &[&str] = &["hatch:SourceIp"];
     if action.eq_ignore_ascii_case(START_SESSION) {
         START
     } else if action.eq_ignore_ascii_case(START_PORT_FORWARDING) {
         PORT
+    } else if is_account_action(action) {
+        ACCOUNT
     } else {
         INSTANCE
     }
+}
+
+/// Whether `action` acts on an account's users, keys, policies or activations (not on an
+/// instance): its resource is `hrn:hatch::{account}:{kind}/{name}` and its only key is
+/// `hatch:SourceIp`.
+pub fn is_account_action(action: &str) -> bool {
+    ACCOUNT_ACTIONS.iter().any(|a| a.eq_ignore_ascii_case(action))
+}
+
+/// The kinds of resource an account has besides instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `user/{name}`.
+    User,
+    /// `policy/{name}`.
+    Policy,
+    /// `activation/{id}`.
+    Activation,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::User => "user",
+            Kind::Policy => "policy",
+            Kind::Activation => "activation",
+        }
+    }
+}
+
+/// The resource name of an account's user, policy or activation (`name` `*` for every one
+/// of them, as List and CreateActivation are evaluated): `hrn:hatch::{account}:{kind}/{name}`.
+pub fn account_hrn(account: &str, kind: Kind, name: &str) -> String {
+    format!("hrn:hatch::{account}:{}/{name}", kind.as_str())
 }
 
 /// The resource name of an instance: `hrn:hatch:{region}:{account}:instance/{id}`.
@@ -422,18 +533,29 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
             return Err(err(field, format!("{r:?} must be \"*\" or start with \"hrn:hatch:\"")));
         }
         // Wildcards or not, the shape is checked: a misspelt part (`instanc/*`) would match
-        // nothing and allow (or deny) nothing, silently.
+        // nothing and allow (or deny) nothing, silently. Instances have a region; users,
+        // policies and activations belong to the account (an empty region, or a wildcard).
         let parts: Vec<&str> = r.split(':').collect();
+        let named = |kind: &str| {
+            parts[4]
+                .strip_prefix(kind)
+                .and_then(|n| n.strip_prefix('/'))
+                .is_some_and(|n| !n.is_empty())
+        };
         let shaped = parts.len() == 5
-            && !parts[2].is_empty()
             && !parts[3].is_empty()
             && (parts[4] == "*"
-                || parts[4].strip_prefix("instance/").is_some_and(|id| !id.is_empty()));
+                || (named("instance") && !parts[2].is_empty())
+                || named("user")
+                || named("policy")
+                || named("activation"));
         if !shaped {
             return Err(err(
                 field,
                 format!(
-                    "{r:?} is not hrn:hatch:{{region}}:{{account}}:instance/{{id}} (wildcards * and ? allowed in each part)"
+                    "{r:?} is not hrn:hatch:{{region}}:{{account}}:instance/{{id}} or \
+                     hrn:hatch::{{account}}:user/{{name}}, policy/{{name}} or activation/{{id}} \
+                     (wildcards * and ? allowed in each part)"
                 ),
             ));
         }

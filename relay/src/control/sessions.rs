@@ -840,6 +840,18 @@ impl Shared {
         }
     }
 
+    /// An instance that can no longer be reached as itself (deregistered, or its secret
+    /// revoked): its live sessions end (4006, the agent told `why`) and its control channel is
+    /// closed (1008, `why`), so that a copy of the old secret keeps nothing open.
+    pub(crate) async fn instance_gone(&self, instance: &str, why: &'static str) {
+        for id in self.live.of_instance(instance) {
+            self.end_session(&id, instance, CLOSE_TERMINATED, CloseReason::Terminated, why).await;
+        }
+        if self.agents.disconnect(instance, hatch_proto::close::POLICY_VIOLATION, why) {
+            info!(instance = %instance, why, "control channel closed");
+        }
+    }
+
     /// Ends an open session now: data plane legs closed with `code`, store record closed as
     /// `reason`, the agent told `why`.
     pub(super) async fn end_session(

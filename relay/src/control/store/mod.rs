@@ -118,6 +118,9 @@ pub struct Activation {
     pub expires_at: i64,
     /// Seconds since the Unix epoch.
     pub created_at: i64,
+    /// When it was revoked: no registration is accepted after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
 }
 
 /// A registered instance.
@@ -139,6 +142,9 @@ pub struct Instance {
     pub registered_at: i64,
     /// Last time its control channel was seen up (connect, heartbeat, disconnect).
     pub last_seen: Option<i64>,
+    /// When its secret was revoked: its agent authenticates no more and must register again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_revoked_at: Option<i64>,
 }
 
 /// A session as stored.
@@ -260,9 +266,23 @@ pub enum RegisterError {
     /// Its registration limit is used up.
     #[error("activation has no registrations left")]
     Exhausted,
+    /// It was revoked.
+    #[error("activation revoked")]
+    Revoked,
     /// The store failed.
     #[error("store: {0}")]
     Store(String),
+}
+
+/// What deleting a policy did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyDeleted {
+    /// It is gone.
+    Deleted,
+    /// The account has no such policy.
+    NotFound,
+    /// Users (their ids) still have it attached: nothing changed.
+    Attached(Vec<String>),
 }
 
 /// Who an access key belongs to.
@@ -299,6 +319,9 @@ pub trait Store: Send + Sync + 'static {
     fn users(&self, account_id: &str) -> anyhow::Result<Vec<User>>;
     /// Disables (`Some(now)`) or enables (`None`) a user; false when no such user.
     fn set_user_disabled(&self, user_id: &str, disabled_at: Option<i64>) -> anyhow::Result<bool>;
+    /// Deletes a user with their access keys and policy attachments, in one transaction;
+    /// false when no such user. Their live sessions lose access (the IAM generation moves).
+    fn delete_user(&self, user_id: &str) -> anyhow::Result<bool>;
     /// The account's IAM generation: a counter raised by every change that can take access
     /// away (a key revoked, a policy replaced, attached or detached, a user disabled, an
     /// instance's tags replaced), so a running relay
@@ -324,11 +347,17 @@ pub trait Store: Send + Sync + 'static {
     fn detach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool>;
     /// The documents attached to a user.
     fn user_policies(&self, user_id: &str) -> anyhow::Result<Vec<PolicyRecord>>;
+    /// Every attachment of an account: `(user id, policy name)`.
+    fn policy_attachments(&self, account_id: &str) -> anyhow::Result<Vec<(String, String)>>;
+    /// Deletes a policy no user has attached.
+    fn delete_policy(&self, account_id: &str, name: &str) -> anyhow::Result<PolicyDeleted>;
 
     /// Stores an activation by the SHA-256 of its code.
     fn insert_activation(&self, act: &Activation, code_hash: &[u8; 32]) -> anyhow::Result<()>;
     /// Activations of an account (all accounts when `None`).
     fn activations(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Activation>>;
+    /// Revokes an activation of the account; false when it has none such or it was already.
+    fn revoke_activation(&self, account_id: &str, id: &str, now: i64) -> anyhow::Result<bool>;
     /// Atomically checks an activation and creates `instance` with it (the instance takes the
     /// activation's account, region and tags).
     fn register_instance(
@@ -351,6 +380,11 @@ pub trait Store: Send + Sync + 'static {
     fn set_instance_tags(&self, id: &str, tags: &Tags) -> anyhow::Result<bool>;
     /// Records when the instance's control channel was last seen.
     fn touch_instance(&self, id: &str, now: i64) -> anyhow::Result<()>;
+    /// Deletes an instance of the account (its sessions' records stay); false when none such.
+    fn deregister_instance(&self, account_id: &str, id: &str) -> anyhow::Result<bool>;
+    /// Makes an instance's secret worthless (a new random hash nobody holds) and records when;
+    /// false when the account has no such instance.
+    fn revoke_instance_secret(&self, account_id: &str, id: &str, now: i64) -> anyhow::Result<bool>;
 
     /// Stores a new session (`pending`).
     fn insert_session(&self, s: &SessionRecord) -> anyhow::Result<()>;

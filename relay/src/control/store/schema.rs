@@ -113,4 +113,10 @@ ALTER TABLE sessions ADD COLUMN remote_port INTEGER;
 ALTER TABLE accounts ADD COLUMN idle_timeout_s INTEGER;
 ALTER TABLE accounts ADD COLUMN max_duration_s INTEGER;
 "#,
+    // IAM through the API: an activation can be revoked, an instance's secret too (the record
+    // stays, for its sessions' history; its agent must register again).
+    r#"
+ALTER TABLE activations ADD COLUMN revoked_at INTEGER;
+ALTER TABLE instances ADD COLUMN secret_revoked_at INTEGER;
+"#,
 ];

@@ -8,8 +8,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::schema::MIGRATIONS;
 use super::{
-    AccessKey, Account, Activation, CloseReason, Instance, KeyOwner, Mode, PolicyRecord,
-    RegisterError, SessionPrefs, SessionRecord, SessionState, StateFilter, Store, Tags, User,
+    AccessKey, Account, Activation, CloseReason, Instance, KeyOwner, Mode, PolicyDeleted,
+    PolicyRecord, RegisterError, SessionPrefs, SessionRecord, SessionState, StateFilter, Store,
+    Tags, User,
 };
 
 /// Compiled statements kept per connection: every query the API and the session life run, with
@@ -231,8 +232,8 @@ fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
     })
 }
 
-const ACTIVATION_COLS: &str =
-    "id, account_id, region, tags, max_registrations, registrations, expires_at, created_at";
+const ACTIVATION_COLS: &str = "id, account_id, region, tags, max_registrations, registrations, expires_at, created_at, \
+     revoked_at";
 
 fn activation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Activation> {
     Ok(Activation {
@@ -244,11 +245,12 @@ fn activation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Activation> {
         registrations: r.get(5)?,
         expires_at: r.get(6)?,
         created_at: r.get(7)?,
+        revoked_at: r.get(8)?,
     })
 }
 
-const INSTANCE_COLS: &str =
-    "id, account_id, region, tags, hostname, activation_id, registered_at, last_seen";
+const INSTANCE_COLS: &str = "id, account_id, region, tags, hostname, activation_id, registered_at, last_seen, \
+     secret_revoked_at";
 
 fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
     Ok(Instance {
@@ -260,6 +262,7 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
         activation_id: r.get(5)?,
         registered_at: r.get(6)?,
         last_seen: r.get(7)?,
+        secret_revoked_at: r.get(8)?,
     })
 }
 
@@ -433,6 +436,21 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    fn delete_user(&self, user_id: &str) -> anyhow::Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let account: Option<String> = tx
+            .query_row("SELECT account_id FROM users WHERE id = ?1", [user_id], |r| r.get(0))
+            .optional()?;
+        let Some(account) = account else { return Ok(false) };
+        tx.execute("DELETE FROM policy_attachments WHERE user_id = ?1", [user_id])?;
+        tx.execute("DELETE FROM access_keys WHERE user_id = ?1", [user_id])?;
+        tx.execute("DELETE FROM users WHERE id = ?1", [user_id])?;
+        bump_iam(&tx, &account)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     fn iam_generation(&self, account_id: &str) -> anyhow::Result<i64> {
         Ok(self
             .one("SELECT iam_generation FROM accounts WHERE id = ?1", [account_id], |r| r.get(0))?
@@ -556,6 +574,36 @@ impl Store for SqliteStore {
         Ok(n == 1)
     }
 
+    fn policy_attachments(&self, account_id: &str) -> anyhow::Result<Vec<(String, String)>> {
+        self.all(
+            "SELECT user_id, policy_name FROM policy_attachments WHERE account_id = ?1 \
+             ORDER BY user_id, policy_name",
+            [account_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    }
+
+    fn delete_policy(&self, account_id: &str, name: &str) -> anyhow::Result<PolicyDeleted> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let users: Vec<String> = {
+            let mut st = tx.prepare(
+                "SELECT user_id FROM policy_attachments WHERE account_id = ?1 \
+                 AND policy_name = ?2 ORDER BY user_id",
+            )?;
+            st.query_map([account_id, name], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        if !users.is_empty() {
+            return Ok(PolicyDeleted::Attached(users));
+        }
+        let n = tx.execute(
+            "DELETE FROM policies WHERE account_id = ?1 AND name = ?2",
+            [account_id, name],
+        )?;
+        tx.commit()?;
+        Ok(if n == 1 { PolicyDeleted::Deleted } else { PolicyDeleted::NotFound })
+    }
+
     fn user_policies(&self, user_id: &str) -> anyhow::Result<Vec<PolicyRecord>> {
         self.all(
             "SELECT p.account_id, p.name, p.document, p.updated_at FROM policy_attachments a \
@@ -596,6 +644,15 @@ impl Store for SqliteStore {
         )
     }
 
+    fn revoke_activation(&self, account_id: &str, id: &str, now: i64) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE activations SET revoked_at = ?3 \
+             WHERE id = ?1 AND account_id = ?2 AND revoked_at IS NULL",
+            params![id, account_id, now],
+        )?;
+        Ok(n == 1)
+    }
+
     fn register_instance(
         &self,
         activation_id: &str,
@@ -614,7 +671,7 @@ impl Store for SqliteStore {
             .query_row(
                 &format!("SELECT {ACTIVATION_COLS}, code_hash FROM activations WHERE id = ?1"),
                 [activation_id],
-                |r| Ok((activation_row(r)?, r.get(8)?)),
+                |r| Ok((activation_row(r)?, r.get(9)?)),
             )
             .optional()
             .map_err(store)?;
@@ -623,6 +680,9 @@ impl Store for SqliteStore {
         };
         if !crate::control::credentials::hashes_equal(&stored, code_hash) {
             return Err(RegisterError::BadActivation);
+        }
+        if act.revoked_at.is_some() {
+            return Err(RegisterError::Revoked);
         }
         if now >= act.expires_at {
             return Err(RegisterError::Expired);
@@ -639,6 +699,7 @@ impl Store for SqliteStore {
             activation_id: act.id.clone(),
             registered_at: now,
             last_seen: None,
+            secret_revoked_at: None,
         };
         let tags =
             serde_json::to_string(&inst.tags).map_err(|e| RegisterError::Store(e.to_string()))?;
@@ -709,6 +770,35 @@ impl Store for SqliteStore {
         bump_iam(&tx, &account)?;
         tx.commit()?;
         Ok(true)
+    }
+
+    fn deregister_instance(&self, account_id: &str, id: &str) -> anyhow::Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx
+            .execute("DELETE FROM instances WHERE id = ?1 AND account_id = ?2", [id, account_id])?;
+        if n == 1 {
+            bump_iam(&tx, account_id)?;
+        }
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    fn revoke_instance_secret(&self, account_id: &str, id: &str, now: i64) -> anyhow::Result<bool> {
+        // A fresh random hash: no secret hashes to it, and the column stays UNIQUE NOT NULL.
+        let worthless = crate::control::credentials::random_bytes::<32>();
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE instances SET secret_hash = ?3, secret_revoked_at = ?4 \
+             WHERE id = ?1 AND account_id = ?2",
+            params![id, account_id, &worthless[..], now],
+        )?;
+        if n == 1 {
+            bump_iam(&tx, account_id)?;
+        }
+        tx.commit()?;
+        Ok(n == 1)
     }
 
     fn touch_instance(&self, id: &str, now: i64) -> anyhow::Result<()> {
@@ -983,6 +1073,7 @@ mod tests {
             registrations: 0,
             expires_at: 100,
             created_at: 1,
+            revoked_at: None,
         };
         s.insert_activation(&act, &[7; 32]).unwrap();
         assert_eq!(
