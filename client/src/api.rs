@@ -156,8 +156,7 @@ impl Client {
         path: &str,
         subject: &Subject,
     ) -> Result<T, CliError> {
-        let answer = self.send(Method::GET, path, None).await?;
-        self.decode(path, answer, subject)
+        self.send_decoded(Method::GET, path, None, subject).await
     }
 
     /// `POST path` with a JSON body, decoding a JSON answer.
@@ -167,10 +166,28 @@ impl Client {
         body: &B,
         subject: &Subject,
     ) -> Result<T, CliError> {
-        // Invariant: the request types are plain structs of strings, which always serialise.
-        let json = serde_json::to_vec(body).expect("request serialises");
-        let answer = self.send(Method::POST, path, Some(json)).await?;
-        self.decode(path, answer, subject)
+        self.send_decoded(Method::POST, path, Some(to_json(body)), subject).await
+    }
+
+    /// `PUT path` with a JSON body, decoding a JSON answer.
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        subject: &Subject,
+    ) -> Result<T, CliError> {
+        self.send_decoded(Method::PUT, path, Some(to_json(body)), subject).await
+    }
+
+    /// `PUT path` with a JSON document sent byte for byte as its author wrote it (a policy:
+    /// the relay keeps its text), decoding a JSON answer. The caller checked it is JSON.
+    pub async fn put_document<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        document: Vec<u8>,
+        subject: &Subject,
+    ) -> Result<T, CliError> {
+        self.send_decoded(Method::PUT, path, Some(document), subject).await
     }
 
     /// `DELETE path`; any 2xx is success.
@@ -180,6 +197,26 @@ impl Client {
             return Ok(());
         }
         Err(self.error(path, answer, subject))
+    }
+
+    /// `DELETE path`, decoding the JSON answer (what was deleted or revoked).
+    pub async fn delete_decoded<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        subject: &Subject,
+    ) -> Result<T, CliError> {
+        self.send_decoded(Method::DELETE, path, None, subject).await
+    }
+
+    async fn send_decoded<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        subject: &Subject,
+    ) -> Result<T, CliError> {
+        let answer = self.send(method, path, body).await?;
+        self.decode(path, answer, subject)
     }
 
     fn decode<T: DeserializeOwned>(
@@ -328,6 +365,12 @@ impl Client {
             .to_bytes();
         Ok((status, bytes, request_id, method))
     }
+}
+
+fn to_json<B: Serialize>(body: &B) -> Vec<u8> {
+    // Invariant: the request types are plain structs of strings, numbers and string maps,
+    // which always serialise.
+    serde_json::to_vec(body).expect("request serialises")
 }
 
 enum Conn {
