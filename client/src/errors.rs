@@ -39,6 +39,10 @@ pub mod exit {
     pub const ABORTED: u8 = 130;
     /// Transport failure, lost connection, `~.` disconnect (as OpenSSH).
     pub const TRANSPORT: u8 = 255;
+    /// The account's state refuses the request (HTTP 409): a name already taken, a policy
+    /// still attached, a session attached elsewhere or ended. 255, as the relay's 409s have
+    /// always exited: there is no `sysexits.h` code for it, and no other code of ours means it.
+    pub const CONFLICT: u8 = TRANSPORT;
 }
 
 /// What a failed request was about, so that the message can name the action and the target.
@@ -54,6 +58,12 @@ pub struct Subject {
     pub last_seen: Option<String>,
     /// The error came from the data plane (the session token), not the API (the access key).
     pub data_plane: bool,
+    /// The request is the account owner's alone (account settings): AccessDenied means the
+    /// key is not an owner key, not that a policy is missing.
+    pub owner_only: bool,
+    /// Commands that list what the request named (`hatch users list`), for the next step of
+    /// NoSuchEntity and EntityAlreadyExists.
+    pub list_with: &'static [&'static str],
 }
 
 /// An error answer of the relay, with what the request was about.
@@ -250,7 +260,14 @@ fn api_exit_code(code: &str, status: u16, subject: &Subject) -> u8 {
         codes::ACCESS_DENIED | codes::SESSION_MANAGER_DISABLED => exit::NOPERM,
         codes::INVALID_TOKEN if !subject.data_plane => exit::NOPERM,
         codes::INVALID_TOKEN => exit::TRANSPORT,
-        codes::INSTANCE_NOT_FOUND | codes::SESSION_NOT_FOUND => exit::NOT_FOUND,
+        codes::INSTANCE_NOT_FOUND | codes::SESSION_NOT_FOUND | codes::NO_SUCH_ENTITY => {
+            exit::NOT_FOUND
+        }
+        codes::ENTITY_ALREADY_EXISTS
+        | codes::DELETE_CONFLICT
+        | codes::SESSION_ATTACHED
+        | codes::SESSION_ENDED => exit::CONFLICT,
+        codes::MALFORMED_POLICY_DOCUMENT => exit::USAGE,
         codes::TARGET_NOT_CONNECTED => exit::UNAVAILABLE,
         codes::TOKEN_EXPIRED | codes::TOKEN_ALREADY_USED | codes::THROTTLED => exit::TEMPFAIL,
         codes::INVALID_REQUEST => exit::USAGE,
@@ -276,7 +293,19 @@ fn target(subject: &Subject) -> String {
 fn api_words(code: &str, status: u16, body: &ErrorBody, subject: &Subject) -> String {
     let instance = subject.instance.as_deref().unwrap_or("the instance");
     let session = subject.session.as_deref().unwrap_or("the session");
+    let relay_said = |fallback: &str| {
+        if body.message.is_empty() { fallback.to_owned() } else { body.message.clone() }
+    };
+    let listed = if subject.list_with.is_empty() {
+        "check the name".to_owned()
+    } else {
+        let commands: Vec<String> = subject.list_with.iter().map(|c| format!("`{c}`")).collect();
+        format!("see {}", commands.join(" and "))
+    };
     match code {
+        codes::ACCESS_DENIED if subject.owner_only => {
+            "only the account owner may do this; use an owner access key".to_owned()
+        }
         codes::ACCESS_DENIED => format!(
             "your policy does not allow {} on {}; ask an administrator",
             subject.action,
@@ -328,6 +357,20 @@ fn api_words(code: &str, status: u16, body: &ErrorBody, subject: &Subject) -> St
         codes::INVALID_REQUEST => {
             format!("the relay rejected the request: {}; check the arguments", body.message)
         }
+        codes::NO_SUCH_ENTITY => format!("{}; {listed}", relay_said("no such entity")),
+        codes::ENTITY_ALREADY_EXISTS => {
+            format!("{}; choose another name, or {listed}", relay_said("the name is taken"))
+        }
+        codes::DELETE_CONFLICT => format!(
+            "{}; detach it from its users first (`hatch policies show NAME` lists them, `hatch \
+             users detach USER NAME` detaches)",
+            relay_said("it is still in use")
+        ),
+        codes::MALFORMED_POLICY_DOCUMENT => format!(
+            "the relay refused the policy document: {}; fix it and put it again \
+             (docs/POLICY.md)",
+            relay_said("no reason given")
+        ),
         codes::NOT_FOUND => "the relay does not know this API path; is the API URL (HATCH_API or \
                              `hatch configure`) right and the relay up to date?"
             .to_owned(),
@@ -513,6 +556,22 @@ mod tests {
             (codes::INVALID_REQUEST, 400, 64, "rejected the request: relay words; check"),
             (codes::NOT_FOUND, 404, 76, "does not know this API path"),
             (codes::INTERNAL_ERROR, 500, 70, "the relay failed (relay words); try again"),
+            (codes::NO_SUCH_ENTITY, 404, 68, "NoSuchEntity: relay words; check the name"),
+            (
+                codes::ENTITY_ALREADY_EXISTS,
+                409,
+                255,
+                "EntityAlreadyExists: relay words; choose another name",
+            ),
+            (codes::DELETE_CONFLICT, 409, 255, "relay words; detach it from its users first"),
+            (
+                codes::MALFORMED_POLICY_DOCUMENT,
+                400,
+                64,
+                "the relay refused the policy document: relay words; fix it",
+            ),
+            (codes::SESSION_ATTACHED, 409, 255, "another client is attached"),
+            (codes::SESSION_ENDED, 409, 255, "has ended"),
             ("SomethingNew", 418, 255, "HTTP 418 with code \"SomethingNew\": relay words"),
             ("SomethingNew", 503, 75, "HTTP 503"),
         ];
@@ -524,6 +583,48 @@ mod tests {
             assert!(line.contains(want_words), "{code}: {line}");
             assert!(!line.contains("req-1"), "request id only with -v: {line}");
         }
+    }
+
+    #[test]
+    fn iam_errors_name_the_next_step() {
+        let users = Subject {
+            action: "hatch:CreateUser",
+            list_with: &["hatch users list"],
+            ..Subject::default()
+        };
+        let denied = api(codes::ACCESS_DENIED, 403, users.clone());
+        assert_eq!(
+            denied.message(false),
+            "AccessDenied: your policy does not allow hatch:CreateUser on this account; ask an \
+             administrator"
+        );
+        let exists = api(codes::ENTITY_ALREADY_EXISTS, 409, users.clone());
+        assert_eq!(
+            exists.message(false),
+            "EntityAlreadyExists: relay words; choose another name, or see `hatch users list`"
+        );
+        let both = Subject { list_with: &["hatch users list", "hatch policies list"], ..users };
+        assert_eq!(
+            api(codes::NO_SUCH_ENTITY, 404, both).message(false),
+            "NoSuchEntity: relay words; see `hatch users list` and `hatch policies list`"
+        );
+        let owner = Subject { owner_only: true, ..Subject::default() };
+        assert_eq!(
+            api(codes::ACCESS_DENIED, 403, owner).message(false),
+            "AccessDenied: only the account owner may do this; use an owner access key"
+        );
+        // A relay that gives no words still gets a sentence.
+        let silent = CliError::api(
+            409,
+            ErrorBody {
+                code: codes::DELETE_CONFLICT.into(),
+                message: String::new(),
+                request_id: None,
+            },
+            Subject::default(),
+            None,
+        );
+        assert!(silent.message(false).starts_with("DeleteConflict: it is still in use; detach"));
     }
 
     #[test]
