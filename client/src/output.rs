@@ -1,5 +1,5 @@
-//! What `sessions`, `sessions show` and `instances` print: aligned tables for people, the
-//! relay's JSON (pretty-printed, unchanged) for scripts.
+//! What the commands print: aligned tables and `key  value` lines for people, the relay's JSON
+//! (pretty-printed, unchanged) for scripts.
 //!
 //! Tables read the JSON by field name, with alternatives where the API's naming could vary,
 //! and print `-` for an absent field, so that a newer relay with more fields still prints.
@@ -36,6 +36,12 @@ pub enum Kind {
     Online,
     /// An object shown as `k=v,k=v`.
     Tags,
+    /// An array shown as `a,b`; `-` when empty.
+    List,
+    /// The user an access key belongs to; absent: `owner` (the account owner's key).
+    KeyOwner,
+    /// A timestamp that may be ahead (an expiry): "in 3 h", or "N min ago" once past.
+    Until,
 }
 
 /// Columns of `hatch sessions`.
@@ -57,6 +63,41 @@ pub const INSTANCE_COLUMNS: &[Column] = &[
     Column { title: "STATUS", keys: &["online", "status"], kind: Kind::Online },
     Column { title: "LAST SEEN", keys: &["last_seen", "last_seen_at"], kind: Kind::Ago },
     Column { title: "REGION", keys: &["region"], kind: Kind::Text },
+    Column { title: "TAGS", keys: &["tags"], kind: Kind::Tags },
+];
+
+/// Columns of `hatch users list`.
+pub const USER_COLUMNS: &[Column] = &[
+    Column { title: "USER", keys: &["name"], kind: Kind::Text },
+    Column { title: "ID", keys: &["user_id", "id"], kind: Kind::Text },
+    Column { title: "POLICIES", keys: &["policies"], kind: Kind::List },
+    Column { title: "CREATED", keys: &["created_at"], kind: Kind::Ago },
+    Column { title: "DISABLED", keys: &["disabled_at"], kind: Kind::Ago },
+];
+
+/// Columns of `hatch keys list`.
+pub const ACCESS_KEY_COLUMNS: &[Column] = &[
+    Column { title: "ACCESS KEY", keys: &["access_key_id", "id"], kind: Kind::Text },
+    Column { title: "USER", keys: &["user"], kind: Kind::KeyOwner },
+    Column { title: "CREATED", keys: &["created_at"], kind: Kind::Ago },
+    Column { title: "REVOKED", keys: &["revoked_at"], kind: Kind::Ago },
+];
+
+/// Columns of `hatch policies list`.
+pub const POLICY_COLUMNS: &[Column] = &[
+    Column { title: "POLICY", keys: &["name"], kind: Kind::Text },
+    Column { title: "ATTACHED TO", keys: &["attached_to"], kind: Kind::List },
+    Column { title: "UPDATED", keys: &["updated_at"], kind: Kind::Ago },
+];
+
+/// Columns of `hatch activations list`.
+pub const ACTIVATION_COLUMNS: &[Column] = &[
+    Column { title: "ACTIVATION", keys: &["activation_id", "id"], kind: Kind::Text },
+    Column { title: "REGION", keys: &["region"], kind: Kind::Text },
+    Column { title: "USED", keys: &["registrations"], kind: Kind::Text },
+    Column { title: "MAX", keys: &["max_registrations"], kind: Kind::Text },
+    Column { title: "EXPIRES", keys: &["expires_at"], kind: Kind::Until },
+    Column { title: "REVOKED", keys: &["revoked_at"], kind: Kind::Ago },
     Column { title: "TAGS", keys: &["tags"], kind: Kind::Tags },
 ];
 
@@ -123,9 +164,41 @@ pub fn details(obj: &Value, now: i64) -> String {
     out
 }
 
+/// `key  value` lines of `keys` of one object, in that order and aligned (what a person needs
+/// of an answer, such as a new key's id and secret); an absent key prints `-`.
+pub fn fields(obj: &Value, keys: &[&str]) -> String {
+    let width = keys.iter().map(|k| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for k in keys {
+        out.push_str(&format!("{k:<width$}  {}\n", field(obj, k)));
+    }
+    out
+}
+
+/// `hatch account show`: the switch as on/off, each preference in seconds or as the relay's.
+pub fn account_settings(settings: &Value) -> String {
+    let switch = match settings.get("session_manager_enabled") {
+        Some(Value::Bool(true)) => "on".to_owned(),
+        Some(Value::Bool(false)) => "off (no session can start)".to_owned(),
+        Some(other) => text(other),
+        None => "-".to_owned(),
+    };
+    let pref = |key: &str, flag: &str| match settings.get(key) {
+        None | Some(Value::Null) => format!("the relay's ({flag})"),
+        Some(Value::Number(n)) => format!("{n} s"),
+        Some(other) => text(other),
+    };
+    format!(
+        "session manager  {switch}\nidle timeout     {}\nmax duration     {}\n",
+        pref("idle_timeout_s", "--idle-timeout"),
+        pref("max_duration_s", "--max-duration"),
+    )
+}
+
 fn cell(row: &Value, column: &Column, now: i64) -> String {
     let Some(v) = column.keys.iter().find_map(|k| row.get(k)).filter(|v| !v.is_null()) else {
-        return "-".to_owned();
+        let absent = if column.kind == Kind::KeyOwner { "owner" } else { "-" };
+        return absent.to_owned();
     };
     match column.kind {
         Kind::Text => text(v),
@@ -135,16 +208,47 @@ fn cell(row: &Value, column: &Column, now: i64) -> String {
             Value::Bool(false) => "offline".to_owned(),
             other => text(other),
         },
-        Kind::Tags => match v {
-            Value::Object(m) if m.is_empty() => "-".to_owned(),
-            Value::Object(m) => m
-                .iter()
-                .map(|(k, v)| format!("{}={}", printable(k), text(v)))
-                .collect::<Vec<_>>()
-                .join(","),
+        Kind::Tags => tags(v),
+        Kind::List => match v {
+            Value::Array(a) if a.is_empty() => "-".to_owned(),
+            Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
             other => text(other),
         },
+        Kind::KeyOwner => text(v),
+        Kind::Until => until(v, now).unwrap_or_else(|| text(v)),
     }
+}
+
+/// Tags as `k=v,k=v` (`-` for none), safe to print.
+pub fn tags(v: &Value) -> String {
+    match v {
+        Value::Object(m) if m.is_empty() => "-".to_owned(),
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| format!("{}={}", printable(k), text(v)))
+            .collect::<Vec<_>>()
+            .join(","),
+        other => text(other),
+    }
+}
+
+/// One field of an answer as text safe to print; `-` when absent.
+pub fn field(obj: &Value, key: &str) -> String {
+    obj.get(key).map(text).unwrap_or_else(|| "-".to_owned())
+}
+
+/// "in 3 h" for a time ahead of `now` (rounded down, as [`ago`]), else as [`ago`].
+pub fn until(v: &Value, now: i64) -> Option<String> {
+    let secs = unix_seconds(v)?.saturating_sub(now);
+    if secs <= 0 {
+        return ago(v, now);
+    }
+    Some(match secs {
+        1..=59 => format!("in {secs} s"),
+        60..=3599 => format!("in {} min", secs / 60),
+        3600..=86_399 => format!("in {} h", secs / 3600),
+        _ => format!("in {} d", secs / 86_400),
+    })
 }
 
 fn text(v: &Value) -> String {
@@ -323,6 +427,89 @@ mod tests {
                 "{out:?}"
             );
         }
+    }
+
+    #[test]
+    fn iam_tables() {
+        let users = json!({"users": [
+            {"user_id": "u-00000000000000a1", "name": "alice", "created_at": NOW - 120,
+             "policies": ["read-only", "ops"]},
+            {"user_id": "u-00000000000000b2", "name": "bob@example.com", "created_at": NOW - 60,
+             "disabled_at": NOW - 5, "policies": []},
+        ]});
+        assert_eq!(
+            table(&items(&users, "users"), USER_COLUMNS, NOW),
+            "USER             ID                  POLICIES       CREATED    DISABLED\n\
+             alice            u-00000000000000a1  read-only,ops  2 min ago  -\n\
+             bob@example.com  u-00000000000000b2  -              1 min ago  5 s ago\n"
+        );
+        let keys = json!({"access_keys": [
+            {"access_key_id": "ak-00000000000000a1", "created_at": NOW - 60},
+            {"access_key_id": "ak-00000000000000b2", "user": "alice", "created_at": NOW - 60,
+             "revoked_at": NOW - 1},
+        ]});
+        assert_eq!(
+            table(&items(&keys, "access_keys"), ACCESS_KEY_COLUMNS, NOW),
+            "ACCESS KEY           USER   CREATED    REVOKED\n\
+             ak-00000000000000a1  owner  1 min ago  -\n\
+             ak-00000000000000b2  alice  1 min ago  1 s ago\n"
+        );
+        let policies = json!({"policies": [
+            {"name": "read-only", "document": {}, "updated_at": NOW - 3600,
+             "attached_to": ["alice"]},
+        ]});
+        assert_eq!(
+            table(&items(&policies, "policies"), POLICY_COLUMNS, NOW),
+            "POLICY     ATTACHED TO  UPDATED\nread-only  alice        1 h ago\n"
+        );
+        let activations = json!({"activations": [
+            {"activation_id": "act-00000000000000a1", "region": "eu-1", "tags": {"env": "dev"},
+             "max_registrations": 5, "registrations": 2, "expires_at": NOW + 7300,
+             "created_at": NOW - 10},
+            {"activation_id": "act-00000000000000b2", "region": "eu-1", "tags": {},
+             "max_registrations": 1, "registrations": 0, "expires_at": NOW - 60,
+             "created_at": NOW - 100, "revoked_at": NOW - 90},
+        ]});
+        assert_eq!(
+            table(&items(&activations, "activations"), ACTIVATION_COLUMNS, NOW),
+            "ACTIVATION            REGION  USED  MAX  EXPIRES    REVOKED    TAGS\n\
+             act-00000000000000a1  eu-1    2     5    in 2 h     -          env=dev\n\
+             act-00000000000000b2  eu-1    0     1    1 min ago  1 min ago  -\n"
+        );
+    }
+
+    #[test]
+    fn until_looks_ahead() {
+        for (v, want) in [
+            (json!(NOW + 30), "in 30 s"),
+            (json!(NOW + 180), "in 3 min"),
+            (json!(NOW + 7300), "in 2 h"),
+            (json!(NOW + 2 * 86_400 + 1), "in 2 d"),
+            (json!(NOW), "just now"),
+            (json!(NOW - 180), "3 min ago"),
+        ] {
+            assert_eq!(until(&v, NOW).as_deref(), Some(want), "{v}");
+        }
+        assert_eq!(until(&json!("soon"), NOW), None);
+    }
+
+    #[test]
+    fn fields_and_account_settings() {
+        let key = json!({"access_key_id": "ak-1", "secret": "hk_1_x\u{1b}[2J", "created_at": 1});
+        assert_eq!(
+            fields(&key, &["access_key_id", "secret", "user"]),
+            "access_key_id  ak-1\nsecret         hk_1_x\\u{1b}[2J\nuser           -\n"
+        );
+        assert_eq!(
+            account_settings(&json!({"session_manager_enabled": true, "max_duration_s": 3600})),
+            "session manager  on\n\
+             idle timeout     the relay's (--idle-timeout)\n\
+             max duration     3600 s\n"
+        );
+        assert!(
+            account_settings(&json!({"session_manager_enabled": false}))
+                .starts_with("session manager  off (no session can start)\n")
+        );
     }
 
     #[test]
