@@ -2,17 +2,23 @@
 //! (so `configure` and `completions` work without any), the API is called through [`api`], and
 //! sessions are streamed through [`stream`].
 
-use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::CommandFactory;
-use hatch_proto::api::{Mode, StartSessionRequest, StartSessionResponse, codes};
+use hatch_proto::api::{
+    AccountSettingsUpdate, CreateAccessKeyRequest, CreateActivationRequest, CreateUserRequest,
+    ErrorBody, Mode, StartSessionRequest, StartSessionResponse, TagInstanceRequest, codes,
+};
 use serde_json::Value;
 
 use crate::api::{self, Client};
 use crate::cli::{
-    AttachArgs, Cli, Command, ConfigureArgs, SessionsArgs, SessionsCommand, StreamArgs,
+    AccountCommand, ActivationsCommand, AttachArgs, Cli, Command, ConfigureArgs, Format,
+    InstancesArgs, InstancesCommand, KeysCommand, PoliciesCommand, SessionsArgs, SessionsCommand,
+    StreamArgs, Switch, UsersCommand,
 };
 use crate::config::{self, Env, Source};
 use crate::errors::{CliError, Subject};
@@ -26,6 +32,20 @@ const MAX_PAGES: usize = 1000;
 
 /// How long the best-effort "last seen" look-up after TargetNotConnected may take.
 const LAST_SEEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most bytes of a policy document read from a file or stdin: far above what the relay takes
+/// (it refuses a larger document and says its limit), so this only bounds what is read.
+const MAX_DOCUMENT_READ: u64 = 1 << 20;
+
+/// Longest user or policy name sent (the relay's limits are 64 and 128).
+const MAX_NAME: usize = 128;
+
+/// Where `NoSuchEntity` and `EntityAlreadyExists` send a person to look.
+const USERS: &[&str] = &["hatch users list"];
+const USERS_AND_POLICIES: &[&str] = &["hatch users list", "hatch policies list"];
+const KEYS: &[&str] = &["hatch keys list"];
+const POLICIES: &[&str] = &["hatch policies list"];
+const ACTIVATIONS: &[&str] = &["hatch activations list"];
 
 /// Runs one parsed command; `Ok` carries the exit code.
 pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
@@ -89,17 +109,13 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
             println!("Terminated session {id}");
             Ok(0)
         }
-        Command::Instances { json } => {
-            let client = client(profile, env, verbose)?;
-            let subject = Subject { action: "hatch:DescribeInstances", ..Subject::default() };
-            let answer: Value = client.get("/v1/instances", &subject).await?;
-            if json {
-                print_json(&answer)?;
-            } else {
-                let rows = output::items(&answer, "instances");
-                print(&output::table(&rows, output::INSTANCE_COLUMNS, output::now()))?;
-            }
-            Ok(0)
+        Command::Instances(args) => instances(&client(profile, env, verbose)?, args).await,
+        Command::Account(command) => account(&client(profile, env, verbose)?, command).await,
+        Command::Users(command) => users(&client(profile, env, verbose)?, command).await,
+        Command::Keys(command) => keys(&client(profile, env, verbose)?, command).await,
+        Command::Policies(command) => policies(&client(profile, env, verbose)?, command).await,
+        Command::Activations(command) => {
+            activations(&client(profile, env, verbose)?, command).await
         }
     }
 }
@@ -126,6 +142,379 @@ pub(crate) fn checked_id(id: &str, what: &str) -> Result<String, CliError> {
         Ok(id.to_owned())
     } else {
         Err(CliError::Usage(format!("{id:?} is not a valid {what} id")))
+    }
+}
+
+/// User and policy names go into URL paths: accept only the characters the relay allows in
+/// them (letters, digits, `.`, `_`, `@`, `-`), and not `.` or `..`, which a path reads as a
+/// step rather than a name.
+pub(crate) fn checked_name(name: &str, what: &str) -> Result<String, CliError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b))
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(CliError::Usage(format!(
+            "{name:?} is not a valid {what} name (1-{MAX_NAME} letters, digits, `.`, `_`, `@`, \
+             `-`)"
+        )))
+    }
+}
+
+/// `KEY=VALUE` arguments as the tag map the relay takes; a key given twice is refused rather
+/// than one of its values silently dropped.
+pub(crate) fn tag_map(tags: Vec<(String, String)>) -> Result<BTreeMap<String, String>, CliError> {
+    let mut map = BTreeMap::new();
+    for (key, value) in tags {
+        if map.contains_key(&key) {
+            return Err(CliError::Usage(format!("tag {key} is given twice")));
+        }
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+/// What a request of the IAM API is about: its policy action and where to look for names.
+fn iam(action: &'static str, list_with: &'static [&'static str]) -> Subject {
+    Subject { action, list_with, ..Subject::default() }
+}
+
+/// Prints an answer: the relay's JSON with `--json`, else what `human` makes of it.
+fn show(
+    answer: &Value,
+    format: Format,
+    human: impl FnOnce(&Value) -> String,
+) -> Result<u8, CliError> {
+    if format.json {
+        print_json(answer)?;
+    } else {
+        print(&human(answer))?;
+    }
+    Ok(0)
+}
+
+/// A list answer as a table.
+fn listed(answer: &Value, key: &str, columns: &[output::Column]) -> String {
+    output::table(&output::items(answer, key), columns, output::now())
+}
+
+async fn instances(client: &Client, args: InstancesArgs) -> Result<u8, CliError> {
+    let Some(command) = args.command else {
+        let subject = Subject { action: "hatch:DescribeInstances", ..Subject::default() };
+        let answer: Value = client.get("/v1/instances", &subject).await?;
+        let format = Format { json: args.json };
+        return show(&answer, format, |a| listed(a, "instances", output::INSTANCE_COLUMNS));
+    };
+    let subject =
+        |action, id: &str| Subject { action, instance: Some(id.to_owned()), ..Subject::default() };
+    match command {
+        InstancesCommand::Tag { instance_id, tags, clear, format } => {
+            let id = checked_id(&instance_id, "instance")?;
+            let tags = if clear { BTreeMap::new() } else { tag_map(tags)? };
+            let body = TagInstanceRequest { tags };
+            let answer: Value = client
+                .put(&format!("/v1/instances/{id}/tags"), &body, &subject("hatch:TagInstance", &id))
+                .await?;
+            show(&answer, format, |a| {
+                format!("Tags of {id}: {}\n", output::tags(a.get("tags").unwrap_or(&Value::Null)))
+            })
+        }
+        InstancesCommand::Deregister { instance_id, format } => {
+            let id = checked_id(&instance_id, "instance")?;
+            let answer: Value = client
+                .delete_decoded(
+                    &format!("/v1/instances/{id}"),
+                    &subject("hatch:DeregisterInstance", &id),
+                )
+                .await?;
+            show(&answer, format, |_| {
+                format!("Deregistered instance {id}: its agent can no longer connect\n")
+            })
+        }
+        InstancesCommand::RevokeSecret { instance_id, format } => {
+            let id = checked_id(&instance_id, "instance")?;
+            let answer: Value = client
+                .post(
+                    &format!("/v1/instances/{id}/revoke-secret"),
+                    &serde_json::json!({}),
+                    &subject("hatch:RevokeInstanceSecret", &id),
+                )
+                .await?;
+            show(&answer, format, |_| {
+                format!(
+                    "Revoked the agent secret of {id}: its agent cannot connect until it \
+                     registers again\n"
+                )
+            })
+        }
+    }
+}
+
+async fn account(client: &Client, command: AccountCommand) -> Result<u8, CliError> {
+    const PATH: &str = "/v1/account/settings";
+    let subject = Subject { owner_only: true, ..Subject::default() };
+    match command {
+        AccountCommand::Show { format } => {
+            let answer: Value = client.get(PATH, &subject).await?;
+            show(&answer, format, output::account_settings)
+        }
+        AccountCommand::Switch { state, format } => {
+            let on = state == Switch::On;
+            let body =
+                AccountSettingsUpdate { session_manager_enabled: Some(on), ..Default::default() };
+            let answer: Value = client.put(PATH, &body, &subject).await?;
+            show(&answer, format, |_| {
+                if on {
+                    "Session manager on: sessions may start\n".to_owned()
+                } else {
+                    "Session manager off: no session can start, and the live ones were ended\n"
+                        .to_owned()
+                }
+            })
+        }
+        AccountCommand::Prefs { idle_timeout: None, max_duration: None, format } => {
+            let answer: Value = client.get(PATH, &subject).await?;
+            show(&answer, format, output::account_settings)
+        }
+        AccountCommand::Prefs { idle_timeout, max_duration, format } => {
+            let body = AccountSettingsUpdate {
+                session_manager_enabled: None,
+                idle_timeout_s: idle_timeout,
+                max_duration_s: max_duration,
+            };
+            let answer: Value = client.put(PATH, &body, &subject).await?;
+            show(&answer, format, output::account_settings)
+        }
+    }
+}
+
+async fn users(client: &Client, command: UsersCommand) -> Result<u8, CliError> {
+    match command {
+        UsersCommand::List { format } => {
+            let answer: Value = client.get("/v1/users", &iam("hatch:ListUsers", USERS)).await?;
+            show(&answer, format, |a| listed(a, "users", output::USER_COLUMNS))
+        }
+        UsersCommand::Create { name, format } => {
+            let name = checked_name(&name, "user")?;
+            let body = CreateUserRequest { name: name.clone() };
+            let answer: Value =
+                client.post("/v1/users", &body, &iam("hatch:CreateUser", USERS)).await?;
+            show(&answer, format, |a| {
+                format!("Created user {name} ({})\n", output::field(a, "user_id"))
+            })
+        }
+        UsersCommand::Delete { name, format } => {
+            let name = checked_name(&name, "user")?;
+            let answer: Value = client
+                .delete_decoded(&format!("/v1/users/{name}"), &iam("hatch:DeleteUser", USERS))
+                .await?;
+            show(&answer, format, |a| {
+                format!("Deleted user {name} ({})\n", output::field(a, "user_id"))
+            })
+        }
+        UsersCommand::Attach { name, policy, format } => {
+            let name = checked_name(&name, "user")?;
+            let policy = checked_name(&policy, "policy")?;
+            let subject = iam("hatch:AttachUserPolicy", USERS_AND_POLICIES);
+            let path = format!("/v1/users/{name}/policies/{policy}");
+            let answer: Value = client.put(&path, &serde_json::json!({}), &subject).await?;
+            show(&answer, format, |a| {
+                format!(
+                    "Attached policy {policy} to user {name} (its policies: {})\n",
+                    output::field(a, "policies")
+                )
+            })
+        }
+        UsersCommand::Detach { name, policy, format } => {
+            let name = checked_name(&name, "user")?;
+            let policy = checked_name(&policy, "policy")?;
+            let subject = iam("hatch:DetachUserPolicy", USERS_AND_POLICIES);
+            let path = format!("/v1/users/{name}/policies/{policy}");
+            let answer: Value = client.delete_decoded(&path, &subject).await?;
+            show(&answer, format, |_| format!("Detached policy {policy} from user {name}\n"))
+        }
+    }
+}
+
+async fn keys(client: &Client, command: KeysCommand) -> Result<u8, CliError> {
+    match command {
+        KeysCommand::List { user, format } => {
+            let path = match user {
+                Some(u) => format!("/v1/access-keys?user={}", checked_name(&u, "user")?),
+                None => "/v1/access-keys".to_owned(),
+            };
+            let answer: Value = client.get(&path, &iam("hatch:ListAccessKeys", USERS)).await?;
+            show(&answer, format, |a| listed(a, "access_keys", output::ACCESS_KEY_COLUMNS))
+        }
+        KeysCommand::Create { user, format } => {
+            let user = user.map(|u| checked_name(&u, "user")).transpose()?;
+            let body = CreateAccessKeyRequest { user };
+            let answer: Value =
+                client.post("/v1/access-keys", &body, &iam("hatch:CreateAccessKey", USERS)).await?;
+            if format.json {
+                print_json(&answer)?;
+            } else {
+                print(&output::fields(&answer, &["access_key_id", "secret"]))?;
+                eprintln!(
+                    "hatch: the secret is shown this once and cannot be shown again; keep it now \
+                     (it is the key `hatch configure --access-key` and HATCH_ACCESS_KEY take)"
+                );
+            }
+            Ok(0)
+        }
+        KeysCommand::Revoke { key_id, format } => {
+            let id = checked_id(&key_id, "access key")?;
+            let answer: Value = client
+                .delete_decoded(
+                    &format!("/v1/access-keys/{id}"),
+                    &iam("hatch:DeleteAccessKey", KEYS),
+                )
+                .await?;
+            show(&answer, format, |_| format!("Revoked access key {id}\n"))
+        }
+    }
+}
+
+async fn policies(client: &Client, command: PoliciesCommand) -> Result<u8, CliError> {
+    match command {
+        PoliciesCommand::List { format } => {
+            let answer: Value =
+                client.get("/v1/policies", &iam("hatch:ListPolicies", POLICIES)).await?;
+            show(&answer, format, |a| listed(a, "policies", output::POLICY_COLUMNS))
+        }
+        PoliciesCommand::Show { name, format } => {
+            let name = checked_name(&name, "policy")?;
+            let subject = iam("hatch:ListPolicies", POLICIES);
+            let list: Value = client.get("/v1/policies", &subject).await?;
+            let found = output::items(&list, "policies")
+                .into_iter()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(name.as_str()))
+                .cloned();
+            let Some(policy) = found else {
+                // The same failure as the relay's for a name it does not have.
+                let body = ErrorBody {
+                    code: codes::NO_SUCH_ENTITY.to_owned(),
+                    message: format!("no policy {name} in this account"),
+                    request_id: None,
+                };
+                return Err(CliError::api(404, body, subject, None));
+            };
+            show(&policy, format, policy_details)
+        }
+        PoliciesCommand::Put { name, file, format } => {
+            let name = checked_name(&name, "policy")?;
+            let document = read_document(&file)?;
+            let answer: Value = client
+                .put_document(
+                    &format!("/v1/policies/{name}"),
+                    document,
+                    &iam("hatch:PutPolicy", POLICIES),
+                )
+                .await?;
+            show(&answer, format, |a| {
+                format!("Put policy {name} (attached to: {})\n", output::field(a, "attached_to"))
+            })
+        }
+        PoliciesCommand::Delete { name, format } => {
+            let name = checked_name(&name, "policy")?;
+            let answer: Value = client
+                .delete_decoded(
+                    &format!("/v1/policies/{name}"),
+                    &iam("hatch:DeletePolicy", POLICIES),
+                )
+                .await?;
+            show(&answer, format, |_| format!("Deleted policy {name}\n"))
+        }
+    }
+}
+
+/// `hatch policies show`: name, users and time, then the document, every line safe to print.
+fn policy_details(policy: &Value) -> String {
+    let head = serde_json::json!({
+        "name": policy.get("name"),
+        "attached_to": policy.get("attached_to"),
+        "updated_at": policy.get("updated_at"),
+    });
+    let mut out = output::details(&head, output::now());
+    out.push_str("document:\n");
+    let document = policy.get("document").unwrap_or(&Value::Null);
+    // Invariant: a `Value` always serialises.
+    let pretty = serde_json::to_string_pretty(document).expect("json value serialises");
+    for line in pretty.lines() {
+        out.push_str(&output::printable(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// A policy document from `file` (`-`: stdin), checked to be JSON so that a typo is named
+/// here, with its line and column, rather than by the relay.
+fn read_document(file: &Path) -> Result<Vec<u8>, CliError> {
+    let stdin = file == Path::new("-");
+    let shown = if stdin { "stdin".to_owned() } else { file.display().to_string() };
+    let mut bytes = Vec::new();
+    let read = if stdin {
+        std::io::stdin().lock().take(MAX_DOCUMENT_READ + 1).read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(file)
+            .and_then(|f| f.take(MAX_DOCUMENT_READ + 1).read_to_end(&mut bytes))
+    };
+    read.map_err(|e| CliError::Local(format!("reading the policy document {shown}: {e}")))?;
+    if bytes.len() as u64 > MAX_DOCUMENT_READ {
+        return Err(CliError::Usage(format!(
+            "the policy document {shown} is larger than {MAX_DOCUMENT_READ} bytes"
+        )));
+    }
+    if let Err(e) = serde_json::from_slice::<Value>(&bytes) {
+        return Err(CliError::Usage(format!("the policy document {shown} is not JSON: {e}")));
+    }
+    Ok(bytes)
+}
+
+async fn activations(client: &Client, command: ActivationsCommand) -> Result<u8, CliError> {
+    match command {
+        ActivationsCommand::List { format } => {
+            let answer: Value =
+                client.get("/v1/activations", &iam("hatch:ListActivations", ACTIVATIONS)).await?;
+            show(&answer, format, |a| listed(a, "activations", output::ACTIVATION_COLUMNS))
+        }
+        ActivationsCommand::Create { region, tags, max_registrations, valid_for, format } => {
+            let body = CreateActivationRequest {
+                region,
+                tags: tag_map(tags)?,
+                max_registrations,
+                valid_for_s: valid_for,
+            };
+            let answer: Value = client
+                .post("/v1/activations", &body, &iam("hatch:CreateActivation", ACTIVATIONS))
+                .await?;
+            if format.json {
+                print_json(&answer)?;
+            } else {
+                print(&output::fields(&answer, &["activation_id", "activation_code"]))?;
+                eprintln!(
+                    "hatch: the activation code is shown this once and cannot be shown again; \
+                     register an instance with `hatch-agent register --api URL --activation-id \
+                     ID --activation-code CODE`"
+                );
+            }
+            Ok(0)
+        }
+        ActivationsCommand::Revoke { activation_id, format } => {
+            let id = checked_id(&activation_id, "activation")?;
+            let answer: Value = client
+                .delete_decoded(
+                    &format!("/v1/activations/{id}"),
+                    &iam("hatch:DeleteActivation", ACTIVATIONS),
+                )
+                .await?;
+            show(&answer, format, |_| {
+                format!("Revoked activation {id}: no instance can register with it\n")
+            })
+        }
     }
 }
 
@@ -389,6 +778,62 @@ mod tests {
         assert_eq!(masked("ééa"), "****");
         assert_eq!(masked("xééaé"), "****ééaé");
         assert_eq!(masked("x€€€€"), "****€€€€");
+    }
+
+    #[test]
+    fn names_with_path_characters_are_refused() {
+        for good in ["alice", "bob@example.com", "ops.team_1-a", "a", &"n".repeat(128)] {
+            assert_eq!(checked_name(good, "user").unwrap(), good);
+        }
+        for bad in ["", ".", "..", "../users", "a/b", "a?b", "a b", "a%2e", "é", &"n".repeat(129)]
+        {
+            let err = checked_name(bad, "user").unwrap_err();
+            assert_eq!(err.exit_code(), 64, "{bad}");
+            assert!(err.message(false).contains("is not a valid user name"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_tag_given_twice_is_refused() {
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let map = tag_map(vec![pair("env", "prod"), pair("role", "")]).unwrap();
+        assert_eq!(map.into_iter().collect::<Vec<_>>(), [pair("env", "prod"), pair("role", "")]);
+        let err = tag_map(vec![pair("env", "prod"), pair("env", "dev")]).unwrap_err();
+        assert_eq!(err, CliError::Usage("tag env is given twice".to_owned()));
+        assert!(tag_map(Vec::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_policy_document_must_be_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.json");
+        std::fs::write(&good, br#"{"Statement": []}"#).unwrap();
+        assert_eq!(read_document(&good).unwrap(), br#"{"Statement": []}"#);
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"Statement\": [}").unwrap();
+        let err = read_document(&bad).unwrap_err();
+        assert_eq!(err.exit_code(), 64);
+        assert!(err.message(false).contains("is not JSON: "), "{}", err.message(false));
+        let big = dir.path().join("big.json");
+        std::fs::write(&big, vec![b' '; (MAX_DOCUMENT_READ + 1) as usize]).unwrap();
+        assert!(read_document(&big).unwrap_err().message(false).contains("larger than"));
+        let err = read_document(&dir.path().join("absent.json")).unwrap_err();
+        assert_eq!(err.exit_code(), 74, "{}", err.message(false));
+    }
+
+    #[test]
+    fn policy_details_show_the_document_safely() {
+        let policy = serde_json::json!({"name": "p", "attached_to": ["alice"],
+            "updated_at": "2020-01-01T00:00:00Z",
+            "document": {"Statement": [{"Sid": "x\u{9b}31m", "Effect": "Allow"}]}});
+        let shown = policy_details(&policy);
+        assert!(
+            shown.starts_with("attached_to  alice\nname         p\nupdated_at   2020-"),
+            "{shown}"
+        );
+        assert!(shown.contains("document:\n{\n  \"Statement\": [\n"), "{shown}");
+        assert!(shown.contains("x\\u{9b}31m"), "{shown}");
+        assert!(!shown.contains('\u{9b}'));
     }
 
     #[test]
