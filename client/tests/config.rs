@@ -187,5 +187,9 @@ fn completions_for_bash_zsh_and_fish() {
         assert_eq!(out.status.code(), Some(0));
         assert!(stdout(&out).contains(marker), "{shell}");
         assert!(stdout(&out).contains("exec"), "{shell}");
+        // Generated from the command line: the IAM commands and their subcommands come along.
+        for word in ["activations", "revoke-secret", "detach"] {
+            assert!(stdout(&out).contains(word), "{shell}: {word}");
+        }
     }
 }
