@@ -848,6 +848,168 @@ fn policy_and_account_switch_refusals_from_the_real_relay() {
     assert!(stderr(&out).contains("SessionManagerDisabled: session management is switched off"));
 }
 
+/// `hatch ARGS` as the world's owner, or with `key`; exit code, stdout, stderr.
+fn hatch_as(world: &World, key: Option<&str>, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = world.hatch();
+    if let Some(k) = key {
+        cmd.env("HATCH_ACCESS_KEY", k);
+    }
+    cmd.args(args);
+    let out = run(cmd);
+    (out.status.code(), stdout(&out), stderr(&out))
+}
+
+/// `hatch ARGS --json` that must succeed, its stdout parsed.
+fn hatch_json(world: &World, key: Option<&str>, args: &[&str]) -> serde_json::Value {
+    let args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+    let (code, out, err) = hatch_as(world, key, &args);
+    assert_eq!(code, Some(0), "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+}
+
+#[test]
+fn iam_through_the_cli_against_the_real_relay() {
+    let world = World::start();
+    let owner = None;
+
+    // As the owner, through the CLI only: a user, a policy that allows only hatch:ListUsers,
+    // attached, and a key for the user.
+    let user = hatch_json(&world, owner, &["users", "create", "alice"]);
+    assert_eq!(user["name"], "alice");
+    assert!(user["user_id"].as_str().unwrap().starts_with("u-"), "{user}");
+    let doc = world.home.path().join("list-users.json");
+    std::fs::write(
+        &doc,
+        r#"{"Statement": {"Effect": "Allow", "Action": "hatch:ListUsers", "Resource": "*"}}"#,
+    )
+    .unwrap();
+    let policy =
+        hatch_json(&world, owner, &["policies", "put", "list-users", doc.to_str().unwrap()]);
+    assert_eq!(policy["name"], "list-users");
+    assert_eq!(policy["document"]["Statement"]["Action"], "hatch:ListUsers", "{policy}");
+    let user = hatch_json(&world, owner, &["users", "attach", "alice", "list-users"]);
+    assert_eq!(user["policies"], serde_json::json!(["list-users"]), "{user}");
+    let key = hatch_json(&world, owner, &["keys", "create", "--user", "alice"]);
+    assert_eq!(key["user"], "alice", "{key}");
+    let key_id = key["access_key_id"].as_str().unwrap().to_owned();
+    assert!(key_id.starts_with("ak-"), "{key}");
+    let secret = key["secret"].as_str().expect("the secret, once").to_owned();
+    let keys = hatch_json(&world, owner, &["keys", "list", "--user", "alice"]);
+    let listed = keys["access_keys"].as_array().unwrap();
+    assert!(listed.iter().any(|k| k["access_key_id"] == key_id.as_str()), "{keys}");
+    assert!(listed.iter().all(|k| k.get("secret").is_none()), "a list never shows secrets");
+    let (code, table, err) = hatch_as(&world, owner, &["policies", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(table.contains("\nlist-users  alice "), "{table}");
+
+    // The user's key may list users and nothing else.
+    let alice = Some(secret.as_str());
+    let (code, table, err) = hatch_as(&world, alice, &["users", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(table.lines().any(|l| l.starts_with("alice ") && l.contains("list-users")), "{table}");
+    let users = hatch_json(&world, alice, &["users", "list"]);
+    assert!(users["users"].as_array().unwrap().iter().any(|u| u["name"] == "alice"), "{users}");
+    let (code, _, err) = hatch_as(&world, alice, &["users", "create", "x"]);
+    assert_eq!(code, Some(77), "{err}");
+    assert_eq!(
+        err,
+        "hatch: AccessDenied: your policy does not allow hatch:CreateUser on this account; ask \
+         an administrator\n"
+    );
+
+    // An attached policy cannot be deleted.
+    let (code, _, err) = hatch_as(&world, owner, &["policies", "delete", "list-users"]);
+    assert_eq!(code, Some(255), "{err}");
+    assert!(err.starts_with("hatch: DeleteConflict: "), "{err}");
+
+    // Detached and deleted, the user's key authenticates nothing.
+    let user = hatch_json(&world, owner, &["users", "detach", "alice", "list-users"]);
+    assert_eq!(user["policies"], serde_json::json!([]), "{user}");
+    let user = hatch_json(&world, owner, &["users", "delete", "alice"]);
+    assert_eq!(user["name"], "alice");
+    for args in [&["users", "list"][..], &["instances"], &["keys", "list"], &["sessions"]] {
+        let (code, _, err) = hatch_as(&world, alice, args);
+        assert_eq!(code, Some(77), "{args:?}: {err}");
+        assert!(err.starts_with("hatch: InvalidToken: "), "{args:?}: {err}");
+    }
+    let (code, _, err) = hatch_as(&world, owner, &["users", "delete", "alice"]);
+    assert_eq!(code, Some(68), "{err}");
+    assert!(err.starts_with("hatch: NoSuchEntity: "), "{err}");
+
+    // Detached, the policy goes.
+    let policy = hatch_json(&world, owner, &["policies", "delete", "list-users"]);
+    assert_eq!(policy["name"], "list-users");
+    let policies = hatch_json(&world, owner, &["policies", "list"]);
+    assert!(!policies.to_string().contains("list-users"), "{policies}");
+}
+
+#[test]
+fn account_instances_and_activations_through_the_cli_against_the_real_relay() {
+    let world = World::start();
+    let owner = None;
+    let instance = world.instance().to_owned();
+
+    // The account's preferences, and back to the relay's.
+    let settings = hatch_json(&world, owner, &["account", "show"]);
+    assert_eq!(settings["session_manager_enabled"], true, "{settings}");
+    let settings = hatch_json(&world, owner, &["account", "prefs", "--idle-timeout", "600"]);
+    assert_eq!(settings["idle_timeout_s"], 600, "{settings}");
+    let settings = hatch_json(&world, owner, &["account", "prefs", "--idle-timeout", "0"]);
+    assert!(settings.get("idle_timeout_s").is_none(), "{settings}");
+    let (code, out, err) = hatch_as(&world, owner, &["account", "switch", "off"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("Session manager off"), "{out}");
+    let settings = hatch_json(&world, owner, &["account", "switch", "on"]);
+    assert_eq!(settings["session_manager_enabled"], true, "{settings}");
+
+    // Tags replace the instance's tags; `hatch instances` shows them.
+    let info = hatch_json(&world, owner, &["instances", "tag", &instance, "env=prod", "role=web"]);
+    assert_eq!(info["tags"], serde_json::json!({"env": "prod", "role": "web"}), "{info}");
+    let (code, table, err) = hatch_as(&world, owner, &["instances"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(table.contains("env=prod,role=web"), "{table}");
+
+    // An activation: the code once, then listed without it, then revoked.
+    let made = hatch_json(
+        &world,
+        owner,
+        &[
+            "activations",
+            "create",
+            "--region",
+            "local",
+            "--tag",
+            "env=dev",
+            "--max-registrations",
+            "2",
+        ],
+    );
+    let activation = made["activation_id"].as_str().unwrap().to_owned();
+    assert!(made["activation_code"].is_string(), "{made}");
+    assert_eq!(made["max_registrations"], 2, "{made}");
+    let list = hatch_json(&world, owner, &["activations", "list"]);
+    let row = list["activations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["activation_id"] == activation.as_str())
+        .cloned()
+        .expect("the new activation is listed");
+    assert!(row.get("activation_code").is_none(), "{row}");
+    let revoked = hatch_json(&world, owner, &["activations", "revoke", &activation]);
+    assert!(revoked["revoked_at"].is_string(), "{revoked}");
+
+    // The agent's secret revoked, then the instance deregistered.
+    let info = hatch_json(&world, owner, &["instances", "revoke-secret", &instance]);
+    assert_eq!(info["instance_id"], instance.as_str(), "{info}");
+    let info = hatch_json(&world, owner, &["instances", "deregister", &instance]);
+    assert_eq!(info["instance_id"], instance.as_str(), "{info}");
+    let list = hatch_json(&world, owner, &["instances"]);
+    assert!(!list.to_string().contains(&instance), "{list}");
+    let (code, _, err) = hatch_as(&world, owner, &["instances", "deregister", &instance]);
+    assert_eq!(code, Some(68), "{err}");
+}
+
 #[test]
 fn exec_streams_ten_mebibytes_of_output_in_order() {
     let world = World::start();
