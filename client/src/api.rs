@@ -179,17 +179,6 @@ impl Client {
         self.send_decoded(Method::PUT, path, Some(to_json(body)), subject).await
     }
 
-    /// `PUT path` with a JSON document sent byte for byte as its author wrote it (a policy:
-    /// the relay keeps its text), decoding a JSON answer. The caller checked it is JSON.
-    pub async fn put_document<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        document: Vec<u8>,
-        subject: &Subject,
-    ) -> Result<T, CliError> {
-        self.send_decoded(Method::PUT, path, Some(document), subject).await
-    }
-
     /// `DELETE path`; any 2xx is success.
     pub async fn delete(&self, path: &str, subject: &Subject) -> Result<(), CliError> {
         let answer = self.send(Method::DELETE, path, None).await?;

@@ -241,7 +241,8 @@ pub enum InstancesCommand {
         #[command(flatten)]
         format: Format,
     },
-    /// Deregister an instance: its agent can no longer connect, and it is no longer listed.
+    /// Deregister an instance: its sessions end, its agent can no longer connect, and it is no
+    /// longer listed.
     Deregister {
         /// Instance id, `i-...`.
         instance_id: String,
@@ -249,8 +250,9 @@ pub enum InstancesCommand {
         #[command(flatten)]
         format: Format,
     },
-    /// Revoke the secret an instance's agent authenticates with (a leaked state file): the
-    /// agent must register again.
+    /// Revoke the secret an instance's agent authenticates with (a leaked state file): its
+    /// sessions end, and the agent must register again (as a new instance; this one stays
+    /// listed, offline).
     RevokeSecret {
         /// Instance id, `i-...`.
         instance_id: String,
@@ -467,7 +469,8 @@ const MAX_TAG_KEY: usize = 128;
 const MAX_TAG_VALUE: usize = 256;
 
 /// One `KEY=VALUE` tag: split at the first `=`; the key 1-128 letters, digits, `.`, `_`, `-`,
-/// `:` (as the relay accepts), the value at most 256 bytes and possibly empty.
+/// `:`, the value at most 256 bytes without control characters, possibly empty (as the relay
+/// accepts).
 pub fn parse_tag(arg: &str) -> Result<(String, String), String> {
     let Some((key, value)) = arg.split_once('=') else {
         return Err(format!("{arg:?} is not KEY=VALUE"));
@@ -482,6 +485,9 @@ pub fn parse_tag(arg: &str) -> Result<(String, String), String> {
     }
     if value.len() > MAX_TAG_VALUE {
         return Err(format!("the value of tag {key} is longer than {MAX_TAG_VALUE} bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("the value of tag {key} has a control character"));
     }
     Ok((key.to_owned(), value.to_owned()))
 }
@@ -601,7 +607,11 @@ mod tests {
         }
         let long_key = format!("{}=v", "k".repeat(129));
         let long_value = format!("k={}", "v".repeat(257));
-        for bad in ["env", "=prod", "e nv=x", "e/nv=x", "é=x", &long_key, &long_value] {
+        let bad_values = ["env=a\nb", "env=\u{1b}[2J", "env=\u{9b}"];
+        for bad in ["env", "=prod", "e nv=x", "e/nv=x", "é=x", &long_key, &long_value]
+            .into_iter()
+            .chain(bad_values)
+        {
             assert!(parse_tag(bad).is_err(), "{bad}");
         }
         assert!(parse_tag(&format!("{}={}", "k".repeat(128), "v".repeat(256))).is_ok());

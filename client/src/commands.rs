@@ -231,7 +231,10 @@ async fn instances(client: &Client, args: InstancesArgs) -> Result<u8, CliError>
                 )
                 .await?;
             show(&answer, format, |_| {
-                format!("Deregistered instance {id}: its agent can no longer connect\n")
+                format!(
+                    "Deregistered instance {id}: its sessions were ended and its agent can no \
+                     longer connect\n"
+                )
             })
         }
         InstancesCommand::RevokeSecret { instance_id, format } => {
@@ -245,8 +248,8 @@ async fn instances(client: &Client, args: InstancesArgs) -> Result<u8, CliError>
                 .await?;
             show(&answer, format, |_| {
                 format!(
-                    "Revoked the agent secret of {id}: its agent cannot connect until it \
-                     registers again\n"
+                    "Revoked the agent secret of {id}: its sessions were ended and its agent \
+                     cannot connect until it registers again, as a new instance\n"
                 )
             })
         }
@@ -351,9 +354,11 @@ async fn keys(client: &Client, command: KeysCommand) -> Result<u8, CliError> {
         }
         KeysCommand::Create { user, format } => {
             let user = user.map(|u| checked_name(&u, "user")).transpose()?;
+            // A key without a user is the owner's, which only the owner may make.
+            let subject =
+                Subject { owner_only: user.is_none(), ..iam("hatch:CreateAccessKey", USERS) };
             let body = CreateAccessKeyRequest { user };
-            let answer: Value =
-                client.post("/v1/access-keys", &body, &iam("hatch:CreateAccessKey", USERS)).await?;
+            let answer: Value = client.post("/v1/access-keys", &body, &subject).await?;
             if format.json {
                 print_json(&answer)?;
             } else {
@@ -408,15 +413,10 @@ async fn policies(client: &Client, command: PoliciesCommand) -> Result<u8, CliEr
             let name = checked_name(&name, "policy")?;
             let document = read_document(&file)?;
             let answer: Value = client
-                .put_document(
-                    &format!("/v1/policies/{name}"),
-                    document,
-                    &iam("hatch:PutPolicy", POLICIES),
-                )
+                .put(&format!("/v1/policies/{name}"), &document, &iam("hatch:PutPolicy", POLICIES))
                 .await?;
-            show(&answer, format, |a| {
-                format!("Put policy {name} (attached to: {})\n", output::field(a, "attached_to"))
-            })
+            // Not the users it is attached to: the relay's answer to a PUT lists none.
+            show(&answer, format, |_| format!("Put policy {name}\n"))
         }
         PoliciesCommand::Delete { name, format } => {
             let name = checked_name(&name, "policy")?;
@@ -450,9 +450,9 @@ fn policy_details(policy: &Value) -> String {
     out
 }
 
-/// A policy document from `file` (`-`: stdin), checked to be JSON so that a typo is named
-/// here, with its line and column, rather than by the relay.
-fn read_document(file: &Path) -> Result<Vec<u8>, CliError> {
+/// A policy document from `file` (`-`: stdin), parsed here so that a typo is named with its
+/// line and column rather than as the relay's "not JSON".
+fn read_document(file: &Path) -> Result<Value, CliError> {
     let stdin = file == Path::new("-");
     let shown = if stdin { "stdin".to_owned() } else { file.display().to_string() };
     let mut bytes = Vec::new();
@@ -468,10 +468,8 @@ fn read_document(file: &Path) -> Result<Vec<u8>, CliError> {
             "the policy document {shown} is larger than {MAX_DOCUMENT_READ} bytes"
         )));
     }
-    if let Err(e) = serde_json::from_slice::<Value>(&bytes) {
-        return Err(CliError::Usage(format!("the policy document {shown} is not JSON: {e}")));
-    }
-    Ok(bytes)
+    serde_json::from_slice(&bytes)
+        .map_err(|e| CliError::Usage(format!("the policy document {shown} is not JSON: {e}")))
 }
 
 async fn activations(client: &Client, command: ActivationsCommand) -> Result<u8, CliError> {
@@ -808,7 +806,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.json");
         std::fs::write(&good, br#"{"Statement": []}"#).unwrap();
-        assert_eq!(read_document(&good).unwrap(), br#"{"Statement": []}"#);
+        assert_eq!(read_document(&good).unwrap(), serde_json::json!({"Statement": []}));
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{\"Statement\": [}").unwrap();
         let err = read_document(&bad).unwrap_err();

@@ -361,15 +361,16 @@ fn api_words(code: &str, status: u16, body: &ErrorBody, subject: &Subject) -> St
         codes::ENTITY_ALREADY_EXISTS => {
             format!("{}; choose another name, or {listed}", relay_said("the name is taken"))
         }
+        // The relay's words name the users by id; these say how to find and detach them.
         codes::DELETE_CONFLICT => format!(
-            "{}; detach it from its users first (`hatch policies show NAME` lists them, `hatch \
-             users detach USER NAME` detaches)",
+            "{}; `hatch policies show NAME` lists the users it is attached to and `hatch users \
+             detach USER NAME` detaches it",
             relay_said("it is still in use")
         ),
+        // The relay's words name the policy and the bad field (`Statement[0].Effect`).
         codes::MALFORMED_POLICY_DOCUMENT => format!(
-            "the relay refused the policy document: {}; fix it and put it again \
-             (docs/POLICY.md)",
-            relay_said("no reason given")
+            "{}; fix the document and put it again (docs/POLICY.md)",
+            relay_said("the relay refused the policy document")
         ),
         codes::NOT_FOUND => "the relay does not know this API path; is the API URL (HATCH_API or \
                              `hatch configure`) right and the relay up to date?"
@@ -563,12 +564,12 @@ mod tests {
                 255,
                 "EntityAlreadyExists: relay words; choose another name",
             ),
-            (codes::DELETE_CONFLICT, 409, 255, "relay words; detach it from its users first"),
+            (codes::DELETE_CONFLICT, 409, 255, "relay words; `hatch policies show NAME` lists"),
             (
                 codes::MALFORMED_POLICY_DOCUMENT,
                 400,
                 64,
-                "the relay refused the policy document: relay words; fix it",
+                "MalformedPolicyDocument: relay words; fix the document and put it again",
             ),
             (codes::SESSION_ATTACHED, 409, 255, "another client is attached"),
             (codes::SESSION_ENDED, 409, 255, "has ended"),
@@ -624,7 +625,7 @@ mod tests {
             Subject::default(),
             None,
         );
-        assert!(silent.message(false).starts_with("DeleteConflict: it is still in use; detach"));
+        assert!(silent.message(false).starts_with("DeleteConflict: it is still in use; `hatch"));
     }
 
     #[test]
