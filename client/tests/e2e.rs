@@ -916,11 +916,31 @@ fn iam_through_the_cli_against_the_real_relay() {
         "hatch: AccessDenied: your policy does not allow hatch:CreateUser on this account; ask \
          an administrator\n"
     );
+    let (code, _, err) = hatch_as(&world, alice, &["keys", "create"]);
+    assert_eq!(code, Some(77), "{err}");
+    assert_eq!(
+        err,
+        "hatch: AccessDenied: only the account owner may do this; use an owner access key\n"
+    );
 
-    // An attached policy cannot be deleted.
+    // An attached policy cannot be deleted; a document the relay refuses names its field.
     let (code, _, err) = hatch_as(&world, owner, &["policies", "delete", "list-users"]);
     assert_eq!(code, Some(255), "{err}");
-    assert!(err.starts_with("hatch: DeleteConflict: "), "{err}");
+    let user_id = user["user_id"].as_str().unwrap();
+    assert!(
+        err.starts_with(&format!(
+            "hatch: DeleteConflict: policy list-users is attached to 1 user(s) ({user_id})"
+        )),
+        "{err}"
+    );
+    assert!(err.ends_with("`hatch users detach USER NAME` detaches it\n"), "{err}");
+    let bad = world.home.path().join("bad.json");
+    std::fs::write(&bad, r#"{"Statement": {"Effect": "Perhaps", "Action": "*", "Resource": "*"}}"#)
+        .unwrap();
+    let (code, _, err) = hatch_as(&world, owner, &["policies", "put", "p2", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.starts_with("hatch: MalformedPolicyDocument: policy p2 refused: "), "{err}");
+    assert!(err.contains("Effect"), "{err}");
 
     // Detached and deleted, the user's key authenticates nothing.
     let user = hatch_json(&world, owner, &["users", "detach", "alice", "list-users"]);
