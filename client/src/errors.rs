@@ -361,7 +361,7 @@ fn api_words(code: &str, status: u16, body: &ErrorBody, subject: &Subject) -> St
         codes::ENTITY_ALREADY_EXISTS => {
             format!("{}; choose another name, or {listed}", relay_said("the name is taken"))
         }
-        // The relay's words name the users by id; these say how to find and detach them.
+        // The relay's words name the users; these say how to find and detach them.
         codes::DELETE_CONFLICT => format!(
             "{}; `hatch policies show NAME` lists the users it is attached to and `hatch users \
              detach USER NAME` detaches it",

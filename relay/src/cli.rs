@@ -58,6 +58,11 @@ struct RelayArgs {
     /// Data directory: store file, signing keys.
     #[arg(long, env = "HATCH_DATA_DIR")]
     data_dir: PathBuf,
+    /// The store: a PostgreSQL URL (`postgres://user:password@host:5432/db`, libpq's form)
+    /// shared by the relays of a fleet; by default the SQLite file `hatch.db` in the data
+    /// directory.
+    #[arg(long, env = "HATCH_STORE", value_name = "URL")]
+    store: Option<String>,
     /// API address (port 0 picks a free one).
     #[arg(long, default_value = "0.0.0.0:7444")]
     api_listen: SocketAddr,
@@ -172,6 +177,9 @@ struct AdminArgs {
     /// Data directory of the relay (its store file is `hatch.db` in it).
     #[arg(long, env = "HATCH_DATA_DIR")]
     data_dir: PathBuf,
+    /// The relay's PostgreSQL store, when it has one (as `serve --store`).
+    #[arg(long, env = "HATCH_STORE", value_name = "URL", global = true)]
+    store: Option<String>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -496,6 +504,7 @@ fn serve(a: ServeArgs, log: LogFormat) -> anyhow::Result<()> {
     let signals = Signals::install()?;
     let server = Server::start(ServerConfig {
         data_dir: a.relay.data_dir.clone(),
+        store: a.relay.store.clone(),
         api_listen: a.relay.api_listen,
         data_listen: a.relay.data_listen,
         tls,
@@ -520,6 +529,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
     let signals = Signals::install()?;
     let relay = DevRelay::start(DevOptions {
         data_dir: a.relay.data_dir.clone(),
+        store: a.relay.store.clone(),
         api_listen: a.relay.api_listen,
         data_listen: a.relay.data_listen,
         region: control.region.clone(),
@@ -557,7 +567,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_store(data_dir: &Path) -> anyhow::Result<SqliteStore> {
+fn open_sqlite(data_dir: &Path) -> anyhow::Result<SqliteStore> {
     let path = store_path(data_dir);
     anyhow::ensure!(
         path.exists(),
@@ -565,6 +575,15 @@ fn open_store(data_dir: &Path) -> anyhow::Result<SqliteStore> {
         path.display()
     );
     SqliteStore::open(&path)
+}
+
+/// The store `admin` works on: `--store`'s PostgreSQL, else the data directory's file (which
+/// must exist: admin never creates an empty store by mistake).
+fn open_store(data_dir: &Path, url: Option<&str>) -> anyhow::Result<Box<dyn Store>> {
+    match url {
+        Some(u) => crate::control::store::open(Some(u), data_dir),
+        None => Ok(Box::new(open_sqlite(data_dir)?)),
+    }
 }
 
 fn print<T: Serialize>(json: bool, v: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
@@ -610,8 +629,20 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
             format!("new signing key {kid}; restart the relay to sign with it")
         });
     }
-    let store = open_store(&a.data_dir)?;
-    let s: &dyn Store = &store;
+    if let AdminCommand::Backup { file } = &a.what {
+        anyhow::ensure!(
+            a.store.is_none(),
+            "admin backup copies the SQLite store file; back a PostgreSQL store up with \
+             pg_dump (docs/OPERATIONS.md)"
+        );
+        open_sqlite(&a.data_dir)?.backup_to(file)?;
+        let bytes = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        return print(json, &serde_json::json!({"backup": file, "bytes": bytes}), || {
+            format!("wrote {} ({bytes} bytes)", file.display())
+        });
+    }
+    let store = open_store(&a.data_dir, a.store.as_deref())?;
+    let s: &dyn Store = store.as_ref();
     match a.what {
         AdminCommand::Accounts(c) => match c {
             AccountsCmd::Create { name } => {
@@ -909,15 +940,8 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                 })
             }
         },
-        AdminCommand::Backup { file } => {
-            store.backup_to(&file)?;
-            let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-            print(json, &serde_json::json!({"backup": file, "bytes": bytes}), || {
-                format!("wrote {} ({bytes} bytes)", file.display())
-            })
-        }
         // Handled before the store is opened.
-        AdminCommand::SigningKeys(SigningCmd::Rotate) => Ok(()),
+        AdminCommand::SigningKeys(SigningCmd::Rotate) | AdminCommand::Backup { .. } => Ok(()),
     }
 }
 

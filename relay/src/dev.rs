@@ -19,10 +19,9 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::control::store::{SqliteStore, Store};
 use crate::control::{ControlConfig, iam, live::Limits};
 use crate::data::DataArgs;
-use crate::server::{Server, ServerConfig, store_path};
+use crate::server::{Server, ServerConfig};
 
 /// What a development relay is, as written to `dev.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +47,8 @@ pub struct DevInfo {
 pub struct DevOptions {
     /// Data directory (created if needed): store, keys, certificates, `dev.json`.
     pub data_dir: PathBuf,
+    /// `--store`: a PostgreSQL URL; `None` is the SQLite file in the data directory.
+    pub store: Option<String>,
     /// API address; port 0 picks one.
     pub api_listen: SocketAddr,
     /// Data-plane address; port 0 picks one.
@@ -94,6 +95,7 @@ impl Default for DevOptions {
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
         DevOptions {
             data_dir: PathBuf::from("hatch-dev"),
+            store: None,
             api_listen: SocketAddr::new(lo, 0),
             data_listen: SocketAddr::new(lo, 0),
             region: c.region,
@@ -141,7 +143,7 @@ impl DevRelay {
         let data_dir = std::fs::canonicalize(&opts.data_dir)
             .with_context(|| format!("resolving {}", opts.data_dir.display()))?;
         let pki = crate::certs::ensure_dev_pki(&data_dir.join("tls"), &[])?;
-        let demo = ensure_demo(&data_dir, &opts.region)?;
+        let demo = ensure_demo(&data_dir, opts.store.as_deref(), &opts.region)?;
         let control = ControlConfig {
             region: opts.region.clone(),
             limits: opts.limits,
@@ -163,6 +165,7 @@ impl DevRelay {
         let data_scheme = if data.danger_plaintext { "ws" } else { "wss" };
         let server = Server::start(ServerConfig {
             data_dir: data_dir.clone(),
+            store: opts.store.clone(),
             api_listen: opts.api_listen,
             data_listen: opts.data_listen,
             tls: Some((pki.cert_file.clone(), pki.key_file.clone())),
@@ -235,8 +238,8 @@ struct Demo {
 
 /// Reuses the demo account of an earlier `dev.json` when the store still has it, else creates
 /// one with an owner key and an activation.
-fn ensure_demo(data_dir: &Path, region: &str) -> anyhow::Result<Demo> {
-    let store = SqliteStore::open(&store_path(data_dir))?;
+fn ensure_demo(data_dir: &Path, store: Option<&str>, region: &str) -> anyhow::Result<Demo> {
+    let store = crate::control::store::open(store, data_dir)?;
     if let Ok(text) = std::fs::read_to_string(data_dir.join("dev.json"))
         && let Ok(old) = serde_json::from_str::<DevInfo>(&text)
         && store.account(&old.account_id)?.is_some()
@@ -249,10 +252,10 @@ fn ensure_demo(data_dir: &Path, region: &str) -> anyhow::Result<Demo> {
             activation_code: old.activation_code,
         });
     }
-    let account = iam::create_account(&store, DEMO_ACCOUNT)?;
-    let (_, access_key) = iam::create_access_key(&store, &account.id, None)?;
+    let account = iam::create_account(store.as_ref(), DEMO_ACCOUNT)?;
+    let (_, access_key) = iam::create_access_key(store.as_ref(), &account.id, None)?;
     let (act, code) = iam::create_activation(
-        &store,
+        store.as_ref(),
         &account.id,
         region,
         Default::default(),

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::control::http::TlsSlot;
-use crate::control::store::{SqliteStore, Store};
+use crate::control::store::Store;
 use crate::control::{ControlConfig, ControlPlane, DataLink, signing};
 use crate::data::{DataArgs, DataPlane};
 use crate::plane::DataCommand;
@@ -35,6 +35,8 @@ const API_ALPN: &[&[u8]] = &[b"http/1.1"];
 pub struct ServerConfig {
     /// Data directory: store file, signing keys.
     pub data_dir: PathBuf,
+    /// `--store`: a PostgreSQL URL; `None` is the SQLite file in the data directory.
+    pub store: Option<String>,
     /// Where the API listens (port 0 picks one).
     pub api_listen: SocketAddr,
     /// Where the data plane listens (port 0 picks one).
@@ -102,7 +104,8 @@ impl Server {
     /// listeners and spawns the control-plane thread. Returns once both are listening.
     pub fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         ensure_data_dir(&cfg.data_dir)?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&store_path(&cfg.data_dir))?);
+        let store: Arc<dyn Store> =
+            crate::control::store::open(cfg.store.as_deref(), &cfg.data_dir)?.into();
         let (signer, verifier) = signing::load_or_create(&cfg.data_dir)?;
         let tls = cfg.tls.clone();
         let (api_tls, data_tls) = match &tls {

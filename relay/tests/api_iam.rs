@@ -85,7 +85,7 @@ async fn a_user_is_created_given_a_key_and_a_policy_then_deleted_all_through_the
         .call("DELETE", "/v1/policies/list-users", owner, None)
         .await
         .assert_error(409, "DeleteConflict");
-    assert!(v["message"].as_str().unwrap().contains(&alice.user_id), "{v}");
+    assert_eq!(v["message"], "policy list-users is attached to 1 user(s) (alice)", "{v}");
     let r = tr.call("DELETE", "/v1/users/alice", owner, None).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["user_id"], alice.user_id);

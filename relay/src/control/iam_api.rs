@@ -308,6 +308,21 @@ async fn revoke_key(
     Ok(json(StatusCode::OK, &key_info(&k, &users, None)))
 }
 
+/// Names of the users `policy` is attached to.
+fn attached_to(s: &dyn Store, account: &str, policy: &str) -> IamResult<Vec<String>> {
+    let (att, users) = (iam::attachments(s, account)?, s.users(account)?);
+    Ok(names_of(&att, &users, policy))
+}
+
+fn names_of(att: &[(String, String)], users: &[User], policy: &str) -> Vec<String> {
+    att.iter()
+        .filter(|(_, name)| name == policy)
+        .map(|(uid, _)| {
+            users.iter().find(|u| u.id == *uid).map_or_else(|| uid.clone(), |u| u.name.clone())
+        })
+        .collect()
+}
+
 async fn list_policies(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
@@ -322,22 +337,7 @@ async fn list_policies(
         Ok((s.policies(&acct)?, iam::attachments(s, &acct)?, s.users(&acct)?))
     })
     .await?;
-    let policies = all
-        .iter()
-        .map(|p| {
-            let to = att
-                .iter()
-                .filter(|(_, name)| *name == p.name)
-                .map(|(uid, _)| {
-                    users
-                        .iter()
-                        .find(|u| u.id == *uid)
-                        .map_or_else(|| uid.clone(), |u| u.name.clone())
-                })
-                .collect();
-            policy_info(p, to)
-        })
-        .collect();
+    let policies = all.iter().map(|p| policy_info(p, names_of(&att, &users, &p.name))).collect();
     Ok(json(StatusCode::OK, &PolicyList { policies }))
 }
 
@@ -355,9 +355,13 @@ async fn put_policy(
         &policy::account_hrn(&caller.account.id, Kind::Policy, &name),
     )?;
     let acct = caller.account.id.clone();
-    let p = run(&shared, move |s| iam::put_policy(s, &acct, &name, &doc.to_string())).await?;
+    let (p, to) = run(&shared, move |s| {
+        let p = iam::put_policy(s, &acct, &name, &doc.to_string())?;
+        Ok((p, attached_to(s, &acct, &name)?))
+    })
+    .await?;
     info!(account = %p.account_id, policy = %p.name, by = caller.principal(), "policy stored");
-    Ok(json(StatusCode::OK, &policy_info(&p, Vec::new())))
+    Ok(json(StatusCode::OK, &policy_info(&p, to)))
 }
 
 async fn delete_policy(

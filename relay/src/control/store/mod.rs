@@ -13,10 +13,33 @@
 //! Secrets (access keys, instance secrets, activation codes) are stored only as SHA-256 hashes
 //! of high-entropy random strings; see [`super::credentials`].
 
+mod postgres;
 mod schema;
 mod sqlite;
+#[cfg(test)]
+mod suite;
 
+pub use postgres::{PgStore, redacted};
 pub use sqlite::SqliteStore;
+
+/// Opens the store a relay is configured with (`--store`): PostgreSQL for a
+/// `postgres://` or `postgresql://` URL, else the SQLite file `hatch.db` in `data_dir`.
+pub fn open(url: Option<&str>, data_dir: &std::path::Path) -> anyhow::Result<Box<dyn Store>> {
+    match url {
+        None => Ok(Box::new(SqliteStore::open(&data_dir.join("hatch.db"))?)),
+        Some(u) if is_postgres(u) => Ok(Box::new(PgStore::open(u)?)),
+        Some(u) => anyhow::bail!(
+            "--store {} is not a postgres:// URL (leave it out for the SQLite file in the data \
+             directory)",
+            redacted(u)
+        ),
+    }
+}
+
+/// Whether `url` names a PostgreSQL store.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
 
 use serde::{Deserialize, Serialize};
 

@@ -1027,13 +1027,9 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    //! What only the SQLite engine has: its file, WAL, query plans and old schemas. What every
+    //! store must do is in `store/suite.rs`, run on both engines.
     use super::*;
-
-    fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("hatch.db")).unwrap();
-        (dir, s)
-    }
 
     fn account(s: &SqliteStore, id: &str) {
         s.create_account(&Account {
@@ -1060,74 +1056,10 @@ mod tests {
         assert_eq!(mode, "wal");
     }
 
-    #[test]
-    fn activation_limits_and_codes() {
-        let (_d, s) = store();
-        account(&s, "acct-1");
-        let act = Activation {
-            id: "act-1".into(),
-            account_id: "acct-1".into(),
-            region: "r1".into(),
-            tags: [("env".to_owned(), "dev".to_owned())].into(),
-            max_registrations: 1,
-            registrations: 0,
-            expires_at: 100,
-            created_at: 1,
-            revoked_at: None,
-        };
-        s.insert_activation(&act, &[7; 32]).unwrap();
-        assert_eq!(
-            s.register_instance("act-1", &[8; 32], "i-1", &[1; 32], None, 10),
-            Err(RegisterError::BadActivation)
-        );
-        assert_eq!(
-            s.register_instance("act-x", &[7; 32], "i-1", &[1; 32], None, 10),
-            Err(RegisterError::BadActivation)
-        );
-        assert_eq!(
-            s.register_instance("act-1", &[7; 32], "i-1", &[1; 32], None, 100),
-            Err(RegisterError::Expired)
-        );
-        let inst = s.register_instance("act-1", &[7; 32], "i-1", &[1; 32], Some("h"), 10).unwrap();
-        assert_eq!(inst.tags.get("env").map(String::as_str), Some("dev"));
-        assert_eq!(
-            s.register_instance("act-1", &[7; 32], "i-2", &[2; 32], None, 10),
-            Err(RegisterError::Exhausted)
-        );
-        assert_eq!(s.instance_by_secret(&[1; 32]).unwrap().unwrap().id, "i-1");
-        assert!(s.instance("acct-other", "i-1").unwrap().is_none());
-    }
-
-    #[test]
-    fn session_paging_and_close_once() {
-        let (_d, s) = store();
-        account(&s, "acct-1");
-        for i in 0..5 {
-            s.insert_session(&pending(&format!("s-{i}"), i)).unwrap();
-        }
-        let page = s.sessions(Some("acct-1"), StateFilter::All, 2, None).unwrap();
-        assert_eq!(page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s-4", "s-3"]);
-        let page = s.sessions(Some("acct-1"), StateFilter::All, 2, Some("s-3")).unwrap();
-        assert_eq!(page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s-2", "s-1"]);
-        assert!(s.mark_connected("s-1", 5).unwrap());
-        assert!(!s.mark_connected("s-1", 5).unwrap());
-        // A close that brings lower counts than a progress report keeps the higher ones.
-        s.record_progress(&[("s-1".into(), 3, 9)]).unwrap();
-        assert!(s.close_session("s-1", CloseReason::Exit, 3, 4, 6).unwrap());
-        assert_eq!(s.session(None, "s-1").unwrap().unwrap().bytes_agent_to_client, 9);
-        assert!(!s.close_session("s-1", CloseReason::Error, 0, 0, 7).unwrap());
-        let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
-        assert_eq!((got.close_reason, got.bytes_client_to_agent), (Some(CloseReason::Exit), 3));
-        assert_eq!(s.sessions(None, StateFilter::Closed, 10, None).unwrap().len(), 1);
-        assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 4);
-        assert_eq!(s.close_all_open(CloseReason::RelayShutdown, 9).unwrap(), 4);
-    }
-
     /// A store written by the relay before durable sessions (four migrations) opens, gains
-    /// `detached_at`, and keeps its sessions; a session then goes connected → detached →
-    /// connected, and a start with a resume window closes only what never paired.
+    /// `detached_at` and the later columns, and keeps its sessions.
     #[test]
-    fn detached_state_migrates_an_old_store_and_recovers_at_start() {
+    fn an_old_store_migrates_and_keeps_its_sessions() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hatch.db");
         {
@@ -1147,109 +1079,36 @@ mod tests {
         }
         let s = SqliteStore::open(&path).unwrap();
         let old = s.session(None, "s-old").unwrap().unwrap();
-        assert_eq!((old.state.as_str(), old.detached_at), ("connected", None));
-
+        assert_eq!((old.state, old.detached_at), (SessionState::Connected, None));
         assert!(s.mark_detached("s-old", 10).unwrap());
-        assert!(!s.mark_detached("s-old", 11).unwrap());
-        let got = s.session(None, "s-old").unwrap().unwrap();
-        assert_eq!((got.state.as_str(), got.detached_at), ("detached", Some(10)));
-        // Detached is open: listed as active, not as closed.
-        assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 1);
-        assert!(s.mark_resumed("s-old").unwrap());
-        assert!(!s.mark_resumed("s-old").unwrap());
-        assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, SessionState::Connected);
-
-        s.insert_session(&pending("s-pend", 3)).unwrap();
-        s.insert_session(&pending("s-det", 4)).unwrap();
-        assert!(s.mark_connected("s-det", 5).unwrap());
-        assert!(s.mark_detached("s-det", 6).unwrap());
-        s.insert_session(&pending("s-done", 4)).unwrap();
-        assert!(s.close_session("s-done", CloseReason::Exit, 1, 1, 7).unwrap());
-        let (closed, recs) = s.recover_open(CloseReason::RelayShutdown, 20).unwrap();
-        assert_eq!(closed, 1);
-        let ids: Vec<(&str, Option<i64>)> =
-            recs.iter().map(|r| (r.id.as_str(), r.detached_at)).collect();
-        assert_eq!(ids, [("s-old", Some(20)), ("s-det", Some(20))]);
-        let pend = s.session(None, "s-pend").unwrap().unwrap();
-        assert_eq!(pend.close_reason, Some(CloseReason::RelayShutdown));
-        let done = s.session(None, "s-done").unwrap().unwrap();
-        assert_eq!(done.close_reason, Some(CloseReason::Exit));
-
-        s.insert_session(&pending("s-pend2", 8)).unwrap();
-        assert_eq!(s.close_pending(CloseReason::RelayShutdown, 21).unwrap(), 1);
-        assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, SessionState::Detached);
+        let version: i64 = s.lock().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
     }
 
-    fn pending(id: &str, created_at: i64) -> SessionRecord {
-        SessionRecord {
-            id: id.into(),
-            account_id: "acct-1".into(),
-            principal: "owner".into(),
-            access_key_id: "ak".into(),
-            source_ip: "127.0.0.1".into(),
-            instance_id: "i-1".into(),
-            mode: Mode::Shell,
-            command: None,
-            run_as: None,
-            state: SessionState::Pending,
-            created_at,
-            expires_at: created_at + 600,
-            connected_at: None,
-            closed_at: None,
-            close_reason: None,
-            bytes_client_to_agent: 0,
-            bytes_agent_to_client: 0,
-            detached_at: None,
-            remote_host: None,
-            remote_port: None,
-        }
-    }
-
-    /// Closed records older than the cut are deleted oldest first, a batch at a time; open
-    /// ones, however old, and newer closed ones stay; the query uses the `closed_at` index.
+    /// A stored name this relay does not know is an error naming it, not a default.
     #[test]
-    fn prune_deletes_old_closed_sessions_in_batches() {
-        let (_d, s) = store();
+    fn an_unknown_state_is_an_error_not_a_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hatch.db")).unwrap();
         account(&s, "acct-1");
-        for i in 0..10 {
-            s.insert_session(&pending(&format!("s-old{i}"), i)).unwrap();
-            assert!(
-                s.close_session(&format!("s-old{i}"), CloseReason::Exit, 1, 1, 100 + i).unwrap()
-            );
-        }
-        s.insert_session(&pending("s-new", 5)).unwrap();
-        assert!(s.close_session("s-new", CloseReason::Exit, 1, 1, 500).unwrap());
-        s.insert_session(&pending("s-open", 0)).unwrap();
-        s.insert_session(&pending("s-live", 1)).unwrap();
-        assert!(s.mark_connected("s-live", 2).unwrap());
+        s.lock()
+            .execute_batch(
+                "INSERT INTO sessions (id, account_id, principal, access_key_id, source_ip, \
+                 instance_id, mode, state, created_at, expires_at, seq) VALUES \
+                 ('s-x', 'acct-1', 'owner', 'ak', '127.0.0.1', 'i-1', 'shell', 'paused', \
+                 1, 601, 1);",
+            )
+            .unwrap();
+        let e = s.session(None, "s-x").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown name \"paused\""), "{e:#}");
+    }
 
-        assert_eq!(s.prune_closed(200, 4).unwrap(), 4);
-        let left = |s: &SqliteStore| {
-            let mut ids: Vec<String> = s
-                .sessions(None, StateFilter::All, 100, None)
-                .unwrap()
-                .into_iter()
-                .map(|r| r.id)
-                .collect();
-            ids.sort();
-            ids
-        };
-        // The four closed first went.
-        assert!(
-            left(&s)
-                .iter()
-                .all(|id| !["s-old0", "s-old1", "s-old2", "s-old3"].contains(&id.as_str()))
-        );
-        assert_eq!(left(&s).len(), 9);
-        assert_eq!(s.prune_closed(200, 4).unwrap(), 4);
-        assert_eq!(s.prune_closed(200, 4).unwrap(), 2);
-        assert_eq!(s.prune_closed(200, 4).unwrap(), 0);
-        assert_eq!(left(&s), ["s-live", "s-new", "s-open"]);
-        // The cut is strict: closed exactly at it stays.
-        assert_eq!(s.prune_closed(500, 100).unwrap(), 0);
-        assert_eq!(s.prune_closed(501, 100).unwrap(), 1);
-        assert_eq!(left(&s), ["s-live", "s-open"]);
-
+    /// Pruning walks `sessions_closed_at` from its oldest end: a call costs what it deletes,
+    /// never a scan of the table.
+    #[test]
+    fn prune_uses_the_closed_at_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hatch.db")).unwrap();
         let plan: Vec<String> = {
             let conn = s.lock();
             let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {PRUNE_CLOSED}")).unwrap();
@@ -1259,52 +1118,6 @@ mod tests {
                 .unwrap()
         };
         assert!(plan.iter().any(|l| l.contains("sessions_closed_at")), "{plan:?}");
-        // Never a walk of the whole table.
         assert!(!plan.iter().any(|l| l == "SCAN sessions"), "{plan:?}");
-    }
-
-    #[test]
-    fn progress_counts_survive_closing_what_a_crash_left_open() {
-        let (_d, s) = store();
-        account(&s, "acct-1");
-        s.insert_session(&pending("s-1", 1)).unwrap();
-        assert!(s.mark_connected("s-1", 2).unwrap());
-        s.record_progress(&[("s-1".into(), 10, 200), ("s-gone".into(), 1, 1)]).unwrap();
-        // An older report arriving late never lowers the counts.
-        s.record_progress(&[("s-1".into(), 5, 100)]).unwrap();
-        let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
-        assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
-        // The next start closes what the killed relay left open, keeping the counts.
-        assert_eq!(s.close_all_open(CloseReason::RelayShutdown, 9).unwrap(), 1);
-        let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
-        assert_eq!(got.close_reason, Some(CloseReason::RelayShutdown));
-        assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
-        // The agent's counts of the lost end raise them; another instance's agent, a lower
-        // count, or a session that ended otherwise change nothing.
-        let counts = |s: &SqliteStore, id: &str| {
-            let r = s.session(None, id).unwrap().unwrap();
-            (r.state, r.close_reason, r.bytes_client_to_agent, r.bytes_agent_to_client)
-        };
-        assert!(!s.record_lost_counts("s-1", "i-2", CloseReason::RelayShutdown, 99, 999).unwrap());
-        assert_eq!(counts(&s, "s-1").2, 10);
-        assert!(s.record_lost_counts("s-1", "i-1", CloseReason::RelayShutdown, 12, 150).unwrap());
-        let want = (SessionState::Closed, Some(CloseReason::RelayShutdown), 12, 200);
-        assert_eq!(counts(&s, "s-1"), want);
-        assert!(s.record_lost_counts("s-1", "i-1", CloseReason::RelayShutdown, 3, 4).unwrap());
-        assert_eq!(counts(&s, "s-1"), want);
-        assert!(!s.record_lost_counts("s-nope", "i-1", CloseReason::RelayShutdown, 1, 1).unwrap());
-        let mut other = s.session(None, "s-1").unwrap().unwrap();
-        other.id = "s-2".into();
-        other.state = SessionState::Pending;
-        other.close_reason = None;
-        (other.bytes_client_to_agent, other.bytes_agent_to_client) = (0, 0);
-        s.insert_session(&other).unwrap();
-        assert!(!s.record_lost_counts("s-2", "i-1", CloseReason::RelayShutdown, 50, 50).unwrap());
-        assert!(s.close_session("s-2", CloseReason::ClientClosed, 1, 2, 10).unwrap());
-        assert!(!s.record_lost_counts("s-2", "i-1", CloseReason::RelayShutdown, 50, 50).unwrap());
-        assert_eq!(
-            counts(&s, "s-2"),
-            (SessionState::Closed, Some(CloseReason::ClientClosed), 1, 2)
-        );
     }
 }

@@ -1,0 +1,1136 @@
+//! [`PgStore`]: the store on PostgreSQL, for relays that share one database (a fleet).
+//!
+//! The same [`Store`] contract as the SQLite store, method for method: the store test suite
+//! (`store/suite.rs`) runs against both. Calls are synchronous, as the trait is (the control
+//! plane runs them in `spawn_blocking`), on a small fixed set of connections opened lazily and
+//! reopened when the server dropped one.
+//!
+//! Concurrency between relays comes from the database: every read-then-write is one
+//! transaction that locks the rows it read (`FOR UPDATE`), so two relays registering the last
+//! slot of an activation, or deleting a policy while another attaches it, serialize there.
+//! Schema migrations run under a transaction-scoped advisory lock, so relays starting together
+//! migrate once.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Context;
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Transaction};
+
+use super::{
+    AccessKey, Account, Activation, CloseReason, Instance, KeyOwner, Mode, PolicyDeleted,
+    PolicyRecord, RegisterError, SessionPrefs, SessionRecord, SessionState, StateFilter, Store,
+    Tags, User,
+};
+
+/// Connections per store: the API's blocking pool runs store calls in parallel; more than a
+/// few gains nothing on a 2-core relay and costs the server a backend each.
+const CONNECTIONS: usize = 8;
+
+/// Key of the advisory lock migrations run under ("hatch" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0068_6174_6368;
+
+/// Schema migrations, applied in order; `hatch_schema.version` counts those applied. The
+/// first is the SQLite store's schema as of its migration 8, in PostgreSQL's types.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    session_manager_enabled BOOLEAN NOT NULL DEFAULT TRUE,
+    created_at BIGINT NOT NULL,
+    iam_generation BIGINT NOT NULL DEFAULT 0,
+    idle_timeout_s BIGINT,
+    max_duration_s BIGINT
+);
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    disabled_at BIGINT,
+    UNIQUE (account_id, name)
+);
+CREATE TABLE access_keys (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    user_id TEXT REFERENCES users(id),
+    secret_hash BYTEA NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
+);
+CREATE INDEX access_keys_account ON access_keys (account_id);
+CREATE TABLE policies (
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    name TEXT NOT NULL,
+    document TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (account_id, name)
+);
+CREATE TABLE policy_attachments (
+    account_id TEXT NOT NULL,
+    user_id TEXT NOT NULL REFERENCES users(id),
+    policy_name TEXT NOT NULL,
+    PRIMARY KEY (user_id, policy_name),
+    FOREIGN KEY (account_id, policy_name) REFERENCES policies(account_id, name)
+);
+CREATE INDEX policy_attachments_policy ON policy_attachments (account_id, policy_name);
+CREATE TABLE activations (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    code_hash BYTEA NOT NULL,
+    region TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    max_registrations INTEGER NOT NULL,
+    registrations INTEGER NOT NULL DEFAULT 0,
+    expires_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
+);
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    activation_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    hostname TEXT,
+    secret_hash BYTEA NOT NULL UNIQUE,
+    registered_at BIGINT NOT NULL,
+    last_seen BIGINT,
+    secret_revoked_at BIGINT
+);
+CREATE INDEX instances_account ON instances (account_id);
+CREATE TABLE sessions (
+    seq BIGSERIAL UNIQUE,
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    access_key_id TEXT NOT NULL,
+    source_ip TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    command TEXT,
+    run_as TEXT,
+    state TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    connected_at BIGINT,
+    closed_at BIGINT,
+    close_reason TEXT,
+    bytes_client_to_agent BIGINT NOT NULL DEFAULT 0,
+    bytes_agent_to_client BIGINT NOT NULL DEFAULT 0,
+    detached_at BIGINT,
+    remote_host TEXT,
+    remote_port INTEGER
+);
+CREATE INDEX sessions_account_seq ON sessions (account_id, seq);
+CREATE INDEX sessions_open ON sessions (state) WHERE state <> 'closed';
+CREATE INDEX sessions_closed_at ON sessions (closed_at) WHERE closed_at IS NOT NULL;
+"#];
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    url: String,
+    conns: Vec<Mutex<Option<Client>>>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("url", &redacted(&self.url)).finish_non_exhaustive()
+    }
+}
+
+/// A URL with its password, if any, replaced by `***`, for logs and errors.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((auth, host)) = rest.rsplit_once('@') else { return url.to_owned() };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:port/db`, libpq's URL form) and runs pending
+    /// migrations. Fails with a message naming the server (never the password).
+    pub fn open(url: &str) -> anyhow::Result<Self> {
+        let store = PgStore {
+            url: url.to_owned(),
+            conns: (0..CONNECTIONS).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        };
+        store.migrate().with_context(|| format!("PostgreSQL store {}", redacted(url)))?;
+        Ok(store)
+    }
+
+    fn connect(&self) -> anyhow::Result<Client> {
+        let mut cfg: postgres::Config = self.url.parse().context("not a PostgreSQL URL")?;
+        // Every wait on the server has a deadline.
+        cfg.connect_timeout(std::time::Duration::from_secs(10));
+        cfg.application_name("hatch-relay");
+        let mut c = cfg.connect(NoTls).context("connecting")?;
+        // A statement stuck on a lock fails instead of holding a blocking thread forever.
+        c.batch_execute("SET statement_timeout = '30s'; SET lock_timeout = '10s'")?;
+        Ok(c)
+    }
+
+    /// Runs `f` on a connection: a free one if any, else waits for the next in turn. A
+    /// connection the server closed is replaced; `f` is not retried (it may have written).
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.conns.len();
+        let mut guard = (0..n)
+            .find_map(|i| self.conns[(start + i) % n].try_lock().ok())
+            .unwrap_or_else(|| self.conns[start % n].lock().unwrap_or_else(|p| p.into_inner()));
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = Some(self.connect()?);
+        }
+        let client = guard.as_mut().expect("connected above");
+        let out = f(client);
+        if client.is_closed() {
+            *guard = None;
+        }
+        out
+    }
+
+    /// Runs `f` in one transaction, committed when it returns `Ok`.
+    fn tx<T>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        self.with(|c| {
+            let mut tx = c.transaction()?;
+            let out = f(&mut tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn one<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        row: impl FnOnce(&Row) -> anyhow::Result<T>,
+    ) -> anyhow::Result<Option<T>> {
+        self.with(|c| c.query_opt(sql, params)?.as_ref().map(row).transpose())
+    }
+
+    fn all<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        row: impl FnMut(&Row) -> anyhow::Result<T>,
+    ) -> anyhow::Result<Vec<T>> {
+        self.with(|c| c.query(sql, params)?.iter().map(row).collect())
+    }
+
+    fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> anyhow::Result<u64> {
+        self.with(|c| Ok(c.execute(sql, params)?))
+    }
+
+    fn migrate(&self) -> anyhow::Result<()> {
+        self.tx(|tx| {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+            tx.batch_execute("CREATE TABLE IF NOT EXISTS hatch_schema (version INTEGER NOT NULL)")?;
+            let version: Option<i32> =
+                tx.query_opt("SELECT version FROM hatch_schema", &[])?.map(|r| r.get(0));
+            let version = usize::try_from(version.unwrap_or(0)).unwrap_or(0);
+            anyhow::ensure!(
+                version <= MIGRATIONS.len(),
+                "store schema version {version} is newer than this relay ({})",
+                MIGRATIONS.len()
+            );
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+                tx.batch_execute(sql).with_context(|| format!("migration {}", i + 1))?;
+            }
+            let v = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
+            tx.execute("DELETE FROM hatch_schema", &[])?;
+            tx.execute("INSERT INTO hatch_schema (version) VALUES ($1)", &[&v])?;
+            Ok(())
+        })
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn bump_iam(tx: &mut Transaction<'_>, account_id: &str) -> anyhow::Result<()> {
+    tx.execute(
+        "UPDATE accounts SET iam_generation = iam_generation + 1 WHERE id = $1",
+        &[&account_id],
+    )?;
+    Ok(())
+}
+
+fn tags_of(r: &Row, col: usize) -> anyhow::Result<Tags> {
+    let s: String = r.try_get(col)?;
+    serde_json::from_str(&s).with_context(|| format!("column {col}: tags are not JSON"))
+}
+
+fn account_row(r: &Row) -> anyhow::Result<Account> {
+    Ok(Account {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        session_manager_enabled: r.try_get(2)?,
+        created_at: r.try_get(3)?,
+        prefs: SessionPrefs {
+            idle_timeout_s: r.try_get::<_, Option<i64>>(4)?.map(to_u64),
+            max_duration_s: r.try_get::<_, Option<i64>>(5)?.map(to_u64),
+        },
+    })
+}
+
+const ACCOUNT_COLS: &str =
+    "id, name, session_manager_enabled, created_at, idle_timeout_s, max_duration_s";
+
+const USER_COLS: &str = "id, account_id, name, created_at, disabled_at";
+
+fn user_row(r: &Row) -> anyhow::Result<User> {
+    Ok(User {
+        id: r.try_get(0)?,
+        account_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        created_at: r.try_get(3)?,
+        disabled_at: r.try_get(4)?,
+    })
+}
+
+fn key_row(r: &Row) -> anyhow::Result<AccessKey> {
+    Ok(AccessKey {
+        id: r.try_get(0)?,
+        account_id: r.try_get(1)?,
+        user_id: r.try_get(2)?,
+        created_at: r.try_get(3)?,
+        revoked_at: r.try_get(4)?,
+    })
+}
+
+fn policy_row(r: &Row) -> anyhow::Result<PolicyRecord> {
+    Ok(PolicyRecord {
+        account_id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        document: r.try_get(2)?,
+        updated_at: r.try_get(3)?,
+    })
+}
+
+const ACTIVATION_COLS: &str = "id, account_id, region, tags, max_registrations, registrations, \
+     expires_at, created_at, revoked_at";
+
+fn activation_row(r: &Row) -> anyhow::Result<Activation> {
+    Ok(Activation {
+        id: r.try_get(0)?,
+        account_id: r.try_get(1)?,
+        region: r.try_get(2)?,
+        tags: tags_of(r, 3)?,
+        max_registrations: u32::try_from(r.try_get::<_, i32>(4)?).unwrap_or(0),
+        registrations: u32::try_from(r.try_get::<_, i32>(5)?).unwrap_or(0),
+        expires_at: r.try_get(6)?,
+        created_at: r.try_get(7)?,
+        revoked_at: r.try_get(8)?,
+    })
+}
+
+const INSTANCE_COLS: &str = "id, account_id, region, tags, hostname, activation_id, \
+     registered_at, last_seen, secret_revoked_at";
+
+fn instance_row(r: &Row) -> anyhow::Result<Instance> {
+    Ok(Instance {
+        id: r.try_get(0)?,
+        account_id: r.try_get(1)?,
+        region: r.try_get(2)?,
+        tags: tags_of(r, 3)?,
+        hostname: r.try_get(4)?,
+        activation_id: r.try_get(5)?,
+        registered_at: r.try_get(6)?,
+        last_seen: r.try_get(7)?,
+        secret_revoked_at: r.try_get(8)?,
+    })
+}
+
+const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip, instance_id, \
+     mode, command, run_as, state, created_at, expires_at, connected_at, closed_at, \
+     close_reason, bytes_client_to_agent, bytes_agent_to_client, detached_at, remote_host, \
+     remote_port";
+
+/// A name column read into its enum; a name this version does not know is an error naming the
+/// column and the value, never a silent default.
+fn named<T>(r: &Row, col: usize, parse: fn(&str) -> Option<T>) -> anyhow::Result<T> {
+    let s: String = r.try_get(col)?;
+    parse(&s).with_context(|| format!("column {col}: unknown name {s:?}"))
+}
+
+fn mode_of(s: &str) -> Option<Mode> {
+    Some(match s {
+        "shell" => Mode::Shell,
+        "exec" => Mode::Exec,
+        "port" => Mode::Port,
+        _ => return None,
+    })
+}
+
+fn session_row(r: &Row) -> anyhow::Result<SessionRecord> {
+    let command: Option<String> = r.try_get(7)?;
+    Ok(SessionRecord {
+        id: r.try_get(0)?,
+        account_id: r.try_get(1)?,
+        principal: r.try_get(2)?,
+        access_key_id: r.try_get(3)?,
+        source_ip: r.try_get(4)?,
+        instance_id: r.try_get(5)?,
+        mode: named(r, 6, mode_of)?,
+        command: command
+            .map(|c| serde_json::from_str(&c))
+            .transpose()
+            .context("column 7: command is not JSON")?,
+        run_as: r.try_get(8)?,
+        state: named(r, 9, SessionState::parse)?,
+        created_at: r.try_get(10)?,
+        expires_at: r.try_get(11)?,
+        connected_at: r.try_get(12)?,
+        closed_at: r.try_get(13)?,
+        close_reason: match r.try_get::<_, Option<String>>(14)? {
+            None => None,
+            Some(s) => {
+                Some(CloseReason::parse(&s).with_context(|| format!("column 14: unknown {s:?}"))?)
+            }
+        },
+        bytes_client_to_agent: to_u64(r.try_get(15)?),
+        bytes_agent_to_client: to_u64(r.try_get(16)?),
+        detached_at: r.try_get(17)?,
+        remote_host: r.try_get(18)?,
+        remote_port: r.try_get::<_, Option<i32>>(19)?.and_then(|p| u16::try_from(p).ok()),
+    })
+}
+
+impl Store for PgStore {
+    fn create_account(&self, a: &Account) -> anyhow::Result<()> {
+        self.exec(
+            "INSERT INTO accounts (id, name, session_manager_enabled, created_at, idle_timeout_s, \
+             max_duration_s) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &a.id,
+                &a.name,
+                &a.session_manager_enabled,
+                &a.created_at,
+                &a.prefs.idle_timeout_s.map(to_i64),
+                &a.prefs.max_duration_s.map(to_i64),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn account(&self, id: &str) -> anyhow::Result<Option<Account>> {
+        self.one(&format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = $1"), &[&id], account_row)
+    }
+
+    fn accounts(&self) -> anyhow::Result<Vec<Account>> {
+        self.all(
+            &format!("SELECT {ACCOUNT_COLS} FROM accounts ORDER BY created_at, id"),
+            &[],
+            account_row,
+        )
+    }
+
+    fn set_session_manager(&self, account_id: &str, enabled: bool) -> anyhow::Result<bool> {
+        let n = self.exec(
+            "UPDATE accounts SET session_manager_enabled = $2 WHERE id = $1",
+            &[&account_id, &enabled],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn set_session_prefs(&self, account_id: &str, prefs: SessionPrefs) -> anyhow::Result<bool> {
+        let n = self.exec(
+            "UPDATE accounts SET idle_timeout_s = $2, max_duration_s = $3 WHERE id = $1",
+            &[&account_id, &prefs.idle_timeout_s.map(to_i64), &prefs.max_duration_s.map(to_i64)],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn create_user(&self, u: &User) -> anyhow::Result<()> {
+        self.exec(
+            "INSERT INTO users (id, account_id, name, created_at) VALUES ($1, $2, $3, $4)",
+            &[&u.id, &u.account_id, &u.name, &u.created_at],
+        )?;
+        Ok(())
+    }
+
+    fn user(&self, id: &str) -> anyhow::Result<Option<User>> {
+        self.one(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"), &[&id], user_row)
+    }
+
+    fn user_by_name(&self, account_id: &str, name: &str) -> anyhow::Result<Option<User>> {
+        self.one(
+            &format!("SELECT {USER_COLS} FROM users WHERE account_id = $1 AND name = $2"),
+            &[&account_id, &name],
+            user_row,
+        )
+    }
+
+    fn users(&self, account_id: &str) -> anyhow::Result<Vec<User>> {
+        self.all(
+            &format!("SELECT {USER_COLS} FROM users WHERE account_id = $1 ORDER BY name"),
+            &[&account_id],
+            user_row,
+        )
+    }
+
+    fn set_user_disabled(&self, user_id: &str, disabled_at: Option<i64>) -> anyhow::Result<bool> {
+        self.tx(|tx| {
+            let Some(r) =
+                tx.query_opt("SELECT account_id FROM users WHERE id = $1 FOR UPDATE", &[&user_id])?
+            else {
+                return Ok(false);
+            };
+            let account: String = r.try_get(0)?;
+            tx.execute(
+                "UPDATE users SET disabled_at = $2 WHERE id = $1",
+                &[&user_id, &disabled_at],
+            )?;
+            bump_iam(tx, &account)?;
+            Ok(true)
+        })
+    }
+
+    fn delete_user(&self, user_id: &str) -> anyhow::Result<bool> {
+        self.tx(|tx| {
+            let Some(r) =
+                tx.query_opt("SELECT account_id FROM users WHERE id = $1 FOR UPDATE", &[&user_id])?
+            else {
+                return Ok(false);
+            };
+            let account: String = r.try_get(0)?;
+            tx.execute("DELETE FROM policy_attachments WHERE user_id = $1", &[&user_id])?;
+            tx.execute("DELETE FROM access_keys WHERE user_id = $1", &[&user_id])?;
+            tx.execute("DELETE FROM users WHERE id = $1", &[&user_id])?;
+            bump_iam(tx, &account)?;
+            Ok(true)
+        })
+    }
+
+    fn iam_generation(&self, account_id: &str) -> anyhow::Result<i64> {
+        Ok(self
+            .one("SELECT iam_generation FROM accounts WHERE id = $1", &[&account_id], |r| {
+                Ok(r.try_get(0)?)
+            })?
+            .unwrap_or(0))
+    }
+
+    fn insert_access_key(&self, k: &AccessKey, secret_hash: &[u8; 32]) -> anyhow::Result<()> {
+        self.exec(
+            "INSERT INTO access_keys (id, account_id, user_id, secret_hash, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&k.id, &k.account_id, &k.user_id, &&secret_hash[..], &k.created_at],
+        )?;
+        Ok(())
+    }
+
+    fn access_key_owner(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<KeyOwner>> {
+        self.one(
+            "SELECT k.id, k.account_id, k.user_id FROM access_keys k \
+             LEFT JOIN users u ON u.id = k.user_id \
+             WHERE k.secret_hash = $1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL",
+            &[&&secret_hash[..]],
+            |r| {
+                Ok(KeyOwner {
+                    key_id: r.try_get(0)?,
+                    account_id: r.try_get(1)?,
+                    user_id: r.try_get(2)?,
+                })
+            },
+        )
+    }
+
+    fn access_keys(&self, account_id: &str) -> anyhow::Result<Vec<AccessKey>> {
+        self.all(
+            "SELECT id, account_id, user_id, created_at, revoked_at FROM access_keys \
+             WHERE account_id = $1 ORDER BY created_at, id",
+            &[&account_id],
+            key_row,
+        )
+    }
+
+    fn revoke_access_key(&self, key_id: &str, now: i64) -> anyhow::Result<bool> {
+        self.tx(|tx| {
+            let Some(r) = tx.query_opt(
+                "UPDATE access_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL \
+                 RETURNING account_id",
+                &[&key_id, &now],
+            )?
+            else {
+                return Ok(false);
+            };
+            let account: String = r.try_get(0)?;
+            bump_iam(tx, &account)?;
+            Ok(true)
+        })
+    }
+
+    fn put_policy(&self, p: &PolicyRecord) -> anyhow::Result<()> {
+        self.tx(|tx| {
+            tx.execute(
+                "INSERT INTO policies (account_id, name, document, updated_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (account_id, name) \
+                 DO UPDATE SET document = $3, updated_at = $4",
+                &[&p.account_id, &p.name, &p.document, &p.updated_at],
+            )?;
+            // A replaced document may allow less.
+            bump_iam(tx, &p.account_id)
+        })
+    }
+
+    fn policies(&self, account_id: &str) -> anyhow::Result<Vec<PolicyRecord>> {
+        self.all(
+            "SELECT account_id, name, document, updated_at FROM policies WHERE account_id = $1 \
+             ORDER BY name",
+            &[&account_id],
+            policy_row,
+        )
+    }
+
+    fn attach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool> {
+        self.tx(|tx| {
+            // FOR SHARE: a concurrent delete of the policy waits for this attachment, then
+            // sees it.
+            let exists = tx
+                .query_opt(
+                    "SELECT 1 FROM policies WHERE account_id = $1 AND name = $2 FOR SHARE",
+                    &[&account_id, &name],
+                )?
+                .is_some();
+            if !exists {
+                return Ok(false);
+            }
+            let n = tx.execute(
+                "INSERT INTO policy_attachments (account_id, user_id, policy_name) \
+                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&account_id, &user_id, &name],
+            )?;
+            if n == 1 {
+                // A Deny attached takes access away too.
+                bump_iam(tx, account_id)?;
+            }
+            Ok(true)
+        })
+    }
+
+    fn detach_policy(&self, account_id: &str, user_id: &str, name: &str) -> anyhow::Result<bool> {
+        self.tx(|tx| {
+            let n = tx.execute(
+                "DELETE FROM policy_attachments WHERE account_id = $1 AND user_id = $2 \
+                 AND policy_name = $3",
+                &[&account_id, &user_id, &name],
+            )?;
+            if n == 1 {
+                bump_iam(tx, account_id)?;
+            }
+            Ok(n == 1)
+        })
+    }
+
+    fn user_policies(&self, user_id: &str) -> anyhow::Result<Vec<PolicyRecord>> {
+        self.all(
+            "SELECT p.account_id, p.name, p.document, p.updated_at FROM policy_attachments a \
+             JOIN policies p ON p.account_id = a.account_id AND p.name = a.policy_name \
+             WHERE a.user_id = $1 ORDER BY p.name",
+            &[&user_id],
+            policy_row,
+        )
+    }
+
+    fn policy_attachments(&self, account_id: &str) -> anyhow::Result<Vec<(String, String)>> {
+        self.all(
+            "SELECT user_id, policy_name FROM policy_attachments WHERE account_id = $1 \
+             ORDER BY user_id, policy_name",
+            &[&account_id],
+            |r| Ok((r.try_get(0)?, r.try_get(1)?)),
+        )
+    }
+
+    fn delete_policy(&self, account_id: &str, name: &str) -> anyhow::Result<PolicyDeleted> {
+        self.tx(|tx| {
+            let locked = tx.query_opt(
+                "SELECT 1 FROM policies WHERE account_id = $1 AND name = $2 FOR UPDATE",
+                &[&account_id, &name],
+            )?;
+            if locked.is_none() {
+                return Ok(PolicyDeleted::NotFound);
+            }
+            let users: Vec<String> = tx
+                .query(
+                    "SELECT user_id FROM policy_attachments WHERE account_id = $1 \
+                     AND policy_name = $2 ORDER BY user_id",
+                    &[&account_id, &name],
+                )?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            if !users.is_empty() {
+                return Ok(PolicyDeleted::Attached(users));
+            }
+            tx.execute(
+                "DELETE FROM policies WHERE account_id = $1 AND name = $2",
+                &[&account_id, &name],
+            )?;
+            Ok(PolicyDeleted::Deleted)
+        })
+    }
+
+    fn insert_activation(&self, a: &Activation, code_hash: &[u8; 32]) -> anyhow::Result<()> {
+        let max = i32::try_from(a.max_registrations).context("max registrations")?;
+        let done = i32::try_from(a.registrations).context("registrations")?;
+        self.exec(
+            "INSERT INTO activations (id, account_id, code_hash, region, tags, max_registrations, \
+             registrations, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &a.id,
+                &a.account_id,
+                &&code_hash[..],
+                &a.region,
+                &serde_json::to_string(&a.tags)?,
+                &max,
+                &done,
+                &a.expires_at,
+                &a.created_at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn activations(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Activation>> {
+        self.all(
+            &format!(
+                "SELECT {ACTIVATION_COLS} FROM activations \
+                 WHERE $1::text IS NULL OR account_id = $1 ORDER BY created_at, id"
+            ),
+            &[&account_id],
+            activation_row,
+        )
+    }
+
+    fn revoke_activation(&self, account_id: &str, id: &str, now: i64) -> anyhow::Result<bool> {
+        let n = self.exec(
+            "UPDATE activations SET revoked_at = $3 \
+             WHERE id = $1 AND account_id = $2 AND revoked_at IS NULL",
+            &[&id, &account_id, &now],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn register_instance(
+        &self,
+        activation_id: &str,
+        code_hash: &[u8; 32],
+        instance_id: &str,
+        secret_hash: &[u8; 32],
+        hostname: Option<&str>,
+        now: i64,
+    ) -> Result<Instance, RegisterError> {
+        let res = self.tx(|tx| {
+            // FOR UPDATE: relays registering with the same activation take its slots in turn.
+            let row = tx.query_opt(
+                &format!(
+                    "SELECT {ACTIVATION_COLS}, code_hash FROM activations WHERE id = $1 FOR UPDATE"
+                ),
+                &[&activation_id],
+            )?;
+            let Some(row) = row else { return Ok(Err(RegisterError::BadActivation)) };
+            let act = activation_row(&row)?;
+            let stored: Vec<u8> = row.try_get(9)?;
+            if !crate::control::credentials::hashes_equal(&stored, code_hash) {
+                return Ok(Err(RegisterError::BadActivation));
+            }
+            if act.revoked_at.is_some() {
+                return Ok(Err(RegisterError::Revoked));
+            }
+            if now >= act.expires_at {
+                return Ok(Err(RegisterError::Expired));
+            }
+            if act.registrations >= act.max_registrations {
+                return Ok(Err(RegisterError::Exhausted));
+            }
+            let inst = Instance {
+                id: instance_id.to_owned(),
+                account_id: act.account_id.clone(),
+                region: act.region.clone(),
+                tags: act.tags.clone(),
+                hostname: hostname.map(str::to_owned),
+                activation_id: act.id.clone(),
+                registered_at: now,
+                last_seen: None,
+                secret_revoked_at: None,
+            };
+            tx.execute(
+                "UPDATE activations SET registrations = registrations + 1 WHERE id = $1",
+                &[&activation_id],
+            )?;
+            tx.execute(
+                "INSERT INTO instances (id, account_id, activation_id, region, tags, hostname, \
+                 secret_hash, registered_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &inst.id,
+                    &inst.account_id,
+                    &inst.activation_id,
+                    &inst.region,
+                    &serde_json::to_string(&inst.tags)?,
+                    &inst.hostname,
+                    &&secret_hash[..],
+                    &now,
+                ],
+            )?;
+            Ok(Ok(inst))
+        });
+        match res {
+            Ok(r) => r,
+            Err(e) => Err(RegisterError::Store(format!("{e:#}"))),
+        }
+    }
+
+    fn instance_by_secret(&self, secret_hash: &[u8; 32]) -> anyhow::Result<Option<Instance>> {
+        self.one(
+            &format!("SELECT {INSTANCE_COLS} FROM instances WHERE secret_hash = $1"),
+            &[&&secret_hash[..]],
+            instance_row,
+        )
+    }
+
+    fn instance(&self, account_id: &str, id: &str) -> anyhow::Result<Option<Instance>> {
+        self.one(
+            &format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = $1 AND account_id = $2"),
+            &[&id, &account_id],
+            instance_row,
+        )
+    }
+
+    fn instances(&self, account_id: Option<&str>) -> anyhow::Result<Vec<Instance>> {
+        self.all(
+            &format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE $1::text IS NULL OR account_id = $1 \
+                 ORDER BY registered_at, id"
+            ),
+            &[&account_id],
+            instance_row,
+        )
+    }
+
+    fn set_instance_tags(&self, id: &str, tags: &Tags) -> anyhow::Result<bool> {
+        let json = serde_json::to_string(tags)?;
+        self.tx(|tx| {
+            let Some(r) = tx.query_opt(
+                "UPDATE instances SET tags = $2 WHERE id = $1 RETURNING account_id",
+                &[&id, &json],
+            )?
+            else {
+                return Ok(false);
+            };
+            let account: String = r.try_get(0)?;
+            // Policies condition on tags: new tags may allow less.
+            bump_iam(tx, &account)?;
+            Ok(true)
+        })
+    }
+
+    fn touch_instance(&self, id: &str, now: i64) -> anyhow::Result<()> {
+        self.exec("UPDATE instances SET last_seen = $2 WHERE id = $1", &[&id, &now])?;
+        Ok(())
+    }
+
+    fn deregister_instance(&self, account_id: &str, id: &str) -> anyhow::Result<bool> {
+        self.tx(|tx| {
+            let n = tx.execute(
+                "DELETE FROM instances WHERE id = $1 AND account_id = $2",
+                &[&id, &account_id],
+            )?;
+            if n == 1 {
+                bump_iam(tx, account_id)?;
+            }
+            Ok(n == 1)
+        })
+    }
+
+    fn revoke_instance_secret(&self, account_id: &str, id: &str, now: i64) -> anyhow::Result<bool> {
+        let worthless = crate::control::credentials::random_bytes::<32>();
+        self.tx(|tx| {
+            let n = tx.execute(
+                "UPDATE instances SET secret_hash = $3, secret_revoked_at = $4 \
+                 WHERE id = $1 AND account_id = $2",
+                &[&id, &account_id, &&worthless[..], &now],
+            )?;
+            if n == 1 {
+                bump_iam(tx, account_id)?;
+            }
+            Ok(n == 1)
+        })
+    }
+
+    fn insert_session(&self, s: &SessionRecord) -> anyhow::Result<()> {
+        let command = s.command.as_ref().map(serde_json::to_string).transpose()?;
+        let port = s.remote_port.map(i32::from);
+        self.exec(
+            &format!(
+                "INSERT INTO sessions ({SESSION_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+                 $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
+            ),
+            &[
+                &s.id,
+                &s.account_id,
+                &s.principal,
+                &s.access_key_id,
+                &s.source_ip,
+                &s.instance_id,
+                &s.mode.as_str(),
+                &command,
+                &s.run_as,
+                &s.state.as_str(),
+                &s.created_at,
+                &s.expires_at,
+                &s.connected_at,
+                &s.closed_at,
+                &s.close_reason.map(CloseReason::as_str),
+                &to_i64(s.bytes_client_to_agent),
+                &to_i64(s.bytes_agent_to_client),
+                &s.detached_at,
+                &s.remote_host,
+                &port,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn session(&self, account_id: Option<&str>, id: &str) -> anyhow::Result<Option<SessionRecord>> {
+        self.one(
+            &format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE id = $1 \
+                 AND ($2::text IS NULL OR account_id = $2)"
+            ),
+            &[&id, &account_id],
+            session_row,
+        )
+    }
+
+    fn sessions(
+        &self,
+        account_id: Option<&str>,
+        filter: StateFilter,
+        limit: u32,
+        before: Option<&str>,
+    ) -> anyhow::Result<Vec<SessionRecord>> {
+        let state = match filter {
+            StateFilter::All => "",
+            StateFilter::Active => " AND state <> 'closed'",
+            StateFilter::Closed => " AND state = 'closed'",
+        };
+        self.all(
+            &format!(
+                "SELECT {SESSION_COLS} FROM sessions \
+                 WHERE ($1::text IS NULL OR account_id = $1){state} \
+                 AND ($2::text IS NULL OR seq < (SELECT seq FROM sessions WHERE id = $2)) \
+                 ORDER BY seq DESC LIMIT $3"
+            ),
+            &[&account_id, &before, &i64::from(limit)],
+            session_row,
+        )
+    }
+
+    fn mark_connected(&self, id: &str, at: i64) -> anyhow::Result<bool> {
+        let n = self.exec(
+            "UPDATE sessions SET state = 'connected', connected_at = $2 \
+             WHERE id = $1 AND state = 'pending'",
+            &[&id, &at],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn mark_detached(&self, id: &str, at: i64) -> anyhow::Result<bool> {
+        let n = self.exec(
+            "UPDATE sessions SET state = 'detached', detached_at = $2 \
+             WHERE id = $1 AND state = 'connected'",
+            &[&id, &at],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn mark_resumed(&self, id: &str) -> anyhow::Result<bool> {
+        let n = self.exec(
+            "UPDATE sessions SET state = 'connected' WHERE id = $1 AND state = 'detached'",
+            &[&id],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn recover_open(
+        &self,
+        reason: CloseReason,
+        at: i64,
+    ) -> anyhow::Result<(usize, Vec<SessionRecord>)> {
+        self.tx(|tx| {
+            let closed = tx.execute(
+                "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
+                 WHERE state = 'pending'",
+                &[&reason.as_str(), &at],
+            )?;
+            tx.execute(
+                "UPDATE sessions SET state = 'detached', detached_at = $1 \
+                 WHERE state IN ('connected', 'detached')",
+                &[&at],
+            )?;
+            let recs = tx
+                .query(
+                    &format!(
+                        "SELECT {SESSION_COLS} FROM sessions WHERE state = 'detached' ORDER BY seq"
+                    ),
+                    &[],
+                )?
+                .iter()
+                .map(session_row)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((usize::try_from(closed).unwrap_or(usize::MAX), recs))
+        })
+    }
+
+    fn close_pending(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
+        let n = self.exec(
+            "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
+             WHERE state = 'pending'",
+            &[&reason.as_str(), &at],
+        )?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn close_session(
+        &self,
+        id: &str,
+        reason: CloseReason,
+        c2a: u64,
+        a2c: u64,
+        at: i64,
+    ) -> anyhow::Result<bool> {
+        let (c2a, a2c) = (to_i64(c2a), to_i64(a2c));
+        self.with(|c| {
+            // Counts only grow: a close that brings none keeps those a progress report recorded.
+            let n = c.execute(
+                "UPDATE sessions SET state = 'closed', close_reason = $2, closed_at = $3, \
+                 bytes_client_to_agent = GREATEST(bytes_client_to_agent, $4), \
+                 bytes_agent_to_client = GREATEST(bytes_agent_to_client, $5) \
+                 WHERE id = $1 AND state <> 'closed'",
+                &[&id, &reason.as_str(), &at, &c2a, &a2c],
+            )?;
+            if n == 0 && (c2a > 0 || a2c > 0) {
+                // Closed earlier: the data plane's later report still brings the counts.
+                c.execute(
+                    "UPDATE sessions SET \
+                     bytes_client_to_agent = GREATEST(bytes_client_to_agent, $2), \
+                     bytes_agent_to_client = GREATEST(bytes_agent_to_client, $3) WHERE id = $1",
+                    &[&id, &c2a, &a2c],
+                )?;
+            }
+            Ok(n == 1)
+        })
+    }
+
+    fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.tx(|tx| {
+            let st = tx.prepare(
+                "UPDATE sessions SET bytes_client_to_agent = GREATEST(bytes_client_to_agent, $2), \
+                 bytes_agent_to_client = GREATEST(bytes_agent_to_client, $3) \
+                 WHERE id = $1 AND state <> 'closed'",
+            )?;
+            for (id, c2a, a2c) in rows {
+                tx.execute(&st, &[id, &to_i64(*c2a), &to_i64(*a2c)])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn close_all_open(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
+        let n = self.exec(
+            "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
+             WHERE state <> 'closed'",
+            &[&reason.as_str(), &at],
+        )?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>> {
+        self.all(
+            "SELECT id, instance_id FROM sessions WHERE closed_at IS NOT NULL AND closed_at >= $1",
+            &[&at],
+            |r| Ok((r.try_get(0)?, r.try_get(1)?)),
+        )
+    }
+
+    fn prune_closed(&self, before: i64, limit: u32) -> anyhow::Result<usize> {
+        let n = self.exec(
+            "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions \
+             WHERE closed_at IS NOT NULL AND closed_at < $1 AND state = 'closed' \
+             ORDER BY closed_at LIMIT $2)",
+            &[&before, &i64::from(limit)],
+        )?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn record_lost_counts(
+        &self,
+        id: &str,
+        instance_id: &str,
+        reason: CloseReason,
+        c2a: u64,
+        a2c: u64,
+    ) -> anyhow::Result<bool> {
+        let n = self.exec(
+            "UPDATE sessions SET bytes_client_to_agent = GREATEST(bytes_client_to_agent, $4), \
+             bytes_agent_to_client = GREATEST(bytes_agent_to_client, $5) \
+             WHERE id = $1 AND instance_id = $2 AND state = 'closed' AND close_reason = $3",
+            &[&id, &instance_id, &reason.as_str(), &to_i64(c2a), &to_i64(a2c)],
+        )?;
+        Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Relays starting together on one database migrate it once, under the advisory lock;
+    /// reopening finds it current.
+    #[test]
+    fn concurrent_opens_migrate_once() {
+        let url = hatch_pgtest::shared().fresh_database();
+        std::thread::scope(|s| {
+            let opens: Vec<_> = (0..4).map(|_| s.spawn(|| PgStore::open(&url))).collect();
+            for o in opens {
+                o.join().unwrap().unwrap();
+            }
+        });
+        let s = PgStore::open(&url).unwrap();
+        let rows: Vec<i32> =
+            s.all("SELECT version FROM hatch_schema", &[], |r| Ok(r.try_get(0)?)).unwrap();
+        assert_eq!(rows, [MIGRATIONS.len() as i32]);
+    }
+
+    #[test]
+    fn a_server_that_is_not_there_is_named_without_its_password() {
+        let e = PgStore::open("postgres://u:hunter2@127.0.0.1:1/db").unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("postgres://u:***@127.0.0.1:1/db"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn passwords_never_reach_a_message() {
+        assert_eq!(redacted("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redacted("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redacted("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redacted("host=h user=u"), "host=h user=u");
+    }
+}

@@ -1,0 +1,421 @@
+//! The store test suite: what every [`Store`] must do, run against each engine — SQLite in a
+//! temporary file and PostgreSQL in a throwaway cluster the tests start themselves
+//! (`hatch-pgtest`; a test fails, never skips, when the server cannot start). Engine-specific
+//! checks (SQLite's WAL and query plans, old SQLite schemas) stay next to their engine.
+
+use std::sync::Arc;
+
+use super::{
+    Account, Activation, CloseReason, Mode, PgStore, RegisterError, SessionPrefs, SessionRecord,
+    SessionState, SqliteStore, StateFilter, Store,
+};
+use crate::control::iam::{self, IamError};
+
+/// A store and what keeps it alive (a temporary directory for SQLite).
+struct Engine {
+    store: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn sqlite() -> Engine {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hatch.db")).unwrap();
+    Engine { store: Arc::new(store), _dir: Some(dir) }
+}
+
+fn postgres() -> Engine {
+    let url = hatch_pgtest::shared().fresh_database();
+    Engine { store: Arc::new(PgStore::open(&url).unwrap()), _dir: None }
+}
+
+/// Each named test of this module, once per engine.
+macro_rules! on_every_engine {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $( #[test] fn $name() { super::$name(super::sqlite().store.as_ref()); } )*
+        }
+        mod on_postgres {
+            $( #[test] fn $name() { super::$name(super::postgres().store.as_ref()); } )*
+        }
+    };
+}
+
+on_every_engine!(
+    account_switch_and_preferences,
+    activation_limits_and_codes,
+    session_paging_and_close_once,
+    sessions_detach_resume_and_recover_at_start,
+    prune_deletes_old_closed_sessions_in_batches,
+    progress_counts_survive_closing_what_a_crash_left_open,
+    iam_life_of_users_keys_policies_and_instances,
+    last_activation_slot_goes_to_exactly_one_of_many_racing,
+);
+
+fn account(s: &dyn Store, id: &str) {
+    s.create_account(&Account {
+        id: id.into(),
+        name: id.into(),
+        session_manager_enabled: true,
+        created_at: 1,
+        prefs: SessionPrefs::default(),
+    })
+    .unwrap();
+}
+
+fn pending(id: &str, created_at: i64) -> SessionRecord {
+    SessionRecord {
+        id: id.into(),
+        account_id: "acct-1".into(),
+        principal: "owner".into(),
+        access_key_id: "ak".into(),
+        source_ip: "127.0.0.1".into(),
+        instance_id: "i-1".into(),
+        mode: Mode::Shell,
+        command: None,
+        run_as: None,
+        state: SessionState::Pending,
+        created_at,
+        expires_at: created_at + 600,
+        connected_at: None,
+        closed_at: None,
+        close_reason: None,
+        bytes_client_to_agent: 0,
+        bytes_agent_to_client: 0,
+        detached_at: None,
+        remote_host: None,
+        remote_port: None,
+    }
+}
+
+fn activation(id: &str, max: u32, expires_at: i64) -> Activation {
+    Activation {
+        id: id.into(),
+        account_id: "acct-1".into(),
+        region: "r1".into(),
+        tags: [("env".to_owned(), "dev".to_owned())].into(),
+        max_registrations: max,
+        registrations: 0,
+        expires_at,
+        created_at: 1,
+        revoked_at: None,
+    }
+}
+
+fn account_switch_and_preferences(s: &dyn Store) {
+    account(s, "acct-1");
+    let p = SessionPrefs { idle_timeout_s: Some(60), ..Default::default() };
+    assert!(s.set_session_prefs("acct-1", p).unwrap());
+    assert!(!s.set_session_prefs("acct-none", p).unwrap());
+    let a = s.account("acct-1").unwrap().unwrap();
+    assert_eq!((a.prefs.idle_timeout_s, a.prefs.max_duration_s), (Some(60), None));
+    assert!(s.set_session_manager("acct-1", false).unwrap());
+    assert!(!s.account("acct-1").unwrap().unwrap().session_manager_enabled);
+    assert_eq!(s.accounts().unwrap().len(), 1);
+}
+
+fn activation_limits_and_codes(s: &dyn Store) {
+    account(s, "acct-1");
+    s.insert_activation(&activation("act-1", 1, 100), &[7; 32]).unwrap();
+    assert_eq!(
+        s.register_instance("act-1", &[8; 32], "i-1", &[1; 32], None, 10),
+        Err(RegisterError::BadActivation)
+    );
+    assert_eq!(
+        s.register_instance("act-x", &[7; 32], "i-1", &[1; 32], None, 10),
+        Err(RegisterError::BadActivation)
+    );
+    assert_eq!(
+        s.register_instance("act-1", &[7; 32], "i-1", &[1; 32], None, 100),
+        Err(RegisterError::Expired)
+    );
+    let inst = s.register_instance("act-1", &[7; 32], "i-1", &[1; 32], Some("h"), 10).unwrap();
+    assert_eq!(inst.tags.get("env").map(String::as_str), Some("dev"));
+    assert_eq!(
+        s.register_instance("act-1", &[7; 32], "i-2", &[2; 32], None, 10),
+        Err(RegisterError::Exhausted)
+    );
+    let got = s.instance_by_secret(&[1; 32]).unwrap().unwrap();
+    assert_eq!((got.id.as_str(), got.hostname.as_deref()), ("i-1", Some("h")));
+    assert!(s.instance("acct-other", "i-1").unwrap().is_none());
+    assert_eq!(s.activations(Some("acct-1")).unwrap()[0].registrations, 1);
+    // Revoked: refused before its expiry and its slots are looked at.
+    s.insert_activation(&activation("act-2", 5, 100), &[9; 32]).unwrap();
+    assert!(s.revoke_activation("acct-1", "act-2", 11).unwrap());
+    assert!(!s.revoke_activation("acct-1", "act-2", 12).unwrap());
+    assert!(!s.revoke_activation("acct-other", "act-1", 12).unwrap());
+    assert_eq!(
+        s.register_instance("act-2", &[9; 32], "i-3", &[3; 32], None, 10),
+        Err(RegisterError::Revoked)
+    );
+    assert_eq!(s.activations(None).unwrap().len(), 2);
+}
+
+fn session_paging_and_close_once(s: &dyn Store) {
+    account(s, "acct-1");
+    for i in 0..5 {
+        s.insert_session(&pending(&format!("s-{i}"), i)).unwrap();
+    }
+    let mut exec = pending("s-exec", 9);
+    exec.mode = Mode::Port;
+    exec.remote_host = Some("db".into());
+    exec.remote_port = Some(5432);
+    exec.command = Some(vec!["a b".into(), "c".into()]);
+    s.insert_session(&exec).unwrap();
+    assert_eq!(s.session(Some("acct-1"), "s-exec").unwrap().unwrap(), exec);
+    assert!(s.session(Some("acct-other"), "s-exec").unwrap().is_none());
+    let page = s.sessions(Some("acct-1"), StateFilter::All, 2, Some("s-exec")).unwrap();
+    assert_eq!(page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s-4", "s-3"]);
+    let page = s.sessions(Some("acct-1"), StateFilter::All, 2, Some("s-3")).unwrap();
+    assert_eq!(page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s-2", "s-1"]);
+    assert!(s.mark_connected("s-1", 5).unwrap());
+    assert!(!s.mark_connected("s-1", 5).unwrap());
+    // A close that brings lower counts than a progress report keeps the higher ones.
+    s.record_progress(&[("s-1".into(), 3, 9)]).unwrap();
+    assert!(s.close_session("s-1", CloseReason::Exit, 3, 4, 6).unwrap());
+    assert_eq!(s.session(None, "s-1").unwrap().unwrap().bytes_agent_to_client, 9);
+    assert!(!s.close_session("s-1", CloseReason::Error, 0, 0, 7).unwrap());
+    // A later, larger report of a closed session still raises its counts.
+    assert!(!s.close_session("s-1", CloseReason::Error, 30, 0, 7).unwrap());
+    let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
+    assert_eq!((got.close_reason, got.bytes_client_to_agent), (Some(CloseReason::Exit), 30));
+    assert_eq!(got.closed_at, Some(6));
+    assert_eq!(s.closed_since(6).unwrap(), [("s-1".to_owned(), "i-1".to_owned())]);
+    assert!(s.closed_since(7).unwrap().is_empty());
+    assert_eq!(s.sessions(None, StateFilter::Closed, 10, None).unwrap().len(), 1);
+    assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 5);
+    assert_eq!(s.close_all_open(CloseReason::RelayShutdown, 9).unwrap(), 5);
+}
+
+fn sessions_detach_resume_and_recover_at_start(s: &dyn Store) {
+    account(s, "acct-1");
+    s.insert_session(&pending("s-old", 1)).unwrap();
+    assert!(s.mark_connected("s-old", 2).unwrap());
+    assert!(s.mark_detached("s-old", 10).unwrap());
+    assert!(!s.mark_detached("s-old", 11).unwrap());
+    let got = s.session(None, "s-old").unwrap().unwrap();
+    assert_eq!((got.state, got.detached_at), (SessionState::Detached, Some(10)));
+    // Detached is open: listed as active, not as closed.
+    assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 1);
+    assert!(s.mark_resumed("s-old").unwrap());
+    assert!(!s.mark_resumed("s-old").unwrap());
+    assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, SessionState::Connected);
+
+    s.insert_session(&pending("s-pend", 3)).unwrap();
+    s.insert_session(&pending("s-det", 4)).unwrap();
+    assert!(s.mark_connected("s-det", 5).unwrap());
+    assert!(s.mark_detached("s-det", 6).unwrap());
+    s.insert_session(&pending("s-done", 4)).unwrap();
+    assert!(s.close_session("s-done", CloseReason::Exit, 1, 1, 7).unwrap());
+    let (closed, recs) = s.recover_open(CloseReason::RelayShutdown, 20).unwrap();
+    assert_eq!(closed, 1);
+    let ids: Vec<(&str, Option<i64>)> =
+        recs.iter().map(|r| (r.id.as_str(), r.detached_at)).collect();
+    assert_eq!(ids, [("s-old", Some(20)), ("s-det", Some(20))]);
+    let pend = s.session(None, "s-pend").unwrap().unwrap();
+    assert_eq!(pend.close_reason, Some(CloseReason::RelayShutdown));
+    let done = s.session(None, "s-done").unwrap().unwrap();
+    assert_eq!(done.close_reason, Some(CloseReason::Exit));
+
+    s.insert_session(&pending("s-pend2", 8)).unwrap();
+    assert_eq!(s.close_pending(CloseReason::RelayShutdown, 21).unwrap(), 1);
+    assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, SessionState::Detached);
+}
+
+/// Closed records older than the cut are deleted oldest first, a batch at a time; open ones,
+/// however old, and newer closed ones stay.
+fn prune_deletes_old_closed_sessions_in_batches(s: &dyn Store) {
+    account(s, "acct-1");
+    for i in 0..10 {
+        s.insert_session(&pending(&format!("s-old{i}"), i)).unwrap();
+        assert!(s.close_session(&format!("s-old{i}"), CloseReason::Exit, 1, 1, 100 + i).unwrap());
+    }
+    s.insert_session(&pending("s-new", 5)).unwrap();
+    assert!(s.close_session("s-new", CloseReason::Exit, 1, 1, 500).unwrap());
+    s.insert_session(&pending("s-open", 0)).unwrap();
+    s.insert_session(&pending("s-live", 1)).unwrap();
+    assert!(s.mark_connected("s-live", 2).unwrap());
+
+    let left = |s: &dyn Store| {
+        let mut ids: Vec<String> = s
+            .sessions(None, StateFilter::All, 100, None)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(s.prune_closed(200, 4).unwrap(), 4);
+    // The four closed first went.
+    assert!(
+        left(s).iter().all(|id| !["s-old0", "s-old1", "s-old2", "s-old3"].contains(&id.as_str()))
+    );
+    assert_eq!(left(s).len(), 9);
+    assert_eq!(s.prune_closed(200, 4).unwrap(), 4);
+    assert_eq!(s.prune_closed(200, 4).unwrap(), 2);
+    assert_eq!(s.prune_closed(200, 4).unwrap(), 0);
+    assert_eq!(left(s), ["s-live", "s-new", "s-open"]);
+    // The cut is strict: closed exactly at it stays.
+    assert_eq!(s.prune_closed(500, 100).unwrap(), 0);
+    assert_eq!(s.prune_closed(501, 100).unwrap(), 1);
+    assert_eq!(left(s), ["s-live", "s-open"]);
+}
+
+fn progress_counts_survive_closing_what_a_crash_left_open(s: &dyn Store) {
+    account(s, "acct-1");
+    s.insert_session(&pending("s-1", 1)).unwrap();
+    assert!(s.mark_connected("s-1", 2).unwrap());
+    s.record_progress(&[("s-1".into(), 10, 200), ("s-gone".into(), 1, 1)]).unwrap();
+    // An older report arriving late never lowers the counts.
+    s.record_progress(&[("s-1".into(), 5, 100)]).unwrap();
+    let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
+    assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
+    // The next start closes what the killed relay left open, keeping the counts.
+    assert_eq!(s.close_all_open(CloseReason::RelayShutdown, 9).unwrap(), 1);
+    let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
+    assert_eq!(got.close_reason, Some(CloseReason::RelayShutdown));
+    assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
+    // The agent's counts of the lost end raise them; another instance's agent, a lower count,
+    // or a session that ended otherwise change nothing.
+    let counts = |s: &dyn Store, id: &str| {
+        let r = s.session(None, id).unwrap().unwrap();
+        (r.state, r.close_reason, r.bytes_client_to_agent, r.bytes_agent_to_client)
+    };
+    assert!(!s.record_lost_counts("s-1", "i-2", CloseReason::RelayShutdown, 99, 999).unwrap());
+    assert_eq!(counts(s, "s-1").2, 10);
+    assert!(s.record_lost_counts("s-1", "i-1", CloseReason::RelayShutdown, 12, 150).unwrap());
+    let want = (SessionState::Closed, Some(CloseReason::RelayShutdown), 12, 200);
+    assert_eq!(counts(s, "s-1"), want);
+    assert!(s.record_lost_counts("s-1", "i-1", CloseReason::RelayShutdown, 3, 4).unwrap());
+    assert_eq!(counts(s, "s-1"), want);
+    assert!(!s.record_lost_counts("s-nope", "i-1", CloseReason::RelayShutdown, 1, 1).unwrap());
+    let mut other = s.session(None, "s-1").unwrap().unwrap();
+    other.id = "s-2".into();
+    other.state = SessionState::Pending;
+    other.close_reason = None;
+    other.closed_at = None;
+    (other.bytes_client_to_agent, other.bytes_agent_to_client) = (0, 0);
+    s.insert_session(&other).unwrap();
+    assert!(!s.record_lost_counts("s-2", "i-1", CloseReason::RelayShutdown, 50, 50).unwrap());
+    assert!(s.close_session("s-2", CloseReason::ClientClosed, 1, 2, 10).unwrap());
+    assert!(!s.record_lost_counts("s-2", "i-1", CloseReason::RelayShutdown, 50, 50).unwrap());
+    assert_eq!(counts(s, "s-2"), (SessionState::Closed, Some(CloseReason::ClientClosed), 1, 2));
+}
+
+const ALLOW_LIST: &str =
+    r#"{"Statement":{"Effect":"Allow","Action":"hatch:ListUsers","Resource":"*"}}"#;
+
+/// The IAM operations over the store: each change that takes access away moves the
+/// account's generation; refusals are typed.
+fn iam_life_of_users_keys_policies_and_instances(s: &dyn Store) {
+    let a = iam::create_account(s, "test").unwrap();
+    let gen_ = || s.iam_generation(&a.id).unwrap();
+    let u = iam::create_user(s, &a.id, "alice").unwrap();
+    assert!(matches!(iam::create_user(s, &a.id, "alice"), Err(IamError::AlreadyExists(_))));
+    assert_eq!(iam::user(s, &a.id, "alice").unwrap(), u);
+    assert_eq!(iam::user(s, &a.id, &u.id).unwrap(), u);
+    iam::put_policy(s, &a.id, "list", ALLOW_LIST).unwrap();
+    let typo = r#"{"Statement":{"Effect":"Allow","Action":"hatch:ListUsers",
+        "Resource":"hrn:hatch::acct-1:usr/*"}}"#;
+    let e = iam::put_policy(s, &a.id, "bad", typo).unwrap_err();
+    assert!(
+        matches!(&e, IamError::MalformedPolicy(m) if m.contains("Statement[0].Resource[0]")),
+        "{e}"
+    );
+    assert!(matches!(iam::create_user(s, &a.id, "a b"), Err(IamError::Invalid(_))));
+    let g = gen_();
+    iam::attach_policy(s, &a.id, &u.id, "list").unwrap();
+    assert!(gen_() > g);
+    assert_eq!(s.user_policies(&u.id).unwrap()[0].name, "list");
+    assert!(matches!(iam::attach_policy(s, &a.id, &u.id, "nope"), Err(IamError::NoSuchEntity(_))));
+    let e = iam::delete_policy(s, &a.id, "list").unwrap_err();
+    assert!(matches!(&e, IamError::DeleteConflict(m) if m.ends_with("(alice)")), "{e}");
+    let (k, secret) = iam::create_access_key(s, &a.id, Some(&u.id)).unwrap();
+    let owner = s.access_key_owner(&crate::control::credentials::hash(&secret)).unwrap().unwrap();
+    assert_eq!((owner.key_id.as_str(), owner.user_id.as_deref()), (k.id.as_str(), Some(&*u.id)));
+    // Disabled: the key authenticates nothing; enabled again, it does.
+    let hash = crate::control::credentials::hash(&secret);
+    iam::set_user_disabled(s, &a.id, "alice", true).unwrap();
+    assert!(s.access_key_owner(&hash).unwrap().is_none());
+    iam::set_user_disabled(s, &a.id, "alice", false).unwrap();
+    assert!(s.access_key_owner(&hash).unwrap().is_some());
+    let g = gen_();
+    assert_eq!(iam::delete_user(s, &a.id, "alice").unwrap().id, u.id);
+    assert!(gen_() > g);
+    assert!(s.access_key_owner(&hash).unwrap().is_none());
+    assert!(s.user_policies(&u.id).unwrap().is_empty());
+    iam::delete_policy(s, &a.id, "list").unwrap();
+    assert!(s.policies(&a.id).unwrap().is_empty());
+    let (ok, _) = iam::create_access_key(s, &a.id, None).unwrap();
+    let g = gen_();
+    iam::revoke_access_key(s, &a.id, &ok.id).unwrap();
+    assert!(gen_() > g);
+    assert!(matches!(iam::revoke_access_key(s, &a.id, &ok.id), Err(IamError::NoSuchEntity(_))));
+    // Another account's key is not this account's to revoke.
+    let b = iam::create_account(s, "other").unwrap();
+    let (bk, _) = iam::create_access_key(s, &b.id, None).unwrap();
+    assert!(matches!(iam::revoke_access_key(s, &a.id, &bk.id), Err(IamError::NoSuchEntity(_))));
+    assert!(matches!(iam::parse_tags(&["novalue"]), Err(IamError::Invalid(_))));
+
+    // An instance: tagged, its secret revoked, deregistered.
+    let (act, code) = iam::create_activation(
+        s,
+        &a.id,
+        "eu-1",
+        Default::default(),
+        2,
+        std::time::Duration::from_secs(60),
+    )
+    .unwrap();
+    let code_hash = crate::control::credentials::hash(&code);
+    let inst = s
+        .register_instance(&act.id, &code_hash, "i-00000000000000a1", &[5; 32], None, iam_now())
+        .unwrap();
+    s.touch_instance(&inst.id, 42).unwrap();
+    assert_eq!(s.instance(&a.id, &inst.id).unwrap().unwrap().last_seen, Some(42));
+    let g = gen_();
+    iam::tag_instance(s, &a.id, &inst.id, iam::parse_tags(&["env=prod"]).unwrap()).unwrap();
+    assert!(gen_() > g);
+    assert_eq!(s.instances(Some(&a.id)).unwrap()[0].tags.get("env").unwrap(), "prod");
+    iam::revoke_instance_secret(s, &a.id, &inst.id).unwrap();
+    assert!(s.instance_by_secret(&[5; 32]).unwrap().is_none());
+    assert!(s.instance(&a.id, &inst.id).unwrap().unwrap().secret_revoked_at.is_some());
+    iam::deregister_instance(s, &a.id, &inst.id).unwrap();
+    assert!(s.instances(Some(&a.id)).unwrap().is_empty());
+    assert!(matches!(
+        iam::deregister_instance(s, &a.id, &inst.id),
+        Err(IamError::InstanceNotFound(_))
+    ));
+}
+
+fn iam_now() -> i64 {
+    crate::control::unix_now()
+}
+
+/// Eight threads register with an activation that has one slot left: exactly one gets it,
+/// the others are refused `Exhausted`, and the count is exact.
+fn last_activation_slot_goes_to_exactly_one_of_many_racing(s: &dyn Store) {
+    account(s, "acct-1");
+    s.insert_activation(&activation("act-1", 3, i64::MAX), &[7; 32]).unwrap();
+    s.register_instance("act-1", &[7; 32], "i-0", &[100; 32], None, 1).unwrap();
+    s.register_instance("act-1", &[7; 32], "i-1", &[101; 32], None, 1).unwrap();
+    let results: Vec<Result<String, RegisterError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (2u8..10)
+            .map(|i| {
+                scope.spawn(move || {
+                    s.register_instance("act-1", &[7; 32], &format!("i-{i}"), &[i; 32], None, 1)
+                        .map(|inst| inst.id)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{results:?}");
+    assert!(
+        results.iter().all(|r| r.is_ok() || *r == Err(RegisterError::Exhausted)),
+        "{results:?}"
+    );
+    assert_eq!(s.activations(Some("acct-1")).unwrap()[0].registrations, 3);
+    assert_eq!(s.instances(Some("acct-1")).unwrap().len(), 3);
+}
