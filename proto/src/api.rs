@@ -26,6 +26,16 @@ impl Mode {
             Mode::Port => "port",
         }
     }
+
+    /// The mode named `s` (as [`Mode::as_str`] names it).
+    pub fn parse(s: &str) -> Option<Mode> {
+        Some(match s {
+            "shell" => Mode::Shell,
+            "exec" => Mode::Exec,
+            "port" => Mode::Port,
+            _ => return None,
+        })
+    }
 }
 
 /// Whether `name` is a user name the relay accepts in `run_as` and in an agent's `hello`:

@@ -763,7 +763,8 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                     account_of(s, |a| Ok(s.access_keys(a)?.iter().any(|k| k.id == key_id)))?
                         .with_context(|| format!("no access key {key_id}"))?;
                 let k = iam::revoke_access_key(s, &account, &key_id)?;
-                print(json, &k, || format!("revoked {key_id}"))
+                let v = serde_json::json!({"revoked": k.id, "revoked_at": k.revoked_at});
+                print(json, &v, || format!("revoked {key_id}"))
             }
         },
         AdminCommand::Policies(c) => match c {

@@ -262,22 +262,16 @@ impl LiveSessions {
 
     /// Ids of the open sessions of an account.
     pub fn of_account(&self, account: &str) -> Vec<String> {
-        self.lock()
-            .by_id
-            .iter()
-            .filter(|(_, l)| l.account == account)
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.ids_where(|l| l.account == account)
     }
 
     /// Open sessions on an instance (a scan: for rare operator actions, not per request).
     pub fn of_instance(&self, instance: &str) -> Vec<String> {
-        self.lock()
-            .by_id
-            .iter()
-            .filter(|(_, l)| l.instance == instance)
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.ids_where(|l| l.instance == instance)
+    }
+
+    fn ids_where(&self, keep: impl Fn(&Live) -> bool) -> Vec<String> {
+        self.lock().by_id.iter().filter(|(_, l)| keep(l)).map(|(k, _)| k.clone()).collect()
     }
 
     /// Accounts with open sessions.

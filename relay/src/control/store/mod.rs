@@ -297,6 +297,44 @@ pub enum RegisterError {
     Store(String),
 }
 
+impl Activation {
+    /// Whether an agent presenting a code that hashes to `code_hash` may register with this
+    /// activation (whose code hashes to `stored`) at `now`, and the instance it then creates;
+    /// the one rule both engines apply inside their registering transaction.
+    pub fn admit(
+        &self,
+        stored: &[u8],
+        code_hash: &[u8; 32],
+        instance_id: &str,
+        hostname: Option<&str>,
+        now: i64,
+    ) -> Result<Instance, RegisterError> {
+        if !crate::control::credentials::hashes_equal(stored, code_hash) {
+            return Err(RegisterError::BadActivation);
+        }
+        if self.revoked_at.is_some() {
+            return Err(RegisterError::Revoked);
+        }
+        if now >= self.expires_at {
+            return Err(RegisterError::Expired);
+        }
+        if self.registrations >= self.max_registrations {
+            return Err(RegisterError::Exhausted);
+        }
+        Ok(Instance {
+            id: instance_id.to_owned(),
+            account_id: self.account_id.clone(),
+            region: self.region.clone(),
+            tags: self.tags.clone(),
+            hostname: hostname.map(str::to_owned),
+            activation_id: self.id.clone(),
+            registered_at: now,
+            last_seen: None,
+            secret_revoked_at: None,
+        })
+    }
+}
+
 /// What deleting a policy did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyDeleted {

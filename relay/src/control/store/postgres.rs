@@ -366,15 +366,6 @@ fn named<T>(r: &Row, col: usize, parse: fn(&str) -> Option<T>) -> anyhow::Result
     parse(&s).with_context(|| format!("column {col}: unknown name {s:?}"))
 }
 
-fn mode_of(s: &str) -> Option<Mode> {
-    Some(match s {
-        "shell" => Mode::Shell,
-        "exec" => Mode::Exec,
-        "port" => Mode::Port,
-        _ => return None,
-    })
-}
-
 fn session_row(r: &Row) -> anyhow::Result<SessionRecord> {
     let command: Option<String> = r.try_get(7)?;
     Ok(SessionRecord {
@@ -384,7 +375,7 @@ fn session_row(r: &Row) -> anyhow::Result<SessionRecord> {
         access_key_id: r.try_get(3)?,
         source_ip: r.try_get(4)?,
         instance_id: r.try_get(5)?,
-        mode: named(r, 6, mode_of)?,
+        mode: named(r, 6, Mode::parse)?,
         command: command
             .map(|c| serde_json::from_str(&c))
             .transpose()
@@ -744,28 +735,9 @@ impl Store for PgStore {
             let Some(row) = row else { return Ok(Err(RegisterError::BadActivation)) };
             let act = activation_row(&row)?;
             let stored: Vec<u8> = row.try_get(9)?;
-            if !crate::control::credentials::hashes_equal(&stored, code_hash) {
-                return Ok(Err(RegisterError::BadActivation));
-            }
-            if act.revoked_at.is_some() {
-                return Ok(Err(RegisterError::Revoked));
-            }
-            if now >= act.expires_at {
-                return Ok(Err(RegisterError::Expired));
-            }
-            if act.registrations >= act.max_registrations {
-                return Ok(Err(RegisterError::Exhausted));
-            }
-            let inst = Instance {
-                id: instance_id.to_owned(),
-                account_id: act.account_id.clone(),
-                region: act.region.clone(),
-                tags: act.tags.clone(),
-                hostname: hostname.map(str::to_owned),
-                activation_id: act.id.clone(),
-                registered_at: now,
-                last_seen: None,
-                secret_revoked_at: None,
+            let inst = match act.admit(&stored, code_hash, instance_id, hostname, now) {
+                Ok(i) => i,
+                Err(refused) => return Ok(Err(refused)),
             };
             tx.execute(
                 "UPDATE activations SET registrations = registrations + 1 WHERE id = $1",

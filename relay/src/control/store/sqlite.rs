@@ -282,7 +282,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         access_key_id: r.get(3)?,
         source_ip: r.get(4)?,
         instance_id: r.get(5)?,
-        mode: enum_col(6, r, mode_of)?,
+        mode: enum_col(6, r, Mode::parse)?,
         command,
         run_as: r.get(8)?,
         state: enum_col(9, r, SessionState::parse)?,
@@ -303,15 +303,6 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
 }
 
 /// SQLite stores integers as i64; byte counts beyond i64::MAX saturate.
-fn mode_of(s: &str) -> Option<Mode> {
-    Some(match s {
-        "shell" => Mode::Shell,
-        "exec" => Mode::Exec,
-        "port" => Mode::Port,
-        _ => return None,
-    })
-}
-
 /// A name column read into its enum; a name this version does not know is an error naming the
 /// column and the value (a store written by a newer relay), never a silent default.
 fn enum_col<T>(
@@ -678,29 +669,7 @@ impl Store for SqliteStore {
         let Some((act, stored)) = row else {
             return Err(RegisterError::BadActivation);
         };
-        if !crate::control::credentials::hashes_equal(&stored, code_hash) {
-            return Err(RegisterError::BadActivation);
-        }
-        if act.revoked_at.is_some() {
-            return Err(RegisterError::Revoked);
-        }
-        if now >= act.expires_at {
-            return Err(RegisterError::Expired);
-        }
-        if act.registrations >= act.max_registrations {
-            return Err(RegisterError::Exhausted);
-        }
-        let inst = Instance {
-            id: instance_id.to_owned(),
-            account_id: act.account_id.clone(),
-            region: act.region.clone(),
-            tags: act.tags.clone(),
-            hostname: hostname.map(str::to_owned),
-            activation_id: act.id.clone(),
-            registered_at: now,
-            last_seen: None,
-            secret_revoked_at: None,
-        };
+        let inst = act.admit(&stored, code_hash, instance_id, hostname, now)?;
         let tags =
             serde_json::to_string(&inst.tags).map_err(|e| RegisterError::Store(e.to_string()))?;
         tx.execute(
