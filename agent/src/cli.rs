@@ -73,6 +73,11 @@ pub struct RunArgs {
     /// State file written by `register`.
     #[arg(long, default_value = state::DEFAULT_STATE_PATH)]
     pub state: PathBuf,
+    /// API URL to connect to instead of the one saved at registration (a relay that moved);
+    /// repeat it for the nodes of a fleet, in order of preference: the agent dials the next
+    /// one when one fails, and backs off only when all did.
+    #[arg(long = "api", value_name = "URL")]
+    pub api: Vec<String>,
     /// Accept any server certificate. Only for throwaway test setups: anyone on the path can
     /// then impersonate the relay and run commands on this machine.
     #[arg(long)]
@@ -235,6 +240,7 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<()> {
             allow_forward: std::sync::Arc::new(allow_forward),
         },
         state,
+        api_urls: args.api.iter().map(|a| a.trim_end_matches('/').to_owned()).collect(),
         tls: cfg,
         timing: ControlTiming::default(),
         max_sessions: args.max_sessions.max(1),

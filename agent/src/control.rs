@@ -100,6 +100,10 @@ impl Default for ControlTiming {
 pub struct RunConfig {
     /// The registration.
     pub state: State,
+    /// API URLs to dial, in order of preference, instead of the one saved at registration
+    /// (`run --api`, repeated): a relay that moved, or the nodes of a fleet. Empty: the saved
+    /// one.
+    pub api_urls: Vec<String>,
     /// TLS for the control channel (and, through `session`, the data legs).
     pub tls: Arc<rustls::ClientConfig>,
     /// What sessions share.
@@ -119,6 +123,14 @@ enum Link {
     Down(String),
 }
 
+/// After a failed dial of URL `at` of `n`, in a round of failures that began at `first`: the
+/// URL to dial next, and whether the round is done (every URL failed once: back off before
+/// the next). With one URL every failure ends a round.
+pub fn failover(at: usize, first: usize, n: usize) -> (usize, bool) {
+    let next = (at + 1) % n.max(1);
+    (next, next == first)
+}
+
 /// The ceiling of the `attempt`-th reconnect delay: `base * 2^attempt`, at most `cap`.
 pub fn backoff_ceiling(attempt: u32, base: Duration, cap: Duration) -> Duration {
     let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
@@ -136,8 +148,17 @@ pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration) -> Duration {
 /// sessions. On shutdown closes live sessions' legs (close 4011 `AGENT_SHUTDOWN`, "agent shutting
 /// down") and the control channel (1001), and returns.
 pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let api = ApiUrl::parse(&cfg.state.api_url)?;
-    let url = api.connect_url();
+    let apis = if cfg.api_urls.is_empty() {
+        std::slice::from_ref(&cfg.state.api_url)
+    } else {
+        &cfg.api_urls[..]
+    };
+    let urls = apis
+        .iter()
+        .map(|a| ApiUrl::parse(a).map(|u| u.connect_url()))
+        .collect::<Result<Vec<String>, _>>()?;
+    // The URL dialled next, and the one the current round of failed dials started from.
+    let (mut at, mut first) = (0, 0);
     let (report_tx, mut report_rx) = mpsc::channel(REPORT_QUEUE);
     let mut sessions = Sessions {
         tasks: JoinSet::new(),
@@ -150,11 +171,12 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
     let t = &cfg.timing;
     let mut link = Link::Starting;
     let mut attempt: u32 = 0;
-    info!(instance = %cfg.state.instance_id, api = %cfg.state.api_url, "agent starting");
+    info!(instance = %cfg.state.instance_id, api = ?apis, "agent starting");
     loop {
+        let url = &urls[at];
         let connected = tokio::select! {
             () = shutdown.cancelled() => break,
-            r = timeout(t.connect_timeout, connect(&url, &cfg.state.instance_secret, &cfg.tls)) => {
+            r = timeout(t.connect_timeout, connect(url, &cfg.state.instance_secret, &cfg.tls)) => {
                 r.unwrap_or_else(|_| Err(format!("no answer within {:?}", t.connect_timeout)))
             }
         };
@@ -173,6 +195,8 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
                 if since.elapsed() >= t.stable_after {
                     attempt = 0;
                 }
+                // The node that was up is tried first again; a round starts from it.
+                first = at;
             }
             Err(why) => {
                 let next = Link::Down(why.clone());
@@ -182,6 +206,12 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> anyhow::Result<
                     debug!(url = %url, error = %peer(&why, 300), attempt, "control channel still unreachable");
                 }
                 link = next;
+                let (next_at, round_done) = failover(at, first, urls.len());
+                at = next_at;
+                if !round_done {
+                    info!(url = %urls[at], "trying the next API URL");
+                    continue;
+                }
             }
         }
         let delay = backoff_delay(attempt, t.backoff_base, t.backoff_cap);
@@ -531,6 +561,20 @@ impl Sessions {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn failover_tries_each_url_once_per_round() {
+        // One URL: every failure ends a round (back off).
+        assert_eq!(failover(0, 0, 1), (0, true));
+        // Three URLs, the round started at 0: 1, 2, then back to 0 after a backoff.
+        assert_eq!(failover(0, 0, 3), (1, false));
+        assert_eq!(failover(1, 0, 3), (2, false));
+        assert_eq!(failover(2, 0, 3), (0, true));
+        // A round that started at the node that was up (2) ends when it comes round to 2.
+        assert_eq!(failover(2, 2, 3), (0, false));
+        assert_eq!(failover(1, 2, 3), (2, true));
+    }
+
     use super::*;
 
     #[tokio::test]

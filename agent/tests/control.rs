@@ -74,6 +74,7 @@ fn run_config(srv: &LegServer, instance_id: &str, port: u16) -> RunConfig {
             api_url: format!("https://127.0.0.1:{port}"),
             ca_pem: None,
         },
+        api_urls: Vec::new(),
         tls: srv.cfg.tls.clone(),
         session,
         timing,

@@ -60,6 +60,7 @@ impl Agent {
                         allow_forward: Default::default(),
                     },
                     state,
+                    api_urls: Vec::new(),
                     tls,
                     timing,
                     max_sessions: 64,
