@@ -2,13 +2,13 @@
 //! and sessions.
 //!
 //! [`Store`] is the narrow interface the API codes against; [`SqliteStore`] is the embedded
-//! default (one file, WAL, schema migrations at open). A PostgreSQL store for a fleet of relays
-//! would implement the same trait. Every method is synchronous and may block on disk: the
-//! control plane calls them from `spawn_blocking`, never from an async task and never from a
-//! data-plane shard.
+//! default (one file, WAL, schema migrations at open) and [`PgStore`] keeps the same records
+//! in PostgreSQL (`--store postgres://...`). Every method is synchronous and may block on disk
+//! or the network: the control plane calls them from `spawn_blocking`, never from an async
+//! task (the PostgreSQL driver panics there) and never from a data-plane shard.
 //!
-//! The module is the interface and its types; `sqlite.rs` implements it and `schema.rs` holds
-//! the SQLite schema's migrations.
+//! The module is the interface and its types; `sqlite.rs` implements it with its migrations in
+//! `schema.rs`, `postgres.rs` with its own, and `suite.rs` is the test suite both pass.
 //!
 //! Secrets (access keys, instance secrets, activation codes) are stored only as SHA-256 hashes
 //! of high-entropy random strings; see [`super::credentials`].
