@@ -83,7 +83,8 @@ impl From<anyhow::Error> for ApiError {
 /// The one mapping of IAM refusals to API answers.
 impl From<IamError> for ApiError {
     fn from(e: IamError) -> Self {
-        let (status, code) = match &e {
+        let message = e.to_string();
+        let (status, code) = match e {
             IamError::Invalid(_) => (StatusCode::BAD_REQUEST, codes::INVALID_REQUEST),
             IamError::MalformedPolicy(_) => {
                 (StatusCode::BAD_REQUEST, codes::MALFORMED_POLICY_DOCUMENT)
@@ -93,41 +94,37 @@ impl From<IamError> for ApiError {
             IamError::InstanceNotFound(_) => (StatusCode::NOT_FOUND, codes::INSTANCE_NOT_FOUND),
             IamError::AlreadyExists(_) => (StatusCode::CONFLICT, codes::ENTITY_ALREADY_EXISTS),
             IamError::DeleteConflict(_) => (StatusCode::CONFLICT, codes::DELETE_CONFLICT),
-            IamError::Internal(_) => {
-                let IamError::Internal(err) = e else { unreachable!() };
-                return ApiError::internal(err);
-            }
+            IamError::Internal(err) => return ApiError::internal(err),
         };
-        ApiError::new(status, code, e.to_string())
+        ApiError::new(status, code, message)
     }
 }
 
 /// The one mapping of session refusals to API answers.
 impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
-        let (status, code) = match &e {
+        let message = e.to_string();
+        let (mut last_seen, mut retry_after) = (None, None);
+        let (status, code) = match e {
             SessionError::Invalid(_) => (StatusCode::BAD_REQUEST, codes::INVALID_REQUEST),
             SessionError::Denied(_) => (StatusCode::FORBIDDEN, codes::ACCESS_DENIED),
             SessionError::Disabled(_) => (StatusCode::FORBIDDEN, codes::SESSION_MANAGER_DISABLED),
             SessionError::InstanceNotFound(_) => (StatusCode::NOT_FOUND, codes::INSTANCE_NOT_FOUND),
             SessionError::SessionNotFound(_) => (StatusCode::NOT_FOUND, codes::SESSION_NOT_FOUND),
-            SessionError::NotConnected { .. } => {
+            SessionError::NotConnected { last_seen: seen, .. } => {
+                last_seen = seen.map(rfc3339);
                 (StatusCode::CONFLICT, codes::TARGET_NOT_CONNECTED)
             }
-            SessionError::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, codes::THROTTLED),
+            SessionError::Throttled { retry_after: secs, .. } => {
+                retry_after = secs;
+                (StatusCode::TOO_MANY_REQUESTS, codes::THROTTLED)
+            }
             SessionError::Ended(_) => (StatusCode::CONFLICT, codes::SESSION_ENDED),
             SessionError::Attached(_) => (StatusCode::CONFLICT, codes::SESSION_ATTACHED),
-            SessionError::Internal(_) => {
-                let SessionError::Internal(err) = e else { unreachable!() };
-                return ApiError::internal(err);
-            }
+            SessionError::Internal(err) => return ApiError::internal(err),
         };
-        let mut out = ApiError::new(status, code, e.to_string());
-        match e {
-            SessionError::NotConnected { last_seen, .. } => out.last_seen = last_seen.map(rfc3339),
-            SessionError::Throttled { retry_after, .. } => out.retry_after = retry_after,
-            _ => {}
-        }
+        let mut out = ApiError::new(status, code, message);
+        (out.last_seen, out.retry_after) = (last_seen, retry_after);
         out
     }
 }

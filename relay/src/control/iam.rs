@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use super::credentials;
-use super::policy::{self, Policy};
+use super::policy::Policy;
 use super::store::{
     AccessKey, Account, Activation, Instance, PolicyDeleted, PolicyRecord, SessionPrefs, Store,
     Tags, User,
@@ -189,11 +189,6 @@ pub fn set_user_disabled(
         return Err(IamError::NoSuchEntity(format!("no user {id_or_name}")));
     }
     Ok(u)
-}
-
-/// Names of the policies attached to each user of the account: `(user id, policy)`.
-pub fn attachments(store: &dyn Store, account_id: &str) -> IamResult<Vec<(String, String)>> {
-    Ok(store.policy_attachments(account_id)?)
 }
 
 /// Creates an access key for the account owner (`user_id` None) or a user. Returns the key
@@ -467,9 +462,4 @@ pub fn parse_tags<S: AsRef<str>>(args: &[S]) -> IamResult<Tags> {
     }
     check_tags(&tags)?;
     Ok(tags)
-}
-
-/// The resource an account action is evaluated on (see `docs/POLICY.md`).
-pub fn user_hrn(account_id: &str, name: &str) -> String {
-    policy::account_hrn(account_id, policy::Kind::User, name)
 }

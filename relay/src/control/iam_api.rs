@@ -61,8 +61,13 @@ fn allow(caller: &Caller, action: &str, hrn: &str) -> Result<(), IamError> {
     if caller.may_account(action, hrn) {
         return Ok(());
     }
+    Err(refused(caller, action, hrn))
+}
+
+/// The 403 of an IAM action the caller's policy does not allow on `hrn`, logged.
+fn refused(caller: &Caller, action: &str, hrn: &str) -> IamError {
     info!(user = caller.principal(), action, resource = hrn, "IAM action denied by policy");
-    Err(IamError::Denied(format!("your policy does not allow {action} on {hrn}")))
+    IamError::Denied(format!("your policy does not allow {action} on {hrn}"))
 }
 
 fn user_hrn(caller: &Caller, name: &str) -> String {
@@ -130,7 +135,7 @@ async fn list_users(
     allow(&caller, policy::LIST_USERS, &user_hrn(&caller, "*"))?;
     let acct = caller.account.id.clone();
     let (users, att) =
-        run(&shared, move |s| Ok((s.users(&acct)?, iam::attachments(s, &acct)?))).await?;
+        run(&shared, move |s| Ok((s.users(&acct)?, s.policy_attachments(&acct)?))).await?;
     let users = users.iter().map(|u| user_info(u, &att)).collect();
     Ok(json(StatusCode::OK, &UserList { users }))
 }
@@ -158,7 +163,7 @@ async fn delete_user(
     allow(&caller, policy::DELETE_USER, &user_hrn(&caller, &name))?;
     let acct = caller.account.id.clone();
     let (u, att) = run(&shared, move |s| {
-        let att = iam::attachments(s, &acct)?;
+        let att = s.policy_attachments(&acct)?;
         Ok((iam::delete_user(s, &acct, &name)?, att))
     })
     .await?;
@@ -200,7 +205,7 @@ async fn attachment(
         } else {
             iam::detach_policy(s, &acct, &u, &p)?;
         }
-        Ok((u, iam::attachments(s, &acct)?))
+        Ok((u, s.policy_attachments(&acct)?))
     })
     .await?;
     info!(account = %u.account_id, user = %u.id, policy = %policy_name, attach,
@@ -310,7 +315,7 @@ async fn revoke_key(
 
 /// Names of the users `policy` is attached to.
 fn attached_to(s: &dyn Store, account: &str, policy: &str) -> IamResult<Vec<String>> {
-    let (att, users) = (iam::attachments(s, account)?, s.users(account)?);
+    let (att, users) = (s.policy_attachments(account)?, s.users(account)?);
     Ok(names_of(&att, &users, policy))
 }
 
@@ -334,7 +339,7 @@ async fn list_policies(
     )?;
     let acct = caller.account.id.clone();
     let (all, att, users) = run(&shared, move |s| {
-        Ok((s.policies(&acct)?, iam::attachments(s, &acct)?, s.users(&acct)?))
+        Ok((s.policies(&acct)?, s.policy_attachments(&acct)?, s.users(&acct)?))
     })
     .await?;
     let policies = all.iter().map(|p| policy_info(p, names_of(&att, &users, &p.name))).collect();
@@ -393,10 +398,7 @@ async fn instance_for(
     let inst = run(shared, move |s| iam::instance(s, &acct, &iid)).await?;
     if !caller.may(action, &inst, &caller.context(&inst)) {
         let hrn = policy::instance_hrn(&inst.region, &inst.account_id, &inst.id);
-        info!(user = caller.principal(), action, resource = %hrn, "IAM action denied by policy");
-        return Err(
-            IamError::Denied(format!("your policy does not allow {action} on {hrn}")).into()
-        );
+        return Err(refused(caller, action, &hrn).into());
     }
     Ok(inst)
 }

@@ -1378,6 +1378,24 @@ mod tests {
         );
     }
 
+    /// The IAM lists are parts of ACTIONS, written out twice (consts cannot be joined): every
+    /// entry of each is in ACTIONS, and an account action is never an instance one.
+    #[test]
+    fn the_action_lists_agree() {
+        for a in INSTANCE_IAM_ACTIONS.iter().chain(ACCOUNT_ACTIONS) {
+            assert!(ACTIONS.contains(a), "{a} is not in ACTIONS");
+        }
+        for a in INSTANCE_IAM_ACTIONS {
+            assert!(!is_account_action(a), "{a}");
+            assert_eq!(action_keys(a), action_keys(DESCRIBE_INSTANCES), "{a}");
+        }
+        for a in ACCOUNT_ACTIONS {
+            assert_eq!(action_keys(a), ["hatch:SourceIp"], "{a}");
+        }
+        let sessions = ACTIONS.len() - INSTANCE_IAM_ACTIONS.len() - ACCOUNT_ACTIONS.len();
+        assert_eq!(sessions, 5, "StartSession, StartPortForwarding, Describe* and Terminate");
+    }
+
     #[test]
     fn glob_cases() {
         assert!(glob("*", ""));
