@@ -305,6 +305,22 @@ impl Relay {
         Self::launch(tmp, data_dir, "127.0.0.1:0", "127.0.0.1:0", extra)
     }
 
+    /// Starts another relay ([`Relay::start`]) with `other`'s certificate and CA (its `tls`
+    /// directory copied into the new data directory): a node of the same fleet, which clients
+    /// and agents of `other` trust.
+    pub fn start_sharing_tls(other: &Relay, extra: &[&str]) -> Relay {
+        let tmp = Arc::new(tempfile::tempdir().unwrap());
+        let data_dir = tmp.path().join("relay");
+        let tls = data_dir.join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        for e in std::fs::read_dir(other.data_dir.join("tls")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), tls.join(e.file_name())).unwrap();
+        }
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::launch(tmp, data_dir, "127.0.0.1:0", "127.0.0.1:0", extra)
+    }
+
     fn launch(
         tmp: Arc<tempfile::TempDir>,
         data_dir: PathBuf,

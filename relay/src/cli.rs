@@ -76,6 +76,14 @@ struct RelayArgs {
     /// by default the host the caller used for the API, with the data port.
     #[arg(long)]
     public_data_url: Option<String>,
+    /// Public base URL of the API (e.g. https://relay-1.example.com:7444), as this node
+    /// registers itself in a fleet; by default the API listener's address.
+    #[arg(long)]
+    public_api_url: Option<String>,
+    /// Seconds a fleet node (a relay on a shared PostgreSQL store) may miss heartbeats before
+    /// another node expires it and closes its sessions as node_lost.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..))]
+    node_timeout: u64,
     /// Most open sessions per instance (beyond: Throttled).
     #[arg(long, default_value_t = 1000)]
     max_sessions_per_instance: usize,
@@ -135,6 +143,8 @@ impl RelayArgs {
         Ok(ControlConfig {
             region: self.region.clone(),
             public_data_url: self.public_data_url.clone(),
+            public_api_url: self.public_api_url.clone(),
+            node_timeout: Duration::from_secs(self.node_timeout),
             limits: Limits {
                 per_instance: self.max_sessions_per_instance,
                 per_account: self.max_sessions_per_account,
@@ -539,6 +549,8 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         max_api_connections: control.max_api_connections,
         public_data_url: control.public_data_url.clone(),
         metrics_token: control.metrics_token.clone(),
+        public_api_url: control.public_api_url.clone(),
+        node_timeout: control.node_timeout,
         data: Some(a.data.clone()),
         ..DevOptions::default()
     })?;
@@ -624,7 +636,13 @@ fn set_user_disabled(
 fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
     let json = a.json;
     if let AdminCommand::SigningKeys(SigningCmd::Rotate) = a.what {
-        let kid = signing::create_key(&a.data_dir)?;
+        let kid = match &a.store {
+            // A fleet's keys are in its store: every node verifies them once restarted.
+            Some(url) => signing::rotate_shared(
+                crate::control::store::open(Some(url), &a.data_dir)?.as_ref(),
+            )?,
+            None => signing::create_key(&a.data_dir)?,
+        };
         return print(json, &serde_json::json!({ "kid": kid }), || {
             format!("new signing key {kid}; restart the relay to sign with it")
         });

@@ -70,6 +70,10 @@ pub struct DevOptions {
     pub public_data_url: Option<String>,
     /// The bearer token `GET /metrics` takes (`--metrics-token-file`).
     pub metrics_token: Option<String>,
+    /// A fleet node's public API URL (`--public-api-url`).
+    pub public_api_url: Option<String>,
+    /// Silence after which another fleet node expires this one (`--node-timeout`).
+    pub node_timeout: Duration,
     /// Extra data-plane flags, as on the command line (`["--shards", "2", "--io", "epoll"]`).
     pub data_args: Vec<String>,
     /// Data-plane options already parsed (wins over `data_args`).
@@ -106,6 +110,8 @@ impl Default for DevOptions {
             max_api_connections: c.max_api_connections,
             public_data_url: None,
             metrics_token: None,
+            public_api_url: None,
+            node_timeout: c.node_timeout,
             data_args: Vec::new(),
             data: None,
         }
@@ -154,6 +160,8 @@ impl DevRelay {
             max_api_connections: opts.max_api_connections,
             public_data_url: opts.public_data_url.clone(),
             metrics_token: opts.metrics_token.clone(),
+            public_api_url: opts.public_api_url.clone(),
+            node_timeout: opts.node_timeout,
             ..ControlConfig::default()
         };
         let data = match &opts.data {

@@ -39,6 +39,9 @@ pub enum CloseReason {
     PairTimeout,
     /// The relay shut down.
     RelayShutdown,
+    /// The fleet node holding the session stopped heartbeating: a surviving node closed it once
+    /// the node's heartbeat expired.
+    NodeLost,
     /// A protocol violation (WebSocket, or TLS: a record not under the session's key, an
     /// oversized record), an internal failure, or the agent refusing or failing to start the
     /// session (`session.failed`, or its leg closed with 1008 or 1011).
@@ -60,6 +63,7 @@ impl CloseReason {
             CloseReason::MaxDuration => "max_duration",
             CloseReason::PairTimeout => "pair_timeout",
             CloseReason::RelayShutdown => "relay_shutdown",
+            CloseReason::NodeLost => "node_lost",
             CloseReason::Error => "error",
         }
     }
@@ -78,6 +82,7 @@ impl CloseReason {
             "max_duration" => CloseReason::MaxDuration,
             "pair_timeout" => CloseReason::PairTimeout,
             "relay_shutdown" => CloseReason::RelayShutdown,
+            "node_lost" => CloseReason::NodeLost,
             "error" => CloseReason::Error,
             _ => return None,
         })

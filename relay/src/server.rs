@@ -87,6 +87,24 @@ pub struct Server {
     plane: Arc<PlaneLink>,
 }
 
+/// `scheme://host:port` for a listener at `addr`: an unspecified address (`0.0.0.0`, `::`)
+/// names this host by its name, as other nodes of a fleet would reach it (`--public-api-url`
+/// and `--public-data-url` say otherwise).
+fn base_url(scheme: &str, addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| {
+                !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+            })
+            .unwrap_or_else(|| "localhost".to_owned());
+        format!("{scheme}://{host}:{}", addr.port())
+    } else {
+        format!("{scheme}://{addr}")
+    }
+}
+
 /// The store file inside a data directory.
 pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("hatch.db")
@@ -106,7 +124,12 @@ impl Server {
         ensure_data_dir(&cfg.data_dir)?;
         let store: Arc<dyn Store> =
             crate::control::store::open(cfg.store.as_deref(), &cfg.data_dir)?.into();
-        let (signer, verifier) = signing::load_or_create(&cfg.data_dir)?;
+        let (signer, verifier) = if store.shared() {
+            signing::load_shared(store.as_ref(), &cfg.data_dir)?
+        } else {
+            signing::load_or_create(&cfg.data_dir)?
+        };
+        let node_id = crate::control::fleet::node_id(&cfg.data_dir)?;
         let tls = cfg.tls.clone();
         let (api_tls, data_tls) = match &tls {
             Some((cert, key)) => {
@@ -144,6 +167,19 @@ impl Server {
         let mut control_cfg = cfg.control.clone();
         control_cfg.data_port = data_addr.port();
         control_cfg.data_scheme = if data_is_tls { "wss" } else { "ws" };
+        let api_scheme = if tls.is_some() { "https" } else { "http" };
+        control_cfg.node = crate::control::fleet::NodeSelf {
+            id: node_id,
+            api_url: control_cfg
+                .public_api_url
+                .clone()
+                .unwrap_or_else(|| base_url(api_scheme, api_addr)),
+            data_url: control_cfg
+                .public_data_url
+                .as_deref()
+                .map(|u| u.trim_end_matches('/').to_owned())
+                .unwrap_or_else(|| base_url(control_cfg.data_scheme, data_addr)),
+        };
         // One window for both planes: the data plane keeps detached sessions for it, the
         // control plane keeps a restart's paired sessions resumable for it.
         control_cfg.resume_window = Duration::from_secs(cfg.data.resume_window);

@@ -163,6 +163,22 @@ impl TokenSigner {
         now: u64,
         terms: LegTerms,
     ) -> anyhow::Result<(String, Claims)> {
+        self.issue_in_run(&self.run, session_id, role, instance, account, now, terms)
+    }
+
+    /// [`TokenSigner::issue_with`] for the data plane of another node of a fleet, whose
+    /// current run is `run` (its verifier accepts only that run's tokens).
+    #[allow(clippy::too_many_arguments)]
+    pub fn issue_in_run(
+        &self,
+        run: &str,
+        session_id: &str,
+        role: Role,
+        instance: &str,
+        account: &str,
+        now: u64,
+        terms: LegTerms,
+    ) -> anyhow::Result<(String, Claims)> {
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut jti)
             .map_err(|_| anyhow::anyhow!("rng failed"))?;
@@ -174,7 +190,7 @@ impl TokenSigner {
             iat: now,
             exp: now + TOKEN_LIFETIME_SECS,
             jti: hex::encode(jti),
-            run: self.run.clone(),
+            run: run.to_owned(),
             res: terms.resume,
             two_way: terms.two_way,
             idle: terms.idle_timeout_s,

@@ -530,6 +530,7 @@ fn record(id: &str, s: &Setup, state: &str, seq_at: i64) -> SessionRecord {
         detached_at: None,
         remote_host: None,
         remote_port: None,
+        node_id: None,
     }
 }
 

@@ -295,6 +295,7 @@ mod tests {
                 detached_at: None,
                 remote_host: None,
                 remote_port: None,
+                node_id: None,
             }
         }
 

@@ -158,6 +158,11 @@ impl Hub {
         self.lock().contains_key(instance)
     }
 
+    /// Every instance with a control channel up here, and whom its agent runs sessions as.
+    pub fn channels(&self) -> Vec<(String, AgentRunAs)> {
+        self.lock().iter().map(|(i, c)| (i.clone(), c.run_as.clone())).collect()
+    }
+
     /// How many agents are online.
     pub fn online(&self) -> usize {
         self.lock().len()
@@ -194,8 +199,9 @@ pub(super) async fn run_channel(
     };
     info!(instance = %instance, default_user = ?run_as.default_user,
         switch_user = run_as.switch_user, "agent said hello");
-    let (conn_id, mut rx, mut kicked) = shared.agents.attach(&instance, data_base, run_as);
+    let (conn_id, mut rx, mut kicked) = shared.agents.attach(&instance, data_base, run_as.clone());
     info!(instance = %instance, conn = conn_id, "agent control channel up");
+    shared.channel_up(&instance, &run_as).await;
     shared.touch_instance(&instance).await;
     let mut beat = tokio::time::interval(cfg.heartbeat_interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -346,6 +352,7 @@ pub(super) async fn run_channel(
     }
     if shared.agents.detach(&instance, conn_id) {
         info!(instance = %instance, conn = conn_id, "agent control channel down");
+        shared.channel_down(&instance).await;
     } else {
         info!(instance = %instance, conn = conn_id, "agent control channel replaced");
     }

@@ -450,7 +450,11 @@ async fn start_session(
     Ok(json(
         StatusCode::CREATED,
         &StartSessionResponse {
-            stream_url: format!("{base}/v1/stream/{}?role=client", g.session_id),
+            stream_url: format!(
+                "{}/v1/stream/{}?role=client",
+                g.stream_base.as_deref().unwrap_or(&base),
+                g.session_id
+            ),
             session_id: g.session_id,
             token: g.token,
             expires_at: rfc3339(g.expires_at),
@@ -476,7 +480,11 @@ async fn resume_session(
     Ok(json(
         StatusCode::OK,
         &ResumeSessionResponse {
-            stream_url: format!("{base}/v1/stream/{}?role=client", g.session_id),
+            stream_url: format!(
+                "{}/v1/stream/{}?role=client",
+                g.stream_base.as_deref().unwrap_or(&base),
+                g.session_id
+            ),
             session_id: g.session_id,
             token: g.token,
             expires_at: rfc3339(g.expires_at),
@@ -536,17 +544,19 @@ async fn list_instances(
 ) -> Result<Response, ApiError> {
     let account = caller.account.id.clone();
     let all = shared.blocking(move |s| s.instances(Some(&account))).await?;
+    let elsewhere = shared.online_elsewhere().await?;
     let instances = all
         .iter()
         .filter(|i| caller.may(policy::DESCRIBE_INSTANCES, i, &caller.context(i)))
-        .map(|i| instance_info(&shared, i))
+        .map(|i| instance_info(&shared, i, elsewhere.contains(&i.id)))
         .collect();
     Ok(json(StatusCode::OK, &InstanceList { instances }))
 }
 
-/// An instance as the API shows it: online now, or when last seen.
-pub(crate) fn instance_info(shared: &Shared, i: &Instance) -> InstanceInfo {
-    let online = shared.agents.is_online(&i.id);
+/// An instance as the API shows it: online now (here, or on another node of a fleet when
+/// `elsewhere`), or when last seen.
+pub(crate) fn instance_info(shared: &Shared, i: &Instance, elsewhere: bool) -> InstanceInfo {
+    let online = elsewhere || shared.agents.is_online(&i.id);
     InstanceInfo {
         instance_id: i.id.clone(),
         region: i.region.clone(),

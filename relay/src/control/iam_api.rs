@@ -415,7 +415,7 @@ async fn tag_instance(
     let acct = caller.account.id.clone();
     let inst = run(&shared, move |s| iam::tag_instance(s, &acct, &id, req.tags)).await?;
     info!(instance = %inst.id, tags = ?inst.tags, by = caller.principal(), "instance tagged");
-    Ok(json(StatusCode::OK, &instance_info(&shared, &inst)))
+    Ok(json(StatusCode::OK, &instance_info(&shared, &inst, false)))
 }
 
 async fn deregister_instance(
@@ -427,8 +427,8 @@ async fn deregister_instance(
     instance_for(&shared, &caller, &id, policy::DEREGISTER_INSTANCE).await?;
     let acct = caller.account.id.clone();
     let inst = run(&shared, move |s| iam::deregister_instance(s, &acct, &id)).await?;
-    let info = instance_info(&shared, &inst);
-    shared.instance_gone(&inst.id, "instance deregistered").await;
+    let info = instance_info(&shared, &inst, false);
+    shared.instance_gone(&inst.account_id, &inst.id, "instance deregistered").await;
     info!(instance = %inst.id, by = caller.principal(), "instance deregistered");
     Ok(json(StatusCode::OK, &info))
 }
@@ -442,9 +442,9 @@ async fn revoke_instance_secret(
     instance_for(&shared, &caller, &id, policy::REVOKE_INSTANCE_SECRET).await?;
     let acct = caller.account.id.clone();
     let inst = run(&shared, move |s| iam::revoke_instance_secret(s, &acct, &id)).await?;
-    shared.instance_gone(&inst.id, "instance secret revoked").await;
+    shared.instance_gone(&inst.account_id, &inst.id, "instance secret revoked").await;
     info!(instance = %inst.id, by = caller.principal(), "instance secret revoked");
-    Ok(json(StatusCode::OK, &instance_info(&shared, &inst)))
+    Ok(json(StatusCode::OK, &instance_info(&shared, &inst, false)))
 }
 
 fn activation_hrn(caller: &Caller, id: &str) -> String {

@@ -28,6 +28,26 @@ pub struct Limits {
     pub start_rate: Rate,
 }
 
+impl Limits {
+    /// No open-session limit: for a session whose slot the store already counted (a fleet)
+    /// or that held it before a restart.
+    pub const NONE: Limits = Limits {
+        per_instance: usize::MAX,
+        per_account: usize::MAX,
+        per_user: usize::MAX,
+        start_rate: Rate::OFF,
+    };
+
+    /// The open-session limits, for the store to count.
+    pub fn open(self) -> super::store::OpenLimits {
+        super::store::OpenLimits {
+            per_instance: self.per_instance,
+            per_account: self.per_account,
+            per_user: self.per_user,
+        }
+    }
+}
+
 /// A token-bucket rate: `per_sec` on average, up to `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -50,16 +70,9 @@ impl Rate {
     }
 }
 
-/// Which limit refused a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitHit {
-    /// Too many open sessions on the instance.
-    Instance(usize),
-    /// Too many open sessions in the account.
-    Account(usize),
-    /// Too many open sessions of the caller (user or owner).
-    User(usize),
-}
+/// Which limit refused a session: the same answer whether this table or the store (a fleet)
+/// counted.
+pub use super::store::OverLimit as LimitHit;
 
 /// Who a new session is for, and where.
 #[derive(Debug, Clone, Copy)]

@@ -34,12 +34,15 @@
 //! - [`signing`]: the token signing keys in the data directory (rotation by key id).
 //! - [`iam`]: accounts, users, keys, policies, activations and instance records: the
 //!   operations behind the IAM API and `hatch-relay admin`, with typed [`iam::IamError`]s.
+//! - [`fleet`]: several relay nodes on one PostgreSQL store: placement, mail between nodes,
+//!   heartbeat and expiry.
 
 pub mod access;
 pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod credentials;
+pub mod fleet;
 pub mod http;
 pub mod iam;
 mod iam_api;
@@ -104,6 +107,9 @@ pub struct ControlConfig {
     /// The data plane's public base URL (`wss://relay.example.com:7443`). When `None`, the host
     /// the caller used to reach the API and `data_port` are used.
     pub public_data_url: Option<String>,
+    /// The API's public base URL (`https://relay-1.example.com:7444`), as this node registers
+    /// itself in a fleet; by default the API listener's address.
+    pub public_api_url: Option<String>,
     /// The data plane's port, for URLs derived from the `Host` header.
     pub data_port: u16,
     /// `wss` (TLS) or `ws` (`--danger-plaintext`).
@@ -138,6 +144,11 @@ pub struct ControlConfig {
     /// Bearer token `GET /metrics` takes (`--metrics-token-file`); without one, `/metrics`
     /// answers loopback peers only.
     pub metrics_token: Option<String>,
+    /// This node: its id and public URLs, as it registers itself in a fleet.
+    pub node: fleet::NodeSelf,
+    /// A fleet node silent this long is expired by another (`--node-timeout`): its sessions
+    /// are closed as `node_lost`.
+    pub node_timeout: Duration,
 }
 
 impl Default for ControlConfig {
@@ -145,6 +156,7 @@ impl Default for ControlConfig {
         ControlConfig {
             region: "local".into(),
             public_data_url: None,
+            public_api_url: None,
             data_port: 7443,
             data_scheme: "wss",
             limits: live::Limits {
@@ -163,6 +175,8 @@ impl Default for ControlConfig {
             resume_window: Duration::from_secs(600),
             agent_resume_rate: agents::RESUME_RATE,
             metrics_token: None,
+            node: fleet::NodeSelf::default(),
+            node_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -171,6 +185,8 @@ impl Default for ControlConfig {
 pub(crate) struct Shared {
     cfg: ControlConfig,
     store: Arc<dyn Store>,
+    /// The store is shared with other relay nodes ([`fleet`]).
+    fleet: bool,
     signer: TokenSigner,
     data: Arc<dyn DataLink>,
     agents: agents::Hub,
@@ -218,13 +234,31 @@ impl ControlPlane {
     ) -> anyhow::Result<Self> {
         let live = live::LiveSessions::default();
         let reason = CloseReason::RelayShutdown;
+        let fleet = store.shared();
+        let node = cfg.node.id.clone();
+        if fleet {
+            // Registered before anything is placed here; the channels of a previous run of
+            // this node are gone with it.
+            let now = unix_now();
+            store.register_node(&store::Node {
+                id: node.clone(),
+                api_url: cfg.node.api_url.clone(),
+                data_url: cfg.node.data_url.clone(),
+                run: signer.run().to_owned(),
+                started_at: now,
+                heartbeat_at: now,
+            })?;
+            store.clear_agent_channels(&node)?;
+            info!(node = %node, api = %cfg.node.api_url, data = %cfg.node.data_url,
+                "registered this relay node in the fleet");
+        }
         if cfg.resume_window.is_zero() {
-            let n = store.close_all_open(reason, unix_now())?;
+            let n = store.close_all_open(&node, reason, unix_now())?;
             if n > 0 {
                 info!(sessions = n, "closed sessions left open by a previous run");
             }
         } else {
-            let (closed, recovered) = store.recover_open(reason, unix_now())?;
+            let (closed, recovered) = store.recover_open(&node, reason, unix_now())?;
             let deadline = Instant::now() + cfg.resume_window;
             for r in &recovered {
                 let who = live::Admission {
@@ -253,6 +287,7 @@ impl ControlPlane {
             shared: Arc::new(Shared {
                 cfg,
                 store,
+                fleet,
                 signer,
                 data,
                 agents: agents::Hub::default(),
@@ -301,12 +336,35 @@ impl ControlPlane {
             let mut reconcile = tokio::time::interval(sweep.cfg.reconcile_interval);
             let mut prune = tokio::time::interval(prune_interval(sweep.cfg.session_retention));
             let mut seen = Reconciled { since: unix_now(), generations: HashMap::new() };
+            // A fleet node: its heartbeat and mail on the reconcile tick, and woken at once by
+            // the store's notifications (hints: the tick finds everything anyway).
+            let mut wakes = if sweep.fleet {
+                match sweep.store.listen(&sweep.cfg.node.id) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        warn!(err = %format!("{e:#}"), "listening to the store failed; polling");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             loop {
                 tokio::select! {
                     _ = sweep.shutdown.cancelled() => break,
                     _ = tick.tick() => sweep.sweep().await,
-                    _ = reconcile.tick() => sweep.reconcile(&mut seen).await,
+                    _ = reconcile.tick() => {
+                        if sweep.fleet {
+                            sweep.fleet_tick().await;
+                            sweep.read_mail().await;
+                        }
+                        sweep.reconcile(&mut seen).await
+                    }
                     _ = prune.tick() => sweep.prune().await,
+                    w = next_wake(&mut wakes) => match w {
+                        store::Wake::Mail => sweep.read_mail().await,
+                        store::Wake::Reconcile => sweep.reconcile(&mut seen).await,
+                    },
                 }
             }
         });
@@ -363,9 +421,14 @@ impl ControlPlane {
             s.metrics.session_closed(CloseReason::RelayShutdown.as_str());
         }
         let store = s.store.clone();
+        let node = s.cfg.node.id.clone();
         let res = tokio::task::spawn_blocking(move || {
             let reason = CloseReason::RelayShutdown;
-            if keep { store.close_pending(reason, now) } else { store.close_all_open(reason, now) }
+            if keep {
+                store.close_pending(&node, reason, now)
+            } else {
+                store.close_all_open(&node, reason, now)
+            }
         })
         .await;
         match res {
@@ -379,6 +442,17 @@ impl ControlPlane {
     pub fn agent_online(&self, instance: &str) -> bool {
         self.shared.agents.is_online(instance)
     }
+}
+
+/// The next wake from the store's listener; never, when there is none (or it stopped).
+async fn next_wake(wakes: &mut Option<mpsc::Receiver<store::Wake>>) -> store::Wake {
+    if let Some(rx) = wakes {
+        if let Some(w) = rx.recv().await {
+            return w;
+        }
+        *wakes = None;
+    }
+    std::future::pending().await
 }
 
 impl Shared {

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::access::ResumeRefused;
 use super::auth::Caller;
+use super::fleet::{Mail, Placement};
 use super::live::LimitHit;
 use super::store::{self, Instance, SessionRecord, SessionState, StateFilter};
 use super::{
@@ -89,6 +90,9 @@ pub struct Grant {
     pub token: String,
     /// The token's expiry (seconds since the epoch).
     pub expires_at: i64,
+    /// The data-plane base of the fleet node holding the session; `None`: this node's, as the
+    /// caller reached it.
+    pub stream_base: Option<String>,
 }
 
 /// Largest exec command: arguments and total bytes.
@@ -223,8 +227,9 @@ impl Shared {
         // absent for a session that will run, so a Deny on it cannot be stepped around by
         // naming no user. (An offline agent has no default user here; such a request is
         // refused below either way.)
-        let agent = self.agents.run_as(&inst.id);
-        let run_as = req.run_as.clone().or_else(|| agent.as_ref().map(|a| a.default_user.clone()));
+        let placed = self.agent_placement(&inst.id).await?;
+        let agent = placed.as_ref().map(|(a, _)| a);
+        let run_as = req.run_as.clone().or_else(|| agent.map(|a| a.default_user.clone()));
         let mut ctx = caller.context(&inst);
         ctx.run_as = run_as.clone();
         ctx.mode = Some(req.mode.as_str().to_owned());
@@ -251,7 +256,7 @@ impl Shared {
                 policy::instance_hrn(&inst.region, &inst.account_id, &inst.id)
             )));
         }
-        let Some(run_as) = run_as.filter(|_| agent.is_some()) else {
+        let (Some(run_as), Some((_, placement))) = (run_as, placed) else {
             let message = match inst.last_seen {
                 Some(t) => format!(
                     "the agent of {} is not connected; last seen {} ({} s ago)",
@@ -271,9 +276,17 @@ impl Shared {
             instance: &inst.id,
             principal: caller.principal(),
         };
-        self.live
-            .admit(&sid, who, self.cfg.limits, deadline)
-            .map_err(|hit| limit_hit(hit, &inst))?;
+        // One relay counts open sessions in its live table; a fleet in the store, when the
+        // record is inserted (below).
+        if !self.fleet {
+            self.live
+                .admit(&sid, who, self.cfg.limits, deadline)
+                .map_err(|hit| limit_hit(hit, &inst))?;
+        }
+        let (node_id, run) = match &placement {
+            Placement::Here => (self.cfg.node.id.clone(), self.signer.run().to_owned()),
+            Placement::There(n) => (n.id.clone(), n.run.clone()),
+        };
 
         let now = unix_now();
         let issued = (|| {
@@ -281,8 +294,9 @@ impl Shared {
             // A port session's idle timeout counts both directions (a download is not idle).
             let (iid, acct) = (&inst.id, &inst.account_id);
             let terms = LegTerms::of(port, caller.account.prefs);
-            let c = self.signer.issue_with(&sid, Role::Client, iid, acct, now, terms)?;
-            let a = self.signer.issue_with(&sid, Role::Agent, iid, acct, now, terms)?;
+            let s = &self.signer;
+            let c = s.issue_in_run(&run, &sid, Role::Client, iid, acct, now, terms)?;
+            let a = s.issue_in_run(&run, &sid, Role::Agent, iid, acct, now, terms)?;
             anyhow::Ok((c, a))
         })();
         let ((client_token, claims), (agent_token, _)) = match issued {
@@ -313,8 +327,19 @@ impl Shared {
             detached_at: None,
             remote_host: remote_host.clone(),
             remote_port: req.remote_port.filter(|_| port),
+            node_id: Some(node_id),
         };
-        if let Err(e) = self.blocking(move |s| s.insert_session(&rec)).await {
+        if self.fleet {
+            let limits = self.cfg.limits.open();
+            match self.blocking(move |s| s.admit_session(&rec, limits)).await? {
+                Ok(()) => {}
+                Err(hit) => return Err(limit_hit(hit, &inst)),
+            }
+            if let Placement::Here = placement {
+                // Counted in the store just now.
+                let _ = self.live.admit(&sid, who, live::Limits::NONE, deadline);
+            }
+        } else if let Err(e) = self.blocking(move |s| s.insert_session(&rec)).await {
             self.live.remove(&sid);
             return Err(SessionError::Internal(e));
         }
@@ -322,7 +347,12 @@ impl Shared {
         let agent_base = self.agents.data_base(&inst.id).unwrap_or_else(|| base.to_owned());
         let open = ToAgent::SessionOpen {
             session_id: sid.clone(),
-            stream_url: format!("{agent_base}/v1/stream/{sid}?role=agent"),
+            // For a session placed on another node, that node fills it in (it knows the host
+            // the agent reached it by).
+            stream_url: match placement {
+                Placement::Here => format!("{agent_base}/v1/stream/{sid}?role=agent"),
+                Placement::There(_) => String::new(),
+            },
             token: agent_token,
             mode: req.mode,
             command: req.command.clone(),
@@ -332,6 +362,27 @@ impl Shared {
             remote_host,
             remote_port: req.remote_port,
         };
+        if let Placement::There(node) = &placement {
+            let mail = Mail::Open {
+                session_id: sid.clone(),
+                instance_id: inst.id.clone(),
+                account_id: inst.account_id.clone(),
+                principal: caller.principal().to_owned(),
+                open: Box::new(open),
+            };
+            if let Err(e) = self.post(&node.id, &mail).await {
+                self.close(&sid, CloseReason::Error, 0, 0).await;
+                return Err(SessionError::Internal(e));
+            }
+            info!(session = %sid, instance = %inst.id, user = caller.principal(), node = %node.id,
+                "session started on another node");
+            return Ok(Grant {
+                session_id: sid,
+                token: client_token,
+                expires_at: claims.exp as i64,
+                stream_base: Some(node.data_url.clone()),
+            });
+        }
         if let Err(e) = self.agents.send(&inst.id, open) {
             self.close(&sid, CloseReason::Error, 0, 0).await;
             let message = match e {
@@ -345,7 +396,12 @@ impl Shared {
             return Err(SessionError::NotConnected { message, last_seen: None });
         }
         info!(session = %sid, instance = %inst.id, user = caller.principal(), "session started");
-        Ok(Grant { session_id: sid, token: client_token, expires_at: claims.exp as i64 })
+        Ok(Grant {
+            session_id: sid,
+            token: client_token,
+            expires_at: claims.exp as i64,
+            stream_base: None,
+        })
     }
 
     /// A resume token for a new client leg of the caller's own session, after
@@ -391,8 +447,14 @@ impl Shared {
                 ResumeRefused::Attached => SessionError::Attached(id.to_owned()),
             });
         }
+        let Some(route) = self.route(&rec).await? else {
+            return Err(SessionError::Ended(format!(
+                "the relay node holding session {id} is gone; start a new session"
+            )));
+        };
         let now = u64::try_from(unix_now()).unwrap_or(0);
-        let (token, claims) = self.signer.issue_with(
+        let (token, claims) = self.signer.issue_in_run(
+            &route.run,
             &rec.id,
             Role::Client,
             &rec.instance_id,
@@ -403,7 +465,12 @@ impl Shared {
         self.metrics.resume_token(true);
         info!(session = %rec.id, instance = %rec.instance_id, user = caller.principal(),
             state = %rec.state, force, "session resume token issued");
-        Ok(Grant { session_id: rec.id, token, expires_at: claims.exp as i64 })
+        Ok(Grant {
+            session_id: rec.id,
+            token,
+            expires_at: claims.exp as i64,
+            stream_base: route.data_base,
+        })
     }
 
     /// The caller's account's session `id` and its instance (`None` when the instance is
@@ -843,13 +910,73 @@ impl Shared {
     /// An instance that can no longer be reached as itself (deregistered, or its secret
     /// revoked): its live sessions end (4006, the agent told `why`) and its control channel is
     /// closed (1008, `why`), so that a copy of the old secret keeps nothing open.
-    pub(crate) async fn instance_gone(&self, instance: &str, why: &'static str) {
+    ///
+    /// In a fleet the instance's sessions on other nodes are closed in the store (their nodes'
+    /// reconcile ends them), and the node holding its control channel is told to close it.
+    pub(crate) async fn instance_gone(&self, account: &str, instance: &str, why: &'static str) {
         for id in self.live.of_instance(instance) {
             self.end_session(&id, instance, CLOSE_TERMINATED, CloseReason::Terminated, why).await;
         }
         if self.agents.disconnect(instance, hatch_proto::close::POLICY_VIOLATION, why) {
             info!(instance = %instance, why, "control channel closed");
         }
+        if !self.fleet {
+            return;
+        }
+        let (acct, inst) = (account.to_owned(), instance.to_owned());
+        let res = self
+            .blocking(move |s| {
+                let now = unix_now();
+                let mut closed = 0;
+                let mut before: Option<String> = None;
+                loop {
+                    let page =
+                        s.sessions(Some(&acct), StateFilter::Active, 500, before.as_deref())?;
+                    for r in page.iter().filter(|r| r.instance_id == inst) {
+                        if s.close_session(&r.id, CloseReason::Terminated, 0, 0, now)? {
+                            closed += 1;
+                        }
+                    }
+                    match page.last() {
+                        Some(last) if page.len() == 500 => before = Some(last.id.clone()),
+                        _ => break,
+                    }
+                }
+                Ok((closed, s.agent_channel(&inst)?))
+            })
+            .await;
+        match res {
+            Ok((closed, ch)) => {
+                if closed > 0 {
+                    info!(instance = %instance, sessions = closed, why,
+                        "closed the instance's sessions on other nodes");
+                }
+                if let Some(ch) = ch.filter(|c| c.node_id != self.cfg.node.id) {
+                    let mail = Mail::Kick { instance_id: instance.to_owned(), why: why.to_owned() };
+                    if let Err(e) = self.post(&ch.node_id, &mail).await {
+                        warn!(instance = %instance, node = %ch.node_id, err = %format!("{e:#}"),
+                            "asking another node to close the instance's control channel failed");
+                    }
+                }
+            }
+            Err(e) => warn!(instance = %instance, err = %format!("{e:#}"),
+                "closing the instance's sessions on other nodes failed"),
+        }
+    }
+
+    /// Instances whose agent is connected to another heartbeating node of the fleet (empty for
+    /// one relay).
+    pub(crate) async fn online_elsewhere(
+        &self,
+    ) -> anyhow::Result<std::collections::HashSet<String>> {
+        if !self.fleet {
+            return Ok(Default::default());
+        }
+        let since = unix_now()
+            .saturating_sub(i64::try_from(self.cfg.node_timeout.as_secs()).unwrap_or(i64::MAX));
+        let me = self.cfg.node.id.clone();
+        let rows = self.blocking(move |s| s.online_instances(since)).await?;
+        Ok(rows.into_iter().filter(|(_, n)| *n != me).map(|(i, _)| i).collect())
     }
 
     /// Ends an open session now: data plane legs closed with `code`, store record closed as
@@ -947,10 +1074,28 @@ impl Shared {
         rec: &store::SessionRecord,
         prefs: store::SessionPrefs,
     ) -> Option<ToAgent> {
-        // The agent's own host for the data plane, as for session.open: never a client's.
-        let base = self.agents.data_base(instance)?;
+        // The agent's own host for the data plane, as for session.open: never a client's; or
+        // the data plane of the fleet node holding the session.
+        let route = match self.route(rec).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Some(ToAgent::SessionClose {
+                    session_id: rec.id.clone(),
+                    reason: "the relay node holding the session is gone".into(),
+                });
+            }
+            Err(e) => {
+                warn!(session = %rec.id, err = %format!("{e:#}"), "finding a session's node failed");
+                return None;
+            }
+        };
+        let base = match route.data_base {
+            Some(b) => b,
+            None => self.agents.data_base(instance)?,
+        };
         let now = u64::try_from(unix_now()).unwrap_or(0);
-        let issued = self.signer.issue_with(
+        let issued = self.signer.issue_in_run(
+            &route.run,
             &rec.id,
             hatch_proto::token::Role::Agent,
             &rec.instance_id,

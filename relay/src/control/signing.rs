@@ -64,6 +64,59 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(TokenSigner, TokenVeri
     Ok((signer, verifier))
 }
 
+/// The signing keys of a fleet, kept in its shared store so that every node verifies the
+/// tokens any node issues: the newest signs, all verify. The first node of a fleet puts its
+/// own newest key (created if it has none) there; of several first nodes starting at once, one
+/// key goes in. This node's verifier accepts only tokens of its own run, as for one relay.
+pub fn load_shared(
+    store: &dyn crate::control::store::Store,
+    data_dir: &Path,
+) -> anyhow::Result<(TokenSigner, TokenVerifier)> {
+    let mut keys = store.signing_keys().context("reading the fleet's signing keys")?;
+    if keys.is_empty() {
+        let dir = data_dir.join("keys");
+        crate::certs::private_dir(&dir)?;
+        let kid = match list(&dir)?.pop() {
+            Some(k) => k,
+            None => create_key(data_dir)?,
+        };
+        let path = dir.join(format!("{kid}{SUFFIX}"));
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        store.add_signing_key(&kid, &bytes, super::unix_now(), true)?;
+        keys = store.signing_keys()?;
+    }
+    let mut verifier = TokenVerifier::default();
+    let mut signer = None;
+    for (kid, pkcs8) in &keys {
+        let s = TokenSigner::from_pkcs8(kid, pkcs8)
+            .with_context(|| format!("signing key {kid} in the store"))?;
+        verifier.add_key(kid, s.public_key());
+        signer = Some(s);
+    }
+    let signer = signer.context("the store holds no signing key")?;
+    verifier.only_run(signer.run());
+    Ok((signer, verifier))
+}
+
+/// `admin keys rotate` for a fleet: a new key in the store (nodes sign with it once restarted).
+pub fn rotate_shared(store: &dyn crate::control::store::Store) -> anyhow::Result<String> {
+    let mut secs = super::unix_now();
+    let existing: Vec<String> = store.signing_keys()?.into_iter().map(|(k, _)| k).collect();
+    let kid = loop {
+        let kid = format!("k{secs:012}");
+        if !existing.contains(&kid) {
+            break kid;
+        }
+        secs += 1;
+    };
+    let (_, pkcs8) = TokenSigner::generate(&kid)?;
+    anyhow::ensure!(
+        store.add_signing_key(&kid, &pkcs8, super::unix_now(), false)?,
+        "signing key {kid} exists already; try again"
+    );
+    Ok(kid)
+}
+
 fn list(keys: &Path) -> anyhow::Result<Vec<String>> {
     let mut kids = Vec::new();
     let rd = match std::fs::read_dir(keys) {

@@ -216,6 +216,87 @@ pub struct SessionRecord {
     /// A port session's destination port (`hatch:RemotePort`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_port: Option<u16>,
+    /// The relay node whose data plane holds the session (the node of the agent's control
+    /// channel when it started); `None` for records from before fleets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+}
+
+/// A relay node of a fleet, as it registered itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// `n-` + 16 hex (kept in the data directory, or `--node-id`).
+    pub id: String,
+    /// The node's public API URL (`https://host:port`).
+    pub api_url: String,
+    /// The node's public data-plane URL (`wss://host:port`): clients of its sessions dial it.
+    pub data_url: String,
+    /// The node's current run: tokens for its data plane carry it (`run`).
+    pub run: String,
+    /// When this run registered (seconds since the epoch).
+    pub started_at: i64,
+    /// The node's last heartbeat (seconds since the epoch).
+    pub heartbeat_at: i64,
+}
+
+/// Which node holds an instance's agent control channel, and whom the agent runs sessions as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentChannel {
+    /// The node.
+    pub node_id: String,
+    /// The agent's default user, from its hello.
+    pub default_user: String,
+    /// Whether it can run sessions as other users.
+    pub switch_user: bool,
+}
+
+/// Open-session limits a new session is admitted under, counted in the store across a fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenLimits {
+    /// Per instance.
+    pub per_instance: usize,
+    /// Per account.
+    pub per_account: usize,
+    /// Per principal of an account.
+    pub per_user: usize,
+}
+
+/// The limit a new session would exceed, with that limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    /// The instance's.
+    Instance(usize),
+    /// The account's.
+    Account(usize),
+    /// The principal's.
+    User(usize),
+}
+
+impl OpenLimits {
+    /// The first limit that counts of open sessions (instance, account, principal) reach.
+    pub fn check(self, instance: usize, account: usize, user: usize) -> Result<(), OverLimit> {
+        if instance >= self.per_instance {
+            return Err(OverLimit::Instance(self.per_instance));
+        }
+        if account >= self.per_account {
+            return Err(OverLimit::Account(self.per_account));
+        }
+        if user >= self.per_user {
+            return Err(OverLimit::User(self.per_user));
+        }
+        Ok(())
+    }
+}
+
+/// What woke a node: something in the store it should look at now rather than on its next
+/// poll. Only a hint: every change is in the store, and the poll finds it anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Mail for this node ([`Store::take_mail`]).
+    Mail,
+    /// A change that may end live sessions elsewhere (a session terminated, an account
+    /// switched off, an IAM change): reconcile now.
+    Reconcile,
 }
 
 /// A session's state in the store (DESIGN.md "Session states").
@@ -466,17 +547,19 @@ pub trait Store: Send + Sync + 'static {
     fn mark_detached(&self, id: &str, at: i64) -> anyhow::Result<bool>;
     /// `detached` → `connected`; false when it was not detached.
     fn mark_resumed(&self, id: &str) -> anyhow::Result<bool>;
-    /// Relay start with a resume window: in one transaction, closes the `pending` sessions as
-    /// `reason` (never paired: nothing to resume) and makes every `connected` or `detached`
+    /// Relay start with a resume window: in one transaction, closes `node`'s `pending` sessions
+    /// as `reason` (never paired: nothing to resume) and makes every `connected` or `detached`
     /// one `detached` at `at`; returns how many were closed, and the detached records.
     fn recover_open(
         &self,
+        node: &str,
         reason: CloseReason,
         at: i64,
     ) -> anyhow::Result<(usize, Vec<SessionRecord>)>;
-    /// Closes the `pending` sessions only (relay shutdown with a resume window); returns how
-    /// many.
-    fn close_pending(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize>;
+    /// Closes `node`'s `pending` sessions only (relay shutdown with a resume window); returns
+    /// how many. "`node`'s", here and in the two others: held by that node, or by none (a
+    /// record from before fleets).
+    fn close_pending(&self, node: &str, reason: CloseReason, at: i64) -> anyhow::Result<usize>;
     /// Closes a session unless already closed; false when it was (then only larger byte
     /// counts are recorded).
     fn close_session(
@@ -491,14 +574,82 @@ pub trait Store: Send + Sync + 'static {
     /// client)`), in one transaction; counts only grow, so a smaller (older) count is ignored,
     /// and a closed record is left alone (its final counts come with its end).
     fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()>;
-    /// Closes every open session (relay start after a crash, relay shutdown); returns how many.
+    /// Closes every open session of `node` (relay start after a crash, relay shutdown);
+    /// returns how many.
     /// Byte counts stay as last recorded.
-    fn close_all_open(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize>;
+    fn close_all_open(&self, node: &str, reason: CloseReason, at: i64) -> anyhow::Result<usize>;
     /// `(session id, instance id)` of sessions closed at or after `at`.
     fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>>;
     /// Deletes at most `limit` closed sessions closed before `before`, oldest first; returns
     /// how many. Open sessions are never deleted.
     fn prune_closed(&self, before: i64, limit: u32) -> anyhow::Result<usize>;
+    /// Whether other relay processes may share this store (a fleet): then open-session limits
+    /// are counted in it ([`Store::admit_session`]) and nodes reach each other through it.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Stores a new session (`pending`) unless one of `limits` is reached, counting the open
+    /// sessions of its instance, account and principal in the same transaction, so that nodes
+    /// admitting at once cannot pass a limit together.
+    fn admit_session(
+        &self,
+        s: &SessionRecord,
+        limits: OpenLimits,
+    ) -> anyhow::Result<Result<(), OverLimit>>;
+    /// Registers (or re-registers) a node with its current run; its heartbeat is `now`.
+    fn register_node(&self, node: &Node) -> anyhow::Result<()>;
+    /// A node's heartbeat; false when the node is not registered with that run (another node
+    /// expired it, or a newer run of it registered): it must register again.
+    fn heartbeat_node(&self, id: &str, run: &str, now: i64) -> anyhow::Result<bool>;
+    /// The registered nodes.
+    fn nodes(&self) -> anyhow::Result<Vec<Node>>;
+    /// Removes the nodes whose last heartbeat is before `before`, in one transaction each: its
+    /// open sessions are closed as `reason` at `now` and its agents' channel records dropped.
+    /// Of several nodes doing this at once, each dead node is expired by one. Returns the
+    /// expired nodes with how many sessions each had open.
+    fn expire_nodes(
+        &self,
+        before: i64,
+        reason: CloseReason,
+        now: i64,
+    ) -> anyhow::Result<Vec<(String, usize)>>;
+    /// Records that `node` holds `instance`'s control channel now.
+    fn set_agent_channel(&self, instance: &str, ch: &AgentChannel) -> anyhow::Result<()>;
+    /// Forgets `instance`'s control channel if `node` still holds it; false when not.
+    fn clear_agent_channel(&self, instance: &str, node: &str) -> anyhow::Result<bool>;
+    /// Forgets every control channel `node` held (its start after a crash); returns how many.
+    fn clear_agent_channels(&self, node: &str) -> anyhow::Result<usize>;
+    /// `(instance, node)` of every control channel held by a node that heartbeat at or after
+    /// `since`.
+    fn online_instances(&self, since: i64) -> anyhow::Result<Vec<(String, String)>>;
+    /// The node holding `instance`'s control channel, if any does.
+    fn agent_channel(&self, instance: &str) -> anyhow::Result<Option<AgentChannel>>;
+    /// Leaves a message for `node` (and wakes it where the engine can).
+    fn send_mail(&self, node: &str, body: &str, now: i64) -> anyhow::Result<()>;
+    /// Takes (and deletes) `node`'s messages, oldest first, at most `limit`.
+    fn take_mail(&self, node: &str, limit: u32) -> anyhow::Result<Vec<String>>;
+    /// Starts listening for [`Wake`]s addressed to `node` (or to every node), where the
+    /// engine can deliver them (PostgreSQL's `LISTEN/NOTIFY`); `None` where it cannot (SQLite:
+    /// one relay, nothing to hear). Wakes are coalesced: the channel holds at most one of
+    /// each. A lost connection is reopened, and both wakes are sent then (what came in between
+    /// was missed). The listener stops when the receiver is dropped.
+    fn listen(&self, node: &str) -> anyhow::Result<Option<tokio::sync::mpsc::Receiver<Wake>>> {
+        let _ = node;
+        Ok(None)
+    }
+    /// The token signing keys kept in the store (kid, PKCS#8), oldest first: a fleet's nodes
+    /// share them. Empty for a store that keeps none (SQLite: the data directory has them).
+    fn signing_keys(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>>;
+    /// Adds a signing key unless one with its kid exists, or (`only_if_none`) unless the store
+    /// holds any key (the first node of a fleet; one of several starting at once wins); false
+    /// when nothing was added.
+    fn add_signing_key(
+        &self,
+        kid: &str,
+        pkcs8: &[u8],
+        now: i64,
+        only_if_none: bool,
+    ) -> anyhow::Result<bool>;
     /// Applies an agent's counts of a session whose end a relay lost: only to a session of
     /// `instance_id` closed as `reason` (`relay_shutdown`), and only raising counts. False when
     /// no such session exists (then nothing changed).

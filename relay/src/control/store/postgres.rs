@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
 use postgres::types::ToSql;
-use postgres::{Client, NoTls, Row, Transaction};
+use postgres::{Client, GenericClient, NoTls, Row, Transaction};
 
 use super::{
-    AccessKey, Account, Activation, CloseReason, Instance, KeyOwner, Mode, PolicyDeleted,
-    PolicyRecord, RegisterError, SessionPrefs, SessionRecord, SessionState, StateFilter, Store,
-    Tags, User,
+    AccessKey, Account, Activation, AgentChannel, CloseReason, Instance, KeyOwner, Mode, Node,
+    OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError, SessionPrefs, SessionRecord,
+    SessionState, StateFilter, Store, Tags, User, Wake,
 };
 
 /// Connections per store: the API's blocking pool runs store calls in parallel; more than a
@@ -32,8 +32,10 @@ const CONNECTIONS: usize = 8;
 const MIGRATION_LOCK: i64 = 0x0068_6174_6368;
 
 /// Schema migrations, applied in order; `hatch_schema.version` counts those applied. The
-/// first is the SQLite store's schema as of its migration 8, in PostgreSQL's types.
-const MIGRATIONS: &[&str] = &[r#"
+/// first is the SQLite store's schema as of its migration 8, in PostgreSQL's types; the second
+/// its migration 9 (fleets), with the triggers that wake other nodes.
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -126,7 +128,62 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_account_seq ON sessions (account_id, seq);
 CREATE INDEX sessions_open ON sessions (state) WHERE state <> 'closed';
 CREATE INDEX sessions_closed_at ON sessions (closed_at) WHERE closed_at IS NOT NULL;
-"#];
+"#,
+    // Fleets: the node holding each session, the nodes, which node holds each agent's control
+    // channel, mail between nodes, the signing keys they share, and the notifications that wake
+    // them (a hint only: every change is in the tables, and each node polls them anyway).
+    r#"
+ALTER TABLE sessions ADD COLUMN node_id TEXT;
+CREATE INDEX sessions_open_account ON sessions (account_id, instance_id) WHERE state <> 'closed';
+CREATE INDEX sessions_open_node ON sessions (node_id) WHERE state <> 'closed';
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    api_url TEXT NOT NULL,
+    data_url TEXT NOT NULL,
+    run TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL
+);
+CREATE TABLE agent_channels (
+    instance_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    default_user TEXT NOT NULL,
+    switch_user BOOLEAN NOT NULL
+);
+CREATE TABLE node_mail (
+    id BIGSERIAL PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX node_mail_node ON node_mail (node_id, id);
+CREATE TABLE signing_keys (
+    kid TEXT PRIMARY KEY,
+    pkcs8 BYTEA NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE FUNCTION hatch_wake_mail() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('hatch_mail', NEW.node_id);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER node_mail_wake AFTER INSERT ON node_mail
+    FOR EACH ROW EXECUTE FUNCTION hatch_wake_mail();
+CREATE FUNCTION hatch_wake_reconcile() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('hatch_reconcile', '');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER sessions_ended_elsewhere AFTER UPDATE OF state ON sessions
+    FOR EACH ROW WHEN (NEW.state = 'closed' AND OLD.state <> 'closed'
+        AND NEW.close_reason IN ('terminated', 'access_revoked'))
+    EXECUTE FUNCTION hatch_wake_reconcile();
+CREATE TRIGGER accounts_changed AFTER UPDATE ON accounts
+    FOR EACH ROW WHEN (OLD.session_manager_enabled IS DISTINCT FROM NEW.session_manager_enabled
+        OR OLD.iam_generation IS DISTINCT FROM NEW.iam_generation)
+    EXECUTE FUNCTION hatch_wake_reconcile();
+"#,
+];
 
 /// The PostgreSQL store.
 pub struct PgStore {
@@ -252,6 +309,122 @@ impl PgStore {
     }
 }
 
+/// Inserts a session record on `c` (a connection, or the caller's transaction).
+fn insert_session(c: &mut impl GenericClient, s: &SessionRecord) -> anyhow::Result<()> {
+    let command = s.command.as_ref().map(serde_json::to_string).transpose()?;
+    let port = s.remote_port.map(i32::from);
+    c.execute(
+        &format!(
+            "INSERT INTO sessions ({SESSION_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+             $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+        ),
+        &[
+            &s.id,
+            &s.account_id,
+            &s.principal,
+            &s.access_key_id,
+            &s.source_ip,
+            &s.instance_id,
+            &s.mode.as_str(),
+            &command,
+            &s.run_as,
+            &s.state.as_str(),
+            &s.created_at,
+            &s.expires_at,
+            &s.connected_at,
+            &s.closed_at,
+            &s.close_reason.map(CloseReason::as_str),
+            &to_i64(s.bytes_client_to_agent),
+            &to_i64(s.bytes_agent_to_client),
+            &s.detached_at,
+            &s.remote_host,
+            &port,
+            &s.node_id,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Key of the advisory locks that serialize session admissions per account (with the
+/// account's hash as the second key): "admit" in ASCII.
+const ADMIT_LOCK: i32 = 0x6164_6d69;
+
+/// How long the listener waits for a notification before it checks that its receiver is still
+/// there (the relay did not shut down).
+const LISTEN_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The listener thread of [`Store::listen`]: its own connection, `LISTEN` on both channels,
+/// each notification turned into a [`Wake`] (coalesced by `try_send` on a channel of two).
+/// Reconnects after a second when the server goes away, waking both kinds then. Returns when
+/// the receiver is dropped.
+fn listen_loop(url: &str, node: &str, tx: &tokio::sync::mpsc::Sender<Wake>) {
+    use tokio::sync::mpsc::error::TrySendError;
+    let send = |w: Wake| !matches!(tx.try_send(w), Err(TrySendError::Closed(_)));
+    let mut first = true;
+    loop {
+        let conn = (|| {
+            let mut cfg: postgres::Config = url.parse().context("not a PostgreSQL URL")?;
+            cfg.connect_timeout(std::time::Duration::from_secs(10));
+            cfg.application_name("hatch-relay listen");
+            let mut c = cfg.connect(NoTls).context("connecting")?;
+            c.batch_execute("LISTEN hatch_mail; LISTEN hatch_reconcile")?;
+            anyhow::Ok(c)
+        })();
+        let mut c = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(err = %format!("{e:#}"), "PostgreSQL listener cannot connect; \
+                    retrying in 1 s (nodes poll the store meanwhile)");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                if tx.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        // Anything sent while no connection listened was missed: look at both now.
+        if !first {
+            let delivered = send(Wake::Mail) && send(Wake::Reconcile);
+            if !delivered {
+                return;
+            }
+        }
+        first = false;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            let next = {
+                let mut notes = c.notifications();
+                let mut it = notes.timeout_iter(LISTEN_POLL);
+                postgres::fallible_iterator::FallibleIterator::next(&mut it)
+                    .map(|n| n.map(|n| (n.channel().to_owned(), n.payload().to_owned())))
+            };
+            match next {
+                Ok(Some((channel, payload))) => {
+                    let wake = match channel.as_str() {
+                        "hatch_mail" if payload == node => Wake::Mail,
+                        "hatch_mail" => continue,
+                        _ => Wake::Reconcile,
+                    };
+                    if !send(wake) {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    if c.is_closed() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(err = %e, "PostgreSQL listener lost its connection; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -357,7 +530,7 @@ fn instance_row(r: &Row) -> anyhow::Result<Instance> {
 const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip, instance_id, \
      mode, command, run_as, state, created_at, expires_at, connected_at, closed_at, \
      close_reason, bytes_client_to_agent, bytes_agent_to_client, detached_at, remote_host, \
-     remote_port";
+     remote_port, node_id";
 
 /// A name column read into its enum; a name this version does not know is an error naming the
 /// column and the value, never a silent default.
@@ -397,6 +570,7 @@ fn session_row(r: &Row) -> anyhow::Result<SessionRecord> {
         detached_at: r.try_get(17)?,
         remote_host: r.try_get(18)?,
         remote_port: r.try_get::<_, Option<i32>>(19)?.and_then(|p| u16::try_from(p).ok()),
+        node_id: r.try_get(20)?,
     })
 }
 
@@ -843,37 +1017,7 @@ impl Store for PgStore {
     }
 
     fn insert_session(&self, s: &SessionRecord) -> anyhow::Result<()> {
-        let command = s.command.as_ref().map(serde_json::to_string).transpose()?;
-        let port = s.remote_port.map(i32::from);
-        self.exec(
-            &format!(
-                "INSERT INTO sessions ({SESSION_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-                 $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
-            ),
-            &[
-                &s.id,
-                &s.account_id,
-                &s.principal,
-                &s.access_key_id,
-                &s.source_ip,
-                &s.instance_id,
-                &s.mode.as_str(),
-                &command,
-                &s.run_as,
-                &s.state.as_str(),
-                &s.created_at,
-                &s.expires_at,
-                &s.connected_at,
-                &s.closed_at,
-                &s.close_reason.map(CloseReason::as_str),
-                &to_i64(s.bytes_client_to_agent),
-                &to_i64(s.bytes_agent_to_client),
-                &s.detached_at,
-                &s.remote_host,
-                &port,
-            ],
-        )?;
-        Ok(())
+        self.with(|c| insert_session(c, s))
     }
 
     fn session(&self, account_id: Option<&str>, id: &str) -> anyhow::Result<Option<SessionRecord>> {
@@ -939,26 +1083,28 @@ impl Store for PgStore {
 
     fn recover_open(
         &self,
+        node: &str,
         reason: CloseReason,
         at: i64,
     ) -> anyhow::Result<(usize, Vec<SessionRecord>)> {
         self.tx(|tx| {
             let closed = tx.execute(
                 "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
-                 WHERE state = 'pending'",
-                &[&reason.as_str(), &at],
+                 WHERE state = 'pending' AND (node_id = $3 OR node_id IS NULL)",
+                &[&reason.as_str(), &at, &node],
             )?;
             tx.execute(
                 "UPDATE sessions SET state = 'detached', detached_at = $1 \
-                 WHERE state IN ('connected', 'detached')",
-                &[&at],
+                 WHERE state IN ('connected', 'detached') AND (node_id = $2 OR node_id IS NULL)",
+                &[&at, &node],
             )?;
             let recs = tx
                 .query(
                     &format!(
-                        "SELECT {SESSION_COLS} FROM sessions WHERE state = 'detached' ORDER BY seq"
+                        "SELECT {SESSION_COLS} FROM sessions WHERE state = 'detached' \
+                         AND (node_id = $1 OR node_id IS NULL) ORDER BY seq"
                     ),
-                    &[],
+                    &[&node],
                 )?
                 .iter()
                 .map(session_row)
@@ -967,11 +1113,11 @@ impl Store for PgStore {
         })
     }
 
-    fn close_pending(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
+    fn close_pending(&self, node: &str, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
         let n = self.exec(
             "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
-             WHERE state = 'pending'",
-            &[&reason.as_str(), &at],
+             WHERE state = 'pending' AND (node_id = $3 OR node_id IS NULL)",
+            &[&reason.as_str(), &at, &node],
         )?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
@@ -1024,13 +1170,217 @@ impl Store for PgStore {
         })
     }
 
-    fn close_all_open(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
+    fn close_all_open(&self, node: &str, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
         let n = self.exec(
             "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
-             WHERE state <> 'closed'",
-            &[&reason.as_str(), &at],
+             WHERE state <> 'closed' AND (node_id = $3 OR node_id IS NULL)",
+            &[&reason.as_str(), &at, &node],
         )?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn admit_session(
+        &self,
+        s: &SessionRecord,
+        limits: OpenLimits,
+    ) -> anyhow::Result<Result<(), OverLimit>> {
+        self.tx(|tx| {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&ADMIT_LOCK, &s.account_id],
+            )?;
+            let r = tx.query_one(
+                "SELECT COUNT(*) FILTER (WHERE instance_id = $2), COUNT(*), \
+                 COUNT(*) FILTER (WHERE principal = $3) FROM sessions \
+                 WHERE account_id = $1 AND state <> 'closed'",
+                &[&s.account_id, &s.instance_id, &s.principal],
+            )?;
+            let n = |i: usize| r.try_get::<_, i64>(i).map(|v| usize::try_from(v).unwrap_or(0));
+            if let Err(hit) = limits.check(n(0)?, n(1)?, n(2)?) {
+                return Ok(Err(hit));
+            }
+            insert_session(tx, s)?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn register_node(&self, n: &Node) -> anyhow::Result<()> {
+        self.exec(
+            "INSERT INTO nodes (id, api_url, data_url, run, started_at, heartbeat_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+             api_url = EXCLUDED.api_url, data_url = EXCLUDED.data_url, run = EXCLUDED.run, \
+             started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at",
+            &[&n.id, &n.api_url, &n.data_url, &n.run, &n.started_at, &n.heartbeat_at],
+        )?;
+        Ok(())
+    }
+
+    fn heartbeat_node(&self, id: &str, run: &str, now: i64) -> anyhow::Result<bool> {
+        let n = self.exec(
+            "UPDATE nodes SET heartbeat_at = GREATEST(heartbeat_at, $3) WHERE id = $1 AND run = $2",
+            &[&id, &run, &now],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn nodes(&self) -> anyhow::Result<Vec<Node>> {
+        self.all(
+            "SELECT id, api_url, data_url, run, started_at, heartbeat_at FROM nodes ORDER BY id",
+            &[],
+            |r| {
+                Ok(Node {
+                    id: r.try_get(0)?,
+                    api_url: r.try_get(1)?,
+                    data_url: r.try_get(2)?,
+                    run: r.try_get(3)?,
+                    started_at: r.try_get(4)?,
+                    heartbeat_at: r.try_get(5)?,
+                })
+            },
+        )
+    }
+
+    fn expire_nodes(
+        &self,
+        before: i64,
+        reason: CloseReason,
+        now: i64,
+    ) -> anyhow::Result<Vec<(String, usize)>> {
+        self.tx(|tx| {
+            // SKIP LOCKED: a node another survivor is expiring right now is its to expire.
+            let dead: Vec<String> = tx
+                .query(
+                    "SELECT id FROM nodes WHERE heartbeat_at < $1 ORDER BY id \
+                     FOR UPDATE SKIP LOCKED",
+                    &[&before],
+                )?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            let mut out = Vec::with_capacity(dead.len());
+            for id in dead {
+                let closed = tx.execute(
+                    "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
+                     WHERE state <> 'closed' AND node_id = $3",
+                    &[&reason.as_str(), &now, &id],
+                )?;
+                tx.execute("DELETE FROM agent_channels WHERE node_id = $1", &[&id])?;
+                tx.execute("DELETE FROM node_mail WHERE node_id = $1", &[&id])?;
+                tx.execute("DELETE FROM nodes WHERE id = $1", &[&id])?;
+                out.push((id, usize::try_from(closed).unwrap_or(usize::MAX)));
+            }
+            Ok(out)
+        })
+    }
+
+    fn set_agent_channel(&self, instance: &str, ch: &AgentChannel) -> anyhow::Result<()> {
+        self.exec(
+            "INSERT INTO agent_channels (instance_id, node_id, default_user, switch_user) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (instance_id) DO UPDATE SET \
+             node_id = EXCLUDED.node_id, default_user = EXCLUDED.default_user, \
+             switch_user = EXCLUDED.switch_user",
+            &[&instance, &ch.node_id, &ch.default_user, &ch.switch_user],
+        )?;
+        Ok(())
+    }
+
+    fn clear_agent_channel(&self, instance: &str, node: &str) -> anyhow::Result<bool> {
+        let n = self.exec(
+            "DELETE FROM agent_channels WHERE instance_id = $1 AND node_id = $2",
+            &[&instance, &node],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn clear_agent_channels(&self, node: &str) -> anyhow::Result<usize> {
+        let n = self.exec("DELETE FROM agent_channels WHERE node_id = $1", &[&node])?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn online_instances(&self, since: i64) -> anyhow::Result<Vec<(String, String)>> {
+        self.all(
+            "SELECT a.instance_id, a.node_id FROM agent_channels a JOIN nodes n \
+             ON n.id = a.node_id WHERE n.heartbeat_at >= $1",
+            &[&since],
+            |r| Ok((r.try_get(0)?, r.try_get(1)?)),
+        )
+    }
+
+    fn agent_channel(&self, instance: &str) -> anyhow::Result<Option<AgentChannel>> {
+        self.one(
+            "SELECT node_id, default_user, switch_user FROM agent_channels WHERE instance_id = $1",
+            &[&instance],
+            |r| {
+                Ok(AgentChannel {
+                    node_id: r.try_get(0)?,
+                    default_user: r.try_get(1)?,
+                    switch_user: r.try_get(2)?,
+                })
+            },
+        )
+    }
+
+    fn send_mail(&self, node: &str, body: &str, now: i64) -> anyhow::Result<()> {
+        // The trigger on node_mail notifies `hatch_mail` with the node's id.
+        self.exec(
+            "INSERT INTO node_mail (node_id, body, created_at) VALUES ($1, $2, $3)",
+            &[&node, &body, &now],
+        )?;
+        Ok(())
+    }
+
+    fn take_mail(&self, node: &str, limit: u32) -> anyhow::Result<Vec<String>> {
+        self.all(
+            "DELETE FROM node_mail WHERE id IN (SELECT id FROM node_mail WHERE node_id = $1 \
+             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, body",
+            &[&node, &i64::from(limit)],
+            |r| Ok((r.try_get::<_, i64>(0)?, r.try_get::<_, String>(1)?)),
+        )
+        .map(|mut rows| {
+            rows.sort_by_key(|(id, _)| *id);
+            rows.into_iter().map(|(_, b)| b).collect()
+        })
+    }
+
+    fn listen(&self, node: &str) -> anyhow::Result<Option<tokio::sync::mpsc::Receiver<Wake>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (url, node) = (self.url.clone(), node.to_owned());
+        std::thread::Builder::new()
+            .name("hatch-pg-listen".into())
+            .spawn(move || listen_loop(&url, &node, &tx))
+            .context("starting the PostgreSQL listener thread")?;
+        Ok(Some(rx))
+    }
+
+    fn signing_keys(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        self.all("SELECT kid, pkcs8 FROM signing_keys ORDER BY kid", &[], |r| {
+            Ok((r.try_get(0)?, r.try_get(1)?))
+        })
+    }
+
+    fn add_signing_key(
+        &self,
+        kid: &str,
+        pkcs8: &[u8],
+        now: i64,
+        only_if_none: bool,
+    ) -> anyhow::Result<bool> {
+        self.tx(|tx| {
+            // Nodes starting at once see the table empty together: the lock makes one of them
+            // insert and the others see its key.
+            tx.batch_execute("LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE")?;
+            let n = tx.execute(
+                "INSERT INTO signing_keys (kid, pkcs8, created_at) SELECT $1, $2, $3 \
+                 WHERE NOT $4 OR NOT EXISTS (SELECT 1 FROM signing_keys) \
+                 ON CONFLICT (kid) DO NOTHING",
+                &[&kid, &pkcs8, &now, &only_if_none],
+            )?;
+            Ok(n == 1)
+        })
     }
 
     fn closed_since(&self, at: i64) -> anyhow::Result<Vec<(String, String)>> {

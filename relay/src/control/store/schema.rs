@@ -119,4 +119,38 @@ ALTER TABLE accounts ADD COLUMN max_duration_s INTEGER;
 ALTER TABLE activations ADD COLUMN revoked_at INTEGER;
 ALTER TABLE instances ADD COLUMN secret_revoked_at INTEGER;
 "#,
+    // Fleets: the node holding each session, the nodes, which node holds each agent's control
+    // channel, mail between nodes, and signing keys shared by them. One SQLite relay uses the
+    // first and the second only; the others exist so that both engines keep one contract.
+    r#"
+ALTER TABLE sessions ADD COLUMN node_id TEXT;
+CREATE INDEX sessions_open_account ON sessions (account_id, instance_id) WHERE state != 'closed';
+CREATE INDEX sessions_open_node ON sessions (node_id) WHERE state != 'closed';
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    api_url TEXT NOT NULL,
+    data_url TEXT NOT NULL,
+    run TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    heartbeat_at INTEGER NOT NULL
+);
+CREATE TABLE agent_channels (
+    instance_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    default_user TEXT NOT NULL,
+    switch_user INTEGER NOT NULL
+);
+CREATE TABLE node_mail (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX node_mail_node ON node_mail (node_id, id);
+CREATE TABLE signing_keys (
+    kid TEXT PRIMARY KEY,
+    pkcs8 BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+"#,
 ];

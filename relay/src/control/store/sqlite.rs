@@ -8,9 +8,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::schema::MIGRATIONS;
 use super::{
-    AccessKey, Account, Activation, CloseReason, Instance, KeyOwner, Mode, PolicyDeleted,
-    PolicyRecord, RegisterError, SessionPrefs, SessionRecord, SessionState, StateFilter, Store,
-    Tags, User,
+    AccessKey, Account, Activation, AgentChannel, CloseReason, Instance, KeyOwner, Mode, Node,
+    OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError, SessionPrefs, SessionRecord,
+    SessionState, StateFilter, Store, Tags, User,
 };
 
 /// Compiled statements kept per connection: every query the API and the session life run, with
@@ -269,7 +269,7 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
 const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip, instance_id, \
      mode, command, run_as, state, created_at, expires_at, connected_at, closed_at, \
      close_reason, bytes_client_to_agent, bytes_agent_to_client, detached_at, remote_host, \
-     remote_port";
+     remote_port, node_id";
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     let command = r.get::<_, Option<String>>(7)?.map(|c| from_json(7, &c)).transpose()?;
@@ -299,6 +299,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         detached_at: r.get(17)?,
         remote_host: r.get(18)?,
         remote_port: r.get::<_, Option<i64>>(19)?.and_then(|p| u16::try_from(p).ok()),
+        node_id: r.get(20)?,
     })
 }
 
@@ -776,37 +777,7 @@ impl Store for SqliteStore {
     }
 
     fn insert_session(&self, s: &SessionRecord) -> anyhow::Result<()> {
-        let command = s.command.as_ref().map(serde_json::to_string).transpose()?;
-        self.cached(
-            &format!(
-                "INSERT INTO sessions ({SESSION_COLS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
-                 ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, \
-                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM sessions))"
-            ),
-            params![
-                s.id,
-                s.account_id,
-                s.principal,
-                s.access_key_id,
-                s.source_ip,
-                s.instance_id,
-                s.mode.as_str(),
-                command,
-                s.run_as,
-                s.state.as_str(),
-                s.created_at,
-                s.expires_at,
-                s.connected_at,
-                s.closed_at,
-                s.close_reason.map(CloseReason::as_str),
-                to_i64(s.bytes_client_to_agent),
-                to_i64(s.bytes_agent_to_client),
-                s.detached_at,
-                s.remote_host,
-                s.remote_port
-            ],
-        )?;
-        Ok(())
+        insert_session(&self.lock(), s)
     }
 
     fn session(&self, account_id: Option<&str>, id: &str) -> anyhow::Result<Option<SessionRecord>> {
@@ -871,36 +842,44 @@ impl Store for SqliteStore {
 
     fn recover_open(
         &self,
+        node: &str,
         reason: CloseReason,
         at: i64,
     ) -> anyhow::Result<(usize, Vec<SessionRecord>)> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let closed = tx.execute(
-            "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
-             WHERE state = 'pending'",
-            params![reason.as_str(), at],
+            &format!(
+                "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
+                 WHERE state = 'pending' AND {OF_NODE_3}"
+            ),
+            params![reason.as_str(), at, node],
         )?;
         tx.execute(
-            "UPDATE sessions SET state = 'detached', detached_at = ?1 \
-             WHERE state IN ('connected', 'detached')",
-            params![at],
+            &format!(
+                "UPDATE sessions SET state = 'detached', detached_at = ?1 \
+                 WHERE state IN ('connected', 'detached') AND {OF_NODE_2}"
+            ),
+            params![at, node],
         )?;
         let recs = {
             let mut st = tx.prepare(&format!(
-                "SELECT {SESSION_COLS} FROM sessions WHERE state = 'detached' ORDER BY seq"
+                "SELECT {SESSION_COLS} FROM sessions WHERE state = 'detached' AND {OF_NODE_1} \
+                 ORDER BY seq"
             ))?;
-            st.query_map([], session_row)?.collect::<Result<Vec<_>, _>>()?
+            st.query_map([node], session_row)?.collect::<Result<Vec<_>, _>>()?
         };
         tx.commit()?;
         Ok((closed, recs))
     }
 
-    fn close_pending(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
+    fn close_pending(&self, node: &str, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
         let n = self.lock().execute(
-            "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
-             WHERE state = 'pending'",
-            params![reason.as_str(), at],
+            &format!(
+                "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
+                 WHERE state = 'pending' AND {OF_NODE_3}"
+            ),
+            params![reason.as_str(), at, node],
         )?;
         Ok(n)
     }
@@ -984,15 +963,241 @@ impl Store for SqliteStore {
         Ok(n == 1)
     }
 
-    fn close_all_open(&self, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
+    fn close_all_open(&self, node: &str, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
         let n = self.lock().execute(
-            "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
-             WHERE state != 'closed'",
-            params![reason.as_str(), at],
+            &format!(
+                "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
+                 WHERE state != 'closed' AND {OF_NODE_3}"
+            ),
+            params![reason.as_str(), at, node],
         )?;
         Ok(n)
     }
+
+    fn admit_session(
+        &self,
+        s: &SessionRecord,
+        limits: OpenLimits,
+    ) -> anyhow::Result<Result<(), OverLimit>> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let counted = tx.query_row(
+            "SELECT COUNT(*) FILTER (WHERE instance_id = ?2), COUNT(*), \
+                 COUNT(*) FILTER (WHERE principal = ?3) FROM sessions \
+                 WHERE account_id = ?1 AND state != 'closed'",
+            params![s.account_id, s.instance_id, s.principal],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+        )?;
+        let n = |v: i64| usize::try_from(v).unwrap_or(usize::MAX);
+        if let Err(hit) = limits.check(n(counted.0), n(counted.1), n(counted.2)) {
+            return Ok(Err(hit));
+        }
+        // Inside the immediate transaction: nobody wrote between the count and the insert.
+        insert_session(&tx, s)?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    fn register_node(&self, n: &Node) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO nodes (id, api_url, data_url, run, started_at, heartbeat_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO UPDATE SET \
+             api_url = excluded.api_url, data_url = excluded.data_url, run = excluded.run, \
+             started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+            params![n.id, n.api_url, n.data_url, n.run, n.started_at, n.heartbeat_at],
+        )?;
+        Ok(())
+    }
+
+    fn heartbeat_node(&self, id: &str, run: &str, now: i64) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE nodes SET heartbeat_at = MAX(heartbeat_at, ?3) WHERE id = ?1 AND run = ?2",
+            params![id, run, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn nodes(&self) -> anyhow::Result<Vec<Node>> {
+        self.all(
+            "SELECT id, api_url, data_url, run, started_at, heartbeat_at FROM nodes ORDER BY id",
+            [],
+            |r| {
+                Ok(Node {
+                    id: r.get(0)?,
+                    api_url: r.get(1)?,
+                    data_url: r.get(2)?,
+                    run: r.get(3)?,
+                    started_at: r.get(4)?,
+                    heartbeat_at: r.get(5)?,
+                })
+            },
+        )
+    }
+
+    fn expire_nodes(
+        &self,
+        before: i64,
+        reason: CloseReason,
+        now: i64,
+    ) -> anyhow::Result<Vec<(String, usize)>> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let dead: Vec<String> = {
+            let mut st = tx.prepare("SELECT id FROM nodes WHERE heartbeat_at < ?1 ORDER BY id")?;
+            st.query_map([before], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(dead.len());
+        for id in dead {
+            let closed = tx.execute(
+                "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
+                 WHERE state != 'closed' AND node_id = ?3",
+                params![reason.as_str(), now, id],
+            )?;
+            tx.execute("DELETE FROM agent_channels WHERE node_id = ?1", [&id])?;
+            tx.execute("DELETE FROM node_mail WHERE node_id = ?1", [&id])?;
+            tx.execute("DELETE FROM nodes WHERE id = ?1", [&id])?;
+            out.push((id, closed));
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn set_agent_channel(&self, instance: &str, ch: &AgentChannel) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO agent_channels (instance_id, node_id, default_user, switch_user) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (instance_id) DO UPDATE SET \
+             node_id = excluded.node_id, default_user = excluded.default_user, \
+             switch_user = excluded.switch_user",
+            params![instance, ch.node_id, ch.default_user, ch.switch_user],
+        )?;
+        Ok(())
+    }
+
+    fn clear_agent_channel(&self, instance: &str, node: &str) -> anyhow::Result<bool> {
+        let n = self.lock().execute(
+            "DELETE FROM agent_channels WHERE instance_id = ?1 AND node_id = ?2",
+            params![instance, node],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn clear_agent_channels(&self, node: &str) -> anyhow::Result<usize> {
+        Ok(self.lock().execute("DELETE FROM agent_channels WHERE node_id = ?1", [node])?)
+    }
+
+    fn online_instances(&self, since: i64) -> anyhow::Result<Vec<(String, String)>> {
+        self.all(
+            "SELECT a.instance_id, a.node_id FROM agent_channels a JOIN nodes n \
+             ON n.id = a.node_id WHERE n.heartbeat_at >= ?1",
+            [since],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    }
+
+    fn agent_channel(&self, instance: &str) -> anyhow::Result<Option<AgentChannel>> {
+        self.one(
+            "SELECT node_id, default_user, switch_user FROM agent_channels WHERE instance_id = ?1",
+            [instance],
+            |r| {
+                Ok(AgentChannel {
+                    node_id: r.get(0)?,
+                    default_user: r.get(1)?,
+                    switch_user: r.get(2)?,
+                })
+            },
+        )
+    }
+
+    fn send_mail(&self, node: &str, body: &str, now: i64) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO node_mail (node_id, body, created_at) VALUES (?1, ?2, ?3)",
+            params![node, body, now],
+        )?;
+        Ok(())
+    }
+
+    fn take_mail(&self, node: &str, limit: u32) -> anyhow::Result<Vec<String>> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let rows: Vec<(i64, String)> = {
+            let mut st = tx.prepare(
+                "SELECT id, body FROM node_mail WHERE node_id = ?1 ORDER BY id LIMIT ?2",
+            )?;
+            st.query_map(params![node, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        if let Some((last, _)) = rows.last() {
+            tx.execute(
+                "DELETE FROM node_mail WHERE node_id = ?1 AND id <= ?2",
+                params![node, last],
+            )?;
+        }
+        tx.commit()?;
+        Ok(rows.into_iter().map(|(_, b)| b).collect())
+    }
+
+    fn signing_keys(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        self.all("SELECT kid, pkcs8 FROM signing_keys ORDER BY kid", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+    }
+
+    fn add_signing_key(
+        &self,
+        kid: &str,
+        pkcs8: &[u8],
+        now: i64,
+        only_if_none: bool,
+    ) -> anyhow::Result<bool> {
+        // One connection: the statement is atomic on its own.
+        let n = self.lock().execute(
+            "INSERT INTO signing_keys (kid, pkcs8, created_at) SELECT ?1, ?2, ?3 \
+             WHERE NOT ?4 OR NOT EXISTS (SELECT 1 FROM signing_keys) \
+             ON CONFLICT (kid) DO NOTHING",
+            params![kid, pkcs8, now, only_if_none],
+        )?;
+        Ok(n == 1)
+    }
 }
+
+/// Inserts a session record on `conn` (inside the caller's transaction, if any).
+fn insert_session(conn: &Connection, s: &SessionRecord) -> anyhow::Result<()> {
+    let command = s.command.as_ref().map(serde_json::to_string).transpose()?;
+    conn.prepare_cached(&format!(
+        "INSERT INTO sessions ({SESSION_COLS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
+             ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, \
+             (SELECT COALESCE(MAX(seq), 0) + 1 FROM sessions))"
+    ))?
+    .execute(params![
+        s.id,
+        s.account_id,
+        s.principal,
+        s.access_key_id,
+        s.source_ip,
+        s.instance_id,
+        s.mode.as_str(),
+        command,
+        s.run_as,
+        s.state.as_str(),
+        s.created_at,
+        s.expires_at,
+        s.connected_at,
+        s.closed_at,
+        s.close_reason.map(CloseReason::as_str),
+        to_i64(s.bytes_client_to_agent),
+        to_i64(s.bytes_agent_to_client),
+        s.detached_at,
+        s.remote_host,
+        s.remote_port,
+        s.node_id
+    ])?;
+    Ok(())
+}
+
+/// "Held by node `?N`, or by none" (a record from before fleets), for the queries above.
+const OF_NODE_1: &str = "(node_id = ?1 OR node_id IS NULL)";
+const OF_NODE_2: &str = "(node_id = ?2 OR node_id IS NULL)";
+const OF_NODE_3: &str = "(node_id = ?3 OR node_id IS NULL)";
 
 #[cfg(test)]
 mod tests {

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use super::{
-    Account, Activation, CloseReason, Mode, PgStore, RegisterError, SessionPrefs, SessionRecord,
-    SessionState, SqliteStore, StateFilter, Store,
+    Account, Activation, AgentChannel, CloseReason, Mode, Node, OpenLimits, OverLimit, PgStore,
+    RegisterError, SessionPrefs, SessionRecord, SessionState, SqliteStore, StateFilter, Store,
 };
 use crate::control::iam::{self, IamError};
 
@@ -49,6 +49,8 @@ on_every_engine!(
     progress_counts_survive_closing_what_a_crash_left_open,
     iam_life_of_users_keys_policies_and_instances,
     last_activation_slot_goes_to_exactly_one_of_many_racing,
+    fleet_limits_nodes_mail_keys_and_expiry,
+    open_limits_hold_against_admissions_racing,
 );
 
 fn account(s: &dyn Store, id: &str) {
@@ -84,6 +86,7 @@ fn pending(id: &str, created_at: i64) -> SessionRecord {
         detached_at: None,
         remote_host: None,
         remote_port: None,
+        node_id: None,
     }
 }
 
@@ -183,7 +186,7 @@ fn session_paging_and_close_once(s: &dyn Store) {
     assert!(s.closed_since(7).unwrap().is_empty());
     assert_eq!(s.sessions(None, StateFilter::Closed, 10, None).unwrap().len(), 1);
     assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 5);
-    assert_eq!(s.close_all_open(CloseReason::RelayShutdown, 9).unwrap(), 5);
+    assert_eq!(s.close_all_open("n-a", CloseReason::RelayShutdown, 9).unwrap(), 5);
 }
 
 fn sessions_detach_resume_and_recover_at_start(s: &dyn Store) {
@@ -206,7 +209,7 @@ fn sessions_detach_resume_and_recover_at_start(s: &dyn Store) {
     assert!(s.mark_detached("s-det", 6).unwrap());
     s.insert_session(&pending("s-done", 4)).unwrap();
     assert!(s.close_session("s-done", CloseReason::Exit, 1, 1, 7).unwrap());
-    let (closed, recs) = s.recover_open(CloseReason::RelayShutdown, 20).unwrap();
+    let (closed, recs) = s.recover_open("n-a", CloseReason::RelayShutdown, 20).unwrap();
     assert_eq!(closed, 1);
     let ids: Vec<(&str, Option<i64>)> =
         recs.iter().map(|r| (r.id.as_str(), r.detached_at)).collect();
@@ -217,7 +220,7 @@ fn sessions_detach_resume_and_recover_at_start(s: &dyn Store) {
     assert_eq!(done.close_reason, Some(CloseReason::Exit));
 
     s.insert_session(&pending("s-pend2", 8)).unwrap();
-    assert_eq!(s.close_pending(CloseReason::RelayShutdown, 21).unwrap(), 1);
+    assert_eq!(s.close_pending("n-a", CloseReason::RelayShutdown, 21).unwrap(), 1);
     assert_eq!(s.session(None, "s-old").unwrap().unwrap().state, SessionState::Detached);
 }
 
@@ -271,7 +274,7 @@ fn progress_counts_survive_closing_what_a_crash_left_open(s: &dyn Store) {
     let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
     assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
     // The next start closes what the killed relay left open, keeping the counts.
-    assert_eq!(s.close_all_open(CloseReason::RelayShutdown, 9).unwrap(), 1);
+    assert_eq!(s.close_all_open("n-a", CloseReason::RelayShutdown, 9).unwrap(), 1);
     let got = s.session(Some("acct-1"), "s-1").unwrap().unwrap();
     assert_eq!(got.close_reason, Some(CloseReason::RelayShutdown));
     assert_eq!((got.bytes_client_to_agent, got.bytes_agent_to_client), (10, 200));
@@ -418,4 +421,126 @@ fn last_activation_slot_goes_to_exactly_one_of_many_racing(s: &dyn Store) {
     );
     assert_eq!(s.activations(Some("acct-1")).unwrap()[0].registrations, 3);
     assert_eq!(s.instances(Some("acct-1")).unwrap().len(), 3);
+}
+
+fn on_node(id: &str, instance: &str, principal: &str, node: &str) -> SessionRecord {
+    SessionRecord {
+        instance_id: instance.into(),
+        principal: principal.into(),
+        node_id: Some(node.into()),
+        ..pending(id, 1)
+    }
+}
+
+fn node(id: &str, run: &str, heartbeat_at: i64) -> Node {
+    Node {
+        id: id.into(),
+        api_url: format!("https://{id}:7444"),
+        data_url: format!("wss://{id}:7443"),
+        run: run.into(),
+        started_at: 1,
+        heartbeat_at,
+    }
+}
+
+/// What a fleet keeps in the store: open-session limits counted at insert, nodes and their
+/// heartbeats, agents' channels, mail, signing keys, and the expiry of a silent node.
+fn fleet_limits_nodes_mail_keys_and_expiry(s: &dyn Store) {
+    account(s, "acct-1");
+    let limits = OpenLimits { per_instance: 2, per_account: 3, per_user: 10 };
+    assert_eq!(s.admit_session(&on_node("s-1", "i-1", "owner", "n-b"), limits).unwrap(), Ok(()));
+    assert_eq!(s.admit_session(&on_node("s-2", "i-1", "owner", "n-b"), limits).unwrap(), Ok(()));
+    let third = s.admit_session(&on_node("s-3", "i-1", "owner", "n-a"), limits).unwrap();
+    assert_eq!(third, Err(OverLimit::Instance(2)));
+    assert!(s.session(None, "s-3").unwrap().is_none(), "a refused session is not stored");
+    assert_eq!(s.admit_session(&on_node("s-4", "i-2", "u-1", "n-a"), limits).unwrap(), Ok(()));
+    let over = s.admit_session(&on_node("s-5", "i-3", "u-1", "n-a"), limits).unwrap();
+    assert_eq!(over, Err(OverLimit::Account(3)));
+    let mine =
+        OpenLimits { per_user: 1, ..OpenLimits { per_instance: 9, per_account: 9, per_user: 9 } };
+    assert_eq!(
+        s.admit_session(&on_node("s-6", "i-3", "u-1", "n-a"), mine).unwrap(),
+        Err(OverLimit::User(1))
+    );
+    // A closed session frees its slot.
+    assert!(s.close_session("s-4", CloseReason::Exit, 0, 0, 5).unwrap());
+    assert_eq!(s.admit_session(&on_node("s-5", "i-3", "u-1", "n-a"), limits).unwrap(), Ok(()));
+    assert_eq!(s.session(None, "s-5").unwrap().unwrap().node_id.as_deref(), Some("n-a"));
+
+    s.register_node(&node("n-a", "run-a", 100)).unwrap();
+    s.register_node(&node("n-b", "run-b", 50)).unwrap();
+    assert!(s.heartbeat_node("n-a", "run-a", 120).unwrap());
+    assert!(!s.heartbeat_node("n-a", "run-old", 130).unwrap(), "another run's heartbeat");
+    assert!(!s.heartbeat_node("n-z", "run-z", 130).unwrap(), "an unregistered node");
+    let ids: Vec<(String, i64)> =
+        s.nodes().unwrap().into_iter().map(|n| (n.id, n.heartbeat_at)).collect();
+    assert_eq!(ids, [("n-a".to_owned(), 120), ("n-b".to_owned(), 50)]);
+
+    let ch = |n: &str| AgentChannel {
+        node_id: n.into(),
+        default_user: "ec2-user".into(),
+        switch_user: true,
+    };
+    s.set_agent_channel("i-1", &ch("n-a")).unwrap();
+    s.set_agent_channel("i-1", &ch("n-b")).unwrap();
+    s.set_agent_channel("i-2", &ch("n-a")).unwrap();
+    assert_eq!(s.agent_channel("i-1").unwrap(), Some(ch("n-b")));
+    assert!(!s.clear_agent_channel("i-1", "n-a").unwrap(), "n-a no longer holds it");
+    let mut online = s.online_instances(100).unwrap();
+    online.sort();
+    assert_eq!(online, [("i-2".to_owned(), "n-a".to_owned())], "n-b is past the cut");
+
+    for i in 0..3 {
+        s.send_mail("n-a", &format!("to a {i}"), 1).unwrap();
+    }
+    s.send_mail("n-b", "to b", 1).unwrap();
+    assert_eq!(s.take_mail("n-a", 2).unwrap(), ["to a 0", "to a 1"]);
+    assert_eq!(s.take_mail("n-a", 2).unwrap(), ["to a 2"]);
+    assert!(s.take_mail("n-a", 2).unwrap().is_empty());
+
+    // n-b is silent past the cut: expired once, its sessions closed, its records gone.
+    assert_eq!(s.expire_nodes(60, CloseReason::NodeLost, 200).unwrap(), [("n-b".to_owned(), 2)]);
+    assert!(s.expire_nodes(60, CloseReason::NodeLost, 201).unwrap().is_empty());
+    let lost = s.session(None, "s-1").unwrap().unwrap();
+    assert_eq!(
+        (lost.state, lost.close_reason, lost.closed_at),
+        (SessionState::Closed, Some(CloseReason::NodeLost), Some(200))
+    );
+    assert!(s.session(None, "s-5").unwrap().unwrap().state.is_open(), "n-a's session stays");
+    assert_eq!(s.agent_channel("i-1").unwrap(), None);
+    assert!(s.take_mail("n-b", 10).unwrap().is_empty());
+    assert_eq!(s.nodes().unwrap().len(), 1);
+    // Another node's start does not close n-a's session.
+    assert_eq!(s.close_all_open("n-c", CloseReason::RelayShutdown, 300).unwrap(), 0);
+    assert_eq!(s.clear_agent_channels("n-a").unwrap(), 1);
+
+    assert!(s.signing_keys().unwrap().is_empty());
+    assert!(s.add_signing_key("k2", b"two", 1, true).unwrap());
+    assert!(!s.add_signing_key("k1", b"one", 1, true).unwrap(), "the store has a key already");
+    assert!(!s.add_signing_key("k2", b"dup", 1, false).unwrap(), "the kid exists");
+    assert!(s.add_signing_key("k3", b"three", 1, false).unwrap());
+    let keys = s.signing_keys().unwrap();
+    assert_eq!(keys, [("k2".to_owned(), b"two".to_vec()), ("k3".to_owned(), b"three".to_vec())]);
+}
+
+/// Admissions racing from many threads (as from many nodes) never pass the account's limit.
+fn open_limits_hold_against_admissions_racing(s: &dyn Store) {
+    account(s, "acct-1");
+    let limits = OpenLimits { per_instance: 100, per_account: 5, per_user: 100 };
+    let admitted = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for t in 0..8 {
+            let admitted = &admitted;
+            scope.spawn(move || {
+                for i in 0..4 {
+                    let rec = on_node(&format!("s-{t}-{i}"), &format!("i-{i}"), "owner", "n-a");
+                    if s.admit_session(&rec, limits).unwrap().is_ok() {
+                        admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.into_inner(), 5);
+    assert_eq!(s.sessions(None, StateFilter::Active, 100, None).unwrap().len(), 5);
 }
