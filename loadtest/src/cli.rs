@@ -103,6 +103,15 @@ pub struct RunArgs {
     /// Relay shards and floor echo-server threads (default: available cores).
     #[arg(long)]
     pub shards: Option<usize>,
+    /// Relay processes to start, nodes of one fleet on one PostgreSQL store (`--store`, or a
+    /// throwaway cluster the run starts when more than one is asked for). Agents and the
+    /// clients' API calls are spread over the nodes; each session runs on its agent's node.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub relays: u16,
+    /// The relays' store: a PostgreSQL URL (default: SQLite for one relay, a throwaway
+    /// PostgreSQL cluster for `--relays` above 1).
+    #[arg(long)]
+    pub store: Option<String>,
     /// Drive an external relay's API at this URL instead of starting one.
     #[arg(long, requires_all = ["access_key", "ca"])]
     pub api: Option<String>,

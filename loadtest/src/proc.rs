@@ -21,6 +21,19 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Open sockets of `pid` (its `/proc/<pid>/fd` entries that are sockets).
+pub fn sockets(pid: u32) -> anyhow::Result<u64> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(e) = e else { continue };
+        if std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:")) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// CPU time (user + system) of `pid` in seconds, from `/proc/<pid>/stat`.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))

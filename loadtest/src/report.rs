@@ -380,12 +380,30 @@ pub struct Report {
     /// Forward mode's summary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward: Option<Forward>,
+    /// Each relay node of a fleet (`--relays`), in start order; empty for one relay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeFigures>,
     /// What `--chaos` did and how the sessions came through it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chaos: Option<Chaos>,
     /// The same run with the other I/O backend (`--compare-io`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub other_io: Option<Box<Report>>,
+}
+
+/// One relay node's figures in a fleet run.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeFigures {
+    /// Its API URL.
+    pub api_url: String,
+    /// Agents whose control channel it held (the sessions run where their agent is).
+    pub agents: usize,
+    /// Open sockets with every session up (two per session on this node, one per agent).
+    pub sockets_at_go: Option<u64>,
+    /// CPU seconds from `go` to the end of the measurement.
+    pub cpu_s: Option<f64>,
+    /// RSS with every session up, bytes.
+    pub rss_bytes: Option<u64>,
 }
 
 impl Report {
@@ -482,6 +500,18 @@ impl Report {
                     r.rss_per_session_bytes.map_or("n/a".to_owned(), |b| format!("{b} B")),
                     r.cpu_s_per_million_msgs.map_or("n/a".to_owned(), |c| format!("{c:.2}")),
                     r.cpu_us_per_round_trip.map_or("n/a".to_owned(), |c| format!("{c:.1}"))
+                );
+            }
+            for (i, n) in r.nodes.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "  node {i} {}: {} agents, {} sockets at go, CPU {} s, RSS {}",
+                    n.api_url,
+                    n.agents,
+                    n.sockets_at_go.map_or("n/a".to_owned(), |v| v.to_string()),
+                    n.cpu_s.map_or("n/a".to_owned(), |c| format!("{c:.2}")),
+                    n.rss_bytes
+                        .map_or("n/a".to_owned(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
                 );
             }
             let _ = writeln!(

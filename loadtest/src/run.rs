@@ -156,19 +156,25 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let per_proc = (nofile.saturating_sub(FD_RESERVE) as usize).saturating_sub(SETUP_CONCURRENCY);
     anyhow::ensure!(per_proc > 100, "open-file limit {nofile} is too low for a load test");
     // The relay holds two connections per session plus one control channel per agent.
-    let relay_max = (nofile.saturating_sub(FD_RESERVE) as usize).saturating_sub(args.instances) / 2;
+    // A fleet spreads the agents, and so the sessions, evenly over its nodes.
+    let relays = usize::from(args.relays);
+    let relay_max = (nofile.saturating_sub(FD_RESERVE) as usize)
+        .saturating_sub(args.instances.div_ceil(relays))
+        / 2
+        * relays;
     let mut sessions = asked;
     let mut capped_by = None;
     if !args.skip_relay && args.api.is_none() && sessions > relay_max {
         capped_by = Some(format!(
-            "the relay process's open-file limit of {nofile} (2 per session + {} agents): \
-             {relay_max} sessions",
+            "the open-file limit of {nofile} per relay process ({relays} of them; 2 per session \
+             + {} agents): {relay_max} sessions",
             args.instances
         ));
         sessions = relay_max;
     }
-    let client_workers = sessions.div_ceil(per_proc);
-    let agent_workers = (sessions + args.instances).div_ceil(per_proc);
+    // A fleet: at least one client and one agent worker per node, so both spread over them.
+    let client_workers = sessions.div_ceil(per_proc).max(relays);
+    let agent_workers = (sessions + args.instances).div_ceil(per_proc).max(relays);
     let limits = Limits {
         nofile,
         relay_max_sessions: relay_max,
@@ -203,6 +209,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         limits,
         ..Report::default()
     };
+    // Kept to the end of the run: dropping it stops the cluster.
+    let (store_url, _cluster) =
+        if args.api.is_some() || args.skip_relay { (None, None) } else { fleet_store(args)? };
     let plan = Plan {
         args,
         sessions,
@@ -214,10 +223,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         fwd: None,
         measure_s: args.duration,
         instances: args.instances,
+        store: store_url,
     };
     if forward {
+        anyhow::ensure!(args.relays == 1, "--relays is for echo, pty and throughput modes");
         return forward::run(plan, base, per_proc);
     }
+    anyhow::ensure!(
+        args.relays == 1 || (args.api.is_none() && args.chaos.is_none()),
+        "--relays starts its own relays: not with --api or --chaos"
+    );
 
     let mut floor_side = None;
     let mut floor_errors = Errors::new();
@@ -272,6 +287,23 @@ struct Plan<'a> {
     measure_s: f64,
     /// Simulated agents.
     instances: usize,
+    /// The relays' `--store` (a PostgreSQL URL), if not the SQLite default.
+    store: Option<String>,
+}
+
+/// The relays' store: `--store`, or for a fleet a throwaway PostgreSQL cluster kept for the
+/// run (dropped, and so stopped, when the run ends).
+fn fleet_store(args: &RunArgs) -> anyhow::Result<(Option<String>, Option<hatch_pgtest::Cluster>)> {
+    if let Some(url) = &args.store {
+        return Ok((Some(url.clone()), None));
+    }
+    if args.relays <= 1 {
+        return Ok((None, None));
+    }
+    let cluster = hatch_pgtest::Cluster::try_start()
+        .map_err(|e| anyhow::anyhow!("starting PostgreSQL for --relays: {e}"))?;
+    let url = cluster.fresh_database();
+    Ok((Some(url), Some(cluster)))
 }
 
 impl Plan<'_> {
@@ -401,6 +433,23 @@ impl Plan<'_> {
         };
         let mut guard = KillOnDrop(relay.as_ref().map(|c| c.id()));
         let pid = relay.as_ref().map(|c| c.id());
+        // The other nodes of a fleet, with the first node's certificate: their clients and
+        // agents trust the one CA.
+        let mut others = Vec::new();
+        for n in 1..usize::from(self.args.relays) {
+            others.push(self.start_node(&exe, io, n)?);
+        }
+        let other_guards: Vec<KillOnDrop> =
+            others.iter().map(|(c, _): &(Child, DevInfo)| KillOnDrop(Some(c.id()))).collect();
+        let api_urls: Vec<String> = std::iter::once(info.api_url.clone())
+            .chain(others.iter().map(|(_, i)| i.api_url.clone()))
+            .collect();
+        let pids: Vec<u32> = pid.into_iter().chain(others.iter().map(|(c, _)| c.id())).collect();
+        let node_cpu = |pids: &[u32]| -> Vec<Option<f64>> {
+            pids.iter().map(|&p| crate::proc::cpu_seconds(p).ok()).collect()
+        };
+        let total = |v: &[Option<f64>]| -> Option<f64> { v.iter().copied().sum() };
+        let mut agents_per_node = vec![0usize; api_urls.len()];
         let label = match &self.fwd {
             Some(f) => {
                 format!("relay {} {} forward {}", report.io, report.transport, f.part.as_str())
@@ -410,11 +459,13 @@ impl Plan<'_> {
 
         // Agents first: every instance online before the first session is started.
         let mut agents = Pool::default();
+        // Worker w's agents are on node w mod N (there are at least N workers).
         let n = self.agent_workers.max(1);
         for w in 0..n {
             let count = self.instances / n + usize::from(w < self.instances % n);
+            agents_per_node[w % api_urls.len()] += count;
             let spec = Spec::Agents(AgentSpec {
-                api_url: info.api_url.clone(),
+                api_url: api_urls[w % api_urls.len()].clone(),
                 ca_file: PathBuf::from(&info.ca_file),
                 activation_id: info.activation_id.clone(),
                 activation_code: info.activation_code.clone(),
@@ -454,7 +505,7 @@ impl Plan<'_> {
         if !self.args.quiet {
             eprintln!("[{label}] {} agents online", instances.len());
         }
-        let rss_before = pid.and_then(|p| crate::proc::rss_bytes(p).ok());
+        let rss_before = pids.iter().map(|&p| crate::proc::rss_bytes(p).ok()).sum::<Option<u64>>();
 
         let mut clients = Pool::default();
         let target = Target::Relay {
@@ -462,11 +513,22 @@ impl Plan<'_> {
             access_key: info.access_key.clone(),
             instances,
         };
-        let cpu_setup_start = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
+        let cpu_setup_start = total(&node_cpu(&pids));
         let threads_setup_start = pid.and_then(|p| crate::proc::thread_cpu_seconds(p).ok());
-        for spec in self.client_specs(target, Path::new(&info.ca_file)) {
+        // A fleet: client worker w starts its sessions through node w mod N's API.
+        for (w, mut spec) in
+            self.client_specs(target, Path::new(&info.ca_file)).into_iter().enumerate()
+        {
+            if let Spec::Clients(c) = &mut spec
+                && let Target::Relay { api_url, .. } = &mut c.target
+            {
+                *api_url = api_urls[w % api_urls.len()].clone();
+            }
             clients.spawn(&exe, &spec)?;
         }
+        let mut nodes_at_go: Vec<Option<f64>> = Vec::new();
+        let mut sockets_at_go: Vec<Option<u64>> = Vec::new();
+        let mut rss_at_go: Vec<Option<u64>> = Vec::new();
         let mut at_go = None;
         let mut threads_at_go = None;
         let mut agents_at_go = None;
@@ -488,9 +550,12 @@ impl Plan<'_> {
             &label,
             Some(
                 (&mut |_| {
-                    at_go = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
+                    nodes_at_go = node_cpu(&pids);
+                    at_go = total(&nodes_at_go);
                     threads_at_go = pid.and_then(|p| crate::proc::thread_cpu_seconds(p).ok());
                     agents_at_go = agents.cpu_seconds();
+                    sockets_at_go = pids.iter().map(|&p| crate::proc::sockets(p).ok()).collect();
+                    rss_at_go = pids.iter().map(|&p| crate::proc::rss_bytes(p).ok()).collect();
                 }) as &mut dyn FnMut(()),
             ),
             self.args
@@ -500,10 +565,31 @@ impl Plan<'_> {
         // After a restart the process measured at `go` is gone: its CPU and memory figures
         // would mix two processes, so they are left out.
         let pid = if restarted.is_some() { None } else { pid };
-        let cpu_end = pid.and_then(|p| crate::proc::cpu_seconds(p).ok());
+        let nodes_end = node_cpu(&pids);
+        let cpu_end = if pid.is_some() { total(&nodes_end) } else { None };
+        if pids.len() > 1 {
+            report.nodes = (0..pids.len())
+                .map(|i| crate::report::NodeFigures {
+                    api_url: api_urls[i].clone(),
+                    agents: agents_per_node[i],
+                    sockets_at_go: sockets_at_go.get(i).copied().flatten(),
+                    cpu_s: nodes_at_go
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .zip(nodes_end[i])
+                        .map(|(a, b)| b - a),
+                    rss_bytes: rss_at_go.get(i).copied().flatten(),
+                })
+                .collect();
+        }
         report.agent_cpu_s = agents_at_go.zip(agents.cpu_seconds()).map(|(a, b)| b - a);
         report.client_cpu_s = m.cpu_s;
-        let rss_end = pid.and_then(|p| crate::proc::rss_bytes(p).ok());
+        let rss_end = if pid.is_some() {
+            pids.iter().map(|&p| crate::proc::rss_bytes(p).ok()).sum::<Option<u64>>()
+        } else {
+            None
+        };
         clients.send_all("end");
         agents.send_all("end");
         // The relay's closing connections are not failures once every worker has heard `end`.
@@ -513,6 +599,11 @@ impl Plan<'_> {
             stop_process(&mut r);
             // Reaped: its pid may belong to another process now.
             guard.0 = None;
+        }
+        for ((mut c, _), mut g) in others.into_iter().zip(other_guards) {
+            stop_process(&mut c);
+            // Reaped: nothing for the guard to kill.
+            g.0.take();
         }
         clients.finish();
         let mut connections: Errors =
@@ -601,6 +692,62 @@ impl Plan<'_> {
         self.wait_for_relay(child, io, None)
     }
 
+    /// Starts fleet node `n` (1..) in its own data directory, with node 0's TLS files.
+    fn start_node(&self, exe: &Path, io: Option<Io>, n: usize) -> anyhow::Result<(Child, DevInfo)> {
+        let dir = self.node_dir(io, n);
+        let _ = std::fs::remove_file(dir.join("dev.json"));
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls).with_context(|| format!("creating {}", tls.display()))?;
+        for e in std::fs::read_dir(self.relay_dir(io).join("tls"))? {
+            let e = e?;
+            std::fs::copy(e.path(), tls.join(e.file_name()))?;
+        }
+        let log_path =
+            self.work.join(format!("relay-{}-node{n}.log", io.map_or("default", Io::as_str)));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let args = self.relay_args_for(&dir, io);
+        let child = Command::new(exe)
+            .arg("relay-process")
+            .arg("--")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting a relay node")?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut child = child;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(dir.join("dev.json"))
+                && let Ok(info) = serde_json::from_str::<DevInfo>(&text)
+            {
+                return Ok((child, info));
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("relay node {n} exited ({status}); its log:\n{}", tail(&log_path));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("relay node {n} did not start in time; its log:\n{}", tail(&log_path));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn node_dir(&self, io: Option<Io>, n: usize) -> PathBuf {
+        self.work.join(format!("relay-{}-node{n}", io.map_or("default", Io::as_str)))
+    }
+
+    /// [`relay_args`] with this run's store.
+    fn relay_args_for(&self, dir: &Path, io: Option<Io>) -> Vec<String> {
+        let mut args = relay_args(dir, io, self.shards, self.args.danger_plaintext);
+        if let Some(url) = &self.store {
+            args.extend(["--store".into(), url.clone()]);
+        }
+        args
+    }
+
     /// Kills the relay (SIGKILL: no close frame, nothing written at the end) and starts it
     /// again at once on the same ports and data directory, as a supervisor would. Returns the
     /// new process and the time from the kill until it serves (its new `dev.json`).
@@ -649,7 +796,7 @@ impl Plan<'_> {
             .truncate(!append)
             .open(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut args = relay_args(&self.relay_dir(io), io, self.shards, self.args.danger_plaintext);
+        let mut args = self.relay_args_for(&self.relay_dir(io), io);
         for (flag, addr) in [("--api-listen", &listen.0), ("--data-listen", &listen.1)] {
             if let Some(i) = args.iter().position(|a| a == flag) {
                 args[i + 1] = addr.clone();
@@ -724,6 +871,11 @@ fn relay_args(dir: &Path, io: Option<Io>, shards: usize, danger_plaintext: bool)
         "--session-rate".into(),
         "0".into(),
         "--max-sessions-per-user".into(),
+        "1000000".into(),
+        // A fleet's runs hold more sessions than one relay's default account limit.
+        "--max-sessions-per-account".into(),
+        "10000000".into(),
+        "--max-sessions-per-instance".into(),
         "1000000".into(),
     ];
     if let Some(io) = io {

@@ -114,6 +114,11 @@ impl Cluster {
         start().unwrap_or_else(|err| panic!("{err}"))
     }
 
+    /// [`Cluster::start`] for tools (the load test's fleet): the failure as a message.
+    pub fn try_start() -> Result<Cluster, String> {
+        start()
+    }
+
     /// The URL of the cluster's `postgres` database.
     pub fn url(&self) -> String {
         self.database_url("postgres")
