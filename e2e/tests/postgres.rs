@@ -49,9 +49,17 @@ async fn a_relay_on_postgresql_runs_sessions_and_keeps_them_across_a_restart() {
     assert_eq!((code, out.as_str()), (Some(0), "on postgres\n"));
 
     // The session's record, as the API reads it back from PostgreSQL.
+    // The relay records the end just after `hatch` saw it: polled, not read once.
     let key = relay.info.access_key.clone();
-    let r = relay.call("GET", "/v1/sessions?state=closed", Some(&key), None).await;
-    let sessions = r.json()["sessions"].as_array().unwrap().clone();
+    let end = Instant::now() + DEADLINE;
+    let (r, sessions) = loop {
+        let r = relay.call("GET", "/v1/sessions?state=closed", Some(&key), None).await;
+        let sessions = r.json()["sessions"].as_array().unwrap().clone();
+        if !sessions.is_empty() || Instant::now() > end {
+            break (r, sessions);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(sessions.len(), 1, "{}", r.text);
     assert_eq!(sessions[0]["close_reason"], "exit", "{}", r.text);
     assert_eq!(sessions[0]["mode"], "exec", "{}", r.text);

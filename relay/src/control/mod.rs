@@ -196,6 +196,8 @@ pub(crate) struct Shared {
     resume_rate: live::StartRate,
     metrics: metrics::Metrics,
     shutdown: CancellationToken,
+    /// When this node's heartbeat last reached the store (a fleet; seconds since the epoch).
+    last_beat: std::sync::atomic::AtomicI64,
 }
 
 /// The control plane of one relay process.
@@ -296,6 +298,7 @@ impl ControlPlane {
                 resume_rate: live::StartRate::default(),
                 metrics: metrics::Metrics::default(),
                 shutdown: CancellationToken::new(),
+                last_beat: std::sync::atomic::AtomicI64::new(unix_now()),
             }),
         })
     }
@@ -329,6 +332,11 @@ impl ControlPlane {
         mut events: mpsc::UnboundedReceiver<DataEvent>,
     ) -> tokio::task::JoinHandle<()> {
         let sweep = self.shared.clone();
+        if sweep.fleet
+            && let Err(e) = fleet::spawn_heartbeat(sweep.clone())
+        {
+            warn!(err = %e, "starting the fleet heartbeat failed");
+        }
         tokio::spawn(async move {
             let period = (sweep.cfg.pending_timeout / 4)
                 .clamp(Duration::from_millis(20), Duration::from_secs(5));

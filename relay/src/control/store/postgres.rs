@@ -183,6 +183,47 @@ CREATE TRIGGER accounts_changed AFTER UPDATE ON accounts
         OR OLD.iam_generation IS DISTINCT FROM NEW.iam_generation)
     EXECUTE FUNCTION hatch_wake_reconcile();
 "#,
+    // Open sessions counted per account, instance and principal as they open and close, so
+    // that admitting a session reads three rows instead of counting an account's open sessions
+    // (which made a fleet's admissions quadratic in its sessions).
+    r#"
+CREATE TABLE open_counts (
+    scope TEXT PRIMARY KEY,
+    n BIGINT NOT NULL
+);
+CREATE FUNCTION hatch_count_open() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    d INTEGER := 0;
+    r sessions%ROWTYPE;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.state <> 'closed' THEN d := 1; r := NEW; END IF;
+    ELSIF TG_OP = 'DELETE' THEN
+        IF OLD.state <> 'closed' THEN d := -1; r := OLD; END IF;
+    ELSIF OLD.state <> 'closed' AND NEW.state = 'closed' THEN
+        d := -1; r := NEW;
+    ELSIF OLD.state = 'closed' AND NEW.state <> 'closed' THEN
+        d := 1; r := NEW;
+    END IF;
+    IF d <> 0 THEN
+        INSERT INTO open_counts AS c (scope, n) VALUES
+            ('a:' || r.account_id, d),
+            ('i:' || r.instance_id, d),
+            ('u:' || r.account_id || '/' || r.principal, d)
+        ON CONFLICT (scope) DO UPDATE SET n = c.n + EXCLUDED.n;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER sessions_count_open AFTER INSERT OR DELETE OR UPDATE OF state ON sessions
+    FOR EACH ROW EXECUTE FUNCTION hatch_count_open();
+INSERT INTO open_counts (scope, n)
+    SELECT 'a:' || account_id, COUNT(*) FROM sessions WHERE state <> 'closed' GROUP BY account_id
+    UNION ALL
+    SELECT 'i:' || instance_id, COUNT(*) FROM sessions WHERE state <> 'closed' GROUP BY instance_id
+    UNION ALL
+    SELECT 'u:' || account_id || '/' || principal, COUNT(*) FROM sessions
+        WHERE state <> 'closed' GROUP BY account_id, principal;
+"#,
 ];
 
 /// The PostgreSQL store.
@@ -251,17 +292,33 @@ impl PgStore {
         out
     }
 
-    /// Runs `f` in one transaction, committed when it returns `Ok`.
+    /// Runs `f` in one transaction, committed when it returns `Ok`. A transaction the server
+    /// aborted as a deadlock's victim (two bulk closes updating the same open-session counters
+    /// in different orders: a node starting while another expires a dead one) is run again, up
+    /// to [`DEADLOCK_RETRIES`] times: it had no effect.
     fn tx<T>(
         &self,
-        f: impl FnOnce(&mut Transaction<'_>) -> anyhow::Result<T>,
+        mut f: impl FnMut(&mut Transaction<'_>) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        self.with(|c| {
-            let mut tx = c.transaction()?;
-            let out = f(&mut tx)?;
-            tx.commit()?;
-            Ok(out)
-        })
+        let mut tries = 0;
+        loop {
+            let res = self.with(|c| {
+                let mut tx = c.transaction()?;
+                let out = f(&mut tx)?;
+                tx.commit()?;
+                Ok(out)
+            });
+            match res {
+                Err(e) if tries < DEADLOCK_RETRIES && is_deadlock(&e) => {
+                    tries += 1;
+                    tracing::info!(
+                        tries,
+                        "PostgreSQL chose this transaction as a deadlock's victim; running it again"
+                    );
+                }
+                other => return other,
+            }
+        }
     }
 
     fn one<T>(
@@ -283,7 +340,8 @@ impl PgStore {
     }
 
     fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> anyhow::Result<u64> {
-        self.with(|c| Ok(c.execute(sql, params)?))
+        // One statement is its own transaction: retried as `tx` retries.
+        self.tx(|tx| Ok(tx.execute(sql, params)?))
     }
 
     fn migrate(&self) -> anyhow::Result<()> {
@@ -343,6 +401,18 @@ fn insert_session(c: &mut impl GenericClient, s: &SessionRecord) -> anyhow::Resu
         ],
     )?;
     Ok(())
+}
+
+/// Times a transaction aborted as a deadlock's victim is run again.
+const DEADLOCK_RETRIES: u32 = 5;
+
+/// Whether `e` is PostgreSQL's "deadlock detected" (SQLSTATE 40P01).
+fn is_deadlock(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<postgres::Error>()
+            .and_then(postgres::Error::code)
+            .is_some_and(|code| *code == postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+    })
 }
 
 /// Key of the advisory locks that serialize session admissions per account (with the
@@ -1193,10 +1263,12 @@ impl Store for PgStore {
                 "SELECT pg_advisory_xact_lock($1, hashtext($2))",
                 &[&ADMIT_LOCK, &s.account_id],
             )?;
+            // Kept by the trigger on sessions (migration 3); a missing row is zero.
             let r = tx.query_one(
-                "SELECT COUNT(*) FILTER (WHERE instance_id = $2), COUNT(*), \
-                 COUNT(*) FILTER (WHERE principal = $3) FROM sessions \
-                 WHERE account_id = $1 AND state <> 'closed'",
+                "SELECT \
+                 COALESCE((SELECT n FROM open_counts WHERE scope = 'i:' || $2), 0), \
+                 COALESCE((SELECT n FROM open_counts WHERE scope = 'a:' || $1), 0), \
+                 COALESCE((SELECT n FROM open_counts WHERE scope = 'u:' || $1 || '/' || $3), 0)",
                 &[&s.account_id, &s.instance_id, &s.principal],
             )?;
             let n = |i: usize| r.try_get::<_, i64>(i).map(|v| usize::try_from(v).unwrap_or(0));

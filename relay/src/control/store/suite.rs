@@ -448,6 +448,7 @@ fn node(id: &str, run: &str, heartbeat_at: i64) -> Node {
 fn fleet_limits_nodes_mail_keys_and_expiry(s: &dyn Store) {
     account(s, "acct-1");
     let limits = OpenLimits { per_instance: 2, per_account: 3, per_user: 10 };
+    let wide = OpenLimits { per_instance: 2, per_account: 100, per_user: 100 };
     assert_eq!(s.admit_session(&on_node("s-1", "i-1", "owner", "n-b"), limits).unwrap(), Ok(()));
     assert_eq!(s.admit_session(&on_node("s-2", "i-1", "owner", "n-b"), limits).unwrap(), Ok(()));
     let third = s.admit_session(&on_node("s-3", "i-1", "owner", "n-a"), limits).unwrap();
@@ -512,6 +513,16 @@ fn fleet_limits_nodes_mail_keys_and_expiry(s: &dyn Store) {
     assert_eq!(s.nodes().unwrap().len(), 1);
     // Another node's start does not close n-a's session.
     assert_eq!(s.close_all_open("n-c", CloseReason::RelayShutdown, 300).unwrap(), 0);
+    // The expired sessions' slots are free again: i-1 takes two, not a third.
+    for id in ["s-7", "s-8"] {
+        assert_eq!(s.admit_session(&on_node(id, "i-1", "owner", "n-a"), wide).unwrap(), Ok(()));
+    }
+    let third = s.admit_session(&on_node("s-9", "i-1", "owner", "n-a"), wide).unwrap();
+    assert_eq!(third, Err(OverLimit::Instance(2)));
+    // A start's bulk close frees every slot it closes.
+    assert_eq!(s.close_all_open("n-a", CloseReason::RelayShutdown, 301).unwrap(), 3);
+    assert_eq!(s.admit_session(&on_node("s-9", "i-1", "owner", "n-a"), wide).unwrap(), Ok(()));
+    assert!(s.close_session("s-9", CloseReason::Exit, 0, 0, 302).unwrap());
     assert_eq!(s.clear_agent_channels("n-a").unwrap(), 1);
 
     assert!(s.signing_keys().unwrap().is_empty());
