@@ -361,36 +361,52 @@ impl Plan<'_> {
     fn floor_phase(&self) -> anyhow::Result<Measured> {
         let pki = hatch_relay::certs::ensure_dev_pki(&self.work.join("floor-pki"), &[])?;
         let exe = std::env::current_exe().context("locating this executable")?;
-        let mut server = Command::new(&exe)
-            .arg("floor-process")
-            .arg("--cert")
-            .arg(&pki.cert_file)
-            .arg("--key")
-            .arg(&pki.key_file)
-            .arg("--threads")
-            .arg(self.shards.to_string())
-            .args(self.args.danger_plaintext.then_some("--danger-plaintext"))
-            .args((self.args.acks == crate::cli::Acks::On).then_some("--acks"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the floor echo server")?;
-        let mut guard = KillOnDrop(Some(server.id()));
-        let addr = listening(&mut server, "echo server")?;
-        let scheme = if self.args.danger_plaintext { "ws" } else { "wss" };
-        let url = format!("{scheme}://{addr}/echo");
+        // As many echo servers as relays (`--relays`): a floor in one process would hit that
+        // process's open-file limit where the fleet does not.
+        let mut servers = Vec::new();
+        let mut guards = Vec::new();
+        let mut urls = Vec::new();
+        for _ in 0..self.args.relays.max(1) {
+            let mut server = Command::new(&exe)
+                .arg("floor-process")
+                .arg("--cert")
+                .arg(&pki.cert_file)
+                .arg("--key")
+                .arg(&pki.key_file)
+                .arg("--threads")
+                .arg(self.shards.to_string())
+                .args(self.args.danger_plaintext.then_some("--danger-plaintext"))
+                .args((self.args.acks == crate::cli::Acks::On).then_some("--acks"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting the floor echo server")?;
+            guards.push(KillOnDrop(Some(server.id())));
+            let addr = listening(&mut server, "echo server")?;
+            let scheme = if self.args.danger_plaintext { "ws" } else { "wss" };
+            urls.push(format!("{scheme}://{addr}/echo"));
+            servers.push(server);
+        }
         let mut pool = Pool::default();
-        for spec in self.client_specs(Target::Floor { url }, &pki.ca_file) {
+        let target = Target::Floor { url: urls[0].clone() };
+        for (w, mut spec) in self.client_specs(target, &pki.ca_file).into_iter().enumerate() {
+            if let Spec::Clients(c) = &mut spec
+                && let Target::Floor { url } = &mut c.target
+            {
+                *url = urls[w % urls.len()].clone();
+            }
             pool.spawn(&exe, &spec)?;
         }
         let label = if self.args.danger_plaintext { "floor plaintext" } else { "floor" };
         let m = pool.measure(self, label, None, None)?;
         pool.send_all("end");
         pool.wait_ended();
-        drop(server.stdin.take());
-        stop_process(&mut server);
-        // Reaped: its pid may belong to another process now.
-        guard.0 = None;
+        for (mut server, mut guard) in servers.into_iter().zip(guards) {
+            drop(server.stdin.take());
+            stop_process(&mut server);
+            // Reaped: its pid may belong to another process now.
+            guard.0.take();
+        }
         pool.finish();
         Ok(m)
     }

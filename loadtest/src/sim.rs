@@ -387,9 +387,25 @@ impl Session {
         record(&mut self.sh.setup.borrow_mut(), start.elapsed().as_micros() as u64);
         self.sh.up.set(self.sh.up.get() + 1);
         let _ = done.send(true);
-        let go_at = tokio::select! {
-            r = go.wait_for(|g| g.is_some()) => match r { Ok(g) => g.unwrap_or_else(Instant::now), Err(_) => return },
-            _ = ctl.wait_for(|c| *c == Ctl::Stop) => return,
+        // Read while waiting for `go`, as `hatch` reads an idle session: tungstenite answers the
+        // relay's pings as it reads, so a long setup (25,000 sessions at 120/s is 3.5 min) does
+        // not leave the first sessions silent past the relay's dead-leg limit (90 s).
+        let go_at = loop {
+            let lost = tokio::select! {
+                r = go.wait_for(|g| g.is_some()) => match r {
+                    Ok(g) => break g.unwrap_or_else(Instant::now),
+                    Err(_) => return,
+                },
+                _ = ctl.wait_for(|c| *c == Ctl::Stop) => return,
+                r = recv_data(&mut conn, false) => r.err(),
+            };
+            if let Some(f) = lost {
+                self.sh.error(&f);
+                self.sh.up.set(self.sh.up.get() - 1);
+                let _ = measured.send(());
+                let _ = ctl.wait_for(|c| *c == Ctl::Stop).await;
+                return;
+            }
         };
         let end = go_at + Duration::from_secs_f64(self.spec.duration_s);
         let res = match self.spec.mode {
