@@ -286,7 +286,7 @@ impl<R: Read> Reader<R> {
         if self.end == self.buf.len() {
             // Only reached while less than `bound` is pending (the decoder refuses anything
             // longer), so the buffer stays below `bound + READ_CHUNK`.
-            let grow = READ_CHUNK.min(bound + READ_CHUNK - self.buf.len()).max(1);
+            let grow = (bound + READ_CHUNK).saturating_sub(self.buf.len()).clamp(1, READ_CHUNK);
             self.buf.resize(self.buf.len() + grow, 0);
         }
         loop {
