@@ -49,10 +49,9 @@ use super::format::{
 use super::verify::{Reader, VerifyError};
 
 /// Default bytes a session may have queued before it is told to stop reading: 4 MiB, a few
-/// hundred milliseconds of a fast session's output, so a disk that hiccups does not stall a
-/// session, while a thousand sessions held back at once still queue at most ~4 GiB... which
-/// they never do together in practice: the bound is per session so one busy session cannot
-/// hold back the others.
+/// hundred milliseconds of a fast session's output, so that a disk that hiccups does not stall
+/// the session. The bound is per session so that one busy session cannot hold back the others;
+/// the relay's limit on sessions bounds the total.
 pub const DEFAULT_HIGH_WATER: u64 = 4 << 20;
 
 /// Bytes of payload the writer takes from the queue before it writes and flushes: 1 MiB, a
