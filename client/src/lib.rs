@@ -34,6 +34,7 @@ pub mod errors;
 pub mod escape;
 pub mod forward;
 pub mod output;
+pub mod play;
 pub mod stream;
 pub mod terminal;
 

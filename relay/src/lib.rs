@@ -27,5 +27,6 @@ pub mod control;
 pub mod data;
 pub mod dev;
 pub mod plane;
+pub mod recording;
 pub mod server;
 pub mod token;

@@ -1,0 +1,74 @@
+//! Session recording at the relay (issue 16): a tamper-evident, byte-exact log of what a
+//! session showed and was typed, one append-only file per session, and what reads it back.
+//!
+//! Core built; not yet wired into the relay: nothing in the data plane or the API calls this
+//! module yet (docs/RECORDING.md says where it will).
+//!
+//! ```text
+//!  shard (never blocks on the disk)           writer thread (std::thread, one per Recorder)
+//!  SessionRecorder::try_push(now, Event) ──▶ jobs (bytes queued per session are bounded) ──▶
+//!       │ over_high_water() / ready().await    encode + SHA-256 chain, one write per session
+//!       │   = stop reading the leg              per batch, fsync on finish ──▶ <dir>/<sid>.hrec
+//!       ▼                                                   │
+//!  finish(now, exit) ──────────────────────────────────────▶ Outcome (Finished { digest } |
+//!                                                             Suspended | Failed) ──▶ control
+//!  <sid>.hrec ──▶ verify (ok, or the first broken record) ──▶ asciicast (asciicast v2 export)
+//!  data dir   ──▶ retention (which files are past the retention, and deleting them)
+//! ```
+//!
+//! - [`format`]: the byte layout (header, records, the digest chain), sans-IO.
+//! - [`writer`]: [`Recorder`] (the writer thread) and [`SessionRecorder`] (one session's
+//!   handle: non-blocking push, backpressure, finish, resume).
+//! - [`verify`]: a streaming reader that checks the chain, and `verify`.
+//! - [`asciicast`]: the asciicast v2 export (lossy only where the output is not UTF-8).
+//! - [`retention`]: choosing and deleting recordings older than the retention.
+
+pub mod asciicast;
+pub mod format;
+pub mod retention;
+pub mod verify;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+
+pub use format::{Digest, Event, Header};
+pub use writer::{Outcome, PushError, Recorder, RecorderConfig, SessionRecorder};
+
+/// File name extension of a recording (`<session id>.hrec`).
+pub const EXTENSION: &str = "hrec";
+
+/// Longest session id accepted as a file name, in bytes (the relay's ids are 18).
+pub const MAX_SESSION_ID: usize = 128;
+
+/// Whether `sid` can name a recording file: 1 to [`MAX_SESSION_ID`] ASCII letters, digits,
+/// `-` or `_`. Nothing else, so that no id can reach outside the recording directory (`/`,
+/// `..`) or collide with another file's name there.
+pub fn valid_session_id(sid: &str) -> bool {
+    !sid.is_empty()
+        && sid.len() <= MAX_SESSION_ID
+        && sid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The recording file of session `sid` in `dir`, or `None` for an id that
+/// [`valid_session_id`] refuses.
+pub fn file_path(dir: &Path, sid: &str) -> Option<PathBuf> {
+    valid_session_id(sid).then(|| dir.join(format!("{sid}.{EXTENSION}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_that_name_files() {
+        for ok in ["s-0123456789abcdef", "a", "A_b-9", &"x".repeat(MAX_SESSION_ID)] {
+            assert!(valid_session_id(ok), "{ok}");
+        }
+        for bad in ["", "..", "a/b", "a.b", ".hidden", "s 1", "é", &"x".repeat(MAX_SESSION_ID + 1)]
+        {
+            assert!(!valid_session_id(bad), "{bad}");
+            assert_eq!(file_path(Path::new("/d"), bad), None);
+        }
+        assert_eq!(file_path(Path::new("/d"), "s-1"), Some(PathBuf::from("/d/s-1.hrec")));
+    }
+}
