@@ -344,8 +344,9 @@ impl ControlPlane {
             let mut reconcile = tokio::time::interval(sweep.cfg.reconcile_interval);
             let mut prune = tokio::time::interval(prune_interval(sweep.cfg.session_retention));
             let mut seen = Reconciled { since: unix_now(), generations: HashMap::new() };
-            // A fleet node: its heartbeat and mail on the reconcile tick, and woken at once by
-            // the store's notifications (hints: the tick finds everything anyway).
+            // A fleet node: the expiry of silent nodes and its mail on the reconcile tick (its
+            // own heartbeat is a thread, `fleet::spawn_heartbeat`), and woken at once by the
+            // store's notifications (hints: the tick finds everything anyway).
             let mut wakes = if sweep.fleet {
                 match sweep.store.listen(&sweep.cfg.node.id) {
                     Ok(w) => w,
