@@ -292,6 +292,12 @@ impl PgStore {
         out
     }
 
+    /// [`Self::exec`] for a bulk close, which PostgreSQL may abort as a deadlock's victim:
+    /// through [`Self::tx`], which runs it again then.
+    fn exec_retried(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> anyhow::Result<u64> {
+        self.tx(|tx| Ok(tx.execute(sql, params)?))
+    }
+
     /// Runs `f` in one transaction, committed when it returns `Ok`. A transaction the server
     /// aborted as a deadlock's victim (two bulk closes updating the same open-session counters
     /// in different orders: a node starting while another expires a dead one) is run again, up
@@ -340,8 +346,7 @@ impl PgStore {
     }
 
     fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> anyhow::Result<u64> {
-        // One statement is its own transaction: retried as `tx` retries.
-        self.tx(|tx| Ok(tx.execute(sql, params)?))
+        self.with(|c| Ok(c.execute(sql, params)?))
     }
 
     fn migrate(&self) -> anyhow::Result<()> {
@@ -1184,7 +1189,7 @@ impl Store for PgStore {
     }
 
     fn close_pending(&self, node: &str, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
-        let n = self.exec(
+        let n = self.exec_retried(
             "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
              WHERE state = 'pending' AND (node_id = $3 OR node_id IS NULL)",
             &[&reason.as_str(), &at, &node],
@@ -1241,7 +1246,7 @@ impl Store for PgStore {
     }
 
     fn close_all_open(&self, node: &str, reason: CloseReason, at: i64) -> anyhow::Result<usize> {
-        let n = self.exec(
+        let n = self.exec_retried(
             "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
              WHERE state <> 'closed' AND (node_id = $3 OR node_id IS NULL)",
             &[&reason.as_str(), &at, &node],
