@@ -194,10 +194,26 @@ impl Proc {
     }
 }
 
+/// Lines of a process's log a failing test prints.
+const LOG_TAIL_LINES: usize = 150;
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what its processes said last: a run that fails once on a
+        // clean clone can then be read, not only rerun.
+        if std::thread::panicking() {
+            let out = self.output();
+            let lines: Vec<&str> = out.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "--- last {} lines of {} ---\n{}",
+                tail.len(),
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
