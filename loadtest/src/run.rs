@@ -722,33 +722,9 @@ impl Plan<'_> {
             self.work.join(format!("relay-{}-node{n}.log", io.map_or("default", Io::as_str)));
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let args = self.relay_args_for(&dir, io);
-        let child = Command::new(exe)
-            .arg("relay-process")
-            .arg("--")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting a relay node")?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut child = child;
-        loop {
-            if let Ok(text) = std::fs::read_to_string(dir.join("dev.json"))
-                && let Ok(info) = serde_json::from_str::<DevInfo>(&text)
-            {
-                return Ok((child, info));
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!("relay node {n} exited ({status}); its log:\n{}", tail(&log_path));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("relay node {n} did not start in time; its log:\n{}", tail(&log_path));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let child = spawn_relay_process(exe, self.relay_args_for(&dir, io), log)
+            .with_context(|| format!("starting relay node {n}"))?;
+        wait_for_dev_json(child, &dir, &log_path, None, &format!("relay node {n}"))
     }
 
     fn node_dir(&self, io: Option<Io>, n: usize) -> PathBuf {
@@ -818,54 +794,70 @@ impl Plan<'_> {
                 args[i + 1] = addr.clone();
             }
         }
-        Command::new(exe)
-            .arg("relay-process")
-            .arg("--")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting the relay process")
+        spawn_relay_process(exe, args, log).context("starting the relay process")
     }
 
     /// Waits until the relay has written a `dev.json` (a new one: not the file with inode
     /// `stale`, an earlier process's) and returns what it says.
     fn wait_for_relay(
         &self,
-        mut child: Child,
+        child: Child,
         io: Option<Io>,
         stale: Option<u64>,
     ) -> anyhow::Result<(Child, DevInfo)> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let dev_json = self.relay_dir(io).join("dev.json");
-        let log_path = self.relay_log(io);
-        loop {
-            let fresh = std::fs::metadata(&dev_json)
-                .is_ok_and(|m| Some(std::os::unix::fs::MetadataExt::ino(&m)) != stale);
-            if fresh
-                && let Ok(text) = std::fs::read_to_string(&dev_json)
-                && let Ok(info) = serde_json::from_str::<DevInfo>(&text)
-            {
-                return Ok((child, info));
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "the relay exited ({status}) before writing {}; its log:\n{}",
-                    dev_json.display(),
-                    tail(&log_path)
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!(
-                    "the relay did not write {} in time; its log:\n{}",
-                    dev_json.display(),
-                    tail(&log_path)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        wait_for_dev_json(child, &self.relay_dir(io), &self.relay_log(io), stale, "the relay")
+    }
+}
+
+/// Starts this binary's `relay-process` with `args`, its stdout and stderr to `log`.
+fn spawn_relay_process(exe: &Path, args: Vec<String>, log: std::fs::File) -> anyhow::Result<Child> {
+    Ok(Command::new(exe)
+        .arg("relay-process")
+        .arg("--")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
+
+/// Waits until the relay `child` (`what`, for errors) has written a `dev.json` in `dir` (a
+/// new one: not the file with inode `stale`, an earlier process's) and returns what it says;
+/// its exit or [`START_TIMEOUT`] first is an error with the tail of its log.
+fn wait_for_dev_json(
+    mut child: Child,
+    dir: &Path,
+    log_path: &Path,
+    stale: Option<u64>,
+    what: &str,
+) -> anyhow::Result<(Child, DevInfo)> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let dev_json = dir.join("dev.json");
+    loop {
+        let fresh = std::fs::metadata(&dev_json)
+            .is_ok_and(|m| Some(std::os::unix::fs::MetadataExt::ino(&m)) != stale);
+        if fresh
+            && let Ok(text) = std::fs::read_to_string(&dev_json)
+            && let Ok(info) = serde_json::from_str::<DevInfo>(&text)
+        {
+            return Ok((child, info));
         }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{what} exited ({status}) before writing {}; its log:\n{}",
+                dev_json.display(),
+                tail(log_path)
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "{what} did not write {} in time; its log:\n{}",
+                dev_json.display(),
+                tail(log_path)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
