@@ -2,8 +2,9 @@
 //! "A fleet"): a session started through node A's API on an agent connected to node B runs end
 //! to end; a terminate through node C ends it; the account switch through C ends live sessions
 //! on every node; the open-session limits count across nodes; and when B is killed its agent
-//! fails over to C and serves a new session, while B's session is closed as `node_lost` by a
-//! surviving node once B's heartbeat expired. The server is a throwaway cluster
+//! fails over to C and serves a new session, while a surviving node, once B's heartbeat
+//! expired, closes B's unpaired session as `node_lost` and takes its live one over, which
+//! resumes there and runs to its end. The server is a throwaway cluster
 //! (`hatch-pgtest`): the test fails, never skips, when it cannot start.
 
 use std::path::Path;
@@ -41,6 +42,21 @@ fn long_session(relay: &Relay, home: &Path, key: &str, iid: &str) -> Child {
         .unwrap()
 }
 
+/// Waits until the account has no open session: the record of one that just ended is closed
+/// by its node a moment after its user saw the end, and a test that looked for "the"
+/// connected session before then could pick the old one.
+async fn no_open_sessions(relay: &Relay, key: &str) {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let r = relay.call("GET", "/v1/sessions?state=active", Some(key), None).await;
+        if r.json()["sessions"].as_array().is_some_and(|s| s.is_empty()) {
+            return;
+        }
+        assert!(Instant::now() < end, "sessions still open: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The one connected session of the account, once there is one.
 async fn connected_session(relay: &Relay, key: &str) -> String {
     let end = Instant::now() + DEADLINE;
@@ -71,6 +87,17 @@ async fn closed(relay: &Relay, key: &str, sid: &str) -> Value {
         assert!(Instant::now() < end, "session {sid} not closed: {}", r.text);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits for `child` to exit; its exit code, standard output and standard error.
+fn exited_with_output(mut child: Child) -> (Option<i32>, String, String) {
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).map(|_| s)
+    });
+    let (code, err) = exited(child);
+    (code, reader.join().unwrap().unwrap(), err)
 }
 
 /// Waits for `child` to exit; its exit code and standard error.
@@ -131,6 +158,7 @@ async fn three_nodes_on_one_postgresql() {
     assert!(b.proc.output().contains("session placed here by another node handed to its agent"));
 
     // Terminated through C: the session on B ends, its user sees 4006.
+    no_open_sessions(&a, &key).await;
     let live = long_session(&a, home.path(), &key, &iid);
     let sid = connected_session(&a, &key).await;
     let r = c.call("DELETE", &format!("/v1/sessions/{sid}"), Some(&key), None).await;
@@ -157,6 +185,7 @@ async fn three_nodes_on_one_postgresql() {
     }
 
     // The account switch through C ends a live session on B.
+    no_open_sessions(&a, &key).await;
     let live = long_session(&a, home.path(), &key, &iid);
     let sid = connected_session(&a, &key).await;
     let off = r#"{"session_manager_enabled":false}"#;
@@ -171,10 +200,21 @@ async fn three_nodes_on_one_postgresql() {
     let r = a.call("PUT", "/v1/account/settings", Some(&key), Some(on)).await;
     assert_eq!(r.status, 200, "{}", r.text);
 
-    // B dies with a live session: its agent fails over to C and serves a new session started
-    // through A, and B's session is closed as node_lost by a survivor.
-    let live = long_session(&a, home.path(), &key, &iid);
+    // B dies with a live session and one that never paired: its agent fails over to C and
+    // serves a new session started through A; a survivor expires B, closes the unpaired
+    // session as node_lost and takes the live one over, whose legs resume there and which
+    // runs to its end (the output after the kill arrives, exit 0).
+    no_open_sessions(&a, &key).await;
+    let live = hatch(&a, home.path(), &key)
+        .args(["exec", "-i", &iid, "--", "sh", "-c", "echo before; sleep 8; echo survived"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let sid = connected_session(&a, &key).await;
+    let r = a.call("POST", "/v1/sessions", Some(&key), Some(&body)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let unpaired = r.json()["session_id"].as_str().unwrap().to_owned();
     let killed = Instant::now();
     b.proc.signal(nix::sys::signal::Signal::SIGKILL);
     let end = Instant::now() + DEADLINE;
@@ -193,11 +233,15 @@ async fn three_nodes_on_one_postgresql() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let lost = closed(&a, &key, &sid).await;
+    let lost = closed(&a, &key, &unpaired).await;
     assert_eq!(lost["close_reason"], "node_lost", "{lost}");
     assert!(killed.elapsed() < Duration::from_secs(20), "{:?}", killed.elapsed());
-    let (code, _) = exited(live);
-    assert_ne!(code, Some(0));
+    let (code, out, err) = exited_with_output(live);
+    assert_eq!((code, out.as_str()), (Some(0), "before\nsurvived\n"), "{err}");
+    let ended = closed(&c, &key, &sid).await;
+    assert_eq!(ended["close_reason"], "exit", "{ended}");
+    let log = a.proc.output() + &c.proc.output();
+    assert!(log.contains("session of a dead node taken over"), "{log}");
     assert!(
         agent.output().contains("trying the next API URL")
             || agent.output().contains(&c.info.api_url),

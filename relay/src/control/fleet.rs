@@ -26,8 +26,10 @@
 //!   ([`super::store::Store::admit_session`]), so nodes admitting at once cannot pass them.
 //! - **Heartbeat and expiry.** Every node heartbeats its row each tick; a node whose heartbeat
 //!   is older than `node_timeout` is expired by a surviving node (one of them, in a
-//!   transaction): its open sessions are closed as `node_lost` and its agents' channel records
-//!   dropped. The dead node's agents fail over to other nodes by themselves (`--api` repeated).
+//!   transaction): its agents' channel records are dropped, its unpaired sessions closed as
+//!   `node_lost`, and (with a resume window) its paired ones taken over by the survivor: their
+//!   legs resume on its data plane as after a restart of their own node, or they are closed as
+//!   `node_lost` when the window ends. The dead node's agents fail over to other nodes by themselves (`--api` repeated).
 //!   A node that finds itself expired (it stalled) registers again and publishes its agents.
 //! - **Signing keys** live in the store: the first node to start puts its key there, and every
 //!   node signs with the newest key of the store and verifies all of them.
@@ -240,19 +242,49 @@ impl Shared {
         else {
             return;
         };
-        let res = self.blocking(move |s| s.expire_nodes(before, CloseReason::NodeLost, now)).await;
+        // With a resume window this node takes the dead node's paired sessions over: their
+        // legs resume here. Without one there is nothing to resume them with.
+        let adopter = (!self.cfg.resume_window.is_zero()).then(|| self.cfg.node.id.clone());
+        let res = self
+            .blocking(move |s| {
+                s.expire_nodes(before, CloseReason::NodeLost, now, adopter.as_deref())
+            })
+            .await;
         match res {
             Ok(expired) => {
-                for (node, sessions) in expired {
-                    warn!(node = %node, sessions, timeout_s = self.node_timeout_s(),
-                        "relay node stopped heartbeating; expired it and closed its sessions as \
-                         node_lost");
-                    for _ in 0..sessions {
+                for node in expired {
+                    warn!(node = %node.id, closed = node.closed, taken_over = node.adopted.len(),
+                        timeout_s = self.node_timeout_s(),
+                        "relay node stopped heartbeating; expired it: its sessions that never \
+                         paired closed as node_lost, its paired ones taken over here for their \
+                         legs to resume");
+                    for _ in 0..node.closed {
                         self.metrics.session_closed(CloseReason::NodeLost.as_str());
                     }
+                    self.adopt(&node.adopted);
                 }
             }
             Err(e) => warn!(err = %format!("{e:#}"), "fleet heartbeat failed"),
+        }
+    }
+
+    /// Takes over sessions of a dead node (the store has them as this node's, `detached`):
+    /// into the live table for the resume window, after which those whose legs did not both
+    /// come back are closed as `node_lost`. Both legs resume through the API or the control
+    /// channel as after a restart of their own node (routed here by the record's node), and
+    /// this data plane creates each session, detached, from the first resume token it sees.
+    fn adopt(&self, sessions: &[SessionRecord]) {
+        let deadline = Instant::now() + self.cfg.resume_window;
+        for r in sessions {
+            let who = live::Admission {
+                account: &r.account_id,
+                instance: &r.instance_id,
+                principal: &r.principal,
+            };
+            let base = [r.bytes_client_to_agent, r.bytes_agent_to_client];
+            self.live.recover(&r.id, who, deadline, base, CloseReason::NodeLost);
+            info!(session = %r.id, instance = %r.instance_id,
+                "session of a dead node taken over; waiting for its legs to resume here");
         }
     }
 
@@ -285,19 +317,44 @@ impl Shared {
     }
 
     /// The route of a session's new legs: its node's run and data plane. `None` when the
-    /// session's node is no longer registered (it was expired: the session is closed, or about
-    /// to be).
+    /// session's node is no longer registered and the session was not taken over by another
+    /// (it is closed).
+    ///
+    /// `rec` may be older than the expiry of its node, which moves the session to a survivor
+    /// and removes the node in one transaction: a node missing from the registry sends the
+    /// route to the session's record once more, which then names the survivor.
     pub(super) async fn route(&self, rec: &SessionRecord) -> anyhow::Result<Option<Route>> {
         let here = Route { run: self.signer.run().to_owned(), data_base: None };
         let node = match &rec.node_id {
             Some(n) if self.fleet && *n != self.cfg.node.id => n.clone(),
             _ => return Ok(Some(here)),
         };
-        let nodes = self.blocking(|s| s.nodes()).await?;
-        Ok(nodes
-            .into_iter()
-            .find(|n| n.id == node)
-            .map(|n| Route { run: n.run, data_base: Some(n.data_url) }))
+        enum Found {
+            Here,
+            There(Node),
+            Gone,
+        }
+        let (id, me) = (rec.id.clone(), self.cfg.node.id.clone());
+        let found = self
+            .blocking(move |s| {
+                let find = |nodes: Vec<Node>, id: &str| nodes.into_iter().find(|n| n.id == id);
+                if let Some(n) = find(s.nodes()?, &node) {
+                    return Ok(Found::There(n));
+                }
+                Ok(match s.session(None, &id)?.and_then(|r| r.node_id) {
+                    Some(now) if now == me => Found::Here,
+                    Some(now) if now != node => {
+                        find(s.nodes()?, &now).map_or(Found::Gone, Found::There)
+                    }
+                    _ => Found::Gone,
+                })
+            })
+            .await?;
+        Ok(match found {
+            Found::Here => Some(here),
+            Found::There(n) => Some(Route { run: n.run, data_base: Some(n.data_url) }),
+            Found::Gone => None,
+        })
     }
 
     /// Leaves `mail` for `node`.

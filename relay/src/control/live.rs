@@ -14,6 +14,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::plane::CloseReason;
+
 /// Admission limits of new sessions.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -106,6 +108,9 @@ struct Live {
     /// For a session recovered at start: when it is closed unless a leg pair came back (its
     /// key in [`Inner::recovered`]).
     recovered_deadline: Option<Instant>,
+    /// For a recovered session: the reason it is closed with then (`relay_shutdown` for one
+    /// this relay's previous run left, `node_lost` for one adopted from a dead fleet node).
+    lost: CloseReason,
     /// When a session still pending with no report from the data plane is closed as
     /// `pair_timeout`: token expiry plus the data plane's pair timeout, after which no leg can
     /// be waiting any more.
@@ -178,6 +183,7 @@ impl LiveSessions {
                 user,
                 state: LiveState::Pending,
                 recovered_deadline: None,
+                lost: CloseReason::RelayShutdown,
                 pending_deadline,
                 base: [0; 2],
             },
@@ -185,9 +191,17 @@ impl LiveSessions {
         Ok(())
     }
 
-    /// Takes back a session a previous run left paired, as `detached` until `deadline`, under
-    /// no limit (it held its slot before the restart). A session already open is left alone.
-    pub fn recover(&self, id: &str, who: Admission<'_>, deadline: Instant, base: [u64; 2]) {
+    /// Takes back a session a previous run left paired (or a dead fleet node did), as
+    /// `detached` until `deadline`, when it is closed as `lost` unless a leg pair came back;
+    /// under no limit (it held its slot before). A session already open is left alone.
+    pub fn recover(
+        &self,
+        id: &str,
+        who: Admission<'_>,
+        deadline: Instant,
+        base: [u64; 2],
+        lost: CloseReason,
+    ) {
         let mut g = self.lock();
         if g.by_id.contains_key(id) {
             return;
@@ -205,6 +219,7 @@ impl LiveSessions {
                 user,
                 state: LiveState::Detached,
                 recovered_deadline: Some(deadline),
+                lost,
                 pending_deadline: deadline,
                 base,
             },
@@ -253,13 +268,16 @@ impl LiveSessions {
     }
 
     /// Recovered sessions whose deadline passed at `now`, no leg pair having come back for
-    /// them: only the front of the deadline order is read.
-    pub fn recovered_overdue(&self, now: Instant) -> Vec<String> {
-        self.lock()
-            .recovered
+    /// them, with the reason each is closed with: only the front of the deadline order is read.
+    pub fn recovered_overdue(&self, now: Instant) -> Vec<(String, CloseReason)> {
+        let g = self.lock();
+        g.recovered
             .iter()
             .take_while(|(d, _)| *d <= now)
-            .map(|(_, id)| id.clone())
+            .map(|(_, id)| {
+                let lost = g.by_id.get(id).map_or(CloseReason::RelayShutdown, |l| l.lost);
+                (id.clone(), lost)
+            })
             .collect()
     }
 
@@ -442,24 +460,28 @@ mod tests {
         let lim = lim(2, 100, 100);
         let t = Instant::now();
         let (d1, d2) = (t + Duration::from_secs(1), t + Duration::from_secs(2));
-        live.recover("r2", who("a", "i1", "u-1"), d2, [0; 2]);
-        live.recover("r1", who("a", "i1", "u-1"), d1, [0; 2]);
-        live.recover("r3", who("a", "i1", "u-1"), d2, [0; 2]);
+        let shut = CloseReason::RelayShutdown;
+        live.recover("r2", who("a", "i1", "u-1"), d2, [0; 2], shut);
+        live.recover("r1", who("a", "i1", "u-1"), d1, [0; 2], shut);
+        live.recover("r3", who("a", "i1", "u-1"), d2, [0; 2], CloseReason::NodeLost);
         // Already open: left as it is.
-        live.recover("r3", who("a", "i1", "u-1"), d1, [0; 2]);
+        live.recover("r3", who("a", "i1", "u-1"), d1, [0; 2], shut);
         assert_eq!(live.counts(), (3, 0, 3));
         assert_eq!(live.admit("s1", who("a", "i1", "u-1"), lim, t), Err(LimitHit::Instance(2)));
         assert!(live.overdue(t + Duration::from_secs(9)).is_empty());
         assert!(live.recovered_overdue(t).is_empty());
-        assert_eq!(live.recovered_overdue(d1), ["r1"]);
-        assert_eq!(live.recovered_overdue(d2), ["r1", "r2", "r3"]);
+        let ids =
+            |v: Vec<(String, CloseReason)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(live.recovered_overdue(d1)), ["r1"]);
+        assert_eq!(ids(live.recovered_overdue(d2)), ["r1", "r2", "r3"]);
         assert_eq!(live.set_state("r2", LiveState::Connected), Some(LiveState::Detached));
         live.remove("r1");
-        assert_eq!(live.recovered_overdue(d2), ["r3"]);
+        // Each closed with its own reason: r3 came from a dead node.
+        assert_eq!(live.recovered_overdue(d2), [("r3".to_owned(), CloseReason::NodeLost)]);
         assert_eq!(live.recovered_waiting(), 1);
         // Detached again later (by the data plane): the deadline is not taken back.
         live.set_state("r2", LiveState::Detached);
-        assert_eq!(live.recovered_overdue(d2), ["r3"]);
+        assert_eq!(ids(live.recovered_overdue(d2)), ["r3"]);
         assert_eq!(live.counts(), (2, 0, 2));
     }
 

@@ -273,6 +273,7 @@ impl ControlPlane {
                     who,
                     deadline,
                     [r.bytes_client_to_agent, r.bytes_agent_to_client],
+                    reason,
                 );
             }
             if closed > 0 || !recovered.is_empty() {

@@ -704,11 +704,12 @@ impl Shared {
 
     pub(super) async fn sweep(&self) {
         let now = Instant::now();
-        for id in self.live.recovered_overdue(now) {
-            info!(session = %id, window_s = self.cfg.resume_window.as_secs(),
-                "session kept across a relay restart not resumed within the window; closing");
+        for (id, lost) in self.live.recovered_overdue(now) {
+            info!(session = %id, window_s = self.cfg.resume_window.as_secs(), reason = %lost,
+                "session kept across a relay restart (or taken over from a dead node) not \
+                 resumed within the window; closing");
             // As for the pending sweep: the record first, then a leg that came back alone.
-            let closed = self.close(&id, CloseReason::RelayShutdown, 0, 0).await;
+            let closed = self.close(&id, lost, 0, 0).await;
             self.data.command(DataCommand::Terminate {
                 session_id: id.clone(),
                 code: CLOSE_PAIR_TIMEOUT,
@@ -1013,15 +1014,20 @@ impl Shared {
         );
     }
 
-    /// The agent said it could not start `id`.
+    /// The agent said it could not start `id`. In a fleet, a session another node holds is
+    /// left to that node: the agent moved its control channel here after `session.open` came
+    /// through the other node, most often because that node died (its expiry then closes the
+    /// session as `node_lost`, the truer reason); a live node ends it by its own pair timeout.
     pub(super) async fn agent_failed(&self, instance: &str, id: &str) {
         let sid = id.to_owned();
-        let inst = instance.to_owned();
-        let ok = matches!(
-            self.blocking(move |s| s.session(None, &sid)).await,
-            Ok(Some(s)) if s.instance_id == inst
-        );
-        if !ok {
+        let rec = match self.blocking(move |s| s.session(None, &sid)).await {
+            Ok(Some(s)) if s.instance_id == instance => s,
+            _ => return,
+        };
+        if let Some(node) = rec.node_id.as_deref().filter(|n| self.fleet && *n != self.cfg.node.id)
+        {
+            info!(session = %id, instance = %instance, node = %node,
+                "agent could not start a session another node holds; left to that node");
             return;
         }
         self.data

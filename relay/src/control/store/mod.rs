@@ -170,6 +170,17 @@ pub struct Instance {
     pub secret_revoked_at: Option<i64>,
 }
 
+/// A relay node another node expired ([`Store::expire_nodes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredNode {
+    /// The node.
+    pub id: String,
+    /// Its sessions closed: those that never paired, and with no adopter every open one.
+    pub closed: usize,
+    /// Its paired sessions, now the adopter's and `detached`, oldest first.
+    pub adopted: Vec<SessionRecord>,
+}
+
 /// A session as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
@@ -603,16 +614,19 @@ pub trait Store: Send + Sync + 'static {
     fn heartbeat_node(&self, id: &str, run: &str, now: i64) -> anyhow::Result<bool>;
     /// The registered nodes.
     fn nodes(&self) -> anyhow::Result<Vec<Node>>;
-    /// Removes the nodes whose last heartbeat is before `before`, in one transaction each: its
-    /// open sessions are closed as `reason` at `now` and its agents' channel records dropped.
-    /// Of several nodes doing this at once, each dead node is expired by one. Returns the
-    /// expired nodes with how many sessions each had open.
+    /// Removes the nodes whose last heartbeat is before `before`, in one transaction: their
+    /// agents' channel records and mail are dropped, their sessions that never paired are
+    /// closed as `reason` at `now`, and their paired ones (`connected`, `detached`) are moved
+    /// to `adopter` as `detached` (their legs resume there), or closed as `reason` too when
+    /// there is no adopter. Of several nodes doing this at once, each dead node is expired by
+    /// one.
     fn expire_nodes(
         &self,
         before: i64,
         reason: CloseReason,
         now: i64,
-    ) -> anyhow::Result<Vec<(String, usize)>>;
+        adopter: Option<&str>,
+    ) -> anyhow::Result<Vec<ExpiredNode>>;
     /// Records that `node` holds `instance`'s control channel now.
     fn set_agent_channel(&self, instance: &str, ch: &AgentChannel) -> anyhow::Result<()>;
     /// Forgets `instance`'s control channel if `node` still holds it; false when not.

@@ -19,9 +19,9 @@ use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls, Row, Transaction};
 
 use super::{
-    AccessKey, Account, Activation, AgentChannel, CloseReason, Instance, KeyOwner, Mode, Node,
-    OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError, SessionPrefs, SessionRecord,
-    SessionState, StateFilter, Store, Tags, User, Wake,
+    AccessKey, Account, Activation, AgentChannel, CloseReason, ExpiredNode, Instance, KeyOwner,
+    Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError, SessionPrefs,
+    SessionRecord, SessionState, StateFilter, Store, Tags, User, Wake,
 };
 
 /// Connections per store: the API's blocking pool runs store calls in parallel; more than a
@@ -1326,7 +1326,8 @@ impl Store for PgStore {
         before: i64,
         reason: CloseReason,
         now: i64,
-    ) -> anyhow::Result<Vec<(String, usize)>> {
+        adopter: Option<&str>,
+    ) -> anyhow::Result<Vec<ExpiredNode>> {
         self.tx(|tx| {
             // SKIP LOCKED: a node another survivor is expiring right now is its to expire.
             let dead: Vec<String> = tx
@@ -1340,6 +1341,21 @@ impl Store for PgStore {
                 .collect::<Result<_, _>>()?;
             let mut out = Vec::with_capacity(dead.len());
             for id in dead {
+                let adopted = match adopter {
+                    Some(to) => tx
+                        .query(
+                            &format!(
+                                "UPDATE sessions SET state = 'detached', detached_at = $1, \
+                                 node_id = $2 WHERE state IN ('connected', 'detached') \
+                                 AND node_id = $3 RETURNING {SESSION_COLS}"
+                            ),
+                            &[&now, &to, &id],
+                        )?
+                        .iter()
+                        .map(session_row)
+                        .collect::<anyhow::Result<Vec<_>>>()?,
+                    None => Vec::new(),
+                };
                 let closed = tx.execute(
                     "UPDATE sessions SET state = 'closed', close_reason = $1, closed_at = $2 \
                      WHERE state <> 'closed' AND node_id = $3",
@@ -1348,7 +1364,13 @@ impl Store for PgStore {
                 tx.execute("DELETE FROM agent_channels WHERE node_id = $1", &[&id])?;
                 tx.execute("DELETE FROM node_mail WHERE node_id = $1", &[&id])?;
                 tx.execute("DELETE FROM nodes WHERE id = $1", &[&id])?;
-                out.push((id, usize::try_from(closed).unwrap_or(usize::MAX)));
+                let mut adopted = adopted;
+                adopted.sort_by(|x, y| (x.created_at, &x.id).cmp(&(y.created_at, &y.id)));
+                out.push(ExpiredNode {
+                    id,
+                    closed: usize::try_from(closed).unwrap_or(usize::MAX),
+                    adopted,
+                });
             }
             Ok(out)
         })

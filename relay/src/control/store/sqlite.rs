@@ -8,9 +8,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::schema::MIGRATIONS;
 use super::{
-    AccessKey, Account, Activation, AgentChannel, CloseReason, Instance, KeyOwner, Mode, Node,
-    OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError, SessionPrefs, SessionRecord,
-    SessionState, StateFilter, Store, Tags, User,
+    AccessKey, Account, Activation, AgentChannel, CloseReason, ExpiredNode, Instance, KeyOwner,
+    Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError, SessionPrefs,
+    SessionRecord, SessionState, StateFilter, Store, Tags, User,
 };
 
 /// Compiled statements kept per connection: every query the API and the session life run, with
@@ -1039,7 +1039,8 @@ impl Store for SqliteStore {
         before: i64,
         reason: CloseReason,
         now: i64,
-    ) -> anyhow::Result<Vec<(String, usize)>> {
+        adopter: Option<&str>,
+    ) -> anyhow::Result<Vec<ExpiredNode>> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let dead: Vec<String> = {
@@ -1048,6 +1049,19 @@ impl Store for SqliteStore {
         };
         let mut out = Vec::with_capacity(dead.len());
         for id in dead {
+            let mut adopted = match adopter {
+                Some(to) => {
+                    let mut st = tx.prepare(&format!(
+                        "UPDATE sessions SET state = 'detached', detached_at = ?1, node_id = ?2 \
+                         WHERE state IN ('connected', 'detached') AND node_id = ?3 \
+                         RETURNING {SESSION_COLS}"
+                    ))?;
+                    st.query_map(params![now, to, id], session_row)?
+                        .collect::<Result<Vec<_>, _>>()?
+                }
+                None => Vec::new(),
+            };
+            adopted.sort_by(|x, y| (x.created_at, &x.id).cmp(&(y.created_at, &y.id)));
             let closed = tx.execute(
                 "UPDATE sessions SET state = 'closed', close_reason = ?1, closed_at = ?2 \
                  WHERE state != 'closed' AND node_id = ?3",
@@ -1056,7 +1070,7 @@ impl Store for SqliteStore {
             tx.execute("DELETE FROM agent_channels WHERE node_id = ?1", [&id])?;
             tx.execute("DELETE FROM node_mail WHERE node_id = ?1", [&id])?;
             tx.execute("DELETE FROM nodes WHERE id = ?1", [&id])?;
-            out.push((id, closed));
+            out.push(ExpiredNode { id, closed, adopted });
         }
         tx.commit()?;
         Ok(out)

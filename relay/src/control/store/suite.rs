@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use super::{
-    Account, Activation, AgentChannel, CloseReason, Mode, Node, OpenLimits, OverLimit, PgStore,
-    RegisterError, SessionPrefs, SessionRecord, SessionState, SqliteStore, StateFilter, Store,
+    Account, Activation, AgentChannel, CloseReason, ExpiredNode, Mode, Node, OpenLimits, OverLimit,
+    PgStore, RegisterError, SessionPrefs, SessionRecord, SessionState, SqliteStore, StateFilter,
+    Store,
 };
 use crate::control::iam::{self, IamError};
 
@@ -50,6 +51,7 @@ on_every_engine!(
     iam_life_of_users_keys_policies_and_instances,
     last_activation_slot_goes_to_exactly_one_of_many_racing,
     fleet_limits_nodes_mail_keys_and_expiry,
+    a_dead_nodes_paired_sessions_move_to_the_adopter,
     open_limits_hold_against_admissions_racing,
 );
 
@@ -500,8 +502,10 @@ fn fleet_limits_nodes_mail_keys_and_expiry(s: &dyn Store) {
     assert!(s.take_mail("n-a", 2).unwrap().is_empty());
 
     // n-b is silent past the cut: expired once, its sessions closed, its records gone.
-    assert_eq!(s.expire_nodes(60, CloseReason::NodeLost, 200).unwrap(), [("n-b".to_owned(), 2)]);
-    assert!(s.expire_nodes(60, CloseReason::NodeLost, 201).unwrap().is_empty());
+    // No adopter (no resume window): all of them closed.
+    let expired = s.expire_nodes(60, CloseReason::NodeLost, 200, None).unwrap();
+    assert_eq!(expired, [ExpiredNode { id: "n-b".into(), closed: 2, adopted: vec![] }]);
+    assert!(s.expire_nodes(60, CloseReason::NodeLost, 201, None).unwrap().is_empty());
     let lost = s.session(None, "s-1").unwrap().unwrap();
     assert_eq!(
         (lost.state, lost.close_reason, lost.closed_at),
@@ -532,6 +536,54 @@ fn fleet_limits_nodes_mail_keys_and_expiry(s: &dyn Store) {
     assert!(s.add_signing_key("k3", b"three", 1, false).unwrap());
     let keys = s.signing_keys().unwrap();
     assert_eq!(keys, [("k2".to_owned(), b"two".to_vec()), ("k3".to_owned(), b"three".to_vec())]);
+}
+
+/// With an adopter, a dead node's paired sessions (connected or detached) become the
+/// adopter's, detached, with their counts; the ones that never paired are closed; another
+/// node's sessions are left alone; the slots stay taken.
+fn a_dead_nodes_paired_sessions_move_to_the_adopter(s: &dyn Store) {
+    account(s, "acct-1");
+    let limits = OpenLimits { per_instance: 4, per_account: 10, per_user: 10 };
+    for (id, node) in [("s-1", "n-b"), ("s-2", "n-b"), ("s-3", "n-b"), ("s-4", "n-c")] {
+        let rec = SessionRecord { created_at: 10, ..on_node(id, "i-1", "owner", node) };
+        assert_eq!(s.admit_session(&rec, limits).unwrap(), Ok(()));
+    }
+    for id in ["s-1", "s-2", "s-4"] {
+        assert!(s.mark_connected(id, 20).unwrap());
+    }
+    assert!(s.mark_detached("s-2", 30).unwrap());
+    s.record_progress(&[("s-1".into(), 7, 9)]).unwrap();
+    s.register_node(&node("n-a", "run-a", 100)).unwrap();
+    s.register_node(&node("n-b", "run-b", 50)).unwrap();
+    s.register_node(&node("n-c", "run-c", 100)).unwrap();
+
+    let expired = s.expire_nodes(60, CloseReason::NodeLost, 200, Some("n-a")).unwrap();
+    let [ExpiredNode { id, closed, adopted }] = expired.as_slice() else { panic!("{expired:?}") };
+    assert_eq!((id.as_str(), *closed), ("n-b", 1));
+    let ids: Vec<&str> = adopted.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["s-1", "s-2"]);
+    for r in adopted {
+        assert_eq!((r.state, r.node_id.as_deref()), (SessionState::Detached, Some("n-a")));
+    }
+    let s1 = s.session(None, "s-1").unwrap().unwrap();
+    assert_eq!(
+        (s1.state, s1.node_id.as_deref(), s1.bytes_client_to_agent, s1.bytes_agent_to_client),
+        (SessionState::Detached, Some("n-a"), 7, 9)
+    );
+    assert_eq!(s1.detached_at, Some(200));
+    let s3 = s.session(None, "s-3").unwrap().unwrap();
+    assert_eq!((s3.state, s3.close_reason), (SessionState::Closed, Some(CloseReason::NodeLost)));
+    let s4 = s.session(None, "s-4").unwrap().unwrap();
+    assert_eq!((s4.state, s4.node_id.as_deref()), (SessionState::Connected, Some("n-c")));
+    // The adopted sessions keep their slots: i-1 holds three open (s-1, s-2, s-4).
+    let three = OpenLimits { per_instance: 3, ..limits };
+    let over = s.admit_session(&on_node("s-5", "i-1", "owner", "n-a"), three).unwrap();
+    assert_eq!(over, Err(OverLimit::Instance(3)));
+    // The adopter's own start (after a crash of its own) recovers them as its own.
+    let (closed, recovered) = s.recover_open("n-a", CloseReason::RelayShutdown, 300).unwrap();
+    assert_eq!(closed, 0);
+    let ids: Vec<&str> = recovered.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["s-1", "s-2"]);
 }
 
 /// Admissions racing from many threads (as from many nodes) never pass the account's limit.
