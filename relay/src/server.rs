@@ -166,6 +166,7 @@ impl Server {
 
         let mut control_cfg = cfg.control.clone();
         control_cfg.data_port = data_addr.port();
+        control_cfg.audit_file = Some(cfg.data_dir.join(crate::control::audit::FILE));
         control_cfg.data_scheme = if data_is_tls { "wss" } else { "ws" };
         let api_scheme = if tls.is_some() { "https" } else { "http" };
         control_cfg.node = crate::control::fleet::NodeSelf {

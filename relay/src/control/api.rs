@@ -13,7 +13,9 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, Extension, FromRequest, MatchedPath, Path, Query, Request, State,
+};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -33,7 +35,7 @@ use super::iam::IamError;
 use super::policy;
 use super::sessions::SessionError;
 use super::store::{Account, Instance, RegisterError, SessionRecord, StateFilter};
-use super::{Shared, credentials, iam, rfc3339, unix_now};
+use super::{Shared, audit, credentials, iam, rfc3339, unix_now};
 
 /// An API failure: status, stable code, message for a person.
 #[derive(Debug, Clone)]
@@ -157,8 +159,20 @@ fn error_json(info: &ErrorInfo, request_id: &str) -> String {
 }
 
 /// Adds the request id, turns every error response into the JSON error shape, counts answers.
-async fn track(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+async fn track(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
     let rid = format!("req-{}", hex::encode(credentials::random_bytes::<8>()));
+    let slot = audit::Slot::default();
+    let seen = audit::Request {
+        method: req.method().clone(),
+        route: req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()),
+        path: req.uri().path().to_owned(),
+        source_ip: req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| super::auth::canonical_ip(c.0.ip()).to_string())
+            .unwrap_or_default(),
+    };
+    req.extensions_mut().insert(slot.clone());
     let resp = next.run(req).await;
     let (mut parts, body) = resp.into_parts();
     let (info, body) = match parts.extensions.remove::<ErrorInfo>() {
@@ -173,6 +187,7 @@ async fn track(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> R
         }
         None => (None, Some(body)),
     };
+    let message = info.as_ref().map(|i| i.message.clone());
     let (resp, code) = match (info, body) {
         (Some(info), _) => {
             parts
@@ -187,10 +202,48 @@ async fn track(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> R
     };
     let mut resp = resp;
     shared.metrics.request(resp.status().as_u16(), code);
+    if audit::audited(&seen.method, resp.status()) {
+        let ev = audit::event(
+            &seen,
+            &slot,
+            &rid,
+            rfc3339(unix_now()),
+            resp.status(),
+            code,
+            message.as_deref(),
+        );
+        write_audit(&shared, ev).await;
+    }
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// Writes a request's audit event to the audit file and the store, before its answer leaves
+/// (docs in [`audit`]). A failed write is logged; the request's effect is not undone.
+async fn write_audit(shared: &Shared, ev: audit::Event) {
+    let line = match serde_json::to_string(&ev) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(err = %e, request = %ev.request_id, "audit event not serialized");
+            return;
+        }
+    };
+    let file = shared.audit.clone();
+    let (at, account) = (unix_now(), ev.account.clone());
+    let res = shared
+        .blocking(move |s| {
+            if let Some(f) = &file {
+                f.append(&line).map_err(|e| anyhow::anyhow!("appending to the audit file: {e}"))?;
+            }
+            s.append_audit(at, account.as_deref(), &line)
+        })
+        .await;
+    if let Err(e) = res {
+        warn!(err = %format!("{e:#}"), request = %ev.request_id, action = %ev.action,
+            "writing the audit event failed");
+    }
 }
 
 fn framework_error(status: StatusCode, text: String) -> ErrorInfo {
@@ -293,6 +346,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/account/settings", get(get_settings).put(put_settings))
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/connect", get(agent_connect))
+        .route("/v1/audit", get(read_audit))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(super::iam_api::routes())
@@ -439,14 +493,19 @@ const DEFAULT_PAGE: u32 = 100;
 
 async fn start_session(
     State(shared): State<Arc<Shared>>,
+    Extension(slot): Extension<audit::Slot>,
     caller: Caller,
     headers: HeaderMap,
     body: Result<ApiJson<StartSessionRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
+    if let Ok(ApiJson(req)) = &body {
+        slot.target(&req.instance_id);
+    }
     shared.take_start(&caller)?;
     let ApiJson(req) = body?;
     let base = data_base(&shared, &headers);
     let g = shared.start(&caller, &req, &base).await?;
+    slot.target(&format!("{} session {}", req.instance_id, g.session_id));
     Ok(json(
         StatusCode::CREATED,
         &StartSessionResponse {
@@ -516,6 +575,79 @@ async fn list_sessions(
     let (rows, next_token) = shared.list(&caller, filter, limit, q.next_token).await?;
     let sessions = rows.iter().map(session_info).collect();
     Ok(json(StatusCode::OK, &SessionList { sessions, next_token }))
+}
+
+/// `GET /v1/audit` query.
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    /// RFC 3339, or seconds since the epoch: events written at or after it.
+    since: Option<String>,
+    limit: Option<u32>,
+    next_token: Option<String>,
+}
+
+/// `GET /v1/audit` answer: the events as they were written, oldest first.
+#[derive(Debug, serde::Serialize)]
+struct AuditList {
+    events: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_token: Option<String>,
+}
+
+/// Seconds since the epoch of `s`: RFC 3339 or a whole number of seconds.
+fn parse_since(s: &str) -> Result<i64, ApiError> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|_| {
+            ApiError::invalid(format!(
+                "since {:?} is neither RFC 3339 nor seconds since the epoch",
+                hatch_proto::logtext::peer(s, 60)
+            ))
+        })
+}
+
+/// `GET /v1/audit?since=&limit=&next_token=`: the caller's account's audit events
+/// (`hatch:ReadAudit`).
+async fn read_audit(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let hrn = policy::account_hrn(&caller.account.id, policy::Kind::Audit, "*");
+    if !caller.may_account(policy::READ_AUDIT, &hrn) {
+        info!(user = caller.principal(), resource = %hrn, "audit read denied by policy");
+        return Err(ApiError::denied(format!(
+            "your policy does not allow {} on {hrn}",
+            policy::READ_AUDIT
+        )));
+    }
+    let Query(q) = query.map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))?;
+    let since = q.since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit must be 1 to {MAX_PAGE}")));
+    }
+    let after = match q.next_token.as_deref() {
+        None => 0,
+        Some(t) => t
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::invalid("next_token is not one this API gave"))?,
+    };
+    let acct = caller.account.id.clone();
+    let mut recs = shared.blocking(move |s| s.audit_events(&acct, since, after, limit + 1)).await?;
+    let more = recs.len() > limit as usize;
+    recs.truncate(limit as usize);
+    let next_token = more.then(|| recs.last().map(|r| r.seq.to_string())).flatten();
+    let events = recs
+        .iter()
+        .map(|r| serde_json::from_str(&r.line).unwrap_or(serde_json::Value::String(r.line.clone())))
+        .collect();
+    Ok(json(StatusCode::OK, &AuditList { events, next_token }))
 }
 
 async fn describe_session(
@@ -611,6 +743,7 @@ async fn put_settings(
 
 async fn register(
     State(shared): State<Arc<Shared>>,
+    Extension(slot): Extension<audit::Slot>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<ApiJson<RegisterRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
@@ -618,6 +751,7 @@ async fn register(
     if req.activation_id.len() > 64 || req.activation_code.len() > 256 {
         return Err(ApiError::invalid("activation id or code too long"));
     }
+    slot.target(&format!("activation {}", req.activation_id));
     if let Some(h) = &req.hostname
         && (h.len() > 255 || h.chars().any(char::is_control))
     {
@@ -645,6 +779,8 @@ async fn register(
     match res {
         Ok(inst) => {
             info!(instance = %inst.id, account = %inst.account_id, %peer, "instance registered");
+            slot.account(&inst.account_id);
+            slot.target(&inst.id);
             Ok(json(
                 StatusCode::CREATED,
                 &RegisterResponse { instance_id: inst.id, instance_secret: secret },

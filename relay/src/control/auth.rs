@@ -147,6 +147,15 @@ impl FromRequestParts<Arc<Shared>> for Caller {
         let ConnectInfo(peer) = ConnectInfo::<SocketAddr>::from_request_parts(parts, shared)
             .await
             .map_err(|e| ApiError::new(e.status(), codes::INTERNAL_ERROR, e.body_text()))?;
-        authenticate(shared, &parts.headers, peer).await
+        let caller = authenticate(shared, &parts.headers, peer).await?;
+        // The request's audit line names who made it (`audit::Slot`, put there by `track`).
+        if let Some(slot) = parts.extensions.get::<super::audit::Slot>() {
+            slot.who(super::audit::Who {
+                account: caller.account.id.clone(),
+                principal: caller.principal().to_owned(),
+                key_id: caller.key_id.clone(),
+            });
+        }
+        Ok(caller)
     }
 }

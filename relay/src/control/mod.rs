@@ -40,6 +40,7 @@
 pub mod access;
 pub mod agents;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod credentials;
 pub mod fleet;
@@ -149,6 +150,8 @@ pub struct ControlConfig {
     /// A fleet node silent this long is expired by another (`--node-timeout`): its sessions
     /// are closed as `node_lost`.
     pub node_timeout: Duration,
+    /// The audit log file this node appends to (`DATA_DIR/audit.log`); `None`: the store only.
+    pub audit_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ControlConfig {
@@ -177,6 +180,7 @@ impl Default for ControlConfig {
             metrics_token: None,
             node: fleet::NodeSelf::default(),
             node_timeout: Duration::from_secs(15),
+            audit_file: None,
         }
     }
 }
@@ -198,6 +202,8 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
     /// When this node's heartbeat last reached the store (a fleet; seconds since the epoch).
     last_beat: std::sync::atomic::AtomicI64,
+    /// The audit log file (`cfg.audit_file`), open for appending.
+    audit: Option<Arc<audit::AuditFile>>,
 }
 
 /// The control plane of one relay process.
@@ -286,8 +292,11 @@ impl ControlPlane {
                 );
             }
         }
+        let audit =
+            cfg.audit_file.as_deref().map(audit::AuditFile::open).transpose()?.map(Arc::new);
         Ok(ControlPlane {
             shared: Arc::new(Shared {
+                audit,
                 cfg,
                 store,
                 fleet,

@@ -58,6 +58,7 @@ pub const ACTIONS: &[&str] = &[
     "hatch:ListActivations",
     "hatch:CreateActivation",
     "hatch:DeleteActivation",
+    "hatch:ReadAudit",
 ];
 
 /// The IAM actions on instances: evaluated on the instance, with its keys.
@@ -81,6 +82,7 @@ pub const ACCOUNT_ACTIONS: &[&str] = &[
     "hatch:ListActivations",
     "hatch:CreateActivation",
     "hatch:DeleteActivation",
+    "hatch:ReadAudit",
 ];
 
 /// Start a session on an instance.
@@ -127,6 +129,8 @@ pub const LIST_ACTIVATIONS: &str = "hatch:ListActivations";
 pub const CREATE_ACTIVATION: &str = "hatch:CreateActivation";
 /// Revoke an activation (resource `activation/{id}`).
 pub const DELETE_ACTIVATION: &str = "hatch:DeleteActivation";
+/// Read the account's audit log (`GET /v1/audit`).
+pub const READ_AUDIT: &str = "hatch:ReadAudit";
 
 /// A refused document: the path of the bad field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -423,6 +427,8 @@ pub enum Kind {
     Policy,
     /// `activation/{id}`.
     Activation,
+    /// `audit/*`: the account's audit log.
+    Audit,
 }
 
 impl Kind {
@@ -431,6 +437,7 @@ impl Kind {
             Kind::User => "user",
             Kind::Policy => "policy",
             Kind::Activation => "activation",
+            Kind::Audit => "audit",
         }
     }
 }
@@ -548,13 +555,14 @@ fn parse_statement(at: &str, v: &Value) -> Result<Statement, PolicyError> {
                 || (named("instance") && !parts[2].is_empty())
                 || named("user")
                 || named("policy")
-                || named("activation"));
+                || named("activation")
+                || named("audit"));
         if !shaped {
             return Err(err(
                 field,
                 format!(
                     "{r:?} is not hrn:hatch:{{region}}:{{account}}:instance/{{id}} or \
-                     hrn:hatch::{{account}}:user/{{name}}, policy/{{name}} or activation/{{id}} \
+                     hrn:hatch::{{account}}:user/{{name}}, policy/{{name}}, activation/{{id}} or audit/* \
                      (wildcards * and ? allowed in each part)"
                 ),
             ));

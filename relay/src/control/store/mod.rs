@@ -170,6 +170,19 @@ pub struct Instance {
     pub secret_revoked_at: Option<i64>,
 }
 
+/// An audit event as stored ([`super::audit`]): its line, and what it is found by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Order of writing, across the fleet (the cursor of `GET /v1/audit`).
+    pub seq: i64,
+    /// Seconds since the Unix epoch.
+    pub at: i64,
+    /// The account it belongs to; `None` for a request no account could be named for.
+    pub account_id: Option<String>,
+    /// The event, one JSON object.
+    pub line: String,
+}
+
 /// A relay node another node expired ([`Store::expire_nodes`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredNode {
@@ -664,6 +677,17 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         only_if_none: bool,
     ) -> anyhow::Result<bool>;
+    /// Appends an audit event (its JSON `line`) written at `at`.
+    fn append_audit(&self, at: i64, account: Option<&str>, line: &str) -> anyhow::Result<()>;
+    /// `account`'s audit events written at or after `since` with a `seq` above `after`,
+    /// oldest first, at most `limit`.
+    fn audit_events(
+        &self,
+        account: &str,
+        since: i64,
+        after: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<AuditRecord>>;
     /// Applies an agent's counts of a session whose end a relay lost: only to a session of
     /// `instance_id` closed as `reason` (`relay_shutdown`), and only raising counts. False when
     /// no such session exists (then nothing changed).

@@ -19,9 +19,9 @@ use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls, Row, Transaction};
 
 use super::{
-    AccessKey, Account, Activation, AgentChannel, CloseReason, ExpiredNode, Instance, KeyOwner,
-    Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError, SessionPrefs,
-    SessionRecord, SessionState, StateFilter, Store, Tags, User, Wake,
+    AccessKey, Account, Activation, AgentChannel, AuditRecord, CloseReason, ExpiredNode, Instance,
+    KeyOwner, Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError,
+    SessionPrefs, SessionRecord, SessionState, StateFilter, Store, Tags, User, Wake,
 };
 
 /// Connections per store: the API's blocking pool runs store calls in parallel; more than a
@@ -223,6 +223,16 @@ INSERT INTO open_counts (scope, n)
     UNION ALL
     SELECT 'u:' || account_id || '/' || principal, COUNT(*) FROM sessions
         WHERE state <> 'closed' GROUP BY account_id, principal;
+"#,
+    // The audit log (control::audit), as SQLite's migration 10.
+    r#"
+CREATE TABLE audit_events (
+    seq BIGSERIAL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    account_id TEXT,
+    line TEXT NOT NULL
+);
+CREATE INDEX audit_events_account ON audit_events (account_id, seq);
 "#,
 ];
 
@@ -1515,6 +1525,36 @@ impl Store for PgStore {
             &[&id, &instance_id, &reason.as_str(), &to_i64(c2a), &to_i64(a2c)],
         )?;
         Ok(n == 1)
+    }
+
+    fn append_audit(&self, at: i64, account: Option<&str>, line: &str) -> anyhow::Result<()> {
+        self.exec(
+            "INSERT INTO audit_events (at, account_id, line) VALUES ($1, $2, $3)",
+            &[&at, &account, &line],
+        )?;
+        Ok(())
+    }
+
+    fn audit_events(
+        &self,
+        account: &str,
+        since: i64,
+        after: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<AuditRecord>> {
+        self.all(
+            "SELECT seq, at, account_id, line FROM audit_events \
+             WHERE account_id = $1 AND seq > $2 AND at >= $3 ORDER BY seq LIMIT $4",
+            &[&account, &after, &since, &i64::from(limit)],
+            |r| {
+                Ok(AuditRecord {
+                    seq: r.try_get(0)?,
+                    at: r.try_get(1)?,
+                    account_id: r.try_get(2)?,
+                    line: r.try_get(3)?,
+                })
+            },
+        )
     }
 }
 

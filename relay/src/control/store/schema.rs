@@ -153,4 +153,14 @@ CREATE TABLE signing_keys (
     created_at INTEGER NOT NULL
 );
 "#,
+    // The audit log (control::audit): one JSON line per event, found by account and order.
+    r#"
+CREATE TABLE audit_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    account_id TEXT,
+    line TEXT NOT NULL
+);
+CREATE INDEX audit_events_account ON audit_events (account_id, seq);
+"#,
 ];

@@ -8,9 +8,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::schema::MIGRATIONS;
 use super::{
-    AccessKey, Account, Activation, AgentChannel, CloseReason, ExpiredNode, Instance, KeyOwner,
-    Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError, SessionPrefs,
-    SessionRecord, SessionState, StateFilter, Store, Tags, User,
+    AccessKey, Account, Activation, AgentChannel, AuditRecord, CloseReason, ExpiredNode, Instance,
+    KeyOwner, Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError,
+    SessionPrefs, SessionRecord, SessionState, StateFilter, Store, Tags, User,
 };
 
 /// Compiled statements kept per connection: every query the API and the session life run, with
@@ -961,6 +961,36 @@ impl Store for SqliteStore {
             params![id, instance_id, reason.as_str(), to_i64(c2a), to_i64(a2c)],
         )?;
         Ok(n == 1)
+    }
+
+    fn append_audit(&self, at: i64, account: Option<&str>, line: &str) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO audit_events (at, account_id, line) VALUES (?1, ?2, ?3)",
+            params![at, account, line],
+        )?;
+        Ok(())
+    }
+
+    fn audit_events(
+        &self,
+        account: &str,
+        since: i64,
+        after: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<AuditRecord>> {
+        self.all(
+            "SELECT seq, at, account_id, line FROM audit_events \
+             WHERE account_id = ?1 AND seq > ?2 AND at >= ?3 ORDER BY seq LIMIT ?4",
+            params![account, after, since, limit],
+            |r| {
+                Ok(AuditRecord {
+                    seq: r.get(0)?,
+                    at: r.get(1)?,
+                    account_id: r.get(2)?,
+                    line: r.get(3)?,
+                })
+            },
+        )
     }
 
     fn close_all_open(&self, node: &str, reason: CloseReason, at: i64) -> anyhow::Result<usize> {

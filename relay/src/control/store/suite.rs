@@ -52,6 +52,7 @@ on_every_engine!(
     last_activation_slot_goes_to_exactly_one_of_many_racing,
     fleet_limits_nodes_mail_keys_and_expiry,
     a_dead_nodes_paired_sessions_move_to_the_adopter,
+    audit_events_by_account_time_and_cursor,
     open_limits_hold_against_admissions_racing,
 );
 
@@ -584,6 +585,29 @@ fn a_dead_nodes_paired_sessions_move_to_the_adopter(s: &dyn Store) {
     assert_eq!(closed, 0);
     let ids: Vec<&str> = recovered.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["s-1", "s-2"]);
+}
+
+/// Audit events come back per account, oldest first, from a time and after a cursor.
+fn audit_events_by_account_time_and_cursor(s: &dyn Store) {
+    for (at, acct, line) in [
+        (10, Some("acct-1"), "a"),
+        (20, Some("acct-2"), "b"),
+        (30, Some("acct-1"), "c"),
+        (40, None, "d"),
+        (50, Some("acct-1"), "e"),
+    ] {
+        s.append_audit(at, acct, line).unwrap();
+    }
+    let lines = |v: Vec<super::AuditRecord>| v.into_iter().map(|r| r.line).collect::<Vec<_>>();
+    assert_eq!(lines(s.audit_events("acct-1", 0, 0, 10).unwrap()), ["a", "c", "e"]);
+    assert_eq!(lines(s.audit_events("acct-1", 30, 0, 10).unwrap()), ["c", "e"]);
+    let first = s.audit_events("acct-1", 0, 0, 2).unwrap();
+    assert_eq!(first.len(), 2);
+    let after = first[1].seq;
+    assert_eq!(lines(s.audit_events("acct-1", 0, after, 2).unwrap()), ["e"]);
+    assert!(s.audit_events("acct-3", 0, 0, 10).unwrap().is_empty());
+    assert_eq!(first[0].account_id.as_deref(), Some("acct-1"));
+    assert_eq!(first[0].at, 10);
 }
 
 /// Admissions racing from many threads (as from many nodes) never pass the account's limit.
