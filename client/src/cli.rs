@@ -61,11 +61,24 @@ pub enum Command {
     /// Activations: what agents register instances with.
     #[command(subcommand)]
     Activations(ActivationsCommand),
+    /// The account's audit log: one line per API action (`hatch:ReadAudit`).
+    Audit(AuditArgs),
     /// Print a shell completion script.
     Completions {
         /// The shell.
         shell: CompletionShell,
     },
+}
+
+/// `hatch audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only events from then on: RFC 3339 (`2026-12-04T08:00:00Z`) or seconds since the epoch.
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Print each event as the relay's JSON, one per line (as in the relay's audit.log).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `hatch configure`.

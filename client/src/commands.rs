@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::api::{self, Client};
 use crate::cli::{
-    AccountCommand, ActivationsCommand, AttachArgs, Cli, Command, ConfigureArgs, Format,
+    AccountCommand, ActivationsCommand, AttachArgs, AuditArgs, Cli, Command, ConfigureArgs, Format,
     InstancesArgs, InstancesCommand, KeysCommand, PoliciesCommand, SessionsArgs, SessionsCommand,
     StreamArgs, Switch, UsersCommand,
 };
@@ -97,6 +97,7 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
         }
         Command::Proxy(args) => crate::forward::proxy(&client(profile, env, verbose)?, args).await,
         Command::Sessions(args) => sessions(&client(profile, env, verbose)?, args).await,
+        Command::Audit(args) => audit(&client(profile, env, verbose)?, args).await,
         Command::Terminate { session_id } => {
             let client = client(profile, env, verbose)?;
             let id = checked_id(&session_id, "session")?;
@@ -607,6 +608,50 @@ async fn last_seen(client: &Client, instance: &str) -> Option<String> {
         return Some("never".to_owned());
     }
     output::ago(seen, output::now())
+}
+
+/// `hatch audit`: every page of the account's audit events from `--since`, oldest first.
+async fn audit(client: &Client, args: AuditArgs) -> Result<u8, CliError> {
+    let subject = Subject { action: "hatch:ReadAudit", ..Subject::default() };
+    let mut query = vec!["limit=1000".to_owned()];
+    if let Some(since) = &args.since {
+        let ok = !since.is_empty()
+            && since.len() <= 40
+            && since.bytes().all(|b| b.is_ascii_alphanumeric() || b":-+.".contains(&b));
+        if !ok {
+            return Err(CliError::Usage(format!(
+                "--since {since:?}: give RFC 3339 (2026-12-04T08:00:00Z) or seconds since the epoch"
+            )));
+        }
+        query.push(format!("since={}", since.replace('+', "%2B")));
+    }
+    let mut events = Vec::new();
+    let mut next: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let mut q = query.clone();
+        if let Some(token) = &next {
+            checked_id(token, "page token")?;
+            q.push(format!("next_token={token}"));
+        }
+        let answer: Value = client.get(&format!("/v1/audit?{}", q.join("&")), &subject).await?;
+        events.extend(output::items(&answer, "events").into_iter().cloned());
+        next = answer.get("next_token").and_then(Value::as_str).map(str::to_owned);
+        if next.is_none() {
+            break;
+        }
+    }
+    if args.json {
+        let mut out = String::new();
+        for e in &events {
+            out.push_str(&serde_json::to_string(e).map_err(|e| CliError::Local(e.to_string()))?);
+            out.push('\n');
+        }
+        print(&out)?;
+    } else {
+        let rows: Vec<&Value> = events.iter().collect();
+        print(&output::table(&rows, output::AUDIT_COLUMNS, output::now()))?;
+    }
+    Ok(0)
 }
 
 async fn sessions(client: &Client, args: SessionsArgs) -> Result<u8, CliError> {

@@ -66,6 +66,16 @@ pub const INSTANCE_COLUMNS: &[Column] = &[
     Column { title: "TAGS", keys: &["tags"], kind: Kind::Tags },
 ];
 
+/// Columns of `hatch audit`.
+pub const AUDIT_COLUMNS: &[Column] = &[
+    Column { title: "TIME", keys: &["time"], kind: Kind::Text },
+    Column { title: "CALLER", keys: &["caller"], kind: Kind::Text },
+    Column { title: "SOURCE", keys: &["source_ip"], kind: Kind::Text },
+    Column { title: "ACTION", keys: &["action"], kind: Kind::Text },
+    Column { title: "TARGET", keys: &["target"], kind: Kind::Text },
+    Column { title: "OUTCOME", keys: &["outcome"], kind: Kind::Text },
+];
+
 /// Columns of `hatch users list`.
 pub const USER_COLUMNS: &[Column] = &[
     Column { title: "USER", keys: &["name"], kind: Kind::Text },

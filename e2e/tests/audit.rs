@@ -180,6 +180,25 @@ async fn every_action_of_a_scripted_run_has_one_audit_line() {
     assert_eq!(seen[..evs.len()], evs[..]);
     assert_eq!(summary(seen.last().unwrap()).0, "hatch:CreateAccessKey");
 
+    // `hatch audit`: the same events as JSON lines, or a table.
+    let out = hatch(&relay, home.path(), &carol).args(["audit", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines, seen);
+    let out = hatch(&relay, home.path(), &owner)
+        .args(["audit", "--since", "2000-01-01T00:00:00Z"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.starts_with("TIME"), "{table}");
+    let denied_row = table.lines().find(|l| l.contains("denied")).expect("a denied row");
+    assert!(denied_row.contains("hatch:StartSession") && denied_row.contains(&bob_id), "{table}");
+
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(agent.wait_exit(DEADLINE).success());
 }
