@@ -60,6 +60,11 @@ impl ApiError {
         ApiError { status, code, message: message.into(), last_seen: None, retry_after: None }
     }
 
+    /// The HTTP status it answers with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, codes::INVALID_REQUEST, message)
     }
@@ -296,6 +301,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(super::iam_api::routes())
+        .merge(super::console_api::routes(shared.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -381,7 +387,7 @@ async fn metrics(
 }
 
 /// `wss://host:port` for a caller who reached the API with `host_header`.
-fn data_base(shared: &Shared, headers: &HeaderMap) -> String {
+pub(super) fn data_base(shared: &Shared, headers: &HeaderMap) -> String {
     if let Some(u) = &shared.cfg.public_data_url {
         return u.trim_end_matches('/').to_owned();
     }
@@ -426,7 +432,7 @@ fn session_info(s: &SessionRecord) -> SessionInfo {
 }
 
 #[derive(Debug, Deserialize)]
-struct ListQuery {
+pub(super) struct ListQuery {
     state: Option<String>,
     limit: Option<u32>,
     next_token: Option<String>,
@@ -437,7 +443,7 @@ const MAX_PAGE: u32 = 1000;
 /// Page size when none is asked for.
 const DEFAULT_PAGE: u32 = 100;
 
-async fn start_session(
+pub(super) async fn start_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     headers: HeaderMap,
@@ -465,7 +471,7 @@ async fn start_session(
 
 /// `POST /v1/sessions/{id}/resume`: a resume token for a new client leg of the caller's own
 /// session.
-async fn resume_session(
+pub(super) async fn resume_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     headers: HeaderMap,
@@ -493,7 +499,7 @@ async fn resume_session(
     ))
 }
 
-async fn list_sessions(
+pub(super) async fn list_sessions(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -518,7 +524,7 @@ async fn list_sessions(
     Ok(json(StatusCode::OK, &SessionList { sessions, next_token }))
 }
 
-async fn describe_session(
+pub(super) async fn describe_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
@@ -528,7 +534,7 @@ async fn describe_session(
     Ok(json(StatusCode::OK, &session_info(&rec)))
 }
 
-async fn terminate_session(
+pub(super) async fn terminate_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
@@ -538,7 +544,7 @@ async fn terminate_session(
     Ok(json(StatusCode::OK, &session_info(&rec)))
 }
 
-async fn list_instances(
+pub(super) async fn list_instances(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
 ) -> Result<Response, ApiError> {
