@@ -327,7 +327,7 @@ impl Shared {
                     "console login refused: the console session table is full"
                 );
                 Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                    StatusCode::TOO_MANY_REQUESTS,
                     codes::THROTTLED,
                     "too many console sessions on this relay; try again later",
                 ))
@@ -369,7 +369,7 @@ impl Shared {
                 Ok(NewLink { code, link })
             }
             Err(_) => Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::TOO_MANY_REQUESTS,
                 codes::THROTTLED,
                 "too many login links waiting on this relay; try again later",
             )),
