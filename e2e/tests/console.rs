@@ -276,6 +276,25 @@ async fn a_login_link_works_once_and_only_once() {
         Ok(json!(true))
     );
 
+    // --open hands the link to $BROWSER (here a script that writes down what it was given).
+    let opener = dir.path().join("browser.sh");
+    let opened = dir.path().join("opened.txt");
+    std::fs::write(&opener, format!("#!/bin/sh\nprintf '%s' \"$1\" > {}\n", opened.display()))
+        .unwrap();
+    let exec = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+    std::fs::set_permissions(&opener, exec).unwrap();
+    let out = hatch(&relay, dir.path(), &relay.info.access_key)
+        .env("BROWSER", &opener)
+        .args(["console", "--open"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    wait_for("the browser to be handed the link", DEADLINE, || {
+        std::fs::read_to_string(&opened).is_ok_and(|t| t == printed)
+    })
+    .await;
+
     // An instance the caller cannot see: no link.
     let out = hatch(&relay, dir.path(), &relay.info.access_key)
         .args(["console", "-i", "i-00000000000000ff"])
@@ -366,7 +385,11 @@ async fn console_writes_need_the_cookie_the_csrf_token_and_the_consoles_origin()
     assert_eq!((r.status, r.json()["code"].clone()), (403, json!("OriginNotAllowed")));
 
     let c = http_login(&relay, &key).await;
-    let start = json!({"instance_id": iid, "mode": "shell", "term": "xterm-256color"}).to_string();
+    // An exec of `sleep`, not a shell: these sessions end (terminated) within moments of
+    // their start, and a login shell killed inside its start-up files can leave their state
+    // half-written (a lock of the host's pyenv left behind once made every later root shell
+    // of the machine wait a minute for it).
+    let start = json!({"instance_id": iid, "mode": "exec", "command": ["sleep", "60"]}).to_string();
     let post = |headers: Vec<(&'static str, String)>| {
         let relay = &relay;
         let start = start.clone();
@@ -525,7 +548,9 @@ async fn another_site() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_upgrade_from_a_page_of_a_foreign_origin_is_refused() {
     let (relay, _agent, iid, _dir) = relay_and_agent().await;
-    let start = json!({"instance_id": iid, "mode": "shell"}).to_string();
+    // A `sleep`, not a shell: the legs opened here are dropped at once, and a login shell
+    // killed inside its start-up files can leave the host's state half-written.
+    let start = json!({"instance_id": iid, "mode": "exec", "command": ["sleep", "60"]}).to_string();
     let r = relay.call("POST", "/v1/sessions", Some(&relay.info.access_key), Some(&start)).await;
     assert_eq!(r.status, 201, "{}", r.text);
     let (url, token) = (

@@ -458,6 +458,26 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_cookie_and_origin_headers_are_read_without_panic(
+            cookies in proptest::collection::vec("[ -~]{0,80}", 0..4),
+            url in "\\PC{0,60}",
+        ) {
+            let mut h = HeaderMap::new();
+            for c in &cookies {
+                if let Ok(v) = HeaderValue::from_str(c) {
+                    h.append(header::COOKIE, v);
+                }
+            }
+            if let Some(v) = cookie_value(&h) {
+                proptest::prop_assert!(!v.is_empty());
+            }
+            let _ = origin_of(&url);
+            let _ = check_origin(Some(&url), &[origin_of(&url)]);
+        }
+    }
+
     #[test]
     fn origins_of_urls() {
         assert_eq!(origin_of("https://Relay.example:7444/x?y"), "https://relay.example:7444");

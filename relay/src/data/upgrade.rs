@@ -453,6 +453,29 @@ mod tests {
         }
 
         #[test]
+        fn any_origin_and_host_are_checked_without_panic(
+            origin in proptest::option::of("\\PC{0,60}"),
+            host in proptest::option::of("\\PC{0,60}"),
+            port in proptest::num::u16::ANY,
+        ) {
+            let allowed = vec!["https://a.example".to_owned()];
+            let o = Origins { api: Some(("https", port)), allowed };
+            let r = o.check(origin.as_deref(), host.as_deref());
+            // No Origin is never refused; an allowed one always passes.
+            if origin.is_none() || origin.as_deref() == Some("https://a.example") {
+                proptest::prop_assert_eq!(r, Ok(()));
+            }
+            // Through the parser too: a parsed request's origin and host are checked.
+            let extra = format!(
+                "Authorization: Bearer t\r\n{}",
+                origin.as_deref().map(|v| format!("Origin: {v}\r\n")).unwrap_or_default()
+            );
+            if let Ok(req) = parse(req(&extra, "/v1/stream/s1?role=client").as_bytes()) {
+                let _ = o.check(req.origin.as_deref(), req.host.as_deref());
+            }
+        }
+
+        #[test]
         fn any_header_value_after_a_valid_request_line_is_handled(
             name in "(Authorization|Sec-WebSocket-Protocol|Sec-WebSocket-Key|Connection|Upgrade|X)",
             value in "\\PC{0,40}",
