@@ -245,6 +245,19 @@ async fn a_login_link_works_once_and_only_once() {
     wait_line(&mut b, &page, "link-42").await;
     assert_eq!(b.cookies(&page, &url).await.len(), 1);
 
+    // "Terminate" in the sessions list ends it; the terminal says why, in words.
+    let sid = b.eval(&page, "window.hatchConsole.sessionId()").await.unwrap();
+    let srow = format!("document.querySelector('tr[data-session={}]')", js(sid.as_str().unwrap()));
+    b.wait_for(&page, "the session listed", &format!("{srow} !== null")).await;
+    b.eval(&page, &format!("{srow}.querySelector('button.terminate').click()")).await.unwrap();
+    let status = b
+        .wait_value(&page, "the close", "document.getElementById('term-status').textContent", |v| {
+            v.as_str().is_some_and(|t| t.starts_with("session closed"))
+        })
+        .await;
+    assert_eq!(status, "session closed: terminated through the API (4006)");
+    assert_eq!(relay.closed_session(sid.as_str().unwrap()).await["close_reason"], "terminated");
+
     // The same link again, in a browser without the cookie: refused, not logged in.
     b.clear_cookies(&page).await;
     b.navigate(&page, "about:blank").await;

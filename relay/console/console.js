@@ -369,8 +369,12 @@
       if (this.exit !== null) {
         text = `process exited with status ${this.exit}`;
       } else {
-        text = `session closed: ${closeWordsFor(ev.code)} (${ev.code})`;
-        if (ev.reason) text += ` — ${ev.reason}`;
+        const words = closeWordsFor(ev.code);
+        text = `session closed: ${words} (${ev.code})`;
+        // The reason is the closing side's text: shown only when it says more, and without
+        // control characters (it is also written into the terminal below).
+        const reason = (ev.reason || '').replace(/[\x00-\x1f\x7f-\x9f]/g, ' ').trim();
+        if (reason && reason !== words) text += ` — ${reason}`;
       }
       this.term.write(`\r\n\x1b[2m[${text}]\x1b[0m\r\n`);
       this.end(text);
