@@ -21,6 +21,7 @@
 //! elements at run time. Script stays `'self'` only; the page builds its DOM with
 //! `textContent`, never from markup, so there is no place to inject a style either.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -31,7 +32,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hatch_proto::api::{ConsoleLinkRequest, ConsoleLinkResponse, codes};
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
 use tracing::info;
 
 use super::api::{self, ApiError, ApiJson, OptionalJson, json};
