@@ -32,7 +32,8 @@ async fn relay_and_agent() -> (Relay, Proc, String, tempfile::TempDir) {
 
 /// Types `key` into the login form and submits it, as a person would.
 async fn submit_login(b: &mut Browser, page: &Page, key: &str) {
-    b.wait_for(page, "the login form", "!document.getElementById('login-view').hidden").await;
+    b.wait_for(page, "the login form", "document.getElementById('login-view').checkVisibility()")
+        .await;
     let expr = format!(
         "(() => {{ const f = document.getElementById('access-key'); f.focus(); \
          f.value = {}; document.getElementById('login-form').requestSubmit(); return true; }})()",
@@ -108,13 +109,18 @@ async fn the_console_logs_in_opens_a_terminal_follows_resizes_and_shows_the_exit
         "{notice}"
     );
     assert!(b.cookies(&page, &console).await.is_empty());
-    assert_eq!(b.eval(&page, "document.getElementById('app-view').hidden").await, Ok(json!(true)));
+    assert_eq!(
+        b.eval(&page, "document.getElementById('app-view').checkVisibility()").await,
+        Ok(json!(false))
+    );
 
     // The right key: logged in; the cookie is HttpOnly, Secure, SameSite=Strict and expires;
     // the key is nowhere in the page or its storage.
     let key = relay.info.access_key.clone();
     submit_login(&mut b, &page, &key).await;
-    b.wait_for(&page, "the console", "!document.getElementById('app-view').hidden").await;
+    b.wait_for(&page, "the console", "document.getElementById('app-view').checkVisibility()").await;
+    let login_shown = "document.getElementById('login-view').checkVisibility()";
+    assert_eq!(b.eval(&page, login_shown).await, Ok(json!(false)));
     let cookies = b.cookies(&page, &console).await;
     assert_eq!(cookies.len(), 1, "{cookies:?}");
     let c = &cookies[0];
@@ -268,10 +274,9 @@ async fn a_login_link_works_once_and_only_once() {
         notice.starts_with("InvalidToken: this login link is unknown, was used already"),
         "{notice}"
     );
-    assert_eq!(
-        b.eval(&page, "document.getElementById('login-view').hidden").await,
-        Ok(json!(false))
-    );
+    let shown = "[document.getElementById('login-view').checkVisibility(), \
+                 document.getElementById('app-view').checkVisibility()]";
+    assert_eq!(b.eval(&page, shown).await, Ok(json!([true, false])), "login shown, console not");
     assert!(b.cookies(&page, &url).await.is_empty());
 
     // Spent for any client, not only for that browser.
@@ -283,11 +288,10 @@ async fn a_login_link_works_once_and_only_once() {
     // `hatch console` without -i: logged in, no terminal opened.
     let url = console_link(&[]);
     b.navigate(&page, &url).await;
-    b.wait_for(&page, "the console", "!document.getElementById('app-view').hidden").await;
-    assert_eq!(
-        b.eval(&page, "document.getElementById('terminal-view').hidden").await,
-        Ok(json!(true))
-    );
+    b.wait_for(&page, "the console", "document.getElementById('app-view').checkVisibility()").await;
+    let shown = "[document.getElementById('login-view').checkVisibility(), \
+                 document.getElementById('terminal-view').checkVisibility()]";
+    assert_eq!(b.eval(&page, shown).await, Ok(json!([false, false])), "no login, no terminal");
 
     // --open hands the link to $BROWSER (here a script that writes down what it was given).
     let opener = dir.path().join("browser.sh");
