@@ -37,6 +37,9 @@ pub enum Command {
     /// Reattach a session whose client went away (a closed terminal, a killed `hatch`), like
     /// `tmux attach`: the same shell, with the output it still holds.
     Attach(AttachArgs),
+    /// Print a one-time login link to the relay's browser console (with -i, one that opens a
+    /// terminal on that instance), so the browser needs no access key.
+    Console(ConsoleArgs),
     /// List your sessions, or show one.
     Sessions(SessionsArgs),
     /// Terminate a session (both sides are closed).
@@ -107,6 +110,17 @@ pub struct SessionArgs {
     /// Flow control of the data stream.
     #[command(flatten)]
     pub stream: StreamArgs,
+}
+
+/// `hatch console`.
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Open a terminal on this instance right after the login, `i-...`.
+    #[arg(long, short = 'i', value_name = "INSTANCE_ID")]
+    pub instance: Option<String>,
+    /// Open the link in the default browser too (`xdg-open`, or `$BROWSER`).
+    #[arg(long)]
+    pub open: bool,
 }
 
 /// `hatch attach`.

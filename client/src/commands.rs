@@ -9,16 +9,17 @@ use std::time::Duration;
 
 use clap::CommandFactory;
 use hatch_proto::api::{
-    AccountSettingsUpdate, CreateAccessKeyRequest, CreateActivationRequest, CreateUserRequest,
-    ErrorBody, Mode, StartSessionRequest, StartSessionResponse, TagInstanceRequest, codes,
+    AccountSettingsUpdate, ConsoleLinkRequest, ConsoleLinkResponse, CreateAccessKeyRequest,
+    CreateActivationRequest, CreateUserRequest, ErrorBody, Mode, StartSessionRequest,
+    StartSessionResponse, TagInstanceRequest, codes,
 };
 use serde_json::Value;
 
 use crate::api::{self, Client};
 use crate::cli::{
-    AccountCommand, ActivationsCommand, AttachArgs, AuditArgs, Cli, Command, ConfigureArgs, Format,
-    InstancesArgs, InstancesCommand, KeysCommand, PoliciesCommand, SessionsArgs, SessionsCommand,
-    StreamArgs, Switch, UsersCommand,
+    AccountCommand, ActivationsCommand, AttachArgs, AuditArgs, Cli, Command, ConfigureArgs,
+    ConsoleArgs, Format, InstancesArgs, InstancesCommand, KeysCommand, PoliciesCommand,
+    SessionsArgs, SessionsCommand, StreamArgs, Switch, UsersCommand,
 };
 use crate::config::{self, Env, Source};
 use crate::errors::{CliError, Subject};
@@ -96,6 +97,7 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
             crate::forward::port_forward(&client(profile, env, verbose)?, args).await
         }
         Command::Proxy(args) => crate::forward::proxy(&client(profile, env, verbose)?, args).await,
+        Command::Console(args) => console(&client(profile, env, verbose)?, args, env).await,
         Command::Sessions(args) => sessions(&client(profile, env, verbose)?, args).await,
         Command::Audit(args) => audit(&client(profile, env, verbose)?, args).await,
         Command::Terminate { session_id } => {
@@ -119,6 +121,33 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
             activations(&client(profile, env, verbose)?, command).await
         }
     }
+}
+
+/// `hatch console`: a one-time login link (`POST /v1/console/links`), printed, and with
+/// `--open` handed to the browser. The link logs in once, within two minutes; it carries no
+/// access key, only a code the relay forgets when it is used.
+async fn console(client: &Client, args: ConsoleArgs, env: Env<'_>) -> Result<u8, CliError> {
+    let instance_id = args.instance.as_deref().map(|i| checked_id(i, "instance")).transpose()?;
+    let subject = Subject { instance: instance_id.clone(), ..Subject::default() };
+    let link: ConsoleLinkResponse =
+        client.post("/v1/console/links", &ConsoleLinkRequest { instance_id }, &subject).await?;
+    print(&format!("{}\n", link.url))?;
+    eprintln!("One-time login link, valid until {} (it works once).", link.expires_at);
+    if args.open {
+        let opener =
+            env("BROWSER").filter(|b| !b.trim().is_empty()).unwrap_or_else(|| "xdg-open".into());
+        match std::process::Command::new(&opener)
+            .arg(&link.url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(_) => eprintln!("Opened with {opener}."),
+            Err(e) => eprintln!("hatch: could not run {opener} ({e}); open the link yourself."),
+        }
+    }
+    Ok(0)
 }
 
 fn client(profile: Option<&str>, env: Env<'_>, verbose: bool) -> Result<Client, CliError> {

@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
 
+pub mod cdp;
+
 /// Every wait on a peer in these tests ends within this.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -404,7 +406,22 @@ impl Relay {
         key: Option<&str>,
         body: Option<&str>,
     ) -> Resp {
-        tokio::time::timeout(DEADLINE, https(self, method, path, key, body))
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let headers: Vec<(&str, &str)> =
+            auth.as_deref().map(|a| ("Authorization", a)).into_iter().collect();
+        self.call_with(method, path, &headers, body).await
+    }
+
+    /// One HTTPS request to the API with the given header fields (`Host: localhost` and the
+    /// body's are added).
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Resp {
+        tokio::time::timeout(DEADLINE, https(self, method, path, headers, body))
             .await
             .expect("API request timed out")
     }
@@ -539,9 +556,16 @@ pub struct Resp {
     pub status: u16,
     /// Body.
     pub text: String,
+    /// The header fields, names in lower case, in order.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Resp {
+    /// The first header field of that (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
     /// The body as JSON.
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
@@ -552,7 +576,7 @@ async fn https(
     relay: &Relay,
     method: &str,
     path: &str,
-    key: Option<&str>,
+    headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Resp {
     let tcp = TcpStream::connect(relay.api_addr()).await.unwrap();
@@ -560,9 +584,9 @@ async fn https(
     let mut s =
         tokio_rustls::TlsConnector::from(relay.tls.clone()).connect(name, tcp).await.unwrap();
     let body = body.unwrap_or("");
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -578,7 +602,13 @@ async fn https(
     } else {
         body.to_owned()
     };
-    Resp { status, text: body }
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Resp { status, text: body, headers }
 }
 
 fn dechunk(mut s: &str) -> String {

@@ -1,11 +1,12 @@
 //! The relay's WebSocket upgrade request head (`hatch_relay::data::upgrade`): any bytes are
 //! parsed or refused with a typed refusal whose HTTP answer is well formed; never a panic. A
 //! parsed request carries a session id the path rules allow, a role, a non-empty token and a
-//! 28-character accept key.
+//! 28-character accept key, and its `Origin` and `Host` are checked against the console's
+//! origins without a panic (a request without `Origin` always passes).
 
 #![no_main]
 
-use hatch_relay::data::upgrade::{head_end, parse};
+use hatch_relay::data::upgrade::{Origins, head_end, parse};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,6 +21,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(sid.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'));
             assert!(!req.token.is_empty());
             assert_eq!(req.accept.len(), 28);
+            let allowed = vec!["https://a".to_owned()];
+            let origins = Origins { api: Some(("https", 7444)), allowed };
+            let checked = origins.check(req.origin.as_deref(), req.host.as_deref());
+            assert!(req.origin.is_some() || checked.is_ok());
         }
         Err(refusal) => {
             let response = refusal.response();

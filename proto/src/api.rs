@@ -381,6 +381,25 @@ fn a_day() -> u64 {
     86_400
 }
 
+/// `POST /v1/console/links` body (optional: an empty body is `{}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleLinkRequest {
+    /// The instance whose terminal the console opens after the login, `i-...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+}
+
+/// `POST /v1/console/links` answer (201): a one-time login link to the browser console.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleLinkResponse {
+    /// `https://host:port/console/#link=<code>`: opens the console logged in as the caller,
+    /// once.
+    pub url: String,
+    /// When the link dies unused, RFC 3339 UTC.
+    pub expires_at: String,
+}
+
 /// Every API error body: `{code, message, request_id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -431,4 +450,9 @@ pub mod codes {
     pub const MALFORMED_POLICY_DOCUMENT: &str = "MalformedPolicyDocument";
     /// An unexpected failure on the server (500).
     pub const INTERNAL_ERROR: &str = "InternalError";
+    /// A browser request from a page of another origin: a console write, or a WebSocket
+    /// upgrade of the data plane, whose `Origin` is not the console's (403).
+    pub const ORIGIN_NOT_ALLOWED: &str = "OriginNotAllowed";
+    /// A console write without the console session's CSRF token in `x-hatch-csrf` (403).
+    pub const CSRF_TOKEN_MISMATCH: &str = "CsrfTokenMismatch";
 }

@@ -157,9 +157,15 @@ impl Server {
         let api_addr = api_std.local_addr()?;
 
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut data_cfg = cfg.data.to_config(cfg.data_listen, data_tls);
+        // The console's pages come from the API listener: they may open stream legs.
+        let api_scheme = if tls.is_some() { "https" } else { "http" };
+        data_cfg.origins.api = Some((api_scheme, api_addr.port()));
+        if let Some(u) = &cfg.control.public_api_url {
+            data_cfg.origins.allowed.push(crate::control::console_origin(u));
+        }
         let plane =
-            DataPlane::start(cfg.data.to_config(cfg.data_listen, data_tls), verifier, events_tx)
-                .context("starting the data plane")?;
+            DataPlane::start(data_cfg, verifier, events_tx).context("starting the data plane")?;
         let data_addr = plane.local_addr();
         let plane = Arc::new(PlaneLink(std::sync::Mutex::new(Some(plane))));
         let data: Arc<dyn DataLink> = plane.clone();
@@ -168,7 +174,6 @@ impl Server {
         control_cfg.data_port = data_addr.port();
         control_cfg.audit_file = Some(cfg.data_dir.join(crate::control::audit::FILE));
         control_cfg.data_scheme = if data_is_tls { "wss" } else { "ws" };
-        let api_scheme = if tls.is_some() { "https" } else { "http" };
         control_cfg.node = crate::control::fleet::NodeSelf {
             id: node_id,
             api_url: control_cfg

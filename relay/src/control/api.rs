@@ -62,6 +62,11 @@ impl ApiError {
         ApiError { status, code, message: message.into(), last_seen: None, retry_after: None }
     }
 
+    /// The HTTP status it answers with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, codes::INVALID_REQUEST, message)
     }
@@ -350,6 +355,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(super::iam_api::routes())
+        .merge(super::console_api::routes(shared.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -435,7 +441,7 @@ async fn metrics(
 }
 
 /// `wss://host:port` for a caller who reached the API with `host_header`.
-fn data_base(shared: &Shared, headers: &HeaderMap) -> String {
+pub(super) fn data_base(shared: &Shared, headers: &HeaderMap) -> String {
     if let Some(u) = &shared.cfg.public_data_url {
         return u.trim_end_matches('/').to_owned();
     }
@@ -480,7 +486,7 @@ fn session_info(s: &SessionRecord) -> SessionInfo {
 }
 
 #[derive(Debug, Deserialize)]
-struct ListQuery {
+pub(super) struct ListQuery {
     state: Option<String>,
     limit: Option<u32>,
     next_token: Option<String>,
@@ -491,7 +497,7 @@ const MAX_PAGE: u32 = 1000;
 /// Page size when none is asked for.
 const DEFAULT_PAGE: u32 = 100;
 
-async fn start_session(
+pub(super) async fn start_session(
     State(shared): State<Arc<Shared>>,
     Extension(slot): Extension<audit::Slot>,
     caller: Caller,
@@ -524,7 +530,7 @@ async fn start_session(
 
 /// `POST /v1/sessions/{id}/resume`: a resume token for a new client leg of the caller's own
 /// session.
-async fn resume_session(
+pub(super) async fn resume_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     headers: HeaderMap,
@@ -552,7 +558,7 @@ async fn resume_session(
     ))
 }
 
-async fn list_sessions(
+pub(super) async fn list_sessions(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -650,7 +656,7 @@ async fn read_audit(
     Ok(json(StatusCode::OK, &AuditList { events, next_token }))
 }
 
-async fn describe_session(
+pub(super) async fn describe_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
@@ -660,7 +666,7 @@ async fn describe_session(
     Ok(json(StatusCode::OK, &session_info(&rec)))
 }
 
-async fn terminate_session(
+pub(super) async fn terminate_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
@@ -670,7 +676,7 @@ async fn terminate_session(
     Ok(json(StatusCode::OK, &session_info(&rec)))
 }
 
-async fn list_instances(
+pub(super) async fn list_instances(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
 ) -> Result<Response, ApiError> {

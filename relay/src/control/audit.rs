@@ -188,6 +188,17 @@ pub fn action_of(method: &Method, route: Option<&str>) -> &'static str {
         ("GET", "/v1/activations") => "hatch:ListActivations",
         ("POST", "/v1/activations") => "hatch:CreateActivation",
         ("DELETE", "/v1/activations/{id}") => "hatch:DeleteActivation",
+        ("POST", "/v1/console/links") => "hatch:CreateConsoleLink",
+        // The browser console: its own logins, and the API's handlers behind its cookie.
+        ("POST", "/console/api/login") => "hatch:ConsoleLogin",
+        ("POST", "/console/api/link") => "hatch:ConsoleLinkLogin",
+        ("POST", "/console/api/logout") => "hatch:ConsoleLogout",
+        ("POST", "/console/api/sessions") => "hatch:StartSession",
+        ("DELETE", "/console/api/sessions/{id}") => "hatch:TerminateSession",
+        ("GET", "/console/api/sessions") | ("GET", "/console/api/sessions/{id}") => {
+            "hatch:DescribeSessions"
+        }
+        ("GET", "/console/api/instances") => "hatch:DescribeInstances",
         _ => "unknown",
     }
 }
@@ -199,7 +210,7 @@ fn target_of(path: &str, route: Option<&str>) -> Option<String> {
     if !route?.contains('{') {
         return None;
     }
-    let rest = path.strip_prefix("/v1/")?;
+    let rest = path.strip_prefix("/v1/").or(path.strip_prefix("/console/api/"))?;
     let (_, tail) = rest.split_once('/')?;
     let tail = tail.strip_suffix("/resume").or(tail.strip_suffix("/revoke-secret")).unwrap_or(tail);
     let tail = tail.strip_suffix("/tags").unwrap_or(tail);
@@ -338,6 +349,13 @@ mod tests {
                 "/v1/instances/i-1/tags",
                 "hatch:TagInstance",
                 Some("i-1"),
+            ),
+            (
+                Method::DELETE,
+                "/console/api/sessions/{id}",
+                "/console/api/sessions/s-2",
+                "hatch:TerminateSession",
+                Some("s-2"),
             ),
             (
                 Method::PUT,

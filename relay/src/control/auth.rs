@@ -24,6 +24,8 @@ pub(crate) struct Caller {
     pub user_id: Option<String>,
     /// The access key used.
     pub key_id: String,
+    /// SHA-256 of that access key (what a console session or login link of the caller keeps).
+    pub key_hash: [u8; 32],
     /// What the caller may do.
     pub grants: Grants,
     /// The caller's address (IPv4-mapped IPv6 given as IPv4).
@@ -35,6 +37,16 @@ impl Caller {
         self.user_id.as_deref().unwrap_or("owner")
     }
 
+    /// Who the caller is, for a request's audit line.
+    pub fn audit_who(&self) -> super::audit::Who {
+        super::audit::Who {
+            account: self.account.id.clone(),
+            principal: self.principal().to_owned(),
+            key_id: self.key_id.clone(),
+        }
+    }
+
+    /// Whether the caller is the account owner.
     pub fn is_owner(&self) -> bool {
         self.user_id.is_none()
     }
@@ -103,7 +115,16 @@ pub(crate) async fn authenticate(
     peer: SocketAddr,
 ) -> Result<Caller, ApiError> {
     let key = require_bearer(shared, headers, "access key")?;
-    let hash = credentials::hash(key);
+    authenticate_key(shared, credentials::hash(key), peer).await
+}
+
+/// The caller holding the access key whose SHA-256 is `hash`: a bearer key, or the key behind
+/// a console session ([`ConsoleAuth`]), checked against the store on every request.
+pub(crate) async fn authenticate_key(
+    shared: &Shared,
+    hash: [u8; 32],
+    peer: SocketAddr,
+) -> Result<Caller, ApiError> {
     let found = shared
         .blocking(move |s| {
             let Some(owner) = s.access_key_owner(&hash)? else { return Ok(None) };
@@ -131,12 +152,31 @@ pub(crate) async fn authenticate(
         account,
         user_id: owner.user_id,
         key_id: owner.key_id,
+        key_hash: hash,
         grants,
         source_ip: canonical_ip(peer.ip()),
     })
 }
 
-/// A handler taking a [`Caller`] answers only an authenticated request (401 otherwise).
+/// A request the console's cookie layer let through (`console_api`): the console session's
+/// cookie (its SHA-256) and the access key behind it. Only that layer inserts it, on the
+/// console's routes; a request to `/v1/` never carries it, so a cookie authenticates nothing
+/// there.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsoleAuth {
+    /// SHA-256 of the console session's cookie.
+    pub cookie: [u8; 32],
+    /// SHA-256 of the access key that logged in.
+    pub key_hash: [u8; 32],
+    /// The console session's CSRF token.
+    pub csrf: String,
+    /// When the console session ends (seconds since the epoch).
+    pub expires_at: i64,
+}
+
+/// A handler taking a [`Caller`] answers only an authenticated request (401 otherwise): by the
+/// bearer access key, or on the console's routes by the key behind the console session (a
+/// session whose key no longer authenticates is ended).
 impl FromRequestParts<Arc<Shared>> for Caller {
     type Rejection = ApiError;
 
@@ -147,14 +187,19 @@ impl FromRequestParts<Arc<Shared>> for Caller {
         let ConnectInfo(peer) = ConnectInfo::<SocketAddr>::from_request_parts(parts, shared)
             .await
             .map_err(|e| ApiError::new(e.status(), codes::INTERNAL_ERROR, e.body_text()))?;
-        let caller = authenticate(shared, &parts.headers, peer).await?;
+        let caller = match parts.extensions.get::<ConsoleAuth>().map(|c| (c.cookie, c.key_hash)) {
+            Some((cookie, key_hash)) => {
+                let res = authenticate_key(shared, key_hash, peer).await;
+                if res.as_ref().is_err_and(|e| e.status() == StatusCode::UNAUTHORIZED) {
+                    shared.console_logout(&cookie);
+                }
+                res
+            }
+            None => authenticate(shared, &parts.headers, peer).await,
+        }?;
         // The request's audit line names who made it (`audit::Slot`, put there by `track`).
         if let Some(slot) = parts.extensions.get::<super::audit::Slot>() {
-            slot.who(super::audit::Who {
-                account: caller.account.id.clone(),
-                principal: caller.principal().to_owned(),
-                key_id: caller.key_id.clone(),
-            });
+            slot.who(caller.audit_who());
         }
         Ok(caller)
     }

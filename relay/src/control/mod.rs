@@ -23,7 +23,10 @@
 //! - [`credentials`]: secret generation and hashing.
 //! - [`policy`]: the policy language and its evaluation.
 //! - [`access`]: a principal's grants, and whether a live session's caller still has them.
-//! - [`auth`]: who is calling (`Caller`): access keys checked against the store.
+//! - [`auth`]: who is calling (`Caller`): access keys checked against the store, bearer or
+//!   behind a console session.
+//! - [`console`]: the browser console's cookie sessions and one-time login links (bounded, in
+//!   memory); `console_api`: its page, assets and routes (docs/CONSOLE.md).
 //! - [`api`]: the HTTP routes (parse, call a service, render) and the one mapping of typed
 //!   errors to `{code, message, request_id}` answers.
 //! - [`agents`]: which agents are online, their control channels.
@@ -42,6 +45,8 @@ pub mod agents;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod console;
+mod console_api;
 pub mod credentials;
 pub mod fleet;
 pub mod http;
@@ -78,6 +83,12 @@ pub const CLOSE_PEER_GONE: u16 = 4005;
 /// Close code sent for a pending session closed by the sweep (its peer never came), and for a
 /// session recovered at start whose other leg did not come back within the resume window.
 pub const CLOSE_PAIR_TIMEOUT: u16 = 4004;
+
+/// The origin (`scheme://host[:port]`) of the console at an API URL (`--public-api-url`), as
+/// a browser names it in `Origin`: the data plane lets pages of it open stream legs.
+pub fn console_origin(api_url: &str) -> String {
+    console_api::origin_of(api_url)
+}
 
 /// How the control plane reaches the data plane. The server implements it over
 /// `data::DataPlane`; before the data plane is started (or in tests of the API alone) the
@@ -204,6 +215,8 @@ pub(crate) struct Shared {
     last_beat: std::sync::atomic::AtomicI64,
     /// The audit log file (`cfg.audit_file`), open for appending.
     audit: Option<Arc<audit::AuditFile>>,
+    /// The browser console's sessions and login links.
+    console: std::sync::Mutex<console::Book>,
 }
 
 /// The control plane of one relay process.
@@ -309,6 +322,7 @@ impl ControlPlane {
                 metrics: metrics::Metrics::default(),
                 shutdown: CancellationToken::new(),
                 last_beat: std::sync::atomic::AtomicI64::new(unix_now()),
+                console: std::sync::Mutex::default(),
             }),
         })
     }

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Refusal reasons counted (index into [`ShardMetrics::refusals`]).
-pub const REFUSALS: [&str; 9] = [
+pub const REFUSALS: [&str; 10] = [
     "invalid_token",
     "token_expired",
     "token_already_used",
@@ -17,6 +17,7 @@ pub const REFUSALS: [&str; 9] = [
     "not_found",
     "unavailable",
     "handshake_failed",
+    "origin_not_allowed",
 ];
 
 /// Counters of one shard.

@@ -81,6 +81,9 @@ pub struct DataConfig {
     /// How long a paired session that lost a leg is kept for both sides to put up new legs
     /// (`detached`); `None`: a lost leg ends the session.
     pub resume_window: Option<Duration>,
+    /// Which browser pages may open legs (the console's origin); legs without `Origin` (not
+    /// from a browser) are not affected.
+    pub origins: upgrade::Origins,
 }
 
 impl DataConfig {
@@ -101,6 +104,7 @@ impl DataConfig {
             dead_after: Duration::from_secs(90),
             max_payload: hatch_proto::frame::DEFAULT_MAX_PAYLOAD,
             resume_window: Some(Duration::from_secs(600)),
+            origins: upgrade::Origins::default(),
         }
     }
 }
@@ -150,6 +154,11 @@ pub struct DataArgs {
     /// Serve plain WS without TLS. Benchmarks on loopback only.
     #[arg(long)]
     pub danger_plaintext: bool,
+    /// Another origin (`https://host[:port]`) whose pages may open stream legs, besides the
+    /// relay's own console (the API's port on the host the browser used, and
+    /// --public-api-url): the console behind a proxy under another name. Repeatable.
+    #[arg(long = "console-origin", value_name = "ORIGIN")]
+    pub console_origins: Vec<String>,
 }
 
 impl DataArgs {
@@ -172,6 +181,8 @@ impl DataArgs {
         c.ping_interval = Duration::from_secs(self.ping_interval);
         c.dead_after = Duration::from_secs(self.dead_after.max(self.ping_interval + 1));
         c.drain = Duration::from_secs(self.drain);
+        c.origins.allowed =
+            self.console_origins.iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
         c
     }
 }

@@ -369,6 +369,14 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
             return refuse(shard, conn, r).await;
         }
     };
+    if let Err(r) = shard.cfg.origins.check(req.origin.as_deref(), req.host.as_deref()) {
+        let origin = req.origin.as_deref().unwrap_or_default();
+        info!(session = %req.session_id, role = req.role.as_str(),
+            origin = %hatch_proto::logtext::peer(origin, 200),
+            "stream upgrade from a page of a foreign origin refused");
+        cancel();
+        return refuse(shard, conn, r).await;
+    }
     let claims = match shard.verifier.verify(&req.token, &req.session_id, req.role, now_secs()) {
         Ok(c) => c,
         Err(err) => {

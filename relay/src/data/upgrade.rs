@@ -24,6 +24,63 @@ pub struct Request {
     pub accept: String,
     /// The client offered `hatch.v1`.
     pub hatch_v1: bool,
+    /// The `Origin` header: present only when a browser page opened the leg. `Some("")` when
+    /// it was sent more than once (no single origin: refused by [`Origins::check`]).
+    pub origin: Option<String>,
+    /// The `Host` header, as sent.
+    pub host: Option<String>,
+}
+
+/// Which browser pages may open a leg: those of the console (the relay's API origin), checked
+/// on the `Origin` header a browser sends with every WebSocket upgrade. Clients and agents that
+/// are not browsers send none and are not affected. A page of another site could otherwise
+/// open a leg with a token it got hold of, and the browser would let it read the terminal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origins {
+    /// The API's port and scheme (`https`, or `http` with `--danger-plaintext`): a page at
+    /// `scheme://H:port`, where `H` is the host this upgrade's `Host` header names, is the
+    /// console as the browser reached it (the data plane's URLs use the host the caller used
+    /// for the API). `None`: no such rule.
+    pub api: Option<(&'static str, u16)>,
+    /// Origins allowed as well, exactly (`--public-api-url`, `--console-origin`), as
+    /// `scheme://host[:port]`.
+    pub allowed: Vec<String>,
+}
+
+impl Origins {
+    /// Whether a leg with this `Origin` (and `Host`) may be opened: no `Origin` (not a
+    /// browser), one of [`Origins::allowed`], or the console's own origin on the API port.
+    pub fn check(&self, origin: Option<&str>, host: Option<&str>) -> Result<(), Refusal> {
+        let Some(origin) = origin else { return Ok(()) };
+        if origin.is_empty() {
+            return Err(Refusal::ForeignOrigin);
+        }
+        if self.allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+            return Ok(());
+        }
+        let (Some((scheme, port)), Some(host)) = (self.api, host) else {
+            return Err(Refusal::ForeignOrigin);
+        };
+        let host = host_name(host);
+        let own = format!("{scheme}://{host}:{port}");
+        let default_port = (scheme == "https" && port == 443) || (scheme == "http" && port == 80);
+        if origin.eq_ignore_ascii_case(&own)
+            || (default_port && origin.eq_ignore_ascii_case(&format!("{scheme}://{host}")))
+        {
+            Ok(())
+        } else {
+            Err(Refusal::ForeignOrigin)
+        }
+    }
+}
+
+/// The host of a `Host` header value without its port (`[v6]:port` keeps its brackets).
+fn host_name(host: &str) -> &str {
+    let host = host.trim();
+    if host.starts_with('[') {
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
 /// Why a leg is refused before it becomes a WebSocket.
@@ -46,6 +103,8 @@ pub enum Refusal {
     NotFound,
     /// The relay is shutting down or its shard is overloaded (503).
     Unavailable,
+    /// A browser page of another origin than the console ([`Origins`]) (403).
+    ForeignOrigin,
 }
 
 impl Refusal {
@@ -80,6 +139,12 @@ impl Refusal {
             Refusal::Unavailable => {
                 (503, "Service Unavailable", "Unavailable", "relay unavailable; retry")
             }
+            Refusal::ForeignOrigin => (
+                403,
+                "Forbidden",
+                "OriginNotAllowed",
+                "a page of this origin may not open a stream; only the relay's console may",
+            ),
         }
     }
 
@@ -94,6 +159,7 @@ impl Refusal {
             Refusal::HeadTooLarge => "head_too_large",
             Refusal::NotFound => "not_found",
             Refusal::Unavailable => "unavailable",
+            Refusal::ForeignOrigin => "origin_not_allowed",
         }
     }
 
@@ -151,6 +217,8 @@ pub fn parse(head: &[u8]) -> Result<Request, Refusal> {
     let mut token = None;
     let mut hatch_v1 = false;
     let mut body = false;
+    let mut origin: Option<String> = None;
+    let mut host = None;
     for h in req.headers.iter() {
         let v = std::str::from_utf8(h.value).map_err(|_| Refusal::BadRequest)?;
         if h.name.eq_ignore_ascii_case("upgrade") {
@@ -166,6 +234,11 @@ pub fn parse(head: &[u8]) -> Result<Request, Refusal> {
             body |= v.trim() != "0";
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             body = true;
+        } else if h.name.eq_ignore_ascii_case("origin") {
+            // Twice is no single origin: kept as "", which no rule allows.
+            origin = Some(if origin.is_some() { String::new() } else { v.trim().to_owned() });
+        } else if h.name.eq_ignore_ascii_case("host") {
+            host = Some(v.trim().to_owned());
         } else if h.name.eq_ignore_ascii_case("sec-websocket-key") {
             key = Some(v.trim());
         } else if h.name.eq_ignore_ascii_case("authorization") {
@@ -202,6 +275,8 @@ pub fn parse(head: &[u8]) -> Result<Request, Refusal> {
         token,
         accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
         hatch_v1,
+        origin,
+        host,
     })
 }
 
@@ -295,11 +370,109 @@ mod tests {
         assert_eq!(parse(head.as_bytes()).unwrap().token, "\u{e9}t");
     }
 
+    #[test]
+    fn only_the_consoles_origin_or_none_may_open_a_leg() {
+        let o =
+            Origins { api: Some(("https", 7444)), allowed: vec!["https://console.example".into()] };
+        let host = Some("relay.example:7443");
+        // Not a browser: no Origin.
+        assert_eq!(o.check(None, host), Ok(()));
+        assert_eq!(o.check(None, None), Ok(()));
+        for ok in
+            ["https://relay.example:7444", "HTTPS://RELAY.example:7444", "https://console.example"]
+        {
+            assert_eq!(o.check(Some(ok), host), Ok(()), "{ok}");
+        }
+        for foreign in [
+            "https://evil.example",
+            "https://relay.example:7443",
+            "https://relay.example",
+            "http://relay.example:7444",
+            "https://relay.example:7444.evil.example",
+            "https://evil.example:7444",
+            "null",
+            "",
+        ] {
+            assert_eq!(o.check(Some(foreign), host), Err(Refusal::ForeignOrigin), "{foreign}");
+        }
+        // Without a Host header only the listed origins pass.
+        assert_eq!(o.check(Some("https://relay.example:7444"), None), Err(Refusal::ForeignOrigin));
+        assert_eq!(o.check(Some("https://console.example"), None), Ok(()));
+        // IPv6 hosts keep their brackets; the default port may be left out.
+        let v6 = Origins { api: Some(("https", 443)), allowed: vec![] };
+        assert_eq!(v6.check(Some("https://[::1]:443"), Some("[::1]:7443")), Ok(()));
+        assert_eq!(v6.check(Some("https://[::1]"), Some("[::1]:7443")), Ok(()));
+        assert_eq!(
+            v6.check(Some("https://[::2]"), Some("[::1]:7443")),
+            Err(Refusal::ForeignOrigin)
+        );
+        // No rule at all: every browser page is refused, every other client served.
+        let none = Origins::default();
+        assert_eq!(
+            none.check(Some("https://relay.example:7444"), host),
+            Err(Refusal::ForeignOrigin)
+        );
+        assert_eq!(none.check(None, host), Ok(()));
+    }
+
+    #[test]
+    fn origin_and_host_are_parsed_and_a_second_origin_is_none() {
+        let ok = "Authorization: Bearer abc\r\n";
+        let r = parse(
+            req(&format!("{ok}Origin: https://a.example:7444\r\n"), "/v1/stream/s1?role=client")
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.origin.as_deref(), Some("https://a.example:7444"));
+        assert_eq!(r.host.as_deref(), Some("x"));
+        let r = parse(
+            req(
+                &format!("{ok}Origin: https://a.example\r\norigin: https://b.example\r\n"),
+                "/v1/stream/s1?role=client",
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.origin.as_deref(), Some(""));
+        assert_eq!(
+            Origins::default().check(r.origin.as_deref(), None),
+            Err(Refusal::ForeignOrigin)
+        );
+        let r = parse(req(ok, "/v1/stream/s1?role=client").as_bytes()).unwrap();
+        assert_eq!(r.origin, None);
+        let (status, _, code, _) = Refusal::ForeignOrigin.parts();
+        assert_eq!((status, code), (403, "OriginNotAllowed"));
+        assert!(crate::data::metrics::REFUSALS.contains(&Refusal::ForeignOrigin.label()));
+    }
+
     proptest::proptest! {
         #[test]
         fn any_bytes_parse_or_are_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             let _ = head_end(&bytes);
             let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn any_origin_and_host_are_checked_without_panic(
+            origin in proptest::option::of("\\PC{0,60}"),
+            host in proptest::option::of("\\PC{0,60}"),
+            port in proptest::num::u16::ANY,
+        ) {
+            let allowed = vec!["https://a.example".to_owned()];
+            let o = Origins { api: Some(("https", port)), allowed };
+            let r = o.check(origin.as_deref(), host.as_deref());
+            // No Origin is never refused; an allowed one always passes.
+            if origin.is_none() || origin.as_deref() == Some("https://a.example") {
+                proptest::prop_assert_eq!(r, Ok(()));
+            }
+            // Through the parser too: a parsed request's origin and host are checked.
+            let extra = format!(
+                "Authorization: Bearer t\r\n{}",
+                origin.as_deref().map(|v| format!("Origin: {v}\r\n")).unwrap_or_default()
+            );
+            if let Ok(req) = parse(req(&extra, "/v1/stream/s1?role=client").as_bytes()) {
+                let _ = o.check(req.origin.as_deref(), req.host.as_deref());
+            }
         }
 
         #[test]
