@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::control::live::{Limits, Rate};
-use crate::control::store::{SqliteStore, StateFilter, Store};
+use crate::control::store::{RecordingMode, SqliteStore, StateFilter, Store};
 use crate::control::{ControlConfig, iam, signing};
 use crate::data::DataArgs;
 use crate::dev::{DevOptions, DevRelay};
@@ -223,6 +223,9 @@ enum AdminCommand {
     /// Token signing keys.
     #[command(subcommand)]
     SigningKeys(SigningCmd),
+    /// Session recordings (docs/RECORDING.md).
+    #[command(subcommand)]
+    Recordings(RecordingsCmd),
     /// Write a consistent copy of the store to FILE (owner-only), while the relay runs.
     Backup {
         /// The copy; must not exist (or be empty).
@@ -242,7 +245,8 @@ enum AccountsCmd {
     /// running relay ends the live ones (4010) within its reconcile interval (2 s).
     Disable { account: String },
     /// Show or set an account's session preferences (sessions started afterwards): idle
-    /// timeout and longest session in seconds, 0 for the relay's own (which are also caps).
+    /// timeout and longest session in seconds, 0 for the relay's own (which are also caps),
+    /// and session recording.
     Prefs {
         account: String,
         /// Idle timeout, seconds (0: the relay's --idle-timeout).
@@ -251,6 +255,9 @@ enum AccountsCmd {
         /// Longest session, seconds (0: the relay's --max-duration).
         #[arg(long)]
         max_duration: Option<u64>,
+        /// Session recording: off, output (what the sessions show) or full (and what is typed).
+        #[arg(long, value_parser = recording_mode)]
+        recording: Option<RecordingMode>,
     },
 }
 
@@ -411,6 +418,36 @@ enum SessionsCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum RecordingsCmd {
+    /// Check a session's recording record by record, and its end against the digest the store
+    /// kept: prints `ok`, or names the first record that does not match; the exit code says
+    /// which (docs/CLI.md).
+    Verify { session_id: String },
+}
+
+/// Exit codes of `admin recordings verify` (docs/CLI.md), one per class of failure.
+mod verify_exit {
+    /// A record (or the header) was changed: it does not decode, its digest does not follow
+    /// the chain, or its time goes back.
+    pub const BROKEN: u8 = 3;
+    /// The file ends inside a record or inside its header.
+    pub const TRUNCATED: u8 = 4;
+    /// The chain is whole but does not end at the digest the store kept (records cut off the
+    /// end, or the file replaced by another).
+    pub const FINAL_DIGEST: u8 = 5;
+    /// The recording is missing or cannot be read.
+    pub const UNREADABLE: u8 = 6;
+}
+
+/// An admin command's failure that has its own exit code (its message is printed as is).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct ExitWith {
+    code: u8,
+    message: String,
+}
+
+#[derive(Debug, Subcommand)]
 enum SigningCmd {
     /// Add a new signing key; the relay signs with it after its next start.
     Rotate,
@@ -434,6 +471,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ExitWith>().is_some() => {
+            let code = e.downcast_ref::<ExitWith>().map_or(1, |x| x.code);
+            eprintln!("hatch-relay: {e}");
+            ExitCode::from(code)
+        }
         Err(e) => {
             eprintln!("hatch-relay: error: {e:#}");
             ExitCode::FAILURE
@@ -685,10 +727,11 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
             }
             AccountsCmd::Enable { account } => switch(s, json, &account, true),
             AccountsCmd::Disable { account } => switch(s, json, &account, false),
-            AccountsCmd::Prefs { account, idle_timeout, max_duration } => {
+            AccountsCmd::Prefs { account, idle_timeout, max_duration, recording } => {
                 let update = hatch_proto::api::AccountSettingsUpdate {
                     idle_timeout_s: idle_timeout,
                     max_duration_s: max_duration,
+                    recording,
                     ..Default::default()
                 };
                 let prefs = iam::update_settings(s, &account, &update)?.prefs;
@@ -696,9 +739,10 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                     |v: Option<u64>| v.map_or("the relay's".to_owned(), |s| format!("{s} s"));
                 print(json, &prefs, || {
                     format!(
-                        "{account}: idle timeout {}, longest session {}",
+                        "{account}: idle timeout {}, longest session {}, recording {}",
                         secs(prefs.idle_timeout_s),
-                        secs(prefs.max_duration_s)
+                        secs(prefs.max_duration_s),
+                        prefs.recording.as_str()
                     )
                 })
             }
@@ -959,6 +1003,9 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                 })
             }
         },
+        AdminCommand::Recordings(RecordingsCmd::Verify { session_id }) => {
+            verify_recording(s, json, &a.data_dir, &session_id)
+        }
         // Handled before the store is opened.
         AdminCommand::SigningKeys(SigningCmd::Rotate) | AdminCommand::Backup { .. } => Ok(()),
     }
@@ -976,6 +1023,58 @@ fn account_of(
         }
     }
     Ok(None)
+}
+
+/// `admin recordings verify`: the session's recording against its stored digest.
+fn verify_recording(s: &dyn Store, json: bool, data_dir: &Path, sid: &str) -> anyhow::Result<()> {
+    use crate::recording::verify::VerifyError;
+    let rec = s.session(None, sid)?.with_context(|| format!("no session {sid}"))?;
+    anyhow::ensure!(rec.recording.is_on(), "session {sid} was not recorded");
+    let expected = match rec.recording_digest.as_deref() {
+        Some(h) => Some(
+            crate::recording::Digest::from_hex(h)
+                .with_context(|| format!("the stored digest of {sid} is not 64 hex digits"))?,
+        ),
+        None => None,
+    };
+    let path = crate::recording::file_path(&crate::recording::dir_of(data_dir), sid)
+        .with_context(|| format!("{sid:?} cannot name a recording"))?;
+    match crate::recording::verify::verify(&path, expected) {
+        Ok(v) => {
+            let digest = v.final_digest.to_string();
+            let body = serde_json::json!({
+                "session_id": sid, "ok": true, "records": v.records, "bytes": v.len,
+                "exit": v.exit, "final_digest": digest, "digest_stored": expected.is_some(),
+            });
+            print(json, &body, || {
+                let against = if expected.is_some() {
+                    "matches the stored digest"
+                } else {
+                    "no digest stored yet (the session has not ended)"
+                };
+                format!(
+                    "ok\n{} records, {} bytes, final digest {digest} ({against})",
+                    v.records, v.len
+                )
+            })
+        }
+        Err(err) => {
+            let code = match &err {
+                VerifyError::Io { .. } => verify_exit::UNREADABLE,
+                VerifyError::TruncatedHeader { .. } | VerifyError::Truncated { .. } => {
+                    verify_exit::TRUNCATED
+                }
+                VerifyError::FinalDigest { .. } => verify_exit::FINAL_DIGEST,
+                _ => verify_exit::BROKEN,
+            };
+            Err(ExitWith { code, message: format!("{sid} ({}): {err}", path.display()) }.into())
+        }
+    }
+}
+
+/// `--recording`'s value.
+fn recording_mode(s: &str) -> Result<RecordingMode, String> {
+    RecordingMode::parse(s).ok_or_else(|| format!("{s:?} is not off, output or full"))
 }
 
 fn instance_account(s: &dyn Store, instance: &str) -> anyhow::Result<String> {

@@ -157,9 +157,10 @@ impl Server {
         let api_addr = api_std.local_addr()?;
 
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut data_cfg = cfg.data.to_config(cfg.data_listen, data_tls);
+        data_cfg.recording_dir = Some(crate::recording::dir_of(&cfg.data_dir));
         let plane =
-            DataPlane::start(cfg.data.to_config(cfg.data_listen, data_tls), verifier, events_tx)
-                .context("starting the data plane")?;
+            DataPlane::start(data_cfg, verifier, events_tx).context("starting the data plane")?;
         let data_addr = plane.local_addr();
         let plane = Arc::new(PlaneLink(std::sync::Mutex::new(Some(plane))));
         let data: Arc<dyn DataLink> = plane.clone();
@@ -183,6 +184,7 @@ impl Server {
         // One window for both planes: the data plane keeps detached sessions for it, the
         // control plane keeps a restart's paired sessions resumable for it.
         control_cfg.resume_window = Duration::from_secs(cfg.data.resume_window);
+        control_cfg.recording_dir = Some(crate::recording::dir_of(&cfg.data_dir));
         let control = ControlPlane::new(control_cfg, store, signer, data)?;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();

@@ -149,6 +149,10 @@ pub struct ControlConfig {
     /// A fleet node silent this long is expired by another (`--node-timeout`): its sessions
     /// are closed as `node_lost`.
     pub node_timeout: Duration,
+    /// This node's recording directory (`<data dir>/recordings`), where its data plane writes
+    /// the recordings of its sessions; `None`: recorded sessions are refused
+    /// (`RecordingUnavailable`).
+    pub recording_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ControlConfig {
@@ -177,6 +181,7 @@ impl Default for ControlConfig {
             metrics_token: None,
             node: fleet::NodeSelf::default(),
             node_timeout: Duration::from_secs(15),
+            recording_dir: None,
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod io;
 pub mod metrics;
 pub mod pool;
 pub mod pump;
+pub mod record;
 pub mod session;
 pub mod shard;
 pub mod tls;
@@ -81,6 +82,9 @@ pub struct DataConfig {
     /// How long a paired session that lost a leg is kept for both sides to put up new legs
     /// (`detached`); `None`: a lost leg ends the session.
     pub resume_window: Option<Duration>,
+    /// Where recorded sessions' recordings go (`<data dir>/recordings`); `None`: no recorder,
+    /// and a session whose token says it is recorded ends with 4018.
+    pub recording_dir: Option<std::path::PathBuf>,
 }
 
 impl DataConfig {
@@ -101,6 +105,26 @@ impl DataConfig {
             dead_after: Duration::from_secs(90),
             max_payload: hatch_proto::frame::DEFAULT_MAX_PAYLOAD,
             resume_window: Some(Duration::from_secs(600)),
+            recording_dir: None,
+        }
+    }
+}
+
+/// Shard `id`'s recording writer: one per shard, so that a session's bytes stay on its owner
+/// shard's thread up to the writer's queue and the SHA-256 chain scales with the shards. A
+/// directory that cannot be created is logged; the shard then has no recorder and ends the
+/// sessions that must be recorded (4018) rather than run them unrecorded.
+fn spawn_recorder(
+    dir: Option<&std::path::Path>,
+    id: usize,
+) -> Option<(crate::recording::Recorder, mpsc::UnboundedReceiver<crate::recording::Outcome>)> {
+    let dir = dir?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    match crate::recording::Recorder::spawn(crate::recording::RecorderConfig::new(dir), tx) {
+        Ok(r) => Some((r, rx)),
+        Err(err) => {
+            warn!(shard = id, dir = %dir.display(), %err, "recording directory unusable");
+            None
         }
     }
 }
@@ -240,6 +264,7 @@ impl DataPlane {
                 ctrl: crx,
                 handoffs,
                 peers: handoff_tx.clone(),
+                recorder: spawn_recorder(cfg.recording_dir.as_deref(), id),
             };
             let core = cores.as_ref().filter(|c| !c.is_empty()).map(|c| c[id % c.len()]);
             let backend = cfg.io;

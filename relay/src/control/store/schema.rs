@@ -153,4 +153,11 @@ CREATE TABLE signing_keys (
     created_at INTEGER NOT NULL
 );
 "#,
+    // Session recording (issue 16): the account's setting, the mode each session was started
+    // with (its resumes keep it), and the final digest of its recording once it ended.
+    r#"
+ALTER TABLE accounts ADD COLUMN recording TEXT NOT NULL DEFAULT 'off';
+ALTER TABLE sessions ADD COLUMN recording TEXT NOT NULL DEFAULT 'off';
+ALTER TABLE sessions ADD COLUMN recording_digest TEXT;
+"#,
 ];
