@@ -54,18 +54,27 @@ fn verify(relay: &Relay, sid: &str) -> (Option<i32>, String, String) {
 /// Waits until the store has the session's final recording digest (the writer syncs the file
 /// after the session ended, then reports it).
 async fn wait_digest(relay: &Relay, sid: &str) {
-    wait_for("the recording's final digest", DEADLINE, || {
+    let end = Instant::now() + DEADLINE;
+    loop {
         let out = Command::new(bin("hatch-relay"))
             .args(["admin", "--json", "--data-dir"])
             .arg(&relay.data_dir)
             .args(["recordings", "verify", sid])
             .output()
             .unwrap();
-        out.status.success()
+        let stored = out.status.success()
             && serde_json::from_slice::<Value>(&out.stdout)
-                .is_ok_and(|v| v["digest_stored"] == true)
-    })
-    .await;
+                .is_ok_and(|v| v["digest_stored"] == true);
+        if stored {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "no final digest for {sid}: {out:?}\nrelay log:\n{}",
+            relay.proc.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `hatch` on a real terminal: a pseudo-terminal of `cols`×`rows`, its output collected.
