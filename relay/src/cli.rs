@@ -107,6 +107,10 @@ struct RelayArgs {
     /// Days closed session records are kept in the store; 0 keeps them forever.
     #[arg(long, default_value_t = 90)]
     session_retention: u64,
+    /// Days session recordings are kept, counted from their last record (fractions allowed);
+    /// 0 keeps them forever. Recordings of live sessions are never deleted.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    recording_retention: f64,
     /// Most connections the API listener holds at once, agents' control channels included;
     /// beyond it new connections are reset.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
@@ -153,6 +157,8 @@ impl RelayArgs {
             },
             pending_timeout: Duration::from_secs(self.pending_timeout),
             session_retention: Duration::from_secs(self.session_retention.saturating_mul(86_400)),
+            recording_retention: Duration::try_from_secs_f64(self.recording_retention * 86_400.0)
+                .unwrap_or(Duration::MAX),
             max_api_connections: usize::try_from(self.max_api_connections).unwrap_or(usize::MAX),
             metrics_token,
             ..ControlConfig::default()
@@ -588,6 +594,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         limits: control.limits,
         pending_timeout: control.pending_timeout,
         session_retention: control.session_retention,
+        recording_retention: control.recording_retention,
         max_api_connections: control.max_api_connections,
         public_data_url: control.public_data_url.clone(),
         metrics_token: control.metrics_token.clone(),

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hatch_proto::api::{Mode, StartSessionRequest};
@@ -899,6 +900,44 @@ impl Shared {
         if total > 0 {
             self.metrics.sessions_pruned(total as u64);
             info!(sessions = total, retention_s = keep.as_secs(), "pruned old session records");
+        }
+    }
+
+    /// Deletes the recordings older than `--recording-retention` (counted from their last
+    /// record) on a blocking thread, except those of sessions live here. A file that cannot be
+    /// deleted is logged and tried again on the next sweep.
+    pub(super) async fn prune_recordings(self: &Arc<Self>) {
+        let keep = self.cfg.recording_retention;
+        let Some(dir) = self.cfg.recording_dir.clone().filter(|_| !keep.is_zero()) else {
+            return;
+        };
+        let me = self.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            crate::recording::retention::delete_expired(
+                &dir,
+                std::time::SystemTime::now(),
+                keep,
+                |sid| me.live.contains(sid),
+            )
+        })
+        .await;
+        match done {
+            Ok(Ok(report)) => {
+                for (path, err) in &report.failed {
+                    warn!(file = %path.display(), %err, "deleting an old recording failed");
+                }
+                if !report.deleted.is_empty() {
+                    info!(
+                        recordings = report.deleted.len(),
+                        retention_s = keep.as_secs(),
+                        "deleted old session recordings"
+                    );
+                }
+            }
+            // No directory yet: nothing was recorded.
+            Ok(Err(err)) if err.kind() == io::ErrorKind::NotFound => {}
+            Ok(Err(err)) => warn!(%err, "listing the recordings failed"),
+            Err(err) => warn!(%err, "recording retention task failed"),
         }
     }
 
