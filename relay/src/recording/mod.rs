@@ -1,8 +1,8 @@
 //! Session recording at the relay (issue 16): a tamper-evident, byte-exact log of what a
 //! session showed and was typed, one append-only file per session, and what reads it back.
 //!
-//! Core built; not yet wired into the relay: nothing in the data plane or the API calls this
-//! module yet (docs/RECORDING.md says where it will).
+//! The data plane records through it (`data::record`, fed by [`tap`]); the control plane keeps
+//! the digests and serves the asciicast export (docs/RECORDING.md, "Wiring").
 //!
 //! ```text
 //!  shard (never blocks on the disk)           writer thread (std::thread, one per Recorder)
@@ -22,6 +22,7 @@
 //! - [`verify`]: a streaming reader that checks the chain, and `verify`.
 //! - [`asciicast`]: the asciicast v2 export (lossy only where the output is not UTF-8).
 //! - [`retention`]: choosing and deleting recordings older than the retention.
+//! - [`tap`]: what a recording needs out of the frames a pump forwards (sans-IO).
 
 pub mod asciicast;
 pub mod format;
