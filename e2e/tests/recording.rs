@@ -306,17 +306,20 @@ async fn a_recording_directory_that_cannot_be_written_refuses_and_ends_sessions(
     let (relay, _agent, iid, home) = relay_and_agent().await;
     set_recording(&relay, "output").await;
     let dir = relay.data_dir.join("recordings");
-    // 256 KiB: a session printing 4 MiB fills it, and the writer's next write fails.
+    // 256 KiB: a session printing 16 MiB fills it, and the writer's next write fails. What a
+    // session may have queued for the writer (4 MiB, the high-water mark) can reach the client
+    // before the failure does; nothing past it.
     let Some(fs) = Tmpfs::mount_on(&dir, "256k") else { return };
     let src = home.path().join("noise.bin");
-    std::fs::write(&src, noise(4 << 20, 7)).unwrap();
+    std::fs::write(&src, noise(16 << 20, 7)).unwrap();
     let out = hatch(&relay, home.path(), &relay.info.access_key)
         .args(["exec", "-i", &iid, "--", "cat"])
         .arg(&src)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.stdout.len() < 4 << 20, "the whole output went through unrecorded");
+    let shown = out.stdout.len();
+    assert!(shown < 8 << 20, "{shown} bytes went through past the failed recording");
     assert!(err.contains("4018"), "{err}");
     let sid = newest_session(&relay).await;
     let rec = relay.closed_session(&sid).await;

@@ -12,7 +12,8 @@
 //! [`io`]); everything inside a shard is `Rc`/`Cell`, and shards talk only through channels.
 //! Pairing ([`pair`]), forwarding ([`forward`]) and TLS ([`tls`]) are written once above the
 //! I/O interface. What it does not do: parse the `hatch.v1` messages it forwards (except to tell
-//! an agent's normal close), buffer more than one read per direction, or log per frame.
+//! an agent's normal close, and the recording tap of a recorded session, [`record`]), buffer
+//! more than one read per direction, or log per frame.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
