@@ -26,6 +26,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer body read (bytes); session lists are paginated well below this.
 pub const MAX_BODY: usize = 4 << 20;
+/// Largest session recording downloaded (`hatch sessions recording`, `hatch play ID`): 512
+/// MiB of asciicast, held in memory; a longer one can be exported on the relay's host.
+pub const MAX_RECORDING_BODY: usize = 512 << 20;
 
 /// The rustls client configuration for `settings`: the CA file when one is set, else the
 /// web's root CAs. Always the ring provider.
@@ -179,6 +182,21 @@ impl Client {
         self.send_decoded(Method::PUT, path, Some(to_json(body)), subject).await
     }
 
+    /// `GET path` of a body that is not JSON (a recording), up to `max` bytes; an error body
+    /// becomes [`CliError::Api`].
+    pub async fn get_raw(
+        &self,
+        path: &str,
+        subject: &Subject,
+        max: usize,
+    ) -> Result<Bytes, CliError> {
+        let answer = self.send_limited(Method::GET, path, None, max).await?;
+        if !answer.status.is_success() {
+            return Err(self.error(path, answer, subject));
+        }
+        Ok(answer.body)
+    }
+
     /// `DELETE path`; any 2xx is success.
     pub async fn delete(&self, path: &str, subject: &Subject) -> Result<(), CliError> {
         let answer = self.send(Method::DELETE, path, None).await?;
@@ -255,6 +273,17 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Answer, CliError> {
+        self.send_limited(method, path, body, MAX_BODY).await
+    }
+
+    /// [`Client::send`], reading at most `max` bytes of the answer.
+    async fn send_limited(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        max: usize,
+    ) -> Result<Answer, CliError> {
         let url = format!("{}{path}", self.base);
         let started = Instant::now();
         let uri: Uri = url.parse().map_err(|_| CliError::Usage(format!("bad URL {url}")))?;
@@ -291,8 +320,8 @@ impl Client {
 
         let exchange = async {
             match conn {
-                Conn::Plain(s) => self.exchange(s, method, &uri, body).await,
-                Conn::Tls(s) => self.exchange(*s, method, &uri, body).await,
+                Conn::Plain(s) => self.exchange(s, method, &uri, body, max).await,
+                Conn::Tls(s) => self.exchange(*s, method, &uri, body, max).await,
             }
         };
         let (status, bytes, request_id, method) = tokio::time::timeout(ANSWER_TIMEOUT, exchange)
@@ -316,6 +345,7 @@ impl Client {
         method: Method,
         uri: &Uri,
         body: Option<Vec<u8>>,
+        max: usize,
     ) -> Result<(StatusCode, Bytes, Option<String>, Method), CliError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -344,7 +374,7 @@ impl Client {
         let status = resp.status();
         let request_id =
             resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let bytes = Limited::new(resp.into_body(), MAX_BODY)
+        let bytes = Limited::new(resp.into_body(), max)
             .collect()
             .await
             .map_err(|e| CliError::BadResponse {

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use hatch_proto::api::RecordingMode;
 
 /// Open a terminal on an instance through the Hatch relay.
 #[derive(Debug, Parser)]
@@ -66,6 +67,9 @@ pub enum Command {
     Activations(ActivationsCommand),
     /// The account's audit log: one line per API action (`hatch:ReadAudit`).
     Audit(AuditArgs),
+    /// Replay a recorded session in the terminal with its timing: a session id (the
+    /// recording is fetched from the relay) or an asciicast v2 file.
+    Play(PlayArgs),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -82,6 +86,20 @@ pub struct AuditArgs {
     /// Print each event as the relay's JSON, one per line (as in the relay's audit.log).
     #[arg(long)]
     pub json: bool,
+}
+
+/// `hatch play`.
+#[derive(Debug, Args)]
+pub struct PlayArgs {
+    /// A session id (`s-...`), or the path of an asciicast v2 file (`hatch sessions recording
+    /// ID -o FILE`, asciinema's own files).
+    pub target: String,
+    /// Playback speed: 2 plays twice as fast.
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub speed: f64,
+    /// Longest pause shown between two outputs, in seconds (before the speed applies).
+    #[arg(long, value_name = "S")]
+    pub idle_limit: Option<f64>,
 }
 
 /// `hatch configure`.
@@ -229,6 +247,14 @@ pub enum SessionsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Save a recorded session's recording (asciicast v2, as asciinema plays it).
+    Recording {
+        /// Session id, `s-...`.
+        session_id: String,
+        /// Write it to FILE (created, or replaced); default: stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 /// `--json`, on every command that prints an answer of the relay.
@@ -318,10 +344,19 @@ pub enum AccountCommand {
         /// `--max-duration`).
         #[arg(long, value_name = "SECS")]
         max_duration: Option<u64>,
+        /// Record the account's sessions started afterwards at the relay: `off`, `output`
+        /// (what they show) or `full` (and what is typed).
+        #[arg(long, value_name = "MODE", value_parser = recording_mode)]
+        recording: Option<RecordingMode>,
         /// `--json`.
         #[command(flatten)]
         format: Format,
     },
+}
+
+/// `--recording`'s value.
+fn recording_mode(s: &str) -> Result<RecordingMode, String> {
+    RecordingMode::parse(s).ok_or_else(|| format!("{s:?} is not off, output or full"))
 }
 
 /// The two positions of the session-manager switch.
@@ -664,6 +699,15 @@ mod tests {
             })
         ));
         assert!(parse(&["account", "prefs", "--idle-timeout", "-1"]).is_err());
+        assert!(matches!(
+            parse(&["account", "prefs", "--recording", "full"]).unwrap(),
+            Command::Account(AccountCommand::Prefs {
+                recording: Some(RecordingMode::Full),
+                idle_timeout: None,
+                ..
+            })
+        ));
+        assert!(parse(&["account", "prefs", "--recording", "on"]).is_err());
         assert!(matches!(
             parse(&["account", "show"]).unwrap(),
             Command::Account(AccountCommand::Show { format: Format { json: false } })

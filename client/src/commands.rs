@@ -54,6 +54,7 @@ pub async fn dispatch(cli: Cli, env: Env<'_>) -> Result<u8, CliError> {
     let profile = cli.profile.as_deref();
     match cli.command {
         Command::Configure(args) => configure(args, profile, env),
+        Command::Play(args) => play(args, profile, env, verbose).await,
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error (`| head`).
             let mut script = Vec::new();
@@ -308,15 +309,21 @@ async fn account(client: &Client, command: AccountCommand) -> Result<u8, CliErro
                 }
             })
         }
-        AccountCommand::Prefs { idle_timeout: None, max_duration: None, format } => {
+        AccountCommand::Prefs {
+            idle_timeout: None,
+            max_duration: None,
+            recording: None,
+            format,
+        } => {
             let answer: Value = client.get(PATH, &subject).await?;
             show(&answer, format, output::account_settings)
         }
-        AccountCommand::Prefs { idle_timeout, max_duration, format } => {
+        AccountCommand::Prefs { idle_timeout, max_duration, recording, format } => {
             let body = AccountSettingsUpdate {
                 session_manager_enabled: None,
                 idle_timeout_s: idle_timeout,
                 max_duration_s: max_duration,
+                recording,
             };
             let answer: Value = client.put(PATH, &body, &subject).await?;
             show(&answer, format, output::account_settings)
@@ -683,7 +690,81 @@ async fn audit(client: &Client, args: AuditArgs) -> Result<u8, CliError> {
     Ok(0)
 }
 
+/// The asciicast v2 recording of session `id`, from the relay.
+async fn fetch_recording(client: &Client, id: &str) -> Result<bytes::Bytes, CliError> {
+    let id = checked_id(id, "session")?;
+    let subject = Subject {
+        action: "hatch:GetSessionRecording",
+        session: Some(id.clone()),
+        ..Subject::default()
+    };
+    client
+        .get_raw(&format!("/v1/sessions/{id}/recording"), &subject, crate::api::MAX_RECORDING_BODY)
+        .await
+}
+
+/// `hatch play ID|FILE`: a file that exists is played as it is; anything else must be a
+/// session id, whose recording is fetched.
+async fn play(
+    args: crate::cli::PlayArgs,
+    profile: Option<&str>,
+    env: Env<'_>,
+    verbose: bool,
+) -> Result<u8, CliError> {
+    let idle = match args.idle_limit {
+        None => None,
+        Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => {
+            Some(std::time::Duration::from_secs_f64(s))
+        }
+        Some(s) => return Err(CliError::Usage(format!("--idle-limit {s} must be above 0"))),
+    };
+    let opts = crate::play::PlayOptions::new(args.speed, idle)
+        .ok_or_else(|| CliError::Usage(format!("--speed {} must be above 0", args.speed)))?;
+    let path = std::path::Path::new(&args.target);
+    let cast = if path.is_file() {
+        std::fs::read(path)
+            .map_err(|e| CliError::Local(format!("reading {}: {e}", path.display())))?
+            .into()
+    } else {
+        fetch_recording(&client(profile, env, verbose)?, &args.target).await?
+    };
+    let mut player = crate::play::Player::new(opts);
+    player.feed(&cast);
+    drop(cast);
+    let bad =
+        |e: crate::play::PlayError| CliError::Local(format!("cannot play {}: {e}", args.target));
+    let mut finished = false;
+    loop {
+        let step = match player.next_step().map_err(bad)? {
+            Some(step) => step,
+            None if !finished => {
+                finished = true;
+                match player.finish().map_err(bad)? {
+                    Some(step) => step,
+                    None => break,
+                }
+            }
+            None => break,
+        };
+        tokio::time::sleep(step.delay).await;
+        print_bytes(&step.bytes)?;
+    }
+    Ok(0)
+}
+
 async fn sessions(client: &Client, args: SessionsArgs) -> Result<u8, CliError> {
+    if let Some(SessionsCommand::Recording { session_id, output }) = &args.show {
+        let cast = fetch_recording(client, session_id).await?;
+        match output {
+            Some(file) => {
+                std::fs::write(file, &cast)
+                    .map_err(|e| CliError::Local(format!("writing {}: {e}", file.display())))?;
+                eprintln!("hatch: saved the recording of {session_id} to {}", file.display());
+            }
+            None => print_bytes(&cast)?,
+        }
+        return Ok(0);
+    }
     if let Some(SessionsCommand::Show { session_id, json }) = args.show {
         let id = checked_id(&session_id, "session")?;
         let subject = Subject {
@@ -746,8 +827,12 @@ async fn sessions(client: &Client, args: SessionsArgs) -> Result<u8, CliError> {
 }
 
 fn print(text: &str) -> Result<(), CliError> {
+    print_bytes(text.as_bytes())
+}
+
+fn print_bytes(bytes: &[u8]) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
+    out.write_all(bytes)
         .and_then(|()| out.flush())
         .map_err(|e| CliError::Local(format!("writing to stdout: {e}")))
 }

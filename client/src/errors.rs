@@ -260,9 +260,12 @@ fn api_exit_code(code: &str, status: u16, subject: &Subject) -> u8 {
         codes::ACCESS_DENIED | codes::SESSION_MANAGER_DISABLED => exit::NOPERM,
         codes::INVALID_TOKEN if !subject.data_plane => exit::NOPERM,
         codes::INVALID_TOKEN => exit::TRANSPORT,
-        codes::INSTANCE_NOT_FOUND | codes::SESSION_NOT_FOUND | codes::NO_SUCH_ENTITY => {
-            exit::NOT_FOUND
-        }
+        codes::INSTANCE_NOT_FOUND
+        | codes::SESSION_NOT_FOUND
+        | codes::NO_SUCH_ENTITY
+        | codes::RECORDING_NOT_FOUND => exit::NOT_FOUND,
+        codes::RECORDING_CORRUPT => exit::CONFLICT,
+        codes::RECORDING_UNAVAILABLE => exit::TEMPFAIL,
         codes::ENTITY_ALREADY_EXISTS
         | codes::DELETE_CONFLICT
         | codes::SESSION_ATTACHED
@@ -372,6 +375,18 @@ fn api_words(code: &str, status: u16, body: &ErrorBody, subject: &Subject) -> St
             "{}; fix the document and put it again (docs/POLICY.md)",
             relay_said("the relay refused the policy document")
         ),
+        codes::RECORDING_NOT_FOUND => format!(
+            "{session} has no recording (it was not recorded, or its recording was deleted \
+             after the relay's --recording-retention)"
+        ),
+        codes::RECORDING_CORRUPT => format!(
+            "{}; the relay's operator can check it with `hatch-relay admin recordings verify`",
+            relay_said("the recording does not verify")
+        ),
+        codes::RECORDING_UNAVAILABLE => "the account requires session recording and the relay \
+                                         cannot write recordings now; ask its operator to \
+                                         check the recording directory's disk"
+            .to_owned(),
         codes::NOT_FOUND => "the relay does not know this API path; is the API URL (HATCH_API or \
                              `hatch configure`) right and the relay up to date?"
             .to_owned(),
@@ -424,6 +439,7 @@ fn close_label(code: u16) -> String {
         close::PEER_RESUMING => "PeerResuming",
         close::RUN_AS_UNAVAILABLE => "RunAsUnavailable",
         close::FORWARD_NOT_ALLOWED => "ForwardNotAllowed",
+        close::RECORDING_FAILED => "RecordingFailed",
         _ => "Closed",
     };
     format!("{name} (close {code})")
@@ -476,6 +492,10 @@ fn close_words(code: u16, instance: &Option<String>) -> String {
             "the agent{on} could not start the session (its reason is in the remote error \
              above); check the instance"
         ),
+        close::RECORDING_FAILED => "the relay could not record the session, which the account \
+                                    requires, and ended it; ask the relay's operator to check \
+                                    the recording directory's disk"
+            .to_owned(),
         // The same code for the session's owner, an administrator and the relay's admin
         // command: the words do not guess who.
         close::TERMINATED => "the session was terminated through the API (`hatch terminate` or \

@@ -198,8 +198,9 @@ pub fn account_settings(settings: &Value) -> String {
         Some(Value::Number(n)) => format!("{n} s"),
         Some(other) => text(other),
     };
+    let recording = settings.get("recording").map_or_else(|| "off".to_owned(), text);
     format!(
-        "session manager  {switch}\nidle timeout     {}\nmax duration     {}\n",
+        "session manager  {switch}\nidle timeout     {}\nmax duration     {}\nrecording        {recording}\n",
         pref("idle_timeout_s", "--idle-timeout"),
         pref("max_duration_s", "--max-duration"),
     )
@@ -514,7 +515,12 @@ mod tests {
             account_settings(&json!({"session_manager_enabled": true, "max_duration_s": 3600})),
             "session manager  on\n\
              idle timeout     the relay's (--idle-timeout)\n\
-             max duration     3600 s\n"
+             max duration     3600 s\n\
+             recording        off\n"
+        );
+        assert!(
+            account_settings(&json!({"session_manager_enabled": true, "recording": "full"}))
+                .ends_with("recording        full\n")
         );
         assert!(
             account_settings(&json!({"session_manager_enabled": false}))

@@ -1032,3 +1032,87 @@ impl GatedReader {
         std::mem::take(&mut *self.got.lock().unwrap())
     }
 }
+
+/// A tmpfs of `size` mounted on a fresh temporary directory (or on a given one); unmounted
+/// when dropped, also when the test panics. `None` (after saying so loudly on stderr) where
+/// this process may not mount.
+pub struct Tmpfs {
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Tmpfs {
+    /// Mounts one (`size` as `mount -o size=` takes it), or says why not and gives `None`.
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut fs = Self::mount_on(tmp.path(), size)?;
+        fs._tmp = Some(tmp);
+        Some(fs)
+    }
+
+    /// [`Tmpfs::mount`] on the existing directory `dir` (what it held is hidden meanwhile).
+    pub fn mount_on(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let opts = format!("size={size}");
+        let out =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &opts, "tmpfs"]).arg(dir).output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir: dir.to_owned(), _tmp: None }),
+            other => {
+                eprintln!(
+                    "\n*** SKIPPED: cannot mount a tmpfs (needs root or CAP_SYS_ADMIN), so the \
+                     read-only / full-disk test did NOT run: {other:?}\n"
+                );
+                None
+            }
+        }
+    }
+
+    /// Its mount point.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `mount -o remount,HOW` (`ro`, `rw`).
+    pub fn remount(&self, how: &str) {
+        let st =
+            Command::new("mount").args(["-o", &format!("remount,{how}")]).arg(self.path()).status();
+        assert!(st.is_ok_and(|s| s.success()), "remount,{how} of {} failed", self.path().display());
+    }
+
+    /// Writes zeroes to a file until the file system says it is full (ENOSPC).
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join("filler")).unwrap();
+        let block = [0u8; 4096];
+        let err = loop {
+            if let Err(e) = f.write_all(&block) {
+                break e;
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::ENOSPC as i32), "{err}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount").arg(self.path()).status().is_ok_and(|s| s.success());
+        if !ok {
+            // Busy (a process still holds a file there): detach it now, freed when released.
+            eprintln!("umount {} failed; detaching it lazily", self.path().display());
+            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+        }
+    }
+}
+
+/// `n` bytes that repeat nowhere a shifted copy would match (xorshift), for byte-exact checks.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

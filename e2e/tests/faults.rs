@@ -308,67 +308,6 @@ async fn a_run_as_user_that_does_not_exist_is_refused_in_words_and_recorded_erro
     }
 }
 
-/// A tmpfs of `size` mounted on a fresh temporary directory; unmounted when dropped, also when
-/// the test panics. `None` (after saying so loudly on stderr) where this process may not mount.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = format!("size={size}");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            other => {
-                eprintln!(
-                    "\n*** SKIPPED: cannot mount a tmpfs (needs root or CAP_SYS_ADMIN), so the \
-                     read-only / full-disk store test did NOT run: {other:?}\n"
-                );
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn remount(&self, how: &str) {
-        let st =
-            Command::new("mount").args(["-o", &format!("remount,{how}")]).arg(self.path()).status();
-        assert!(st.is_ok_and(|s| s.success()), "remount,{how} of {} failed", self.path().display());
-    }
-
-    /// Writes zeroes to a file until the file system says it is full (ENOSPC).
-    fn fill(&self) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.path().join("filler")).unwrap();
-        let block = [0u8; 4096];
-        let err = loop {
-            if let Err(e) = f.write_all(&block) {
-                break e;
-            }
-        };
-        assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::ENOSPC as i32), "{err}");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount").arg(self.path()).status().is_ok_and(|s| s.success());
-        if !ok {
-            // Busy (a process still holds a file there): detach it now, freed when released.
-            eprintln!("umount {} failed; detaching it lazily", self.path().display());
-            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-        }
-    }
-}
-
 /// `hatch-relay serve` with its data directory at `data` and a development certificate kept
 /// outside it (so that the store is the first thing the relay writes there).
 fn serve(data: &Path, pki: &hatch_relay::certs::DevPki, log: &Path) -> Proc {

@@ -88,15 +88,14 @@ async fn a_relay_on_postgresql_runs_sessions_and_keeps_them_across_a_restart() {
         assert!(Instant::now() < end, "no session after the restart");
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Polled, as above: the second session's end is recorded just after `hatch` saw it.
+    // The client has its exit status before the relay has recorded the close: poll.
     let end = Instant::now() + DEADLINE;
     loop {
         let r = relay.call("GET", "/v1/sessions?state=closed", Some(&key), None).await;
-        let n = r.json()["sessions"].as_array().map(Vec::len);
-        if n == Some(2) {
+        if r.json()["sessions"].as_array().map(Vec::len) == Some(2) {
             break;
         }
-        assert!(Instant::now() < end && n == Some(1), "{}", r.text);
+        assert!(Instant::now() < end, "two closed sessions never listed: {}", r.text);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

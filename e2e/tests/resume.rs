@@ -321,19 +321,6 @@ async fn a_shell_keeps_its_pid_across_a_relay_restart() {
     assert!(err.contains("reconnected"), "{err}");
 }
 
-/// `n` bytes that repeat nowhere a shifted copy would match (xorshift), for byte-exact checks.
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// A TCP server on the instance side (loopback), one thread per connection.
 fn instance_server(serve: impl Fn(std::net::TcpStream) + Send + Sync + Clone + 'static) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -108,6 +108,10 @@ pub struct RunArgs {
     /// clients' API calls are spread over the nodes; each session runs on its agent's node.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub relays: u16,
+    /// Record every session at the relay this run starts (its demo account's `recording`
+    /// setting, docs/RECORDING.md): `output`, or `full` (output and input). Off by default.
+    #[arg(long, value_parser = record_mode)]
+    pub record: Option<hatch_proto::api::RecordingMode>,
     /// The relays' store: a PostgreSQL URL (default: SQLite for one relay, a throwaway
     /// PostgreSQL cluster for `--relays` above 1).
     #[arg(long)]
@@ -242,5 +246,13 @@ pub fn main(args: Args) -> ExitCode {
         Some(Command::ForwardServer) => crate::tcp::process_main(),
         Some(Command::RelayProcess { args }) => crate::run::relay_process_main(args),
         None => crate::run::main(args.run),
+    }
+}
+
+/// `--record`'s value: `output` or `full`.
+fn record_mode(s: &str) -> Result<hatch_proto::api::RecordingMode, String> {
+    match hatch_proto::api::RecordingMode::parse(s) {
+        Some(m) if m.is_on() => Ok(m),
+        _ => Err(format!("{s:?} is not output or full")),
     }
 }

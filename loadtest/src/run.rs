@@ -444,6 +444,9 @@ impl Plan<'_> {
                 report.io = io.map_or("default", Io::as_str).into();
                 let (child, info) = self.start_relay(&exe, io)?;
                 relay = Some(child);
+                if let Some(mode) = self.args.record {
+                    self.set_recording(io, &info, mode)?;
+                }
                 info
             }
         };
@@ -697,6 +700,33 @@ impl Plan<'_> {
         report.relay = Some(side);
         report.errors_by_kind = errors;
         Ok(report)
+    }
+
+    /// `--record`: the demo account records its sessions from now on, set in the relay's store
+    /// as `hatch-relay admin accounts prefs --recording` does (the relay reads the account at
+    /// each session start).
+    fn set_recording(
+        &self,
+        io: Option<Io>,
+        info: &DevInfo,
+        mode: hatch_proto::api::RecordingMode,
+    ) -> anyhow::Result<()> {
+        // A fleet's throwaway store is not where this run could name it.
+        anyhow::ensure!(self.args.relays == 1, "--record runs against one relay");
+        let dir = self.relay_dir(io);
+        let store = hatch_relay::control::store::open(self.args.store.as_deref(), &dir)?;
+        let update =
+            hatch_proto::api::AccountSettingsUpdate { recording: Some(mode), ..Default::default() };
+        hatch_relay::control::iam::update_settings(store.as_ref(), &info.account_id, &update)
+            .context("setting the account's recording")?;
+        if !self.args.quiet {
+            eprintln!(
+                "recording: {} (into {})",
+                mode.as_str(),
+                hatch_relay::recording::dir_of(&dir).display()
+            );
+        }
+        Ok(())
     }
 
     fn start_relay(&self, exe: &Path, io: Option<Io>) -> anyhow::Result<(Child, DevInfo)> {

@@ -197,6 +197,53 @@ pub struct InstanceList {
     pub instances: Vec<InstanceInfo>,
 }
 
+/// An account's session recording (docs/RECORDING.md): what the relay keeps of each of its
+/// sessions.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingMode {
+    /// Nothing (the default).
+    #[default]
+    Off,
+    /// What the session showed: output, resizes, the exit status.
+    Output,
+    /// Output and what was typed (input).
+    Full,
+}
+
+impl RecordingMode {
+    /// The name used in JSON, in the store and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordingMode::Off => "off",
+            RecordingMode::Output => "output",
+            RecordingMode::Full => "full",
+        }
+    }
+
+    /// The mode named `s` (as [`RecordingMode::as_str`] names it).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "off" => RecordingMode::Off,
+            "output" => RecordingMode::Output,
+            "full" => RecordingMode::Full,
+            _ => return None,
+        })
+    }
+
+    /// Whether anything is recorded.
+    pub fn is_on(self) -> bool {
+        self != RecordingMode::Off
+    }
+
+    /// Whether input is recorded too.
+    pub fn records_input(self) -> bool {
+        self == RecordingMode::Full
+    }
+}
+
 /// `GET|PUT /v1/account/settings` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountSettings {
@@ -211,6 +258,9 @@ pub struct AccountSettings {
     /// a cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration_s: Option<u64>,
+    /// Session recording of the account's sessions started from now on.
+    #[serde(default)]
+    pub recording: RecordingMode,
 }
 
 /// `PUT /v1/account/settings` body: what to change (absent: unchanged). A preference of 0
@@ -227,6 +277,9 @@ pub struct AccountSettingsUpdate {
     /// Longest session in seconds, 1 to 30 days' worth; 0: the relay's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration_s: Option<u64>,
+    /// Session recording (`off`, `output`, `full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<RecordingMode>,
 }
 
 /// A user as the IAM API shows it (`GET|POST /v1/users`, `DELETE /v1/users/{name}`).
@@ -455,4 +508,12 @@ pub mod codes {
     pub const ORIGIN_NOT_ALLOWED: &str = "OriginNotAllowed";
     /// A console write without the console session's CSRF token in `x-hatch-csrf` (403).
     pub const CSRF_TOKEN_MISMATCH: &str = "CsrfTokenMismatch";
+    /// The account requires recording and the relay cannot write recordings now (503): the
+    /// session is refused rather than run unrecorded.
+    pub const RECORDING_UNAVAILABLE: &str = "RecordingUnavailable";
+    /// The session has no recording: it was not recorded, or its file is gone (404).
+    pub const RECORDING_NOT_FOUND: &str = "RecordingNotFound";
+    /// The session's recording does not verify (its chain is broken, or it ends elsewhere
+    /// than the digest the relay kept); the message names the first broken record (409).
+    pub const RECORDING_CORRUPT: &str = "RecordingCorrupt";
 }

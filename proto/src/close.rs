@@ -71,6 +71,10 @@ pub const RUN_AS_UNAVAILABLE: u16 = 4016;
 /// --allow-forward`); after an ERROR message with the reason.
 pub const FORWARD_NOT_ALLOWED: u16 = 4017;
 
+/// The session's account requires recording and the relay could not record it (the recording
+/// directory not writable, the disk full): the session is ended rather than run unrecorded.
+pub const RECORDING_FAILED: u16 = 4018;
+
 /// Whether a leg closed with `code` should be replaced by a new one (the session lives on in
 /// the relay or in its store): the relay going down, or the other side resuming. A leg lost
 /// without a close frame (reset, silence) is resumable too.
@@ -106,6 +110,7 @@ pub fn describe(code: u16) -> &'static str {
         PEER_RESUMING => "the other side is reconnecting",
         RUN_AS_UNAVAILABLE => "the run-as user is not available on the instance",
         FORWARD_NOT_ALLOWED => "the agent does not allow that destination",
+        RECORDING_FAILED => "the session could not be recorded",
         _ => "unknown close code",
     }
 }

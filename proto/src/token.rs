@@ -75,6 +75,14 @@ pub struct Claims {
     /// The account's longest session in seconds, likewise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maxd: Option<u64>,
+    /// The session is recorded (the account's `recording` when it started): the relay's data
+    /// plane records it so, or ends it when it cannot (4018). Absent: not recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rec: Option<crate::api::RecordingMode>,
+    /// Who started the session (`owner` or the user id), for a recording's header; only in
+    /// the tokens of recorded sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prn: Option<String>,
 }
 
 impl Claims {

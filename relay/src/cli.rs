@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::control::live::{Limits, Rate};
-use crate::control::store::{SqliteStore, StateFilter, Store};
+use crate::control::store::{RecordingMode, SqliteStore, StateFilter, Store};
 use crate::control::{ControlConfig, iam, signing};
 use crate::data::DataArgs;
 use crate::dev::{DevOptions, DevRelay};
@@ -107,6 +107,10 @@ struct RelayArgs {
     /// Days closed session records are kept in the store; 0 keeps them forever.
     #[arg(long, default_value_t = 90)]
     session_retention: u64,
+    /// Days session recordings are kept, counted from their last record (fractions allowed);
+    /// 0 keeps them forever. Recordings of live sessions are never deleted.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    recording_retention: f64,
     /// Most connections the API listener holds at once, agents' control channels included;
     /// beyond it new connections are reset.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
@@ -153,6 +157,8 @@ impl RelayArgs {
             },
             pending_timeout: Duration::from_secs(self.pending_timeout),
             session_retention: Duration::from_secs(self.session_retention.saturating_mul(86_400)),
+            recording_retention: Duration::try_from_secs_f64(self.recording_retention * 86_400.0)
+                .unwrap_or(Duration::MAX),
             max_api_connections: usize::try_from(self.max_api_connections).unwrap_or(usize::MAX),
             metrics_token,
             ..ControlConfig::default()
@@ -223,6 +229,9 @@ enum AdminCommand {
     /// Token signing keys.
     #[command(subcommand)]
     SigningKeys(SigningCmd),
+    /// Session recordings (docs/RECORDING.md).
+    #[command(subcommand)]
+    Recordings(RecordingsCmd),
     /// Write a consistent copy of the store to FILE (owner-only), while the relay runs.
     Backup {
         /// The copy; must not exist (or be empty).
@@ -242,7 +251,8 @@ enum AccountsCmd {
     /// running relay ends the live ones (4010) within its reconcile interval (2 s).
     Disable { account: String },
     /// Show or set an account's session preferences (sessions started afterwards): idle
-    /// timeout and longest session in seconds, 0 for the relay's own (which are also caps).
+    /// timeout and longest session in seconds, 0 for the relay's own (which are also caps),
+    /// and session recording.
     Prefs {
         account: String,
         /// Idle timeout, seconds (0: the relay's --idle-timeout).
@@ -251,6 +261,9 @@ enum AccountsCmd {
         /// Longest session, seconds (0: the relay's --max-duration).
         #[arg(long)]
         max_duration: Option<u64>,
+        /// Session recording: off, output (what the sessions show) or full (and what is typed).
+        #[arg(long, value_parser = recording_mode)]
+        recording: Option<RecordingMode>,
     },
 }
 
@@ -411,6 +424,36 @@ enum SessionsCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum RecordingsCmd {
+    /// Check a session's recording record by record, and its end against the digest the store
+    /// kept: prints `ok`, or names the first record that does not match; the exit code says
+    /// which (docs/CLI.md).
+    Verify { session_id: String },
+}
+
+/// Exit codes of `admin recordings verify` (docs/CLI.md), one per class of failure.
+mod verify_exit {
+    /// A record (or the header) was changed: it does not decode, its digest does not follow
+    /// the chain, or its time goes back.
+    pub const BROKEN: u8 = 3;
+    /// The file ends inside a record or inside its header.
+    pub const TRUNCATED: u8 = 4;
+    /// The chain is whole but does not end at the digest the store kept (records cut off the
+    /// end, or the file replaced by another).
+    pub const FINAL_DIGEST: u8 = 5;
+    /// The recording is missing or cannot be read.
+    pub const UNREADABLE: u8 = 6;
+}
+
+/// An admin command's failure that has its own exit code (its message is printed as is).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct ExitWith {
+    code: u8,
+    message: String,
+}
+
+#[derive(Debug, Subcommand)]
 enum SigningCmd {
     /// Add a new signing key; the relay signs with it after its next start.
     Rotate,
@@ -434,6 +477,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ExitWith>().is_some() => {
+            let code = e.downcast_ref::<ExitWith>().map_or(1, |x| x.code);
+            eprintln!("hatch-relay: {e}");
+            ExitCode::from(code)
+        }
         Err(e) => {
             eprintln!("hatch-relay: error: {e:#}");
             ExitCode::FAILURE
@@ -546,6 +594,7 @@ fn dev(a: DevArgs) -> anyhow::Result<()> {
         limits: control.limits,
         pending_timeout: control.pending_timeout,
         session_retention: control.session_retention,
+        recording_retention: control.recording_retention,
         max_api_connections: control.max_api_connections,
         public_data_url: control.public_data_url.clone(),
         metrics_token: control.metrics_token.clone(),
@@ -685,10 +734,11 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
             }
             AccountsCmd::Enable { account } => switch(s, json, &account, true),
             AccountsCmd::Disable { account } => switch(s, json, &account, false),
-            AccountsCmd::Prefs { account, idle_timeout, max_duration } => {
+            AccountsCmd::Prefs { account, idle_timeout, max_duration, recording } => {
                 let update = hatch_proto::api::AccountSettingsUpdate {
                     idle_timeout_s: idle_timeout,
                     max_duration_s: max_duration,
+                    recording,
                     ..Default::default()
                 };
                 let prefs = iam::update_settings(s, &account, &update)?.prefs;
@@ -696,9 +746,10 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                     |v: Option<u64>| v.map_or("the relay's".to_owned(), |s| format!("{s} s"));
                 print(json, &prefs, || {
                     format!(
-                        "{account}: idle timeout {}, longest session {}",
+                        "{account}: idle timeout {}, longest session {}, recording {}",
                         secs(prefs.idle_timeout_s),
-                        secs(prefs.max_duration_s)
+                        secs(prefs.max_duration_s),
+                        prefs.recording.as_str()
                     )
                 })
             }
@@ -959,6 +1010,9 @@ fn admin_cmd(a: AdminArgs) -> anyhow::Result<()> {
                 })
             }
         },
+        AdminCommand::Recordings(RecordingsCmd::Verify { session_id }) => {
+            verify_recording(s, json, &a.data_dir, &session_id)
+        }
         // Handled before the store is opened.
         AdminCommand::SigningKeys(SigningCmd::Rotate) | AdminCommand::Backup { .. } => Ok(()),
     }
@@ -976,6 +1030,58 @@ fn account_of(
         }
     }
     Ok(None)
+}
+
+/// `admin recordings verify`: the session's recording against its stored digest.
+fn verify_recording(s: &dyn Store, json: bool, data_dir: &Path, sid: &str) -> anyhow::Result<()> {
+    use crate::recording::verify::VerifyError;
+    let rec = s.session(None, sid)?.with_context(|| format!("no session {sid}"))?;
+    anyhow::ensure!(rec.recording.is_on(), "session {sid} was not recorded");
+    let expected = match rec.recording_digest.as_deref() {
+        Some(h) => Some(
+            crate::recording::Digest::from_hex(h)
+                .with_context(|| format!("the stored digest of {sid} is not 64 hex digits"))?,
+        ),
+        None => None,
+    };
+    let path = crate::recording::file_path(&crate::recording::dir_of(data_dir), sid)
+        .with_context(|| format!("{sid:?} cannot name a recording"))?;
+    match crate::recording::verify::verify(&path, expected) {
+        Ok(v) => {
+            let digest = v.final_digest.to_string();
+            let body = serde_json::json!({
+                "session_id": sid, "ok": true, "records": v.records, "bytes": v.len,
+                "exit": v.exit, "final_digest": digest, "digest_stored": expected.is_some(),
+            });
+            print(json, &body, || {
+                let against = if expected.is_some() {
+                    "matches the stored digest"
+                } else {
+                    "no digest stored yet (the session has not ended)"
+                };
+                format!(
+                    "ok\n{} records, {} bytes, final digest {digest} ({against})",
+                    v.records, v.len
+                )
+            })
+        }
+        Err(err) => {
+            let code = match &err {
+                VerifyError::Io { .. } => verify_exit::UNREADABLE,
+                VerifyError::TruncatedHeader { .. } | VerifyError::Truncated { .. } => {
+                    verify_exit::TRUNCATED
+                }
+                VerifyError::FinalDigest { .. } => verify_exit::FINAL_DIGEST,
+                _ => verify_exit::BROKEN,
+            };
+            Err(ExitWith { code, message: format!("{sid} ({}): {err}", path.display()) }.into())
+        }
+    }
+}
+
+/// `--recording`'s value.
+fn recording_mode(s: &str) -> Result<RecordingMode, String> {
+    RecordingMode::parse(s).ok_or_else(|| format!("{s:?} is not off, output or full"))
 }
 
 fn instance_account(s: &dyn Store, instance: &str) -> anyhow::Result<String> {

@@ -63,6 +63,8 @@ pub struct DevOptions {
     pub pending_timeout: Duration,
     /// How long closed session records are kept (zero: forever).
     pub session_retention: Duration,
+    /// How long session recordings are kept (zero: forever).
+    pub recording_retention: Duration,
     /// Most connections the API listener holds at once.
     pub max_api_connections: usize,
     /// Base URL of the data plane in stream URLs (`--public-data-url`); by default the host
@@ -107,6 +109,7 @@ impl Default for DevOptions {
             heartbeat_interval: c.heartbeat_interval,
             pending_timeout: c.pending_timeout,
             session_retention: c.session_retention,
+            recording_retention: c.recording_retention,
             max_api_connections: c.max_api_connections,
             public_data_url: None,
             metrics_token: None,
@@ -157,6 +160,7 @@ impl DevRelay {
             heartbeat_timeout: opts.heartbeat_interval * 3,
             pending_timeout: opts.pending_timeout,
             session_retention: opts.session_retention,
+            recording_retention: opts.recording_retention,
             max_api_connections: opts.max_api_connections,
             public_data_url: opts.public_data_url.clone(),
             metrics_token: opts.metrics_token.clone(),

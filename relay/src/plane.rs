@@ -42,6 +42,8 @@ pub enum CloseReason {
     /// The fleet node holding the session stopped heartbeating: a surviving node closed it once
     /// the node's heartbeat expired.
     NodeLost,
+    /// The account requires recording and the relay could not write the recording (4018).
+    RecordingFailed,
     /// A protocol violation (WebSocket, or TLS: a record not under the session's key, an
     /// oversized record), an internal failure, or the agent refusing or failing to start the
     /// session (`session.failed`, or its leg closed with 1008 or 1011).
@@ -64,6 +66,7 @@ impl CloseReason {
             CloseReason::PairTimeout => "pair_timeout",
             CloseReason::RelayShutdown => "relay_shutdown",
             CloseReason::NodeLost => "node_lost",
+            CloseReason::RecordingFailed => "recording_failed",
             CloseReason::Error => "error",
         }
     }
@@ -83,6 +86,7 @@ impl CloseReason {
             "pair_timeout" => CloseReason::PairTimeout,
             "relay_shutdown" => CloseReason::RelayShutdown,
             "node_lost" => CloseReason::NodeLost,
+            "recording_failed" => CloseReason::RecordingFailed,
             "error" => CloseReason::Error,
             _ => return None,
         })
@@ -149,6 +153,9 @@ pub enum DataEvent {
     },
     /// The session ended (sent exactly once per session that had at least one leg).
     Ended(SessionEnd),
+    /// What became of a recorded session's recording (once per recording handle: finished,
+    /// suspended for a resume, or failed).
+    Recording(crate::recording::Outcome),
 }
 
 /// Control plane → data plane.

@@ -164,6 +164,7 @@ impl Server {
         if let Some(u) = &cfg.control.public_api_url {
             data_cfg.origins.allowed.push(crate::control::console_origin(u));
         }
+        data_cfg.recording_dir = Some(crate::recording::dir_of(&cfg.data_dir));
         let plane =
             DataPlane::start(data_cfg, verifier, events_tx).context("starting the data plane")?;
         let data_addr = plane.local_addr();
@@ -189,6 +190,7 @@ impl Server {
         // One window for both planes: the data plane keeps detached sessions for it, the
         // control plane keeps a restart's paired sessions resumable for it.
         control_cfg.resume_window = Duration::from_secs(cfg.data.resume_window);
+        control_cfg.recording_dir = Some(crate::recording::dir_of(&cfg.data_dir));
         let control = ControlPlane::new(control_cfg, store, signer, data)?;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Duration>();

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use base64::Engine;
+use hatch_proto::api::RecordingMode;
 use hatch_proto::token::{Claims, Role, TOKEN_LIFETIME_SECS};
 use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use ring::rand::SystemRandom;
@@ -76,7 +77,7 @@ fn new_run() -> anyhow::Result<String> {
 }
 
 /// What a token says about its session beyond who may use it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LegTerms {
     /// A new leg of a session that was paired before (the `res` claim).
     pub resume: bool,
@@ -86,6 +87,9 @@ pub struct LegTerms {
     pub idle_timeout_s: Option<u64>,
     /// The account's longest session, seconds (`maxd`).
     pub max_duration_s: Option<u64>,
+    /// How the session is recorded (`rec`), and who started it (`prn`, for the recording's
+    /// header); `None`: not recorded.
+    pub recording: Option<(RecordingMode, String)>,
 }
 
 impl LegTerms {
@@ -96,7 +100,14 @@ impl LegTerms {
             two_way: mode_is_port,
             idle_timeout_s: prefs.idle_timeout_s,
             max_duration_s: prefs.max_duration_s,
+            recording: None,
         }
+    }
+
+    /// The same, for a session recorded as `mode` (nothing when it is `off`) that `principal`
+    /// started.
+    pub fn recorded(self, mode: RecordingMode, principal: &str) -> LegTerms {
+        LegTerms { recording: mode.is_on().then(|| (mode, principal.to_owned())), ..self }
     }
 
     /// The same, for a resume token.
@@ -163,7 +174,7 @@ impl TokenSigner {
         now: u64,
         terms: LegTerms,
     ) -> anyhow::Result<(String, Claims)> {
-        self.issue_in_run(&self.run, session_id, role, instance, account, now, terms)
+        self.issue_in_run(&self.run, session_id, role, instance, account, now, &terms)
     }
 
     /// [`TokenSigner::issue_with`] for the data plane of another node of a fleet, whose
@@ -177,7 +188,7 @@ impl TokenSigner {
         instance: &str,
         account: &str,
         now: u64,
-        terms: LegTerms,
+        terms: &LegTerms,
     ) -> anyhow::Result<(String, Claims)> {
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut jti)
@@ -195,6 +206,8 @@ impl TokenSigner {
             two_way: terms.two_way,
             idle: terms.idle_timeout_s,
             maxd: terms.max_duration_s,
+            rec: terms.recording.as_ref().map(|(m, _)| *m),
+            prn: terms.recording.as_ref().map(|(_, p)| p.clone()),
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());

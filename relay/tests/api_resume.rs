@@ -531,6 +531,8 @@ fn record(id: &str, s: &Setup, state: &str, seq_at: i64) -> SessionRecord {
         remote_host: None,
         remote_port: None,
         node_id: None,
+        recording: Default::default(),
+        recording_digest: None,
     }
 }
 

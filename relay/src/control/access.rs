@@ -296,6 +296,8 @@ mod tests {
                 remote_host: None,
                 remote_port: None,
                 node_id: None,
+                recording: Default::default(),
+                recording_digest: None,
             }
         }
 

@@ -128,6 +128,13 @@ impl From<SessionError> for ApiError {
             }
             SessionError::Ended(_) => (StatusCode::CONFLICT, codes::SESSION_ENDED),
             SessionError::Attached(_) => (StatusCode::CONFLICT, codes::SESSION_ATTACHED),
+            SessionError::RecordingUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, codes::RECORDING_UNAVAILABLE)
+            }
+            SessionError::RecordingNotFound(_) => {
+                (StatusCode::NOT_FOUND, codes::RECORDING_NOT_FOUND)
+            }
+            SessionError::RecordingCorrupt(_) => (StatusCode::CONFLICT, codes::RECORDING_CORRUPT),
             SessionError::Internal(err) => return ApiError::internal(err),
         };
         let mut out = ApiError::new(status, code, message);
@@ -347,6 +354,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/sessions", post(start_session).get(list_sessions))
         .route("/v1/sessions/{id}", get(describe_session).delete(terminate_session))
         .route("/v1/sessions/{id}/resume", post(resume_session))
+        .route("/v1/sessions/{id}/recording", get(session_recording))
         .route("/v1/instances", get(list_instances))
         .route("/v1/account/settings", get(get_settings).put(put_settings))
         .route("/v1/agent/register", post(register))
@@ -666,6 +674,20 @@ pub(super) async fn describe_session(
     Ok(json(StatusCode::OK, &session_info(&rec)))
 }
 
+async fn session_recording(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let rx = shared.recording(&caller, &id).await?;
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    let body = axum::body::Body::from_stream(chunks);
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/x-asciicast")], body).into_response())
+}
+
 pub(super) async fn terminate_session(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
@@ -718,6 +740,7 @@ fn settings_of(a: &Account) -> AccountSettings {
         session_manager_enabled: a.session_manager_enabled,
         idle_timeout_s: a.prefs.idle_timeout_s,
         max_duration_s: a.prefs.max_duration_s,
+        recording: a.prefs.recording,
     }
 }
 
@@ -743,7 +766,8 @@ async fn put_settings(
         }
     }
     info!(account = %account.id, idle_timeout_s = ?account.prefs.idle_timeout_s,
-        max_duration_s = ?account.prefs.max_duration_s, "session preferences set");
+        max_duration_s = ?account.prefs.max_duration_s,
+        recording = account.prefs.recording.as_str(), "session preferences set");
     Ok(json(StatusCode::OK, &settings_of(&account)))
 }
 

@@ -166,6 +166,7 @@ pub fn action_of(method: &Method, route: Option<&str>) -> &'static str {
         ("GET", "/v1/sessions") | ("GET", "/v1/sessions/{id}") => "hatch:DescribeSessions",
         ("DELETE", "/v1/sessions/{id}") => "hatch:TerminateSession",
         ("POST", "/v1/sessions/{id}/resume") => "hatch:ResumeSession",
+        ("GET", "/v1/sessions/{id}/recording") => "hatch:GetSessionRecording",
         ("GET", "/v1/instances") => "hatch:DescribeInstances",
         ("GET", "/v1/account/settings") => "hatch:GetAccountSettings",
         ("PUT", "/v1/account/settings") => "hatch:UpdateAccountSettings",
@@ -212,8 +213,10 @@ fn target_of(path: &str, route: Option<&str>) -> Option<String> {
     }
     let rest = path.strip_prefix("/v1/").or(path.strip_prefix("/console/api/"))?;
     let (_, tail) = rest.split_once('/')?;
-    let tail = tail.strip_suffix("/resume").or(tail.strip_suffix("/revoke-secret")).unwrap_or(tail);
-    let tail = tail.strip_suffix("/tags").unwrap_or(tail);
+    let tail = ["/resume", "/revoke-secret", "/recording", "/tags"]
+        .iter()
+        .find_map(|s| tail.strip_suffix(s))
+        .unwrap_or(tail);
     (!tail.is_empty()).then(|| bounded(tail))
 }
 

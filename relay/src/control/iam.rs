@@ -103,6 +103,9 @@ pub fn updated_prefs(
             }
         }
     }
+    if let Some(mode) = update.recording {
+        prefs.recording = mode;
+    }
     Ok(prefs)
 }
 

@@ -163,6 +163,13 @@ pub struct ControlConfig {
     pub node_timeout: Duration,
     /// The audit log file this node appends to (`DATA_DIR/audit.log`); `None`: the store only.
     pub audit_file: Option<std::path::PathBuf>,
+    /// Session recordings older than this (by their last record) are deleted from the
+    /// recording directory, except those of live sessions; zero keeps them forever.
+    pub recording_retention: Duration,
+    /// This node's recording directory (`<data dir>/recordings`), where its data plane writes
+    /// the recordings of its sessions; `None`: recorded sessions are refused
+    /// (`RecordingUnavailable`).
+    pub recording_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ControlConfig {
@@ -192,6 +199,8 @@ impl Default for ControlConfig {
             node: fleet::NodeSelf::default(),
             node_timeout: Duration::from_secs(15),
             audit_file: None,
+            recording_dir: None,
+            recording_retention: Duration::ZERO,
         }
     }
 }
@@ -367,6 +376,8 @@ impl ControlPlane {
             let mut tick = tokio::time::interval(period);
             let mut reconcile = tokio::time::interval(sweep.cfg.reconcile_interval);
             let mut prune = tokio::time::interval(prune_interval(sweep.cfg.session_retention));
+            let mut recordings =
+                tokio::time::interval(prune_interval(sweep.cfg.recording_retention));
             let mut seen = Reconciled { since: unix_now(), generations: HashMap::new() };
             // A fleet node: the expiry of silent nodes and its mail on the reconcile tick (its
             // own heartbeat is a thread, `fleet::spawn_heartbeat`), and woken at once by the
@@ -394,6 +405,7 @@ impl ControlPlane {
                         sweep.reconcile(&mut seen).await
                     }
                     _ = prune.tick() => sweep.prune().await,
+                    _ = recordings.tick() => sweep.prune_recordings().await,
                     w = next_wake(&mut wakes) => match w {
                         store::Wake::Mail => sweep.read_mail().await,
                         store::Wake::Reconcile => sweep.reconcile(&mut seen).await,

@@ -40,6 +40,7 @@ pub const ACTIONS: &[&str] = &[
     "hatch:StartPortForwarding",
     "hatch:DescribeSessions",
     "hatch:TerminateSession",
+    "hatch:GetSessionRecording",
     "hatch:DescribeInstances",
     "hatch:TagInstance",
     "hatch:DeregisterInstance",
@@ -93,6 +94,8 @@ pub const START_PORT_FORWARDING: &str = "hatch:StartPortForwarding";
 pub const DESCRIBE_SESSIONS: &str = "hatch:DescribeSessions";
 /// Terminate sessions on an instance.
 pub const TERMINATE_SESSION: &str = "hatch:TerminateSession";
+/// Read the recording of a session on an instance (`GET /v1/sessions/{id}/recording`).
+pub const GET_SESSION_RECORDING: &str = "hatch:GetSessionRecording";
 /// See an instance in `GET /v1/instances`.
 pub const DESCRIBE_INSTANCES: &str = "hatch:DescribeInstances";
 /// Replace an instance's tags.
@@ -1401,7 +1404,11 @@ mod tests {
             assert_eq!(action_keys(a), ["hatch:SourceIp"], "{a}");
         }
         let sessions = ACTIONS.len() - INSTANCE_IAM_ACTIONS.len() - ACCOUNT_ACTIONS.len();
-        assert_eq!(sessions, 5, "StartSession, StartPortForwarding, Describe* and Terminate");
+        assert_eq!(
+            sessions, 6,
+            "StartSession, StartPortForwarding, Describe*, Terminate and GetSessionRecording"
+        );
+        assert_eq!(action_keys(GET_SESSION_RECORDING), action_keys(DESCRIBE_SESSIONS));
     }
 
     #[test]

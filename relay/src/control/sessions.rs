@@ -7,6 +7,8 @@
 //! in step; handlers only parse requests and render answers.
 
 use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hatch_proto::api::{Mode, StartSessionRequest};
@@ -68,9 +70,35 @@ pub enum SessionError {
     /// `SessionAttached`).
     #[error("session {0} has a client attached; resume with force to take it over")]
     Attached(String),
+    /// The account requires recording and the recording directory cannot be written (503
+    /// `RecordingUnavailable`).
+    #[error("{0}")]
+    RecordingUnavailable(String),
+    /// The session has no recording (404 `RecordingNotFound`).
+    #[error("{0}")]
+    RecordingNotFound(String),
+    /// The session's recording does not verify (409 `RecordingCorrupt`).
+    #[error("{0}")]
+    RecordingCorrupt(String),
     /// The store or the signer failed (500, logged).
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+/// Sends what is written to it as chunks to a response body; a reader gone is a broken pipe.
+struct ChunkWriter(tokio::sync::mpsc::Sender<bytes::Bytes>);
+
+impl io::Write for ChunkWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .blocking_send(bytes::Bytes::copy_from_slice(buf))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the reader went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn invalid(message: impl Into<String>) -> SessionError {
@@ -256,6 +284,9 @@ impl Shared {
                 policy::instance_hrn(&inst.region, &inst.account_id, &inst.id)
             )));
         }
+        if caller.account.prefs.recording.is_on() {
+            self.recording_writable().await?;
+        }
         let (Some(run_as), Some((_, placement))) = (run_as, placed) else {
             let message = match inst.last_seen {
                 Some(t) => format!(
@@ -293,10 +324,11 @@ impl Shared {
             let now = u64::try_from(now).unwrap_or(0);
             // A port session's idle timeout counts both directions (a download is not idle).
             let (iid, acct) = (&inst.id, &inst.account_id);
-            let terms = LegTerms::of(port, caller.account.prefs);
+            let terms = LegTerms::of(port, caller.account.prefs)
+                .recorded(caller.account.prefs.recording, caller.principal());
             let s = &self.signer;
-            let c = s.issue_in_run(&run, &sid, Role::Client, iid, acct, now, terms)?;
-            let a = s.issue_in_run(&run, &sid, Role::Agent, iid, acct, now, terms)?;
+            let c = s.issue_in_run(&run, &sid, Role::Client, iid, acct, now, &terms)?;
+            let a = s.issue_in_run(&run, &sid, Role::Agent, iid, acct, now, &terms)?;
             anyhow::Ok((c, a))
         })();
         let ((client_token, claims), (agent_token, _)) = match issued {
@@ -328,6 +360,8 @@ impl Shared {
             remote_host: remote_host.clone(),
             remote_port: req.remote_port.filter(|_| port),
             node_id: Some(node_id),
+            recording: caller.account.prefs.recording,
+            recording_digest: None,
         };
         if self.fleet {
             let limits = self.cfg.limits.open();
@@ -460,7 +494,9 @@ impl Shared {
             &rec.instance_id,
             &rec.account_id,
             now,
-            LegTerms::of(rec.mode == Mode::Port, caller.account.prefs).resumed(),
+            &LegTerms::of(rec.mode == Mode::Port, caller.account.prefs)
+                .recorded(rec.recording, &rec.principal)
+                .resumed(),
         )?;
         self.metrics.resume_token(true);
         info!(session = %rec.id, instance = %rec.instance_id, user = caller.principal(),
@@ -512,6 +548,61 @@ impl Shared {
             return Err(denied(format!("your policy does not allow {action} on {id}")));
         }
         Ok(rec)
+    }
+
+    /// The recording of session `id` as asciicast v2, in chunks, once it verified against the
+    /// digest the store kept (`hatch:GetSessionRecording`). The export streams from the file
+    /// on a blocking thread (one record in memory at a time) and stops at a record the chain
+    /// does not vouch for.
+    pub(crate) async fn recording(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<tokio::sync::mpsc::Receiver<bytes::Bytes>, SessionError> {
+        use crate::recording::verify::{self, VerifyError};
+        let rec = self.session_for(caller, id, policy::GET_SESSION_RECORDING).await?;
+        let none = || SessionError::RecordingNotFound(format!("session {id} has no recording"));
+        if !rec.recording.is_on() {
+            return Err(SessionError::RecordingNotFound(format!("session {id} was not recorded")));
+        }
+        let dir = self.cfg.recording_dir.as_deref().ok_or_else(none)?;
+        let path = crate::recording::file_path(dir, &rec.id).ok_or_else(none)?;
+        let expected = rec.recording_digest.as_deref().and_then(crate::recording::Digest::from_hex);
+        let p = path.clone();
+        let checked = tokio::task::spawn_blocking(move || verify::verify(&p, expected))
+            .await
+            .map_err(|e| SessionError::Internal(anyhow::anyhow!("verifying a recording: {e}")))?;
+        match checked {
+            Ok(_) => {}
+            Err(VerifyError::Io { offset: 0, source })
+                if source.kind() == io::ErrorKind::NotFound =>
+            {
+                return Err(none());
+            }
+            Err(err) => {
+                warn!(session = %rec.id, %err, "recording does not verify");
+                return Err(SessionError::RecordingCorrupt(format!(
+                    "the recording of session {id} does not verify: {err}"
+                )));
+            }
+        }
+        // A few chunks of 8 KiB in flight: a slow reader slows the export, nothing piles up.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let sid = rec.id.clone();
+        tokio::task::spawn_blocking(move || {
+            let res = std::fs::File::open(&path).map_err(anyhow::Error::from).and_then(|f| {
+                let opts = crate::recording::asciicast::ExportOptions::default();
+                crate::recording::asciicast::export(f, ChunkWriter(tx), &opts)
+                    .map_err(anyhow::Error::from)
+            });
+            match res {
+                Ok(summary) => debug!(session = %sid, ?summary, "recording exported"),
+                Err(err) => {
+                    warn!(session = %sid, err = %format!("{err:#}"), "recording export stopped")
+                }
+            }
+        });
+        Ok(rx)
     }
 
     /// One page of the caller's account's sessions that the caller may describe, and the
@@ -617,6 +708,32 @@ impl Shared {
         }
     }
 
+    /// Whether this node's recording directory can be written now (a session of an account
+    /// that requires recording is refused otherwise, never run unrecorded).
+    async fn recording_writable(&self) -> Result<(), SessionError> {
+        let Some(dir) = self.cfg.recording_dir.clone() else {
+            return Err(SessionError::RecordingUnavailable(
+                "the account requires session recording and this relay has no recording \
+                 directory"
+                    .into(),
+            ));
+        };
+        let shown = dir.display().to_string();
+        let res = tokio::task::spawn_blocking(move || crate::recording::probe(&dir)).await;
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => {
+                warn!(dir = %shown, %err, "recording directory not writable; refusing a recorded session");
+                Err(SessionError::RecordingUnavailable(format!(
+                    "the account requires session recording and the relay cannot write \
+                     recordings now ({})",
+                    err.kind()
+                )))
+            }
+            Err(e) => Err(SessionError::Internal(anyhow::anyhow!("recording probe: {e}"))),
+        }
+    }
+
     pub(super) async fn on_event(&self, ev: DataEvent) {
         use live::LiveState;
         match ev {
@@ -691,6 +808,29 @@ impl Shared {
                 let mut rows = vec![(session_id, c2a, a2c)];
                 self.record_progress(&mut rows).await;
             }
+            DataEvent::Recording(outcome) => self.on_recording(outcome).await,
+        }
+    }
+
+    /// Keeps a recording's digest with its session: the final one when it finished, the
+    /// digest so far when it was suspended (a relay stopping with the session resumable). A
+    /// failure was logged and acted on by the data plane (the session ended, 4018).
+    async fn on_recording(&self, outcome: crate::recording::Outcome) {
+        use crate::recording::Outcome;
+        let (sid, digest, records) = match outcome {
+            Outcome::Finished { session_id, digest, records, .. } => (session_id, digest, records),
+            Outcome::Suspended { session_id, digest, records, .. } => (session_id, digest, records),
+            Outcome::Failed { session_id, failure } => {
+                warn!(session = %session_id, err = %failure, "session recording failed");
+                return;
+            }
+        };
+        info!(session = %sid, records, %digest, "session recording synced");
+        let (id, hex) = (sid.clone(), digest.to_string());
+        match self.blocking(move |s| s.set_recording_digest(&id, &hex)).await {
+            Ok(true) => {}
+            Ok(false) => warn!(session = %sid, "recording digest for an unknown session"),
+            Err(e) => warn!(session = %sid, err = %e, "storing the recording digest failed"),
         }
     }
 
@@ -761,6 +901,44 @@ impl Shared {
         if total > 0 {
             self.metrics.sessions_pruned(total as u64);
             info!(sessions = total, retention_s = keep.as_secs(), "pruned old session records");
+        }
+    }
+
+    /// Deletes the recordings older than `--recording-retention` (counted from their last
+    /// record) on a blocking thread, except those of sessions live here. A file that cannot be
+    /// deleted is logged and tried again on the next sweep.
+    pub(super) async fn prune_recordings(self: &Arc<Self>) {
+        let keep = self.cfg.recording_retention;
+        let Some(dir) = self.cfg.recording_dir.clone().filter(|_| !keep.is_zero()) else {
+            return;
+        };
+        let me = self.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            crate::recording::retention::delete_expired(
+                &dir,
+                std::time::SystemTime::now(),
+                keep,
+                |sid| me.live.contains(sid),
+            )
+        })
+        .await;
+        match done {
+            Ok(Ok(report)) => {
+                for (path, err) in &report.failed {
+                    warn!(file = %path.display(), %err, "deleting an old recording failed");
+                }
+                if !report.deleted.is_empty() {
+                    info!(
+                        recordings = report.deleted.len(),
+                        retention_s = keep.as_secs(),
+                        "deleted old session recordings"
+                    );
+                }
+            }
+            // No directory yet: nothing was recorded.
+            Ok(Err(err)) if err.kind() == io::ErrorKind::NotFound => {}
+            Ok(Err(err)) => warn!(%err, "listing the recordings failed"),
+            Err(err) => warn!(%err, "recording retention task failed"),
         }
     }
 
@@ -1107,7 +1285,9 @@ impl Shared {
             &rec.instance_id,
             &rec.account_id,
             now,
-            crate::token::LegTerms::of(rec.mode == store::Mode::Port, prefs).resumed(),
+            &crate::token::LegTerms::of(rec.mode == store::Mode::Port, prefs)
+                .recorded(rec.recording, &rec.principal)
+                .resumed(),
         );
         match issued {
             Ok((token, _)) => {

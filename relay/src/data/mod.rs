@@ -12,7 +12,8 @@
 //! [`io`]); everything inside a shard is `Rc`/`Cell`, and shards talk only through channels.
 //! Pairing ([`pair`]), forwarding ([`forward`]) and TLS ([`tls`]) are written once above the
 //! I/O interface. What it does not do: parse the `hatch.v1` messages it forwards (except to tell
-//! an agent's normal close), buffer more than one read per direction, or log per frame.
+//! an agent's normal close, and the recording tap of a recorded session, [`record`]), buffer
+//! more than one read per direction, or log per frame.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub mod io;
 pub mod metrics;
 pub mod pool;
 pub mod pump;
+pub mod record;
 pub mod session;
 pub mod shard;
 pub mod tls;
@@ -84,6 +86,9 @@ pub struct DataConfig {
     /// Which browser pages may open legs (the console's origin); legs without `Origin` (not
     /// from a browser) are not affected.
     pub origins: upgrade::Origins,
+    /// Where recorded sessions' recordings go (`<data dir>/recordings`); `None`: no recorder,
+    /// and a session whose token says it is recorded ends with 4018.
+    pub recording_dir: Option<std::path::PathBuf>,
 }
 
 impl DataConfig {
@@ -105,6 +110,26 @@ impl DataConfig {
             max_payload: hatch_proto::frame::DEFAULT_MAX_PAYLOAD,
             resume_window: Some(Duration::from_secs(600)),
             origins: upgrade::Origins::default(),
+            recording_dir: None,
+        }
+    }
+}
+
+/// Shard `id`'s recording writer: one per shard, so that a session's bytes stay on its owner
+/// shard's thread up to the writer's queue and the SHA-256 chain scales with the shards. A
+/// directory that cannot be created is logged; the shard then has no recorder and ends the
+/// sessions that must be recorded (4018) rather than run them unrecorded.
+fn spawn_recorder(
+    dir: Option<&std::path::Path>,
+    id: usize,
+) -> Option<(crate::recording::Recorder, mpsc::UnboundedReceiver<crate::recording::Outcome>)> {
+    let dir = dir?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    match crate::recording::Recorder::spawn(crate::recording::RecorderConfig::new(dir), tx) {
+        Ok(r) => Some((r, rx)),
+        Err(err) => {
+            warn!(shard = id, dir = %dir.display(), %err, "recording directory unusable");
+            None
         }
     }
 }
@@ -251,6 +276,7 @@ impl DataPlane {
                 ctrl: crx,
                 handoffs,
                 peers: handoff_tx.clone(),
+                recorder: spawn_recorder(cfg.recording_dir.as_deref(), id),
             };
             let core = cores.as_ref().filter(|c| !c.is_empty()).map(|c| c[id % c.len()]);
             let backend = cfg.io;

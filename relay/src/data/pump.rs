@@ -22,7 +22,9 @@ use tracing::{debug, warn};
 use super::conn::Conn;
 use super::io::Stream;
 use super::metrics::ShardMetrics;
+use super::record::{self, Recording};
 use super::session::{CloseCode, Key, Leg, LegEnd};
+use crate::recording::PushError;
 
 /// How long a closing leg may take to send its close and FIN before its socket is shut down.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -51,6 +53,10 @@ pub trait Host: Clone + 'static {
     fn leg_ended(&self, key: Key, leg: Leg, how: LegEnd);
     /// Shuts `conn`'s socket down at `at` (a hard deadline: pending operations complete).
     fn shutdown_at(&self, conn: &Rc<Conn<Self::S>>, at: Instant);
+    /// The session's recording, if it is recorded (asked once per pump).
+    fn recording(&self, key: Key) -> Option<Rc<Recording>>;
+    /// The session's recording failed with `err`: the session must end (4018).
+    fn recording_failed(&self, key: Key, err: &PushError);
 }
 
 /// A server close frame with `code` and its short description.
@@ -88,7 +94,14 @@ async fn pump<H: Host>(host: H, key: Key, a: Rc<Conn<H::S>>, b: Rc<Conn<H::S>>, 
     let mut carry = [0u8; MAX_TAIL];
     let mut clen = 0usize;
     let bytes_counter = if from == Leg::Client { &metrics.bytes_c2a } else { &metrics.bytes_a2c };
+    // Recording off: `None`, and one branch per read and per step below.
+    let rec = host.recording(key);
+    let mut tap = rec.as_ref().map(|r| r.tap(from));
     'pump: loop {
+        // A leg is not read while its record is behind: a slow disk slows the session.
+        if let Some(r) = &rec {
+            r.handle().ready().await;
+        }
         let r = a.read_plain(&carry[..clen]).await;
         // After the end, only the rest of a frame that `b` is inside is forwarded, so that
         // `b`'s closer can still send its close frame (it waits a bounded time for this).
@@ -135,6 +148,13 @@ async fn pump<H: Host>(host: H, key: Key, a: Rc<Conn<H::S>>, b: Rc<Conn<H::S>>, 
                 ShardMetrics::add(&metrics.frames, u64::from(step.frames));
             }
             if !step.out.is_empty() {
+                if let (Some(r), Some(tap)) = (&rec, &mut tap) {
+                    let out = &buf[step.out.clone()];
+                    if let Err(err) = record::record(r, tap, from, out, now.into_std()).await {
+                        host.recording_failed(key, &err);
+                        break 'pump;
+                    }
+                }
                 // Read → write handed to the other leg (the write's own wait is not counted).
                 metrics.forward.record(now.elapsed());
                 let (res, b2) = b.write_forwarded(buf, step.out.clone(), step.mid_frame).await;
@@ -190,6 +210,8 @@ async fn pump<H: Host>(host: H, key: Key, a: Rc<Conn<H::S>>, b: Rc<Conn<H::S>>, 
         clen = len - pos;
         carry[..clen].copy_from_slice(&buf[pos..len]);
     }
+    // The recording is finished or suspended once both pumps let go of it.
+    drop(rec);
     // A frame to `b` left half written will not be completed by anyone now.
     b.abandon_frame();
     drop(b);

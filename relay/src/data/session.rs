@@ -167,6 +167,8 @@ impl CloseCode {
     pub const ATTACHED_ELSEWHERE: CloseCode = CloseCode(close::ATTACHED_ELSEWHERE);
     /// 4015: the other leg was lost; resume.
     pub const PEER_RESUMING: CloseCode = CloseCode(close::PEER_RESUMING);
+    /// 4018: the session's recording could not be written.
+    pub const RECORDING_FAILED: CloseCode = CloseCode(close::RECORDING_FAILED);
 
     /// The code, if it may appear on the wire.
     pub fn new(code: u16) -> Option<CloseCode> {
@@ -821,6 +823,18 @@ impl<H: Clone> SessionTable<H> {
             info!(session = %sid, code = code.get(), "session terminated");
             let key = self.key_of(slot);
             self.end(now, key, Ending::both(CloseReason::Terminated, code));
+        }
+    }
+
+    /// The recording of session `sid` failed (it could not be started, written or synced):
+    /// the session ends at once with 4018 on both legs, recorded `recording_failed`. A
+    /// recorded session never runs on unrecorded.
+    pub fn handle_recording_failed(&mut self, now: Instant, sid: &str) {
+        let now = self.tick(now);
+        if let Some(&slot) = self.index.get(sid) {
+            let key = self.key_of(slot);
+            let ending = Ending::both(CloseReason::RecordingFailed, CloseCode::RECORDING_FAILED);
+            self.end(now, key, ending);
         }
     }
 

@@ -25,6 +25,7 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hatch_proto::api::RecordingMode;
 use hatch_proto::token::Role;
 use rustls::server::UnbufferedServerConnection;
 use tokio::sync::{Notify, mpsc};
@@ -37,11 +38,13 @@ use super::io::{Listener, Stream};
 use super::metrics::ShardMetrics;
 use super::pool::Pool;
 use super::pump::{self, CLOSE_LINGER, FRAME_FINISH_WAIT};
+use super::record::Recording;
 use super::session::{
     Action, Admit, CloseCode, Key, Leg, LegEnd, Report, Rules, SessionTable, TokenId,
 };
 use super::upgrade::{self, Refusal};
-use crate::plane::{DataCommand, DataEvent};
+use crate::plane::{CloseReason, DataCommand, DataEvent};
+use crate::recording::{Header, Outcome, PushError, Recorder};
 use crate::token::{TokenError, TokenVerifier};
 
 /// Messages from the data plane's handle to a shard.
@@ -74,7 +77,22 @@ struct Admission {
     limits: crate::data::session::SessionLimits,
     accept: String,
     hatch_v1: bool,
+    /// The token says the session is recorded.
+    recording: Option<RecordTerms>,
 }
+
+/// How a session is recorded, and its recording header's names, from its token.
+#[derive(Debug, Clone)]
+struct RecordTerms {
+    mode: RecordingMode,
+    account: String,
+    instance: String,
+    principal: String,
+}
+
+/// Terminal size a recording's header starts with: the client's first RESIZE follows at once
+/// and is recorded (the relay learns the size only from it).
+const RECORDING_START_SIZE: (u16, u16) = (80, 24);
 
 /// What a shard thread starts with.
 pub struct ShardInit {
@@ -87,6 +105,9 @@ pub struct ShardInit {
     pub(crate) ctrl: mpsc::UnboundedReceiver<Ctrl>,
     pub(crate) handoffs: mpsc::Receiver<Handoff>,
     pub(crate) peers: Vec<mpsc::Sender<Handoff>>,
+    /// This shard's recording writer (`None`: recording off, or its directory unusable, so
+    /// that recorded sessions end with 4018), and its outcomes.
+    pub(crate) recorder: Option<(Recorder, mpsc::UnboundedReceiver<Outcome>)>,
 }
 
 /// The owner shard of a session: FNV-1a of its id, modulo the shard count.
@@ -174,6 +195,9 @@ pub struct Shard<S> {
     drained: Cell<bool>,
     open: Rc<Open>,
     peers: Vec<mpsc::Sender<Handoff>>,
+    recorder: Option<Recorder>,
+    /// The recorded sessions of this shard, by session id (kept across a detach).
+    recordings: RefCell<HashMap<String, Rc<Recording>>>,
 }
 
 /// Runs a shard until it is shut down.
@@ -185,6 +209,7 @@ pub async fn run<L: Listener>(init: ShardInit) {
             return;
         }
     };
+    let (recorder, outcomes) = init.recorder.map_or((None, None), |(r, o)| (Some(r), Some(o)));
     let shard = Rc::new(Shard::<L::Stream> {
         id: init.id,
         tls: RefCell::new(init.cfg.tls.clone()),
@@ -204,7 +229,10 @@ pub async fn run<L: Listener>(init: ShardInit) {
         wake: Notify::new(),
         drained: Cell::new(false),
         peers: init.peers,
+        recorder,
+        recordings: RefCell::new(HashMap::new()),
     });
+    let outcomes = outcomes.map(|o| tokio::task::spawn_local(outcome_loop(shard.clone(), o)));
     let mut accept = Some(tokio::task::spawn_local(accept_loop(shard.clone(), listener.clone())));
     let mut listener = Some(listener);
     let handoffs = tokio::task::spawn_local(handoff_loop(shard.clone(), init.handoffs));
@@ -253,6 +281,26 @@ pub async fn run<L: Listener>(init: ShardInit) {
         }
     }
     handoffs.abort();
+    // The writer thread syncs what is open and exits once the last handle is gone (it is not
+    // joined: a pump still lingering would hold its handle past the shard's end).
+    shard.recordings.borrow_mut().clear();
+    if let Some(o) = outcomes {
+        o.abort();
+    }
+}
+
+/// Passes the recordings' outcomes to the control plane; a failed recording ends its session
+/// at once (4018), also one that is idle.
+async fn outcome_loop<S: Stream>(shard: Rc<Shard<S>>, mut rx: mpsc::UnboundedReceiver<Outcome>) {
+    while let Some(outcome) = rx.recv().await {
+        if let Outcome::Failed { session_id, failure } = &outcome {
+            warn!(session = %session_id, op = ?failure.op, kind = ?failure.kind,
+                err = %failure.message, "recording failed; ending the session (4018)");
+            let sid = session_id.clone();
+            shard.feed(|t, now| t.handle_recording_failed(now, &sid));
+        }
+        let _ = shard.events.send(DataEvent::Recording(outcome));
+    }
 }
 
 /// Stops accepting, then starts the table's drain.
@@ -404,6 +452,12 @@ async fn handshake<S: Stream>(shard: Rc<Shard<S>>, io: S) {
         },
         accept: req.accept,
         hatch_v1: req.hatch_v1,
+        recording: claims.rec.filter(|m| m.is_on()).map(|mode| RecordTerms {
+            mode,
+            account: claims.account,
+            instance: claims.instance,
+            principal: claims.prn.unwrap_or_default(),
+        }),
     };
     let owner = owner_of(&adm.sid, shard.peers.len());
     if owner == shard.id {
@@ -449,6 +503,10 @@ async fn refuse<S: Stream>(shard: Rc<Shard<S>>, conn: Rc<Conn<S>>, r: Refusal) {
 struct Upgrade {
     response: Vec<u8>,
     deadline: u64,
+    /// The leg's token says the session is recorded: its recording starts (or, for a resume
+    /// token, continues) when the leg is accepted.
+    recording: Option<RecordTerms>,
+    resume: bool,
 }
 
 /// Writes the `101` of an admitted leg (within the handshake deadline) and tells the table.
@@ -551,7 +609,8 @@ impl<S: Stream> Shard<S> {
         };
         // The 101 for this leg, should the table accept it (it answers at once, below).
         let response = upgrade::switching(&adm.accept, adm.hatch_v1);
-        let mut answer = Some(Upgrade { response, deadline });
+        let mut answer =
+            Some(Upgrade { response, deadline, recording: adm.recording, resume: adm.resume });
         self.feed_with(|t, now| t.handle_admit(now, input, conn), &mut answer);
     }
 
@@ -590,7 +649,12 @@ impl<S: Stream> Shard<S> {
                 spawn_local(refuse(self.clone(), handle, refusal));
             }
             Action::Accept { key, leg, handle } => match answer.take() {
-                Some(a) => drop(spawn_local(accept(self.clone(), key, leg, handle, a))),
+                Some(mut a) => {
+                    if let Some(terms) = a.recording.take() {
+                        self.start_recording(key, terms, a.resume);
+                    }
+                    drop(spawn_local(accept(self.clone(), key, leg, handle, a)));
+                }
                 // Only an admission queues an acceptance, and it comes with its answer.
                 None => warn!(shard = self.id, "acceptance without an answer"),
             },
@@ -633,7 +697,10 @@ impl<S: Stream> Shard<S> {
                         bytes_client_to_agent: bytes[0],
                         bytes_agent_to_client: bytes[1],
                     },
-                    Report::Ended(end) => DataEvent::Ended(end),
+                    Report::Ended(end) => {
+                        self.end_recording(&end.session_id, end.reason);
+                        DataEvent::Ended(end)
+                    }
                 };
                 let _ = self.events.send(event);
             }
@@ -641,6 +708,68 @@ impl<S: Stream> Shard<S> {
                 self.drained.set(true);
                 self.wake.notify_one();
             }
+        }
+    }
+}
+
+impl<S: Stream> Shard<S> {
+    /// Starts the recording of an accepted leg's session, unless it has one (the other leg's,
+    /// or one kept across a detach); a resume token for a session this shard does not record
+    /// (a relay restart) continues the file. When it cannot start, the session ends (4018)
+    /// once the acceptance is under way.
+    fn start_recording(self: &Rc<Self>, key: Key, terms: RecordTerms, resume: bool) {
+        let Some(sid) = self.table.borrow().sid(key).map(str::to_owned) else { return };
+        if self.recordings.borrow().contains_key(&sid) {
+            return;
+        }
+        let started = match &self.recorder {
+            None => Err("no recorder (the recording directory could not be used)".to_owned()),
+            Some(r) if resume => {
+                let unix_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                r.resume(&sid, None, unix_ms, now()).map_err(|e| e.to_string())
+            }
+            Some(r) => {
+                let header = Header {
+                    session_id: sid.clone(),
+                    account: terms.account,
+                    instance: terms.instance,
+                    principal: terms.principal,
+                    start_unix_ms: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    cols: RECORDING_START_SIZE.0,
+                    rows: RECORDING_START_SIZE.1,
+                };
+                r.start(&header, now()).map_err(|e| e.to_string())
+            }
+        };
+        match started {
+            Ok(handle) => {
+                debug!(session = %sid, mode = terms.mode.as_str(), resume, "recording started");
+                let rec = Rc::new(Recording::new(handle, terms.mode));
+                self.recordings.borrow_mut().insert(sid, rec);
+            }
+            Err(err) => {
+                warn!(session = %sid, %err, "recording cannot start; ending the session (4018)");
+                let shard = self.clone();
+                // After the actions being carried out (this leg's acceptance among them).
+                tokio::task::spawn_local(async move {
+                    shard.feed(|t, now| t.handle_recording_failed(now, &sid));
+                });
+            }
+        }
+    }
+
+    /// The session ended: its recording is finished (or, when the session outlives a relay
+    /// shutdown, suspended for the next relay) once its pumps let go of it.
+    fn end_recording(&self, sid: &str, reason: CloseReason) {
+        let Some(rec) = self.recordings.borrow_mut().remove(sid) else { return };
+        if reason == CloseReason::RelayShutdown && self.cfg.resume_window.is_some() {
+            rec.suspend();
+        } else {
+            rec.finish_at(now());
         }
     }
 }
@@ -677,5 +806,20 @@ impl<S: Stream> pump::Host for Rc<Shard<S>> {
     fn shutdown_at(&self, conn: &Rc<Conn<S>>, at: Instant) {
         self.deadlines.borrow_mut().arm(conn, at.into_std());
         self.check_timer();
+    }
+
+    fn recording(&self, key: Key) -> Option<Rc<Recording>> {
+        let recordings = self.recordings.borrow();
+        if recordings.is_empty() {
+            return None;
+        }
+        let table = self.table.borrow();
+        recordings.get(table.sid(key)?).cloned()
+    }
+
+    fn recording_failed(&self, key: Key, err: &PushError) {
+        let Some(sid) = self.table.borrow().sid(key).map(str::to_owned) else { return };
+        warn!(session = %sid, %err, "recording failed; ending the session (4018)");
+        self.feed(|t, now| t.handle_recording_failed(now, &sid));
     }
 }

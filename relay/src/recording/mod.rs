@@ -1,8 +1,8 @@
 //! Session recording at the relay (issue 16): a tamper-evident, byte-exact log of what a
 //! session showed and was typed, one append-only file per session, and what reads it back.
 //!
-//! Core built; not yet wired into the relay: nothing in the data plane or the API calls this
-//! module yet (docs/RECORDING.md says where it will).
+//! The data plane records through it (`data::record`, fed by [`tap`]); the control plane keeps
+//! the digests and serves the asciicast export (docs/RECORDING.md, "Wiring").
 //!
 //! ```text
 //!  shard (never blocks on the disk)           writer thread (std::thread, one per Recorder)
@@ -22,10 +22,12 @@
 //! - [`verify`]: a streaming reader that checks the chain, and `verify`.
 //! - [`asciicast`]: the asciicast v2 export (lossy only where the output is not UTF-8).
 //! - [`retention`]: choosing and deleting recordings older than the retention.
+//! - [`tap`]: what a recording needs out of the frames a pump forwards (sans-IO).
 
 pub mod asciicast;
 pub mod format;
 pub mod retention;
+pub mod tap;
 pub mod verify;
 pub mod writer;
 
@@ -39,6 +41,31 @@ pub const EXTENSION: &str = "hrec";
 
 /// Longest session id accepted as a file name, in bytes (the relay's ids are 18).
 pub const MAX_SESSION_ID: usize = 128;
+
+/// The recording directory of a relay whose data directory is `data_dir`.
+pub fn dir_of(data_dir: &Path) -> PathBuf {
+    data_dir.join("recordings")
+}
+
+/// Checks that recordings can be written in `dir` now: creates, writes, syncs and removes a
+/// probe file there (a name no recording has: it starts with a dot). A read-only or full
+/// file system, or a directory that is not writable, fails here, before a session starts.
+pub fn probe(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    std::fs::create_dir_all(dir)?;
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!(".probe-{}-{n}", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+        f.write_all(b"probe")?;
+        f.sync_all()
+    })();
+    let removed = std::fs::remove_file(&path);
+    res?;
+    // A probe left behind is harmless but says something is wrong with the directory.
+    removed
+}
 
 /// Whether `sid` can name a recording file: 1 to [`MAX_SESSION_ID`] ASCII letters, digits,
 /// `-` or `_`. Nothing else, so that no id can reach outside the recording directory (`/`,

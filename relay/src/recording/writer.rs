@@ -210,16 +210,18 @@ impl SessionShared {
     fn release(&self, n: u64, high_water: u64) {
         let left = self.queued.fetch_sub(n, Ordering::AcqRel) - n;
         if left <= high_water && self.want_wake.swap(false, Ordering::AcqRel) {
-            // `notify_one` keeps a permit when nobody waits yet, so a wake between the
-            // handle's check and its wait is not lost.
-            self.notify.notify_one();
+            // Every waiter: both pumps of a session wait on one handle (`notify_one` woke one
+            // of them, and the other slept on with its bytes unrecorded and its leg unread).
+            // `notify_waiters` reaches every `Notified` created before it, polled or not, and
+            // `ready` creates its future before it asks to be woken, so no wake is lost.
+            self.notify.notify_waiters();
         }
     }
 
     fn fail(&self, failure: Failure) -> bool {
         let first = self.failure.set(failure).is_ok();
         self.want_wake.store(false, Ordering::Release);
-        self.notify.notify_one();
+        self.notify.notify_waiters();
         first
     }
 }
@@ -890,6 +892,36 @@ mod tests {
         let Some(Outcome::Finished { records, digest, .. }) = next(&mut outcomes) else { panic!() };
         assert_eq!(records, 4, "every pushed record is in the file");
         verify(&dir.path().join("s-bp.hrec"), Some(digest)).unwrap();
+        rec.shutdown();
+    }
+
+    /// Both pumps of a session wait on one handle: the drain wakes both (a wake for one left
+    /// the other asleep for good, its leg unread: a session that stalled).
+    #[test]
+    fn a_drain_wakes_every_waiter_of_a_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rec, mut outcomes) = recorder(dir.path(), 1000);
+        let t0 = Instant::now();
+        let s = rec.start(&header("s-two"), t0).unwrap();
+        let held = rec.pause.lock().unwrap();
+        while s.try_push(t0, Event::Output(&[b'x'; 300])).is_ok() {}
+        {
+            let mut a = pin!(s.ready());
+            let mut b = pin!(s.ready());
+            assert!(poll_once(a.as_mut()).is_pending());
+            assert!(poll_once(b.as_mut()).is_pending());
+            drop(held);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let both = async {
+                    a.await;
+                    b.await;
+                };
+                tokio::time::timeout(Duration::from_secs(10), both).await.expect("both woken")
+            });
+        }
+        s.finish(t0, None);
+        assert!(matches!(next(&mut outcomes), Some(Outcome::Finished { .. })));
         rec.shutdown();
     }
 

@@ -44,7 +44,7 @@ pub fn is_postgres(url: &str) -> bool {
 use serde::{Deserialize, Serialize};
 
 pub use crate::plane::CloseReason;
-pub use hatch_proto::api::Mode;
+pub use hatch_proto::api::{Mode, RecordingMode};
 
 /// Tags of an instance: key → value, ordered for stable output.
 pub type Tags = std::collections::BTreeMap<String, String>;
@@ -75,6 +75,9 @@ pub struct SessionPrefs {
     /// Longest session in seconds (`--max-duration` when `None`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration_s: Option<u64>,
+    /// Session recording (docs/RECORDING.md).
+    #[serde(default)]
+    pub recording: RecordingMode,
 }
 
 /// A user inside an account (not the owner): needs policies to do anything.
@@ -244,6 +247,13 @@ pub struct SessionRecord {
     /// channel when it started); `None` for records from before fleets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// How the session is recorded: the account's setting when it started, kept by its
+    /// resumes.
+    #[serde(default)]
+    pub recording: RecordingMode,
+    /// The final digest of its recording (64 hex digits), stored when the recording finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording_digest: Option<String>,
 }
 
 /// A relay node of a fleet, as it registered itself.
@@ -598,6 +608,9 @@ pub trait Store: Send + Sync + 'static {
     /// client)`), in one transaction; counts only grow, so a smaller (older) count is ignored,
     /// and a closed record is left alone (its final counts come with its end).
     fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()>;
+    /// Stores the final digest of a session's recording (64 hex digits); false when there is
+    /// no such session.
+    fn set_recording_digest(&self, id: &str, digest: &str) -> anyhow::Result<bool>;
     /// Closes every open session of `node` (relay start after a crash, relay shutdown);
     /// returns how many.
     /// Byte counts stay as last recorded.

@@ -20,8 +20,8 @@ use postgres::{Client, GenericClient, NoTls, Row, Transaction};
 
 use super::{
     AccessKey, Account, Activation, AgentChannel, AuditRecord, CloseReason, ExpiredNode, Instance,
-    KeyOwner, Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError,
-    SessionPrefs, SessionRecord, SessionState, StateFilter, Store, Tags, User, Wake,
+    KeyOwner, Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RecordingMode,
+    RegisterError, SessionPrefs, SessionRecord, SessionState, StateFilter, Store, Tags, User, Wake,
 };
 
 /// Connections per store: the API's blocking pool runs store calls in parallel; more than a
@@ -224,7 +224,14 @@ INSERT INTO open_counts (scope, n)
     SELECT 'u:' || account_id || '/' || principal, COUNT(*) FROM sessions
         WHERE state <> 'closed' GROUP BY account_id, principal;
 "#,
-    // The audit log (control::audit), as SQLite's migration 10.
+    // Session recording (issue 16): the account's setting, the mode each session was started
+    // with (its resumes keep it), and the final digest of its recording once it ended.
+    r#"
+ALTER TABLE accounts ADD COLUMN recording TEXT NOT NULL DEFAULT 'off';
+ALTER TABLE sessions ADD COLUMN recording TEXT NOT NULL DEFAULT 'off';
+ALTER TABLE sessions ADD COLUMN recording_digest TEXT;
+"#,
+    // The audit log (control::audit), as SQLite's migration 11.
     r#"
 CREATE TABLE audit_events (
     seq BIGSERIAL PRIMARY KEY,
@@ -389,7 +396,7 @@ fn insert_session(c: &mut impl GenericClient, s: &SessionRecord) -> anyhow::Resu
     c.execute(
         &format!(
             "INSERT INTO sessions ({SESSION_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-             $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+             $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
         ),
         &[
             &s.id,
@@ -413,6 +420,8 @@ fn insert_session(c: &mut impl GenericClient, s: &SessionRecord) -> anyhow::Resu
             &s.remote_host,
             &port,
             &s.node_id,
+            &s.recording.as_str(),
+            &s.recording_digest,
         ],
     )?;
     Ok(())
@@ -540,12 +549,13 @@ fn account_row(r: &Row) -> anyhow::Result<Account> {
         prefs: SessionPrefs {
             idle_timeout_s: r.try_get::<_, Option<i64>>(4)?.map(to_u64),
             max_duration_s: r.try_get::<_, Option<i64>>(5)?.map(to_u64),
+            recording: named(r, 6, RecordingMode::parse)?,
         },
     })
 }
 
 const ACCOUNT_COLS: &str =
-    "id, name, session_manager_enabled, created_at, idle_timeout_s, max_duration_s";
+    "id, name, session_manager_enabled, created_at, idle_timeout_s, max_duration_s, recording";
 
 const USER_COLS: &str = "id, account_id, name, created_at, disabled_at";
 
@@ -615,7 +625,7 @@ fn instance_row(r: &Row) -> anyhow::Result<Instance> {
 const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip, instance_id, \
      mode, command, run_as, state, created_at, expires_at, connected_at, closed_at, \
      close_reason, bytes_client_to_agent, bytes_agent_to_client, detached_at, remote_host, \
-     remote_port, node_id";
+     remote_port, node_id, recording, recording_digest";
 
 /// A name column read into its enum; a name this version does not know is an error naming the
 /// column and the value, never a silent default.
@@ -656,6 +666,8 @@ fn session_row(r: &Row) -> anyhow::Result<SessionRecord> {
         remote_host: r.try_get(18)?,
         remote_port: r.try_get::<_, Option<i32>>(19)?.and_then(|p| u16::try_from(p).ok()),
         node_id: r.try_get(20)?,
+        recording: named(r, 21, RecordingMode::parse)?,
+        recording_digest: r.try_get(22)?,
     })
 }
 
@@ -663,7 +675,7 @@ impl Store for PgStore {
     fn create_account(&self, a: &Account) -> anyhow::Result<()> {
         self.exec(
             "INSERT INTO accounts (id, name, session_manager_enabled, created_at, idle_timeout_s, \
-             max_duration_s) VALUES ($1, $2, $3, $4, $5, $6)",
+             max_duration_s, recording) VALUES ($1, $2, $3, $4, $5, $6, $7)",
             &[
                 &a.id,
                 &a.name,
@@ -671,6 +683,7 @@ impl Store for PgStore {
                 &a.created_at,
                 &a.prefs.idle_timeout_s.map(to_i64),
                 &a.prefs.max_duration_s.map(to_i64),
+                &a.prefs.recording.as_str(),
             ],
         )?;
         Ok(())
@@ -698,8 +711,14 @@ impl Store for PgStore {
 
     fn set_session_prefs(&self, account_id: &str, prefs: SessionPrefs) -> anyhow::Result<bool> {
         let n = self.exec(
-            "UPDATE accounts SET idle_timeout_s = $2, max_duration_s = $3 WHERE id = $1",
-            &[&account_id, &prefs.idle_timeout_s.map(to_i64), &prefs.max_duration_s.map(to_i64)],
+            "UPDATE accounts SET idle_timeout_s = $2, max_duration_s = $3, recording = $4 \
+             WHERE id = $1",
+            &[
+                &account_id,
+                &prefs.idle_timeout_s.map(to_i64),
+                &prefs.max_duration_s.map(to_i64),
+                &prefs.recording.as_str(),
+            ],
         )?;
         Ok(n == 1)
     }
@@ -1236,6 +1255,12 @@ impl Store for PgStore {
             }
             Ok(n == 1)
         })
+    }
+
+    fn set_recording_digest(&self, id: &str, digest: &str) -> anyhow::Result<bool> {
+        let n =
+            self.exec("UPDATE sessions SET recording_digest = $2 WHERE id = $1", &[&id, &digest])?;
+        Ok(n == 1)
     }
 
     fn record_progress(&self, rows: &[(String, u64, u64)]) -> anyhow::Result<()> {

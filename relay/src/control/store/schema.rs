@@ -153,6 +153,13 @@ CREATE TABLE signing_keys (
     created_at INTEGER NOT NULL
 );
 "#,
+    // Session recording (issue 16): the account's setting, the mode each session was started
+    // with (its resumes keep it), and the final digest of its recording once it ended.
+    r#"
+ALTER TABLE accounts ADD COLUMN recording TEXT NOT NULL DEFAULT 'off';
+ALTER TABLE sessions ADD COLUMN recording TEXT NOT NULL DEFAULT 'off';
+ALTER TABLE sessions ADD COLUMN recording_digest TEXT;
+"#,
     // The audit log (control::audit): one JSON line per event, found by account and order.
     r#"
 CREATE TABLE audit_events (

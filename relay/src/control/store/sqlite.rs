@@ -9,8 +9,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::schema::MIGRATIONS;
 use super::{
     AccessKey, Account, Activation, AgentChannel, AuditRecord, CloseReason, ExpiredNode, Instance,
-    KeyOwner, Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RegisterError,
-    SessionPrefs, SessionRecord, SessionState, StateFilter, Store, Tags, User,
+    KeyOwner, Mode, Node, OpenLimits, OverLimit, PolicyDeleted, PolicyRecord, RecordingMode,
+    RegisterError, SessionPrefs, SessionRecord, SessionState, StateFilter, Store, Tags, User,
 };
 
 /// Compiled statements kept per connection: every query the API and the session life run, with
@@ -209,6 +209,7 @@ fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
         prefs: SessionPrefs {
             idle_timeout_s: r.get::<_, Option<i64>>(4)?.and_then(|v| u64::try_from(v).ok()),
             max_duration_s: r.get::<_, Option<i64>>(5)?.and_then(|v| u64::try_from(v).ok()),
+            recording: enum_col(6, r, RecordingMode::parse)?,
         },
     })
 }
@@ -269,7 +270,7 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Instance> {
 const SESSION_COLS: &str = "id, account_id, principal, access_key_id, source_ip, instance_id, \
      mode, command, run_as, state, created_at, expires_at, connected_at, closed_at, \
      close_reason, bytes_client_to_agent, bytes_agent_to_client, detached_at, remote_host, \
-     remote_port, node_id";
+     remote_port, node_id, recording, recording_digest";
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     let command = r.get::<_, Option<String>>(7)?.map(|c| from_json(7, &c)).transpose()?;
@@ -300,6 +301,8 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         remote_host: r.get(18)?,
         remote_port: r.get::<_, Option<i64>>(19)?.and_then(|p| u16::try_from(p).ok()),
         node_id: r.get(20)?,
+        recording: enum_col(21, r, RecordingMode::parse)?,
+        recording_digest: r.get(22)?,
     })
 }
 
@@ -331,14 +334,15 @@ impl Store for SqliteStore {
     fn create_account(&self, a: &Account) -> anyhow::Result<()> {
         self.lock().execute(
             "INSERT INTO accounts (id, name, session_manager_enabled, created_at, idle_timeout_s, \
-             max_duration_s) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             max_duration_s, recording) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 a.id,
                 a.name,
                 a.session_manager_enabled,
                 a.created_at,
                 a.prefs.idle_timeout_s.map(to_i64),
-                a.prefs.max_duration_s.map(to_i64)
+                a.prefs.max_duration_s.map(to_i64),
+                a.prefs.recording.as_str()
             ],
         )?;
         Ok(())
@@ -346,8 +350,8 @@ impl Store for SqliteStore {
 
     fn account(&self, id: &str) -> anyhow::Result<Option<Account>> {
         self.one(
-            "SELECT id, name, session_manager_enabled, created_at, idle_timeout_s, max_duration_s \
-             FROM accounts WHERE id = ?1",
+            "SELECT id, name, session_manager_enabled, created_at, idle_timeout_s, max_duration_s, \
+             recording FROM accounts WHERE id = ?1",
             [id],
             account_row,
         )
@@ -355,8 +359,8 @@ impl Store for SqliteStore {
 
     fn accounts(&self) -> anyhow::Result<Vec<Account>> {
         self.all(
-            "SELECT id, name, session_manager_enabled, created_at, idle_timeout_s, max_duration_s \
-             FROM accounts ORDER BY created_at, id",
+            "SELECT id, name, session_manager_enabled, created_at, idle_timeout_s, max_duration_s, \
+             recording FROM accounts ORDER BY created_at, id",
             [],
             account_row,
         )
@@ -364,8 +368,14 @@ impl Store for SqliteStore {
 
     fn set_session_prefs(&self, account_id: &str, prefs: SessionPrefs) -> anyhow::Result<bool> {
         let n = self.lock().execute(
-            "UPDATE accounts SET idle_timeout_s = ?2, max_duration_s = ?3 WHERE id = ?1",
-            params![account_id, prefs.idle_timeout_s.map(to_i64), prefs.max_duration_s.map(to_i64)],
+            "UPDATE accounts SET idle_timeout_s = ?2, max_duration_s = ?3, recording = ?4 \
+             WHERE id = ?1",
+            params![
+                account_id,
+                prefs.idle_timeout_s.map(to_i64),
+                prefs.max_duration_s.map(to_i64),
+                prefs.recording.as_str()
+            ],
         )?;
         Ok(n == 1)
     }
@@ -946,6 +956,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn set_recording_digest(&self, id: &str, digest: &str) -> anyhow::Result<bool> {
+        let n = self.cached(
+            "UPDATE sessions SET recording_digest = ?2 WHERE id = ?1",
+            params![id, digest],
+        )?;
+        Ok(n == 1)
+    }
+
     fn record_lost_counts(
         &self,
         id: &str,
@@ -1209,7 +1227,7 @@ fn insert_session(conn: &Connection, s: &SessionRecord) -> anyhow::Result<()> {
     let command = s.command.as_ref().map(serde_json::to_string).transpose()?;
     conn.prepare_cached(&format!(
         "INSERT INTO sessions ({SESSION_COLS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, \
-             ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, \
+             ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, \
              (SELECT COALESCE(MAX(seq), 0) + 1 FROM sessions))"
     ))?
     .execute(params![
@@ -1233,7 +1251,9 @@ fn insert_session(conn: &Connection, s: &SessionRecord) -> anyhow::Result<()> {
         s.detached_at,
         s.remote_host,
         s.remote_port,
-        s.node_id
+        s.node_id,
+        s.recording.as_str(),
+        s.recording_digest
     ])?;
     Ok(())
 }

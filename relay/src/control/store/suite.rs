@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::{
     Account, Activation, AgentChannel, CloseReason, ExpiredNode, Mode, Node, OpenLimits, OverLimit,
-    PgStore, RegisterError, SessionPrefs, SessionRecord, SessionState, SqliteStore, StateFilter,
-    Store,
+    PgStore, RecordingMode, RegisterError, SessionPrefs, SessionRecord, SessionState, SqliteStore,
+    StateFilter, Store,
 };
 use crate::control::iam::{self, IamError};
 
@@ -90,6 +90,8 @@ fn pending(id: &str, created_at: i64) -> SessionRecord {
         remote_host: None,
         remote_port: None,
         node_id: None,
+        recording: RecordingMode::Off,
+        recording_digest: None,
     }
 }
 
@@ -114,6 +116,10 @@ fn account_switch_and_preferences(s: &dyn Store) {
     assert!(!s.set_session_prefs("acct-none", p).unwrap());
     let a = s.account("acct-1").unwrap().unwrap();
     assert_eq!((a.prefs.idle_timeout_s, a.prefs.max_duration_s), (Some(60), None));
+    assert_eq!(a.prefs.recording, RecordingMode::Off);
+    let p = SessionPrefs { recording: RecordingMode::Full, ..p };
+    assert!(s.set_session_prefs("acct-1", p).unwrap());
+    assert_eq!(s.account("acct-1").unwrap().unwrap().prefs, p);
     assert!(s.set_session_manager("acct-1", false).unwrap());
     assert!(!s.account("acct-1").unwrap().unwrap().session_manager_enabled);
     assert_eq!(s.accounts().unwrap().len(), 1);
@@ -166,6 +172,7 @@ fn session_paging_and_close_once(s: &dyn Store) {
     exec.remote_host = Some("db".into());
     exec.remote_port = Some(5432);
     exec.command = Some(vec!["a b".into(), "c".into()]);
+    exec.recording = RecordingMode::Output;
     s.insert_session(&exec).unwrap();
     assert_eq!(s.session(Some("acct-1"), "s-exec").unwrap().unwrap(), exec);
     assert!(s.session(Some("acct-other"), "s-exec").unwrap().is_none());
@@ -187,6 +194,11 @@ fn session_paging_and_close_once(s: &dyn Store) {
     assert_eq!(got.closed_at, Some(6));
     assert_eq!(s.closed_since(6).unwrap(), [("s-1".to_owned(), "i-1".to_owned())]);
     assert!(s.closed_since(7).unwrap().is_empty());
+    let digest = "ab".repeat(32);
+    assert!(s.set_recording_digest("s-exec", &digest).unwrap());
+    assert!(!s.set_recording_digest("s-none", &digest).unwrap());
+    let got = s.session(None, "s-exec").unwrap().unwrap();
+    assert_eq!((got.recording, got.recording_digest), (RecordingMode::Output, Some(digest)));
     assert_eq!(s.sessions(None, StateFilter::Closed, 10, None).unwrap().len(), 1);
     assert_eq!(s.sessions(None, StateFilter::Active, 10, None).unwrap().len(), 5);
     assert_eq!(s.close_all_open("n-a", CloseReason::RelayShutdown, 9).unwrap(), 5);
