@@ -661,21 +661,7 @@ async fn audit(client: &Client, args: AuditArgs) -> Result<u8, CliError> {
         }
         query.push(format!("since={}", since.replace('+', "%2B")));
     }
-    let mut events = Vec::new();
-    let mut next: Option<String> = None;
-    for _ in 0..MAX_PAGES {
-        let mut q = query.clone();
-        if let Some(token) = &next {
-            checked_id(token, "page token")?;
-            q.push(format!("next_token={token}"));
-        }
-        let answer: Value = client.get(&format!("/v1/audit?{}", q.join("&")), &subject).await?;
-        events.extend(output::items(&answer, "events").into_iter().cloned());
-        next = answer.get("next_token").and_then(Value::as_str).map(str::to_owned);
-        if next.is_none() {
-            break;
-        }
-    }
+    let (events, _) = pages(client, "/v1/audit", &query, "events", &subject, true).await?;
     if args.json {
         let mut out = String::new();
         for e in &events {
@@ -790,26 +776,8 @@ async fn sessions(client: &Client, args: SessionsArgs) -> Result<u8, CliError> {
         query.push(format!("limit={limit}"));
     }
     let subject = Subject { action: "hatch:DescribeSessions", ..Subject::default() };
-    let mut sessions = Vec::new();
-    let mut next: Option<String> = None;
-    for _ in 0..MAX_PAGES {
-        let mut q = query.clone();
-        if let Some(token) = &next {
-            checked_id(token, "page token")?;
-            q.push(format!("next_token={token}"));
-        }
-        let path = if q.is_empty() {
-            "/v1/sessions".to_owned()
-        } else {
-            format!("/v1/sessions?{}", q.join("&"))
-        };
-        let answer: Value = client.get(&path, &subject).await?;
-        sessions.extend(output::items(&answer, "sessions").into_iter().cloned());
-        next = answer.get("next_token").and_then(Value::as_str).map(str::to_owned);
-        if next.is_none() || !args.all {
-            break;
-        }
-    }
+    let (sessions, next) =
+        pages(client, "/v1/sessions", &query, "sessions", &subject, args.all).await?;
     if args.json {
         let mut answer = serde_json::json!({ "sessions": sessions });
         if let Some(token) = &next {
@@ -824,6 +792,35 @@ async fn sessions(client: &Client, args: SessionsArgs) -> Result<u8, CliError> {
         }
     }
     Ok(0)
+}
+
+/// The `key` items of a listing at `path?query`: its first page, or with `all` every page
+/// (at most [`MAX_PAGES`]); and the next page's token when there are more than were read.
+async fn pages(
+    client: &Client,
+    path: &str,
+    query: &[String],
+    key: &str,
+    subject: &Subject,
+    all: bool,
+) -> Result<(Vec<Value>, Option<String>), CliError> {
+    let mut items = Vec::new();
+    let mut next: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let mut q = query.to_vec();
+        if let Some(token) = &next {
+            checked_id(token, "page token")?;
+            q.push(format!("next_token={token}"));
+        }
+        let url = if q.is_empty() { path.to_owned() } else { format!("{path}?{}", q.join("&")) };
+        let answer: Value = client.get(&url, subject).await?;
+        items.extend(output::items(&answer, key).into_iter().cloned());
+        next = answer.get("next_token").and_then(Value::as_str).map(str::to_owned);
+        if next.is_none() || !all {
+            break;
+        }
+    }
+    Ok((items, next))
 }
 
 fn print(text: &str) -> Result<(), CliError> {

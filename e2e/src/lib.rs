@@ -253,6 +253,16 @@ pub fn start_agent_with(
     (Proc::spawn(cmd, &dir.join("agent.log")), id)
 }
 
+/// A relay started with `extra` flags and one real agent on it, online; the agent's instance
+/// id and the directory holding its state (a home for `hatch` too).
+pub async fn relay_and_agent(extra: &[&str]) -> (Relay, Proc, String, tempfile::TempDir) {
+    let relay = Relay::start(extra);
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, iid) = start_agent(&relay, dir.path(), &[]);
+    wait_online(&relay, &iid, true).await;
+    (relay, agent, iid, dir)
+}
+
 /// Waits until the API lists instance `id` with `online` as given (40 s at most).
 pub async fn wait_online(relay: &Relay, id: &str, online: bool) {
     let end = Instant::now() + Duration::from_secs(40);

@@ -21,15 +21,6 @@ fn js(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
 
-/// A relay and one real agent, online.
-async fn relay_and_agent() -> (Relay, Proc, String, tempfile::TempDir) {
-    let relay = Relay::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (agent, id) = start_agent(&relay, dir.path(), &[]);
-    wait_online(&relay, &id, true).await;
-    (relay, agent, id, dir)
-}
-
 /// Types `key` into the login form and submits it, as a person would.
 async fn submit_login(b: &mut Browser, page: &Page, key: &str) {
     b.wait_for(page, "the login form", "document.getElementById('login-view').checkVisibility()")
@@ -94,7 +85,7 @@ async fn wait_live(b: &mut Browser, page: &Page) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_logs_in_opens_a_terminal_follows_resizes_and_shows_the_exit_status() {
-    let (relay, _agent, iid, _dir) = relay_and_agent().await;
+    let (relay, _agent, iid, _dir) = relay_and_agent(&[]).await;
     admin(&relay, &["instances", "tag", &iid, "env=dev", "team=web"]);
     let mut b = Browser::launch(1280, 860).await;
     let page = b.page().await;
@@ -218,7 +209,7 @@ async fn the_console_logs_in_opens_a_terminal_follows_resizes_and_shows_the_exit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_link_works_once_and_only_once() {
-    let (relay, _agent, iid, dir) = relay_and_agent().await;
+    let (relay, _agent, iid, dir) = relay_and_agent(&[]).await;
     let console_link = |args: &[&str]| {
         let out = hatch(&relay, dir.path(), &relay.info.access_key)
             .arg("console")
@@ -347,7 +338,7 @@ async fn http_login(relay: &Relay, key: &str) -> Cookie {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_writes_need_the_cookie_the_csrf_token_and_the_consoles_origin() {
-    let (relay, _agent, iid, _dir) = relay_and_agent().await;
+    let (relay, _agent, iid, _dir) = relay_and_agent(&[]).await;
 
     // The page: a strict CSP, no inline script.
     let r = relay.call_with("GET", "/console/", &[], None).await;
@@ -564,7 +555,7 @@ async fn another_site() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_upgrade_from_a_page_of_a_foreign_origin_is_refused() {
-    let (relay, _agent, iid, _dir) = relay_and_agent().await;
+    let (relay, _agent, iid, _dir) = relay_and_agent(&[]).await;
     // A `sleep`, not a shell: the legs opened here are dropped at once, and a login shell
     // killed inside its start-up files can leave the host's state half-written.
     let start = json!({"instance_id": iid, "mode": "exec", "command": ["sleep", "60"]}).to_string();

@@ -16,14 +16,6 @@ use hatch_relay::recording::format::Event;
 use hatch_relay::recording::verify::Reader;
 use serde_json::Value;
 
-async fn relay_and_agent() -> (Relay, Proc, String, tempfile::TempDir) {
-    let relay = Relay::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (agent, iid) = start_agent(&relay, dir.path(), &[]);
-    wait_online(&relay, &iid, true).await;
-    (relay, agent, iid, dir)
-}
-
 /// Sets the demo account's `recording` through `PUT /v1/account/settings`.
 async fn set_recording(relay: &Relay, mode: &str) {
     let body = format!(r#"{{"recording":"{mode}"}}"#);
@@ -182,7 +174,7 @@ fn cast_events(cast: &str) -> (Value, Vec<(String, String)>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_recording_of_a_shell_is_replayed_verified_and_a_flipped_byte_is_named() {
-    let (relay, _agent, iid, home) = relay_and_agent().await;
+    let (relay, _agent, iid, home) = relay_and_agent(&[]).await;
     set_recording(&relay, "full").await;
     let mut term = OnTerminal::spawn(&relay, home.path(), &["session", "-i", &iid], 100, 30);
     // Typed once the shell is up (its prompt came), so `hatch` has the terminal in raw mode.
@@ -278,7 +270,7 @@ async fn a_full_recording_of_a_shell_is_replayed_verified_and_a_flipped_byte_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mib_of_binary_output_are_recorded_byte_for_byte() {
-    let (relay, _agent, iid, home) = relay_and_agent().await;
+    let (relay, _agent, iid, home) = relay_and_agent(&[]).await;
     set_recording(&relay, "output").await;
     let data = noise(10 << 20, 16);
     let src = home.path().join("noise.bin");
@@ -315,7 +307,7 @@ async fn ten_mib_of_binary_output_are_recorded_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_directory_that_cannot_be_written_refuses_and_ends_sessions() {
-    let (relay, _agent, iid, home) = relay_and_agent().await;
+    let (relay, _agent, iid, home) = relay_and_agent(&[]).await;
     set_recording(&relay, "output").await;
     let dir = relay.data_dir.join("recordings");
     // 256 KiB: a session printing 16 MiB fills it, and the writer's next write fails. What a

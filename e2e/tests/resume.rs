@@ -14,15 +14,6 @@ fn seq(n: u32) -> Vec<u8> {
     (1..=n).map(|i| format!("{i}\n")).collect::<String>().into_bytes()
 }
 
-/// A relay and one real agent on it; the agent's instance id.
-async fn relay_and_agent(extra: &[&str]) -> (Relay, Proc, String, tempfile::TempDir) {
-    let relay = Relay::start(extra);
-    let dir = tempfile::tempdir().unwrap();
-    let (agent, iid) = start_agent(&relay, dir.path(), &[]);
-    wait_online(&relay, &iid, true).await;
-    (relay, agent, iid, dir)
-}
-
 /// Waits for a child's exit (60 s at most) and returns its status.
 fn wait_child(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let end = Instant::now() + limit;
