@@ -129,7 +129,7 @@ fn every_command_sends_its_request_and_prints_for_people_and_scripts() {
     assert_eq!(
         ok(&go(&["account", "show"])),
         "session manager  on\nidle timeout     the relay's (--idle-timeout)\n\
-         max duration     the relay's (--max-duration)\n"
+         max duration     the relay's (--max-duration)\nrecording        off\n"
     );
     assert_eq!(last(&api), ("GET".into(), "/v1/account/settings".into(), Value::Null));
     let out = go(&["account", "switch", "off"]);
