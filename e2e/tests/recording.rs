@@ -268,19 +268,30 @@ async fn a_full_recording_of_a_shell_is_replayed_verified_and_a_flipped_byte_is_
     assert_eq!(r.json()["code"], "RecordingCorrupt", "{}", r.text);
 }
 
+/// `hatch exec -- cat FILE` of a file holding `data`, in `home`: its output and its stderr.
+fn cat_through(
+    relay: &Relay,
+    home: &std::path::Path,
+    iid: &str,
+    data: &[u8],
+) -> (std::process::Output, String) {
+    let src = home.join("noise.bin");
+    std::fs::write(&src, data).unwrap();
+    let out = hatch(relay, home, &relay.info.access_key)
+        .args(["exec", "-i", iid, "--", "cat"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, err)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mib_of_binary_output_are_recorded_byte_for_byte() {
     let (relay, _agent, iid, home) = relay_and_agent(&[]).await;
     set_recording(&relay, "output").await;
     let data = noise(10 << 20, 16);
-    let src = home.path().join("noise.bin");
-    std::fs::write(&src, &data).unwrap();
-    let out = hatch(&relay, home.path(), &relay.info.access_key)
-        .args(["exec", "-i", &iid, "--", "cat"])
-        .arg(&src)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let (out, err) = cat_through(&relay, home.path(), &iid, &data);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(out.stdout == data, "hatch printed {} bytes, want {}", out.stdout.len(), data.len());
     let sid = newest_session(&relay).await;
@@ -314,14 +325,7 @@ async fn a_recording_directory_that_cannot_be_written_refuses_and_ends_sessions(
     // session may have queued for the writer (4 MiB, the high-water mark) can reach the client
     // before the failure does; nothing past it.
     let Some(fs) = Tmpfs::mount_on(&dir, "256k") else { return };
-    let src = home.path().join("noise.bin");
-    std::fs::write(&src, noise(16 << 20, 7)).unwrap();
-    let out = hatch(&relay, home.path(), &relay.info.access_key)
-        .args(["exec", "-i", &iid, "--", "cat"])
-        .arg(&src)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let (out, err) = cat_through(&relay, home.path(), &iid, &noise(16 << 20, 7));
     let shown = out.stdout.len();
     assert!(shown < 8 << 20, "{shown} bytes went through past the failed recording");
     assert!(err.contains("4018"), "{err}");

@@ -1376,7 +1376,7 @@ impl Store for PgStore {
                 .collect::<Result<_, _>>()?;
             let mut out = Vec::with_capacity(dead.len());
             for id in dead {
-                let adopted = match adopter {
+                let mut adopted = match adopter {
                     Some(to) => tx
                         .query(
                             &format!(
@@ -1399,7 +1399,6 @@ impl Store for PgStore {
                 tx.execute("DELETE FROM agent_channels WHERE node_id = $1", &[&id])?;
                 tx.execute("DELETE FROM node_mail WHERE node_id = $1", &[&id])?;
                 tx.execute("DELETE FROM nodes WHERE id = $1", &[&id])?;
-                let mut adopted = adopted;
                 adopted.sort_by(|x, y| (x.created_at, &x.id).cmp(&(y.created_at, &y.id)));
                 out.push(ExpiredNode {
                     id,
