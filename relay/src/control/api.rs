@@ -249,7 +249,13 @@ async fn write_audit(shared: &Shared, ev: audit::Event) {
             if let Some(f) = &file {
                 f.append(&line).map_err(|e| anyhow::anyhow!("appending to the audit file: {e}"))?;
             }
-            s.append_audit(at, account.as_deref(), &line)
+            // No account, no reader: `GET /v1/audit` answers per account, so an event of a
+            // request without a valid key goes to the file only, and keyless requests cannot
+            // grow the store.
+            match account.as_deref() {
+                Some(a) => s.append_audit(at, Some(a), &line),
+                None => Ok(()),
+            }
         })
         .await;
     if let Err(e) = res {

@@ -6,7 +6,8 @@
 //!  request ─▶ track: Slot in the extensions ─▶ Caller extractor notes who ─▶ handler
 //!                                                  (start_session notes its target)
 //!  response ─▶ track: Event { time, request id, account, caller, key, source IP, action,
-//!              target, outcome, status, code, message } ─▶ store (GET /v1/audit, any node)
+//!              target, outcome, status, code, message } ─▶ store (GET /v1/audit, any node;
+//!                                                       │  events with an account only)
 //!                                                       └▶ DATA_DIR/audit.log (JSON lines)
 //! ```
 //!
